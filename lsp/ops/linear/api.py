@@ -1,0 +1,65 @@
+"""`linear_attention`: one public function in front of the naive, chunked-torch and Triton backends."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .checks import broadcast_decay, check_linear_inputs
+from .chunk import chunk_linear_attention
+from .naive import naive_linear_attention
+
+BACKENDS = ("auto", "torch", "triton", "naive")
+
+
+def triton_available(device: torch.device) -> bool:
+    """Triton runs on CUDA, or anywhere under the interpreter (TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+    if backend == "triton" and not triton_available(device):
+        raise ValueError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 (inputs are on {device})")
+    return backend
+
+
+def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=False,
+                     cu_seqlens=None, backend="auto"):
+    r"""Causal linear attention with optional decay.
+
+    Per batch row (or packed sequence) and head, with S_0 = initial_state or 0:
+
+        S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t,        o_t = scale · q_t S_t
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V] (K, V <= 256; any T).
+        g: log-decay (<= 0): None, [H] (fixed per head), [B, T, H] (scalar per token and head) or [B, T, H, K].
+        scale: defaults to K ** -0.5.
+        initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens), fp32 (fp64 for fp64 inputs).
+        output_final_state: also return the state after the last token (of every packed sequence).
+        cu_seqlens: int32 [N + 1] cumulative lengths of packed sequences (B == 1); the state resets at each start.
+        backend: "auto" (Triton on CUDA, chunked torch elsewhere), "torch", "triton" or "naive".
+
+    Returns:
+        o: [B, T, H, V] in q's dtype; final_state: [B or N, H, K, V] in the accumulation dtype, or None.
+    """
+    form = check_linear_inputs(q, k, v, g, initial_state, cu_seqlens)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    g4 = broadcast_decay(g, form)
+    name = resolve_backend(backend, q.device)
+    if name == "naive":
+        fn = naive_linear_attention
+    elif name == "torch":
+        fn = chunk_linear_attention
+    else:
+        from .triton_chunk import triton_linear_attention as fn
+    return fn(q, k, v, g4, scale, initial_state, output_final_state, cu_seqlens)

@@ -1,0 +1,145 @@
+"""Chunked linear attention in plain PyTorch (the CPU path, differentiable by autograd).
+
+Split each sequence into chunks of C tokens and let G_i be the within-chunk cumulative log-decay (G_i <= 0, non-
+increasing). With S the state entering the chunk:
+
+    o_i      = scale * [ (q_i ⊙ exp(G_i)) S  +  Σ_{j<=i} (q_i ⊙ exp(G_i - G_j)) · k_j  v_j ]
+    S_next   = exp(G_C) ⊙ S + Σ_j (k_j ⊙ exp(G_C - G_j))ᵀ v_j
+
+Every exponent above is <= 0, so nothing overflows whatever the decay. For per-key decay the intra-chunk scores
+Σ_d q_id k_jd exp(G_id - G_jd) do not factor into one matmul; they are built from sub-blocks of 16 tokens: exact
+[16, 16, K] products on the diagonal, and off the diagonal a factorisation about the start s of the query block,
+exp(G_i - G_j) = exp(G_i - G_s) · exp(G_s - G_j), both factors <= 1 (the same idea as fla's secondary chunking).
+"""
+from __future__ import annotations
+
+import torch
+
+from .checks import acc_dtype, seq_bounds
+from .layout import ChunkLayout, make_layout
+
+CHUNK_SIZE = 64
+SUB_BLOCK = 16
+
+
+def _to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
+    # [R, NC * C, H, D] -> [R, H, NC, C, D]
+    R, Tp, H, D = x.shape
+    return x.view(R, Tp // C, C, H, D).permute(0, 3, 1, 2, 4)
+
+
+def _from_chunks(x: torch.Tensor) -> torch.Tensor:
+    # [R, H, NC, C, D] -> [R, NC * C, H, D]
+    R, H, NC, C, D = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(R, NC * C, H, D)
+
+
+def _causal_mask(C: int, device) -> torch.Tensor:
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril()
+
+
+def _intra_scores_scalar(q, k, G):
+    # q, k: [R, H, NC, C, K]; G: [R, H, NC, C, 1] -> scores [R, H, NC, C, C] (j <= i)
+    C = q.shape[-2]
+    diff = G[..., :, None, 0] - G[..., None, :, 0]
+    decay = torch.where(_causal_mask(C, q.device), diff, float("-inf")).exp()
+    return (q @ k.transpose(-1, -2)) * decay
+
+
+def _intra_scores_key(q, k, G, sub: int = SUB_BLOCK):
+    # q, k, G: [R, H, NC, C, K] -> scores [R, H, NC, C, C]; see the module docstring for the sub-block scheme
+    R, H, NC, C, K = q.shape
+    sub = min(sub, C)
+    nb = C // sub
+    qb, kb, Gb = (x.reshape(R, H, NC, nb, sub, K) for x in (q, k, G))
+    # diagonal blocks: exact products with the masked pairwise decay
+    diff = Gb[..., :, None, :] - Gb[..., None, :, :]                       # [.., nb, sub, sub, K]
+    mask = _causal_mask(sub, q.device)[..., None]
+    diag = (qb[..., :, None, :] * kb[..., None, :, :] * torch.where(mask, diff, float("-inf")).exp()).sum(-1)
+    eye = torch.eye(nb, dtype=q.dtype, device=q.device)[:, :, None, None]
+    scores = eye * diag[..., :, None, :, :]                                 # [.., nb_i, nb_j, sub, sub]
+    if nb > 1:
+        G_start = Gb[..., :1, :]                                             # [.., nb, 1, K] block starts
+        q_t = qb * (Gb - G_start).exp()                                      # [.., nb, sub, K]
+        below = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril(-1)[:, :, None, None]
+        expo = G_start[..., :, None, :, :] - Gb[..., None, :, :, :]          # [.., nb_i, nb_j, sub, K]
+        k_t = kb[..., None, :, :, :] * torch.where(below, expo, float("-inf")).exp()
+        scores = scores + q_t[..., :, None, :, :] @ k_t.transpose(-1, -2)  # [.., nb_i, nb_j, sub, sub]
+    return scores.permute(0, 1, 2, 3, 5, 4, 6).reshape(R, H, NC, C, C)
+
+
+def _chunk_summaries(k, v, G):
+    # k: [R, H, NC, C, K]; v: [R, H, NC, C, V]; G: [R, H, NC, C, Kg] or None
+    # -> U: [R, H, NC, K, V] (each chunk's own state from zero), decay: [R, H, NC, Kg] or None
+    if G is None:
+        return k.transpose(-1, -2) @ v, None
+    G_last = G[..., -1:, :]
+    U = (k * (G_last - G).exp()).transpose(-1, -2) @ v
+    return U, G_last[..., 0, :].exp()
+
+
+def _scan_states(U, decay, layout: ChunkLayout, init):
+    # U: [R, H, NC, K, V]; decay: [R, H, NC, Kg] or None; init: [R or N, H, K, V] or None
+    # -> states entering every chunk [R, H, NC, K, V], final states [R or N, H, K, V]
+    R, H, NC, K, V = U.shape
+    packed = layout.dst is not None
+    zero = U.new_zeros(R, H, K, V)
+    finals = {}
+    entering = []
+    state = zero
+    for c in range(NC):
+        if c in layout.resets:
+            n = layout.resets[c]
+            if init is None:
+                state = zero
+            else:
+                state = init[n : n + 1] if packed else init
+        entering.append(state)
+        state = state + U[:, :, c] if decay is None else decay[:, :, c, :, None] * state + U[:, :, c]
+        for n in layout.ends.get(c, []):
+            finals[n] = state
+    if not packed:
+        final = finals[-1]
+    else:
+        n_seq = len(layout.resets) + len(layout.empty)
+        for n in layout.empty:
+            finals[n] = zero[:1] if init is None else init[n : n + 1]
+        final = torch.cat([finals[n] for n in range(n_seq)], dim=0)
+    return torch.stack(entering, dim=2), final
+
+
+def _chunk_inputs(q, k, v, g, cu_seqlens, chunk_size):
+    B, T, H, K = k.shape
+    dt = acc_dtype(k.dtype)
+    layout = make_layout(B, T, seq_bounds(cu_seqlens, B, T), chunk_size, k.device)
+    pad = lambda x: _to_chunks(layout.pad(x.to(dt)), chunk_size)  # noqa: E731
+    G = None
+    if g is not None:
+        G = pad(g.to(dt).expand(B, T, H, g.shape[-1])).cumsum(dim=3)
+    return layout, (pad(q) if q is not None else None), pad(k), pad(v), G
+
+
+def chunk_linear_attention(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
+                           chunk_size: int = CHUNK_SIZE):
+    """Chunked forward; arguments as `lsp.ops.linear_attention` with g already broadcastable to [B, T, H, K]."""
+    layout, qc, kc, vc, G = _chunk_inputs(q, k, v, g, cu_seqlens, chunk_size)
+    init = None if initial_state is None else initial_state.to(qc.dtype)
+    U, decay = _chunk_summaries(kc, vc, G)
+    entering, final = _scan_states(U, decay, layout, init)
+    if G is None:
+        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~_causal_mask(chunk_size, q.device), 0.0)
+        q_inter = qc
+    else:
+        scores = _intra_scores_scalar(qc, kc, G) if G.shape[-1] == 1 else _intra_scores_key(qc, kc, G)
+        q_inter = qc * G.exp()
+    o = scale * (scores @ vc + q_inter @ entering)
+    o = layout.unpad(_from_chunks(o)).to(q.dtype)
+    return o, (final if output_final_state else None)
+
+
+def chunk_final_state(k, v, g, initial_state=None, cu_seqlens=None, chunk_size: int = CHUNK_SIZE):
+    """Only the final state(s) [B or N, H, K, V]: the chunk summaries and the scan, no output (cheap)."""
+    layout, _, kc, vc, G = _chunk_inputs(None, k, v, g, cu_seqlens, chunk_size)
+    init = None if initial_state is None else initial_state.to(kc.dtype)
+    U, decay = _chunk_summaries(kc, vc, G)
+    return _scan_states(U, decay, layout, init)[1]
