@@ -1,0 +1,54 @@
+"""Parameter and FLOP counts for MFU.
+
+flops_per_token(cfg, T) = 6 · N_matmul + Σ_softmax layers 6 · H · Dh · T + Σ_linear layers 6 · H · (C (K + V) + 2 K V)
+
+* 6 · N_matmul: forward 2 and backward 4 FLOPs per weight of every matmul a token goes through (all projections,
+  the MLP, the LM head; the embedding lookup and norms are free).
+* Softmax attention (causal, average context T / 2): forward QKᵀ and AV cost 2 · 2 · Dh · T/2 per head, times 3
+  for forward + backward: 6 · H · Dh · T (the causal half of PaLM's 12 · H · Dh · T).
+* Chunked linear attention with chunk C = min(64, T), K = V = Dh, per head and token, forward: intra-chunk scores
+  2 C K and their product with V 2 C V (the full C × C block is computed, then masked), read-out q S 2 K V, state
+  update kᵀ v 2 K V; times 3 for forward + backward.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .config import HybridConfig
+
+LINEAR_CHUNK = 64  # chunk size of lsp.ops' chunked linear-attention paths
+
+
+def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Number of distinct parameters; exclude_embeddings drops the token-embedding table (which, with tied
+    embeddings, is also the LM head)."""
+    seen, total = set(), 0
+    skip = {id(model.embed.weight)} if exclude_embeddings and hasattr(model, "embed") else set()
+    for p in model.parameters():
+        if id(p) in seen or id(p) in skip:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def matmul_parameters(cfg: HybridConfig) -> int:
+    """Weights of every matmul one token passes through (LM head included, counted once even when tied)."""
+    D, H, Hkv, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    mlp = 3 * D * cfg.intermediate_size
+    softmax = 2 * D * H * Dh + 2 * D * Hkv * Dh
+    decay = {"linear": 0, "lightning": 0, "simple_gla": D * H,
+             "gla": D * cfg.gate_low_rank_dim + cfg.gate_low_rank_dim * H * Dh}[cfg.linear_attn]
+    linear = 5 * D * H * Dh + decay                        # q, k, v, output gate, o_proj + decay projection
+    types = cfg.layer_types
+    return types.count("S") * (softmax + mlp) + types.count("L") * (linear + mlp) + cfg.vocab_size * D
+
+
+def flops_per_token(cfg: HybridConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length seq_len; see the module docstring."""
+    H, Dh = cfg.num_heads, cfg.head_dim
+    C = min(LINEAR_CHUNK, seq_len)
+    softmax_attn = 6 * H * Dh * seq_len
+    linear_attn = 6 * H * (C * (Dh + Dh) + 2 * Dh * Dh)
+    types = cfg.layer_types
+    return 6 * matmul_parameters(cfg) + types.count("S") * softmax_attn + types.count("L") * linear_attn

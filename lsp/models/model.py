@@ -1,0 +1,129 @@
+"""`HybridLM`: a Llama-style decoder whose attention layers are linear (L) or softmax (S) per `layer_pattern`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import HybridConfig
+from .layers import LinearAttention, RMSNorm, SoftmaxAttention, SwiGLU
+from .loss import IGNORE_INDEX, chunked_cross_entropy
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor | None        # [B, T, vocab] (local shard under SP), or None when only the loss was asked
+    loss: torch.Tensor | None          # [] mean over the non-ignored tokens of the GLOBAL sequence
+    num_tokens: torch.Tensor | None    # [] global count of non-ignored tokens behind `loss`
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.kind = cfg.layer_types[layer_idx]
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = LinearAttention(cfg, layer_idx) if self.kind == "L" else SoftmaxAttention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, positions, sp=None, cu_seqlens=None):
+        # x: [B, T, D]; positions: [B, T] long -> [B, T, D]
+        x = x + self.attn(self.attn_norm(x), positions, sp=sp, cu_seqlens=cu_seqlens)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def token_positions(B: int, T: int, device, sp=None) -> torch.Tensor:
+    """Global position of every token of a (local) batch: [B, T] long.
+
+    Under SP, `sp.local_positions(T, device)` gives [R, T] (R virtual ranks folded into the batch as rows r*b + i
+    in emulation, R = 1 for a real process group); each rank row is repeated for its B / R batch rows.
+    """
+    if sp is None:
+        return torch.arange(T, device=device).expand(B, T)
+    pos = sp.local_positions(T, device)
+    if B % pos.shape[0] != 0:
+        raise ValueError(f"input_ids batch ({B}) must be a multiple of the SP rows ({pos.shape[0]}): "
+                         f"pass the local shard made by sp.shard(ids, dim=1)")
+    return pos.repeat_interleave(B // pos.shape[0], dim=0)
+
+
+class HybridLM(nn.Module):
+    """Hybrid linear/softmax attention language model.
+
+    forward(input_ids, labels=None, sp=None, cu_seqlens=None, return_logits=False) -> LMOutput
+
+    * input_ids: [B, T] long; under SP the local shard `sp.shard(ids, dim=1)`.
+    * labels: [B, T] long ALIGNED with input_ids: labels[b, t] is the target of position t (the data pipeline has
+      already shifted them, labels[t] = ids[t + 1]); -100 is ignored. Being aligned, labels shard exactly like
+      input_ids, so no token's target lives on another rank.
+    * cu_seqlens: int32 [N + 1] global boundaries of packed documents (B == 1); attention and linear state do not
+      cross a boundary.
+    * loss: mean over the non-ignored tokens of the whole global sequence, identical on every SP rank and equal to
+      the sp=None loss. Its gradient on each rank is that rank's share: parameter gradients must be SUMMED over the
+      SP group (then averaged over data-parallel replicas); see docs/model.md.
+    * logits: full [B, T, vocab] when labels is None or return_logits=True, else None (the loss is computed by a
+      chunked cross-entropy that never materialises them).
+    """
+
+    def __init__(self, cfg: HybridConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        # [vocab, D]
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def reset_parameters(self):
+        """normal(0, initializer_range) weights, zero biases, unit norms; the projections that write into the
+        residual stream (attention o_proj, MLP down_proj) get std / sqrt(2 * num_layers) (GPT-2 scaling)."""
+        std = self.cfg.initializer_range
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                residual = name.endswith("o_proj") or name.endswith("down_proj")
+                nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.cfg.num_layers) if residual else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def hidden_states(self, input_ids, sp=None, cu_seqlens=None) -> torch.Tensor:
+        # input_ids: [B, T] -> final-norm hidden states [B, T, D]
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        positions = token_positions(B, T, input_ids.device, sp)
+        x = self.embed(input_ids)
+        for block in self.layers:
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, positions, sp, cu_seqlens, use_reentrant=False)
+            else:
+                x = block(x, positions, sp=sp, cu_seqlens=cu_seqlens)
+        return self.norm(x)
+
+    def forward(self, input_ids, labels=None, sp=None, cu_seqlens=None, return_logits=False) -> LMOutput:
+        h = self.hidden_states(input_ids, sp=sp, cu_seqlens=cu_seqlens)
+        logits = h @ self.head_weight.t() if labels is None or return_logits else None
+        if labels is None:
+            return LMOutput(logits=logits, loss=None, num_tokens=None)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)} "
+                             f"(aligned targets), got {tuple(labels.shape)}")
+        loss_sum, count = chunked_cross_entropy(h, self.head_weight, labels, chunk_size=self.cfg.ce_chunk_size,
+                                                ignore_index=IGNORE_INDEX)
+        totals = torch.stack([loss_sum, count.to(loss_sum.dtype)])
+        if sp is not None:
+            # sum over ranks, identity backward: each rank's gradient is its own tokens' share of the global mean
+            totals = sp.all_reduce_sum(totals)
+        loss = totals[0] / totals[1].clamp(min=1)
+        return LMOutput(logits=logits, loss=loss, num_tokens=totals[1].detach().long())
