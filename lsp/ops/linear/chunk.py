@@ -25,7 +25,7 @@ SUB_BLOCK = 16
 def _to_chunks(x: torch.Tensor, C: int) -> torch.Tensor:
     # [R, NC * C, H, D] -> [R, H, NC, C, D]
     R, Tp, H, D = x.shape
-    return x.view(R, Tp // C, C, H, D).permute(0, 3, 1, 2, 4)
+    return x.view(R, Tp // C, C, H, D).permute(0, 3, 1, 2, 4).contiguous()
 
 
 def _from_chunks(x: torch.Tensor) -> torch.Tensor:
