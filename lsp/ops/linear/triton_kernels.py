@@ -1,0 +1,311 @@
+"""Triton kernels of the chunked linear attention (forward and backward); the launcher is `triton_chunk.py`.
+
+All kernels work on the padded chunk layout of `layout.py`: q, k, dq, dk, G: [R, Tp, H, K or 1], v, o, dO:
+[R, Tp, H, V], Tp = NC * C, no chunk straddling a sequence boundary. G is the within-chunk cumulative log-decay
+(G <= 0, non-increasing inside a chunk), [R, Tp, H, K] for per-key decay (KEY=True) else [R, Tp, H, 1].
+States are [R, H, NC, K, V] (entering state of every chunk, or the gradient w.r.t. the state after every chunk).
+
+Reset / end tables [R, NC] int32: reset[r, c] = n >= 0 when a sequence n starts at chunk c (its state is then
+initial_state[n] or 0), end[r, c] = n >= 0 when the state after chunk c is sequence n's final state; -1 otherwise.
+
+Every exponent is <= 0: inside a chunk only differences G_i - G_j with i >= j (or about a sub-block edge that lies
+between i and j, see `_out_kernel`) are exponentiated. Accumulation is in fp32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tile_ptrs(X, r, t0, hh, Tp, H, D, BT: tl.constexpr, BD: tl.constexpr, d0=0):
+    # pointers and mask of the [BT, BD] tile of rows t0.., columns d0.. of X: [R, Tp, H, D]
+    rows = t0 + tl.arange(0, BT)
+    cols = d0 + tl.arange(0, BD)
+    base = (r.to(tl.int64) * Tp + rows.to(tl.int64)) * H * D + hh * D
+    return X + base[:, None] + cols[None, :], (rows < Tp)[:, None] & (cols < D)[None, :]
+
+
+@triton.jit
+def _load_tile(X, r, t0, hh, Tp, H, D, BT: tl.constexpr, BD: tl.constexpr, d0=0):
+    ptrs, mask = _tile_ptrs(X, r, t0, hh, Tp, H, D, BT, BD, d0)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_g(G, r, t0, hh, Tp, H, K, BT: tl.constexpr, BK: tl.constexpr, KEY: tl.constexpr):
+    # [BT, BK] for per-key decay, [BT] otherwise
+    if KEY:
+        return _load_tile(G, r, t0, hh, Tp, H, K, BT, BK)
+    else:
+        rows = t0 + tl.arange(0, BT)
+        return tl.load(G + (r.to(tl.int64) * Tp + rows) * H + hh, mask=rows < Tp, other=0.0)
+
+
+@triton.jit
+def _state_ptrs(S, rh, c, NC, K, V, k0, v0, BK: tl.constexpr, BV: tl.constexpr):
+    # pointers and mask of the [BK, BV] block (k0, v0) of S: [R*H (or N*H), NC, K, V]
+    kk = k0 + tl.arange(0, BK)
+    vv = v0 + tl.arange(0, BV)
+    base = (rh.to(tl.int64) * NC + c) * K * V
+    return S + base + kk[:, None] * V + vv[None, :], (kk < K)[:, None] & (vv < V)[None, :]
+
+
+@triton.jit
+def _decay_to(G, G_end, KEY: tl.constexpr):
+    # exp(G_end - G) per row: G [BT, BK] or [BT]; G_end [BK] or scalar -> [BT, BK] or [BT, 1]
+    if KEY:
+        return tl.exp(G_end[None, :] - G)
+    else:
+        return tl.exp(G_end - G)[:, None]
+
+
+@triton.jit
+def _fwd_state_kernel(k, v, G, h, init, final, reset, end, Tp, H, K, V, NC, Kg,
+                      C: tl.constexpr, BKs: tl.constexpr, BVs: tl.constexpr,
+                      KEY: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr):
+    # grid (R * H, cdiv(K, BKs), cdiv(V, BVs)); h[r, h, c] = state entering chunk c; final[n] = state after seq n
+    rh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r, hh = rh // H, rh % H
+    k0, v0 = kb * BKs, vb * BVs
+    kk = k0 + tl.arange(0, BKs)
+    state = tl.zeros([BKs, BVs], dtype=tl.float32)
+    for c in range(NC):
+        n_reset = tl.load(reset + r * NC + c)
+        if HAS_INIT:
+            ip, im = _state_ptrs(init, tl.maximum(n_reset, 0) * H + hh, 0, 1, K, V, k0, v0, BKs, BVs)
+            state = tl.where(n_reset >= 0, tl.load(ip, mask=im, other=0.0).to(tl.float32), state)
+        else:
+            state = tl.where(n_reset >= 0, 0.0, state)
+        hp, hm = _state_ptrs(h, rh, c, NC, K, V, k0, v0, BKs, BVs)
+        tl.store(hp, state, mask=hm)
+        t0 = c * C
+        k_c = _load_tile(k, r, t0, hh, Tp, H, K, C, BKs, k0)
+        v_c = _load_tile(v, r, t0, hh, Tp, H, V, C, BVs, v0)
+        if KEY:
+            G_c = _load_tile(G, r, t0, hh, Tp, H, Kg, C, BKs, k0)
+            G_last = tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H * Kg + hh * Kg + kk, mask=kk < K, other=0.0)
+            state = state * tl.exp(G_last)[:, None]
+        else:
+            G_c = _load_g(G, r, t0, hh, Tp, H, Kg, C, BKs, False)
+            G_last = tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H + hh)
+            state = state * tl.exp(G_last)
+        k_dec = k_c * _decay_to(G_c, G_last, KEY)
+        state += tl.dot(tl.trans(k_dec), v_c, input_precision=PREC)
+        n_end = tl.load(end + r * NC + c)
+        fp, fm = _state_ptrs(final, tl.maximum(n_end, 0) * H + hh, 0, 1, K, V, k0, v0, BKs, BVs)
+        tl.store(fp, state, mask=fm & (kk < tl.where(n_end >= 0, K, 0))[:, None])
+
+
+@triton.jit
+def _bwd_state_kernel(q, do, G, dhn, dfinal, dinit, reset, end, scale, Tp, H, K, V, NC, Kg,
+                      C: tl.constexpr, BKs: tl.constexpr, BVs: tl.constexpr,
+                      KEY: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
+    # grid (R * H, cdiv(K, BKs), cdiv(V, BVs)); reverse pass:
+    #   dhn[c] = dL/d(state after chunk c);  dL/d(state entering c) = exp(G_C) ⊙ dhn[c] + scale (q ⊙ exp(G))ᵀ dO
+    rh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r, hh = rh // H, rh % H
+    k0, v0 = kb * BKs, vb * BVs
+    kk = k0 + tl.arange(0, BKs)
+    dstate = tl.zeros([BKs, BVs], dtype=tl.float32)
+    for i in range(NC):
+        c = NC - 1 - i
+        n_end = tl.load(end + r * NC + c)
+        if HAS_DFINAL:
+            fp, fm = _state_ptrs(dfinal, tl.maximum(n_end, 0) * H + hh, 0, 1, K, V, k0, v0, BKs, BVs)
+            dstate = tl.where(n_end >= 0, tl.load(fp, mask=fm, other=0.0).to(tl.float32), dstate)
+        else:
+            dstate = tl.where(n_end >= 0, 0.0, dstate)
+        hp, hm = _state_ptrs(dhn, rh, c, NC, K, V, k0, v0, BKs, BVs)
+        tl.store(hp, dstate, mask=hm)
+        t0 = c * C
+        q_c = _load_tile(q, r, t0, hh, Tp, H, K, C, BKs, k0)
+        do_c = _load_tile(do, r, t0, hh, Tp, H, V, C, BVs, v0)
+        if KEY:
+            G_c = _load_tile(G, r, t0, hh, Tp, H, Kg, C, BKs, k0)
+            G_last = tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H * Kg + hh * Kg + kk, mask=kk < K, other=0.0)
+            dstate = dstate * tl.exp(G_last)[:, None]
+            q_dec = q_c * tl.exp(G_c)
+        else:
+            G_c = _load_g(G, r, t0, hh, Tp, H, Kg, C, BKs, False)
+            G_last = tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H + hh)
+            dstate = dstate * tl.exp(G_last)
+            q_dec = q_c * tl.exp(G_c)[:, None]
+        dstate += scale * tl.dot(tl.trans(q_dec), do_c, input_precision=PREC)
+        n_reset = tl.load(reset + r * NC + c)
+        ip, im = _state_ptrs(dinit, tl.maximum(n_reset, 0) * H + hh, 0, 1, K, V, k0, v0, BKs, BVs)
+        tl.store(ip, dstate, mask=im & (kk < tl.where(n_reset >= 0, K, 0))[:, None])
+
+
+@triton.jit
+def _pair_decay(G_i, G_j):
+    # scalar decay, query block after key block: [BT_i, BT_j] = exp(G_i - G_j) (every pair has j < i)
+    return tl.exp(G_i[:, None] - G_j[None, :])
+
+
+@triton.jit
+def _causal_decay(G_i, G_j, BT: tl.constexpr):
+    # scalar decay on a diagonal tile: [BT_i, BT_j] = exp(G_i - G_j), zero where j > i
+    ii = tl.arange(0, BT)
+    return tl.exp(tl.where(ii[:, None] >= ii[None, :], G_i[:, None] - G_j[None, :], float("-inf")))
+
+
+@triton.jit
+def _diag_decay3(G_i, G_j, BT: tl.constexpr):
+    # per-key decay on a diagonal tile: [BT_i, BT_j, BK] = exp(G_i - G_j), zero where j > i
+    ii = tl.arange(0, BT)
+    causal = (ii[:, None] >= ii[None, :])[:, :, None]
+    return tl.exp(tl.where(causal, G_i[:, None, :] - G_j[None, :, :], float("-inf")))
+
+
+@triton.jit
+def _out_kernel(q, k, v, G, h, o, scale, Tp, H, K, V, NC, Kg,
+                C: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                KEY: tl.constexpr, PREC: tl.constexpr):
+    # grid (NC * C // BT, R * H): rows [t0, t0 + BT) of one chunk
+    #   o_i = scale [ Σ_{j<=i} (q_i ⊙ exp(G_i - G_j)) · k_j v_j + (q_i ⊙ exp(G_i)) h_c ]
+    # per-key, off-diagonal sub-blocks (j < s <= i, s = first row of the query block):
+    #   exp(G_i - G_j) = exp(G_i - G_s) exp(G_s - G_j), both factors <= 1
+    blk, rh = tl.program_id(0), tl.program_id(1)
+    r, hh = rh // H, rh % H
+    NS: tl.constexpr = C // BT
+    c, ib = blk // NS, blk % NS
+    t0 = blk * BT
+    q_i = _load_tile(q, r, t0, hh, Tp, H, K, BT, BK)
+    G_i = _load_g(G, r, t0, hh, Tp, H, Kg, BT, BK, KEY)
+    hp, hm = _state_ptrs(h, rh, c, NC, K, V, 0, 0, BK, BV)
+    h_c = tl.load(hp, mask=hm, other=0.0)
+    if KEY:
+        acc = tl.dot(q_i * tl.exp(G_i), h_c, input_precision=PREC)
+        G_s = tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], G_i, 0.0), 0)
+        q_s = q_i * tl.exp(G_i - G_s[None, :])
+    else:
+        acc = tl.dot(q_i * tl.exp(G_i)[:, None], h_c, input_precision=PREC)
+    for jb in range(0, ib):
+        tj = c * C + jb * BT
+        k_j = _load_tile(k, r, tj, hh, Tp, H, K, BT, BK)
+        v_j = _load_tile(v, r, tj, hh, Tp, H, V, BT, BV)
+        G_j = _load_g(G, r, tj, hh, Tp, H, Kg, BT, BK, KEY)
+        if KEY:
+            s = tl.dot(q_s, tl.trans(k_j * tl.exp(G_s[None, :] - G_j)), input_precision=PREC)
+        else:
+            s = tl.dot(q_i, tl.trans(k_j), input_precision=PREC) * _pair_decay(G_i, G_j)
+        acc += tl.dot(s, v_j, input_precision=PREC)
+    k_i = _load_tile(k, r, t0, hh, Tp, H, K, BT, BK)
+    v_i = _load_tile(v, r, t0, hh, Tp, H, V, BT, BV)
+    if KEY:
+        s = tl.sum(q_i[:, None, :] * k_i[None, :, :] * _diag_decay3(G_i, G_i, BT), 2)
+    else:
+        s = tl.dot(q_i, tl.trans(k_i), input_precision=PREC) * _causal_decay(G_i, G_i, BT)
+    acc += tl.dot(s, v_i, input_precision=PREC)
+    op, om = _tile_ptrs(o, r, t0, hh, Tp, H, V, BT, BV)
+    tl.store(op, (scale * acc).to(o.dtype.element_ty), mask=om)
+
+
+@triton.jit
+def _dq_kernel(k, v, G, h, do, dq, scale, Tp, H, K, V, NC, Kg,
+               C: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               KEY: tl.constexpr, PREC: tl.constexpr):
+    # grid (NC * C // BT, R * H); with A_ij = dO_i · v_j (j <= i):
+    #   dq_i = scale [ Σ_j A_ij k_j ⊙ exp(G_i - G_j) + exp(G_i) ⊙ (h_c dO_i) ]
+    blk, rh = tl.program_id(0), tl.program_id(1)
+    r, hh = rh // H, rh % H
+    NS: tl.constexpr = C // BT
+    c, ib = blk // NS, blk % NS
+    t0 = blk * BT
+    do_i = _load_tile(do, r, t0, hh, Tp, H, V, BT, BV)
+    G_i = _load_g(G, r, t0, hh, Tp, H, Kg, BT, BK, KEY)
+    hp, hm = _state_ptrs(h, rh, c, NC, K, V, 0, 0, BK, BV)
+    h_c = tl.load(hp, mask=hm, other=0.0)
+    inter = tl.dot(do_i, tl.trans(h_c), input_precision=PREC)
+    acc = tl.zeros([BT, BK], dtype=tl.float32)  # decays relative to G_s (per key) or exact (scalar)
+    if KEY:
+        G_s = tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], G_i, 0.0), 0)
+    for jb in range(0, ib):
+        tj = c * C + jb * BT
+        k_j = _load_tile(k, r, tj, hh, Tp, H, K, BT, BK)
+        v_j = _load_tile(v, r, tj, hh, Tp, H, V, BT, BV)
+        G_j = _load_g(G, r, tj, hh, Tp, H, Kg, BT, BK, KEY)
+        a = tl.dot(do_i, tl.trans(v_j), input_precision=PREC)
+        if KEY:
+            acc += tl.dot(a, k_j * tl.exp(G_s[None, :] - G_j), input_precision=PREC)
+        else:
+            acc += tl.dot(a * _pair_decay(G_i, G_j), k_j, input_precision=PREC)
+    k_i = _load_tile(k, r, t0, hh, Tp, H, K, BT, BK)
+    v_i = _load_tile(v, r, t0, hh, Tp, H, V, BT, BV)
+    a = tl.dot(do_i, tl.trans(v_i), input_precision=PREC)
+    if KEY:
+        diag = tl.sum(a[:, :, None] * k_i[None, :, :] * _diag_decay3(G_i, G_i, BT), 1)
+        res = acc * tl.exp(G_i - G_s[None, :]) + diag + inter * tl.exp(G_i)
+    else:
+        acc += tl.dot(a * _causal_decay(G_i, G_i, BT), k_i, input_precision=PREC)
+        res = acc + inter * tl.exp(G_i)[:, None]
+    dp, dm = _tile_ptrs(dq, r, t0, hh, Tp, H, K, BT, BK)
+    tl.store(dp, scale * res, mask=dm)
+
+
+@triton.jit
+def _dkdv_kernel(q, k, v, G, dhn, do, dk, dv, scale, Tp, H, K, V, NC, Kg,
+                 C: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 KEY: tl.constexpr, PREC: tl.constexpr):
+    # grid (NC * C // BT, R * H): key rows [t0, t0 + BT); with P_ij = Σ_d q_id k_jd exp(G_id - G_jd), i >= j:
+    #   dk_j = scale Σ_i (dO_i · v_j) q_i ⊙ exp(G_i - G_j) + exp(G_C - G_j) ⊙ (dhn_c v_j)
+    #   dv_j = scale Σ_i P_ij dO_i + (k_j ⊙ exp(G_C - G_j)) dhn_c
+    # per-key, off-diagonal (j <= e < i, e = last row of the key block): exp(G_i - G_j) = exp(G_i - G_e) exp(G_e - G_j)
+    blk, rh = tl.program_id(0), tl.program_id(1)
+    r, hh = rh // H, rh % H
+    NS: tl.constexpr = C // BT
+    c, jb = blk // NS, blk % NS
+    t0 = blk * BT
+    k_j = _load_tile(k, r, t0, hh, Tp, H, K, BT, BK)
+    v_j = _load_tile(v, r, t0, hh, Tp, H, V, BT, BV)
+    G_j = _load_g(G, r, t0, hh, Tp, H, Kg, BT, BK, KEY)
+    hp, hm = _state_ptrs(dhn, rh, c, NC, K, V, 0, 0, BK, BV)
+    dh_c = tl.load(hp, mask=hm, other=0.0)
+    G_C = _load_g(G, r, c * C + C - BT, hh, Tp, H, Kg, BT, BK, KEY)
+    last = (tl.arange(0, BT) == BT - 1)
+    acc_k = tl.zeros([BT, BK], dtype=tl.float32)
+    acc_v = tl.zeros([BT, BV], dtype=tl.float32)
+    if KEY:
+        G_C = tl.sum(tl.where(last[:, None], G_C, 0.0), 0)
+        G_e = tl.sum(tl.where(last[:, None], G_j, 0.0), 0)
+        k_e = k_j * tl.exp(G_e[None, :] - G_j)
+        dec_C = tl.exp(G_C[None, :] - G_j)
+    else:
+        G_C = tl.sum(tl.where(last, G_C, 0.0), 0)
+        dec_C = tl.exp(G_C - G_j)[:, None]
+    for ib in range(jb + 1, NS):
+        ti = c * C + ib * BT
+        q_i = _load_tile(q, r, ti, hh, Tp, H, K, BT, BK)
+        do_i = _load_tile(do, r, ti, hh, Tp, H, V, BT, BV)
+        G_i = _load_g(G, r, ti, hh, Tp, H, Kg, BT, BK, KEY)
+        a_t = tl.dot(v_j, tl.trans(do_i), input_precision=PREC)              # [j, i]
+        if KEY:
+            q_e = q_i * tl.exp(G_i - G_e[None, :])
+            p_t = tl.dot(k_e, tl.trans(q_e), input_precision=PREC)
+            acc_k += tl.dot(a_t, q_e, input_precision=PREC)
+        else:
+            dec_t = tl.trans(_pair_decay(G_i, G_j))
+            p_t = tl.dot(k_j, tl.trans(q_i), input_precision=PREC) * dec_t
+            acc_k += tl.dot(a_t * dec_t, q_i, input_precision=PREC)
+        acc_v += tl.dot(p_t, do_i, input_precision=PREC)
+    q_j = _load_tile(q, r, t0, hh, Tp, H, K, BT, BK)
+    do_j = _load_tile(do, r, t0, hh, Tp, H, V, BT, BV)
+    a_t = tl.dot(v_j, tl.trans(do_j), input_precision=PREC)
+    if KEY:
+        e3 = _diag_decay3(G_j, G_j, BT)                                       # [i, j, d]
+        p_t = tl.trans(tl.sum(q_j[:, None, :] * k_j[None, :, :] * e3, 2))
+        dk_diag = tl.sum(tl.trans(a_t)[:, :, None] * q_j[:, None, :] * e3, 0)
+        res_k = scale * (acc_k * tl.exp(G_e[None, :] - G_j) + dk_diag)
+    else:
+        dec_t = tl.trans(_causal_decay(G_j, G_j, BT))
+        p_t = tl.dot(k_j, tl.trans(q_j), input_precision=PREC) * dec_t
+        acc_k += tl.dot(a_t * dec_t, q_j, input_precision=PREC)
+        res_k = scale * acc_k
+    acc_v += tl.dot(p_t, do_j, input_precision=PREC)
+    res_k += dec_C * tl.dot(v_j, tl.trans(dh_c), input_precision=PREC)
+    res_v = scale * acc_v + tl.dot(k_j * dec_C, dh_c, input_precision=PREC)
+    kp, km = _tile_ptrs(dk, r, t0, hh, Tp, H, K, BT, BK)
+    tl.store(kp, res_k, mask=km)
+    vp, vm = _tile_ptrs(dv, r, t0, hh, Tp, H, V, BT, BV)
+    tl.store(vp, res_v, mask=vm)
