@@ -1,0 +1,148 @@
+"""Atomic, resharding checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of `<dir>`:
+    step_00000100/            complete checkpoint: DCP shards of {"model", "optim"} (.metadata + *.distcp),
+        trainer.pt            step, scheduler, data position (rank 0)
+        rng_<rank>.pt         per-rank RNG states
+        config.yaml           the resolved run config (what `lsp eval` rebuilds the model from)
+    step_00000200.tmp/        being written; never read
+    latest                    one line, the name of the newest complete checkpoint
+
+Atomicity: everything is written into `step_N.tmp`, all ranks meet at a barrier, rank 0 renames the folder to
+`step_N` (atomic on POSIX) and only then replaces `latest` (tmp file + os.replace). A crash at any moment leaves the
+previous complete checkpoint and `latest` intact; an existing complete checkpoint is never overwritten.
+DCP stores parameters by fully-qualified name with their global shapes, so a checkpoint saved at one dp/sp size (or
+FSDP sharding) loads at another.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import warnings
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # DCP in one process is intended
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step_{step:08d}")
+
+
+def is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "trainer.pt")) and (
+        os.path.isfile(os.path.join(path, ".metadata")) or os.path.isdir(os.path.join(path, "deepspeed")))
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """Path of the newest complete checkpoint under root (via `latest`, else by scanning), or None."""
+    if not os.path.isdir(root):
+        return None
+    pointer = os.path.join(root, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            path = os.path.join(root, f.read().strip())
+        if is_complete(path):
+            return path
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := STEP_DIR.match(name)))
+    for _, name in reversed(steps):
+        if is_complete(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return None
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[str, Any], config_yaml: str,
+                    keep: int = 2, deepspeed_engine=None) -> Optional[str]:
+    """Collective: every rank calls it. Returns the final path (None if that step was already saved)."""
+    final = step_dir(root, step)
+    tmp = final + ".tmp"
+    exists = os.path.isdir(final)
+    if exists:  # a complete checkpoint is never overwritten (same on every rank: shared file system)
+        return None
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)   # leftovers of a crashed save
+        os.makedirs(tmp)
+    _barrier()
+    if deepspeed_engine is not None:
+        deepspeed_engine.save_checkpoint(tmp, tag="deepspeed")
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save(rng_state(), os.path.join(tmp, f"rng_{_rank()}.pt"))
+    if _rank() == 0:
+        torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+    _barrier()
+    if _rank() == 0:
+        os.rename(tmp, final)
+        _write_text_atomic(os.path.join(root, "latest"), os.path.basename(final) + "\n")
+        _prune(root, keep)
+    _barrier()
+    return final
+
+
+def _prune(root: str, keep: int) -> None:
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := STEP_DIR.match(name)))
+    for _, name in steps[:-keep]:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def load_checkpoint(path: str, model, optimizer=None, deepspeed_engine=None) -> Dict[str, Any]:
+    """Collective: load model (+ optimizer) in place; returns the trainer state saved by rank 0."""
+    if deepspeed_engine is not None:
+        deepspeed_engine.load_checkpoint(path, tag="deepspeed")
+    elif optimizer is None:
+        model_sd = get_state_dict(model, [])[0]
+        dcp.load({"model": model_sd}, checkpoint_id=path)
+        set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = os.path.join(path, f"rng_{_rank()}.pt")
+    if os.path.isfile(rng_file):   # absent when resuming at a larger world size: keep the seeded state
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return torch.load(os.path.join(path, "trainer.pt"), weights_only=False)

@@ -1,0 +1,269 @@
+"""Typed run configuration: a dataclass schema, loaded with omegaconf from YAML plus `key=value` overrides.
+
+Every user mistake (unknown key, wrong type, value out of range, impossible combination) raises `ConfigError`
+with one line that names the key; the CLI prints it and exits with code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user error in the run configuration; str() is one line naming the key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0 = take it from the data (MQAR vocabulary or tokenizer)
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 2
+    layer_pattern: str = "LS"
+    linear_attn: str = "gla"
+    extra: Dict[str, Any] = field(default_factory=dict)  # passed verbatim to lsp.models.HybridConfig
+
+
+@dataclass
+class MQARConfig:
+    num_kv_pairs: int = 8
+    num_queries: int = 8
+    num_keys: int = 32
+    num_values: int = 32
+
+
+@dataclass
+class DataConfig:
+    kind: str = "mqar"  # mqar | files
+    seq_len: int = 128
+    mqar: MQARConfig = field(default_factory=MQARConfig)
+    files: List[str] = field(default_factory=list)  # .txt / .jsonl (field "text")
+    tokenizer: str = "byte"  # "byte" or a path to a HF tokenizers JSON file
+    cache_dir: str = ".cache/lsp-data"
+    val_fraction: float = 0.05
+    eval_batches: int = 4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch: int = 8
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 disables
+    seed: int = 0
+    eval_every: int = 0  # 0 = only at the end
+    log_every: int = 10
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 0  # 0 = world_size // sp
+    sp: int = 1
+    sp_method: str = "allgather"
+    layout: str = "zigzag"
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    engine: str = "ddp"  # ddp | fsdp | deepspeed
+    zero: int = 0  # ZeRO stage 0-3 (ddp: 0; fsdp: 2 or 3; deepspeed: 0-3)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # "" = <run_dir>/checkpoints
+    every: int = 0  # 0 = only at the end
+    keep: int = 2
+    resume: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "lsp"
+    tqdm: bool = True
+    plot: bool = True
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = detect (known GPUs) or skip
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    out_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.out_dir, self.name)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+
+
+CHOICES = {
+    "model.linear_attn": ("linear", "lightning", "simple_gla", "gla"),
+    "data.kind": ("mqar", "files"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "parallel.sp_method": ("allgather", "allscan", "ring"),
+    "parallel.layout": ("zigzag", "contiguous"),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+    "parallel.engine": ("ddp", "fsdp", "deepspeed"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+}
+POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "data.seq_len",
+            "data.mqar.num_kv_pairs", "data.mqar.num_queries", "data.mqar.num_keys", "data.mqar.num_values",
+            "data.eval_batches", "optim.lr", "train.steps", "train.micro_batch", "train.grad_accum",
+            "train.log_every", "parallel.sp", "checkpoint.keep")
+NON_NEGATIVE = ("model.vocab_size", "optim.min_lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps",
+                "train.grad_clip", "train.seed", "train.eval_every", "parallel.dp", "checkpoint.every",
+                "logging.peak_tflops")
+
+
+def _get(cfg: Config, key: str) -> Any:
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(getattr(err, "msg", None) or err).strip().splitlines()[0]
+    if "not in" in msg and "Key" in msg:
+        msg = "unknown key"
+    return ConfigError(key, msg)
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """YAML file (optional) + `key=value` overrides -> validated `Config` (raises ConfigError)."""
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ConfigError("config", f"file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(item, "override must look like key=value")
+            key = item.split("=", 1)[0]
+            free_form = key.startswith("model.extra.")
+            if not free_form and OmegaConf.select(schema, key, default="__missing__") == "__missing__":
+                raise ConfigError(key, "unknown key")
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err) from None
+    except ConfigError:
+        raise
+    except Exception as err:  # YAML syntax errors and the like
+        raise ConfigError("config", str(err).strip().splitlines()[0]) from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+    """Reject values out of range and impossible combinations, one line naming the key."""
+    for key, choices in CHOICES.items():
+        if _get(cfg, key) not in choices:
+            raise ConfigError(key, f"{_get(cfg, key)!r} is not one of {', '.join(choices)}")
+    for key in POSITIVE:
+        if not _get(cfg, key) > 0:
+            raise ConfigError(key, f"must be > 0, got {_get(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(key, f"must be >= 0, got {_get(cfg, key)}")
+    m, d, o, p = cfg.model, cfg.data, cfg.optim, cfg.parallel
+    if not m.layer_pattern or set(m.layer_pattern) - {"L", "S"}:
+        raise ConfigError("model.layer_pattern", f"{m.layer_pattern!r} must be a non-empty string of L and S")
+    if m.hidden_size % m.num_heads:
+        raise ConfigError("model.num_heads", f"{m.num_heads} does not divide model.hidden_size={m.hidden_size}")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError("model.num_kv_heads", f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError("optim.betas", f"{list(o.betas)} must be two numbers in [0, 1)")
+    if o.min_lr > o.lr:
+        raise ConfigError("optim.min_lr", f"{o.min_lr} is larger than optim.lr={o.lr}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", f"{d.val_fraction} must be in [0, 1)")
+    segments = p.sp * (2 if p.layout == "zigzag" else 1)
+    if d.seq_len % segments:
+        raise ConfigError("data.seq_len", f"{d.seq_len} is not divisible into {segments} whole segments "
+                          f"(parallel.sp={p.sp}, layout={p.layout})")
+    if d.kind == "mqar":
+        q = d.mqar
+        if 2 * q.num_kv_pairs + 2 * q.num_queries > d.seq_len:
+            raise ConfigError("data.mqar.num_queries", f"{q.num_kv_pairs} pairs + {q.num_queries} queries need "
+                              f"{2 * q.num_kv_pairs + 2 * q.num_queries} tokens > data.seq_len={d.seq_len}")
+        if q.num_kv_pairs > q.num_keys:
+            raise ConfigError("data.mqar.num_kv_pairs", f"{q.num_kv_pairs} > data.mqar.num_keys={q.num_keys} "
+                              "(keys must be distinct)")
+        if q.num_queries > q.num_kv_pairs:
+            raise ConfigError("data.mqar.num_queries", f"{q.num_queries} > data.mqar.num_kv_pairs")
+    else:
+        if not d.files:
+            raise ConfigError("data.files", "data.kind=files needs at least one file")
+        for f in d.files:
+            if not os.path.isfile(f):
+                raise ConfigError("data.files", f"file not found: {f}")
+        if cfg.train.micro_batch != 1:
+            raise ConfigError("train.micro_batch", "packed files use one sequence per micro-batch (cu_seqlens "
+                              "needs B == 1); raise train.grad_accum or data.seq_len instead")
+        if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
+            raise ConfigError("data.tokenizer", f"'byte' or a tokenizers JSON file; not found: {d.tokenizer}")
+    if p.engine == "ddp" and p.zero != 0:
+        raise ConfigError("parallel.zero", f"{p.zero} needs parallel.engine=fsdp or deepspeed (ddp is ZeRO-0)")
+    if p.engine == "fsdp" and p.zero not in (2, 3):
+        raise ConfigError("parallel.zero", f"{p.zero} with engine=fsdp; FSDP2 shards grads (2) or params too (3)")
+    if p.zero not in (0, 1, 2, 3):
+        raise ConfigError("parallel.zero", f"{p.zero} is not one of 0, 1, 2, 3")
+    if world_size is not None:
+        dp = p.dp or world_size // p.sp
+        if dp * p.sp != world_size:
+            raise ConfigError("parallel.dp", f"dp={dp} x sp={p.sp} != world size {world_size}")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: Dict[str, Any]) -> Config:
+    """Rebuild a Config from `to_dict` output (e.g. the copy stored next to a checkpoint)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), DictConfig(data))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _omegaconf_error(err) from None

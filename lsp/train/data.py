@@ -1,0 +1,243 @@
+"""Training data: the built-in MQAR task (the default, no files) and packed local text files.
+
+Both sources are *indexable*: sample i is a pure function of (seed, i), so a batch is fixed by the global step, each
+dp rank reads only its own rows, and resuming needs nothing but the step number (`DataState.step`).
+Each rank then keeps only its sequence-parallel shard of the tokens (`sp.shard(x, dim=1)`, done by the trainer).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError, DataConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor              # [B, T] long
+    labels: torch.Tensor                 # [B, T] long, labels[t] = token t+1 or IGNORE_INDEX
+    cu_seqlens: Optional[torch.Tensor]   # [N + 1] int32 global document boundaries (B == 1) or None
+
+
+# --------------------------------------------------------------------------------------------------- MQAR
+class MQAR:
+    """Multi-query associative recall (Zoology, Arora et al. 2023; Based, 2024).
+
+    Token ids: 0 = filler, keys in [1, 1 + num_keys), values in [1 + num_keys, 1 + num_keys + num_values).
+    A sequence of length T is `k_1 v_1 ... k_P v_P` (P distinct keys, random values) followed by filler in which Q of
+    the keys are asked again at random even offsets, each followed by its value:  `... 0 0 k_j v_j 0 ...`.
+    labels[t] = v_j exactly at the position t of a queried k_j (the model must predict the value it saw bound to
+    that key), everything else is IGNORE_INDEX, so the loss and the accuracy are measured on recall only.
+    """
+
+    def __init__(self, cfg: DataConfig, seed: int):
+        self.cfg, self.q, self.seed = cfg, cfg.mqar, seed
+        self.vocab_size = 1 + self.q.num_keys + self.q.num_values
+
+    def sample(self, index: int, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        # -> tokens [T], labels [T]
+        q, T = self.q, self.cfg.seq_len
+        rng = np.random.default_rng([self.seed, 0 if split == "train" else 1, index])
+        keys = 1 + rng.choice(q.num_keys, size=q.num_kv_pairs, replace=False)
+        values = 1 + q.num_keys + rng.integers(0, q.num_values, size=q.num_kv_pairs)
+        tokens = np.zeros(T, dtype=np.int64)
+        labels = np.full(T, IGNORE_INDEX, dtype=np.int64)
+        tokens[0:2 * q.num_kv_pairs:2], tokens[1:2 * q.num_kv_pairs:2] = keys, values
+        slots = (T - 2 * q.num_kv_pairs) // 2          # disjoint (key, value) slots after the context
+        starts = 2 * q.num_kv_pairs + 2 * np.sort(rng.choice(slots, size=q.num_queries, replace=False))
+        asked = rng.choice(q.num_kv_pairs, size=q.num_queries, replace=False)
+        tokens[starts], tokens[starts + 1] = keys[asked], values[asked]
+        labels[starts] = values[asked]
+        return tokens, labels
+
+
+# ----------------------------------------------------------------------------------------- packed text files
+class ByteTokenizer:
+    """UTF-8 bytes 0..255 and one end-of-document id 256."""
+    vocab_size = 257
+    eos_id = 256
+    name = "byte"
+
+    def encode(self, text: str) -> List[int]:
+        return list(text.encode("utf-8"))
+
+
+class HFTokenizer:
+    """A `tokenizers` JSON file (optional dependency)."""
+
+    def __init__(self, path: str):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ConfigError("data.tokenizer", "a tokenizer JSON needs the `tokenizers` package "
+                              "(pip install 'lsp[tokenizers]'), or use data.tokenizer=byte") from None
+        self.tok = Tokenizer.from_file(path)
+        self.vocab_size = self.tok.get_vocab_size() + 1
+        self.eos_id = self.vocab_size - 1            # an id of our own, so documents never run together
+        with open(path, "rb") as f:
+            self.name = "hf-" + hashlib.sha1(f.read()).hexdigest()[:12]
+
+    def encode(self, text: str) -> List[int]:
+        return self.tok.encode(text).ids
+
+
+def make_tokenizer(spec: str):
+    return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
+
+
+def iter_documents(paths: Iterable[str]) -> Iterable[str]:
+    """.jsonl: one JSON object per line with a "text" field; anything else: the whole file is one document."""
+    for path in paths:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield json.loads(line)["text"]
+        else:
+            with open(path, encoding="utf-8") as f:
+                yield f.read()
+
+
+def _cache_key(paths: List[str], tokenizer) -> str:
+    h = hashlib.sha1(tokenizer.name.encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def build_token_file(paths: List[str], tokenizer, cache_dir: str) -> str:
+    """Tokenise the documents ONCE into `<cache_dir>/<key>.tokens` (+ `.docs`, `.json`); returns the stem.
+
+    Files: tokens (uint16 or uint32, every document followed by eos), docs (int64 start offset of each document).
+    Written to a temporary name and renamed, so a crash or a concurrent reader never sees a partial file. If the
+    stem already exists it is reused as is (key = file paths, sizes, mtimes and tokenizer).
+    """
+    os.makedirs(cache_dir, exist_ok=True)
+    stem = os.path.join(cache_dir, _cache_key(paths, tokenizer))
+    if os.path.exists(stem + ".json"):
+        return stem
+    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    tmp = f"{stem}.{os.getpid()}.tmp"
+    starts, n = [], 0
+    with open(tmp + ".tokens", "wb") as out:
+        for text in iter_documents(paths):
+            ids = tokenizer.encode(text) + [tokenizer.eos_id]
+            starts.append(n)
+            n += len(ids)
+            out.write(np.asarray(ids, dtype=dtype).tobytes())
+    np.asarray(starts + [n], dtype=np.int64).tofile(tmp + ".docs")
+    meta = {"num_tokens": n, "num_docs": len(starts), "dtype": np.dtype(dtype).name,
+            "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name, "files": paths}
+    with open(tmp + ".json", "w") as f:
+        json.dump(meta, f)
+    os.replace(tmp + ".tokens", stem + ".tokens")
+    os.replace(tmp + ".docs", stem + ".docs")
+    os.replace(tmp + ".json", stem + ".json")     # last: its presence marks a complete token file
+    return stem
+
+
+class PackedTokens:
+    """Fixed windows of seq_len + 1 tokens over the memory-mapped token stream, with document boundaries.
+
+    Window i covers stream[i*T : i*T + T + 1]; input_ids = first T, labels = last T. A label that would cross from one
+    document into the next is IGNORE_INDEX, and cu_seqlens marks every document start inside the window, so no
+    attention state flows between documents. The last `val_fraction` of the windows is the validation split.
+    """
+
+    def __init__(self, stem: str, seq_len: int, val_fraction: float):
+        with open(stem + ".json") as f:
+            meta = json.load(f)
+        self.vocab_size = meta["vocab_size"]
+        self.tokens = np.memmap(stem + ".tokens", dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+        self.doc_starts = np.fromfile(stem + ".docs", dtype=np.int64)   # [num_docs + 1]
+        self.seq_len = seq_len
+        total = (meta["num_tokens"] - 1) // seq_len
+        if total < 1:
+            raise ConfigError("data.files", f"{meta['num_tokens']} tokens are fewer than data.seq_len + 1")
+        self.num_val = int(total * val_fraction)
+        self.num_train = total - self.num_val
+        if self.num_train < 1:
+            raise ConfigError("data.val_fraction", "leaves no training sequence")
+
+    def window(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # -> tokens [T], labels [T], cu_seqlens [N + 1]
+        T, lo = self.seq_len, i * self.seq_len
+        span = self.tokens[lo:lo + T + 1].astype(np.int64)
+        tokens, labels = span[:-1].copy(), span[1:].copy()
+        inner = self.doc_starts[(self.doc_starts > lo) & (self.doc_starts < lo + T)] - lo   # doc starts inside
+        labels[inner - 1] = IGNORE_INDEX                     # last token of a document predicts nothing
+        if lo + T in self.doc_starts:                        # next window starts a new document
+            labels[T - 1] = IGNORE_INDEX
+        cu = np.concatenate([[0], inner, [T]]).astype(np.int32)
+        return tokens, labels, cu
+
+    def sample(self, index: int, split: str = "train"):
+        if split == "train":
+            return self.window(index % self.num_train)
+        return self.window(self.num_train + index % max(self.num_val, 1))
+
+
+# --------------------------------------------------------------------------------------------------- loader
+@dataclass
+class DataState:
+    step: int = 0          # optimizer steps already consumed; the only thing needed to resume
+
+
+class DataLoader:
+    """Global batch of step s = rows [s*G, (s+1)*G) of a seed-fixed permutation, G = dp * micro_batch * grad_accum.
+
+    Rank (dp_rank) takes, for micro-step m, rows  s*G + m*dp*mb + dp_rank*mb + [0, mb). The composition of a global
+    batch depends only on G, so a run resumes at a different dp size (with G unchanged) on the very same data.
+    """
+
+    def __init__(self, cfg: Config, dp_rank: int = 0, dp_size: int = 1):
+        self.cfg, self.dp_rank, self.dp_size = cfg, dp_rank, dp_size
+        d = cfg.data
+        if d.kind == "mqar":
+            self.source = MQAR(d, cfg.train.seed)
+            self.epoch_len = None
+        else:
+            tokenizer = make_tokenizer(d.tokenizer)
+            stem = build_token_file(list(d.files), tokenizer, d.cache_dir)   # no-op once written
+            self.source = PackedTokens(stem, d.seq_len, d.val_fraction)
+            self.epoch_len = self.source.num_train
+        self.vocab_size = self.source.vocab_size
+        self.state = DataState()
+
+    def _row(self, global_row: int) -> int:
+        if self.epoch_len is None:
+            return global_row
+        epoch, pos = divmod(global_row, self.epoch_len)
+        perm = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(self.epoch_len)
+        return int(perm[pos])
+
+    def _collate(self, samples) -> Batch:
+        tokens = torch.from_numpy(np.stack([s[0] for s in samples]))
+        labels = torch.from_numpy(np.stack([s[1] for s in samples]))
+        cu = torch.from_numpy(samples[0][2]) if len(samples[0]) > 2 else None
+        return Batch(tokens, labels, cu)
+
+    def micro_batches(self, step: int) -> List[Batch]:
+        """This dp rank's grad_accum micro-batches of optimizer step `step`."""
+        t = self.cfg.train
+        G = self.dp_size * t.micro_batch * t.grad_accum
+        out = []
+        for m in range(t.grad_accum):
+            first = step * G + (m * self.dp_size + self.dp_rank) * t.micro_batch
+            out.append(self._collate([self.source.sample(self._row(first + j)) for j in range(t.micro_batch)]))
+        return out
+
+    def eval_batches(self) -> List[Batch]:
+        """Held-out batches (MQAR: fresh samples from the eval stream), split over dp ranks."""
+        t, n = self.cfg.train, self.cfg.data.eval_batches
+        return [self._collate([self.source.sample((b * self.dp_size + self.dp_rank) * t.micro_batch + j, "val")
+                               for j in range(t.micro_batch)]) for b in range(n)]

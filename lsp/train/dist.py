@@ -1,0 +1,101 @@
+"""Process groups for a dp x sp mesh.
+
+Global rank = dp_rank * sp + sp_rank: the ranks of one sequence-parallel group are consecutive, so with
+`--nproc-per-node` a multiple of sp, SP traffic (every layer) stays inside a node and only the gradient all-reduce
+(once per step) crosses nodes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, ConfigError, validate
+
+
+@dataclass
+class Mesh:
+    rank: int
+    world: int
+    dp: int
+    sp: int
+    dp_rank: int
+    sp_rank: int
+    device: torch.device
+    sp_group: Optional[object] = None     # ProcessGroup of this rank's SP group (None when sp == 1)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", "cuda requested but no CUDA device is available")
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def resolve_backend(cfg: Config, device: torch.device) -> str:
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("parallel.backend", "nccl needs CUDA devices; use gloo (or auto) on CPU")
+    return backend
+
+
+def init_mesh(cfg: Config) -> Mesh:
+    """Start torch.distributed when launched by torchrun (WORLD_SIZE set) and build the SP groups."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    validate(cfg, world_size=world)
+    sp = cfg.parallel.sp
+    dp = world // sp
+    device = resolve_device(cfg)
+    if world > 1 and cfg.parallel.engine == "fsdp" and device.type != "cuda":
+        raise ConfigError("parallel.engine", "fsdp needs CUDA/nccl (gloo has no reduce_scatter); use ddp on CPU")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = Mesh(rank=rank, world=world, dp=dp, sp=sp, dp_rank=rank // sp, sp_rank=rank % sp, device=device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=resolve_backend(cfg, device), timeout=timedelta(minutes=10),
+                                device_id=device if device.type == "cuda" else None)
+    if sp > 1:
+        for d in range(dp):   # every rank must create every group, in the same order
+            group = dist.new_group(list(range(d * sp, (d + 1) * sp)))
+            if d == mesh.dp_rank:
+                mesh.sp_group = group
+    return mesh
+
+
+def all_reduce_mean(values: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    """Mean over all ranks (a float tensor on the mesh device); identity on a single process."""
+    if mesh.world > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= mesh.world
+    return values
+
+
+def all_reduce_sum(values: torch.Tensor, mesh: Mesh) -> torch.Tensor:
+    if mesh.world > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def barrier(mesh: Mesh) -> None:
+    if mesh.world > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,107 @@
+"""Rank-0 run logging: JSONL metrics file, tqdm bar, optional wandb (offline by default), loss-curve PNG."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .config import Config, to_dict
+
+# dense bf16 peak TFLOP/s per device, for MFU when logging.peak_tflops is 0
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
+
+
+def peak_flops(cfg: Config, device: torch.device) -> Optional[float]:
+    """Peak FLOP/s of one device (None when unknown, e.g. on CPU: then no MFU is reported)."""
+    if cfg.logging.peak_tflops > 0:
+        return cfg.logging.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
+
+
+class RunLogger:
+    """Writes only on the main rank; every method is a no-op elsewhere."""
+
+    def __init__(self, cfg: Config, active: bool, total_steps: int, start_step: int):
+        self.cfg, self.active = cfg, active
+        self.history: List[Dict[str, Any]] = []
+        self.bar = self.wandb = None
+        if not active:
+            return
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
+        if cfg.logging.tqdm:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, file=sys.stderr)
+        if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
+            try:
+                import wandb
+                self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, dir=cfg.run_dir,
+                                        mode=cfg.logging.wandb_mode, config=to_dict(cfg), resume="allow")
+            except Exception as err:   # logging must never stop training
+                print(f"warning: wandb disabled ({type(err).__name__}: {err})", file=sys.stderr)
+
+    def log(self, metrics: Dict[str, Any]) -> None:
+        if not self.active:
+            return
+        self.history.append(metrics)
+        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=metrics["step"])
+        if self.bar is not None and "loss" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        elif self.bar is None:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
+                  file=sys.stderr)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        if self.cfg.logging.plot:
+            self.plot()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+    def plot(self) -> None:
+        """loss_curve.png in the run dir from the whole metrics.jsonl (so resumed runs plot the full curve)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        with open(os.path.join(self.cfg.run_dir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if train:
+            ax.plot(*zip(*train), label="train loss")
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(self.cfg.name)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.cfg.run_dir, "loss_curve.png"), dpi=100)
+        plt.close(fig)

@@ -1,0 +1,187 @@
+"""The train loop: mesh -> model -> engine -> (resume) -> steps with grad accumulation -> eval -> checkpoint.
+
+    for step in range(start, train.steps):
+        for each of grad_accum micro-batches (this dp rank's rows, this sp rank's tokens):
+            loss = model(ids, labels, sp, cu_seqlens).loss        # global mean over the whole sequence
+            backward(loss * sp / grad_accum)                      # engines average over dp*sp -> sum_sp / dp
+        clip, AdamW step, warmup+cosine schedule step
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, ConfigError, to_yaml
+from .data import Batch, DataLoader, IGNORE_INDEX, build_token_file, make_tokenizer
+from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
+from .engine import Engine
+from .logger import RunLogger, peak_flops, peak_memory_gb
+
+
+def build_model(cfg: Config, vocab_size: int):
+    """HybridLM from the `model` section (+ train/parallel switches); HybridConfig errors become ConfigError."""
+    from lsp.models import HybridConfig, HybridLM
+    m = cfg.model
+    if m.vocab_size and m.vocab_size < vocab_size:
+        raise ConfigError("model.vocab_size", f"{m.vocab_size} is smaller than the data vocabulary {vocab_size}")
+    kwargs = dict(vocab_size=m.vocab_size or vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                  num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, layer_pattern=m.layer_pattern,
+                  linear_attn=m.linear_attn, sp_method=cfg.parallel.sp_method,
+                  activation_checkpointing=cfg.train.activation_checkpointing)
+    kwargs.update(m.extra)
+    try:
+        return HybridLM(HybridConfig.from_dict(kwargs))
+    except (TypeError, ValueError) as err:
+        raise ConfigError("model", str(err).splitlines()[0]) from None
+
+
+def build_sp(cfg: Config, mesh: Mesh):
+    if mesh.sp == 1:
+        return None
+    from lsp.parallel import SPContext
+    return SPContext(group=mesh.sp_group, layout=cfg.parallel.layout)
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU (precision auto|bf16), fp32 on CPU unless bf16 is asked for explicitly."""
+    p = cfg.train.precision
+    if p == "bf16" or (p == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.mesh = mesh = init_mesh(cfg)
+        torch.manual_seed(cfg.train.seed)   # same initial weights on every rank
+        if cfg.data.kind == "files" and mesh.is_main:   # tokenise once, before the other ranks map the file
+            build_token_file(list(cfg.data.files), make_tokenizer(cfg.data.tokenizer), cfg.data.cache_dir)
+        barrier(mesh)
+        self.data = DataLoader(cfg, dp_rank=mesh.dp_rank, dp_size=mesh.dp)
+        self.model = build_model(cfg, self.data.vocab_size).to(mesh.device)
+        self.sp = build_sp(cfg, mesh)
+        self.engine = Engine(cfg, mesh, self.model)
+        self.step = 0
+        self.ckpt_dir = cfg.checkpoint_dir
+        if cfg.checkpoint.resume and (path := latest_checkpoint(self.ckpt_dir)) is not None:
+            self.resume(path)
+
+    # ------------------------------------------------------------------------------------------ checkpoint
+    def resume(self, path: str) -> None:
+        state = load_checkpoint(path, self.engine.model, self.engine.optimizer,
+                                deepspeed_engine=self.engine.deepspeed)
+        if self.engine.deepspeed is None:
+            self.engine.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.data.state.step = state["data"]["step"]
+        if self.mesh.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self) -> Optional[str]:
+        state = {"step": self.step, "data": {"step": self.data.state.step},
+                 "scheduler": self.engine.scheduler.state_dict() if self.engine.deepspeed is None else None,
+                 "world": {"dp": self.mesh.dp, "sp": self.mesh.sp}}
+        return save_checkpoint(self.ckpt_dir, self.step, self.engine.model, self.engine.optimizer, state,
+                               to_yaml(self.cfg), keep=self.cfg.checkpoint.keep,
+                               deepspeed_engine=self.engine.deepspeed)
+
+    # ------------------------------------------------------------------------------------------------ data
+    def to_local(self, batch: Batch):
+        """Move to device and keep this rank's SP shard of the tokens (cu_seqlens stay global)."""
+        ids, labels = batch.input_ids.to(self.mesh.device), batch.labels.to(self.mesh.device)
+        cu = batch.cu_seqlens.to(self.mesh.device) if batch.cu_seqlens is not None else None
+        if self.sp is not None:
+            ids, labels = self.sp.shard(ids, dim=1), self.sp.shard(labels, dim=1)
+        return ids, labels, cu
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def train_step(self) -> Dict[str, float]:
+        self.engine.model.train()
+        micro = self.data.micro_batches(self.step)
+        total = torch.zeros((), device=self.mesh.device, dtype=torch.float64)
+        for i, batch in enumerate(micro):
+            ids, labels, cu = self.to_local(batch)
+            last = i == len(micro) - 1
+            with self.engine.sync_context(last):
+                with autocast(self.cfg, self.mesh.device):
+                    out = self.engine.model(ids, labels=labels, sp=self.sp, cu_seqlens=cu)
+                self.engine.backward(out.loss)
+            if not last:
+                self.engine.micro_step()
+            total += out.loss.detach().double()
+        grad_norm = self.engine.step()
+        self.step += 1
+        self.data.state.step = self.step
+        # every SP rank holds the same global loss: averaging over all ranks = averaging over dp
+        loss = all_reduce_mean((total / len(micro)).float(), self.mesh).item()
+        return {"loss": loss, "grad_norm": grad_norm}
+
+    @torch.no_grad()
+    def evaluate(self) -> Dict[str, float]:
+        """Mean held-out loss and, for MQAR, recall accuracy on the answer positions (argmax == value)."""
+        model = self.model   # unwrapped: eval needs no gradient sync
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(3, device=self.mesh.device, dtype=torch.float64)   # loss, correct, answers
+        batches = self.data.eval_batches()
+        for batch in batches:
+            ids, labels, cu = self.to_local(batch)
+            with autocast(self.cfg, self.mesh.device):
+                out = model(ids, labels=labels, sp=self.sp, cu_seqlens=cu, return_logits=True)
+            mask = labels != IGNORE_INDEX
+            sums[0] += out.loss.double()
+            sums[1] += ((out.logits.argmax(-1) == labels) & mask).sum()
+            sums[2] += mask.sum()
+        model.train(was_training)
+        sums[0] /= self.mesh.sp   # the loss is already global over the SP group: count it once per SP group
+        sums = all_reduce_sum(sums, self.mesh)
+        metrics = {"eval_loss": sums[0].item() / (len(batches) * self.mesh.dp)}
+        if self.cfg.data.kind == "mqar":
+            metrics["eval_accuracy"] = sums[1].item() / max(sums[2].item(), 1)
+        return metrics
+
+    def fit(self) -> Dict[str, Any]:
+        cfg, mesh = self.cfg, self.mesh
+        from lsp.models import flops_per_token, num_parameters
+        logger = RunLogger(cfg, mesh.is_main, cfg.train.steps, self.step)
+        tokens_per_step = mesh.dp * cfg.train.micro_batch * cfg.train.grad_accum * cfg.data.seq_len
+        flops_tok = flops_per_token(self.model.cfg, cfg.data.seq_len)
+        peak = peak_flops(cfg, mesh.device)
+        if mesh.is_main:
+            print(f"lsp: {num_parameters(self.model) / 1e6:.2f}M params, dp={mesh.dp} sp={mesh.sp} "
+                  f"engine={cfg.parallel.engine} device={mesh.device.type}, run dir {cfg.run_dir}", flush=True)
+        losses: List[float] = []
+        last: Dict[str, Any] = {}
+        t0, last_logged = time.perf_counter(), self.step
+        while self.step < cfg.train.steps:
+            metrics = self.train_step()
+            losses.append(metrics["loss"])
+            logger.advance()
+            at_end = self.step == cfg.train.steps
+            if self.step % cfg.train.log_every == 0 or at_end:
+                dt = (time.perf_counter() - t0) / (self.step - last_logged)
+                t0, last_logged = time.perf_counter(), self.step
+                tok_s = tokens_per_step / dt
+                row = {"step": self.step, "loss": metrics["loss"], "lr": self.engine.scheduler.get_last_lr()[0],
+                       "grad_norm": metrics["grad_norm"], "tokens_per_s": tok_s,
+                       "peak_mem_gb": peak_memory_gb(mesh.device)}
+                if peak:
+                    row["mfu"] = flops_tok * tok_s / (peak * mesh.world)
+                logger.log(row)
+            if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or at_end:
+                last = {"step": self.step, **self.evaluate()}
+                logger.log(last)
+            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or at_end:
+                self.save()
+        logger.close()
+        return {"losses": losses, **last}
+
+
+def train(cfg: Config) -> Dict[str, Any]:
+    return Trainer(cfg).fit()
