@@ -134,7 +134,7 @@ class LinearAttention(nn.Module):
         self.o_proj = nn.Linear(H * Dh, D, bias=False)
         self.o_norm = RMSNorm(Dh, cfg.norm_eps)
         if cfg.linear_attn == "lightning":
-            self.register_buffer("log_decay", -lightning_slopes(H, layer_idx, cfg.num_layers).float())
+            self.register_buffer("log_decay", -lightning_slopes(H, layer_idx, cfg.num_layers).float(), persistent=False)
         elif cfg.linear_attn == "simple_gla":
             self.decay_proj = nn.Linear(D, H, bias=True)
         elif cfg.linear_attn == "gla":
@@ -143,15 +143,18 @@ class LinearAttention(nn.Module):
 
     def decay(self, x: torch.Tensor) -> torch.Tensor | None:
         # x: [B, T, D] -> None | [H] | [B, T, H] | [B, T, H, Dh]  (log-decay <= 0)
+        # decays stay in fp32 (fp64 for fp64 x): cumulative sums of bf16 log-decays drift over long sequences
         B, T, _ = x.shape
         kind, norm = self.cfg.linear_attn, self.cfg.gate_logit_normalizer
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         if kind == "linear":
             return None
         if kind == "lightning":
-            return self.log_decay.to(x.dtype)
+            return self.log_decay.to(dtype)
         if kind == "simple_gla":
-            return F.logsigmoid(self.decay_proj(x)) / norm
-        return (F.logsigmoid(self.decay_up(self.decay_down(x))) / norm).view(B, T, self.cfg.num_heads, -1)
+            return F.logsigmoid(self.decay_proj(x).to(dtype)) / norm
+        logits = self.decay_up(self.decay_down(x)).to(dtype)
+        return (F.logsigmoid(logits) / norm).view(B, T, self.cfg.num_heads, -1)
 
     def forward(self, x, positions=None, sp=None, cu_seqlens=None):
         # x: [B, T, D] -> [B, T, D]   (positions unused: decay, not RoPE, encodes order)
