@@ -39,7 +39,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, target[:, None]).squeeze(1)
             total += ((lse - picked) * valid).sum()
             if need_h or need_w:
-                dlogits = (logits - lse[:, None]).exp_()
+                dlogits = logits.sub_(lse[:, None]).exp_()  # softmax in place: one [C, V] buffer per chunk
                 dlogits[torch.arange(len(yc), device=h.device), target] -= 1.0
                 dlogits *= valid[:, None]
                 dlogits = dlogits.to(h.dtype)
