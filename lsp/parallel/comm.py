@@ -1,0 +1,226 @@
+"""The one comm layer every sequence-parallel collective goes through, with call and byte accounting.
+
+Two backends with the same interface, so the SP algorithms are written once:
+
+* `DistComm`: real ranks over a torch.distributed group (gloo on CPU, NCCL on GPU). Tensors carry a leading rank
+  axis of size R = 1 (this rank's row).
+* `EmuComm`: W virtual ranks in one process; tensors carry a leading rank axis of size R = W. Collectives are
+  in-memory reindexing; send/recv go through a mailbox. Bytes are counted as if the ranks were real.
+
+Counting: every call records, per virtual or real rank, the bytes it sends and receives (all_gather of n bytes per
+rank: receives (W-1)·n; ring all_reduce of n bytes: sends and receives 2(W-1)/W·n). `comm_stats()` sums the
+records of this process by op, by method tag and by rank.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+_STATS: dict[tuple[str, str, int], list[int]] = defaultdict(lambda: [0, 0, 0])  # (tag, op, rank) -> calls, sent, recv
+
+
+def record(op: str, tag: str, rank: int, sent: int, recv: int) -> None:
+    entry = _STATS[(tag, op, rank)]
+    entry[0] += 1
+    entry[1] += int(sent)
+    entry[2] += int(recv)
+
+
+def comm_stats() -> dict:
+    """Counted communication of this process since the last reset.
+
+    Returns {"total": c, "ops": {op: c}, "tags": {tag: c}, "ranks": {rank: c}, "by_tag_op": {"tag/op": c}} with
+    c = {"calls", "bytes_sent", "bytes_recv"}. In emulation every virtual rank is counted under its own rank id;
+    with real ranks this process only sees its own rank.
+    """
+    out = {"total": _zero(), "ops": {}, "tags": {}, "ranks": {}, "by_tag_op": {}}
+    for (tag, op, rank), (calls, sent, recv) in _STATS.items():
+        for bucket in (out["total"], out["ops"].setdefault(op, _zero()), out["tags"].setdefault(tag, _zero()),
+                       out["ranks"].setdefault(rank, _zero()), out["by_tag_op"].setdefault(f"{tag}/{op}", _zero())):
+            bucket["calls"] += calls
+            bucket["bytes_sent"] += sent
+            bucket["bytes_recv"] += recv
+    return out
+
+
+def reset_comm_stats() -> None:
+    _STATS.clear()
+
+
+def _zero() -> dict:
+    return {"calls": 0, "bytes_sent": 0, "bytes_recv": 0}
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+class DistComm:
+    """Collectives of this rank over a torch.distributed group; rank-axis tensors are [1, ...]."""
+
+    emulated = False
+
+    def __init__(self, group=None):
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.ranks = [self.rank]
+
+    def row(self, rank: int) -> int:
+        return 0
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def all_gather(self, x: torch.Tensor, tag: str, async_op: bool = False):
+        """x: [1, *S] -> [W, *S] (every rank's row). With async_op returns (buffer, work); call work.wait()."""
+        x = x.contiguous()
+        W = self.world_size
+        out = x.new_empty(W * x.shape[0], *x.shape[1:])
+        record("all_gather", tag, self.rank, _nbytes(x) * (W - 1), _nbytes(x) * (W - 1))
+        work = dist.all_gather_into_tensor(out, x, group=self.group, async_op=True) if _has_agit() else None
+        if work is None:
+            chunks = list(out.chunk(W))
+            work = dist.all_gather(chunks, x, group=self.group, async_op=True)
+        if async_op:
+            return out, work
+        work.wait()
+        return out
+
+    def all_reduce(self, x: torch.Tensor, tag: str) -> torch.Tensor:
+        """Sum over ranks (a new tensor). x: [1, *S]."""
+        x = x.contiguous().clone()
+        W = self.world_size
+        moved = 2 * (W - 1) * _nbytes(x) // W
+        record("all_reduce", tag, self.rank, moved, moved)
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def send(self, x: torch.Tensor, src: int, dst: int, tag: str, async_op: bool = False):
+        x = x.contiguous()
+        record("send", tag, src, _nbytes(x), 0)
+        if async_op:
+            return dist.isend(x, self._global(dst), group=self.group), x
+        dist.send(x, self._global(dst), group=self.group)
+        return None, x
+
+    def recv(self, like: torch.Tensor, src: int, dst: int, tag: str, async_op: bool = False):
+        buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+        record("recv", tag, dst, 0, _nbytes(buf))
+        if async_op:
+            return dist.irecv(buf, self._global(src), group=self.group), buf
+        dist.recv(buf, self._global(src), group=self.group)
+        return None, buf
+
+
+class EmuComm:
+    """W virtual ranks in one process; rank-axis tensors are [W, ...] and row(rank) == rank."""
+
+    emulated = True
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.rank = 0
+        self.ranks = list(range(world_size))
+        self._mailbox: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
+
+    def row(self, rank: int) -> int:
+        return rank
+
+    def all_gather(self, x: torch.Tensor, tag: str, async_op: bool = False):
+        # x: [W, *S] -> [W, *S]: the gathered buffer every rank would hold
+        W = self.world_size
+        n = _nbytes(x) // W
+        for r in range(W):
+            record("all_gather", tag, r, n * (W - 1), n * (W - 1))
+        return (x, _Done()) if async_op else x
+
+    def all_reduce(self, x: torch.Tensor, tag: str) -> torch.Tensor:
+        # x: [W, *S] -> [W, *S], every row the sum
+        W = self.world_size
+        moved = 2 * (W - 1) * (_nbytes(x) // W) // W
+        for r in range(W):
+            record("all_reduce", tag, r, moved, moved)
+        return x.sum(0, keepdim=True).expand_as(x).clone()
+
+    def send(self, x: torch.Tensor, src: int, dst: int, tag: str, async_op: bool = False):
+        record("send", tag, src, _nbytes(x), 0)
+        self._mailbox[(src, dst)].append(x)
+        return (_Done() if async_op else None), x
+
+    def recv(self, like: torch.Tensor, src: int, dst: int, tag: str, async_op: bool = False):
+        box = self._mailbox[(src, dst)]
+        assert box, f"emulated recv {src}->{dst} before the matching send"
+        x = box.pop(0)
+        record("recv", tag, dst, 0, _nbytes(x))
+        return (_Done() if async_op else None), x
+
+
+class _Done:
+    def wait(self):
+        return None
+
+
+def _has_agit() -> bool:
+    return hasattr(dist, "all_gather_into_tensor") and dist.get_backend() != "gloo"
+
+
+# ---------------------------------------------------------------- autograd of the collectives used outside SP ops
+
+
+class AllReduceIdentity(torch.autograd.Function):
+    """Forward: Σ over ranks; backward: the incoming gradient unchanged (replicated-loss convention)."""
+
+    @staticmethod
+    def forward(ctx, x, comm, tag):
+        return comm.all_reduce(x, tag)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+class ReplicateSum(torch.autograd.Function):
+    """Forward: Σ over ranks of each rank's contribution; backward: Σ over ranks of the replicas' gradients.
+
+    Used for outputs owned by one rank and returned on every rank (final_state): the global objective is the sum
+    of the per-rank losses, so a replica's gradient from every rank counts.
+    """
+
+    @staticmethod
+    def forward(ctx, x, comm, tag):
+        ctx.comm, ctx.tag = comm, tag
+        return comm.all_reduce(x, tag)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.all_reduce(grad.contiguous(), ctx.tag + ":bwd"), None, None
+
+
+def gather_rows(x: torch.Tensor, comm, tag: str) -> torch.Tensor:
+    """Differentiable all_gather of rank rows: [R, *S] -> [W, *S] (see `AllGatherRows`)."""
+    if comm.emulated:
+        return comm.all_gather(x, tag)  # in-memory: autograd sums the shared buffer's gradients itself
+    return AllGatherRows.apply(x, comm, tag)
+
+
+class AllGatherRows(torch.autograd.Function):
+    """Forward: all_gather of [R, *S] -> [W, *S] rows (for each held rank: the same gathered buffer).
+
+    Backward (sum semantics, every rank used the gathered rows): a rank's row gradient is the sum over ranks of
+    the gradients of its slot: one all_reduce of the [W, *S] gradient, then its own slot (gloo has no
+    reduce_scatter). In emulation the gathered buffer is shared, so autograd already sums.
+    """
+
+    @staticmethod
+    def forward(ctx, x, comm, tag):
+        ctx.comm, ctx.tag = comm, tag
+        return comm.all_gather(x, tag)
+
+    @staticmethod
+    def backward(ctx, grad):
+        comm = ctx.comm
+        total = comm.all_reduce(grad.contiguous().unsqueeze(0), ctx.tag + ":bwd")[0]
+        return total[comm.rank : comm.rank + 1], None, None

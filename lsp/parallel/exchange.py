@@ -1,0 +1,258 @@
+"""The cross-rank step of sequence-parallel linear attention: entering states of every segment.
+
+The sequence is cut into n ordered segments (W contiguous, 2W zigzag); rank rows hold L of them. Each segment i
+brings, from the shared local pass, its local state S_i (state at its end from a zero entering state, including
+the initial states of documents that start inside it) and its total log-decay a_i. The entering states obey
+
+    E_0 = 0,        E_{i+1} = c_{i+1} · (A_i ⊙ E_i + S_i),        A_i = p_i · exp(a_i)
+
+where c_{i+1} = 0 when a document starts exactly at segment i+1 (no state crosses that edge) and p_i = 0 when a
+document starts strictly inside segment i (the incoming state does not survive it). Backward, with G_i the total
+gradient of E_i and gE_i its direct part:
+
+    G_i = gE_i + c_{i+1} A_i ⊙ G_{i+1},     ∂S_i = c_{i+1} G_{i+1},     ∂a_i = Σ_v (c_{i+1} G_{i+1} ⊙ E_i) ⊙ A_i
+
+Methods differ only in how the states travel:
+
+* allgather (LASP-2): one all_gather of every segment's (S_i, a_i), then each rank runs the prefix locally; the
+  backward gathers the gE_i once and runs the suffix locally. Launch and finish are separate autograd nodes so the
+  local zero-state output is computed while the gather is in flight (and its backward while the gradient gather
+  is in flight).
+* allscan (ZeCO All-Scan): the state walks the chain of segment owners split into `blocks` blocks along K, each
+  block sent (isend) as soon as it is updated so hops pipeline; backward walks the reverse chain.
+* ring (LASP-1): the same chain with the whole state per hop and blocking send/recv.
+"""
+from __future__ import annotations
+
+import torch
+
+_NEG_CONTROL = {"drop_decay": False}  # test-only hook: ignore the cross-segment decay (must break exactness)
+
+
+def _decay(a_i, pass_i: float):
+    # a_i: [B, H, Kg] or None -> A_i broadcastable to [B, H, K, V]
+    if a_i is None or _NEG_CONTROL["drop_decay"]:
+        return float(pass_i)
+    return pass_i * a_i.exp()[..., None]
+
+
+def _decay_grad(gA_kv, A_i, a_i):
+    # gA_kv: [B, H, K, V] = c G_{i+1} ⊙ E_i -> ∂a_i [B, H, Kg]
+    if a_i is None or not isinstance(A_i, torch.Tensor):
+        return None
+    gA = gA_kv.sum(-1)
+    if a_i.shape[-1] == 1:
+        gA = gA.sum(-1, keepdim=True)
+    return (gA * A_i[..., 0]).to(a_i.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- all-gather
+
+
+def prefix_states(S_all, a_all, sp, plan):
+    """E for every global segment from all segments' S, a (gathered [W, L, ...]). Returns list of [B, H, K, V]."""
+    E = []
+    for i in range(sp.num_segments):
+        r, l = sp.owner(i)
+        if i == 0 or not plan.cont[i]:
+            E.append(torch.zeros_like(S_all[0, 0]))
+            continue
+        pr, pl = sp.owner(i - 1)
+        a_prev = None if a_all is None else a_all[pr, pl]
+        E.append(_decay(a_prev, plan.passes[i - 1]) * E[i - 1] + S_all[pr, pl])
+    return E
+
+
+def suffix_grads(gE_all, E, a_all, sp, plan):
+    """Reverse recurrence over all segments: (∂S, ∂a) per global segment from the direct gradients gE_all."""
+    n = sp.num_segments
+    gS, ga = [None] * n, [None] * n
+    G_next = None  # c_{i+1} G_{i+1}
+    for i in reversed(range(n)):
+        r, l = sp.owner(i)
+        a_i = None if a_all is None else a_all[r, l]
+        A_i = _decay(a_i, plan.passes[i])
+        gS[i] = torch.zeros_like(E[i]) if G_next is None else G_next
+        ga[i] = None if a_i is None else (torch.zeros_like(a_i) if G_next is None else _decay_grad(G_next * E[i], A_i, a_i))
+        G_i = gE_all[r, l] if G_next is None else gE_all[r, l] + A_i * G_next
+        G_next = G_i if (i > 0 and plan.cont[i]) else None
+    return gS, ga
+
+
+def _pack(S, a):
+    # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None -> [R, n] one flat buffer (one collective)
+    R = S.shape[0]
+    parts = [S.reshape(R, -1)] + ([] if a is None else [a.to(S.dtype).reshape(R, -1)])
+    return torch.cat(parts, dim=1)
+
+
+def _unpack(buf, S_shape, a_shape, a_dtype):
+    W = buf.shape[0]
+    nS = 1
+    for d in S_shape[1:]:
+        nS *= d
+    S = buf[:, :nS].reshape(W, *S_shape[1:])
+    a = None if a_shape is None else buf[:, nS:].reshape(W, *a_shape[1:]).to(a_dtype)
+    return S, a
+
+
+class _Handle:
+    """Carries an in-flight gather between the launch and finish autograd nodes."""
+
+    def __init__(self, sp, plan, tag):
+        self.sp, self.plan, self.tag = sp, plan, tag
+
+
+class GatherLaunch(torch.autograd.Function):
+    # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None -> a token (scalar) that orders the finish node after this
+    @staticmethod
+    def forward(ctx, S, a, h):
+        ctx.h = h
+        h.S_shape, h.a_shape, h.a_dtype = S.shape, (None if a is None else a.shape), (None if a is None else a.dtype)
+        h.buf, h.work = h.sp.comm.all_gather(_pack(S, a), h.tag, async_op=True)
+        return S.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        h = ctx.h
+        h.gwork.wait()
+        sp = h.sp
+        gE_all = h.gbuf.reshape(sp.world_size, *h.S_shape[1:])
+        gS, ga = suffix_grads(gE_all, h.E, h.a_all, sp, h.plan)
+        held = [[sp.rank_segments(r)[l] for l in range(sp.segments_per_rank)] for r in sp.comm.ranks]
+        gS_loc = torch.stack([torch.stack([gS[i] for i in row]) for row in held])
+        ga_loc = None if h.a_all is None else torch.stack([torch.stack([ga[i] for i in row]) for row in held])
+        h.E = h.a_all = None
+        return gS_loc, ga_loc, None
+
+
+class GatherFinish(torch.autograd.Function):
+    # token -> E: [R, L, B, H, K, V] (entering states of the held segments)
+    @staticmethod
+    def forward(ctx, token, h):
+        ctx.h = h
+        h.work.wait()
+        sp = h.sp
+        S_all, a_all = _unpack(h.buf, h.S_shape, h.a_shape, h.a_dtype)
+        E = prefix_states(S_all, a_all, sp, h.plan)
+        h.E, h.a_all, h.buf = E, a_all, None
+        return torch.stack([torch.stack([E[i] for i in sp.rank_segments(r)]) for r in sp.comm.ranks])
+
+    @staticmethod
+    def backward(ctx, gE):
+        h = ctx.h
+        h.gbuf, h.gwork = h.sp.comm.all_gather(gE.contiguous().reshape(gE.shape[0], -1), h.tag + ":bwd", async_op=True)
+        return torch.zeros((), dtype=gE.dtype, device=gE.device), None
+
+
+# ---------------------------------------------------------------------------------------------- chain
+
+
+def _blocks(K: int, nb: int) -> list[slice]:
+    size = -(-K // max(1, min(nb, K)))
+    return [slice(s, min(s + size, K)) for s in range(0, K, size)]
+
+
+def _kslice(A, blk):
+    return A[..., blk, :] if isinstance(A, torch.Tensor) and A.shape[-2] > 1 else A
+
+
+class ChainExchange(torch.autograd.Function):
+    """Entering states by passing the state along the chain of segment owners (ring / All-Scan)."""
+
+    @staticmethod
+    def forward(ctx, S, a, sp, plan, nb, pipelined, tag):
+        # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None -> E: [R, L, B, H, K, V]
+        comm, n = sp.comm, sp.num_segments
+        blks = _blocks(S.shape[-2], nb)
+        E = torch.zeros_like(S)
+        out, pending = {}, []
+        for i in range(n):
+            r, l = sp.owner(i)
+            if r not in comm.ranks:
+                continue
+            row = comm.row(r)
+            A_i = _decay(None if a is None else a[row, l], plan.passes[i])
+            prev = sp.owner(i - 1)[0] if i > 0 else None
+            nxt = sp.owner(i + 1)[0] if i + 1 < n else None
+            send_to = nxt if (nxt is not None and plan.cont[i + 1] and nxt != r) else None
+            if i > 0 and plan.cont[i] and prev == r:
+                E[row, l] = out[i - 1]
+            recvs = None
+            if i > 0 and plan.cont[i] and prev != r:
+                recvs = [comm.recv(E[row, l][..., b, :], prev, r, tag, async_op=pipelined) for b in blks]
+            cur = torch.empty_like(S[row, l])
+            for j, b in enumerate(blks):
+                if recvs is not None:
+                    work, buf = recvs[j]
+                    if work is not None:
+                        work.wait()
+                    E[row, l][..., b, :] = buf
+                cur[..., b, :] = _kslice(A_i, b) * E[row, l][..., b, :] + S[row, l][..., b, :]
+                if send_to is not None:
+                    pending.append(comm.send(cur[..., b, :].contiguous(), r, send_to, tag, async_op=pipelined)[0])
+            out[i] = cur
+        for work in pending:
+            if work is not None:
+                work.wait()
+        ctx.save_for_backward(E, a)
+        ctx.sp, ctx.plan, ctx.nb, ctx.pipelined, ctx.tag = sp, plan, nb, pipelined, tag
+        return E
+
+    @staticmethod
+    def backward(ctx, gE):
+        E, a = ctx.saved_tensors
+        sp, plan, tag = ctx.sp, ctx.plan, ctx.tag + ":bwd"
+        comm, n = sp.comm, sp.num_segments
+        blks = _blocks(E.shape[-2], ctx.nb)
+        gS, ga = torch.zeros_like(E), (None if a is None else torch.zeros_like(a))
+        G_out, pending = {}, []  # G_out[i] = c_i G_i, handed to segment i-1
+        for i in reversed(range(n)):
+            r, l = sp.owner(i)
+            if r not in comm.ranks:
+                continue
+            row = comm.row(r)
+            a_i = None if a is None else a[row, l]
+            A_i = _decay(a_i, plan.passes[i])
+            prev = sp.owner(i - 1)[0] if i > 0 else None
+            nxt = sp.owner(i + 1)[0] if i + 1 < n else None
+            has_next = nxt is not None and plan.cont[i + 1]
+            send_to = prev if (i > 0 and plan.cont[i] and prev != r) else None
+            recvs = None
+            if has_next and nxt != r:
+                recvs = [comm.recv(gS[row, l][..., b, :], nxt, r, tag, async_op=ctx.pipelined) for b in blks]
+            elif has_next:
+                gS[row, l] = G_out[i + 1]
+            G_i = torch.empty_like(E[row, l])
+            for j, b in enumerate(blks):
+                if recvs is not None:
+                    work, buf = recvs[j]
+                    if work is not None:
+                        work.wait()
+                    gS[row, l][..., b, :] = buf
+                G_i[..., b, :] = gE[row, l][..., b, :] + _kslice(A_i, b) * gS[row, l][..., b, :]
+                if send_to is not None:
+                    pending.append(comm.send(G_i[..., b, :].contiguous(), r, send_to, tag, async_op=ctx.pipelined)[0])
+            if a_i is not None:
+                ga[row, l] = _decay_grad(gS[row, l] * E[row, l], A_i, a_i)
+            G_out[i] = G_i
+        for work in pending:
+            if work is not None:
+                work.wait()
+        return gS, ga, None, None, None, None, None
+
+
+def exchange(S, a, sp, plan, method: str, scan_blocks: int):
+    """Start the exchange; returns a function that finishes it and yields E [R, L, B, H, K, V].
+
+    S: [R, L, B, H, K, V] local states; a: [R, L, B, H, Kg] total log-decays or None.
+    """
+    if method == "allgather":
+        h = _Handle(sp, plan, "allgather")
+        token = GatherLaunch.apply(S, a, h)
+        return lambda: GatherFinish.apply(token, h)
+    if method == "allscan":
+        E = ChainExchange.apply(S, a, sp, plan, scan_blocks, True, "allscan")
+    else:
+        E = ChainExchange.apply(S, a, sp, plan, 1, False, "ring")
+    return lambda: E
