@@ -247,6 +247,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero", f"{p.zero} is not one of 0, 1, 2, 3")
     if world_size is not None:
+        if world_size % p.sp:
+            raise ConfigError("parallel.sp", f"{p.sp} does not divide the world size {world_size} "
+                              f"(start it with: lsp launch --nproc-per-node {p.sp} ...)")
         dp = p.dp or world_size // p.sp
         if dp * p.sp != world_size:
             raise ConfigError("parallel.dp", f"dp={dp} x sp={p.sp} != world size {world_size}")

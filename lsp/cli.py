@@ -1,0 +1,162 @@
+"""`lsp` command line: train, launch (torchrun wrapper), eval, plan.
+
+    lsp train CONFIG.yaml [key=value ...]            one process, or one rank under torchrun / accelerate
+    lsp launch [--nproc-per-node N] [--nnodes M] [--node-rank R] [--rdzv-endpoint HOST:PORT] [--max-restarts K]
+               CONFIG.yaml [key=value ...]           torchrun ... -m lsp.cli train CONFIG.yaml ...
+    lsp eval CHECKPOINT_DIR [key=value ...]          MQAR accuracy / validation loss of a checkpoint
+    lsp plan CONFIG.yaml [key=value ...]             cost-model advice (when lsp.parallel.costmodel exists)
+
+User errors print one line and exit with code 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import List, Optional
+
+USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A mistake on the command line; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # argparse's default prints usage over several lines
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _split_overrides(items: List[str]) -> List[str]:
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"unexpected argument {item!r}: overrides look like key=value")
+    return items
+
+
+def cmd_train(args) -> int:
+    from lsp.train.config import load_config
+    from lsp.train.dist import shutdown
+    from lsp.train.trainer import train
+    cfg = load_config(args.config, _split_overrides(args.overrides))
+    try:
+        result = train(cfg)
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        final = {k: v for k, v in result.items() if k != "losses"}
+        print("final " + json.dumps(final), flush=True)
+    return 0
+
+
+def torchrun_command(args) -> List[str]:
+    """The torchrun command line that `lsp launch` runs (also used by launch/torchrun.sh and the tests)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
+           f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
+    if args.rdzv_endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}", f"--node-rank={args.node_rank}"]
+        if args.rdzv_id:
+            cmd.append(f"--rdzv-id={args.rdzv_id}")
+    elif args.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        raise UserError("--rdzv-endpoint HOST:PORT is required with --nnodes > 1")
+    return cmd + ["-m", "lsp.cli", "train", args.config, *args.overrides]
+
+
+def cmd_launch(args) -> int:
+    from lsp.train.config import load_config, validate
+    if args.nproc_per_node < 1 or args.nnodes < 1:
+        raise UserError("--nproc-per-node and --nnodes must be >= 1")
+    cfg = load_config(args.config, _split_overrides(args.overrides))
+    validate(cfg, world_size=args.nproc_per_node * args.nnodes)   # fail here, not in N processes
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:   # torchrun would force 1; share the cores between the local ranks instead
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc_per_node))
+    return subprocess.call(torchrun_command(args), env=env)
+
+
+def resolve_checkpoint(path: str) -> str:
+    from lsp.train.checkpoint import is_complete, latest_checkpoint
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if is_complete(candidate):
+            return candidate
+        found = latest_checkpoint(candidate)
+        if found:
+            return found
+    raise UserError(f"no complete checkpoint found under {path}")
+
+
+def cmd_eval(args) -> int:
+    from lsp.train.checkpoint import load_checkpoint
+    from lsp.train.config import load_config
+    from lsp.train.trainer import Trainer
+    path = resolve_checkpoint(args.checkpoint)
+    single = ["parallel.dp=0", "parallel.sp=1", "parallel.engine=ddp", "parallel.zero=0", "checkpoint.resume=false",
+              "logging.wandb=false"]
+    cfg = load_config(os.path.join(path, "config.yaml"), single + _split_overrides(args.overrides))
+    trainer = Trainer(cfg)
+    state = load_checkpoint(path, trainer.model)
+    metrics = {"checkpoint": path, "step": state["step"], **trainer.evaluate()}
+    print(json.dumps(metrics), flush=True)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    try:
+        from lsp.parallel.costmodel import plan
+    except ImportError:
+        raise UserError("lsp plan needs lsp.parallel.costmodel, which this installation does not have") from None
+    from lsp.train.config import load_config
+    cfg = load_config(args.config, _split_overrides(args.overrides))
+    print(plan(cfg))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lsp", description="Exact sequence-parallel training of hybrid linear/softmax LMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("train", help="train (one process, or one rank under torchrun)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("launch", help="start torchrun with `lsp train` on every rank")
+    p.add_argument("--nproc-per-node", type=int, default=1)
+    p.add_argument("--nnodes", type=int, default=1)
+    p.add_argument("--node-rank", type=int, default=0)
+    p.add_argument("--rdzv-endpoint", default="")
+    p.add_argument("--rdzv-id", default="")
+    p.add_argument("--max-restarts", type=int, default=0)
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value")
+    p.set_defaults(func=cmd_launch)
+    p = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy / validation loss)")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("plan", help="cost-model advice for a config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value")
+    p.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from lsp.train.config import ConfigError
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
