@@ -1,0 +1,185 @@
+"""The Triton backend against the step-by-step naive reference (outputs and every gradient).
+
+Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below before triton is imported),
+which is slow: shapes stay tiny. The `gpu` test runs larger shapes on CUDA.
+
+Tolerances (norm-relative, max|a-b| / max|b|):
+- fp32 inputs vs the fp64 naive reference: 1e-4 (2e-4 for dg of [H] decay). The kernels accumulate in fp32 (unit
+  roundoff 6e-8); sums of <= 150 O(1) terms give ~1e-6 measured. dg of a per-head decay is Σ_t (t + 1)(q·dq - k·dk)_t
+  over every token and key dim with strong cancellation: the fp32 errors of dq, dk are amplified to 2e-5 (T=77) and
+  5e-5 (T=150) measured, about what autograd of the fp32 torch path gets (2e-5). A wrong term (a dropped decay, a
+  state from the wrong chunk or sequence) gives errors of O(1e-1) and fails, see the negative controls.
+- bf16 inputs vs the fp32 result on the same bf16-rounded values: 2e-2. The kernels accumulate in fp32, but o and
+  the input gradients are rounded to bf16 (relative step 2^-8 = 4e-3) and dg is built from bf16 q, k.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from lsp.ops import linear_attention  # noqa: E402
+from lsp.ops.linear.api import triton_available  # noqa: E402
+from lsp.ops.linear.checks import broadcast_decay, check_linear_inputs, seq_bounds  # noqa: E402
+from lsp.ops.linear.triton_chunk import _decay_grad  # noqa: E402
+
+from .linear_cases import DECAY_FORMS, assert_close, make_inputs, max_rel_err, run_with_grads  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(
+    not triton_available(DEVICE) or (DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="Triton needs CUDA or TRITON_INTERPRET=1 (triton was imported before this module could set it)",
+)
+TOL32 = 1e-4
+
+
+def _to(x, dtype=None, device=DEVICE):
+    return None if x is None else x.detach().to(device=device, dtype=dtype or x.dtype).requires_grad_(True)
+
+
+def _ref(q, k, v, g, s0, backend="naive", dtype=torch.float64, **kw):
+    res = run_with_grads(linear_attention, *(_to(x, dtype, "cpu") for x in (q, k, v, g, s0)), backend=backend, **kw)
+    return {key: val.to(torch.float64) for key, val in res.items()}
+
+
+def _triton(q, k, v, g, s0, **kw):
+    cu = kw.pop("cu_seqlens", None)
+    cu = None if cu is None else cu.to(DEVICE)
+    res = run_with_grads(linear_attention, *(_to(x) for x in (q, k, v, g, s0)), backend="triton", cu_seqlens=cu, **kw)
+    return {key: val.cpu() for key, val in res.items()}
+
+
+def _tol(form, key):
+    return 2e-4 if (form == "head" and key == "dg") else TOL32
+
+
+def _check(res, ref, form, what):
+    assert res.keys() == ref.keys(), (res.keys(), ref.keys())
+    for key in ref:
+        err = max_rel_err(res[key], ref[key])
+        assert err <= _tol(form, key), f"{what} {key}: relative error {err:.3e} > {_tol(form, key):.1e}"
+
+
+# -- the decay-gradient identity, checked on the differentiable torch path (no Triton involved) -------------------
+
+@pytest.mark.parametrize("form", ["head", "scalar", "key"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_decay_grad_identity(form, packed):
+    """dg from dq, dk and the final state (the identity the Triton backward uses) equals autograd's dg."""
+    cu = torch.tensor([0, 10, 10, 70, 77], dtype=torch.int32) if packed else None
+    q, k, v, g, s0 = make_inputs(form, B=1 if packed else 2, T=77, n_seq=4 if packed else None)
+    res = run_with_grads(linear_attention, q, k, v, g, s0, backend="torch", cu_seqlens=cu)
+    o, final = linear_attention(q, k, v, g, initial_state=s0, output_final_state=True, cu_seqlens=cu,
+                                backend="torch")
+    g4 = broadcast_decay(g, check_linear_inputs(q, k, v, g, s0, cu))
+    gen = torch.Generator().manual_seed(1)  # the same loss weights as run_with_grads (rounded to fp32 there)
+    torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    w_s = torch.randn(final.shape, generator=gen, dtype=torch.float64).float().double()
+    B, T = q.shape[:2]
+    args = (q.detach(), k.detach(), res["dq"], res["dk"], final.detach())
+    dg = _decay_grad(*args, w_s, g4.shape, g4.dtype, seq_bounds(cu, B, T), B, T).view(g.shape)
+    assert max_rel_err(dg, res["dg"]) < 1e-10
+    # negative control: without the final-state term the identity is wrong
+    dg_bad = _decay_grad(*args, None, g4.shape, g4.dtype, seq_bounds(cu, B, T), B, T).view(g.shape)
+    assert max_rel_err(dg_bad, res["dg"]) > 1e-3
+
+
+# -- Triton against the naive reference ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", DECAY_FORMS)
+@pytest.mark.parametrize("T,K,V,init", [(45, 8, 6, True), (77, 16, 8, False)])
+def test_triton_matches_naive(form, T, K, V, init):
+    # T=45: one partial chunk; T=77: two chunks, the second partial (odd T, K != V)
+    q, k, v, g, s0 = make_inputs(form, B=2, T=T, H=2, K=K, V=V, dtype=torch.float32, init=init)
+    res = _triton(q, k, v, g, s0)
+    assert res["o"].dtype == torch.float32 and res["final_state"].dtype == torch.float32
+    _check(res, _ref(q, k, v, g, s0), form, f"{form} T={T} K={K} V={V}")
+
+
+@pytest.mark.parametrize("form", DECAY_FORMS)
+def test_triton_varlen(form):
+    # boundaries inside a chunk (10, 70), an empty sequence, a sequence of length 1, per-sequence initial states
+    cu = torch.tensor([0, 10, 10, 70, 71, 80], dtype=torch.int32)
+    q, k, v, g, s0 = make_inputs(form, B=1, T=80, H=2, K=8, V=16, dtype=torch.float32, n_seq=5)
+    _check(_triton(q, k, v, g, s0, cu_seqlens=cu), _ref(q, k, v, g, s0, cu_seqlens=cu), form, f"varlen {form}")
+
+
+def test_triton_state_blocks_and_partial_losses():
+    """V > 64 splits the state passes into V blocks; a loss on the final state only (no output gradient) and on the
+    output only (no final-state gradient) both take their own branch of the backward."""
+    q, k, v, g, s0 = make_inputs("key", B=1, T=20, H=1, K=8, V=70, dtype=torch.float32)
+    _check(_triton(q, k, v, g, s0), _ref(q, k, v, g, s0), "key", "V=70")
+    xs = [_to(x) for x in (q, k, v, g, s0)]
+    refs = [_to(x, torch.float64, "cpu") for x in (q, k, v, g, s0)]
+    for pick in (0, 1):
+        outs = [linear_attention(*a[:4], initial_state=a[4], output_final_state=True, backend=b)[pick]
+                for a, b in ((xs, "triton"), (refs, "naive"))]
+        grads = [torch.autograd.grad(out.double().square().sum(), a, allow_unused=True)
+                 for out, a in zip(outs, (xs, refs))]
+        for got, want in zip(*grads):
+            if want is None:  # q does not reach the final state: its gradient must be zero
+                assert got is None or got.abs().max() == 0
+            else:
+                assert max_rel_err(got.cpu(), want) < TOL32, f"loss on output {pick}"
+
+
+def test_triton_no_final_state_and_fp64_fallback():
+    q, k, v, g, s0 = make_inputs("scalar", B=1, T=9, H=1, K=4, V=4, dtype=torch.float32, requires_grad=False)
+    o, s = linear_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), g.to(DEVICE), backend="triton")
+    assert s is None and o.shape == (1, 9, 1, 4)
+    q, k, v, g, s0 = make_inputs("key", B=1, T=30, H=1, K=4, V=4, dtype=torch.float64)
+    res = run_with_grads(linear_attention, q, k, v, g, s0, backend="triton")
+    assert_close(res, _ref(q, k, v, g, s0), 1e-10, "fp64 fallback")
+
+
+@pytest.mark.parametrize("form", ["scalar", "key"])
+def test_triton_bf16(form):
+    q, k, v, g, s0 = make_inputs(form, B=1, T=40, H=2, K=16, V=16, dtype=torch.bfloat16)
+    res = _triton(q, k, v, g, s0)
+    assert res["o"].dtype == torch.bfloat16 and res["dq"].dtype == torch.bfloat16
+    ref = _ref(q, k, v, g, s0, backend="torch", dtype=torch.float32)  # same bf16-rounded values, fp32 math
+    for key in ref:
+        err = max_rel_err(res[key], ref[key])
+        assert err < 2e-2, f"bf16 {form} {key}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("form", ["head", "key"])
+def test_negative_control_perturbed_decay(form):
+    """A slightly different decay must not pass: the comparison can fail."""
+    q, k, v, g, s0 = make_inputs(form, B=1, T=40, H=2, K=8, V=8, dtype=torch.float32)
+    g_bad = (g.detach() * 1.05).requires_grad_(True)
+    res = _triton(q, k, v, g_bad, s0)
+    ref = _ref(q, k, v, g, s0)
+    assert max_rel_err(res["o"], ref["o"]) > 10 * TOL32
+    assert max_rel_err(res["final_state"], ref["final_state"]) > 10 * TOL32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", DECAY_FORMS)
+def test_triton_larger_dims(form):
+    # K, V > 64 and not powers of two: several state blocks and masked head dims; three chunks
+    q, k, v, g, s0 = make_inputs(form, B=1, T=150, H=1, K=72, V=100, dtype=torch.float32)
+    _check(_triton(q, k, v, g, s0), _ref(q, k, v, g, s0), form, f"large {form}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("form", DECAY_FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_cuda_large(form, dtype):
+    """Realistic shapes on CUDA against the chunked torch path in fp64 (itself tested against naive)."""
+    cu = torch.tensor([0, 300, 300, 1000, 2047], dtype=torch.int32)
+    q, k, v, g, s0 = make_inputs(form, B=1, T=2047, H=4, K=128, V=64, dtype=dtype, n_seq=4)
+    res = _triton(q, k, v, g, s0, cu_seqlens=cu)
+    ref = _ref(q, k, v, g, s0, backend="torch", cu_seqlens=cu)
+    for key in ref:
+        err = max_rel_err(res[key], ref[key])
+        tol = 1e-3 if dtype == torch.float32 else 3e-2
+        assert err < tol, f"cuda {form} {dtype} {key}: relative error {err:.3e}"
