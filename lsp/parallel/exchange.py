@@ -38,8 +38,10 @@ def _decay(a_i, pass_i: float):
 
 def _decay_grad(gA_kv, A_i, a_i):
     # gA_kv: [B, H, K, V] = c G_{i+1} ⊙ E_i -> ∂a_i [B, H, Kg]
-    if a_i is None or not isinstance(A_i, torch.Tensor):
+    if a_i is None:
         return None
+    if not isinstance(A_i, torch.Tensor):  # decay dropped by the negative-control hook
+        return torch.zeros_like(a_i)
     gA = gA_kv.sum(-1)
     if a_i.shape[-1] == 1:
         gA = gA.sum(-1, keepdim=True)

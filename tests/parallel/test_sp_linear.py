@@ -1,0 +1,120 @@
+"""sp_linear_attention in emulation: every method x decay form x layout x packing equals the single-device op."""
+import pytest
+import torch
+
+from lsp.parallel import SPContext, comm_stats, reset_comm_stats, sp_linear_attention
+from lsp.parallel import exchange as exchange_mod
+
+from .cases import FORMS, METHODS, make_case, max_rel_err, reference, run_sp
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def _check_all(W, varlen, dtype, tol):
+    for form in FORMS:
+        case = make_case(W, form, varlen, dtype=dtype)
+        ref = reference(case)
+        for layout in LAYOUTS:
+            for method in METHODS:
+                err = max_rel_err(run_sp(case, SPContext(emulate=W, layout=layout), method), ref)
+                assert max(err.values()) < tol, (W, varlen, form, layout, method, err)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("W", [1, 2, 3, 4])
+def test_matrix_fp64(W, varlen):
+    _check_all(W, varlen, torch.float64, 1e-10)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("W", [2, 3])
+def test_matrix_fp32(W, varlen):
+    _check_all(W, varlen, torch.float32, 1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("varlen", [False, True])
+def test_matrix_w8(varlen):
+    _check_all(8, varlen, torch.float64, 1e-10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_negative_control_dropped_decay_fails(method, monkeypatch):
+    """Ignoring the cross-rank decay must break the comparison (the test can fail)."""
+    case = make_case(3, "scalar", False)
+    ref = reference(case)
+    monkeypatch.setitem(exchange_mod._NEG_CONTROL, "drop_decay", True)
+    err = max_rel_err(run_sp(case, SPContext(emulate=3, layout="zigzag"), method), ref)
+    assert err["o"] > 1e-3
+
+
+def test_negative_control_wrong_layout_fails():
+    """Gathering with the wrong layout puts tokens out of order: the comparison must fail."""
+    case = make_case(2, "key", False)
+    ref = reference(case)
+    sp = SPContext(emulate=2, layout="zigzag")
+    got = run_sp(case, sp, "allgather")
+    wrong = SPContext(emulate=2, layout="contiguous").gather(sp.shard(got["o"]))
+    assert (wrong - ref["o"]).abs().max() > 1e-3
+
+
+def _bytes_per_rank(W, layout, method, T_per_rank, form="scalar", B=2, H=2, K=8, V=6):
+    case = make_case(W, form, False, dtype=torch.float32, T_per_rank=T_per_rank)
+    sp = SPContext(emulate=W, layout=layout)
+    reset_comm_stats()
+    run_sp(case, sp, method)
+    stats = comm_stats()["by_tag_op"]
+    fwd = {k: v for k, v in stats.items() if k.startswith(method + "/")}
+    bwd = {k: v for k, v in stats.items() if k.startswith(method + ":bwd/")}
+    recv = lambda d: sum(v["bytes_recv"] for v in d.values()) / W  # noqa: E731
+    return recv(fwd), recv(bwd)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_comm_bytes_match_formula_and_do_not_grow_with_T(layout):
+    W, B, H, K, V = 4, 2, 2, 8, 6
+    L = 2 if layout == "zigzag" else 1
+    state, decay = B * H * K * V * 4, B * H * 1 * 4
+    for T_per_rank in (16, 64):
+        fwd, bwd = _bytes_per_rank(W, layout, "allgather", T_per_rank)
+        assert fwd == (W - 1) * L * (state + decay), (layout, T_per_rank, fwd)  # LASP-2: states + decays
+        assert bwd == (W - 1) * L * state
+        # All-Scan: the chain crosses W-1 rank edges (2W-2 under zigzag); on average one state per rank or less
+        fwd, bwd = _bytes_per_rank(W, layout, "allscan", T_per_rank)
+        hops = (W - 1) * L
+        assert fwd == hops * state / W and bwd == hops * state / W
+
+
+def test_allscan_blocks_counted():
+    case = make_case(3, "key", False, dtype=torch.float32)
+    reset_comm_stats()
+    run_sp(case, SPContext(emulate=3, layout="contiguous"), "allscan", scan_blocks=4)
+    st = comm_stats()["by_tag_op"]
+    assert st["allscan/send"]["calls"] == 2 * 4  # 2 rank edges x 4 blocks along K
+    assert st["ring/send"]["calls"] if "ring/send" in st else True
+
+
+def test_user_errors_are_one_line():
+    sp = SPContext(emulate=2, layout="zigzag")
+    q = torch.randn(4, 8, 2, 4)
+    with pytest.raises(ValueError, match="method"):
+        sp_linear_attention(q, q, q, sp=sp, method="bogus")
+    with pytest.raises(ValueError, match="initial_state"):
+        sp_linear_attention(q, q, q, sp=sp, initial_state=torch.zeros(3, 2, 4, 4))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        sp_linear_attention(q, q, q, sp=sp, cu_seqlens=torch.tensor([0, 16], dtype=torch.int32))
+    with pytest.raises(ValueError, match="layout"):
+        SPContext(emulate=2, layout="ring")
+    with pytest.raises(ValueError, match="divisible"):
+        sp.shard(torch.randn(1, 6, 2))
+
+
+def test_shard_gather_roundtrip_and_positions():
+    for layout in LAYOUTS:
+        sp = SPContext(emulate=3, layout=layout)
+        x = torch.arange(2 * 12).reshape(2, 12).float()
+        loc = sp.shard(x)
+        assert loc.shape == (6, 4)
+        assert torch.equal(sp.gather(loc), x)
+        pos = sp.local_positions(4)
+        assert torch.equal(loc[0::2].long(), pos)  # batch row 0 of every rank holds its global positions
