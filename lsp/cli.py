@@ -29,18 +29,11 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def _split_overrides(items: List[str]) -> List[str]:
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"unexpected argument {item!r}: overrides look like key=value")
-    return items
-
-
 def cmd_train(args) -> int:
     from lsp.train.config import load_config
+    cfg = load_config(args.config, args.overrides)   # before importing torch: fast failures
     from lsp.train.dist import shutdown
     from lsp.train.trainer import train
-    cfg = load_config(args.config, _split_overrides(args.overrides))
     try:
         result = train(cfg)
     finally:
@@ -70,7 +63,7 @@ def cmd_launch(args) -> int:
     from lsp.train.config import load_config, validate
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise UserError("--nproc-per-node and --nnodes must be >= 1")
-    cfg = load_config(args.config, _split_overrides(args.overrides))
+    cfg = load_config(args.config, args.overrides)
     validate(cfg, world_size=args.nproc_per_node * args.nnodes)   # fail here, not in N processes
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:   # torchrun would force 1; share the cores between the local ranks instead
@@ -96,7 +89,7 @@ def cmd_eval(args) -> int:
     path = resolve_checkpoint(args.checkpoint)
     single = ["parallel.dp=0", "parallel.sp=1", "parallel.engine=ddp", "parallel.zero=0", "checkpoint.resume=false",
               "logging.wandb=false"]
-    cfg = load_config(os.path.join(path, "config.yaml"), single + _split_overrides(args.overrides))
+    cfg = load_config(os.path.join(path, "config.yaml"), single + args.overrides)
     trainer = Trainer(cfg)
     state = load_checkpoint(path, trainer.model)
     metrics = {"checkpoint": path, "step": state["step"], **trainer.evaluate()}
@@ -110,7 +103,7 @@ def cmd_plan(args) -> int:
     except ImportError:
         raise UserError("lsp plan needs lsp.parallel.costmodel, which this installation does not have") from None
     from lsp.train.config import load_config
-    cfg = load_config(args.config, _split_overrides(args.overrides))
+    cfg = load_config(args.config, args.overrides)
     print(plan(cfg))
     return 0
 

@@ -221,12 +221,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                           f"(parallel.sp={p.sp}, layout={p.layout})")
     if d.kind == "mqar":
         q = d.mqar
-        if 2 * q.num_kv_pairs + 2 * q.num_queries > d.seq_len:
-            raise ConfigError("data.mqar.num_queries", f"{q.num_kv_pairs} pairs + {q.num_queries} queries need "
-                              f"{2 * q.num_kv_pairs + 2 * q.num_queries} tokens > data.seq_len={d.seq_len}")
         if q.num_kv_pairs > q.num_keys:
             raise ConfigError("data.mqar.num_kv_pairs", f"{q.num_kv_pairs} > data.mqar.num_keys={q.num_keys} "
                               "(keys must be distinct)")
+        if 2 * q.num_kv_pairs + 2 * q.num_queries > d.seq_len:
+            raise ConfigError("data.mqar.num_queries", f"{q.num_kv_pairs} pairs + {q.num_queries} queries need "
+                              f"{2 * q.num_kv_pairs + 2 * q.num_queries} tokens > data.seq_len={d.seq_len}")
         if q.num_queries > q.num_kv_pairs:
             raise ConfigError("data.mqar.num_queries", f"{q.num_queries} > data.mqar.num_kv_pairs")
     else:
