@@ -52,12 +52,53 @@ def _state_ptrs(S, rh, c, NC, K, V, k0, v0, BK: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
+def _rows(x, EXPAND: tl.constexpr):
+    # x[:, None] when EXPAND (a vector that scales rows: a per-key [BK] of a [BK, BV] state, a per-token [BT] of a
+    # [BT, BK] tile), else x unchanged (a scalar, or a tile that already has the full shape)
+    if EXPAND:
+        return x[:, None]
+    else:
+        return x
+
+
+@triton.jit
 def _decay_to(G, G_end, KEY: tl.constexpr):
     # exp(G_end - G) per row: G [BT, BK] or [BT]; G_end [BK] or scalar -> [BT, BK] or [BT, 1]
     if KEY:
         return tl.exp(G_end[None, :] - G)
     else:
-        return tl.exp(G_end - G)[:, None]
+        return _rows(tl.exp(G_end - G), True)
+
+
+@triton.jit
+def _chunk_decays(G, r, t0, hh, Tp, H, Kg, K, k0, C: tl.constexpr, BKs: tl.constexpr, KEY: tl.constexpr):
+    # -> G_c: [C, BKs] (per key) or [C]; G_last (the chunk's total log-decay): [BKs] or a scalar
+    if KEY:
+        kk = k0 + tl.arange(0, BKs)
+        G_c = _load_tile(G, r, t0, hh, Tp, H, Kg, C, BKs, k0)
+        G_last = tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H * Kg + hh * Kg + kk, mask=kk < K, other=0.0)
+    else:
+        G_c = _load_g(G, r, t0, hh, Tp, H, Kg, C, BKs, False)
+        G_last = tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H + hh)
+    return G_c, G_last
+
+
+@triton.jit
+def _state_or(S, n, hh, H, K, V, k0, v0, current, BKs: tl.constexpr, BVs: tl.constexpr, HAS_S: tl.constexpr):
+    # the [BKs, BVs] block of S[n] (or zeros without S) where n >= 0, else current
+    if HAS_S:
+        sp, sm = _state_ptrs(S, tl.maximum(n, 0) * H + hh, 0, 1, K, V, k0, v0, BKs, BVs)
+        return tl.where(n >= 0, tl.load(sp, mask=sm, other=0.0).to(tl.float32), current)
+    else:
+        return tl.where(n >= 0, 0.0, current)
+
+
+@triton.jit
+def _store_state_if(S, n, hh, H, K, V, k0, v0, value, BKs: tl.constexpr, BVs: tl.constexpr):
+    # S[n] block = value when n >= 0
+    sp, sm = _state_ptrs(S, tl.maximum(n, 0) * H + hh, 0, 1, K, V, k0, v0, BKs, BVs)
+    kk = k0 + tl.arange(0, BKs)
+    tl.store(sp, value, mask=sm & (kk < tl.where(n >= 0, K, 0))[:, None])
 
 
 @triton.jit
@@ -68,33 +109,17 @@ def _fwd_state_kernel(k, v, G, h, init, final, reset, end, Tp, H, K, V, NC, Kg,
     rh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r, hh = rh // H, rh % H
     k0, v0 = kb * BKs, vb * BVs
-    kk = k0 + tl.arange(0, BKs)
     state = tl.zeros([BKs, BVs], dtype=tl.float32)
     for c in range(NC):
-        n_reset = tl.load(reset + r * NC + c)
-        if HAS_INIT:
-            ip, im = _state_ptrs(init, tl.maximum(n_reset, 0) * H + hh, 0, 1, K, V, k0, v0, BKs, BVs)
-            state = tl.where(n_reset >= 0, tl.load(ip, mask=im, other=0.0).to(tl.float32), state)
-        else:
-            state = tl.where(n_reset >= 0, 0.0, state)
+        state = _state_or(init, tl.load(reset + r * NC + c), hh, H, K, V, k0, v0, state, BKs, BVs, HAS_INIT)
         hp, hm = _state_ptrs(h, rh, c, NC, K, V, k0, v0, BKs, BVs)
         tl.store(hp, state, mask=hm)
-        t0 = c * C
-        k_c = _load_tile(k, r, t0, hh, Tp, H, K, C, BKs, k0)
-        v_c = _load_tile(v, r, t0, hh, Tp, H, V, C, BVs, v0)
-        if KEY:
-            G_c = _load_tile(G, r, t0, hh, Tp, H, Kg, C, BKs, k0)
-            G_last = tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H * Kg + hh * Kg + kk, mask=kk < K, other=0.0)
-            state = state * tl.exp(G_last)[:, None]
-        else:
-            G_c = _load_g(G, r, t0, hh, Tp, H, Kg, C, BKs, False)
-            G_last = tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H + hh)
-            state = state * tl.exp(G_last)
-        k_dec = k_c * _decay_to(G_c, G_last, KEY)
-        state += tl.dot(tl.trans(k_dec), v_c, input_precision=PREC)
-        n_end = tl.load(end + r * NC + c)
-        fp, fm = _state_ptrs(final, tl.maximum(n_end, 0) * H + hh, 0, 1, K, V, k0, v0, BKs, BVs)
-        tl.store(fp, state, mask=fm & (kk < tl.where(n_end >= 0, K, 0))[:, None])
+        k_c = _load_tile(k, r, c * C, hh, Tp, H, K, C, BKs, k0)
+        v_c = _load_tile(v, r, c * C, hh, Tp, H, V, C, BVs, v0)
+        G_c, G_last = _chunk_decays(G, r, c * C, hh, Tp, H, Kg, K, k0, C, BKs, KEY)
+        state = state * _rows(tl.exp(G_last), KEY) + tl.dot(
+            tl.trans(k_c * _decay_to(G_c, G_last, KEY)), v_c, input_precision=PREC)
+        _store_state_if(final, tl.load(end + r * NC + c), hh, H, K, V, k0, v0, state, BKs, BVs)
 
 
 @triton.jit
@@ -106,35 +131,18 @@ def _bwd_state_kernel(q, do, G, dhn, dfinal, dinit, reset, end, scale, Tp, H, K,
     rh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r, hh = rh // H, rh % H
     k0, v0 = kb * BKs, vb * BVs
-    kk = k0 + tl.arange(0, BKs)
     dstate = tl.zeros([BKs, BVs], dtype=tl.float32)
     for i in range(NC):
         c = NC - 1 - i
-        n_end = tl.load(end + r * NC + c)
-        if HAS_DFINAL:
-            fp, fm = _state_ptrs(dfinal, tl.maximum(n_end, 0) * H + hh, 0, 1, K, V, k0, v0, BKs, BVs)
-            dstate = tl.where(n_end >= 0, tl.load(fp, mask=fm, other=0.0).to(tl.float32), dstate)
-        else:
-            dstate = tl.where(n_end >= 0, 0.0, dstate)
+        dstate = _state_or(dfinal, tl.load(end + r * NC + c), hh, H, K, V, k0, v0, dstate, BKs, BVs, HAS_DFINAL)
         hp, hm = _state_ptrs(dhn, rh, c, NC, K, V, k0, v0, BKs, BVs)
         tl.store(hp, dstate, mask=hm)
-        t0 = c * C
-        q_c = _load_tile(q, r, t0, hh, Tp, H, K, C, BKs, k0)
-        do_c = _load_tile(do, r, t0, hh, Tp, H, V, C, BVs, v0)
-        if KEY:
-            G_c = _load_tile(G, r, t0, hh, Tp, H, Kg, C, BKs, k0)
-            G_last = tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H * Kg + hh * Kg + kk, mask=kk < K, other=0.0)
-            dstate = dstate * tl.exp(G_last)[:, None]
-            q_dec = q_c * tl.exp(G_c)
-        else:
-            G_c = _load_g(G, r, t0, hh, Tp, H, Kg, C, BKs, False)
-            G_last = tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H + hh)
-            dstate = dstate * tl.exp(G_last)
-            q_dec = q_c * tl.exp(G_c)[:, None]
-        dstate += scale * tl.dot(tl.trans(q_dec), do_c, input_precision=PREC)
-        n_reset = tl.load(reset + r * NC + c)
-        ip, im = _state_ptrs(dinit, tl.maximum(n_reset, 0) * H + hh, 0, 1, K, V, k0, v0, BKs, BVs)
-        tl.store(ip, dstate, mask=im & (kk < tl.where(n_reset >= 0, K, 0))[:, None])
+        q_c = _load_tile(q, r, c * C, hh, Tp, H, K, C, BKs, k0)
+        do_c = _load_tile(do, r, c * C, hh, Tp, H, V, C, BVs, v0)
+        G_c, G_last = _chunk_decays(G, r, c * C, hh, Tp, H, Kg, K, k0, C, BKs, KEY)
+        q_dec = q_c * _rows(tl.exp(G_c), not KEY)
+        dstate = dstate * _rows(tl.exp(G_last), KEY) + scale * tl.dot(tl.trans(q_dec), do_c, input_precision=PREC)
+        _store_state_if(dinit, tl.load(reset + r * NC + c), hh, H, K, V, k0, v0, dstate, BKs, BVs)
 
 
 @triton.jit
@@ -175,12 +183,10 @@ def _out_kernel(q, k, v, G, h, o, scale, Tp, H, K, V, NC, Kg,
     G_i = _load_g(G, r, t0, hh, Tp, H, Kg, BT, BK, KEY)
     hp, hm = _state_ptrs(h, rh, c, NC, K, V, 0, 0, BK, BV)
     h_c = tl.load(hp, mask=hm, other=0.0)
+    acc = tl.dot(q_i * _rows(tl.exp(G_i), not KEY), h_c, input_precision=PREC)
     if KEY:
-        acc = tl.dot(q_i * tl.exp(G_i), h_c, input_precision=PREC)
         G_s = tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], G_i, 0.0), 0)
         q_s = q_i * tl.exp(G_i - G_s[None, :])
-    else:
-        acc = tl.dot(q_i * tl.exp(G_i)[:, None], h_c, input_precision=PREC)
     for jb in range(0, ib):
         tj = c * C + jb * BT
         k_j = _load_tile(k, r, tj, hh, Tp, H, K, BT, BK)
@@ -236,12 +242,11 @@ def _dq_kernel(k, v, G, h, do, dq, scale, Tp, H, K, V, NC, Kg,
     a = tl.dot(do_i, tl.trans(v_i), input_precision=PREC)
     if KEY:
         diag = tl.sum(a[:, :, None] * k_i[None, :, :] * _diag_decay3(G_i, G_i, BT), 1)
-        res = acc * tl.exp(G_i - G_s[None, :]) + diag + inter * tl.exp(G_i)
+        acc = acc * tl.exp(G_i - G_s[None, :]) + diag
     else:
         acc += tl.dot(a * _causal_decay(G_i, G_i, BT), k_i, input_precision=PREC)
-        res = acc + inter * tl.exp(G_i)[:, None]
     dp, dm = _tile_ptrs(dq, r, t0, hh, Tp, H, K, BT, BK)
-    tl.store(dp, scale * res, mask=dm)
+    tl.store(dp, scale * (acc + inter * _rows(tl.exp(G_i), not KEY)), mask=dm)
 
 
 @triton.jit
@@ -270,10 +275,9 @@ def _dkdv_kernel(q, k, v, G, dhn, do, dk, dv, scale, Tp, H, K, V, NC, Kg,
         G_C = tl.sum(tl.where(last[:, None], G_C, 0.0), 0)
         G_e = tl.sum(tl.where(last[:, None], G_j, 0.0), 0)
         k_e = k_j * tl.exp(G_e[None, :] - G_j)
-        dec_C = tl.exp(G_C[None, :] - G_j)
     else:
         G_C = tl.sum(tl.where(last, G_C, 0.0), 0)
-        dec_C = tl.exp(G_C - G_j)[:, None]
+    dec_C = _decay_to(G_j, G_C, KEY)
     for ib in range(jb + 1, NS):
         ti = c * C + ib * BT
         q_i = _load_tile(q, r, ti, hh, Tp, H, K, BT, BK)
