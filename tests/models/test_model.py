@@ -82,3 +82,14 @@ def test_input_errors(tiny_cfg):
         model(torch.zeros(8, dtype=torch.long))
     with pytest.raises(ValueError, match="labels"):
         model(torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 7, dtype=torch.long))
+
+
+def test_bf16_autocast_close_to_fp32(tiny_cfg):
+    model = HybridLM(tiny_cfg(layer_pattern="LS"))
+    ids = torch.randint(0, 128, (2, 64))
+    ref = model(ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and abs(out.loss.item() - ref.item()) < 1e-2
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -94,3 +94,10 @@ def test_gloo_two_ranks_sum_of_grads_equals_single_device():
         assert_same(per_rank[0][0], summed, ref_loss, ref_grads)
         # negative control: one rank's gradient alone is not the full gradient
         assert not torch.allclose(per_rank[0][1]["embed.weight"], ref_grads["embed.weight"])
+
+
+def test_unsharded_input_is_rejected():
+    model = HybridLM(HybridConfig(**CFG))
+    ids, labels = make_batch(1, 64)
+    with pytest.raises(ValueError, match="input_ids batch"):
+        model(ids, labels=labels, sp=SPContext(emulate=2))
