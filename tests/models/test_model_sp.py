@@ -19,46 +19,36 @@ def assert_same(loss, grads, ref_loss, ref_grads, tol=1e-10):
         torch.testing.assert_close(grads[n], g, rtol=1e-8, atol=tol, msg=lambda m: f"{n}: {m}")
 
 
+def check_emulated(W, layout, B=2, cu_seqlens=None, **overrides):
+    """sp=None vs SPContext(emulate=W, layout): same loss and parameter gradients (fp64). Returns model, sp."""
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig(**{**CFG, **overrides})).double()
+    ids, labels = make_batch(B, 64)
+    ref = loss_and_grads(model, ids, labels, cu_seqlens=cu_seqlens)
+    sp = SPContext(emulate=W, layout=layout)
+    assert_same(*loss_and_grads(model, sp.shard(ids, 1), sp.shard(labels, 1), sp=sp, cu_seqlens=cu_seqlens), *ref)
+    return model, sp, ids
+
+
 @pytest.mark.parametrize("method", ["allgather", "allscan", "ring"])
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("W", [2, 4])
 def test_emulated_sp_equals_single_device(W, layout, method):
-    torch.manual_seed(0)
-    model = HybridLM(HybridConfig(**CFG, sp_method=method)).double()
-    ids, labels = make_batch(2, 64)
-    ref = loss_and_grads(model, ids, labels)
-    sp = SPContext(emulate=W, layout=layout)
-    got = loss_and_grads(model, sp.shard(ids, 1), sp.shard(labels, 1), sp=sp)
-    assert_same(*got, *ref)
+    check_emulated(W, layout, sp_method=method)
 
 
 @pytest.mark.parametrize("kind", ["linear", "lightning", "simple_gla"])
 def test_emulated_sp_other_linear_variants(kind):
-    torch.manual_seed(0)
-    model = HybridLM(HybridConfig(**{**CFG, "linear_attn": kind})).double()
-    ids, labels = make_batch(2, 64)
-    ref = loss_and_grads(model, ids, labels)
-    sp = SPContext(emulate=2, layout="zigzag")
-    assert_same(*loss_and_grads(model, sp.shard(ids, 1), sp.shard(labels, 1), sp=sp), *ref)
+    check_emulated(2, "zigzag", linear_attn=kind)
 
 
 def test_emulated_sp_with_activation_checkpointing():
-    torch.manual_seed(0)
-    model = HybridLM(HybridConfig(**CFG, activation_checkpointing=True)).double()
-    ids, labels = make_batch(2, 64)
-    ref = loss_and_grads(model, ids, labels)
-    sp = SPContext(emulate=4, layout="zigzag")
-    assert_same(*loss_and_grads(model, sp.shard(ids, 1), sp.shard(labels, 1), sp=sp), *ref)
+    check_emulated(4, "zigzag", activation_checkpointing=True)
 
 
 def test_emulated_sp_packed_documents_and_logits():
-    torch.manual_seed(0)
-    model = HybridLM(HybridConfig(**CFG)).double()
-    ids, labels = make_batch(1, 64)
     cu = torch.tensor([0, 13, 40, 64], dtype=torch.int32)  # boundaries inside rank segments
-    ref = loss_and_grads(model, ids, labels, cu_seqlens=cu)
-    sp = SPContext(emulate=2, layout="zigzag")
-    assert_same(*loss_and_grads(model, sp.shard(ids, 1), sp.shard(labels, 1), sp=sp, cu_seqlens=cu), *ref)
+    model, sp, ids = check_emulated(2, "zigzag", B=1, cu_seqlens=cu)
     with torch.no_grad():
         full = model(ids, cu_seqlens=cu).logits
         local = model(sp.shard(ids, 1), sp=sp, cu_seqlens=cu).logits
