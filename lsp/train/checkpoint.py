@@ -16,6 +16,7 @@ FSDP sharding) loads at another.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -29,7 +30,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")   # DCP in one process is intended
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -40,6 +40,14 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns when used without a process group; a single-process run is intended, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def step_dir(root: str, step: int) -> str:
@@ -108,7 +116,8 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[
         deepspeed_engine.save_checkpoint(tmp, tag="deepspeed")
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        with _quiet_single_process():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(rng_state(), os.path.join(tmp, f"rng_{_rank()}.pt"))
     if _rank() == 0:
         torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
@@ -116,15 +125,20 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[
             f.write(config_yaml)
     _barrier()
     if _rank() == 0:
-        os.rename(tmp, final)
+        _publish(tmp, final)
         _write_text_atomic(os.path.join(root, "latest"), os.path.basename(final) + "\n")
         _prune(root, keep)
     _barrier()
     return final
 
 
+def _publish(tmp: str, final: str) -> None:
+    os.rename(tmp, final)   # atomic: readers see either no step_N or a complete one
+
+
 def _prune(root: str, keep: int) -> None:
-    steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := STEP_DIR.match(name)))
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(root)
+                   if (m := STEP_DIR.match(name)) and is_complete(os.path.join(root, name)))
     for _, name in steps[:-keep]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
@@ -135,12 +149,14 @@ def load_checkpoint(path: str, model, optimizer=None, deepspeed_engine=None) -> 
         deepspeed_engine.load_checkpoint(path, tag="deepspeed")
     elif optimizer is None:
         model_sd = get_state_dict(model, [])[0]
-        dcp.load({"model": model_sd}, checkpoint_id=path)
+        with _quiet_single_process():
+            dcp.load({"model": model_sd}, checkpoint_id=path)
         set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path)
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = os.path.join(path, f"rng_{_rank()}.pt")
     if os.path.isfile(rng_file):   # absent when resuming at a larger world size: keep the seeded state
