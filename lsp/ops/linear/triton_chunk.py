@@ -158,13 +158,14 @@ class TritonLinearAttention(torch.autograd.Function):
                 final[n] = init[n]
         ctx.save_for_backward(q, k, qp, kp, vp, G, h, final, *tables)
         g_meta = None if g4 is None else (g4.shape, g4.dtype)
-        ctx.meta = (layout, bounds, scale, n_states, g_meta, initial_state is not None)
+        init_dtype = None if initial_state is None else initial_state.dtype
+        ctx.meta = (layout, bounds, scale, n_states, g_meta, init_dtype)
         return layout.unpad(o), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, qp, kp, vp, G, h, final, reset, end = ctx.saved_tensors
-        layout, bounds, scale, n_states, g_meta, has_init = ctx.meta
+        layout, bounds, scale, n_states, g_meta, init_dtype = ctx.meta
         B, T, H, K = q.shape
         if do is None:
             do = torch.zeros(B, T, H, vp.shape[-1], dtype=vp.dtype, device=vp.device)
@@ -178,7 +179,7 @@ class TritonLinearAttention(torch.autograd.Function):
         dg = None
         if g_meta is not None and ctx.needs_input_grad[3]:
             dg = _decay_grad(q, k, dq, dk, final, dfinal, *g_meta, bounds, B, T)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(vp.dtype), dg, dinit if has_init else None, None, None)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(vp.dtype), dg, None if init_dtype is None else dinit.to(init_dtype), None, None)
 
 
 def triton_linear_attention(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):

@@ -167,6 +167,13 @@ def _diag_decay3(G_i, G_j, BT: tl.constexpr):
 
 
 @triton.jit
+def _sub_block(H, C: tl.constexpr, BT: tl.constexpr):
+    # grid (NC * C // BT, R * H) -> row r, head hh, r * H + hh, chunk c, sub-block b in the chunk, first token t0
+    blk, rh = tl.program_id(0), tl.program_id(1)
+    return rh // H, rh % H, rh, blk // (C // BT), blk % (C // BT), blk * BT
+
+
+@triton.jit
 def _out_kernel(q, k, v, G, h, o, scale, Tp, H, K, V, NC, Kg,
                 C: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 KEY: tl.constexpr, PREC: tl.constexpr):
@@ -174,11 +181,7 @@ def _out_kernel(q, k, v, G, h, o, scale, Tp, H, K, V, NC, Kg,
     #   o_i = scale [ Σ_{j<=i} (q_i ⊙ exp(G_i - G_j)) · k_j v_j + (q_i ⊙ exp(G_i)) h_c ]
     # per-key, off-diagonal sub-blocks (j < s <= i, s = first row of the query block):
     #   exp(G_i - G_j) = exp(G_i - G_s) exp(G_s - G_j), both factors <= 1
-    blk, rh = tl.program_id(0), tl.program_id(1)
-    r, hh = rh // H, rh % H
-    NS: tl.constexpr = C // BT
-    c, ib = blk // NS, blk % NS
-    t0 = blk * BT
+    r, hh, rh, c, ib, t0 = _sub_block(H, C, BT)
     q_i = _load_tile(q, r, t0, hh, Tp, H, K, BT, BK)
     G_i = _load_g(G, r, t0, hh, Tp, H, Kg, BT, BK, KEY)
     hp, hm = _state_ptrs(h, rh, c, NC, K, V, 0, 0, BK, BV)
@@ -214,11 +217,7 @@ def _dq_kernel(k, v, G, h, do, dq, scale, Tp, H, K, V, NC, Kg,
                KEY: tl.constexpr, PREC: tl.constexpr):
     # grid (NC * C // BT, R * H); with A_ij = dO_i · v_j (j <= i):
     #   dq_i = scale [ Σ_j A_ij k_j ⊙ exp(G_i - G_j) + exp(G_i) ⊙ (h_c dO_i) ]
-    blk, rh = tl.program_id(0), tl.program_id(1)
-    r, hh = rh // H, rh % H
-    NS: tl.constexpr = C // BT
-    c, ib = blk // NS, blk % NS
-    t0 = blk * BT
+    r, hh, rh, c, ib, t0 = _sub_block(H, C, BT)
     do_i = _load_tile(do, r, t0, hh, Tp, H, V, BT, BV)
     G_i = _load_g(G, r, t0, hh, Tp, H, Kg, BT, BK, KEY)
     hp, hm = _state_ptrs(h, rh, c, NC, K, V, 0, 0, BK, BV)
@@ -257,11 +256,7 @@ def _dkdv_kernel(q, k, v, G, dhn, do, dk, dv, scale, Tp, H, K, V, NC, Kg,
     #   dk_j = scale Σ_i (dO_i · v_j) q_i ⊙ exp(G_i - G_j) + exp(G_C - G_j) ⊙ (dhn_c v_j)
     #   dv_j = scale Σ_i P_ij dO_i + (k_j ⊙ exp(G_C - G_j)) dhn_c
     # per-key, off-diagonal (j <= e < i, e = last row of the key block): exp(G_i - G_j) = exp(G_i - G_e) exp(G_e - G_j)
-    blk, rh = tl.program_id(0), tl.program_id(1)
-    r, hh = rh // H, rh % H
-    NS: tl.constexpr = C // BT
-    c, jb = blk // NS, blk % NS
-    t0 = blk * BT
+    r, hh, rh, c, jb, t0 = _sub_block(H, C, BT)
     k_j = _load_tile(k, r, t0, hh, Tp, H, K, BT, BK)
     v_j = _load_tile(v, r, t0, hh, Tp, H, V, BT, BV)
     G_j = _load_g(G, r, t0, hh, Tp, H, Kg, BT, BK, KEY)
@@ -278,7 +273,7 @@ def _dkdv_kernel(q, k, v, G, dhn, do, dk, dv, scale, Tp, H, K, V, NC, Kg,
     else:
         G_C = tl.sum(tl.where(last, G_C, 0.0), 0)
     dec_C = _decay_to(G_j, G_C, KEY)
-    for ib in range(jb + 1, NS):
+    for ib in range(jb + 1, C // BT):
         ti = c * C + ib * BT
         q_i = _load_tile(q, r, ti, hh, Tp, H, K, BT, BK)
         do_i = _load_tile(do, r, ti, hh, Tp, H, V, BT, BV)
