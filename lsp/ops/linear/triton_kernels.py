@@ -52,13 +52,21 @@ def _state_ptrs(S, rh, c, NC, K, V, k0, v0, BK: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
-def _rows(x, EXPAND: tl.constexpr):
-    # x[:, None] when EXPAND (a vector that scales rows: a per-key [BK] of a [BK, BV] state, a per-token [BT] of a
-    # [BT, BK] tile), else x unchanged (a scalar, or a tile that already has the full shape)
-    if EXPAND:
+def _state_rows(x, KEY: tl.constexpr):
+    # a chunk decay that scales a [BK, BV] state: per key [BK] -> [BK, 1]; a scalar stays a scalar
+    if KEY:
         return x[:, None]
     else:
         return x
+
+
+@triton.jit
+def _tile_rows(x, KEY: tl.constexpr):
+    # a decay that scales a [BT, BK] tile: per key it already is [BT, BK]; per token [BT] -> [BT, 1]
+    if KEY:
+        return x
+    else:
+        return x[:, None]
 
 
 @triton.jit
@@ -67,7 +75,7 @@ def _decay_to(G, G_end, KEY: tl.constexpr):
     if KEY:
         return tl.exp(G_end[None, :] - G)
     else:
-        return _rows(tl.exp(G_end - G), True)
+        return _tile_rows(tl.exp(G_end - G), False)
 
 
 @triton.jit
@@ -117,7 +125,7 @@ def _fwd_state_kernel(k, v, G, h, init, final, reset, end, Tp, H, K, V, NC, Kg,
         k_c = _load_tile(k, r, c * C, hh, Tp, H, K, C, BKs, k0)
         v_c = _load_tile(v, r, c * C, hh, Tp, H, V, C, BVs, v0)
         G_c, G_last = _chunk_decays(G, r, c * C, hh, Tp, H, Kg, K, k0, C, BKs, KEY)
-        state = state * _rows(tl.exp(G_last), KEY) + tl.dot(
+        state = state * _state_rows(tl.exp(G_last), KEY) + tl.dot(
             tl.trans(k_c * _decay_to(G_c, G_last, KEY)), v_c, input_precision=PREC)
         _store_state_if(final, tl.load(end + r * NC + c), hh, H, K, V, k0, v0, state, BKs, BVs)
 
@@ -140,8 +148,8 @@ def _bwd_state_kernel(q, do, G, dhn, dfinal, dinit, reset, end, scale, Tp, H, K,
         q_c = _load_tile(q, r, c * C, hh, Tp, H, K, C, BKs, k0)
         do_c = _load_tile(do, r, c * C, hh, Tp, H, V, C, BVs, v0)
         G_c, G_last = _chunk_decays(G, r, c * C, hh, Tp, H, Kg, K, k0, C, BKs, KEY)
-        q_dec = q_c * _rows(tl.exp(G_c), not KEY)
-        dstate = dstate * _rows(tl.exp(G_last), KEY) + scale * tl.dot(tl.trans(q_dec), do_c, input_precision=PREC)
+        q_dec = q_c * _tile_rows(tl.exp(G_c), KEY)
+        dstate = dstate * _state_rows(tl.exp(G_last), KEY) + scale * tl.dot(tl.trans(q_dec), do_c, input_precision=PREC)
         _store_state_if(dinit, tl.load(reset + r * NC + c), hh, H, K, V, k0, v0, dstate, BKs, BVs)
 
 
@@ -186,7 +194,7 @@ def _out_kernel(q, k, v, G, h, o, scale, Tp, H, K, V, NC, Kg,
     G_i = _load_g(G, r, t0, hh, Tp, H, Kg, BT, BK, KEY)
     hp, hm = _state_ptrs(h, rh, c, NC, K, V, 0, 0, BK, BV)
     h_c = tl.load(hp, mask=hm, other=0.0)
-    acc = tl.dot(q_i * _rows(tl.exp(G_i), not KEY), h_c, input_precision=PREC)
+    acc = tl.dot(q_i * _tile_rows(tl.exp(G_i), KEY), h_c, input_precision=PREC)
     if KEY:
         G_s = tl.sum(tl.where((tl.arange(0, BT) == 0)[:, None], G_i, 0.0), 0)
         q_s = q_i * tl.exp(G_i - G_s[None, :])
@@ -245,7 +253,7 @@ def _dq_kernel(k, v, G, h, do, dq, scale, Tp, H, K, V, NC, Kg,
     else:
         acc += tl.dot(a * _causal_decay(G_i, G_i, BT), k_i, input_precision=PREC)
     dp, dm = _tile_ptrs(dq, r, t0, hh, Tp, H, K, BT, BK)
-    tl.store(dp, scale * (acc + inter * _rows(tl.exp(G_i), not KEY)), mask=dm)
+    tl.store(dp, scale * (acc + inter * _tile_rows(tl.exp(G_i), KEY)), mask=dm)
 
 
 @triton.jit
