@@ -53,8 +53,12 @@ def spawn(fn, world_size: int, *args, timeout_s: float = 120.0, threads: int = 1
             if p.is_alive():
                 p.kill()
         out = dict(results)
-    for r in range(world_size):
-        status, value = out.get(r, ("error", "process died without a result (killed or timed out)"))
-        if status != "ok":
-            raise RuntimeError(f"rank {r} of {world_size} failed: {value}")
+    failed = {r: out.get(r, ("error", "process died without a result (killed or timed out)"))[1]
+              for r in range(world_size) if out.get(r, ("error",))[0] != "ok"}
+    if failed:
+        # the root cause first: peers of a crashed rank only report a closed connection or a timeout
+        secondary = ("Connection closed by peer", "Timed out", "died without a result")
+        r = min(failed, key=lambda r: (any(s in failed[r] for s in secondary), r))
+        others = ", ".join(str(o) for o in failed if o != r)
+        raise RuntimeError(f"rank {r} of {world_size} failed: {failed[r]}" + (f"\n(also failed: ranks {others})" if others else ""))
     return [out[r][1] for r in range(world_size)]

@@ -175,6 +175,9 @@ def sp_linear_attention(q, k, v, g=None, *, sp, method="allgather", scale=None, 
         final = _packed_finals(piece_states, E, cum_g, sp, plan, cu_seqlens.numel() - 1)
     else:
         final = _last_segment_final(S, a, E, sp, R, L, B)
+    # make final depend on E on every rank, so that every rank's backward runs the final-state all_reduce before
+    # the exchange's collectives (ranks not owning a final would otherwise order them differently and deadlock)
+    final = final + 0.0 * E.sum()
     final = ReplicateSum.apply(final.contiguous(), sp.comm, "final_state")
     return o, (final[0] if not sp.emulated else final.reshape(-1, *final.shape[2:]))
 

@@ -62,7 +62,8 @@ def run_sp(c, sp: SPContext, method: str, scan_blocks: int = 3):
     fr = f.reshape(sp.rows, *c["wf"].shape)
     loss = (o * sp.shard(c["wo"])).sum() + (fr * c["wf"]).sum() / W
     loss.backward()
-    grads = {n: t.grad for n, t in x.items()}
+    # a rank that holds no first token of a sequence gets no initial_state gradient (None): count it as zero
+    grads = {n: (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in x.items()}
     if not sp.emulated:
         for t in grads.values():
             dist.all_reduce(t)

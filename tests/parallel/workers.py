@@ -1,0 +1,51 @@
+"""Functions run on real gloo ranks by tests/parallel/test_sp_gloo.py (module level so spawn can import them)."""
+from __future__ import annotations
+
+import torch
+
+from lsp.parallel import SPContext, comm_stats, reset_comm_stats
+
+from .cases import (FORMS, METHODS, make_case, make_softmax_case, max_rel_err, reference, run_sp, run_sp_softmax,
+                    softmax_reference)
+
+
+def linear_subset(rank, world_size):
+    """A representative subset on real ranks; returns the worst error per case and the allgather byte count."""
+    errors = {}
+    for layout in ("contiguous", "zigzag"):
+        sp = SPContext(layout=layout)
+        for form, varlen in (("none", False), ("head", True), ("scalar", False), ("key", True)):
+            case = make_case(world_size, form, varlen)
+            ref = reference(case)
+            for method in METHODS:
+                err = max_rel_err(run_sp(case, sp, method), ref)
+                errors[(layout, form, varlen, method)] = max(err.values())
+    case = make_case(world_size, "scalar", False, dtype=torch.float32)
+    err32 = max(max_rel_err(run_sp(case, SPContext(layout="zigzag"), "allscan"), reference(case)).values())
+    reset_comm_stats()
+    run_sp(make_case(world_size, "scalar", False, dtype=torch.float32), SPContext(layout="contiguous"), "allgather")
+    stats = comm_stats()["by_tag_op"]
+    return {"errors": errors, "err32": err32, "allgather_recv": stats["allgather/all_gather"]["bytes_recv"]}
+
+
+def softmax_subset(rank, world_size):
+    errors = {}
+    for layout in ("contiguous", "zigzag"):
+        for varlen in (False, True):
+            case = make_softmax_case(world_size, varlen)
+            errors[(layout, varlen)] = max(max_rel_err(run_sp_softmax(case, SPContext(layout=layout)),
+                                                       softmax_reference(case)).values())
+    return errors
+
+
+def both(rank, world_size):
+    return linear_subset(rank, world_size), softmax_subset(rank, world_size)
+
+
+def fail_on_rank_one(rank, world_size):
+    if rank == 1:
+        raise ValueError("boom from rank one")
+    return rank
+
+
+__all__ = ["linear_subset", "softmax_subset", "both", "fail_on_rank_one", "FORMS"]
