@@ -227,8 +227,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if 2 * q.num_kv_pairs + 2 * q.num_queries > d.seq_len:
             raise ConfigError("data.mqar.num_queries", f"{q.num_kv_pairs} pairs + {q.num_queries} queries need "
                               f"{2 * q.num_kv_pairs + 2 * q.num_queries} tokens > data.seq_len={d.seq_len}")
-        if q.num_queries > q.num_kv_pairs:
-            raise ConfigError("data.mqar.num_queries", f"{q.num_queries} > data.mqar.num_kv_pairs")
     else:
         if not d.files:
             raise ConfigError("data.files", "data.kind=files needs at least one file")

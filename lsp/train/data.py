@@ -33,7 +33,8 @@ class MQAR:
 
     Token ids: 0 = filler, keys in [1, 1 + num_keys), values in [1 + num_keys, 1 + num_keys + num_values).
     A sequence of length T is `k_1 v_1 ... k_P v_P` (P distinct keys, random values) followed by filler in which Q of
-    the keys are asked again at random even offsets, each followed by its value:  `... 0 0 k_j v_j 0 ...`.
+    the keys are asked again at random even offsets, each followed by its value:  `... 0 0 k_j v_j 0 ...` (without
+    repetition when Q <= P; more queries than pairs ask some keys repeatedly, for more recall targets per sequence).
     labels[t] = v_j exactly at the position t of a queried k_j (the model must predict the value it saw bound to
     that key), everything else is IGNORE_INDEX, so the loss and the accuracy are measured on recall only.
     """
@@ -53,7 +54,8 @@ class MQAR:
         tokens[0:2 * q.num_kv_pairs:2], tokens[1:2 * q.num_kv_pairs:2] = keys, values
         slots = (T - 2 * q.num_kv_pairs) // 2          # disjoint (key, value) slots after the context
         starts = 2 * q.num_kv_pairs + 2 * np.sort(rng.choice(slots, size=q.num_queries, replace=False))
-        asked = rng.choice(q.num_kv_pairs, size=q.num_queries, replace=False)
+        # each key is asked at most once while there are enough keys; beyond that, keys repeat
+        asked = rng.choice(q.num_kv_pairs, size=q.num_queries, replace=q.num_queries > q.num_kv_pairs)
         tokens[starts], tokens[starts + 1] = keys[asked], values[asked]
         labels[starts] = values[asked]
         return tokens, labels
