@@ -1,0 +1,145 @@
+"""Analytic step-time model of sequence-parallel linear attention: LASP-1, LASP-2, ZeCO All-Scan, ring-KV.
+
+One training step (forward + backward) of a pure linear-attention LM on W GPUs, T tokens, batch 1, per GPU:
+
+    compute   = 3 · FLOPs_fwd(T/W) / F                         (backward = 2 × forward)
+    step      = compute + Σ_layers Σ_{fwd, bwd} exposed_comm(method)
+
+with s = H·K·V·state_bytes the state of one layer, β the per-GPU bandwidth, α the per-message latency, F the
+sustained kernel throughput. Per layer and pass (forward, and once more backward):
+
+* LASP-1 (ring): W-1 dependent hops; each hop receives the state, updates it and sends it on, with blocking
+  point-to-point calls on the compute stream, so nothing overlaps: (W-1) · (α + s/β + t_update + γ),
+  t_update = 3·s / HBM bandwidth, γ = the synchronisation / kernel launch a dependent hop costs.
+* LASP-2 (all-gather): one ring all-gather, (W-1)·(α + s/β), overlapped with the local intra-chunk compute of that
+  pass, plus the local prefix over W states (3·W·s bytes of memory traffic at HBM bandwidth).
+* All-Scan (ZeCO): the chain pipelined in n_b blocks along K with only an elementwise update per hop:
+  (W + n_b - 2) · (α + s/(n_b·β)), overlapped with the intra-chunk compute; n_b chosen optimally.
+* ring-KV (ring attention applied to linear layers): W-1 hops of the local K, V activations (2·T_loc·H·K·2 bytes)
+  overlapped with the block products of each hop; exposed (W-1)·max(0, t_hop - t_block).
+
+Defaults describe a 1B Linear-Llama-3 / GLA-1B-like model (16 layers, d = 2048, 16 heads of 128, SwiGLU 8192,
+vocab 128256) on H100s: F = 400 TFLOP/s sustained (bf16), HBM 3 TB/s, α = 10 µs, state in fp32. β = 18 GB/s and
+γ = 60 µs are fitted so that the model reproduces the published ratios (docs/benchmarks_sp.md):
+ZeCO / LASP-2 ≈ 1.6× at 8M tokens on 256 GPUs, LASP-2 / LASP-1 ≈ 1.15× at 2048K tokens on 64 GPUs.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+METHODS = ("lasp1", "lasp2", "allscan", "ringkv")
+LABELS = {"lasp1": "LASP-1 (ring)", "lasp2": "LASP-2 (all-gather)", "allscan": "ZeCO All-Scan",
+          "ringkv": "ring-KV"}
+
+
+@dataclass
+class ModelSpec:
+    hidden_size: int = 2048
+    num_layers: int = 16
+    num_heads: int = 16
+    head_dim: int = 128            # K = V
+    ffn_size: int = 8192
+    vocab_size: int = 128256
+    chunk_size: int = 64
+
+
+@dataclass
+class Hardware:
+    flops: float = 400e12          # sustained kernel throughput F, FLOP/s
+    bandwidth: float = 18e9        # β, bytes/s per GPU for inter-GPU messages (fitted)
+    latency: float = 10e-6         # α, s per message
+    hop_overhead: float = 60e-6    # γ, s per dependent LASP-1 hop (sync + launch, fitted)
+    hbm: float = 3e12              # bytes/s, for the local state combine
+    state_bytes: int = 4           # fp32 states
+    act_bytes: int = 2             # bf16 activations (ring-KV)
+
+
+@dataclass
+class StepTime:
+    method: str
+    compute_s: float
+    comm_exposed_s: float
+    comm_bytes_per_gpu: float
+    total_s: float = field(init=False)
+
+    def __post_init__(self):
+        self.total_s = self.compute_s + self.comm_exposed_s
+
+
+def _flops_fwd_per_token(m: ModelSpec) -> tuple[float, float]:
+    # (all forward FLOPs per token, the intra-chunk attention part that an exchange can hide behind)
+    d, H, K = m.hidden_size, m.num_heads, m.head_dim
+    dense = 2 * (4 * d * d + 3 * d * m.ffn_size)
+    intra = H * 2 * m.chunk_size * 2 * K            # Q Kᵀ and P V inside a chunk
+    inter = H * 2 * 2 * K * K                        # q·S and the state update
+    per_layer = dense + intra + inter
+    return m.num_layers * per_layer + 2 * d * m.vocab_size, intra
+
+
+def step_time(method: str, world_size: int, seq_len: int, m: ModelSpec | None = None,
+              hw: Hardware | None = None) -> StepTime:
+    """Modelled fwd+bwd step time of one method; see the module docstring for the formulas."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    m, hw = m or ModelSpec(), hw or Hardware()
+    W, T_loc = world_size, seq_len / world_size
+    flops_token, intra_token = _flops_fwd_per_token(m)
+    compute = 3 * flops_token * T_loc / hw.flops
+    t_intra = intra_token * T_loc / hw.flops            # per layer and pass: hides an asynchronous exchange
+    H, K = m.num_heads, m.head_dim
+    s = H * K * K * hw.state_bytes
+    if W == 1:
+        return StepTime(method, compute, 0.0, 0.0)
+    if method == "lasp1":
+        t_update = 3 * s / hw.hbm
+        per_pass, bytes_pass = (W - 1) * (hw.latency + s / hw.bandwidth + t_update + hw.hop_overhead), s
+    elif method == "lasp2":
+        gather = (W - 1) * (hw.latency + s / hw.bandwidth)
+        per_pass = max(0.0, gather - t_intra) + 3 * W * s / hw.hbm
+        bytes_pass = (W - 1) * s
+    elif method == "allscan":
+        per_pass = min(max(0.0, (W + nb - 2) * (hw.latency + s / (nb * hw.bandwidth)) - t_intra)
+                       for nb in (1, 2, 4, 8, 16, 32, 64, 128))
+        bytes_pass = s
+    else:
+        kv = 2 * T_loc * H * K * hw.act_bytes
+        block = 2 * 2 * T_loc * H * K * K / hw.flops
+        per_pass = (W - 1) * max(0.0, hw.latency + kv / hw.bandwidth - block)
+        bytes_pass = (W - 1) * kv
+    passes = 2 * m.num_layers
+    return StepTime(method, compute, passes * per_pass, passes * bytes_pass)
+
+
+def plan(world_size: int, seq_len: int, *, model: ModelSpec | None = None, hardware: Hardware | None = None,
+         methods=METHODS) -> list[dict]:
+    """Modelled step time of every method, fastest first: [{method, label, compute_s, comm_exposed_s,
+    comm_bytes_per_gpu, total_s, tokens_per_s, speedup_vs_slowest}].
+
+    `lsp plan` prints this. Example: plan(256, 8 * 2**20) ranks All-Scan first, ~1.6x faster than LASP-2.
+    """
+    if world_size < 1 or seq_len < world_size:
+        raise ValueError(f"need world_size >= 1 and seq_len >= world_size, got {world_size}, {seq_len}")
+    rows = [asdict(step_time(mth, world_size, seq_len, model, hardware)) for mth in methods]
+    slowest = max(r["total_s"] for r in rows)
+    for r in rows:
+        r["label"] = LABELS[r["method"]]
+        r["tokens_per_s"] = seq_len / r["total_s"]
+        r["speedup_vs_slowest"] = slowest / r["total_s"]
+    return sorted(rows, key=lambda r: r["total_s"])
+
+
+def format_plan(rows: list[dict]) -> str:
+    """Markdown table of `plan` rows."""
+    lines = ["| method | step s | compute s | exposed comm s | comm GB/GPU | tokens/s |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['total_s']:.3f} | {r['compute_s']:.3f} | {r['comm_exposed_s']:.3f} | "
+                     f"{r['comm_bytes_per_gpu'] / 1e9:.2f} | {r['tokens_per_s']:.3g} |")
+    return "\n".join(lines)
+
+
+def ratio(slow: str, fast: str, world_size: int, seq_len: int, **kw) -> float:
+    """step_time(slow) / step_time(fast)."""
+    return step_time(slow, world_size, seq_len, **kw).total_s / step_time(fast, world_size, seq_len, **kw).total_s
+
+
+__all__ = ["ModelSpec", "Hardware", "StepTime", "step_time", "plan", "format_plan", "ratio", "METHODS", "LABELS"]
