@@ -51,21 +51,35 @@ def _intra_scores_key(q, k, G, sub: int = SUB_BLOCK):
     R, H, NC, C, K = q.shape
     sub = min(sub, C)
     nb = C // sub
-    qb, kb, Gb = (x.reshape(R, H, NC, nb, sub, K) for x in (q, k, G))
-    # diagonal blocks: exact products with the masked pairwise decay
-    diff = Gb[..., :, None, :] - Gb[..., None, :, :]                       # [.., nb, sub, sub, K]
-    mask = _causal_mask(sub, q.device)[..., None]
-    diag = (qb[..., :, None, :] * kb[..., None, :, :] * torch.where(mask, diff, float("-inf")).exp()).sum(-1)
-    eye = torch.eye(nb, dtype=q.dtype, device=q.device)[:, :, None, None]
-    scores = eye * diag[..., :, None, :, :]                                 # [.., nb_i, nb_j, sub, sub]
-    if nb > 1:
-        G_start = Gb[..., :1, :]                                             # [.., nb, 1, K] block starts
-        q_t = qb * (Gb - G_start).exp()                                      # [.., nb, sub, K]
-        below = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril(-1)[:, :, None, None]
-        expo = G_start[..., :, None, :, :] - Gb[..., None, :, :, :]          # [.., nb_i, nb_j, sub, K]
-        k_t = kb[..., None, :, :, :] * torch.where(below, expo, float("-inf")).exp()
-        scores = scores + q_t[..., :, None, :, :] @ k_t.transpose(-1, -2)  # [.., nb_i, nb_j, sub, sub]
-    return scores.permute(0, 1, 2, 3, 5, 4, 6).reshape(R, H, NC, C, C)
+    diag = _diagonal_blocks(*(x.reshape(R, H, NC, nb, sub, K) for x in (q, k, G)))   # [.., nb, sub, sub]
+    rows = []
+    for i in range(nb):  # query block i: keys of the earlier blocks (factorised about s), then its own block
+        s = i * sub
+        parts = []
+        if i > 0:
+            G_s = G[..., s : s + 1, :]                                                  # [.., 1, K]
+            q_t = q[..., s : s + sub, :] * (G[..., s : s + sub, :] - G_s).exp()        # [.., sub, K]
+            k_t = k[..., :s, :] * (G_s - G[..., :s, :]).exp()                          # [.., s, K]
+            parts.append(q_t @ k_t.transpose(-1, -2))                                   # [.., sub, s]
+        parts.append(diag[..., i, :, :])
+        if s + sub < C:
+            parts.append(q.new_zeros(R, H, NC, sub, C - s - sub))
+        rows.append(torch.cat(parts, dim=-1))
+    return torch.cat(rows, dim=-2)
+
+
+def _diagonal_blocks(qb, kb, Gb):
+    # qb, kb, Gb: [.., nb, sub, K] -> exact causal scores inside each block [.., nb, sub, sub]
+    # One token offset d = i - j at a time: only the causal pairs are formed (no [sub, sub, K] tensor, no mask), and
+    # every exponent G_i - G_j is <= 0.
+    sub = qb.shape[-2]
+    by_offset = [(qb[..., d:, :] * kb[..., : sub - d, :] * (Gb[..., d:, :] - Gb[..., : sub - d, :]).exp()).sum(-1)
+                 for d in range(sub)]                                                   # d: [.., nb, sub - d]
+    # row d of `table` holds offset d at query position i (zero where i < d), so scores[i, j] = table[(i-j) % sub, i]
+    table = torch.stack([torch.nn.functional.pad(x, (d, 0)) for d, x in enumerate(by_offset)], dim=-2)
+    i = torch.arange(sub, device=qb.device)
+    flat = (((i[:, None] - i[None, :]) % sub) * sub + i[:, None]).reshape(-1)
+    return table.flatten(-2).index_select(-1, flat).unflatten(-1, (sub, sub))
 
 
 def _chunk_summaries(k, v, G):
