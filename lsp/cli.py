@@ -4,7 +4,7 @@
     lsp launch [--nproc-per-node N] [--nnodes M] [--node-rank R] [--rdzv-endpoint HOST:PORT] [--max-restarts K]
                CONFIG.yaml [key=value ...]           torchrun ... -m lsp.cli train CONFIG.yaml ...
     lsp eval CHECKPOINT_DIR [key=value ...]          MQAR accuracy / validation loss of a checkpoint
-    lsp plan CONFIG.yaml [key=value ...]             cost-model advice (when lsp.parallel.costmodel exists)
+    lsp plan [--world N] CONFIG.yaml [key=value ...] modelled step time per SP method (lsp.parallel.costmodel)
 
 User errors print one line and exit with code 2 (no traceback).
 """
@@ -97,14 +97,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+PLAN_TO_SP_METHOD = {"lasp1": "ring", "lasp2": "allgather", "allscan": "allscan"}
+
+
 def cmd_plan(args) -> int:
+    """Modelled step time of each SP method for the config's model, sequence length and SP size."""
+    from lsp.train.config import load_config
+    cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
     try:
-        from lsp.parallel.costmodel import plan
+        from lsp.parallel.costmodel import ModelSpec, format_plan, plan
     except ImportError:
         raise UserError("lsp plan needs lsp.parallel.costmodel, which this installation does not have") from None
-    from lsp.train.config import load_config
-    cfg = load_config(args.config, args.overrides)
-    print(plan(cfg))
+    from lsp.models.config import default_intermediate_size
+    m = cfg.model
+    world = args.world or cfg.parallel.sp
+    if world < 1:
+        raise UserError(f"--world must be >= 1, got {world}")
+    spec = ModelSpec(hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                     head_dim=m.hidden_size // m.num_heads, ffn_size=default_intermediate_size(m.hidden_size),
+                     vocab_size=m.vocab_size or 257)
+    rows = plan(world, cfg.data.seq_len, model=spec)
+    print(f"{cfg.name}: seq_len={cfg.data.seq_len}, {world} SP ranks (modelled, see lsp/parallel/costmodel.py)")
+    print(format_plan(rows))
+    best = next((r["method"] for r in rows if r["method"] in PLAN_TO_SP_METHOD), None)
+    if best:
+        print(f"suggested: parallel.sp_method={PLAN_TO_SP_METHOD[best]}")
     return 0
 
 
@@ -130,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plan", help="cost-model advice for a config")
+    p.add_argument("--world", type=int, default=0, help="SP ranks to model (default: parallel.sp)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=cmd_plan)

@@ -163,7 +163,7 @@ def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
     return ConfigError(key, msg)
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, check_files: bool = True) -> Config:
     """YAML file (optional) + `key=value` overrides -> validated `Config` (raises ConfigError)."""
     schema = OmegaConf.structured(Config)
     try:
@@ -187,11 +187,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         raise
     except Exception as err:  # YAML syntax errors and the like
         raise ConfigError("config", str(err).strip().splitlines()[0]) from None
-    validate(cfg)
+    validate(cfg, check_files=check_files)
     return cfg
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = True) -> None:
     """Reject values out of range and impossible combinations, one line naming the key."""
     for key, choices in CHOICES.items():
         if _get(cfg, key) not in choices:
@@ -230,13 +230,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     else:
         if not d.files:
             raise ConfigError("data.files", "data.kind=files needs at least one file")
-        for f in d.files:
+        for f in d.files if check_files else ():
             if not os.path.isfile(f):
                 raise ConfigError("data.files", f"file not found: {f}")
         if cfg.train.micro_batch != 1:
             raise ConfigError("train.micro_batch", "packed files use one sequence per micro-batch (cu_seqlens "
                               "needs B == 1); raise train.grad_accum or data.seq_len instead")
-        if d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
+        if check_files and d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
             raise ConfigError("data.tokenizer", f"'byte' or a tokenizers JSON file; not found: {d.tokenizer}")
     if p.engine == "ddp" and p.zero != 0:
         raise ConfigError("parallel.zero", f"{p.zero} needs parallel.engine=fsdp or deepspeed (ddp is ZeRO-0)")
