@@ -159,6 +159,22 @@ def _kslice(A, blk):
     return A[..., blk, :] if isinstance(A, torch.Tensor) and A.shape[-2] > 1 else A
 
 
+def _relay(comm, blks, recvs, incoming, update, me, send_to, tag, pipelined, pending):
+    """One chain hop, block by block along K: wait for the block of the incoming state (written into `incoming`),
+    compute the outgoing block `update(b)`, send it on at once (isend when pipelined). Returns the outgoing state."""
+    out = torch.empty_like(incoming)
+    for j, b in enumerate(blks):
+        if recvs is not None:
+            work, buf = recvs[j]
+            if work is not None:
+                work.wait()
+            incoming[..., b, :] = buf
+        out[..., b, :] = update(b)
+        if send_to is not None:
+            pending.append(comm.send(out[..., b, :].contiguous(), me, send_to, tag, async_op=pipelined)[0])
+    return out
+
+
 class ChainExchange(torch.autograd.Function):
     """Entering states by passing the state along the chain of segment owners (ring / All-Scan)."""
 
@@ -183,17 +199,9 @@ class ChainExchange(torch.autograd.Function):
             recvs = None
             if i > 0 and plan.cont[i] and prev != r:
                 recvs = [comm.recv(E[row, l][..., b, :], prev, r, tag, async_op=pipelined) for b in blks]
-            cur = torch.empty_like(S[row, l])
-            for j, b in enumerate(blks):
-                if recvs is not None:
-                    work, buf = recvs[j]
-                    if work is not None:
-                        work.wait()
-                    E[row, l][..., b, :] = buf
-                cur[..., b, :] = _kslice(A_i, b) * E[row, l][..., b, :] + S[row, l][..., b, :]
-                if send_to is not None:
-                    pending.append(comm.send(cur[..., b, :].contiguous(), r, send_to, tag, async_op=pipelined)[0])
-            out[i] = cur
+            E_i, S_i = E[row, l], S[row, l]
+            out[i] = _relay(comm, blks, recvs, E_i, lambda b: _kslice(A_i, b) * E_i[..., b, :] + S_i[..., b, :],
+                            r, send_to, tag, pipelined, pending)
         for work in pending:
             if work is not None:
                 work.wait()
@@ -208,7 +216,7 @@ class ChainExchange(torch.autograd.Function):
         comm, n = sp.comm, sp.num_segments
         blks = _blocks(E.shape[-2], ctx.nb)
         gS, ga = torch.zeros_like(E), (None if a is None else torch.zeros_like(a))
-        G_out, pending = {}, []  # G_out[i] = c_i G_i, handed to segment i-1
+        G_out, pending = {}, []  # G_out[i] = G_i, handed to segment i-1 when c_i = 1
         for i in reversed(range(n)):
             r, l = sp.owner(i)
             if r not in comm.ranks:
@@ -225,19 +233,11 @@ class ChainExchange(torch.autograd.Function):
                 recvs = [comm.recv(gS[row, l][..., b, :], nxt, r, tag, async_op=ctx.pipelined) for b in blks]
             elif has_next:
                 gS[row, l] = G_out[i + 1]
-            G_i = torch.empty_like(E[row, l])
-            for j, b in enumerate(blks):
-                if recvs is not None:
-                    work, buf = recvs[j]
-                    if work is not None:
-                        work.wait()
-                    gS[row, l][..., b, :] = buf
-                G_i[..., b, :] = gE[row, l][..., b, :] + _kslice(A_i, b) * gS[row, l][..., b, :]
-                if send_to is not None:
-                    pending.append(comm.send(G_i[..., b, :].contiguous(), r, send_to, tag, async_op=ctx.pipelined)[0])
+            gS_i, gE_i = gS[row, l], gE[row, l]
+            G_out[i] = _relay(comm, blks, recvs, gS_i, lambda b: gE_i[..., b, :] + _kslice(A_i, b) * gS_i[..., b, :],
+                              r, send_to, tag, ctx.pipelined, pending)
             if a_i is not None:
-                ga[row, l] = _decay_grad(gS[row, l] * E[row, l], A_i, a_i)
-            G_out[i] = G_i
+                ga[row, l] = _decay_grad(gS_i * E[row, l], A_i, a_i)
         for work in pending:
             if work is not None:
                 work.wait()
