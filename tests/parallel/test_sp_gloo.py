@@ -10,7 +10,8 @@ from . import workers
 def test_gloo_linear_and_softmax(W):
     results = spawn(workers.both, W, timeout_s=240)
     B, H, K, V = 2, 2, 8, 6
-    for linear, softmax in results:
+    for linear, softmax, red in results:
+        assert red == {"sum": 2 * W * (W + 1) / 2, "grad": 2.0, "gather_ok": True, "gather_grad_ok": True}
         bad = {k: e for k, e in linear["errors"].items() if not e < 1e-10}
         assert not bad, bad
         assert linear["err32"] < 1e-5

@@ -118,3 +118,27 @@ def test_shard_gather_roundtrip_and_positions():
         assert torch.equal(sp.gather(loc), x)
         pos = sp.local_positions(4)
         assert torch.equal(loc[0::2].long(), pos)  # batch row 0 of every rank holds its global positions
+
+
+def test_local_cu_seqlens_pieces_stay_in_one_document():
+    W, T = 3, 36
+    cu = torch.tensor([0, 5, 6, 17, 30, 36], dtype=torch.int32)  # starts inside segments and on edges (6, 30)
+    doc_of = torch.bucketize(torch.arange(T), cu[1:].long(), right=True)
+    for layout in LAYOUTS:
+        sp = SPContext(emulate=W, layout=layout)
+        pos = sp.local_positions(T // W)
+        for r, local in enumerate(sp.local_cu_seqlens(cu, T // W)):
+            b = local.tolist()
+            assert b[0] == 0 and b[-1] == T // W and b == sorted(b)
+            for s, e in zip(b, b[1:]):
+                p = pos[r, s:e]
+                assert len(set(doc_of[p].tolist())) == 1, (layout, r, s, e)   # one document per piece
+                assert torch.equal(p, torch.arange(int(p[0]), int(p[0]) + e - s))  # contiguous globally
+            # every local position where a document starts (or a zigzag segment begins) opens a piece
+            starts = {i for i in range(T // W) if int(pos[r, i]) in cu.tolist() or i == (T // W) // 2 * (layout == "zigzag")}
+            assert starts <= set(b[:-1])
+
+
+def test_spcontext_real_mode_needs_distributed():
+    with pytest.raises(ValueError, match="torch.distributed"):
+        SPContext(layout="zigzag")

@@ -38,8 +38,22 @@ def softmax_subset(rank, world_size):
     return errors
 
 
+def reductions(rank, world_size):
+    """all_reduce_sum: Σ forward, identity backward; gather: full sequence, backward = own slice of the gradient."""
+    sp = SPContext(layout="zigzag")
+    x = torch.tensor([float(rank + 1)], requires_grad=True)
+    total = sp.all_reduce_sum(x * 2)
+    total.backward()
+    full = torch.arange(4 * world_size, dtype=torch.float64).reshape(1, -1)
+    loc = sp.shard(full).requires_grad_()
+    gathered = sp.gather(loc)
+    (gathered * full).sum().backward()
+    return {"sum": total.item(), "grad": x.grad.item(), "gather_ok": torch.equal(gathered.detach(), full),
+            "gather_grad_ok": torch.equal(loc.grad, sp.shard(full))}
+
+
 def both(rank, world_size):
-    return linear_subset(rank, world_size), softmax_subset(rank, world_size)
+    return linear_subset(rank, world_size), softmax_subset(rank, world_size), reductions(rank, world_size)
 
 
 def fail_on_rank_one(rank, world_size):
