@@ -159,7 +159,9 @@ def compare_baseline(args) -> list[dict]:
     """Step time with chunk.py at args.baseline vs the working tree, interleaved (same process, same model)."""
     import lsp.ops.linear.chunk as current
     old = load_chunk_module(args.baseline)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    path = "lsp/ops/linear/chunk.py"
+    head = git("log", "-1", "--format=%h", "--", path) + ("+edits" if git("status", "--porcelain", path) else "")
     rows = []
     for pattern in args.compare_patterns.split(","):
         a = argparse.Namespace(**{**vars(args), "pattern": pattern})
