@@ -72,6 +72,8 @@ def cmd_launch(args) -> int:
 
 
 def resolve_checkpoint(path: str) -> str:
+    if not os.path.isdir(path):   # checked before importing torch, so the error is instant
+        raise UserError(f"no complete checkpoint found under {path}")
     from lsp.train.checkpoint import is_complete, latest_checkpoint
     for candidate in (path, os.path.join(path, "checkpoints")):
         if is_complete(candidate):
