@@ -32,10 +32,17 @@ from .layout import ChunkLayout, make_layout
 CHUNK_SIZE = 64
 SUB_BLOCK = 16      # query / key sub-block of the output and gradient kernels
 STATE_BLOCK = 64    # K and V block of the state passes
+STATE_WARPS = 8     # a [64, 64] state plus [64, 64] k and v tiles spill registers with 4 warps (ptxas, sm_90)
+OUT_V_BLOCK = 64    # V block of the output kernel (the intra-chunk scores are recomputed per V block)
 
 
 def _block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
+
+
+def _warps(K: int, V: int) -> int:
+    # [K, V] state blocks and [16, 16, K] per-key products need the registers of 8 warps past 64 x 64
+    return 8 if _block(K) * _block(V) > 64 * 64 else 4
 
 
 def _tables(layout: ChunkLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,11 +86,12 @@ def _forward(qp, kp, vp, G, init, layout, scale, n_states):
     grid = (R * H, triton.cdiv(K, BKs), triton.cdiv(V, BVs))
     kern._fwd_state_kernel[grid](kp, vp, G, h, init if init is not None else h, final, reset, end,
                                  Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BKs=BKs, BVs=BVs, KEY=Kg > 1,
-                                 HAS_INIT=init is not None, PREC=prec)
+                                 HAS_INIT=init is not None, PREC=prec, num_warps=STATE_WARPS)
     o = torch.empty_like(vp)
-    grid = (Tp // SUB_BLOCK, R * H)
+    BVo = min(_block(V), OUT_V_BLOCK)
+    grid = (Tp // SUB_BLOCK, R * H, triton.cdiv(V, BVo))
     kern._out_kernel[grid](qp, kp, vp, G, h, o, scale, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BT=SUB_BLOCK,
-                           BK=_block(K), BV=_block(V), KEY=Kg > 1, PREC=prec)
+                           BK=_block(K), BV=BVo, KEY=Kg > 1, PREC=prec, num_warps=_warps(K, BVo))
     return o, h, final, (reset, end)
 
 
@@ -99,11 +107,11 @@ def _backward(qp, kp, vp, G, h, dop, dfinal, layout, tables, scale, n_states):
     grid = (R * H, triton.cdiv(K, BKs), triton.cdiv(V, BVs))
     kern._bwd_state_kernel[grid](qp, dop, G, dhn, dfinal if dfinal is not None else dhn, dinit, reset, end, scale,
                                  Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BKs=BKs, BVs=BVs, KEY=Kg > 1,
-                                 HAS_DFINAL=dfinal is not None, PREC=prec)
+                                 HAS_DFINAL=dfinal is not None, PREC=prec, num_warps=STATE_WARPS)
     dq = torch.empty(R, Tp, H, K, dtype=torch.float32, device=qp.device)
     dk, dv = torch.empty_like(dq), torch.empty(R, Tp, H, V, dtype=torch.float32, device=qp.device)
     grid = (Tp // SUB_BLOCK, R * H)
-    meta = dict(C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K), BV=_block(V), KEY=Kg > 1, PREC=prec)
+    meta = dict(C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K), BV=_block(V), KEY=Kg > 1, PREC=prec, num_warps=_warps(K, V))
     kern._dq_kernel[grid](kp, vp, G, h, dop, dq, scale, Tp, H, K, V, NC, Kg, **meta)
     kern._dkdv_kernel[grid](qp, kp, vp, G, dhn, dop, dk, dv, scale, Tp, H, K, V, NC, Kg, **meta)
     return dq, dk, dv, dinit

@@ -185,14 +185,15 @@ def _sub_block(H, C: tl.constexpr, BT: tl.constexpr):
 def _out_kernel(q, k, v, G, h, o, scale, Tp, H, K, V, NC, Kg,
                 C: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 KEY: tl.constexpr, PREC: tl.constexpr):
-    # grid (NC * C // BT, R * H): rows [t0, t0 + BT) of one chunk
+    # grid (NC * C // BT, R * H, cdiv(V, BV)): rows [t0, t0 + BT) of one chunk, value columns [v0, v0 + BV)
     #   o_i = scale [ Σ_{j<=i} (q_i ⊙ exp(G_i - G_j)) · k_j v_j + (q_i ⊙ exp(G_i)) h_c ]
     # per-key, off-diagonal sub-blocks (j < s <= i, s = first row of the query block):
     #   exp(G_i - G_j) = exp(G_i - G_s) exp(G_s - G_j), both factors <= 1
     r, hh, rh, c, ib, t0 = _sub_block(H, C, BT)
+    v0 = tl.program_id(2) * BV
     q_i = _load_tile(q, r, t0, hh, Tp, H, K, BT, BK)
     G_i = _load_g(G, r, t0, hh, Tp, H, Kg, BT, BK, KEY)
-    hp, hm = _state_ptrs(h, rh, c, NC, K, V, 0, 0, BK, BV)
+    hp, hm = _state_ptrs(h, rh, c, NC, K, V, 0, v0, BK, BV)
     h_c = tl.load(hp, mask=hm, other=0.0)
     acc = tl.dot(q_i * _tile_rows(tl.exp(G_i), KEY), h_c, input_precision=PREC)
     if KEY:
@@ -201,7 +202,7 @@ def _out_kernel(q, k, v, G, h, o, scale, Tp, H, K, V, NC, Kg,
     for jb in range(0, ib):
         tj = c * C + jb * BT
         k_j = _load_tile(k, r, tj, hh, Tp, H, K, BT, BK)
-        v_j = _load_tile(v, r, tj, hh, Tp, H, V, BT, BV)
+        v_j = _load_tile(v, r, tj, hh, Tp, H, V, BT, BV, v0)
         G_j = _load_g(G, r, tj, hh, Tp, H, Kg, BT, BK, KEY)
         if KEY:
             s = tl.dot(q_s, tl.trans(k_j * tl.exp(G_s[None, :] - G_j)), input_precision=PREC)
@@ -209,13 +210,13 @@ def _out_kernel(q, k, v, G, h, o, scale, Tp, H, K, V, NC, Kg,
             s = tl.dot(q_i, tl.trans(k_j), input_precision=PREC) * _pair_decay(G_i, G_j)
         acc += tl.dot(s, v_j, input_precision=PREC)
     k_i = _load_tile(k, r, t0, hh, Tp, H, K, BT, BK)
-    v_i = _load_tile(v, r, t0, hh, Tp, H, V, BT, BV)
+    v_i = _load_tile(v, r, t0, hh, Tp, H, V, BT, BV, v0)
     if KEY:
         s = tl.sum(q_i[:, None, :] * k_i[None, :, :] * _diag_decay3(G_i, G_i, BT), 2)
     else:
         s = tl.dot(q_i, tl.trans(k_i), input_precision=PREC) * _causal_decay(G_i, G_i, BT)
     acc += tl.dot(s, v_i, input_precision=PREC)
-    op, om = _tile_ptrs(o, r, t0, hh, Tp, H, V, BT, BV)
+    op, om = _tile_ptrs(o, r, t0, hh, Tp, H, V, BT, BV, v0)
     tl.store(op, (scale * acc).to(o.dtype.element_ty), mask=om)
 
 
