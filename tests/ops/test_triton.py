@@ -17,6 +17,7 @@ Tolerances (norm-relative, max|a-b| / max|b|):
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -185,3 +186,42 @@ def test_triton_cuda_large(form, dtype):
         err = max_rel_err(res[key], ref[key])
         tol = 1e-3 if dtype == torch.float32 else 3e-2
         assert err < tol, f"cuda {form} {dtype} {key}: relative error {err:.3e}"
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lsp.ops.linear import triton_kernels as kern
+
+P, I, F = "*fp32", "i32", "fp32"
+dims = dict(Tp=I, H=I, K=I, V=I, NC=I, Kg=I)
+for key in (False, True):
+    meta = dict(C=64, BT=16, BK=32, BV=32, KEY=key, PREC="ieee")
+    state = dict(C=64, BKs=32, BVs=32, KEY=key, PREC="ieee")
+    kernels = [
+        (kern._fwd_state_kernel, dict(k=P, v=P, G=P, h=P, init=P, final=P, reset="*i32", end="*i32", **dims),
+         dict(state, HAS_INIT=True)),
+        (kern._bwd_state_kernel, dict(q=P, do=P, G=P, dhn=P, dfinal=P, dinit=P, reset="*i32", end="*i32",
+                                      scale=F, **dims), dict(state, HAS_DFINAL=True)),
+        (kern._out_kernel, dict(q=P, k=P, v=P, G=P, h=P, o="*bf16", scale=F, **dims), meta),
+        (kern._dq_kernel, dict(k=P, v=P, G=P, h=P, do=P, dq=P, scale=F, **dims), meta),
+        (kern._dkdv_kernel, dict(q=P, k=P, v=P, G=P, dhn=P, do=P, dk=P, dv=P, scale=F, **dims), meta),
+    ]
+    for fn, sig, consts in kernels:
+        compiled = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+        assert ".entry" in compiled.asm["ptx"], fn
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    """The interpreter does not type-check like the compiler: compile every kernel to PTX for an H100 (sm_90),
+    which needs no GPU, in a fresh process without TRITON_INTERPRET."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]

@@ -18,6 +18,11 @@ then summed to g's shape (over K for [B, T, H], over B, T, K for [H]).
 
 Inputs are cast to fp32 inside the kernels; fp32 inputs use exact fp32 dots (no TF32), bf16/fp16 inputs allow TF32.
 fp64 inputs (and T == 0) fall back to the chunked torch path, which accumulates in fp64.
+
+Status: verified against the naive reference under the Triton interpreter (tests/ops/test_triton.py) and compiled to
+PTX for sm_90 offline; not yet run or timed on a GPU. Known cost: the dq / dk-dv kernels hold full [16, K] and
+[16, V] tiles and, for per-key decay, a [16, 16, K] product per diagonal tile; ptxas reports register spills for
+K = V >= 128 there. Tiling them over K / V blocks (as the output kernel is over V) is the next step.
 """
 from __future__ import annotations
 
