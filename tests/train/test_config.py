@@ -70,3 +70,14 @@ def test_missing_file_and_usage_errors():
 def test_good_config_is_accepted_control():
     # negative control for the test above: the same entry point accepts the valid config
     load_config(TINY, ["train.steps=1"])
+
+
+def test_missing_deepspeed_is_one_line():
+    try:
+        import deepspeed  # noqa: F401
+        pytest.skip("deepspeed is installed")
+    except ImportError:
+        pass
+    proc = run_lsp("train", TINY, "parallel.engine=deepspeed", "parallel.sp=1", "logging.wandb=false", timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("config error: parallel.engine: deepspeed is not installed")
