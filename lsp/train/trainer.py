@@ -125,7 +125,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
         """Mean held-out loss and, for MQAR, recall accuracy on the answer positions (argmax == value)."""
-        model = self.model   # unwrapped: eval needs no gradient sync
+        # DDP: the plain module (eval needs no gradient sync); FSDP / DeepSpeed: the wrapper gathers the shards
+        model = self.model if self.engine.kind == "ddp" else self.engine.model
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, device=self.mesh.device, dtype=torch.float64)   # loss, correct, answers

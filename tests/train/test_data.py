@@ -126,3 +126,20 @@ def test_files_loader_batches(corpus, tmp_path):
     assert [loader._row(s) for s in range(n)] != [loader._row(n + s) for s in range(n)]   # reshuffled per epoch
     windows = [loader.source.window(loader._row(s))[0].tolist() for s in range(n)]
     assert [loader.micro_batches(s)[0].input_ids[0].tolist() for s in range(n)] == windows
+
+
+def test_training_on_packed_files(tmp_path):
+    from lsp.train.trainer import Trainer
+    words = "the of and to in is was for on that with as by at from".split()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, rng.integers(3, 40)))}) + "\n"
+                            for _ in range(200)))
+    cfg = load_config(None, SMALL + ["data.kind=files", f"data.files=[{path}]", "train.micro_batch=1",
+                                     "train.grad_accum=2", f"data.cache_dir={tmp_path}/c", "data.seq_len=64",
+                                     f"out_dir={tmp_path}", "train.steps=8", "optim.lr=3e-3"])
+    trainer = Trainer(cfg)
+    batch = trainer.data.micro_batches(0)[0]
+    assert len(batch.cu_seqlens) > 2          # several documents per packed sequence
+    result = trainer.fit()
+    assert result["losses"][-1] < result["losses"][0] - 0.5 and "eval_loss" in result
