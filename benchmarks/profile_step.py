@@ -10,8 +10,8 @@ Prints (Markdown):
 2. a split into matmuls, other aten ops (elementwise, reductions, copies), collectives, the optimizer, and the
    rest = wall time - time inside aten ops (Python, autograd engine, dispatcher: the framework overhead);
 3. forward time by lsp component (record_function labels put on every module: attn.L, attn.S, mlp, norm, loss);
-4. with --baseline REV: the step time with lsp/ops/linear/chunk.py as of git revision REV (loaded from git into
-   the running process) next to the current one, interleaved, and their ratio.
+4. with --baseline REV[,REV2]: the step time with lsp/ops/linear/chunk.py as of each git revision (loaded from git
+   into the running process) next to the current one, interleaved, best of --repeats, and the speed-up.
 """
 from __future__ import annotations
 
@@ -156,30 +156,32 @@ def use_chunk_module(mod) -> None:
 
 
 def compare_baseline(args) -> list[dict]:
-    """Step time with chunk.py at args.baseline vs the working tree, interleaved (same process, same model)."""
+    """Step time with chunk.py at each revision of args.baseline (comma list) vs the working tree, interleaved (same
+    process, same model and data), best of `repeats` rounds."""
     import lsp.ops.linear.chunk as current
-    old = load_chunk_module(args.baseline)
     git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
     path = "lsp/ops/linear/chunk.py"
-    head = git("log", "-1", "--format=%h", "--", path) + ("+edits" if git("status", "--porcelain", path) else "")
+    now = git("log", "-1", "--format=%h", "--", path) + ("+edits" if git("status", "--porcelain", path) else "")
+    versions = [(rev, load_chunk_module(rev)) for rev in args.baseline.split(",")] + [(now, current)]
     rows = []
     for pattern in args.compare_patterns.split(","):
         a = argparse.Namespace(**{**vars(args), "pattern": pattern})
         _, step = build(a)
-        times = {"baseline": [], "current": []}
-        for mod in (old, current):  # warm-up both
+        best = {name: float("inf") for name, _ in versions}
+        for _, mod in versions:  # warm-up every version
             use_chunk_module(mod)
             step()
         for _ in range(args.repeats):
-            for name, mod in (("baseline", old), ("current", current)):
+            for name, mod in versions:
                 use_chunk_module(mod)
                 t0 = time.perf_counter()
                 step()
-                times[name].append(time.perf_counter() - t0)
+                best[name] = min(best[name], time.perf_counter() - t0)
         use_chunk_module(current)
-        b, c = statistics.median(times["baseline"]), statistics.median(times["current"])
-        rows.append({"pattern": pattern, "tokens": args.tokens, f"step_s @ {args.baseline}": round(b, 3),
-                     f"step_s @ {head}+tree": round(c, 3), "speedup": round(b / c, 2)})
+        row = {"pattern": pattern, "tokens": args.tokens}
+        row.update({f"step_s @ {name}": round(t, 3) for name, t in best.items()})
+        row[f"speedup {versions[0][0]} -> {now}"] = round(best[versions[0][0]] / best[now], 2)
+        rows.append(row)
     return rows
 
 
@@ -197,7 +199,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--gloo", type=int, default=0, help="run on this many real gloo ranks (rank 0 reported)")
     p.add_argument("--emulate", type=int, default=0, help="run under SPContext(emulate=W)")
-    p.add_argument("--baseline", default="", help="git revision of lsp/ops/linear/chunk.py to compare against")
+    p.add_argument("--baseline", default="", help="git revision(s) (comma list) of lsp/ops/linear/chunk.py to compare against")
     p.add_argument("--compare-patterns", default="L,LLLS,S")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -223,7 +225,8 @@ def main(argv=None):
     out = dict(res)
     if args.baseline:
         out["compare"] = compare_baseline(args)
-        print_table(out["compare"], f"Step time: lsp/ops/linear/chunk.py at {args.baseline} vs now (interleaved)")
+        print_table(out["compare"], f"Step time (s, best of {args.repeats}): lsp/ops/linear/chunk.py at {args.baseline} vs now, "
+                                      f"interleaved")
     return out
 
 

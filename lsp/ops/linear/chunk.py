@@ -51,7 +51,7 @@ def _intra_scores_key(q, k, G, sub: int = SUB_BLOCK):
     R, H, NC, C, K = q.shape
     sub = min(sub, C)
     nb = C // sub
-    diag = _diagonal_blocks(*(x.reshape(R, H, NC, nb, sub, K) for x in (q, k, G)))   # [.., nb, sub, sub]
+    diag = _DiagonalBlocks.apply(*(x.reshape(R, H, NC, nb, sub, K) for x in (q, k, G)))  # [.., nb, sub, sub]
     rows = []
     for i in range(nb):  # query block i: keys of the earlier blocks (factorised about s), then its own block
         s = i * sub
@@ -68,18 +68,36 @@ def _intra_scores_key(q, k, G, sub: int = SUB_BLOCK):
     return torch.cat(rows, dim=-2)
 
 
-def _diagonal_blocks(qb, kb, Gb):
-    # qb, kb, Gb: [.., nb, sub, K] -> exact causal scores inside each block [.., nb, sub, sub]
-    # One token offset d = i - j at a time: only the causal pairs are formed (no [sub, sub, K] tensor, no mask), and
-    # every exponent G_i - G_j is <= 0.
-    sub = qb.shape[-2]
-    by_offset = [(qb[..., d:, :] * kb[..., : sub - d, :] * (Gb[..., d:, :] - Gb[..., : sub - d, :]).exp()).sum(-1)
-                 for d in range(sub)]                                                   # d: [.., nb, sub - d]
-    # row d of `table` holds offset d at query position i (zero where i < d), so scores[i, j] = table[(i-j) % sub, i]
-    table = torch.stack([torch.nn.functional.pad(x, (d, 0)) for d, x in enumerate(by_offset)], dim=-2)
-    i = torch.arange(sub, device=qb.device)
-    flat = (((i[:, None] - i[None, :]) % sub) * sub + i[:, None]).reshape(-1)
-    return table.flatten(-2).index_select(-1, flat).unflatten(-1, (sub, sub))
+class _DiagonalBlocks(torch.autograd.Function):
+    """Exact causal scores inside each sub-block, s[i, j] = Σ_d q_id k_jd exp(G_id - G_jd) for j <= i.
+
+    One token offset d = i - j at a time: only the causal pairs are formed (no [sub, sub, K] tensor, no mask) and
+    every exponent is <= 0. The backward is written out (dq_i = Σ_j ds_ij k_j e_ij, dk_j = Σ_i ds_ij q_i e_ij,
+    dG = q dq - k dk) and accumulates into two buffers in place: autograd through the per-offset slices would
+    allocate a zero-filled full-size gradient per slice. exp is recomputed in backward instead of stored.
+    """
+
+    @staticmethod
+    def forward(ctx, qb, kb, Gb):
+        # qb, kb, Gb: [.., nb, sub, K] -> [.., nb, sub, sub]
+        ctx.save_for_backward(qb, kb, Gb)
+        sub = qb.shape[-2]
+        out = qb.new_zeros(*qb.shape[:-1], sub)
+        for d in range(sub):
+            e = (Gb[..., d:, :] - Gb[..., : sub - d, :]).exp_()
+            out.diagonal(-d, -2, -1).copy_((qb[..., d:, :] * kb[..., : sub - d, :] * e).sum(-1))
+        return out
+
+    @staticmethod
+    def backward(ctx, ds):
+        qb, kb, Gb = ctx.saved_tensors
+        sub = qb.shape[-2]
+        dq, dk = torch.zeros_like(qb), torch.zeros_like(kb)
+        for d in range(sub):
+            w = (Gb[..., d:, :] - Gb[..., : sub - d, :]).exp_().mul_(ds.diagonal(-d, -2, -1)[..., None])
+            dq[..., d:, :] += w * kb[..., : sub - d, :]
+            dk[..., : sub - d, :] += w * qb[..., d:, :]
+        return dq, dk, qb * dq - kb * dk
 
 
 def _chunk_summaries(k, v, G):
