@@ -11,6 +11,7 @@ User errors print one line and exit with code 2 (no traceback).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -60,11 +61,14 @@ def torchrun_command(args) -> List[str]:
 
 
 def cmd_launch(args) -> int:
-    from lsp.train.config import load_config, validate
+    from lsp.train.config import ConfigError, load_config, validate
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise UserError("--nproc-per-node and --nnodes must be >= 1")
     cfg = load_config(args.config, args.overrides)
     validate(cfg, world_size=args.nproc_per_node * args.nnodes)   # fail here, not in N processes
+    if cfg.parallel.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp[deepspeed]'), "
+                          "or use parallel.engine=ddp / fsdp")
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:   # torchrun would force 1; share the cores between the local ranks instead
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc_per_node))

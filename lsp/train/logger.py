@@ -33,6 +33,17 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
+
+
 class RunLogger:
     """Writes only on the main rank; every method is a no-op elsewhere."""
 
@@ -43,7 +54,9 @@ class RunLogger:
         if not active:
             return
         os.makedirs(cfg.run_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(cfg.run_dir, "metrics.jsonl"), "a")
+        path = os.path.join(cfg.run_dir, "metrics.jsonl")
+        _drop_rows_after(path, start_step)   # a resumed run re-logs the steps after its checkpoint
+        self.jsonl = open(path, "a")
         if cfg.logging.tqdm:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, file=sys.stderr)

@@ -149,6 +149,14 @@ class Trainer:
 
     def fit(self) -> Dict[str, Any]:
         cfg, mesh = self.cfg, self.mesh
+        if not cfg.checkpoint.resume and self.step == 0 and latest_checkpoint(self.ckpt_dir) is not None:
+            raise ConfigError("checkpoint.resume", f"false, but {self.ckpt_dir} already holds checkpoints of another "
+                              "run; choose another name / out_dir / checkpoint.dir, or resume it")
+        if self.step >= cfg.train.steps:
+            if mesh.is_main:
+                print(f"run {cfg.name} is already complete at step {self.step} (train.steps={cfg.train.steps}); "
+                      "evaluating only. Raise train.steps to continue, or choose another name.", flush=True)
+            return {"losses": [], "step": self.step, **self.evaluate()}
         from lsp.models import flops_per_token, num_parameters
         logger = RunLogger(cfg, mesh.is_main, cfg.train.steps, self.step)
         tokens_per_step = mesh.dp * cfg.train.micro_batch * cfg.train.grad_accum * cfg.data.seq_len

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lsp.train import checkpoint as ckpt
-from lsp.train.config import load_config
+from lsp.train.config import ConfigError, load_config
 from lsp.train.trainer import Trainer
 
 from .conftest import SMALL
@@ -38,13 +38,19 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert head + tail == straight             # bitwise, not approximately
 
     # negative control: resuming the weights but not the optimizer state changes the next losses
-    cold = Trainer(cfg.__class__(**{**cfg.__dict__}))
+    cold = Trainer(make_cfg(tmp_path, "resumed", "checkpoint.resume=false"))
     path = ckpt.step_dir(cfg.checkpoint_dir, 3)
     cold.step = cold.data.state.step = 3
     ckpt.load_checkpoint(path, cold.model)     # model only: fresh AdamW moments
     cold.engine.scheduler.last_epoch = 3
     assert cold.train_step()["loss"] == straight[3]   # same weights -> same loss at the first resumed step
     assert cold.train_step()["loss"] != straight[4]   # but a different update
+
+    # a finished run is not silently retrained, and resume=false refuses to mix with existing checkpoints
+    done = Trainer(cfg).fit()
+    assert done["losses"] == [] and done["step"] == STEPS and "eval_accuracy" in done
+    with pytest.raises(ConfigError, match="checkpoint.resume"):
+        Trainer(make_cfg(tmp_path, "resumed", "checkpoint.resume=false")).fit()
 
 
 def test_atomic_save_and_latest(tmp_path, monkeypatch):

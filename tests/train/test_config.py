@@ -42,7 +42,7 @@ BAD = [
     (["parallel.zero=2"], "parallel.zero: 2 needs parallel.engine=fsdp or deepspeed"),
     (["parallel.engine=fsdp", "parallel.zero=1"], "parallel.zero: 1 with engine=fsdp"),
     (["data.kind=files"], "data.files: data.kind=files needs at least one file"),
-    (["data.mqar.num_kv_pairs=40"], "data.mqar.num_kv_pairs: 40 > data.mqar.num_keys=32"),
+    (["data.mqar.num_kv_pairs=40"], "data.mqar.num_kv_pairs: 40 > data.mqar.num_keys=16"),
     (["optim.min_lr=1.0"], "optim.min_lr: 1.0 is larger than optim.lr"),
     (["train.steps"], "override must look like key=value"),
 ]
