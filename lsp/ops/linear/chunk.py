@@ -1,4 +1,4 @@
-"""Chunked linear attention in plain PyTorch (the CPU path, differentiable by autograd).
+"""Chunked linear attention in plain PyTorch (the CPU path, differentiable).
 
 Split each sequence into chunks of C tokens and let G_i be the within-chunk cumulative log-decay (G_i <= 0, non-
 increasing). With S the state entering the chunk:
@@ -8,8 +8,10 @@ increasing). With S the state entering the chunk:
 
 Every exponent above is <= 0, so nothing overflows whatever the decay. For per-key decay the intra-chunk scores
 Σ_d q_id k_jd exp(G_id - G_jd) do not factor into one matmul; they are built from sub-blocks of 16 tokens: exact
-[16, 16, K] products on the diagonal, and off the diagonal a factorisation about the start s of the query block,
+products on the diagonal blocks, and off the diagonal a factorisation about the start s of the query block,
 exp(G_i - G_j) = exp(G_i - G_s) · exp(G_s - G_j), both factors <= 1 (the same idea as fla's secondary chunking).
+The diagonal blocks are formed one token offset at a time (only causal pairs) by `_DiagonalBlocks`, whose backward
+is written by hand; everything else is differentiated by autograd.
 """
 from __future__ import annotations
 
