@@ -12,7 +12,8 @@ One step = forward + backward + AdamW step. For every (pattern, tokens per rank,
   of the same run on one rank's thread budget (CPU) or given by --peak-tflops (GPU);
 * act_MB/rank: bytes of the tensors autograd saves for backward during the forward (saved_tensors_hooks, unique
   storages, parameters excluded): the activation memory that grows with tokens. Parameters + grads + AdamW
-  state (16 bytes / parameter) are the same on every rank and shown once;
+  state (16 bytes / parameter) are the same on every rank and shown once. On CUDA also cuda_peak_MB/rank, the
+  allocator peak of a whole step (divided by W when emulated);
 * recv_MB/rank: bytes received by the rank in one step, counted by lsp.parallel's comm layer, split into the linear
   layers' state exchange and the softmax layers' K,V all-gather.
 The last table is the emulation overhead: time per token with SPContext(emulate=W) vs W = 1 at equal tokens per
@@ -108,13 +109,17 @@ def prepare(args, pattern: str, tokens: int, sp: SPContext | None, device: str):
         sync(device)
 
     reset_comm_stats()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
     step(count=True)
+    cuda_peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else 0
     tags = comm_stats()["tags"]
     recv = lambda pred: sum(c["bytes_recv"] for t, c in tags.items() if pred(t))  # noqa: E731
     R = 1 if sp is None else sp.rows
     return step, {"act_bytes": counter.total / R, "recv_kv": recv(lambda t: t.startswith("softmax")) / R,
                   "recv_state": recv(lambda t: not t.startswith("softmax")) / R,
-                  "flops_per_token": flops_per_token(cfg, tokens * W), "params": num_parameters(model)}
+                  "flops_per_token": flops_per_token(cfg, tokens * W), "params": num_parameters(model),
+                  "cuda_peak": cuda_peak / R}
 
 
 def timed(step) -> float:
@@ -146,7 +151,7 @@ def run_world(args, W: int) -> list[dict]:
     per_rank = spawn(_gloo_worker, W, args, threads=args.threads, timeout_s=1800)
     rows = per_rank[0]
     for r, row in enumerate(rows):  # time, memory and traffic: the max over ranks (zigzag balances them)
-        for key in ("step_s", "act_bytes", "recv_kv", "recv_state"):
+        for key in ("step_s", "act_bytes", "recv_kv", "recv_state", "cuda_peak"):
             row[key] = max(p[r][key] for p in per_rank)
     return rows
 
@@ -242,6 +247,8 @@ def main(argv=None):
                          "act_MB/rank": round(r["act_bytes"] / MB, 2),
                          "recv_MB state": round(r["recv_state"] / MB, 3), "recv_MB K,V": round(r["recv_kv"] / MB, 3),
                          "params": r["params"]})
+            if args.device.startswith("cuda"):  # allocator peak of the whole step (params, grads, AdamW included)
+                rows[-1]["cuda_peak_MB/rank"] = round(r["cuda_peak"] / MB, 1)
     for pat in args.patterns.split(","):
         sel = [{k: v for k, v in r.items() if k not in ("pattern", "params")} for r in rows if r["pattern"] == pat]
         params = next(r["params"] for r in rows if r["pattern"] == pat)
