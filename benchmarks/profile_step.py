@@ -10,8 +10,9 @@ Prints (Markdown):
 2. a split into matmuls, other aten ops (elementwise, reductions, copies), collectives, the optimizer, and the
    rest = wall time - time inside aten ops (Python, autograd engine, dispatcher: the framework overhead);
 3. forward time by lsp component (record_function labels put on every module: attn.L, attn.S, mlp, norm, loss);
-4. with --baseline REV[,REV2]: the step time with lsp/ops/linear/chunk.py as of each git revision (loaded from git
-   into the running process) next to the current one, interleaved, best of --repeats, and the speed-up.
+4. with --baseline REV[,REV2]: the time of the linear-attention op alone (fwd+bwd) and of the step with
+   lsp/ops/linear/chunk.py as of each git revision (loaded from git into the running process) next to the current
+   one, interleaved, best of --repeats, and the speed-up.
 """
 from __future__ import annotations
 
@@ -164,6 +165,9 @@ def compare_baseline(args) -> list[dict]:
     now = git("log", "-1", "--format=%h", "--", path) + ("+edits" if git("status", "--porcelain", path) else "")
     versions = [(rev, load_chunk_module(rev)) for rev in args.baseline.split(",")] + [(now, current)]
     rows = []
+    op = compare_op(args, versions)
+    op[f"speedup {versions[0][0]} -> {now}"] = round(op[f"step_s @ {versions[0][0]}"] / op[f"step_s @ {now}"], 2)
+    rows.append(op)
     for pattern in args.compare_patterns.split(","):
         a = argparse.Namespace(**{**vars(args), "pattern": pattern})
         _, step = build(a)
@@ -183,6 +187,24 @@ def compare_baseline(args) -> list[dict]:
         row[f"speedup {versions[0][0]} -> {now}"] = round(best[versions[0][0]] / best[now], 2)
         rows.append(row)
     return rows
+
+
+def compare_op(args, versions) -> dict:
+    """fwd+bwd time of the chunked linear-attention op alone (decay form of args.linear_attn, H=heads, K=head_dim,
+    T=tokens) for each (name, chunk module), interleaved, best of max(repeats, 5)."""
+    H, K, T = args.heads, args.hidden // args.heads, args.tokens
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, T, H, K, generator=gen, requires_grad=True) for _ in range(3))
+    shape = {"gla": (1, T, H, K), "simple_gla": (1, T, H, 1), "lightning": (H, 1), "linear": None}[args.linear_attn]
+    g = None if shape is None else (torch.nn.functional.logsigmoid(torch.randn(*shape, generator=gen)) / 16)
+    best = {name: float("inf") for name, _ in versions}
+    for _ in range(max(args.repeats, 5)):
+        for name, mod in versions:
+            t0 = time.perf_counter()
+            o, _ = mod.chunk_linear_attention(q, k, v, g, K ** -0.5)
+            o.sum().backward()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {"pattern": f"op only ({args.linear_attn})", "tokens": T, **{f"step_s @ {n}": round(t, 4) for n, t in best.items()}}
 
 
 def main(argv=None):
