@@ -98,7 +98,7 @@ def train_one(pattern: str, args, seed: int) -> dict:
             "recall_acc": round(acc, 4), "train_s": round(train_s, 1)}
 
 
-def plot(rows: list[dict], path: str, title: str) -> None:
+def plot(rows: list[dict], path: str, title: str, chance: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -109,6 +109,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     for seed in sorted({r["seed"] for r in rows}):
         ys = [next(r["recall_acc"] for r in rows if r["pattern"] == p and r["seed"] == seed) for p in order]
         ax.plot(x, ys, "o-", label=f"seed {seed}")
+    ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance (1/{round(1 / chance)})")
     ax.set_xticks(x, [f"{PATTERNS.get(p, p)}\n({n} S)" for p, n in zip(order, x)], fontsize=8)
     ax.set_xlabel("layer pattern (linear:softmax) and number of softmax layers")
     ax.set_ylabel("MQAR recall accuracy")
@@ -131,32 +132,37 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--linear-attn", default="gla")
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--kv-pairs", type=int, default=12)
-    p.add_argument("--queries", type=int, default=12)
-    p.add_argument("--num-keys", type=int, default=64)
-    p.add_argument("--num-values", type=int, default=64)
+    p.add_argument("--kv-pairs", type=int, default=8)
+    p.add_argument("--queries", type=int, default=8)
+    p.add_argument("--num-keys", type=int, default=32)
+    p.add_argument("--num-values", type=int, default=32)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--no-match-params", dest="match_params", action="store_false",
                    help="keep the default MLP width (softmax-heavy patterns then have a few %% fewer parameters)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot", default="docs/img/hybrid_ratio.png", help="PNG path ('' = no plot)")
     p.add_argument("--json", default="", help="also write the rows as JSON here")
+    p.add_argument("--from-json", default="", help="no training: table and plot from rows saved by --json")
     args = p.parse_args(argv)
     if args.quick:
         args.patterns, args.steps, args.layers, args.seq_len = "LLLS,S", 3, 4, 32
         args.kv_pairs = args.queries = 4
         args.batch, args.eval_samples = 4, 8
     torch.set_num_threads(args.threads)
-    rows = [train_one(pat, args, int(seed)) for seed in args.seeds.split(",") for pat in args.patterns.split(",")]
+    if args.from_json:
+        with open(args.from_json) as f:
+            rows = json.load(f)
+    else:
+        rows = [train_one(pat, args, int(seed)) for seed in args.seeds.split(",") for pat in args.patterns.split(",")]
     title = (f"MQAR T={args.seq_len}, {args.kv_pairs} kv pairs, {args.layers} layers d={args.hidden} "
              f"({args.linear_attn}), {args.steps} steps x {args.batch}")
     print_table(rows, title)
     if args.plot:
         os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
-        plot(rows, args.plot, title)
+        plot(rows, args.plot, title, 1 / args.num_values)
         print(f"\nplot: {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
