@@ -92,11 +92,8 @@ def _from_seg_rows(y, R, L):
 
 
 def _check(q, k, v, g, sp, method, initial_state, cu_seqlens, B, H, K, V):
-    if not isinstance(sp, SPContext):
-        raise ValueError(f"sp must be an lsp.parallel.SPContext, got {type(sp).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    check_linear_inputs(q, k, v, g, None, None)
     if q.shape[0] % sp.rows:
         raise ValueError(f"q's batch {q.shape[0]} must be a multiple of the {sp.rows} emulated ranks (use sp.shard)")
     if cu_seqlens is not None and B != 1:
@@ -129,8 +126,11 @@ def sp_linear_attention(q, k, v, g=None, *, sp, method="allgather", scale=None, 
     Returns:
         o_local [R·B, T_local, H, V] in q's dtype, final_state or None.
     """
+    if not isinstance(sp, SPContext):
+        raise ValueError(f"sp must be an lsp.parallel.SPContext, got {type(sp).__name__}")
+    check_linear_inputs(q, k, v, g, None, None)
     R, L = sp.rows, sp.segments_per_rank
-    B, T_local, H, K = q.shape[0] // max(sp.rows, 1), q.shape[1], q.shape[2], q.shape[3]
+    B, T_local, H, K = q.shape[0] // R, q.shape[1], q.shape[2], q.shape[3]
     V = v.shape[-1]
     _check(q, k, v, g, sp, method, initial_state, cu_seqlens, B, H, K, V)
     Ts = sp.segment_length(T_local)

@@ -6,7 +6,7 @@ from lsp.parallel import spawn
 from . import workers
 
 
-@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("W", [2, 3, 4, pytest.param(8, marks=pytest.mark.slow)])
 def test_gloo_linear_and_softmax(W):
     results = spawn(workers.both, W, timeout_s=240)
     B, H, K, V = 2, 2, 8, 6
