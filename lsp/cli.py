@@ -19,6 +19,7 @@ import sys
 from typing import List, Optional
 
 USER_ERROR = 2
+NONFINITE_EXIT = 3   # train.on_nonfinite=stop hit NaN/inf
 
 
 class UserError(Exception):
@@ -169,6 +170,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"config error: {err}", file=sys.stderr)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+    except Exception as err:   # NonFiniteError: one line, its own exit code (torch is imported by now)
+        if type(err).__name__ != "NonFiniteError":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return NONFINITE_EXIT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from .faults import maybe_pause_checkpoint
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -119,6 +121,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[
         with _quiet_single_process():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(rng_state(), os.path.join(tmp, f"rng_{_rank()}.pt"))
+    maybe_pause_checkpoint(step)   # test hook: a kill here leaves a half-written step_N.tmp
     if _rank() == 0:
         torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:

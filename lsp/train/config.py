@@ -6,6 +6,7 @@ with one line that names the key; the CLI prints it and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -76,6 +77,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    on_nonfinite: str = "stop"  # NaN/inf loss or gradient on any rank: stop (exit 3) | skip (no update, counted)
 
 
 @dataclass
@@ -133,6 +135,7 @@ CHOICES = {
     "data.kind": ("mqar", "files"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.on_nonfinite": ("stop", "skip"),
     "parallel.sp_method": ("allgather", "allscan", "ring"),
     "parallel.layout": ("zigzag", "contiguous"),
     "parallel.backend": ("auto", "gloo", "nccl"),
@@ -236,8 +239,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         if cfg.train.micro_batch != 1:
             raise ConfigError("train.micro_batch", "packed files use one sequence per micro-batch (cu_seqlens "
                               "needs B == 1); raise train.grad_accum or data.seq_len instead")
-        if check_files and d.tokenizer != "byte" and not os.path.isfile(d.tokenizer):
-            raise ConfigError("data.tokenizer", f"'byte' or a tokenizers JSON file; not found: {d.tokenizer}")
+        if check_files and d.tokenizer != "byte":
+            _check_tokenizer_file(d.tokenizer)
     if p.engine == "ddp" and p.zero != 0:
         raise ConfigError("parallel.zero", f"{p.zero} needs parallel.engine=fsdp or deepspeed (ddp is ZeRO-0)")
     if p.engine == "fsdp" and p.zero not in (2, 3):
@@ -251,6 +254,21 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         dp = p.dp or world_size // p.sp
         if dp * p.sp != world_size:
             raise ConfigError("parallel.dp", f"dp={dp} x sp={p.sp} != world size {world_size}")
+
+
+def _check_tokenizer_file(path: str) -> None:
+    """A tokenizers JSON must exist and parse, checked before anything is started or written."""
+    if not os.path.isfile(path):
+        raise ConfigError("data.tokenizer", f"'byte' or a tokenizers JSON file; not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            spec = json.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError("data.tokenizer", f"{path} is not a tokenizers JSON file ({type(err).__name__}); "
+                          "use data.tokenizer=byte or a tokenizer.json saved by `tokenizers`") from None
+    if not isinstance(spec, dict) or "model" not in spec:
+        raise ConfigError("data.tokenizer", f"{path} is JSON but not a tokenizers file (no \"model\" entry); "
+                          "use data.tokenizer=byte or a tokenizer.json saved by `tokenizers`")
 
 
 def to_yaml(cfg: Config) -> str:

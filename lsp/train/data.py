@@ -69,7 +69,7 @@ class ByteTokenizer:
     name = "byte"
 
     def encode(self, text: str) -> List[int]:
-        return list(text.encode("utf-8"))
+        return list(text.encode("utf-8", errors="surrogateescape"))   # undecodable input bytes come back as is
 
 
 class HFTokenizer:
@@ -81,14 +81,19 @@ class HFTokenizer:
         except ImportError:
             raise ConfigError("data.tokenizer", "a tokenizer JSON needs the `tokenizers` package "
                               "(pip install 'lsp[tokenizers]'), or use data.tokenizer=byte") from None
-        self.tok = Tokenizer.from_file(path)
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as err:   # tokenizers raises its own Exception type
+            raise ConfigError("data.tokenizer", f"{path} could not be loaded by `tokenizers`: "
+                              f"{str(err).splitlines()[0]}") from None
         self.vocab_size = self.tok.get_vocab_size() + 1
         self.eos_id = self.vocab_size - 1            # an id of our own, so documents never run together
         with open(path, "rb") as f:
             self.name = "hf-" + hashlib.sha1(f.read()).hexdigest()[:12]
 
     def encode(self, text: str) -> List[int]:
-        return self.tok.encode(text).ids
+        clean = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+        return self.tok.encode(clean).ids
 
 
 def make_tokenizer(spec: str):
@@ -96,16 +101,31 @@ def make_tokenizer(spec: str):
 
 
 def iter_documents(paths: Iterable[str]) -> Iterable[str]:
-    """.jsonl: one JSON object per line with a "text" field; anything else: the whole file is one document."""
+    """.jsonl: one JSON object per line with a "text" field; anything else: the whole file is one document.
+
+    Files are read as bytes and decoded with errors="surrogateescape": invalid UTF-8 never stops a run, and the
+    byte tokenizer turns the escapes back into the original bytes, so not one byte is lost (a `tokenizers` JSON
+    sees U+FFFD instead). A .jsonl line that is not an object with a string "text" is a one-line error naming
+    file:line.
+    """
     for path in paths:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield json.loads(line)["text"]
-        else:
-            with open(path, encoding="utf-8") as f:
-                yield f.read()
+        with open(path, "rb") as f:
+            if not path.endswith(".jsonl"):
+                yield f.read().decode("utf-8", errors="surrogateescape")
+                continue
+            for number, raw in enumerate(f, 1):
+                line = raw.decode("utf-8", errors="surrogateescape")
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (ValueError, KeyError, TypeError) as err:
+                    raise ConfigError("data.files", f"{path}:{number} is not a JSON object with a \"text\" "
+                                      f"field ({type(err).__name__})") from None
+                if not isinstance(text, str):
+                    raise ConfigError("data.files", f"{path}:{number}: \"text\" is {type(text).__name__}, "
+                                      "not a string")
+                yield text
 
 
 def _cache_key(paths: List[str], tokenizer) -> str:
@@ -125,7 +145,7 @@ def build_token_file(paths: List[str], tokenizer, cache_dir: str) -> str:
     """
     os.makedirs(cache_dir, exist_ok=True)
     stem = os.path.join(cache_dir, _cache_key(paths, tokenizer))
-    if os.path.exists(stem + ".json"):
+    if os.path.exists(stem + ".json") and _token_file_intact(stem):
         return stem
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     tmp = f"{stem}.{os.getpid()}.tmp"
@@ -147,6 +167,18 @@ def build_token_file(paths: List[str], tokenizer, cache_dir: str) -> str:
     return stem
 
 
+def _token_file_intact(stem: str) -> bool:
+    """False when the cache was damaged after it was written (truncated/edited files): it is then rebuilt."""
+    try:
+        with open(stem + ".json") as f:
+            meta = json.load(f)
+        item = np.dtype(meta["dtype"]).itemsize
+        return (os.path.getsize(stem + ".tokens") == meta["num_tokens"] * item
+                and os.path.getsize(stem + ".docs") == 8 * (meta["num_docs"] + 1))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 class PackedTokens:
     """Fixed windows of seq_len + 1 tokens over the memory-mapped token stream, with document boundaries.
 
@@ -159,12 +191,14 @@ class PackedTokens:
         with open(stem + ".json") as f:
             meta = json.load(f)
         self.vocab_size = meta["vocab_size"]
-        self.tokens = np.memmap(stem + ".tokens", dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
-        self.doc_starts = np.fromfile(stem + ".docs", dtype=np.int64)   # [num_docs + 1]
         self.seq_len = seq_len
         total = (meta["num_tokens"] - 1) // seq_len
-        if total < 1:
-            raise ConfigError("data.files", f"{meta['num_tokens']} tokens are fewer than data.seq_len + 1")
+        if total < 1:   # checked before mapping: an empty file cannot be memory-mapped
+            raise ConfigError("data.files", f"the files hold {meta['num_docs']} documents, {meta['num_tokens']} "
+                              f"tokens (with end-of-document ids): fewer than data.seq_len + 1 = {seq_len + 1}; "
+                              "add data or lower data.seq_len")
+        self.tokens = np.memmap(stem + ".tokens", dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
+        self.doc_starts = np.fromfile(stem + ".docs", dtype=np.int64)   # [num_docs + 1]
         self.num_val = int(total * val_fraction)
         self.num_train = total - self.num_val
         if self.num_train < 1:

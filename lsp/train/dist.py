@@ -63,9 +63,10 @@ def init_mesh(cfg: Config) -> Mesh:
         raise ConfigError("parallel.engine", "fsdp needs CUDA/nccl (gloo has no reduce_scatter); use ddp on CPU")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    backend = resolve_backend(cfg, device)   # checked in one process too: the same config must not fail later
     mesh = Mesh(rank=rank, world=world, dp=dp, sp=sp, dp_rank=rank // sp, sp_rank=rank % sp, device=device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=resolve_backend(cfg, device), timeout=timedelta(minutes=10),
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=10),
                                 device_id=device if device.type == "cuda" else None)
     if sp > 1:
         for d in range(dp):   # every rank must create every group, in the same order

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -127,6 +128,16 @@ class Engine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients without an update; the schedule still advances (it follows the step)."""
+        if self.deepspeed is not None:
+            self.deepspeed.zero_grad()
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():   # "scheduler.step() before optimizer.step()" is intended here
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
 
     def micro_step(self) -> None:
         """After each non-final micro-batch: DeepSpeed wants engine.step() every micro-batch (it only counts)."""

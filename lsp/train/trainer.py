@@ -20,7 +20,12 @@ from .config import Config, ConfigError, to_yaml
 from .data import Batch, DataLoader, IGNORE_INDEX, build_token_file, make_tokenizer
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
 from .engine import Engine
+from .faults import maybe_kill, poison_loss
 from .logger import RunLogger, peak_flops, peak_memory_gb
+
+
+class NonFiniteError(RuntimeError):
+    """NaN/inf in the loss or gradients with train.on_nonfinite=stop; str() is one line."""
 
 
 def build_model(cfg: Config, vocab_size: int):
@@ -68,6 +73,7 @@ class Trainer:
         self.sp = build_sp(cfg, mesh)
         self.engine = Engine(cfg, mesh, self.model)
         self.step = 0
+        self.skipped_steps = 0   # updates skipped for non-finite loss/grads (train.on_nonfinite=skip)
         self.ckpt_dir = cfg.checkpoint_dir
         if cfg.checkpoint.resume and (path := latest_checkpoint(self.ckpt_dir)) is not None:
             self.resume(path)
@@ -111,16 +117,47 @@ class Trainer:
             with self.engine.sync_context(last):
                 with autocast(self.cfg, self.mesh.device):
                     out = self.engine.model(ids, labels=labels, sp=self.sp, cu_seqlens=cu)
-                self.engine.backward(out.loss)
+                loss = poison_loss(out.loss, self.mesh.rank, self.step + 1)   # test hook, inert by default
+                self.engine.backward(loss)
             if not last:
                 self.engine.micro_step()
-            total += out.loss.detach().double()
-        grad_norm = self.engine.step()
+            total += loss.detach().double()
+        bad_ranks = self.nonfinite_ranks(total)
+        if bad_ranks:
+            self.handle_nonfinite(bad_ranks)
+            grad_norm = None
+        else:
+            grad_norm = self.engine.step()
         self.step += 1
         self.data.state.step = self.step
         # every SP rank holds the same global loss: averaging over all ranks = averaging over dp
         loss = all_reduce_mean((total / len(micro)).float(), self.mesh).item()
-        return {"loss": loss, "grad_norm": grad_norm}
+        return {"loss": loss, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps}
+
+    def nonfinite_ranks(self, total_loss: torch.Tensor) -> List[int]:
+        """Ranks whose loss or local gradients hold NaN/inf; all-reduced, so every rank gets the same answer."""
+        bad = not bool(torch.isfinite(total_loss))
+        if not bad and self.engine.deepspeed is None:
+            grads = [p.grad for p in self.engine.model.parameters() if p.grad is not None]
+            bad = any(not bool(torch.isfinite(g).all()) for g in grads)
+        flags = torch.zeros(self.mesh.world, device=self.mesh.device)
+        flags[self.mesh.rank] = float(bad)
+        flags = all_reduce_sum(flags, self.mesh)
+        return [r for r in range(self.mesh.world) if flags[r] > 0]
+
+    def handle_nonfinite(self, bad_ranks: List[int]) -> None:
+        """on_nonfinite=skip: drop the gradients, no optimizer update (the schedule and data still advance);
+        stop: raise NonFiniteError before anything is saved, so the last complete checkpoint stays the newest."""
+        step = self.step + 1
+        if self.cfg.train.on_nonfinite == "stop":
+            self.engine.optimizer.zero_grad(set_to_none=True)
+            last = latest_checkpoint(self.ckpt_dir)
+            raise NonFiniteError(f"non-finite loss or gradient at step {step} (ranks {bad_ranks}); stopped because "
+                                 f"train.on_nonfinite=stop; last complete checkpoint: {last or 'none'}")
+        self.engine.skip_step()
+        self.skipped_steps += 1
+        print(f"lsp: rank {self.mesh.rank}: non-finite loss or gradient at step {step} (ranks {bad_ranks}); "
+              f"update skipped ({self.skipped_steps} so far, train.on_nonfinite=skip)", flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
@@ -179,7 +216,7 @@ class Trainer:
                 tok_s = tokens_per_step / dt
                 row = {"step": self.step, "loss": metrics["loss"], "lr": self.engine.scheduler.get_last_lr()[0],
                        "grad_norm": metrics["grad_norm"], "tokens_per_s": tok_s,
-                       "peak_mem_gb": peak_memory_gb(mesh.device)}
+                       "peak_mem_gb": peak_memory_gb(mesh.device), "skipped_steps": self.skipped_steps}
                 if peak:
                     row["mfu"] = flops_tok * tok_s / (peak * mesh.world)
                 logger.log(row)
@@ -188,6 +225,7 @@ class Trainer:
                 logger.log(last)
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or at_end:
                 self.save()
+            maybe_kill(mesh.rank, self.step, cfg.run_dir)   # test hook, inert by default
         logger.close()
         return {"losses": losses, **last}
 
