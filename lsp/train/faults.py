@@ -34,6 +34,7 @@ def maybe_kill(rank: int, step: int, run_dir: str) -> None:
     hook = _pair("LSP_TEST_KILL_AT_STEP")
     if hook is None or hook != (rank, step):
         return
+    os.makedirs(run_dir, exist_ok=True)
     marker = os.path.join(run_dir, f".lsp-test-killed-{rank}-{step}")
     if os.path.exists(marker):
         return
