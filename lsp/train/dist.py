@@ -67,13 +67,26 @@ def init_mesh(cfg: Config) -> Mesh:
     mesh = Mesh(rank=rank, world=world, dp=dp, sp=sp, dp_rank=rank // sp, sp_rank=rank % sp, device=device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=10),
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None, **_restart_store(rank, world))
     if sp > 1:
         for d in range(dp):   # every rank must create every group, in the same order
             group = dist.new_group(list(range(d * sp, (d + 1) * sp)))
             if d == mesh.dp_rank:
                 mesh.sp_group = group
     return mesh
+
+
+def _restart_store(rank: int, world: int) -> dict:
+    """After a torchrun restart (--max-restarts), a fresh key prefix in the agent's store.
+
+    The store outlives the workers and still holds the dead attempt's gloo addresses; without a prefix the new ranks
+    read them and fail with "connectFullMesh ... Connection refused" (seen with torch 2.13, gloo)."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt == 0:
+        return {}
+    from torch.distributed.rendezvous import rendezvous
+    store, _, _ = next(rendezvous("env://", rank, world))
+    return {"store": dist.PrefixStore(f"lsp_attempt_{attempt}", store), "rank": rank, "world_size": world}
 
 
 def all_reduce_mean(values: torch.Tensor, mesh: Mesh) -> torch.Tensor:
