@@ -122,9 +122,9 @@ class Trainer:
             if not last:
                 self.engine.micro_step()
             total += loss.detach().double()
-        bad_ranks = self.nonfinite_ranks(total)
-        if bad_ranks:
-            self.handle_nonfinite(bad_ranks)
+        where = self.nonfinite_ranks(total)
+        if where:
+            self.handle_nonfinite(where)
             grad_norm = None
         else:
             grad_norm = self.engine.step()
@@ -134,30 +134,33 @@ class Trainer:
         loss = all_reduce_mean((total / len(micro)).float(), self.mesh).item()
         return {"loss": loss, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps}
 
-    def nonfinite_ranks(self, total_loss: torch.Tensor) -> List[int]:
-        """Ranks whose loss or local gradients hold NaN/inf; all-reduced, so every rank gets the same answer."""
-        bad = not bool(torch.isfinite(total_loss))
-        if not bad and self.engine.deepspeed is None:
+    def nonfinite_ranks(self, total_loss: torch.Tensor) -> Optional[str]:
+        """None if every rank's loss and gradients are finite, else e.g. "loss on ranks [1], gradients on ranks
+        [0, 1]". All-reduced, so every rank gets the same answer and takes the same branch (no hang, no divergence)."""
+        flags = torch.zeros(2, self.mesh.world, device=self.mesh.device)   # [loss | grads, rank]
+        flags[0, self.mesh.rank] = float(not bool(torch.isfinite(total_loss)))
+        if self.engine.deepspeed is None:
             grads = [p.grad for p in self.engine.model.parameters() if p.grad is not None]
-            bad = any(not bool(torch.isfinite(g).all()) for g in grads)
-        flags = torch.zeros(self.mesh.world, device=self.mesh.device)
-        flags[self.mesh.rank] = float(bad)
+            flags[1, self.mesh.rank] = float(any(not bool(torch.isfinite(g).all()) for g in grads))
         flags = all_reduce_sum(flags, self.mesh)
-        return [r for r in range(self.mesh.world) if flags[r] > 0]
+        if not flags.any():
+            return None
+        ranks = [[r for r in range(self.mesh.world) if flags[i, r] > 0] for i in range(2)]
+        return ", ".join(f"{what} on ranks {r}" for what, r in zip(("loss", "gradients"), ranks) if r)
 
-    def handle_nonfinite(self, bad_ranks: List[int]) -> None:
+    def handle_nonfinite(self, where: str) -> None:
         """on_nonfinite=skip: drop the gradients, no optimizer update (the schedule and data still advance);
         stop: raise NonFiniteError before anything is saved, so the last complete checkpoint stays the newest."""
         step = self.step + 1
         if self.cfg.train.on_nonfinite == "stop":
             self.engine.optimizer.zero_grad(set_to_none=True)
             last = latest_checkpoint(self.ckpt_dir)
-            raise NonFiniteError(f"non-finite loss or gradient at step {step} (ranks {bad_ranks}); stopped because "
-                                 f"train.on_nonfinite=stop; last complete checkpoint: {last or 'none'}")
+            raise NonFiniteError(f"non-finite {where} at step {step}; stopped because train.on_nonfinite=stop; "
+                                 f"last complete checkpoint: {last or 'none'}")
         self.engine.skip_step()
         self.skipped_steps += 1
-        print(f"lsp: rank {self.mesh.rank}: non-finite loss or gradient at step {step} (ranks {bad_ranks}); "
-              f"update skipped ({self.skipped_steps} so far, train.on_nonfinite=skip)", flush=True)
+        print(f"lsp: rank {self.mesh.rank}: non-finite {where} at step {step}; update skipped "
+              f"({self.skipped_steps} so far, train.on_nonfinite=skip)", flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
