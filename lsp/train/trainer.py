@@ -137,12 +137,15 @@ class Trainer:
     def nonfinite_ranks(self, total_loss: torch.Tensor) -> Optional[str]:
         """None if every rank's loss and gradients are finite, else e.g. "loss on ranks [1], gradients on ranks
         [0, 1]". All-reduced, so every rank gets the same answer and takes the same branch (no hang, no divergence)."""
+        # stays on the device until the one host sync below (no per-parameter sync on GPU)
         flags = torch.zeros(2, self.mesh.world, device=self.mesh.device)   # [loss | grads, rank]
-        flags[0, self.mesh.rank] = float(not bool(torch.isfinite(total_loss)))
-        if self.engine.deepspeed is None:
-            grads = [p.grad for p in self.engine.model.parameters() if p.grad is not None]
-            flags[1, self.mesh.rank] = float(any(not bool(torch.isfinite(g).all()) for g in grads))
-        flags = all_reduce_sum(flags, self.mesh)
+        flags[0, self.mesh.rank] = (~torch.isfinite(total_loss)).float()
+        # FSDP2 grads are DTensors: check the local shard (the all-reduce below covers the others)
+        grads = [g.to_local() if hasattr(g, "to_local") else g
+                 for g in (p.grad for p in self.engine.model.parameters()) if g is not None]
+        if grads and self.engine.deepspeed is None:
+            flags[1, self.mesh.rank] = (~torch.stack([torch.isfinite(g).all() for g in grads])).any().float()
+        flags = all_reduce_sum(flags, self.mesh).cpu()
         if not flags.any():
             return None
         ranks = [[r for r in range(self.mesh.world) if flags[i, r] > 0] for i in range(2)]
