@@ -173,7 +173,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as err:   # NonFiniteError: one line, its own exit code (torch is imported by now)
         if type(err).__name__ != "NonFiniteError":
             raise
-        print(f"error: {err}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:   # every rank stops at the same step; one of them says so
+            print(f"error: {err}", file=sys.stderr)
         return NONFINITE_EXIT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
