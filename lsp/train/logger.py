@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -44,6 +45,11 @@ def _drop_rows_after(path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
+def json_safe(metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """NaN / inf (a skipped non-finite step) become null: metrics.jsonl stays strict JSON (jq, pandas, JS)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+
+
 class RunLogger:
     """Writes only on the main rank; every method is a no-op elsewhere."""
 
@@ -72,7 +78,7 @@ class RunLogger:
         if not self.active:
             return
         self.history.append(metrics)
-        self.jsonl.write(json.dumps(metrics) + "\n")
+        self.jsonl.write(json.dumps(json_safe(metrics), allow_nan=False) + "\n")
         self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=metrics["step"])
@@ -104,7 +110,7 @@ class RunLogger:
         import matplotlib.pyplot as plt
         with open(os.path.join(self.cfg.run_dir, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]   # null = non-finite
         evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
         fig, ax = plt.subplots(figsize=(6, 4))
         if train:
