@@ -6,6 +6,7 @@ with one line that names the key; the CLI prints it and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -269,6 +270,9 @@ def _check_tokenizer_file(path: str) -> None:
     if not isinstance(spec, dict) or "model" not in spec:
         raise ConfigError("data.tokenizer", f"{path} is JSON but not a tokenizers file (no \"model\" entry); "
                           "use data.tokenizer=byte or a tokenizer.json saved by `tokenizers`")
+    if importlib.util.find_spec("tokenizers") is None:
+        raise ConfigError("data.tokenizer", "a tokenizer JSON needs the `tokenizers` package "
+                          "(pip install 'lsp[tokenizers]'), or use data.tokenizer=byte")
 
 
 def to_yaml(cfg: Config) -> str:

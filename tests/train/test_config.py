@@ -61,6 +61,9 @@ BAD = [
                "data.tokenizer={tmp}/garbage.json"], "data.tokenizer: {tmp}/garbage.json is not a tokenizers JSON"),
     ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1",
                "data.tokenizer={tmp}/other.json"], "is JSON but not a tokenizers file"),
+    # a well-formed but broken tokenizer: "needs the tokenizers package" here, or the loader's own error with it
+    ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1", "parallel.sp=1",
+               "data.tokenizer={tmp}/broken.json"], "data.tokenizer: "),
     ("train", ["data.mqar.num_kv_pairs=40"], "data.mqar.num_kv_pairs: 40 > data.mqar.num_keys=16"),
     ("train", ["optim.min_lr=1.0"], "optim.min_lr: 1.0 is larger than optim.lr"),
     ("train", ["train.steps"], "override must look like key=value"),
@@ -79,6 +82,7 @@ def bad_inputs(tmp_path):
     (tmp_path / "doc.txt").write_text("hello")
     (tmp_path / "garbage.json").write_bytes(b"\x00\xffnot json")
     (tmp_path / "other.json").write_text('{"vocab": {}}')
+    (tmp_path / "broken.json").write_text('{"model": {"type": "NoSuchModel"}}')
     return tmp_path
 
 
