@@ -4,10 +4,12 @@ Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, s
 which is slow: shapes stay tiny. The `gpu` test runs larger shapes on CUDA.
 
 Tolerances (norm-relative, max|a-b| / max|b|):
-- fp32 inputs vs the fp64 naive reference: 1e-4 (2e-4 for dg of [H] decay). The kernels accumulate in fp32 (unit
+- fp32 inputs vs the fp64 naive reference: 1e-4 (5e-4 for dg of [H] decay). The kernels accumulate in fp32 (unit
   roundoff 6e-8); sums of <= 150 O(1) terms give ~1e-6 measured. dg of a per-head decay is Σ_t (t + 1)(q·dq - k·dk)_t
-  over every token and key dim with strong cancellation: the fp32 errors of dq, dk are amplified to 2e-5 (T=77) and
-  5e-5 (T=150) measured, about what autograd of the fp32 torch path gets (2e-5). A wrong term (a dropped decay, a
+  over every token and key dim with strong cancellation (up to T-fold): the fp32 errors of dq, dk (~1e-6) are
+  amplified to 8e-6 (T=77, K=16) and 2.3e-4 (T=150, K=72, V=100) measured with the Triton 3.9 interpreter (5e-5 with
+  earlier versions); rounding the exact dq, dk to fp32 alone already gives 4e-5 there, and autograd of the fp32 torch
+  path, which never forms that sum, gets 2e-5. A wrong term (a dropped decay, a
   state from the wrong chunk or sequence) gives errors of O(1e-1) and fails, see the negative controls.
 - bf16 / fp16 inputs vs the fp32 torch path on the same rounded values: 1e-2 (bf16), 1e-3 (fp16); measured 4.4e-3
   and 2.8e-4. The kernels accumulate in fp32, but o and the input gradients are rounded to the input dtype (relative
@@ -60,7 +62,7 @@ def _triton(q, k, v, g, s0, **kw):
 
 
 def _tol(form, key):
-    return 2e-4 if (form == "head" and key == "dg") else TOL32
+    return 5e-4 if (form == "head" and key == "dg") else TOL32
 
 
 def _check(res, ref, form, what):
