@@ -4,7 +4,8 @@
     lsp launch [--nproc-per-node N] [--nnodes M] [--node-rank R] [--rdzv-endpoint HOST:PORT] [--max-restarts K]
                CONFIG.yaml [key=value ...]           torchrun ... -m lsp.cli train CONFIG.yaml ...
     lsp eval CHECKPOINT_DIR [key=value ...]          MQAR accuracy / validation loss of a checkpoint
-    lsp plan [--world N] CONFIG.yaml [key=value ...] modelled step time per SP method (lsp.parallel.costmodel)
+    lsp plan [--gpus N] [--seq-len T] CONFIG.yaml [key=value ...]
+                                                     recommended sp, SP method, micro-batch (lsp.train.plan)
 
 User errors print one line and exit with code 2 (no traceback).
 """
@@ -104,31 +105,34 @@ def cmd_eval(args) -> int:
     return 0
 
 
-PLAN_TO_SP_METHOD = {"lasp1": "ring", "lasp2": "allgather", "allscan": "allscan"}
-
-
 def cmd_plan(args) -> int:
-    """Modelled step time of each SP method for the config's model, sequence length and SP size."""
+    """Recommend sp size, SP method, micro-batch and activation checkpointing for a cluster (lsp.train.plan)."""
     from lsp.train.config import load_config
     cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
-    try:
-        from lsp.parallel.costmodel import ModelSpec, format_plan, plan
-    except ImportError:
-        raise UserError("lsp plan needs lsp.parallel.costmodel, which this installation does not have") from None
-    from lsp.models.config import default_intermediate_size
-    m = cfg.model
-    world = args.world or cfg.parallel.sp
-    if world < 1:
-        raise UserError(f"--world must be >= 1, got {world}")
-    spec = ModelSpec(hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
-                     head_dim=m.hidden_size // m.num_heads, ffn_size=default_intermediate_size(m.hidden_size),
-                     vocab_size=m.vocab_size or 257)
-    rows = plan(world, cfg.data.seq_len, model=spec)
-    print(f"{cfg.name}: seq_len={cfg.data.seq_len}, {world} SP ranks (modelled, see lsp/parallel/costmodel.py)")
-    print(format_plan(rows))
-    best = next((r["method"] for r in rows if r["method"] in PLAN_TO_SP_METHOD), None)
-    if best:
-        print(f"suggested: parallel.sp_method={PLAN_TO_SP_METHOD[best]}")
+    from lsp.train.plan import SP_METHODS, Cluster, format_candidates, plan_cluster, recommend
+    for flag, value in (("--gpus", args.gpus), ("--world", args.world), ("--seq-len", args.seq_len),
+                        ("--gpu-mem-gb", args.gpu_mem_gb), ("--tflops", args.tflops), ("--gpus-per-node", args.gpus_per_node), ("--top", args.top)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag} must be positive, got {value}")
+    gpus = args.gpus or max(1, cfg.parallel.dp) * cfg.parallel.sp
+    if args.world and gpus % args.world:
+        raise UserError(f"--world {args.world} does not divide --gpus {gpus}")
+    cluster = Cluster(gpus=gpus, gpus_per_node=args.gpus_per_node, memory_gb=args.gpu_mem_gb, tflops=args.tflops)
+    T = args.seq_len or cfg.data.seq_len
+    kw = dict(vocab_size=cfg.model.vocab_size or 257, seq_len=T, sp_choices=[args.world] if args.world else None)
+    best = recommend(cfg, cluster, **kw)         # one line (exit 2) when nothing fits
+    rows = plan_cluster(cfg, cluster, **kw)
+    batch = best.micro_batch * best.grad_accum * best.dp
+    print(f"{cfg.name}: seq_len={T}, {gpus} GPUs x {args.gpu_mem_gb:g} GB, {args.tflops:g} TFLOP/s each, "
+          f"global batch {batch} sequences, engine={cfg.parallel.engine} zero={cfg.parallel.zero} "
+          "(modelled: lsp/train/plan.py)")
+    print(format_candidates(rows, limit=args.top))
+    same_sp = [c for c in rows if c.sp == best.sp and c.micro_batch == best.micro_batch
+               and c.checkpointing == best.checkpointing]
+    print(f"\nSP methods at sp={best.sp}: " + ", ".join(
+        f"{c.method} {c.step_s:.3f} s" for m in SP_METHODS for c in same_sp if c.method == m))
+    print(f"recommended ({best.tokens_per_s_per_gpu:.4g} tokens/s/GPU, {best.memory_gb:.1f} GB/GPU): "
+          f"{best.overrides()}")
     return 0
 
 
@@ -153,8 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("plan", help="cost-model advice for a config")
-    p.add_argument("--world", type=int, default=0, help="SP ranks to model (default: parallel.sp)")
+    p = sub.add_parser("plan", help="recommend sp size, SP method, micro-batch for a config on a cluster")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default: parallel.dp x parallel.sp)")
+    p.add_argument("--world", type=int, default=None, help="fix the SP size instead of searching it")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: data.seq_len)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    p.add_argument("--tflops", type=float, default=400.0, help="sustained bf16 TFLOP/s per GPU")
+    p.add_argument("--top", type=int, default=10, help="candidates to print")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=cmd_plan)

@@ -76,6 +76,26 @@ def _flops_fwd_per_token(m: ModelSpec) -> tuple[float, float]:
     return m.num_layers * per_layer + 2 * d * m.vocab_size, intra
 
 
+def exchange_time(method: str, world_size: int, state_bytes: float, t_overlap: float,
+                  hw: Hardware | None = None) -> tuple[float, float]:
+    """(exposed seconds, bytes received per GPU) of one linear layer's state exchange in one pass (forward or
+    backward) for the state-passing methods lasp1 / lasp2 / allscan; state_bytes is the whole [B, H, K, V] state,
+    t_overlap the local intra-chunk compute an asynchronous exchange hides behind. Formulas: module docstring."""
+    hw, W, s = hw or Hardware(), world_size, state_bytes
+    if W == 1:
+        return 0.0, 0.0
+    if method == "lasp1":
+        t_update = 3 * s / hw.hbm
+        return (W - 1) * (hw.latency + s / hw.bandwidth + t_update + hw.hop_overhead), s
+    if method == "lasp2":
+        gather = (W - 1) * (hw.latency + s / hw.bandwidth)
+        return max(0.0, gather - t_overlap) + 3 * W * s / hw.hbm, (W - 1) * s
+    if method == "allscan":
+        return min(max(0.0, (W + nb - 2) * (hw.latency + s / (nb * hw.bandwidth)) - t_overlap)
+                   for nb in (1, 2, 4, 8, 16, 32, 64, 128)), s
+    raise ValueError(f"method must be one of {METHODS[:3]}, got {method!r}")
+
+
 def step_time(method: str, world_size: int, seq_len: int, m: ModelSpec | None = None,
               hw: Hardware | None = None) -> StepTime:
     """Modelled fwd+bwd step time of one method; see the module docstring for the formulas."""
@@ -90,22 +110,13 @@ def step_time(method: str, world_size: int, seq_len: int, m: ModelSpec | None = 
     s = H * K * K * hw.state_bytes
     if W == 1:
         return StepTime(method, compute, 0.0, 0.0)
-    if method == "lasp1":
-        t_update = 3 * s / hw.hbm
-        per_pass, bytes_pass = (W - 1) * (hw.latency + s / hw.bandwidth + t_update + hw.hop_overhead), s
-    elif method == "lasp2":
-        gather = (W - 1) * (hw.latency + s / hw.bandwidth)
-        per_pass = max(0.0, gather - t_intra) + 3 * W * s / hw.hbm
-        bytes_pass = (W - 1) * s
-    elif method == "allscan":
-        per_pass = min(max(0.0, (W + nb - 2) * (hw.latency + s / (nb * hw.bandwidth)) - t_intra)
-                       for nb in (1, 2, 4, 8, 16, 32, 64, 128))
-        bytes_pass = s
-    else:
+    if method == "ringkv":
         kv = 2 * T_loc * H * K * hw.act_bytes
         block = 2 * 2 * T_loc * H * K * K / hw.flops
         per_pass = (W - 1) * max(0.0, hw.latency + kv / hw.bandwidth - block)
         bytes_pass = (W - 1) * kv
+    else:
+        per_pass, bytes_pass = exchange_time(method, W, s, t_intra, hw)
     passes = 2 * m.num_layers
     return StepTime(method, compute, passes * per_pass, passes * bytes_pass)
 
@@ -142,4 +153,4 @@ def ratio(slow: str, fast: str, world_size: int, seq_len: int, **kw) -> float:
     return step_time(slow, world_size, seq_len, **kw).total_s / step_time(fast, world_size, seq_len, **kw).total_s
 
 
-__all__ = ["ModelSpec", "Hardware", "StepTime", "step_time", "plan", "format_plan", "ratio", "METHODS", "LABELS"]
+__all__ = ["ModelSpec", "Hardware", "StepTime", "exchange_time", "step_time", "plan", "format_plan", "ratio", "METHODS", "LABELS"]

@@ -28,9 +28,9 @@ class NonFiniteError(RuntimeError):
     """NaN/inf in the loss or gradients with train.on_nonfinite=stop; str() is one line."""
 
 
-def build_model(cfg: Config, vocab_size: int):
-    """HybridLM from the `model` section (+ train/parallel switches); HybridConfig errors become ConfigError."""
-    from lsp.models import HybridConfig, HybridLM
+def hybrid_config(cfg: Config, vocab_size: int):
+    """The `HybridConfig` of the `model` section (+ train/parallel switches); its errors become ConfigError."""
+    from lsp.models import HybridConfig
     m = cfg.model
     if m.vocab_size and m.vocab_size < vocab_size:
         raise ConfigError("model.vocab_size", f"{m.vocab_size} is smaller than the data vocabulary {vocab_size}")
@@ -40,9 +40,14 @@ def build_model(cfg: Config, vocab_size: int):
                   activation_checkpointing=cfg.train.activation_checkpointing)
     kwargs.update(m.extra)
     try:
-        return HybridLM(HybridConfig.from_dict(kwargs))
+        return HybridConfig.from_dict(kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError("model", str(err).splitlines()[0]) from None
+
+
+def build_model(cfg: Config, vocab_size: int):
+    from lsp.models import HybridLM
+    return HybridLM(hybrid_config(cfg, vocab_size))
 
 
 def build_sp(cfg: Config, mesh: Mesh):

@@ -45,13 +45,3 @@ def test_torchrun_command():
 def test_launch_scripts_parse():
     for script in ("torchrun.sh", "slurm.sbatch"):
         subprocess.run(["bash", "-n", os.path.join(REPO, "launch", script)], check=True)
-
-
-def test_plan_command(capsys):
-    from lsp.cli import main
-    path = os.path.join(REPO, "configs", "hybrid-1.3b-1m-multinode.yaml")
-    assert main(["plan", path]) == 0          # data files are not needed to plan
-    out = capsys.readouterr().out
-    assert "32 SP ranks" in out and "LASP-2 (all-gather)" in out
-    assert re.search(r"suggested: parallel.sp_method=(allgather|allscan|ring)\n", out)
-    assert main(["plan", path, "parallel.sp_method=foo"]) == 2

@@ -1,0 +1,196 @@
+"""`lsp plan`: choose SP size, SP method, micro-batch and activation checkpointing for a config on a cluster.
+
+The planner enumerates every candidate (sp, method, micro_batch, activation checkpointing) for N GPUs, keeps the
+global batch of the config fixed (micro_batch · grad_accum · dp sequences; dp = N / sp, so grad_accum adapts),
+models the step time and the memory per GPU of each, and recommends the fastest candidate that fits in memory.
+It is a model (no GPU is touched): treat absolute numbers as an order of magnitude, the ranking as the result.
+
+Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b · T / sp local tokens):
+
+    micro   = compute + Σ_L layers exchange_L + Σ_S layers exchange_S
+    compute = (1 + ac/3) · flops_per_token(cfg, T) · t / F         (activation checkpointing re-runs the forward)
+    exchange_L (per pass, forward and backward): lsp.parallel.costmodel.exchange_time(method, sp, b·H·K·V·4 bytes,
+              t_intra) - the LASP-1 / LASP-2 / All-Scan formulas, overlapped with the intra-chunk compute t_intra
+    exchange_S (LASP-2H): all-gather of K,V forward, the reduce of their gradients backward, each
+              (sp-1)·(α + kv/β) with kv = 2·t·Hkv·Dh·2 bytes, overlapped with the rank's local diagonal block
+    step    = grad_accum · micro + max(0, allreduce_dp - backward of one micro-step)
+              (ring all-reduce of the bf16 gradients over dp, 2·(dp-1)/dp · P · 2 bytes, overlapped with backward)
+
+β is NVLink inside a node (the SP group is placed on consecutive ranks, so sp <= gpus_per_node stays inside one)
+and the network across nodes. Memory per GPU:
+
+    states      16 bytes/parameter (fp32 weight, gradient, AdamW m and v), sharded over dp by the engine:
+                ddp: 16P; ZeRO-1: 8P + 8P/dp; ZeRO-2 (fsdp zero=2): 4P + 12P/dp; ZeRO-3: 16P/dp
+    activations per layer and local token, bf16 (fp32 residual stream): 12·D + 6·F bytes for norms and the
+                SwiGLU MLP, + 2·(2·H·Dh + 2·Hkv·Dh) for a softmax layer's q, k, v, o, + 2·7·H·Dh for a linear layer's
+                q, k, v, decay, gate, norm input and output; softmax layers also keep the gathered K,V of the whole
+                sequence, 2·b·T·Hkv·Dh·2 bytes. With checkpointing only each block's input (4·D per token) is kept,
+                plus one block's full activations while it is recomputed.
+    reserve     `Cluster.reserve_gb` for the CUDA context, NCCL buffers, the cross-entropy chunk and fragmentation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
+from lsp.parallel.costmodel import Hardware, exchange_time
+
+from .config import Config, ConfigError
+
+SP_METHODS = ("allgather", "allscan", "ring")
+COSTMODEL_METHOD = {"allgather": "lasp2", "allscan": "allscan", "ring": "lasp1"}
+GB = 1e9
+
+
+@dataclass
+class Cluster:
+    gpus: int
+    gpus_per_node: int = 8
+    memory_gb: float = 80.0           # per GPU (H100 80GB)
+    tflops: float = 400.0             # sustained bf16 kernel throughput per GPU, as in lsp.parallel.costmodel
+    nvlink_gbps: float = 150.0        # GB/s per GPU inside a node
+    network_gbps: float = 18.0        # GB/s per GPU across nodes (the costmodel's fitted β)
+    reserve_gb: float = 6.0           # CUDA context, NCCL buffers, CE chunk, allocator fragmentation
+
+    @property
+    def dp_gbps(self) -> float:
+        """Bandwidth of the data-parallel gradient all-reduce: across nodes as soon as the job spans nodes."""
+        return self.nvlink_gbps if self.gpus <= self.gpus_per_node else self.network_gbps
+
+    def hardware(self, sp: int) -> Hardware:
+        inside = sp <= self.gpus_per_node
+        return Hardware(flops=self.tflops * 1e12, bandwidth=(self.nvlink_gbps if inside else self.network_gbps) * GB)
+
+
+@dataclass
+class Candidate:
+    sp: int
+    dp: int
+    method: str
+    micro_batch: int
+    grad_accum: int
+    checkpointing: bool
+    step_s: float
+    compute_s: float
+    comm_s: float
+    memory_gb: float
+    tokens_per_s_per_gpu: float
+    fits: bool
+
+    def overrides(self) -> str:
+        return (f"parallel.sp={self.sp} parallel.dp={self.dp} parallel.sp_method={self.method} "
+                f"train.micro_batch={self.micro_batch} train.grad_accum={self.grad_accum} "
+                f"train.activation_checkpointing={str(self.checkpointing).lower()}")
+
+
+def state_bytes_per_param(engine: str, zero: int, dp: int) -> float:
+    """fp32 weight + gradient + AdamW (m, v) bytes per parameter on one GPU, after the engine's sharding."""
+    if engine == "ddp" or zero == 0:
+        return 16.0
+    if zero == 1:
+        return 8.0 + 8.0 / dp
+    if zero == 2:
+        return 4.0 + 12.0 / dp
+    return 16.0 / dp
+
+
+def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool) -> float:
+    """Bytes of activations kept for backward on one GPU (module docstring)."""
+    D, F, H, Hkv, Dh = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_kv_heads,
+                        mcfg.head_dim)
+    common = 12 * D + 6 * F
+    per_token = {"S": common + 2 * (2 * H * Dh + 2 * Hkv * Dh), "L": common + 2 * 7 * H * Dh}
+    gathered_kv = 2 * micro_batch * seq_len * Hkv * Dh * 2
+    layer = {t: per_token[t] * local_tokens + (gathered_kv if t == "S" else 0) for t in "LS"}
+    types = mcfg.layer_types
+    if not checkpointing:
+        return sum(layer[t] for t in types)
+    return 4 * D * local_tokens * len(types) + max(layer[t] for t in set(types))
+
+
+def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool):
+    """(compute s, exposed SP communication s, backward s) of one micro-step."""
+    hw = cluster.hardware(sp)
+    t = b * seq_len / sp
+    compute_fwd = flops_per_token(mcfg, seq_len) * t / hw.flops / 3
+    compute = compute_fwd * (3 + ac)
+    H, Hkv, Dh = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
+    C = min(LINEAR_CHUNK, seq_len)
+    t_intra = 2 * 2 * C * Dh * H * t / hw.flops                     # Q Kᵀ and P V inside the chunks of one layer
+    state = b * H * Dh * Dh * hw.state_bytes
+    exposed_L, _ = exchange_time(COSTMODEL_METHOD[method], sp, state, t_intra, hw)
+    kv = 2 * t * Hkv * Dh * hw.act_bytes
+    local_block = 2 * 2 * H * Dh * t * (t / 2) / hw.flops            # causal diagonal block: needs no remote K,V
+    exposed_S = max(0.0, (sp - 1) * (hw.latency + kv / hw.bandwidth) - local_block) if sp > 1 else 0.0
+    types = mcfg.layer_types
+    comm = 2 * (types.count("L") * exposed_L + types.count("S") * exposed_S)
+    return compute, comm, compute_fwd * 2
+
+
+def sp_sizes(gpus: int, seq_len: int, layout: str) -> List[int]:
+    """SP sizes that divide the GPUs and cut the sequence into whole segments (the rule `lsp train` checks)."""
+    per_rank = 2 if layout == "zigzag" else 1
+    return [sp for sp in range(1, gpus + 1) if gpus % sp == 0 and seq_len % (sp * per_rank) == 0]
+
+
+def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Optional[int] = None,
+                 global_batch: Optional[int] = None, sp_choices: Optional[List[int]] = None) -> List[Candidate]:
+    """Every candidate for `cluster`, best first (fitting ones first, then by tokens/s per GPU)."""
+    from .trainer import hybrid_config
+
+    mcfg = hybrid_config(cfg, vocab_size)
+    T = seq_len or cfg.data.seq_len
+    p = cfg.parallel
+    if global_batch is None:
+        config_dp = p.dp or max(1, cluster.gpus // p.sp)
+        global_batch = cfg.train.micro_batch * cfg.train.grad_accum * config_dp
+    params = matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * mcfg.hidden_size)
+    sizes = sp_choices or sp_sizes(cluster.gpus, T, p.layout)
+    micro_batches = [1] if cfg.data.kind == "files" else [1, 2, 4, 8, 16, 32, 64]
+    out = []
+    for sp in sizes:
+        dp = cluster.gpus // sp
+        allreduce = 2 * (dp - 1) / dp * params * 2 / (cluster.dp_gbps * GB) if dp > 1 else 0.0
+        states = state_bytes_per_param(p.engine, p.zero, dp) * params
+        for b in micro_batches:
+            if global_batch % (dp * b):
+                continue
+            accum = global_batch // (dp * b)
+            for ac in (False, True):
+                memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac)) / GB + cluster.reserve_gb
+                for method in SP_METHODS if sp > 1 else SP_METHODS[:1]:
+                    compute, comm, backward = _micro_step(mcfg, cluster, sp, method, b, T, ac)
+                    step = accum * (compute + comm) + max(0.0, allreduce - backward)
+                    out.append(Candidate(sp, dp, method, b, accum, ac, step, accum * compute,
+                                         step - accum * compute, memory, global_batch * T / step / cluster.gpus,
+                                         memory <= cluster.memory_gb))
+    out.sort(key=lambda c: (not c.fits, -c.tokens_per_s_per_gpu, c.sp, c.checkpointing))
+    return out
+
+
+def recommend(cfg: Config, cluster: Cluster, **kw) -> Candidate:
+    """The fastest candidate that fits; ConfigError (one line) when none does."""
+    rows = plan_cluster(cfg, cluster, **kw)
+    if not rows:
+        raise ConfigError("data.seq_len", f"{kw.get('seq_len') or cfg.data.seq_len} cannot be split into whole "
+                          f"{cfg.parallel.layout} segments over any SP size dividing {cluster.gpus} GPUs whose dp "
+                          "divides the global batch (train.micro_batch x train.grad_accum x dp)")
+    if not rows[0].fits:
+        least = min(rows, key=lambda c: c.memory_gb)
+        shard = "" if cfg.parallel.zero == 3 else " or ZeRO-3 (parallel.engine=fsdp parallel.zero=3)"
+        raise ConfigError("plan", f"no candidate fits in {cluster.memory_gb:g} GB per GPU; the smallest needs "
+                          f"{least.memory_gb:.1f} GB ({least.overrides()}): use more GPUs, a shorter "
+                          f"data.seq_len{shard}")
+    return rows[0]
+
+
+def format_candidates(rows: List[Candidate], limit: int = 12) -> str:
+    head = ("| sp | dp | method | micro_batch | grad_accum | act. ckpt | step s | exposed comm s | tokens/s/GPU | "
+            "GB/GPU | fits |")
+    lines = [head, "|" + "---|" * 11]
+    for c in rows[:limit]:
+        lines.append(f"| {c.sp} | {c.dp} | {c.method} | {c.micro_batch} | {c.grad_accum} | "
+                     f"{'yes' if c.checkpointing else 'no'} | {c.step_s:.4g} | {c.comm_s:.3g} | "
+                     f"{c.tokens_per_s_per_gpu:.4g} | {c.memory_gb:.1f} | {'yes' if c.fits else 'no'} |")
+    return "\n".join(lines)
