@@ -1,8 +1,10 @@
 """`sp_softmax_attention`: sequence-parallel softmax attention by all-gathering K and V (LASP-2H).
 
 Every rank gathers the keys and values of all ranks (one all_gather of its [2, B, T_local, Hkv, D] K|V), puts them
-back in global order and attends its local queries to them with the causal / document mask built from global
-positions (`document_mask(q_positions=..., k_positions=...)`). Backward: a rank's K, V gradient is the sum over
+back in global order and attends its local queries to them. Causal without documents: each local segment is the
+causal suffix of the keys up to its end (`causal_suffix_attention`: no mask is formed and only the causal pairs are
+scored); with cu_seqlens: the causal / document mask built from global positions
+(`document_mask(q_positions=..., k_positions=...)`). Backward: a rank's K, V gradient is the sum over
 ranks of the gradients of its slot in the gathered buffer, one all_reduce of the [W, ...] gradient then its slot
 (gloo has no reduce_scatter). Under the zigzag layout every rank holds one early and one late segment, so the
 causal work per rank is balanced (see `attention_pairs_per_rank`).
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from lsp.ops.softmax import check_softmax_inputs, document_mask, sdpa
+from lsp.ops.softmax import causal_suffix_attention, check_softmax_inputs, document_mask, sdpa
 
 from .comm import gather_rows
 from .context import SPContext
@@ -42,6 +44,12 @@ def sp_softmax_attention(q, k, v, *, sp, causal=True, scale=None, cu_seqlens=Non
     segs = kv_all.reshape(W, 2, B, L, Ts, *k.shape[2:])
     kv_full = torch.cat([segs[sp.owner(s)[0], :, :, sp.owner(s)[1]] for s in range(sp.num_segments)], dim=2)
     k_full, v_full = kv_full[0], kv_full[1]                                              # [B, T, Hkv, D]
+    if causal and cu_seqlens is None:     # segment s of the sequence attends the keys [0, (s + 1)·Ts), causally
+        return torch.cat([
+            torch.cat([causal_suffix_attention(q[row * B : (row + 1) * B, i * Ts : (i + 1) * Ts],
+                                               k_full[:, : (s + 1) * Ts], v_full[:, : (s + 1) * Ts], scale=scale)
+                       for i, s in enumerate(sp.rank_segments(rank))], dim=1)
+            for row, rank in enumerate(sp.comm.ranks)], dim=0)
     positions = sp.local_positions(T_local, q.device)
     bounds = cu_seqlens if cu_seqlens is not None else torch.tensor([0, T], device=q.device)
     k_pos = torch.arange(T, device=q.device)

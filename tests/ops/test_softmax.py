@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lsp.ops import softmax_attention
+from lsp.ops.softmax import causal_suffix_attention, lower_right_sdpa
 
 from .linear_cases import max_rel_err
 
@@ -50,3 +51,68 @@ def test_document_masking():
     assert max_rel_err(o, reference(q, k, v, True, cu)) < 1e-12
     # negative control: without the document mask the second document sees the first one
     assert max_rel_err(softmax_attention(q, k, v), reference(q, k, v, True, cu)) > 1e-2
+
+
+def suffix_reference(q, k, v):
+    """Explicit fp64 attention of the last Tq of Tk positions: query i sees keys 0 .. Tk - Tq + i."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    H, D = q.shape[2], q.shape[3]
+    k, v = k.repeat_interleave(H // k.shape[2], 2), v.repeat_interleave(H // k.shape[2], 2)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * D**-0.5
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool).tril(Tk - Tq)
+    return torch.einsum("bhij,bjhd->bihd", scores.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+
+
+def _suffix_inputs(Tq, Tk, H, Hkv, dtype=torch.float64, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, Tq, H, 8, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+    k, v = (torch.randn(2, Tk, Hkv, 8, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+            for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("Tq,Tk", [(16, 16), (16, 48), (1, 33), (20, 21)])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2)])
+def test_causal_suffix_matches_reference(Tq, Tk, H, Hkv):
+    """The mask-free path SP softmax layers use (prefix block + causal diagonal block, merged by log-sum-exp):
+    outputs and gradients equal the explicit reference in fp64; a top-left-aligned causal mask (what plain
+    is_causal=True would apply) must fail."""
+    q, k, v = _suffix_inputs(Tq, Tk, H, Hkv)
+    o, ref = causal_suffix_attention(q, k, v), suffix_reference(q, k, v)
+    assert max_rel_err(o, ref) < 1e-12
+    w = torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((o * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        assert max_rel_err(a, b) < 1e-12
+    if Tq < Tk:
+        rep = H // Hkv
+        top_left = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.repeat_interleave(rep, 2).transpose(1, 2), v.repeat_interleave(rep, 2).transpose(1, 2),
+            is_causal=True).transpose(1, 2)
+        assert max_rel_err(top_left, ref) > 1e-2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_causal_suffix_low_precision(dtype, tol):
+    q, k, v = _suffix_inputs(32, 96, 4, 2, dtype=dtype)
+    o = causal_suffix_attention(q, k, v)
+    ref = suffix_reference(*(x.detach().double() for x in (q, k, v)))
+    assert o.dtype == dtype and max_rel_err(o.double(), ref) < tol
+
+
+def test_lower_right_bias_path_agrees():
+    """The CUDA branch (SDPA's lower-right causal bias) has the same alignment; on CPU it runs materialised."""
+    q, k, v = _suffix_inputs(12, 40, 2, 2)
+    o = lower_right_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    assert max_rel_err(o, suffix_reference(q, k, v)) < 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_causal_suffix_cuda(dtype, tol):
+    q, k, v = (x.detach().cuda().to(dtype).requires_grad_(True) for x in _suffix_inputs(256, 1024, 8, 2))
+    o = causal_suffix_attention(q, k, v)
+    ref = suffix_reference(*(x.detach().cpu().double().requires_grad_(True) for x in (q, k, v)))
+    assert max_rel_err(o.double().cpu(), ref) < tol
+    o.float().sum().backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))

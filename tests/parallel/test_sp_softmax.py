@@ -47,3 +47,24 @@ def test_softmax_method_error():
     q = torch.randn(2, 4, 2, 8)
     with pytest.raises(ValueError, match="method"):
         sp_softmax_attention(q, q, q, sp=sp, method="ring")
+
+
+def _largest_saved(fn):
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        fn()
+    return max(sizes)
+
+
+def test_causal_sp_softmax_forms_no_mask():
+    """Causal without documents, each segment attends its causal key prefix without a [T_local, T] mask (which the
+    masked path saves for backward: the control). Largest saved tensor: the gathered K|V, 2·T·Hkv·D."""
+    W, T_local, Hkv, D = 4, 64, 2, 8
+    T = W * T_local
+    sp = SPContext(emulate=W, layout="zigzag")
+    q = torch.randn(W, T_local, 4, D, requires_grad=True)
+    k, v = (torch.randn(W, T_local, Hkv, D, requires_grad=True) for _ in range(2))
+    no_mask = _largest_saved(lambda: sp_softmax_attention(q, k, v, sp=sp))
+    assert no_mask <= 2 * T * Hkv * D < T_local * T
+    one_doc = torch.tensor([0, T], dtype=torch.int32)
+    assert _largest_saved(lambda: sp_softmax_attention(q, k, v, sp=sp, cu_seqlens=one_doc)) >= T_local * T
