@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import e2e  # noqa: E402
 import hybrid_ratio  # noqa: E402
 import profile_step  # noqa: E402
+import softmax_sp  # noqa: E402
 
 
 def test_saved_bytes_counts_activations_not_parameters():
@@ -80,3 +81,11 @@ def test_hybrid_ratio_quick(tmp_path):
     assert [r["pattern"] for r in rows] == ["LLLS", "S"]
     assert all(0.0 <= r["recall_acc"] <= 1.0 for r in rows)
     assert os.path.exists(tmp_path / "h.png")
+
+
+def test_softmax_sp_quick():
+    """The masked and mask-free SP softmax paths agree, and the mask-free one saves less for backward."""
+    (row,) = softmax_sp.main(["--quick"])
+    assert row["max rel diff"] < 1e-5
+    assert row["saved MB/rank mask-free"] < row["saved MB/rank mask"]
+    assert row["ms/rank mask"] > 0 and row["ms/rank mask-free"] > 0
