@@ -111,17 +111,18 @@ def cmd_plan(args) -> int:
     cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
     from lsp.train.plan import SP_METHODS, Cluster, format_candidates, plan_cluster, recommend
     for flag, value in (("--gpus", args.gpus), ("--world", args.world), ("--seq-len", args.seq_len),
-                        ("--gpu-mem-gb", args.gpu_mem_gb), ("--tflops", args.tflops), ("--gpus-per-node", args.gpus_per_node), ("--top", args.top)):
+                        ("--gpu-mem-gb", args.gpu_mem_gb), ("--tflops", args.tflops),
+                        ("--gpus-per-node", args.gpus_per_node), ("--top", args.top)):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be positive, got {value}")
-    gpus = args.gpus or max(1, cfg.parallel.dp) * cfg.parallel.sp
+    gpus = args.gpus or max(1, cfg.parallel.dp) * (args.world or cfg.parallel.sp)
     if args.world and gpus % args.world:
         raise UserError(f"--world {args.world} does not divide --gpus {gpus}")
     cluster = Cluster(gpus=gpus, gpus_per_node=args.gpus_per_node, memory_gb=args.gpu_mem_gb, tflops=args.tflops)
     T = args.seq_len or cfg.data.seq_len
     kw = dict(vocab_size=cfg.model.vocab_size or 257, seq_len=T, sp_choices=[args.world] if args.world else None)
-    best = recommend(cfg, cluster, **kw)         # one line (exit 2) when nothing fits
     rows = plan_cluster(cfg, cluster, **kw)
+    best = recommend(cfg, cluster, rows=rows, **kw)   # one line (exit 2) when nothing fits
     batch = best.micro_batch * best.grad_accum * best.dp
     print(f"{cfg.name}: seq_len={T}, {gpus} GPUs x {args.gpu_mem_gb:g} GB, {args.tflops:g} TFLOP/s each, "
           f"global batch {batch} sequences, engine={cfg.parallel.engine} zero={cfg.parallel.zero} "
@@ -158,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plan", help="recommend sp size, SP method, micro-batch for a config on a cluster")
-    p.add_argument("--gpus", type=int, default=None, help="GPUs in the job (default: parallel.dp x parallel.sp)")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="GPUs in the job (default: parallel.dp x (--world or parallel.sp))")
     p.add_argument("--world", type=int, default=None, help="fix the SP size instead of searching it")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: data.seq_len)")
     p.add_argument("--gpus-per-node", type=int, default=8)

@@ -41,6 +41,10 @@ def sdpa(q, k, v, *, mask=None, causal=False, scale=None):
     return o.transpose(1, 2)
 
 
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
 class _PrefixDiagonalAttention(torch.autograd.Function):
     """Bottom-right causal attention on the CPU flash kernel, as two key blocks merged by log-sum-exp.
 
@@ -75,10 +79,6 @@ class _PrefixDiagonalAttention(torch.autograd.Function):
             dks.append(dk_b)
             dvs.append(dv_b)
         return dq, torch.cat(dks, dim=2), torch.cat(dvs, dim=2), None
-
-
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
 def lower_right_sdpa(qt, kt, vt, scale=None):

@@ -22,10 +22,10 @@ and the network across nodes. Memory per GPU:
     states      16 bytes/parameter (fp32 weight, gradient, AdamW m and v), sharded over dp by the engine:
                 ddp: 16P; ZeRO-1: 8P + 8P/dp; ZeRO-2 (fsdp zero=2): 4P + 12P/dp; ZeRO-3: 16P/dp
     activations per layer and local token, bf16 (fp32 residual stream): 12·D + 6·F bytes for norms and the
-                SwiGLU MLP, + 2·(2·H·Dh + 2·Hkv·Dh) for a softmax layer's q, k, v, o, + 2·7·H·Dh for a linear layer's
-                q, k, v, decay, gate, norm input and output; softmax layers also keep the gathered K,V of the whole
-                sequence, 2·b·T·Hkv·Dh·2 bytes. With checkpointing only each block's input (4·D per token) is kept,
-                plus one block's full activations while it is recomputed.
+                SwiGLU MLP, + 2·(2·H·Dh + 2·Hkv·Dh) for a softmax layer's q, k, v, o, + 2·7·H·Dh for a
+                linear layer's q, k, v, decay, gate, norm input and output; softmax layers also keep the
+                gathered K,V of the whole sequence, 2·b·T·Hkv·Dh·2 bytes. With checkpointing only each block's
+                input (4·D per token) is kept, plus one block's full activations while it is recomputed.
     reserve     `Cluster.reserve_gb` for the CUDA context, NCCL buffers, the cross-entropy chunk and fragmentation.
 """
 from __future__ import annotations
@@ -169,9 +169,10 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
     return out
 
 
-def recommend(cfg: Config, cluster: Cluster, **kw) -> Candidate:
-    """The fastest candidate that fits; ConfigError (one line) when none does."""
-    rows = plan_cluster(cfg, cluster, **kw)
+def recommend(cfg: Config, cluster: Cluster, rows: Optional[List[Candidate]] = None, **kw) -> Candidate:
+    """The fastest candidate that fits (of `rows`, default `plan_cluster(cfg, cluster, **kw)`); ConfigError (one
+    line) when none does."""
+    rows = plan_cluster(cfg, cluster, **kw) if rows is None else rows
     if not rows:
         raise ConfigError("data.seq_len", f"{kw.get('seq_len') or cfg.data.seq_len} cannot be split into whole "
                           f"{cfg.parallel.layout} segments over any SP size dividing {cluster.gpus} GPUs whose dp "
