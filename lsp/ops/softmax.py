@@ -31,12 +31,18 @@ def check_softmax_inputs(q, k, v):
         raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
 
 
-def sdpa(q, k, v, *, mask=None, causal=False, scale=None):
-    """SDPA on [B, T, H, D] tensors with grouped-query heads expanded; mask: [Tq, Tk] bool or None."""
+def heads_first(q, k, v):
+    """[B, T, H, D] q and [B, T, Hkv, D] k, v -> [B, H, T, D] each, grouped-query KV heads repeated to H."""
     rep = q.shape[2] // k.shape[2]
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     if rep > 1:
         kt, vt = kt.repeat_interleave(rep, dim=1), vt.repeat_interleave(rep, dim=1)
+    return qt, kt, vt
+
+
+def sdpa(q, k, v, *, mask=None, causal=False, scale=None):
+    """SDPA on [B, T, H, D] tensors with grouped-query heads expanded; mask: [Tq, Tk] bool or None."""
+    qt, kt, vt = heads_first(q, k, v)
     o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
     return o.transpose(1, 2)
 
@@ -104,10 +110,7 @@ def causal_suffix_attention(q, k, v, *, scale=None):
         raise ValueError(f"k must have at least as many positions as q for a causal suffix, got {Tk} < {Tq}")
     if Tq == Tk:
         return sdpa(q, k, v, causal=True, scale=scale)
-    rep = q.shape[2] // k.shape[2]
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    if rep > 1:
-        kt, vt = kt.repeat_interleave(rep, dim=1), vt.repeat_interleave(rep, dim=1)
+    qt, kt, vt = heads_first(q, k, v)
     if q.device.type == "cpu" and _CPU_FLASH is not None:
         o = _PrefixDiagonalAttention.apply(qt.contiguous(), kt.contiguous(), vt.contiguous(), scale)
     else:
