@@ -152,8 +152,11 @@ def load_chunk_module(rev: str):
 
 
 def use_chunk_module(mod) -> None:
+    """Route the op and, where the revision has the two-phase split, the SP local pass through `mod`."""
     lin_api.chunk_linear_attention = mod.chunk_linear_attention
-    lin_local.chunk_final_state = mod.chunk_final_state
+    for name in ("chunk_prepare", "chunk_states", "chunk_output"):
+        if hasattr(mod, name):
+            setattr(lin_local, name, getattr(mod, name))
 
 
 def compare_baseline(args) -> list[dict]:

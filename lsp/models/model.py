@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from lsp.parallel import checkpoint_contexts
+
 from .config import HybridConfig
 from .layers import LinearAttention, RMSNorm, SoftmaxAttention, SwiGLU
 from .loss import IGNORE_INDEX, chunked_cross_entropy
@@ -106,7 +108,9 @@ class HybridLM(nn.Module):
         x = self.embed(input_ids)
         for block in self.layers:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, positions, sp, cu_seqlens, use_reentrant=False)
+                # the recompute replays the SP exchanges of the forward instead of communicating again
+                x = checkpoint(block, x, positions, sp, cu_seqlens, use_reentrant=False,
+                               context_fn=checkpoint_contexts)
             else:
                 x = block(x, positions, sp=sp, cu_seqlens=cu_seqlens)
         return self.norm(x)

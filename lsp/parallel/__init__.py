@@ -1,4 +1,5 @@
 """Exact sequence parallelism: layouts, SP algorithms, comm accounting, emulation (see docs/sp.md)."""
+from .collectives import checkpoint_contexts
 from .comm import comm_stats, reset_comm_stats
 from .context import LAYOUTS, SPContext
 from .launch import spawn
@@ -6,4 +7,4 @@ from .linear import METHODS, sp_linear_attention
 from .softmax import attention_flops_balance, attention_pairs_per_rank, sp_softmax_attention
 
 __all__ = ["SPContext", "LAYOUTS", "METHODS", "sp_linear_attention", "sp_softmax_attention", "comm_stats",
-           "reset_comm_stats", "spawn", "attention_pairs_per_rank", "attention_flops_balance"]
+           "reset_comm_stats", "checkpoint_contexts", "spawn", "attention_pairs_per_rank", "attention_flops_balance"]

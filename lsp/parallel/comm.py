@@ -186,17 +186,20 @@ class ReplicateSum(torch.autograd.Function):
     """Forward: Σ over ranks of each rank's contribution; backward: Σ over ranks of the replicas' gradients.
 
     Used for outputs owned by one rank and returned on every rank (final_state): the global objective is the sum
-    of the per-rank losses, so a replica's gradient from every rank counts.
+    of the per-rank losses, so a replica's gradient from every rank counts. `token` (a join token, or the token of
+    the collective before it) puts the node in the graph on every rank and orders its backward before that one's.
     """
 
     @staticmethod
-    def forward(ctx, x, comm, tag):
+    def forward(ctx, x, token, comm, tag):
+        from .collectives import replayed
+
         ctx.comm, ctx.tag = comm, tag
-        return comm.all_reduce(x, tag)
+        return replayed(lambda: comm.all_reduce(x, tag))
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.comm.all_reduce(grad.contiguous(), ctx.tag + ":bwd"), None, None
+        return ctx.comm.all_reduce(grad.contiguous(), ctx.tag + ":bwd"), grad.new_empty(0), None, None
 
 
 def gather_rows(x: torch.Tensor, comm, tag: str) -> torch.Tensor:

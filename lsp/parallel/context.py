@@ -16,15 +16,29 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .comm import AllReduceIdentity, DistComm, EmuComm, gather_rows
+from lsp.names import LAYOUTS, SCAN_BLOCKS, SP_METHODS
 
-LAYOUTS = ("contiguous", "zigzag")
+from .comm import AllReduceIdentity, DistComm, EmuComm, gather_rows
+from .segments import SegmentPlan, plan_segments
+
 
 
 class SPContext:
-    def __init__(self, group=None, layout: str = "zigzag", emulate: int | None = None):
+    """The sequence-parallel context: ranks (real or emulated), layout, and the settings every SP layer shares.
+
+    method / scan_blocks: the linear layers' exchange ("allgather" LASP-2, "allscan" ZeCO All-Scan, "ring" LASP-1)
+    and All-Scan's pipeline blocks. The segment plan of a batch is built once (`segment_plan`) and reused by every
+    layer that sees the same batch.
+    """
+
+    def __init__(self, group=None, layout: str = "zigzag", emulate: int | None = None, *,
+                 method: str = "allgather", scan_blocks: int = SCAN_BLOCKS):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if method not in SP_METHODS:
+            raise ValueError(f"method must be one of {SP_METHODS}, got {method!r}")
+        if not isinstance(scan_blocks, int) or scan_blocks < 1:
+            raise ValueError(f"scan_blocks must be a positive int, got {scan_blocks!r}")
         if emulate is not None:
             if group is not None:
                 raise ValueError("SPContext: pass either group (real ranks) or emulate=W (virtual ranks), not both")
@@ -35,7 +49,17 @@ class SPContext:
             if not dist.is_available() or not dist.is_initialized():
                 raise ValueError("SPContext(group=...) needs torch.distributed initialised; use emulate=W for one process")
             self.comm = DistComm(group)
-        self.layout = layout
+        self.layout, self.method, self.scan_blocks = layout, method, scan_blocks
+        self._plan: SegmentPlan | None = None
+
+    # ------------------------------------------------------------------ the batch
+    def segment_plan(self, T_local: int, cu_seqlens: torch.Tensor | None = None) -> SegmentPlan:
+        """The segment plan of the current batch: built on the first call for (T_local, cu_seqlens), then reused by
+        every layer (cu_seqlens is compared by identity, so the host reads it once per batch)."""
+        p = self._plan
+        if p is None or p.T_local != T_local or p.cu_seqlens is not cu_seqlens:
+            p = self._plan = plan_segments(self, T_local, cu_seqlens)
+        return p
 
     # ------------------------------------------------------------------ topology
     @property
@@ -117,20 +141,6 @@ class SPContext:
         Ts = self.segment_length(T_local)
         ar = torch.arange(Ts, device=device)
         return torch.stack([torch.cat([s * Ts + ar for s in self.rank_segments(r)]) for r in self.comm.ranks])
-
-    def local_cu_seqlens(self, cu_seqlens: torch.Tensor, T_local: int) -> list[torch.Tensor]:
-        """Per held rank, int32 boundaries of the local tokens cut at every global document start and at every
-        segment join (zigzag segments are not adjacent in the global sequence): each piece lies in one document.
-        """
-        Ts = self.segment_length(T_local)
-        starts = set(cu_seqlens.tolist()[:-1])
-        out = []
-        for r in self.comm.ranks:
-            bounds = []
-            for l, s in enumerate(self.rank_segments(r)):
-                bounds += [l * Ts] + [l * Ts + b - s * Ts for b in sorted(starts) if s * Ts < b < (s + 1) * Ts]
-            out.append(torch.tensor(bounds + [T_local], dtype=torch.int32, device=cu_seqlens.device))
-        return out
 
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Σ over ranks of x, on every rank; backward: the incoming gradient unchanged.

@@ -15,23 +15,27 @@ gradient of E_i and gE_i its direct part:
 Methods differ only in how the states travel:
 
 * allgather (LASP-2): one all_gather of every segment's (S_i, a_i), then each rank runs the prefix locally; the
-  backward gathers the gE_i once and runs the suffix locally. Launch and finish are separate autograd nodes so the
-  local zero-state output is computed while the gather is in flight (and its backward while the gradient gather
-  is in flight).
+  backward gathers (gE_i, a_i) once and runs the suffix locally. Launch and finish are separate autograd nodes so
+  the local zero-state output is computed while the gather is in flight (and its backward while the gradient
+  gather is in flight). Only the held segments' E_i and a_i are kept for backward (save_for_backward): nothing
+  of size O(W) outlives the forward.
 * allscan (ZeCO All-Scan): the state walks the chain of segment owners split into `blocks` blocks along K, each
   block sent (isend) as soon as it is updated so hops pipeline; backward walks the reverse chain.
 * ring (LASP-1): the same chain with the whole state per hop and blocking send/recv.
+
+Every node takes a join token and hands a token on (lsp.parallel.collectives): every rank runs every forward and
+backward collective whenever grad mode is on, in one order, and a checkpoint recompute replays the result.
 """
 from __future__ import annotations
 
 import torch
 
-_NEG_CONTROL = {"drop_decay": False}  # test-only hook: ignore the cross-segment decay (must break exactness)
+from .collectives import replayed, replaying, token_like
 
 
 def _decay(a_i, pass_i: float):
     # a_i: [B, H, Kg] or None -> A_i broadcastable to [B, H, K, V]
-    if a_i is None or _NEG_CONTROL["drop_decay"]:
+    if a_i is None:
         return float(pass_i)
     return pass_i * a_i.exp()[..., None]
 
@@ -40,22 +44,24 @@ def _decay_grad(gA_kv, A_i, a_i):
     # gA_kv: [B, H, K, V] = c G_{i+1} ⊙ E_i -> ∂a_i [B, H, Kg]
     if a_i is None:
         return None
-    if not isinstance(A_i, torch.Tensor):  # decay dropped by the negative-control hook
-        return torch.zeros_like(a_i)
     gA = gA_kv.sum(-1)
     if a_i.shape[-1] == 1:
         gA = gA.sum(-1, keepdim=True)
     return (gA * A_i[..., 0]).to(a_i.dtype)
 
 
+def _held(sp) -> list[list[int]]:
+    # per rank row: the global segments it holds, in local order
+    return [sp.rank_segments(r) for r in sp.comm.ranks]
+
+
 # ---------------------------------------------------------------------------------------------- all-gather
 
 
-def prefix_states(S_all, a_all, sp, plan):
-    """E for every global segment from all segments' S, a (gathered [W, L, ...]). Returns list of [B, H, K, V]."""
+def prefix_states(S_all, a_all, sp, plan, upto: int):
+    """E_0 .. E_upto from all segments' S, a (gathered [W, L, ...]). Returns a list of [B, H, K, V]."""
     E = []
-    for i in range(sp.num_segments):
-        r, l = sp.owner(i)
+    for i in range(upto + 1):
         if i == 0 or not plan.cont[i]:
             E.append(torch.zeros_like(S_all[0, 0]))
             continue
@@ -65,17 +71,22 @@ def prefix_states(S_all, a_all, sp, plan):
     return E
 
 
-def suffix_grads(gE_all, E, a_all, sp, plan):
-    """Reverse recurrence over all segments: (∂S, ∂a) per global segment from the direct gradients gE_all."""
-    n = sp.num_segments
-    gS, ga = [None] * n, [None] * n
+def suffix_grads(gE_all, E_held, a_all, sp, plan):
+    """Reverse recurrence from the last segment down to the first held one: (∂S, ∂a) of every held segment.
+
+    gE_all: [W, L, ...] direct gradients of every segment's E; E_held: {segment: E_i} of the held segments.
+    """
+    first = min(E_held)
+    gS, ga = {}, {}
     G_next = None  # c_{i+1} G_{i+1}
-    for i in reversed(range(n)):
+    for i in reversed(range(first, sp.num_segments)):
         r, l = sp.owner(i)
         a_i = None if a_all is None else a_all[r, l]
         A_i = _decay(a_i, plan.passes[i])
-        gS[i] = torch.zeros_like(E[i]) if G_next is None else G_next
-        ga[i] = None if a_i is None else (torch.zeros_like(a_i) if G_next is None else _decay_grad(G_next * E[i], A_i, a_i))
+        if i in E_held:
+            gS[i] = torch.zeros_like(E_held[i]) if G_next is None else G_next
+            ga[i] = None if a_i is None else (torch.zeros_like(a_i) if G_next is None
+                                              else _decay_grad(G_next * E_held[i], A_i, a_i))
         G_i = gE_all[r, l] if G_next is None else gE_all[r, l] + A_i * G_next
         G_next = G_i if (i > 0 and plan.cont[i]) else None
     return gS, ga
@@ -99,57 +110,79 @@ def _unpack(buf, S_shape, a_shape, a_dtype):
 
 
 class _Handle:
-    """Carries an in-flight gather between the launch and finish autograd nodes."""
+    """Carries an in-flight gather from the launch node to the finish node (forward) and back (backward). It holds
+    a buffer only while a collective is in flight; what backward needs is in the nodes' saved tensors."""
 
-    def __init__(self, sp, plan, tag):
+    def __init__(self, sp, plan, tag, S, a):
         self.sp, self.plan, self.tag = sp, plan, tag
+        self.S_shape, self.a_shape = S.shape, (None if a is None else a.shape)
+        self.a_dtype = None if a is None else a.dtype
+        self.buf = self.work = None
+        self.bwd = None  # (gathered gradient buffer, work, E_held) between the two backward nodes
+
+    def take(self):
+        buf, self.buf = self.buf, None
+        if self.work is not None:
+            self.work.wait()
+        self.work = None
+        return buf
 
 
 class GatherLaunch(torch.autograd.Function):
-    # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None -> a token (scalar) that orders the finish node after this
+    # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None; token: join token -> token (orders the finish node)
     @staticmethod
-    def forward(ctx, S, a, h):
+    def forward(ctx, S, a, token, h):
         ctx.h = h
-        h.S_shape, h.a_shape, h.a_dtype = S.shape, (None if a is None else a.shape), (None if a is None else a.dtype)
-        h.buf, h.work = h.sp.comm.all_gather(_pack(S, a), h.tag, async_op=True)
-        return S.new_zeros(())
+        if not replaying():
+            h.buf, h.work = h.sp.comm.all_gather(_pack(S, a), h.tag, async_op=True)
+        return token_like(S)
 
     @staticmethod
     def backward(ctx, _):
         h = ctx.h
-        h.gwork.wait()
+        buf, work, E_held = h.bwd
+        h.bwd = None
+        work.wait()
         sp = h.sp
-        gE_all = h.gbuf.reshape(sp.world_size, *h.S_shape[1:])
-        gS, ga = suffix_grads(gE_all, h.E, h.a_all, sp, h.plan)
-        held = [[sp.rank_segments(r)[l] for l in range(sp.segments_per_rank)] for r in sp.comm.ranks]
-        gS_loc = torch.stack([torch.stack([gS[i] for i in row]) for row in held])
-        ga_loc = None if h.a_all is None else torch.stack([torch.stack([ga[i] for i in row]) for row in held])
-        h.E = h.a_all = None
-        return gS_loc, ga_loc, None
+        gE_all, a_all = _unpack(buf, h.S_shape, h.a_shape, h.a_dtype)
+        held = _held(sp)
+        E_map = {i: E_held[row, l] for row, segs in enumerate(held) for l, i in enumerate(segs)}
+        gS, ga = suffix_grads(gE_all, E_map, a_all, sp, h.plan)
+        gS_loc = torch.stack([torch.stack([gS[i] for i in segs]) for segs in held])
+        ga_loc = None if a_all is None else torch.stack([torch.stack([ga[i] for i in segs]) for segs in held])
+        return gS_loc, ga_loc, None, None
+
+
+def _finish_prefix(h):
+    # wait for the gathered (S, a) of every segment -> E of the held segments [R, L, B, H, K, V]
+    sp = h.sp
+    S_all, a_all = _unpack(h.take(), h.S_shape, h.a_shape, h.a_dtype)
+    held = _held(sp)
+    E = prefix_states(S_all, a_all, sp, h.plan, max(max(segs) for segs in held))
+    return torch.stack([torch.stack([E[i] for i in segs]) for segs in held])
 
 
 class GatherFinish(torch.autograd.Function):
-    # token -> E: [R, L, B, H, K, V] (entering states of the held segments)
+    # token, a (own decays, kept for backward) -> E: [R, L, B, H, K, V] entering states of the held segments, token
     @staticmethod
-    def forward(ctx, token, h):
+    def forward(ctx, token, a, h):
+        ctx.set_materialize_grads(False)
         ctx.h = h
-        h.work.wait()
-        sp = h.sp
-        S_all, a_all = _unpack(h.buf, h.S_shape, h.a_shape, h.a_dtype)
-        E = prefix_states(S_all, a_all, sp, h.plan)
-        h.E, h.a_all, h.buf = E, a_all, None
-        return torch.stack([torch.stack([E[i] for i in sp.rank_segments(r)]) for r in sp.comm.ranks])
+        E = replayed(lambda: _finish_prefix(h))
+        ctx.save_for_backward(E, a)
+        return E, token_like(E)
 
     @staticmethod
-    def backward(ctx, gE):
+    def backward(ctx, gE, _):
+        E, a = ctx.saved_tensors
         h = ctx.h
-        h.gbuf, h.gwork = h.sp.comm.all_gather(gE.contiguous().reshape(gE.shape[0], -1), h.tag + ":bwd", async_op=True)
-        return torch.zeros((), dtype=gE.dtype, device=gE.device), None
+        gE = torch.zeros_like(E) if gE is None else gE.contiguous()
+        buf, work = h.sp.comm.all_gather(_pack(gE, a), h.tag + ":bwd", async_op=True)
+        h.bwd = (buf, work, E)
+        return E.new_empty(0), None, None
 
 
 # ---------------------------------------------------------------------------------------------- chain
-
-
 def _blocks(K: int, nb: int) -> list[slice]:
     size = -(-K // max(1, min(nb, K)))
     return [slice(s, min(s + size, K)) for s in range(0, K, size)]
@@ -175,43 +208,51 @@ def _relay(comm, blks, recvs, incoming, update, me, send_to, tag, pipelined, pen
     return out
 
 
+def _chain_forward(S, a, sp, plan, nb, pipelined, tag):
+    # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None -> E: [R, L, B, H, K, V]
+    comm, n = sp.comm, sp.num_segments
+    blks = _blocks(S.shape[-2], nb)
+    E = torch.zeros_like(S)
+    out, pending = {}, []
+    for i in range(n):
+        r, l = sp.owner(i)
+        if r not in comm.ranks:
+            continue
+        row = comm.row(r)
+        A_i = _decay(None if a is None else a[row, l], plan.passes[i])
+        prev = sp.owner(i - 1)[0] if i > 0 else None
+        nxt = sp.owner(i + 1)[0] if i + 1 < n else None
+        send_to = nxt if (nxt is not None and plan.cont[i + 1] and nxt != r) else None
+        if i > 0 and plan.cont[i] and prev == r:
+            E[row, l] = out[i - 1]
+        recvs = None
+        if i > 0 and plan.cont[i] and prev != r:
+            recvs = [comm.recv(E[row, l][..., b, :], prev, r, tag, async_op=pipelined) for b in blks]
+        E_i, S_i = E[row, l], S[row, l]
+        out[i] = _relay(comm, blks, recvs, E_i, lambda b: _kslice(A_i, b) * E_i[..., b, :] + S_i[..., b, :],
+                        r, send_to, tag, pipelined, pending)
+    for work in pending:
+        if work is not None:
+            work.wait()
+    return E
+
+
 class ChainExchange(torch.autograd.Function):
     """Entering states by passing the state along the chain of segment owners (ring / All-Scan)."""
 
     @staticmethod
-    def forward(ctx, S, a, sp, plan, nb, pipelined, tag):
-        # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None -> E: [R, L, B, H, K, V]
-        comm, n = sp.comm, sp.num_segments
-        blks = _blocks(S.shape[-2], nb)
-        E = torch.zeros_like(S)
-        out, pending = {}, []
-        for i in range(n):
-            r, l = sp.owner(i)
-            if r not in comm.ranks:
-                continue
-            row = comm.row(r)
-            A_i = _decay(None if a is None else a[row, l], plan.passes[i])
-            prev = sp.owner(i - 1)[0] if i > 0 else None
-            nxt = sp.owner(i + 1)[0] if i + 1 < n else None
-            send_to = nxt if (nxt is not None and plan.cont[i + 1] and nxt != r) else None
-            if i > 0 and plan.cont[i] and prev == r:
-                E[row, l] = out[i - 1]
-            recvs = None
-            if i > 0 and plan.cont[i] and prev != r:
-                recvs = [comm.recv(E[row, l][..., b, :], prev, r, tag, async_op=pipelined) for b in blks]
-            E_i, S_i = E[row, l], S[row, l]
-            out[i] = _relay(comm, blks, recvs, E_i, lambda b: _kslice(A_i, b) * E_i[..., b, :] + S_i[..., b, :],
-                            r, send_to, tag, pipelined, pending)
-        for work in pending:
-            if work is not None:
-                work.wait()
+    def forward(ctx, S, a, token, sp, plan, nb, pipelined, tag):
+        # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None -> E: [R, L, B, H, K, V], token
+        ctx.set_materialize_grads(False)
+        E = replayed(lambda: _chain_forward(S, a, sp, plan, nb, pipelined, tag))
         ctx.save_for_backward(E, a)
         ctx.sp, ctx.plan, ctx.nb, ctx.pipelined, ctx.tag = sp, plan, nb, pipelined, tag
-        return E
+        return E, token_like(E)
 
     @staticmethod
-    def backward(ctx, gE):
+    def backward(ctx, gE, _):
         E, a = ctx.saved_tensors
+        gE = torch.zeros_like(E) if gE is None else gE
         sp, plan, tag = ctx.sp, ctx.plan, ctx.tag + ":bwd"
         comm, n = sp.comm, sp.num_segments
         blks = _blocks(E.shape[-2], ctx.nb)
@@ -241,20 +282,20 @@ class ChainExchange(torch.autograd.Function):
         for work in pending:
             if work is not None:
                 work.wait()
-        return gS, ga, None, None, None, None, None
+        return gS, ga, None, None, None, None, None, None
 
 
-def exchange(S, a, sp, plan, method: str, scan_blocks: int):
-    """Start the exchange; returns a function that finishes it and yields E [R, L, B, H, K, V].
+def exchange(S, a, token, sp, plan, method: str, scan_blocks: int):
+    """Start the exchange; returns a function that finishes it and yields (E [R, L, B, H, K, V], token).
 
-    S: [R, L, B, H, K, V] local states; a: [R, L, B, H, Kg] total log-decays or None.
+    S: [R, L, B, H, K, V] local states; a: [R, L, B, H, Kg] total log-decays or None; token: a join token.
     """
     if method == "allgather":
-        h = _Handle(sp, plan, "allgather")
-        token = GatherLaunch.apply(S, a, h)
-        return lambda: GatherFinish.apply(token, h)
+        h = _Handle(sp, plan, "allgather", S, a)
+        launched = GatherLaunch.apply(S, a, token, h)
+        return lambda: GatherFinish.apply(launched, a, h)
     if method == "allscan":
-        E = ChainExchange.apply(S, a, sp, plan, scan_blocks, True, "allscan")
+        out = ChainExchange.apply(S, a, token, sp, plan, scan_blocks, True, "allscan")
     else:
-        E = ChainExchange.apply(S, a, sp, plan, 1, False, "ring")
-    return lambda: E
+        out = ChainExchange.apply(S, a, token, sp, plan, 1, False, "ring")
+    return lambda: out

@@ -86,6 +86,7 @@ class ParallelConfig:
     dp: int = 0  # 0 = world_size // sp
     sp: int = 1
     sp_method: str = "allgather"
+    scan_blocks: int = 4  # All-Scan pipeline blocks along K (sp_method=allscan)
     layout: str = "zigzag"
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     engine: str = "ddp"  # ddp | fsdp | deepspeed
@@ -146,7 +147,7 @@ CHOICES = {
 POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "data.seq_len",
             "data.mqar.num_kv_pairs", "data.mqar.num_queries", "data.mqar.num_keys", "data.mqar.num_values",
             "data.eval_batches", "optim.lr", "train.steps", "train.micro_batch", "train.grad_accum",
-            "train.log_every", "parallel.sp", "checkpoint.keep")
+            "train.log_every", "parallel.sp", "parallel.scan_blocks", "checkpoint.keep")
 NON_NEGATIVE = ("model.vocab_size", "optim.min_lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps",
                 "train.grad_clip", "train.seed", "train.eval_every", "parallel.dp", "checkpoint.every",
                 "logging.peak_tflops")

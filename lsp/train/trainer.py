@@ -36,8 +36,7 @@ def hybrid_config(cfg: Config, vocab_size: int):
         raise ConfigError("model.vocab_size", f"{m.vocab_size} is smaller than the data vocabulary {vocab_size}")
     kwargs = dict(vocab_size=m.vocab_size or vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
                   num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, layer_pattern=m.layer_pattern,
-                  linear_attn=m.linear_attn, sp_method=cfg.parallel.sp_method,
-                  activation_checkpointing=cfg.train.activation_checkpointing)
+                  linear_attn=m.linear_attn, activation_checkpointing=cfg.train.activation_checkpointing)
     kwargs.update(m.extra)
     try:
         return HybridConfig.from_dict(kwargs)
@@ -54,7 +53,8 @@ def build_sp(cfg: Config, mesh: Mesh):
     if mesh.sp == 1:
         return None
     from lsp.parallel import SPContext
-    return SPContext(group=mesh.sp_group, layout=cfg.parallel.layout)
+    p = cfg.parallel
+    return SPContext(group=mesh.sp_group, layout=p.layout, method=p.sp_method, scan_blocks=p.scan_blocks)
 
 
 def autocast(cfg: Config, device: torch.device):

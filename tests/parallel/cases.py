@@ -33,8 +33,9 @@ def make_case(W, form, varlen, dtype=torch.float64, seed=0, T_per_rank=32, H=2, 
     return c
 
 
-def _leaves(c):
-    return {n: c[n].clone().requires_grad_() for n in ("q", "k", "v", "g", "h0") if c[n] is not None}
+def _leaves(c, trained=("q", "k", "v", "g", "h0")):
+    # inputs as leaves; only the `trained` ones require grad (the others are frozen)
+    return {n: c[n].clone().requires_grad_(n in trained) for n in ("q", "k", "v", "g", "h0") if c[n] is not None}
 
 
 def reference(c):
@@ -46,18 +47,22 @@ def reference(c):
     return {"o": o.detach(), "final": f.detach(), **{n: t.grad for n, t in x.items()}}
 
 
-def run_sp(c, sp: SPContext, method: str, scan_blocks: int = 3):
+def run_sp(c, sp: SPContext, method: str, scan_blocks: int = 3, trained=("q", "k", "v", "g", "h0"),
+           backend="auto", autocast=None):
     """The same loss through sp_linear_attention; each rank's loss is its share, so Σ over ranks = the loss.
 
-    Returns the gathered output, the final state (rank 0's copy) and the full gradients (summed over ranks).
+    Returns the gathered output, the final state (rank 0's copy) and the full gradients (summed over ranks) of the
+    `trained` inputs (the others are frozen: their gradient is reported as zero). autocast: a dtype to run the
+    forward under torch.autocast (backward outside it, as a trainer does).
     """
-    x = _leaves(c)
+    x = _leaves(c, trained)
     W = sp.world_size
     g = x.get("g")
     g_loc = g if g is None or g.dim() == 1 else sp.shard(g)
-    o, f = sp_linear_attention(sp.shard(x["q"]), sp.shard(x["k"]), sp.shard(x["v"]), g_loc, sp=sp, method=method,
-                               initial_state=x["h0"], output_final_state=True, cu_seqlens=c["cu"],
-                               scan_blocks=scan_blocks)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        o, f = sp_linear_attention(sp.shard(x["q"]), sp.shard(x["k"]), sp.shard(x["v"]), g_loc, sp=sp,
+                                   method=method, initial_state=x["h0"], output_final_state=True,
+                                   cu_seqlens=c["cu"], scan_blocks=scan_blocks, backend=backend)
     # every replica of final contributes wf / W: the replicas' gradients are summed, so Σ = one copy of the term
     fr = f.reshape(sp.rows, *c["wf"].shape)
     loss = (o * sp.shard(c["wo"])).sum() + (fr * c["wf"]).sum() / W

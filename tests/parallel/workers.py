@@ -62,4 +62,23 @@ def fail_on_rank_one(rank, world_size):
     return rank
 
 
-__all__ = ["linear_subset", "softmax_subset", "both", "fail_on_rank_one", "FORMS"]
+
+
+def frozen_inputs(rank, world_size):
+    """Only initial_state trains (q, k, v, g frozen), then only q and g (k, v frozen): every rank must still join
+    every backward collective. Returns the worst relative error of the trained gradients per (layout, method)."""
+    errors = {}
+    for layout in ("contiguous", "zigzag"):
+        sp = SPContext(layout=layout)
+        for form, varlen in (("scalar", False), ("key", True)):
+            case = make_case(world_size, form, varlen)
+            ref = reference(case)
+            for method in METHODS:
+                for trained in (("h0",), ("q", "g")):
+                    got = run_sp(case, sp, method, trained=trained)
+                    errors[(layout, form, method, trained)] = max(max_rel_err(
+                        {n: got[n] for n in trained}, {n: ref[n] for n in trained}).values())
+    return errors
+
+
+__all__ = ["linear_subset", "softmax_subset", "both", "fail_on_rank_one", "frozen_inputs", "FORMS"]

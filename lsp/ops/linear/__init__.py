@@ -1,4 +1,6 @@
 from .api import BACKENDS, linear_attention
-from .local import add_incoming_state, carry_state, cum_log_decay, segment_state
+from .local import (LocalPass, add_incoming_state, cum_log_decay, local_output, local_states, segment_state,
+                    total_log_decay)
 
-__all__ = ["BACKENDS", "linear_attention", "segment_state", "cum_log_decay", "add_incoming_state", "carry_state"]
+__all__ = ["BACKENDS", "linear_attention", "LocalPass", "local_states", "local_output", "segment_state",
+           "cum_log_decay", "total_log_decay", "add_incoming_state"]

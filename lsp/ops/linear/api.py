@@ -5,11 +5,13 @@ import os
 
 import torch
 
-from .checks import broadcast_decay, check_linear_inputs
+from lsp.names import KERNEL_BACKENDS
+
+from .checks import broadcast_decay, check_linear_inputs, exact_numerics
 from .chunk import chunk_linear_attention
 from .naive import naive_linear_attention
 
-BACKENDS = ("auto", "torch", "triton", "naive")
+BACKENDS = KERNEL_BACKENDS
 
 
 def triton_available(device: torch.device) -> bool:
@@ -62,4 +64,5 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None, output_
         fn = chunk_linear_attention
     else:
         from .triton_chunk import triton_linear_attention as fn
-    return fn(q, k, v, g4, scale, initial_state, output_final_state, cu_seqlens)
+    with exact_numerics(q):
+        return fn(q, k, v, g4, scale, initial_state, output_final_state, cu_seqlens)

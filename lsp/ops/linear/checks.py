@@ -4,6 +4,7 @@ User-facing mistakes raise one `ValueError` that names the argument and the expe
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,14 @@ class DecayForm:
     def key_dims(self) -> int:
         """Size of the decay's last axis once broadcast to [B, T, H, *]: K for per-key decay, else 1."""
         return -1 if self.name == "key" else 1
+
+
+def exact_numerics(x: torch.Tensor):
+    """A context that switches autocast off around an op's math, so its numerics do not depend on an enclosing
+    `torch.autocast`: the state math runs in fp32 (fp64 for fp64 inputs) and the inputs' dtype decides the rest."""
+    if not torch.amp.is_autocast_available(x.device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -15,12 +15,15 @@ is written by hand; everything else is differentiated by autograd.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from lsp.names import CHUNK_SIZE
 
 from .checks import acc_dtype, seq_bounds
 from .layout import ChunkLayout, make_layout
 
-CHUNK_SIZE = 64
 SUB_BLOCK = 16
 
 
@@ -142,38 +145,56 @@ def _scan_states(U, decay, layout: ChunkLayout, init):
     return torch.stack(entering, dim=2), final
 
 
-def _chunk_inputs(q, k, v, g, cu_seqlens, chunk_size):
+@dataclass
+class ChunkInputs:
+    """k, v and the within-chunk cumulative log-decay, padded into chunks once (shared by both phases)."""
+
+    layout: ChunkLayout
+    kc: torch.Tensor               # [R, H, NC, C, K] accumulation dtype
+    vc: torch.Tensor               # [R, H, NC, C, V]
+    G: torch.Tensor | None         # [R, H, NC, C, Kg] within-chunk cumulative log-decay, or None
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, D] -> [R, H, NC, C, D] in the accumulation dtype (differentiable)."""
+        return _to_chunks(self.layout.pad(x.to(self.kc.dtype)), self.layout.chunk_size)
+
+
+def chunk_prepare(k, v, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE) -> ChunkInputs:
+    """Pad k, v (and the cumulative log-decay of g, broadcastable to [B, T, H, K]) into chunks."""
     B, T, H, K = k.shape
-    dt = acc_dtype(k.dtype)
     layout = make_layout(B, T, seq_bounds(cu_seqlens, B, T), chunk_size, k.device)
-    pad = lambda x: _to_chunks(layout.pad(x.to(dt)), chunk_size)  # noqa: E731
-    G = None
+    dt = acc_dtype(k.dtype)
+    prep = ChunkInputs(layout, None, None, None)
+    prep.kc, prep.vc = _to_chunks(layout.pad(k.to(dt)), chunk_size), _to_chunks(layout.pad(v.to(dt)), chunk_size)
     if g is not None:
-        G = pad(g.to(dt).expand(B, T, H, g.shape[-1])).cumsum(dim=3)
-    return layout, (pad(q) if q is not None else None), pad(k), pad(v), G
+        prep.G = prep.pad(g.to(dt).expand(B, T, H, g.shape[-1])).cumsum(dim=3)
+    return prep
+
+
+def chunk_states(prep: ChunkInputs, initial_state=None):
+    """Phase 1: the state entering every chunk, h [R, H, NC, K, V], and the final state(s) [B or N, H, K, V]."""
+    init = None if initial_state is None else initial_state.to(prep.kc.dtype)
+    U, decay = _chunk_summaries(prep.kc, prep.vc, prep.G)
+    return _scan_states(U, decay, prep.layout, init)
+
+
+def chunk_output(q, prep: ChunkInputs, h, scale, out_dtype=None):
+    """Phase 2: o [B, T, H, V] from the chunk-entering states h (in out_dtype, default q's dtype)."""
+    qc, kc, vc, G = prep.pad(q), prep.kc, prep.vc, prep.G
+    C = prep.layout.chunk_size
+    if G is None:
+        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~_causal_mask(C, q.device), 0.0)
+        q_inter = qc
+    else:
+        scores = _intra_scores_scalar(qc, kc, G) if G.shape[-1] == 1 else _intra_scores_key(qc, kc, G)
+        q_inter = qc * G.exp()
+    o = scale * (scores @ vc + q_inter @ h.to(qc.dtype))
+    return prep.layout.unpad(_from_chunks(o)).to(out_dtype or q.dtype)
 
 
 def chunk_linear_attention(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
                            chunk_size: int = CHUNK_SIZE):
     """Chunked forward; arguments as `lsp.ops.linear_attention` with g already broadcastable to [B, T, H, K]."""
-    layout, qc, kc, vc, G = _chunk_inputs(q, k, v, g, cu_seqlens, chunk_size)
-    init = None if initial_state is None else initial_state.to(qc.dtype)
-    U, decay = _chunk_summaries(kc, vc, G)
-    entering, final = _scan_states(U, decay, layout, init)
-    if G is None:
-        scores = (qc @ kc.transpose(-1, -2)).masked_fill(~_causal_mask(chunk_size, q.device), 0.0)
-        q_inter = qc
-    else:
-        scores = _intra_scores_scalar(qc, kc, G) if G.shape[-1] == 1 else _intra_scores_key(qc, kc, G)
-        q_inter = qc * G.exp()
-    o = scale * (scores @ vc + q_inter @ entering)
-    o = layout.unpad(_from_chunks(o)).to(q.dtype)
-    return o, (final if output_final_state else None)
-
-
-def chunk_final_state(k, v, g, initial_state=None, cu_seqlens=None, chunk_size: int = CHUNK_SIZE):
-    """Only the final state(s) [B or N, H, K, V]: the chunk summaries and the scan, no output (cheap)."""
-    layout, _, kc, vc, G = _chunk_inputs(None, k, v, g, cu_seqlens, chunk_size)
-    init = None if initial_state is None else initial_state.to(kc.dtype)
-    U, decay = _chunk_summaries(kc, vc, G)
-    return _scan_states(U, decay, layout, init)[1]
+    prep = chunk_prepare(k, v, g, cu_seqlens, chunk_size)
+    h, final = chunk_states(prep, initial_state)
+    return chunk_output(q, prep, h, scale), (final if output_final_state else None)

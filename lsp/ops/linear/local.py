@@ -1,34 +1,77 @@
 """The local pass every sequence-parallel method reuses (no communication here).
 
-A rank (or a sequence segment) computes, with no remote data:
+A rank (or a sequence segment) computes with no remote data, in the backend that runs the op (`torch` or
+`triton`), in two phases so that the exchange can start between them:
 
-* `segment_state`: its own final state S_loc from a zero entering state (cheap: chunk summaries + scan), the one
-  thing other ranks need. Computed first so its exchange can start before the expensive part.
-* `linear_attention(..., initial_state=None)`: its output from a zero entering state (the intra-chunk work).
-* `cum_log_decay`: the cumulative log-decay from the segment start, cum_g_t = Σ_{s<=t} g_s.
+* `local_states` (phase 1): the state entering every chunk, h, and the segment's own final state S_loc from a
+  zero (or initial) entering state: the one thing other ranks need.
+* `local_output` (phase 2): the output from that entering state, o0, from h (the intra-chunk work, which overlaps
+  the exchange of S_loc). Nothing is computed twice: phase 2 reuses phase 1's padded inputs and chunk states.
 
-When the entering state S_in arrives the exact result is the zero-state result plus a cheap correction, by
-linearity of the recurrence in S:
+When the state S_in entering the segment arrives, the exact result is the zero-state result plus a correction,
+by linearity of the recurrence in S (cum_g_t = Σ_{s<=t} g_s from the segment start):
 
-    o_t     += scale · (q_t ⊙ exp(cum_g_t)) S_in
-    S_final += exp(cum_g_T) ⊙ S_in
+    o_t     = o0_t + scale · (q_t ⊙ exp(cum_g_t)) S_in           `add_incoming_state` (rounded once)
+    S_final = S_loc + exp(cum_g_T) ⊙ S_in
+
+The numerics never depend on an enclosing autocast: `exact_numerics` switches it off for the state math, and the
+inputs' dtype decides the rest (fp32 accumulation, fp64 for fp64 inputs).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .api import resolve_backend
-from .checks import acc_dtype, broadcast_decay, check_linear_inputs
-from .chunk import chunk_final_state
+from .checks import acc_dtype, broadcast_decay, check_linear_inputs, exact_numerics
+from .chunk import chunk_output, chunk_prepare, chunk_states
 
 
-def segment_state(k, v, g=None, *, initial_state=None, cu_seqlens=None):
-    """Final state(s) of a segment: [B, H, K, V] ([N, H, K, V] with cu_seqlens), accumulation dtype.
+@dataclass
+class LocalPass:
+    """Phase 1's result that phase 2 reuses: the backend, its prepared inputs and the chunk-entering states h."""
 
-    k: [B, T, H, K]; v: [B, T, H, V]; g: None, [H], [B, T, H] or [B, T, H, K]. Differentiable.
+    backend: str               # "torch" | "triton"
+    prep: object               # torch: ChunkInputs (padded k, v, G); triton: (k, v, g4, cu_seqlens)
+    h: torch.Tensor            # [R, H, NC, K, V] state entering every chunk
+
+
+def local_states(k, v, g=None, *, initial_state=None, cu_seqlens=None, backend="auto"):
+    """Phase 1 -> (LocalPass, final state(s) [B or N, H, K, V] in the accumulation dtype). Differentiable.
+
+    k: [B, T, H, K]; v: [B, T, H, V]; g: None, [H], [B, T, H] or [B, T, H, K]; backend "auto" | "torch" | "triton".
     """
     form = check_linear_inputs(k, k, v, g, initial_state, cu_seqlens)
-    return chunk_final_state(k, v, broadcast_decay(g, form), initial_state, cu_seqlens)
+    g4 = broadcast_decay(g, form)
+    name = resolve_backend(backend, k.device)
+    if name == "naive" or k.dtype == torch.float64:
+        name = "torch"  # the local pass is chunked; fp64 runs in torch in every backend
+    with exact_numerics(k):
+        if name == "triton":
+            from .triton_chunk import triton_chunk_states
+
+            h, final = triton_chunk_states(k, v, g4, initial_state, cu_seqlens)
+            return LocalPass(name, (k, v, g4, cu_seqlens), h), final
+        prep = chunk_prepare(k, v, g4, cu_seqlens)
+        h, final = chunk_states(prep, initial_state)
+        return LocalPass(name, prep, h), final
+
+
+def local_output(q, lp: LocalPass, scale: float, out_dtype=None):
+    """Phase 2: o0 [B, T, H, V] from the chunk-entering states of `lp`, in out_dtype (default q's dtype)."""
+    with exact_numerics(q):
+        if lp.backend == "triton":
+            from .triton_chunk import triton_chunk_output
+
+            k, v, g4, cu_seqlens = lp.prep
+            return triton_chunk_output(q, k, v, g4, lp.h, scale, cu_seqlens, out_dtype=out_dtype)
+        return chunk_output(q, lp.prep, lp.h, scale, out_dtype)
+
+
+def segment_state(k, v, g=None, *, initial_state=None, cu_seqlens=None, backend="auto"):
+    """Final state(s) of a segment, [B, H, K, V] ([N, H, K, V] with cu_seqlens), accumulation dtype."""
+    return local_states(k, v, g, initial_state=initial_state, cu_seqlens=cu_seqlens, backend=backend)[1]
 
 
 def cum_log_decay(g, B: int, T: int, H: int, dtype=torch.float32):
@@ -42,24 +85,66 @@ def cum_log_decay(g, B: int, T: int, H: int, dtype=torch.float32):
     return g.to(dtype).expand(B, T, H, g.shape[-1]).cumsum(dim=1)
 
 
-def add_incoming_state(o, q, cum_g, state_in, scale):
-    """o + scale · (q ⊙ exp(cum_g)) S_in, in o's dtype.
+def total_log_decay(g, B: int, T: int, H: int, dtype=torch.float32):
+    """Σ_t g_t over the segment, [B, H, 1 or K] (None when g is None): cum_log_decay at the last token."""
+    if g is None:
+        return None
+    if g.dim() == 1:
+        return (T * g.to(dtype)).view(1, H, 1).expand(B, H, 1)
+    s = g.to(dtype).sum(dim=1)
+    return s.unsqueeze(-1) if g.dim() == 3 else s
 
-    o: [B, T, H, V]; q: [B, T, H, K]; cum_g: [B, T, H, 1 or K] or None; state_in: [B, H, K, V].
+
+def _decayed_queries(q, g, limit, dt):
+    # q: [B, T, H, K] -> q ⊙ exp(cum_g) in dt, rows zero from `limit` on ([B] first token that sees no S_in)
+    B, T, H, _ = q.shape
+    cum = cum_log_decay(g, B, T, H, dt)
+    qd = q.to(dt) if cum is None else q.to(dt) * cum.exp()
+    if limit is not None:
+        keep = torch.arange(T, device=q.device)[None, :] < limit[:, None]
+        qd = qd * keep[:, :, None, None]
+    return qd
+
+
+class _IncomingState(torch.autograd.Function):
+    """o = o0 + scale · (q ⊙ exp(cum_g)) S_in, cast once. Saves q, g, S_in (not q ⊙ exp(cum_g), which is
+    recomputed in backward), so the correction keeps nothing the size of the sequence beyond what the op keeps."""
+
+    @staticmethod
+    def forward(ctx, o0, q, g, state_in, scale, limit, out_dtype):
+        dt = o0.dtype
+        qd = _decayed_queries(q, g, limit, dt)
+        ctx.save_for_backward(q, g, state_in, limit)
+        ctx.scale, ctx.o0_dtype = scale, o0.dtype
+        return (o0 + scale * torch.einsum("bthk,bhkv->bthv", qd, state_in.to(dt))).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, g, state_in, limit = ctx.saved_tensors
+        dt = ctx.o0_dtype
+        do = do.to(dt)
+        dqd = ctx.scale * torch.einsum("bthv,bhkv->bthk", do, state_in.to(dt))
+        with torch.enable_grad():
+            gg = None if g is None else g.detach().requires_grad_(ctx.needs_input_grad[2])
+            qq = q.detach().requires_grad_(ctx.needs_input_grad[1])
+            qd = _decayed_queries(qq, gg, limit, dt)
+            wanted = [x for x in (qq, gg) if x is not None and x.requires_grad]
+            grads = dict(zip(map(id, wanted), torch.autograd.grad(qd, wanted, dqd) if wanted else ()))
+        dS = ctx.scale * torch.einsum("bthk,bthv->bhkv", qd.detach(), do) if ctx.needs_input_grad[3] else None
+        dq, dg = grads.get(id(qq)), (None if gg is None else grads.get(id(gg)))
+        return do, dq, dg, (None if dS is None else dS.to(state_in.dtype)), None, None, None
+
+
+def add_incoming_state(o0, q, g, state_in, scale, *, limit=None, out_dtype=None):
+    """o0 + scale · (q ⊙ exp(cum_g)) S_in in the accumulation dtype, rounded once to out_dtype (default q's).
+
+    o0: [B, T, H, V] (the zero-state output, best in the accumulation dtype); q: [B, T, H, K]; g: None, [H],
+    [B, T, H] or [B, T, H, K] (this segment's log-decay); state_in: [B, H, K, V]; limit: None or LongTensor [B],
+    the first position of each row that the incoming state does not reach (a document starts there).
     """
-    dt = acc_dtype(q.dtype)
-    q_decayed = q.to(dt) if cum_g is None else q.to(dt) * cum_g.to(dt).exp()
-    return o + (scale * torch.einsum("bthk,bhkv->bthv", q_decayed, state_in.to(dt))).to(o.dtype)
+    with exact_numerics(q):
+        return _IncomingState.apply(o0, q, g, state_in, scale, limit, out_dtype or q.dtype)
 
 
-def carry_state(state_local, total_log_decay, state_in):
-    """State after a segment given the state entering it: exp(a) ⊙ S_in + S_loc.
-
-    state_local, state_in: [B, H, K, V]; total_log_decay: [B, H, 1 or K] (cum_g at the last token) or None.
-    """
-    if total_log_decay is None:
-        return state_local + state_in
-    return total_log_decay.exp()[..., None] * state_in + state_local
-
-
-__all__ = ["segment_state", "cum_log_decay", "add_incoming_state", "carry_state", "resolve_backend"]
+__all__ = ["LocalPass", "local_states", "local_output", "segment_state", "cum_log_decay", "total_log_decay",
+           "add_incoming_state", "acc_dtype"]
