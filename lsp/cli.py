@@ -109,7 +109,8 @@ def cmd_plan(args) -> int:
     """Recommend sp size, SP method, micro-batch and activation checkpointing for a cluster (lsp.train.plan)."""
     from lsp.train.config import load_config
     cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
-    from lsp.train.plan import SP_METHODS, Cluster, format_candidates, plan_cluster, recommend
+    from lsp.names import SP_METHODS
+    from lsp.train.plan import Cluster, format_candidates, plan_cluster, recommend
     for flag, value in (("--gpus", args.gpus), ("--world", args.world), ("--seq-len", args.seq_len),
                         ("--gpu-mem-gb", args.gpu_mem_gb), ("--tflops", args.tflops),
                         ("--gpus-per-node", args.gpus_per_node), ("--top", args.top)):

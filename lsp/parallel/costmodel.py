@@ -1,20 +1,25 @@
-"""Analytic step-time model of sequence-parallel linear attention: LASP-1, LASP-2, ZeCO All-Scan, ring-KV.
+"""Analytic step-time model of sequence-parallel linear attention: the three lsp exchanges, plus ring-KV.
 
 One training step (forward + backward) of a pure linear-attention LM on W GPUs, T tokens, batch 1, per GPU:
 
     compute   = 3 · FLOPs_fwd(T/W) / F                         (backward = 2 × forward)
     step      = compute + Σ_layers Σ_{fwd, bwd} exposed_comm(method)
 
-with s = H·K·V·state_bytes the state of one layer, β the per-GPU bandwidth, α the per-message latency, F the
-sustained kernel throughput. Per layer and pass (forward, and once more backward):
+with s = H·K·V·state_bytes the state of one layer, d = H·K_g·4 its total decay (K_g = K per-key, 1 scalar), β the
+per-GPU bandwidth, α the per-message latency, F the sustained kernel throughput, L the segments per rank (1
+contiguous, 2 zigzag). Per layer and pass (forward, and once more backward), exactly what lsp.parallel.exchange
+does (bytes: the per-rank average that comm_stats() counts):
 
-* LASP-1 (ring): W-1 dependent hops; each hop receives the state, updates it and sends it on, with blocking
-  point-to-point calls on the compute stream, so nothing overlaps: (W-1) · (α + s/β + t_update + γ),
-  t_update = 3·s / HBM bandwidth, γ = the synchronisation / kernel launch a dependent hop costs.
-* LASP-2 (all-gather): one ring all-gather, (W-1)·(α + s/β), overlapped with the local intra-chunk compute of that
-  pass, plus the local prefix over W states (3·W·s bytes of memory traffic at HBM bandwidth).
-* All-Scan (ZeCO): the chain pipelined in n_b blocks along K with only an elementwise update per hop:
-  (W + n_b - 2) · (α + s/(n_b·β)), overlapped with the intra-chunk compute; n_b chosen optimally.
+* ring (LASP-1): one chain through all segments, (W-1)·L dependent hops; each hop receives the state, updates it
+  and sends it on, blocking, nothing overlaps: (W-1)·L · (α + s/β + t_update + γ), t_update = 3·s / HBM
+  bandwidth, γ = the synchronisation / kernel launch a dependent hop costs. Bytes (W-1)·L·s/W.
+* allgather (LASP-2): one all-gather of L·(s + d) per rank (forward: states and decays; backward: gradients and
+  decays again), (W-1)·(α + L·(s+d)/β), overlapped with the local intra-chunk compute of that pass, plus the local
+  prefix over the W·L segments (3·W·L·s bytes at HBM bandwidth). Bytes (W-1)·L·(s + d).
+* allscan (ZeCO All-Scan), n_b = scan_blocks blocks along K, each hop an elementwise update, overlapped with the
+  intra-chunk compute: contiguous, the chain pipelined, (W + n_b - 2)·(α + s/(n_b·β)), bytes (W-1)·s/W; zigzag,
+  both half chains at once, the second sending its decay product first ((W-1)·α more), then a tree broadcast of
+  the midpoint state, ⌈log2 W⌉·(α + s/β); bytes (W-1)·(3s + d)/W. `best_scan_blocks` picks n_b.
 * ring-KV (ring attention applied to linear layers): W-1 hops of the local K, V activations (2·T_loc·H·K·2 bytes)
   overlapped with the block products of each hop; exposed (W-1)·max(0, t_hop - t_block).
 
@@ -25,11 +30,15 @@ ZeCO / LASP-2 ≈ 1.6× at 8M tokens on 256 GPUs, LASP-2 / LASP-1 ≈ 1.15× at 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("lasp1", "lasp2", "allscan", "ringkv")
-LABELS = {"lasp1": "LASP-1 (ring)", "lasp2": "LASP-2 (all-gather)", "allscan": "ZeCO All-Scan",
+from lsp.names import SCAN_BLOCKS, SP_METHODS
+
+METHODS = ("ring", "allgather", "allscan", "ringkv")  # the lsp exchanges + ring-KV for comparison
+LABELS = {"ring": "LASP-1 (ring)", "allgather": "LASP-2 (all-gather)", "allscan": "ZeCO All-Scan",
           "ringkv": "ring-KV"}
+BLOCK_CHOICES = (1, 2, 4, 8, 16, 32, 64)
 
 
 @dataclass
@@ -77,23 +86,39 @@ def _flops_fwd_per_token(m: ModelSpec) -> tuple[float, float]:
 
 
 def exchange_time(method: str, world_size: int, state_bytes: float, t_overlap: float,
-                  hw: Hardware | None = None) -> tuple[float, float]:
+                  hw: Hardware | None = None, *, layout: str = "contiguous", decay_bytes: float = 0.0,
+                  scan_blocks: int | None = None) -> tuple[float, float]:
     """(exposed seconds, bytes received per GPU) of one linear layer's state exchange in one pass (forward or
-    backward) for the state-passing methods lasp1 / lasp2 / allscan; state_bytes is the whole [B, H, K, V] state,
-    t_overlap the local intra-chunk compute an asynchronous exchange hides behind. Formulas: module docstring."""
-    hw, W, s = hw or Hardware(), world_size, state_bytes
+    backward) for ring / allgather / allscan; state_bytes is the whole [B, H, K, V] state, decay_bytes its total
+    decay [B, H, K_g], t_overlap the local intra-chunk compute an asynchronous exchange hides behind, scan_blocks
+    All-Scan's n_b (None: the best). Formulas: module docstring."""
+    hw, W, s, d = hw or Hardware(), world_size, state_bytes, decay_bytes
+    if method not in SP_METHODS:
+        raise ValueError(f"method must be one of {SP_METHODS}, got {method!r}")
     if W == 1:
         return 0.0, 0.0
-    if method == "lasp1":
+    L = 2 if layout == "zigzag" else 1
+    if method == "ring":
         t_update = 3 * s / hw.hbm
-        return (W - 1) * (hw.latency + s / hw.bandwidth + t_update + hw.hop_overhead), s
-    if method == "lasp2":
-        gather = (W - 1) * (hw.latency + s / hw.bandwidth)
-        return max(0.0, gather - t_overlap) + 3 * W * s / hw.hbm, (W - 1) * s
-    if method == "allscan":
-        return min(max(0.0, (W + nb - 2) * (hw.latency + s / (nb * hw.bandwidth)) - t_overlap)
-                   for nb in (1, 2, 4, 8, 16, 32, 64, 128)), s
-    raise ValueError(f"method must be one of {METHODS[:3]}, got {method!r}")
+        return (W - 1) * L * (hw.latency + s / hw.bandwidth + t_update + hw.hop_overhead), (W - 1) * L * s / W
+    if method == "allgather":
+        gather = (W - 1) * (hw.latency + L * (s + d) / hw.bandwidth)
+        return max(0.0, gather - t_overlap) + 3 * W * L * s / hw.hbm, (W - 1) * L * (s + d)
+    nb = scan_blocks or best_scan_blocks(W, s, t_overlap, hw, layout=layout)
+    chain = (W + nb - 2) * (hw.latency + s / (nb * hw.bandwidth))
+    if layout != "zigzag":
+        return max(0.0, chain - t_overlap), (W - 1) * s / W
+    tree = math.ceil(math.log2(W)) * (hw.latency + s / hw.bandwidth)
+    return max(0.0, chain + (W - 1) * hw.latency + tree - t_overlap), (W - 1) * (3 * s + d) / W
+
+
+def best_scan_blocks(world_size: int, state_bytes: float, t_overlap: float, hw: Hardware | None = None, *,
+                     layout: str = "contiguous") -> int:
+    """The All-Scan block count n_b (of BLOCK_CHOICES) with the least exposed time; the smallest on a tie."""
+    times = {nb: exchange_time("allscan", world_size, state_bytes, t_overlap, hw, layout=layout,
+                               scan_blocks=nb)[0] for nb in BLOCK_CHOICES}
+    best = min(times.values())
+    return min(nb for nb, t in times.items() if t <= best * (1 + 1e-9)) if best > 0 else SCAN_BLOCKS
 
 
 def step_time(method: str, world_size: int, seq_len: int, m: ModelSpec | None = None,
@@ -153,4 +178,5 @@ def ratio(slow: str, fast: str, world_size: int, seq_len: int, **kw) -> float:
     return step_time(slow, world_size, seq_len, **kw).total_s / step_time(fast, world_size, seq_len, **kw).total_s
 
 
-__all__ = ["ModelSpec", "Hardware", "StepTime", "exchange_time", "step_time", "plan", "format_plan", "ratio", "METHODS", "LABELS"]
+__all__ = ["ModelSpec", "Hardware", "StepTime", "exchange_time", "best_scan_blocks", "step_time", "plan",
+           "format_plan", "ratio", "METHODS", "LABELS"]

@@ -28,6 +28,8 @@ backward collective whenever grad mode is on, in one order, and a checkpoint rec
 """
 from __future__ import annotations
 
+import concurrent.futures
+
 import torch
 
 from .collectives import replayed, replaying, token_like
@@ -183,6 +185,23 @@ class GatherFinish(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------- chain
+#
+# Both directions of a chain are one linear recurrence along a traversal order of the segments:
+#
+#     X_first = 0,        X_next = c · (A_i ⊙ X_i + Y_i)
+#
+# forward:  order 0 .. n-1, Y_i = S_i,  c = c_{i+1}, X_i = E_i
+# backward: order n-1 .. 0, Y_i = gE_i, c = c_i,     X_i = c_{i+1} G_{i+1} (= ∂S_i)
+#
+# All-Scan cuts the traversal into runs wherever two consecutive segments sit on the same rank (zigzag: at the
+# turn in the middle). Run 0 carries X itself; run 1 carries the affine partial (P, D) with X_i = D_i ⊙ X_start
+# + P_i (P from X_start = 0, D the product of the c·A since the run's start), so both runs walk their rank chains
+# at the same time; then X_start, known where run 0 ends, reaches every rank by a binomial-tree broadcast:
+# W - 1 + ceil(log2 W) dependent hops instead of 2W - 2. The ring (LASP-1 baseline) walks one run, blocking.
+# On real ranks the walk runs on a helper thread, so it overlaps the local output (forward) and its gradient
+# (backward); in emulation, and for the ring, it runs inline.
+
+
 def _blocks(K: int, nb: int) -> list[slice]:
     size = -(-K // max(1, min(nb, K)))
     return [slice(s, min(s + size, K)) for s in range(0, K, size)]
@@ -192,97 +211,244 @@ def _kslice(A, blk):
     return A[..., blk, :] if isinstance(A, torch.Tensor) and A.shape[-2] > 1 else A
 
 
-def _relay(comm, blks, recvs, incoming, update, me, send_to, tag, pipelined, pending):
-    """One chain hop, block by block along K: wait for the block of the incoming state (written into `incoming`),
-    compute the outgoing block `update(b)`, send it on at once (isend when pipelined). Returns the outgoing state."""
-    out = torch.empty_like(incoming)
-    for j, b in enumerate(blks):
-        if recvs is not None:
-            work, buf = recvs[j]
+def traversal(n: int, forward: bool) -> list[int]:
+    return list(range(n)) if forward else list(range(n - 1, -1, -1))
+
+
+def chain_runs(sp, forward: bool, split: bool) -> list[list[int]]:
+    """The traversal cut into runs at every same-rank step (split, All-Scan), or one run (the ring)."""
+    runs = []
+    for i in traversal(sp.num_segments, forward):
+        if runs and not (split and sp.owner(runs[-1][-1])[0] == sp.owner(i)[0]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def tree_rounds(W: int, root: int) -> list[list[tuple[int, int]]]:
+    """Binomial-tree broadcast from `root`: per round, the (src, dst) rank pairs (ceil(log2 W) rounds)."""
+    rounds, span = [], 1
+    while span < W:
+        rounds.append([((root + r) % W, (root + r + span) % W) for r in range(span) if r + span < W])
+        span *= 2
+    return rounds
+
+
+def chain_hop_depth(sp, plan, forward: bool, split: bool) -> int:
+    """Longest chain of dependent messages of one scan (the latency in hops): each message depends on the one that
+    brought its input; broadcast messages depend on the end of run 0 and on their tree parent."""
+    runs, depth = chain_runs(sp, forward, split), 0
+    edge = _edge(plan, sp.num_segments, forward)
+    for run in runs:
+        d = 0
+        for prev, i in zip(run, run[1:]):
+            if sp.owner(prev)[0] != sp.owner(i)[0] and edge(prev):
+                d += 1
+            depth = max(depth, d)
+    if len(runs) > 1:
+        end = 0
+        for prev, i in zip(runs[0], runs[0][1:]):
+            end += sp.owner(prev)[0] != sp.owner(i)[0] and bool(edge(prev))
+        depth = max(depth, end + len(tree_rounds(sp.world_size, sp.owner(runs[0][-1])[0])))
+    return depth
+
+
+def _edge(plan, n: int, forward: bool):
+    # c of the edge from segment i to the next one in traversal order (0 past the end)
+    if forward:
+        return lambda i: plan.cont[i + 1] if i + 1 < n else 0
+    return lambda i: plan.cont[i] if i > 0 else 0
+
+
+class _Walker:
+    """One scan over this process's rank rows (see the comment above): X of every held segment, [R, L, ...]."""
+
+    def __init__(self, sp, plan, forward: bool, split: bool, nb: int, pipelined: bool, tag: str):
+        self.sp, self.plan, self.nb, self.pipelined, self.tag = sp, plan, nb, pipelined, tag
+        self.runs = chain_runs(sp, forward, split)
+        assert len(self.runs) <= 2, "a traversal turns at most once (contiguous or zigzag layout)"
+        self.edge = _edge(plan, sp.num_segments, forward)
+
+    def run(self, Y, a):
+        # Y: [R, L, B, H, K, V] (S forward, gE backward); a: [R, L, B, H, Kg] or None -> X: [R, L, B, H, K, V]
+        self.blks, self.pending = _blocks(Y.shape[-2], self.nb), []
+        self.d_shape = (*Y.shape[2:4], 1 if a is None else a.shape[-1], 1)
+        X = torch.zeros_like(Y)
+        outs, D = {}, {}  # segment -> outgoing X (or P) and, in run 1, its D and outgoing D
+        for k, pos, i in self._steps():
+            self._step(k, pos, i, X, Y, a, outs, D)
+        if len(self.runs) > 1:
+            self._broadcast_and_resolve(X, outs, D)
+        for work in self.pending:
             if work is not None:
                 work.wait()
-            incoming[..., b, :] = buf
-        out[..., b, :] = update(b)
-        if send_to is not None:
-            pending.append(comm.send(out[..., b, :].contiguous(), me, send_to, tag, async_op=pipelined)[0])
-    return out
+        return X
 
+    def _steps(self):
+        # held (run, position, segment), in the order this process handles them: emulated ranks in traversal
+        # order (every send before its receive); a real rank by position, so each run waits only for its own
+        # predecessor and the two runs walk at the same time
+        held = {i for r in self.sp.comm.ranks for i in self.sp.rank_segments(r)}
+        steps = [(k, p, i) for k, run in enumerate(self.runs) for p, i in enumerate(run) if i in held]
+        return steps if self.sp.emulated else sorted(steps, key=lambda s: (s[1], s[0]))
 
-def _chain_forward(S, a, sp, plan, nb, pipelined, tag):
-    # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None -> E: [R, L, B, H, K, V]
-    comm, n = sp.comm, sp.num_segments
-    blks = _blocks(S.shape[-2], nb)
-    E = torch.zeros_like(S)
-    out, pending = {}, []
-    for i in range(n):
-        r, l = sp.owner(i)
-        if r not in comm.ranks:
-            continue
-        row = comm.row(r)
-        A_i = _decay(None if a is None else a[row, l], plan.passes[i])
-        prev = sp.owner(i - 1)[0] if i > 0 else None
-        nxt = sp.owner(i + 1)[0] if i + 1 < n else None
-        send_to = nxt if (nxt is not None and plan.cont[i + 1] and nxt != r) else None
-        if i > 0 and plan.cont[i] and prev == r:
-            E[row, l] = out[i - 1]
+    def _decay_of(self, a, row, l, i, like):
+        # A_i as [B, H, Kg, 1]: p_i · exp(a_i), or p_i without decay
+        if a is None:
+            return like.new_full(self.d_shape, float(self.plan.passes[i]))
+        return _decay(a[row, l], self.plan.passes[i])
+
+    def _step(self, k, pos, i, X, Y, a, outs, D):
+        sp, comm, run = self.sp, self.sp.comm, self.runs[k]
+        me, l = sp.owner(i)
+        row = comm.row(me)
+        X_i, Y_i = X[row, l], Y[row, l]
+        A_i = self._decay_of(a, row, l, i, Y_i)
+        prev = run[pos - 1] if pos > 0 else None
+        nxt = run[pos + 1] if pos + 1 < len(run) else None
+        c_out = float(self.edge(i))
+        send_to = sp.owner(nxt)[0] if nxt is not None and c_out and sp.owner(nxt)[0] != me else None
+        linked = prev is not None and self.edge(prev)
+        remote = linked and sp.owner(prev)[0] != me
+        if k == 1:  # the partial's multiplier: 1 at the run start, the predecessor's c·A·D, 0 across a cut edge
+            if remote:
+                D_i = comm.recv(Y_i.new_empty(self.d_shape), sp.owner(prev)[0], me, self.tag + "/decay")[1]
+            else:
+                D_i = D[("out", prev)] if linked else Y_i.new_full(self.d_shape, 1.0 if prev is None else 0.0)
+            D[i], D[("out", i)] = D_i, c_out * A_i * D_i
+            if send_to is not None:
+                self.pending.append(comm.send(D[("out", i)], me, send_to, self.tag + "/decay",
+                                              async_op=self.pipelined)[0])
         recvs = None
-        if i > 0 and plan.cont[i] and prev != r:
-            recvs = [comm.recv(E[row, l][..., b, :], prev, r, tag, async_op=pipelined) for b in blks]
-        E_i, S_i = E[row, l], S[row, l]
-        out[i] = _relay(comm, blks, recvs, E_i, lambda b: _kslice(A_i, b) * E_i[..., b, :] + S_i[..., b, :],
-                        r, send_to, tag, pipelined, pending)
-    for work in pending:
-        if work is not None:
-            work.wait()
-    return E
+        if remote:
+            recvs = [comm.recv(X_i[..., b, :], sp.owner(prev)[0], me, self.tag, async_op=self.pipelined)
+                     for b in self.blks]
+        elif linked:
+            X_i.copy_(outs[prev])
+        outs[i] = self._relay(recvs, X_i, lambda b: c_out * (_kslice(A_i, b) * X_i[..., b, :] + Y_i[..., b, :]),
+                              me, send_to)
+
+    def _relay(self, recvs, incoming, update, me, send_to):
+        """Block by block along K: wait for the block of the incoming X (written into `incoming`), compute the
+        outgoing block `update(b)`, send it on at once (isend when pipelined). Returns the outgoing X."""
+        out = torch.empty_like(incoming)
+        for j, b in enumerate(self.blks):
+            if recvs is not None:
+                work, buf = recvs[j]
+                if work is not None:
+                    work.wait()
+                incoming[..., b, :] = buf
+            out[..., b, :] = update(b)
+            if send_to is not None:
+                self.pending.append(self.sp.comm.send(out[..., b, :].contiguous(), me, send_to, self.tag,
+                                                      async_op=self.pipelined)[0])
+        return out
+
+    def _broadcast_and_resolve(self, X, outs, D):
+        # X_start of run 1 leaves run 0's last segment, goes down a binomial tree, and X_i = D_i ⊙ X_start + P_i
+        sp, comm = self.sp, self.sp.comm
+        junction = self.runs[0][-1]
+        root = sp.owner(junction)[0]
+        start = {root: outs[junction]} if root in comm.ranks else {}
+        for pairs in tree_rounds(sp.world_size, root):
+            for src, dst in pairs:
+                if src in comm.ranks:
+                    self.pending.append(comm.send(start[src], src, dst, self.tag + "/bcast",
+                                                  async_op=self.pipelined)[0])
+            for src, dst in pairs:
+                if dst in comm.ranks:
+                    start[dst] = comm.recv(X[0, 0], src, dst, self.tag + "/bcast")[1]
+        held = {i for r in comm.ranks for i in sp.rank_segments(r)}
+        for i in self.runs[1]:
+            if i in held:
+                r, l = sp.owner(i)
+                X[comm.row(r), l] += D[i] * start[r]
 
 
-class ChainExchange(torch.autograd.Function):
-    """Entering states by passing the state along the chain of segment owners (ring / All-Scan)."""
+class _Inline:
+    """The result of a walk run in the calling thread (emulation: every virtual rank is here)."""
+
+    def __init__(self, fn):
+        self._value = fn()
+
+    def result(self):
+        return self._value
+
+
+_POOL = None
+
+
+def _walk(sp, fn, overlap: bool):
+    # real ranks, overlap (All-Scan): a helper thread, so the walk overlaps the local work; else inline (the ring
+    # is the LASP-1 baseline: blocking, on the compute stream)
+    global _POOL
+    if sp.emulated or not overlap:
+        return _Inline(fn)
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsp-chain")
+
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return _POOL.submit(run)
+
+
+class _ChainHandle:
+    def __init__(self, sp, plan, method, nb):
+        self.sp, self.plan = sp, plan
+        split, pipelined = method == "allscan", method == "allscan"
+        self.walker = lambda fwd, tag: _Walker(sp, plan, fwd, split, nb if pipelined else 1, pipelined, tag)
+        self.tag, self.overlap, self.fwd, self.bwd = method, pipelined, None, None
+
+
+class ChainLaunch(torch.autograd.Function):
+    # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None; token -> token (orders the finish node)
+    @staticmethod
+    def forward(ctx, S, a, token, h):
+        ctx.h = h
+        if not replaying():
+            S_, a_ = S.detach(), (None if a is None else a.detach())
+            h.fwd = _walk(h.sp, lambda: h.walker(True, h.tag).run(S_, a_), h.overlap)
+        return token_like(S)
 
     @staticmethod
-    def forward(ctx, S, a, token, sp, plan, nb, pipelined, tag):
-        # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None -> E: [R, L, B, H, K, V], token
+    def backward(ctx, _):
+        h = ctx.h
+        future, E, a = h.bwd
+        h.bwd = None
+        gS = future.result()  # X_i = c_{i+1} G_{i+1} = ∂S_i
+        ga = None
+        if a is not None:
+            sp = h.sp
+            ga = torch.zeros_like(a)
+            for r in sp.comm.ranks:
+                for l, i in enumerate(sp.rank_segments(r)):
+                    row = sp.comm.row(r)
+                    ga[row, l] = _decay_grad(gS[row, l] * E[row, l], _decay(a[row, l], h.plan.passes[i]), a[row, l])
+        return gS, ga, None, None
+
+
+class ChainFinish(torch.autograd.Function):
+    # token, a (kept for backward) -> E: [R, L, B, H, K, V], token
+    @staticmethod
+    def forward(ctx, token, a, h):
         ctx.set_materialize_grads(False)
-        E = replayed(lambda: _chain_forward(S, a, sp, plan, nb, pipelined, tag))
+        ctx.h = h
+        E = replayed(lambda: h.fwd.result())
+        h.fwd = None
         ctx.save_for_backward(E, a)
-        ctx.sp, ctx.plan, ctx.nb, ctx.pipelined, ctx.tag = sp, plan, nb, pipelined, tag
         return E, token_like(E)
 
     @staticmethod
     def backward(ctx, gE, _):
         E, a = ctx.saved_tensors
-        gE = torch.zeros_like(E) if gE is None else gE
-        sp, plan, tag = ctx.sp, ctx.plan, ctx.tag + ":bwd"
-        comm, n = sp.comm, sp.num_segments
-        blks = _blocks(E.shape[-2], ctx.nb)
-        gS, ga = torch.zeros_like(E), (None if a is None else torch.zeros_like(a))
-        G_out, pending = {}, []  # G_out[i] = G_i, handed to segment i-1 when c_i = 1
-        for i in reversed(range(n)):
-            r, l = sp.owner(i)
-            if r not in comm.ranks:
-                continue
-            row = comm.row(r)
-            a_i = None if a is None else a[row, l]
-            A_i = _decay(a_i, plan.passes[i])
-            prev = sp.owner(i - 1)[0] if i > 0 else None
-            nxt = sp.owner(i + 1)[0] if i + 1 < n else None
-            has_next = nxt is not None and plan.cont[i + 1]
-            send_to = prev if (i > 0 and plan.cont[i] and prev != r) else None
-            recvs = None
-            if has_next and nxt != r:
-                recvs = [comm.recv(gS[row, l][..., b, :], nxt, r, tag, async_op=ctx.pipelined) for b in blks]
-            elif has_next:
-                gS[row, l] = G_out[i + 1]
-            gS_i, gE_i = gS[row, l], gE[row, l]
-            G_out[i] = _relay(comm, blks, recvs, gS_i, lambda b: gE_i[..., b, :] + _kslice(A_i, b) * gS_i[..., b, :],
-                              r, send_to, tag, ctx.pipelined, pending)
-            if a_i is not None:
-                ga[row, l] = _decay_grad(gS_i * E[row, l], A_i, a_i)
-        for work in pending:
-            if work is not None:
-                work.wait()
-        return gS, ga, None, None, None, None, None, None
+        h = ctx.h
+        gE = torch.zeros_like(E) if gE is None else gE.detach()
+        a_ = None if a is None else a.detach()
+        h.bwd = (_walk(h.sp, lambda: h.walker(False, h.tag + ":bwd").run(gE, a_), h.overlap), E, a)
+        return E.new_empty(0), None, None
 
 
 def exchange(S, a, token, sp, plan, method: str, scan_blocks: int):
@@ -294,8 +460,6 @@ def exchange(S, a, token, sp, plan, method: str, scan_blocks: int):
         h = _Handle(sp, plan, "allgather", S, a)
         launched = GatherLaunch.apply(S, a, token, h)
         return lambda: GatherFinish.apply(launched, a, h)
-    if method == "allscan":
-        out = ChainExchange.apply(S, a, token, sp, plan, scan_blocks, True, "allscan")
-    else:
-        out = ChainExchange.apply(S, a, token, sp, plan, 1, False, "ring")
-    return lambda: out
+    h = _ChainHandle(sp, plan, method, scan_blocks)
+    launched = ChainLaunch.apply(S, a, token, h)
+    return lambda: ChainFinish.apply(launched, a, h)

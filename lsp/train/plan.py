@@ -10,7 +10,8 @@ Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b ·
     micro   = compute + Σ_L layers exchange_L + Σ_S layers exchange_S
     compute = (1 + ac/3) · flops_per_token(cfg, T) · t / F         (activation checkpointing re-runs the forward)
     exchange_L (per pass, forward and backward): lsp.parallel.costmodel.exchange_time(method, sp, b·H·K·V·4 bytes,
-              t_intra) - the LASP-1 / LASP-2 / All-Scan formulas, overlapped with the intra-chunk compute t_intra
+              t_intra, layout, decay b·H·K_g·4 bytes, scan_blocks) - what the ring / allgather / allscan exchanges
+              send and overlap for the config's layout, with All-Scan's block count chosen by the model
     exchange_S (LASP-2H): all-gather of K,V forward, the reduce of their gradients backward, each
               (sp-1)·(α + kv/β) with kv = 2·t·Hkv·Dh·2 bytes, overlapped with the rank's local diagonal block
     step    = grad_accum · micro + max(0, allreduce_dp - backward of one micro-step)
@@ -34,12 +35,11 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
-from lsp.parallel.costmodel import Hardware, exchange_time
+from lsp.names import SCAN_BLOCKS, SP_METHODS
+from lsp.parallel.costmodel import Hardware, best_scan_blocks, exchange_time
 
 from .config import Config, ConfigError
 
-SP_METHODS = ("allgather", "allscan", "ring")
-COSTMODEL_METHOD = {"allgather": "lasp2", "allscan": "allscan", "ring": "lasp1"}
 GB = 1e9
 
 
@@ -77,9 +77,11 @@ class Candidate:
     memory_gb: float
     tokens_per_s_per_gpu: float
     fits: bool
+    scan_blocks: int = SCAN_BLOCKS   # All-Scan pipeline blocks (the model's best, for method allscan)
 
     def overrides(self) -> str:
-        return (f"parallel.sp={self.sp} parallel.dp={self.dp} parallel.sp_method={self.method} "
+        blocks = f" parallel.scan_blocks={self.scan_blocks}" if self.method == "allscan" else ""
+        return (f"parallel.sp={self.sp} parallel.dp={self.dp} parallel.sp_method={self.method}{blocks} "
                 f"train.micro_batch={self.micro_batch} train.grad_accum={self.grad_accum} "
                 f"train.activation_checkpointing={str(self.checkpointing).lower()}")
 
@@ -109,8 +111,13 @@ def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ch
     return 4 * D * local_tokens * len(types) + max(layer[t] for t in set(types))
 
 
-def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool):
-    """(compute s, exposed SP communication s, backward s) of one micro-step."""
+def _decay_dims(mcfg) -> int:
+    # K_g of the linear layers' decay: per key (GLA), one per head (Lightning, simple GLA), none (linear)
+    return {"linear": 0, "gla": mcfg.head_dim}.get(mcfg.linear_attn, 1)
+
+
+def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool, layout: str):
+    """(compute s, exposed SP communication s, backward s, All-Scan blocks) of one micro-step."""
     hw = cluster.hardware(sp)
     t = b * seq_len / sp
     compute_fwd = flops_per_token(mcfg, seq_len) * t / hw.flops / 3
@@ -118,14 +125,16 @@ def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: i
     H, Hkv, Dh = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
     C = min(LINEAR_CHUNK, seq_len)
     t_intra = 2 * 2 * C * Dh * H * t / hw.flops                     # Q Kᵀ and P V inside the chunks of one layer
-    state = b * H * Dh * Dh * hw.state_bytes
-    exposed_L, _ = exchange_time(COSTMODEL_METHOD[method], sp, state, t_intra, hw)
+    state, decay = b * H * Dh * Dh * hw.state_bytes, b * H * _decay_dims(mcfg) * 4
+    blocks = best_scan_blocks(sp, state, t_intra, hw, layout=layout) if sp > 1 else SCAN_BLOCKS
+    exposed_L, _ = exchange_time(method, sp, state, t_intra, hw, layout=layout, decay_bytes=decay,
+                                 scan_blocks=blocks)
     kv = 2 * t * Hkv * Dh * hw.act_bytes
     local_block = 2 * 2 * H * Dh * t * (t / 2) / hw.flops            # causal diagonal block: needs no remote K,V
     exposed_S = max(0.0, (sp - 1) * (hw.latency + kv / hw.bandwidth) - local_block) if sp > 1 else 0.0
     types = mcfg.layer_types
     comm = 2 * (types.count("L") * exposed_L + types.count("S") * exposed_S)
-    return compute, comm, compute_fwd * 2
+    return compute, comm, compute_fwd * 2, blocks
 
 
 def sp_sizes(gpus: int, seq_len: int, layout: str) -> List[int]:
@@ -160,11 +169,11 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
             for ac in (False, True):
                 memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac)) / GB + cluster.reserve_gb
                 for method in SP_METHODS if sp > 1 else SP_METHODS[:1]:
-                    compute, comm, backward = _micro_step(mcfg, cluster, sp, method, b, T, ac)
+                    compute, comm, backward, blocks = _micro_step(mcfg, cluster, sp, method, b, T, ac, p.layout)
                     step = accum * (compute + comm) + max(0.0, allreduce - backward)
                     out.append(Candidate(sp, dp, method, b, accum, ac, step, accum * compute,
                                          step - accum * compute, memory, global_batch * T / step / cluster.gpus,
-                                         memory <= cluster.memory_gb))
+                                         memory <= cluster.memory_gb, blocks))
     out.sort(key=lambda c: (not c.fits, -c.tokens_per_s_per_gpu, c.sp, c.checkpointing))
     return out
 

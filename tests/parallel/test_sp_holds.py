@@ -198,3 +198,32 @@ def test_one_segment_plan_per_batch(monkeypatch):
     cu = torch.tensor([0, 10, 40, 64], dtype=torch.int32)
     model(sp.shard(torch.randint(0, 64, (1, 64)), 1), sp=sp, cu_seqlens=cu)
     assert len(calls) == 1
+
+
+# ------------------------------------------------------------------------------------------------ All-Scan
+
+
+@pytest.mark.parametrize("W", [2, 3, 4, 5, 8, 16, 64])
+def test_allscan_zigzag_hops(W):
+    """Zigzag All-Scan: the two half chains walk at once and a tree broadcast joins them, W - 1 + ceil(log2 W)
+    dependent hops in each direction; the ring baseline walks all 2W - 2; contiguous All-Scan W - 1."""
+    import math
+
+    from lsp.parallel.exchange import chain_hop_depth
+
+    zig, cont = SPContext(emulate=W, layout="zigzag"), SPContext(emulate=W, layout="contiguous")
+    for forward in (True, False):
+        assert chain_hop_depth(zig, zig.segment_plan(2 * W), forward, split=True) == W - 1 + math.ceil(math.log2(W))
+        assert chain_hop_depth(zig, zig.segment_plan(2 * W), forward, split=False) == 2 * W - 2
+        assert chain_hop_depth(cont, cont.segment_plan(W), forward, split=True) == W - 1
+
+
+def test_allscan_walk_overlaps_the_local_work():
+    """Over real ranks the walk starts before the local output ends (forward) and before its gradient is used
+    (backward), on the chain thread; the forward walk is joined only after the local output."""
+    for log in spawn(workers.chain_overlap, 2, timeout_s=60):
+        names = [e[0] for e in log]
+        assert ("o0-end", True) in log and ("o0-grad", True) in log, log
+        starts = [e for e in log if e[0] == "walk-start"]
+        assert [e[1] for e in starts] == ["fwd", "bwd"] and all(e[2].startswith("lsp-chain") for e in starts), log
+        assert names.index("walk-start") < names.index("o0-end"), log

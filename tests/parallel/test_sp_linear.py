@@ -80,10 +80,14 @@ def test_comm_bytes_match_formula_and_do_not_grow_with_T(layout):
         fwd, bwd = _bytes_per_rank(W, layout, "allgather", T_per_rank)
         assert fwd == (W - 1) * L * (state + decay), (layout, T_per_rank, fwd)  # LASP-2: states + decays
         assert bwd == (W - 1) * L * (state + decay)  # the gradients and the decays again (nothing O(W) is kept)
-        # All-Scan: the chain crosses W-1 rank edges (2W-2 under zigzag); on average one state per rank or less
+        # ring (LASP-1): one state per rank edge of the chain (W-1 contiguous, 2W-2 zigzag)
+        fwd, bwd = _bytes_per_rank(W, layout, "ring", T_per_rank)
+        assert fwd == (W - 1) * L * state / W and bwd == fwd
+        # All-Scan: contiguous the same chain; zigzag two half chains at once (the second also carries its decay
+        # product, B·H·Kg) and a tree broadcast of the midpoint state to the other W-1 ranks
         fwd, bwd = _bytes_per_rank(W, layout, "allscan", T_per_rank)
-        hops = (W - 1) * L
-        assert fwd == hops * state / W and bwd == hops * state / W
+        expect = (W - 1) * state if layout == "contiguous" else (W - 1) * (3 * state + decay)
+        assert fwd == expect / W and bwd == expect / W
 
 
 def test_chain_sends_counted():

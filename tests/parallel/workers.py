@@ -81,4 +81,36 @@ def frozen_inputs(rank, world_size):
     return errors
 
 
-__all__ = ["linear_subset", "softmax_subset", "both", "fail_on_rank_one", "frozen_inputs", "FORMS"]
+__all__ = ["linear_subset", "softmax_subset", "both", "fail_on_rank_one", "frozen_inputs", "chain_overlap", "FORMS"]
+
+
+def chain_overlap(rank, world_size):
+    """All-Scan on real ranks: the walk runs on its own thread while the local output (forward) and its gradient
+    (backward) are computed. The patched local output waits for the walk to have started: if the walk ran after
+    it, as before, the wait would time out. Returns the event log."""
+    import threading
+
+    import lsp.parallel.exchange as ex
+    import lsp.parallel.linear as lin
+
+    log, started = [], {"fwd": threading.Event(), "bwd": threading.Event()}
+    walk, local_output = ex._Walker.run, lin.local_output
+
+    def run(self, Y, a):
+        d = "bwd" if self.tag.endswith(":bwd") else "fwd"
+        log.append(("walk-start", d, threading.current_thread().name))
+        started[d].set()
+        return walk(self, Y, a)
+
+    def output(*args, **kw):
+        log.append(("o0-start",))
+        got = started["fwd"].wait(10)
+        o0 = local_output(*args, **kw)
+        log.append(("o0-end", got))
+        o0.register_hook(lambda g: log.append(("o0-grad", started["bwd"].wait(10))))
+        return o0
+
+    ex._Walker.run, lin.local_output = run, output
+    case = make_case(world_size, "key", False, dtype=torch.float32, T_per_rank=256)
+    run_sp(case, SPContext(layout="zigzag"), "allscan")
+    return log
