@@ -147,6 +147,7 @@ def load_chunk_module(rev: str):
     spec = importlib.util.spec_from_loader("lsp.ops.linear._chunk_baseline", loader=None)
     mod = importlib.util.module_from_spec(spec)
     mod.__package__ = "lsp.ops.linear"
+    sys.modules[spec.name] = mod  # dataclasses resolve their annotations through sys.modules
     exec(compile(src, f"{rev}:lsp/ops/linear/chunk.py", "exec"), mod.__dict__)
     return mod
 
