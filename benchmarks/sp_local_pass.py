@@ -74,7 +74,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--layout", default="zigzag")
+    p.add_argument("--layout", default="contiguous")  # W=1 contiguous: the op's own shape
     p.add_argument("--backend", default="torch")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--forms", default="none,head,scalar,key")

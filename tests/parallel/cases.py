@@ -38,11 +38,12 @@ def _leaves(c, trained=("q", "k", "v", "g", "h0")):
     return {n: c[n].clone().requires_grad_(n in trained) for n in ("q", "k", "v", "g", "h0") if c[n] is not None}
 
 
-def reference(c):
-    """Outputs and gradients of the single-device op on the full sequence (loss = Σ o·wo + Σ final·wf)."""
+def reference(c, backend="naive"):
+    """Outputs and gradients of the single-device op on the full sequence (loss = Σ o·wo + Σ final·wf), by
+    default the step-by-step recurrence (the reference every test trusts)."""
     x = _leaves(c)
     o, f = linear_attention(x["q"], x["k"], x["v"], x.get("g"), initial_state=x["h0"], output_final_state=True,
-                            cu_seqlens=c["cu"], backend="torch")
+                            cu_seqlens=c["cu"], backend=backend)
     ((o * c["wo"]).sum() + (f * c["wf"]).sum()).backward()
     return {"o": o.detach(), "final": f.detach(), **{n: t.grad for n, t in x.items()}}
 

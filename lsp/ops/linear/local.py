@@ -82,7 +82,18 @@ def cum_log_decay(g, B: int, T: int, H: int, dtype=torch.float32):
         g = g.view(1, 1, H, 1)
     elif g.dim() == 3:
         g = g.unsqueeze(-1)
-    return g.to(dtype).expand(B, T, H, g.shape[-1]).cumsum(dim=1)
+    return cumsum_tokens(g.to(dtype).expand(B, T, H, g.shape[-1]))
+
+
+def cumsum_tokens(x, block: int = 64):
+    """cumsum over dim 1 in two levels (within blocks of 64 tokens, then the block totals): the same sums, about
+    twice as fast on CPU as one long scan over a non-innermost axis. x: [B, T, ...]. Differentiable."""
+    B, T = x.shape[:2]
+    if T <= block or T % block:
+        return x.cumsum(dim=1)
+    inner = x.reshape(B, T // block, block, *x.shape[2:]).cumsum(dim=2)
+    carry = inner[:, :-1, -1:].cumsum(dim=1)
+    return torch.cat([inner[:, :1], inner[:, 1:] + carry], dim=1).reshape(x.shape)
 
 
 def total_log_decay(g, B: int, T: int, H: int, dtype=torch.float32):
@@ -106,9 +117,20 @@ def _decayed_queries(q, g, limit, dt):
     return qd
 
 
+def _decay_grad_from_cum(dcum, g, T: int):
+    # dcum: ∂L/∂cum_g [B, T, H, Kg] -> ∂L/∂g in g's shape (cum_g_t = Σ_{s<=t} g_s; for g [H], cum_g_t = (t+1)·g)
+    if g.dim() == 1:
+        steps = torch.arange(1, T + 1, dtype=dcum.dtype, device=dcum.device).view(1, T, 1, 1)
+        return (dcum * steps).sum(dim=(0, 1, 3)).to(g.dtype)
+    rev = cumsum_tokens(dcum.flip(1)).flip(1)
+    return (rev[..., 0] if g.dim() == 3 else rev).to(g.dtype)
+
+
 class _IncomingState(torch.autograd.Function):
     """o = o0 + scale · (q ⊙ exp(cum_g)) S_in, cast once. Saves q, g, S_in (not q ⊙ exp(cum_g), which is
-    recomputed in backward), so the correction keeps nothing the size of the sequence beyond what the op keeps."""
+    recomputed in backward), so the correction keeps nothing the size of the sequence beyond what the op keeps.
+    Backward: with w = exp(cum_g) and dqd = scale · dO S_inᵀ, dq = w ⊙ dqd, ∂L/∂cum_g = q ⊙ w ⊙ dqd (summed
+    to g's width), dg = its reverse cumulative sum, dS_in = scale · (q ⊙ w)ᵀ dO."""
 
     @staticmethod
     def forward(ctx, o0, q, g, state_in, scale, limit, out_dtype):
@@ -124,14 +146,15 @@ class _IncomingState(torch.autograd.Function):
         dt = ctx.o0_dtype
         do = do.to(dt)
         dqd = ctx.scale * torch.einsum("bthv,bhkv->bthk", do, state_in.to(dt))
-        with torch.enable_grad():
-            gg = None if g is None else g.detach().requires_grad_(ctx.needs_input_grad[2])
-            qq = q.detach().requires_grad_(ctx.needs_input_grad[1])
-            qd = _decayed_queries(qq, gg, limit, dt)
-            wanted = [x for x in (qq, gg) if x is not None and x.requires_grad]
-            grads = dict(zip(map(id, wanted), torch.autograd.grad(qd, wanted, dqd) if wanted else ()))
-        dS = ctx.scale * torch.einsum("bthk,bthv->bhkv", qd.detach(), do) if ctx.needs_input_grad[3] else None
-        dq, dg = grads.get(id(qq)), (None if gg is None else grads.get(id(gg)))
+        w = _decayed_queries(torch.ones_like(q, dtype=dt), g, limit, dt)   # exp(cum_g), zero past `limit`
+        qd = q.to(dt) * w
+        dq = (w * dqd).to(q.dtype) if ctx.needs_input_grad[1] else None
+        dg = None
+        if g is not None and ctx.needs_input_grad[2]:
+            dcum = qd * dqd
+            dcum = dcum if g.dim() == 4 else dcum.sum(-1, keepdim=True)
+            dg = _decay_grad_from_cum(dcum, g, q.shape[1])
+        dS = ctx.scale * torch.einsum("bthk,bthv->bhkv", qd, do) if ctx.needs_input_grad[3] else None
         return do, dq, dg, (None if dS is None else dS.to(state_in.dtype)), None, None, None
 
 
