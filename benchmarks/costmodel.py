@@ -31,12 +31,12 @@ def published_checks() -> str:
     return "\n".join(lines)
 
 
-def table(seq_len_of, title: str) -> str:
+def table(seq_len_of, title: str, layout: str = "contiguous") -> str:
     head = "| W | T | " + " | ".join(f"{LABELS[m]} s" for m in METHODS) + " | All-Scan / LASP-2 speedup |"
     lines = [f"**{title}**", "", head, "|" + "---|" * (len(METHODS) + 3)]
     for W in WORLD_SIZES:
         T = seq_len_of(W)
-        t = {m: step_time(m, W, T).total_s for m in METHODS}
+        t = {m: step_time(m, W, T, layout=layout).total_s for m in METHODS}
         cells = " | ".join(f"{t[m]:.3f}" for m in METHODS)
         lines.append(f"| {W} | {T // K_TOK}K | {cells} | {t['allgather'] / t['allscan']:.2f}x |")
     return "\n".join(lines)
@@ -76,6 +76,8 @@ def main(argv=None):
     print(published_checks() + "\n")
     print(table(lambda W: 8 * K_TOK * W, "Step time (s), 8K tokens per GPU (T up to 8M)") + "\n")
     print(table(lambda W: 8 * M_TOK, "Step time (s), 8M-token sequence") + "\n")
+    print(table(lambda W: 8 * K_TOK * W, "Step time (s), 8K tokens per GPU, zigzag layout (lsp's default: two "
+                "segments per rank)", layout="zigzag") + "\n")
     if args.plot:
         plot(args.plot)
         print(f"plot written to {args.plot}")

@@ -122,7 +122,7 @@ def best_scan_blocks(world_size: int, state_bytes: float, t_overlap: float, hw: 
 
 
 def step_time(method: str, world_size: int, seq_len: int, m: ModelSpec | None = None,
-              hw: Hardware | None = None) -> StepTime:
+              hw: Hardware | None = None, layout: str = "contiguous") -> StepTime:
     """Modelled fwd+bwd step time of one method; see the module docstring for the formulas."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -141,7 +141,7 @@ def step_time(method: str, world_size: int, seq_len: int, m: ModelSpec | None = 
         per_pass = (W - 1) * max(0.0, hw.latency + kv / hw.bandwidth - block)
         bytes_pass = (W - 1) * kv
     else:
-        per_pass, bytes_pass = exchange_time(method, W, s, t_intra, hw)
+        per_pass, bytes_pass = exchange_time(method, W, s, t_intra, hw, layout=layout)
     passes = 2 * m.num_layers
     return StepTime(method, compute, passes * per_pass, passes * bytes_pass)
 
