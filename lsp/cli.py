@@ -15,12 +15,12 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from typing import List, Optional
 
 USER_ERROR = 2
 NONFINITE_EXIT = 3   # train.on_nonfinite=stop hit NaN/inf
+STOPPED_EXIT = 75    # a save-on-signal stop: checkpoint written, re-run to resume (lsp/train/signals.py)
 
 
 class UserError(Exception):
@@ -47,10 +47,15 @@ def cmd_train(args) -> int:
     return 0
 
 
-def torchrun_command(args) -> List[str]:
-    """The torchrun command line that `lsp launch` runs (also used by launch/torchrun.sh and the tests)."""
+def torchrun_command(args, cfg=None) -> List[str]:
+    """The torchrun command line that `lsp launch` runs (in-process: lsp/train/launch.py), with the config's
+    save-on-signal list forwarded to the ranks and its save timeout as the agent's grace period."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
            f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
+    if cfg is not None:
+        from lsp.train.signals import torchrun_signals
+        cmd += [f"--signals-to-handle={torchrun_signals(cfg.checkpoint.save_on_signals)}",
+                f"--shutdown-timeout={cfg.checkpoint.save_timeout_s}"]
     if args.rdzv_endpoint:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}", f"--node-rank={args.node_rank}"]
         if args.rdzv_id:
@@ -63,18 +68,27 @@ def torchrun_command(args) -> List[str]:
 
 
 def cmd_launch(args) -> int:
+    cfg = launch_config(args)
+    from lsp.train.launch import run_agent
+    return run_agent(torchrun_command(args, cfg)[3:], cfg.checkpoint_dir)
+
+
+def launch_config(args):
+    """Every check that would otherwise fail in N processes at once, before any is started."""
     from lsp.train.config import ConfigError, load_config, validate
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise UserError("--nproc-per-node and --nnodes must be >= 1")
     cfg = load_config(args.config, args.overrides)
-    validate(cfg, world_size=args.nproc_per_node * args.nnodes)   # fail here, not in N processes
+    world = args.nproc_per_node * args.nnodes
+    validate(cfg, world_size=world)
     if cfg.parallel.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp[deepspeed]'), "
                           "or use parallel.engine=ddp / fsdp")
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:   # torchrun would force 1; share the cores between the local ranks instead
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc_per_node))
-    return subprocess.call(torchrun_command(args), env=env)
+    from lsp.train.dist import check_device
+    check_device(cfg, world)
+    if "OMP_NUM_THREADS" not in os.environ:   # torchrun would force 1; share the cores between the local ranks
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc_per_node))
+    return cfg
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -173,24 +187,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def say_once(message: str) -> None:
+    """Print a one-line error on stderr; under torchrun every rank hits the same error, rank 0 says it."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+# errors raised once torch is imported, matched by class name so that the CLI itself never imports torch
+RUN_ERRORS = {"NonFiniteError": NONFINITE_EXIT, "StopRequested": STOPPED_EXIT}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from lsp.train.config import ConfigError
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        say_once(f"config error: {err}")
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-    except Exception as err:   # NonFiniteError: one line, its own exit code (torch is imported by now)
-        if type(err).__name__ != "NonFiniteError":
-            raise
-        if int(os.environ.get("RANK", "0")) == 0:   # every rank stops at the same step; one of them says so
-            print(f"error: {err}", file=sys.stderr)
-        return NONFINITE_EXIT
+        say_once(f"error: {err}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:   # every rank stops at the same step; one of them says so
+        code = RUN_ERRORS.get(type(err).__name__)
+        if code is None:
+            raise
+        say_once(f"{'lsp' if code == STOPPED_EXIT else 'error'}: {err}")
+        return code
     return USER_ERROR
 
 

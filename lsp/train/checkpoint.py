@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
 import shutil
 import warnings
 from typing import Any, Dict, Optional
@@ -31,8 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .faults import maybe_pause_checkpoint
-
-STEP_DIR = re.compile(r"^step_(\d+)$")
+from .runs import STEP_DIR, is_complete, latest_checkpoint, step_dir  # noqa: F401  (torch-free, re-exported)
 
 
 def _rank() -> int:
@@ -50,33 +48,6 @@ def _quiet_single_process():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def step_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"step_{step:08d}")
-
-
-def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "trainer.pt")) and (
-        os.path.isfile(os.path.join(path, ".metadata")) or os.path.isdir(os.path.join(path, "deepspeed")))
-
-
-def latest_checkpoint(root: str) -> Optional[str]:
-    """Path of the newest complete checkpoint under root (via `latest`, else by scanning), or None."""
-    if not os.path.isdir(root):
-        return None
-    pointer = os.path.join(root, "latest")
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(root, f.read().strip())
-        if is_complete(path):
-            return path
-    steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := STEP_DIR.match(name)))
-    for _, name in reversed(steps):
-        if is_complete(os.path.join(root, name)):
-            return os.path.join(root, name)
-    return None
-
 
 def rng_state() -> Dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .signals import SIGNALS, bad_signal
+
 
 class ConfigError(ValueError):
     """A user error in the run configuration; str() is one line naming the key."""
@@ -98,6 +100,9 @@ class CheckpointConfig:
     every: int = 0  # 0 = only at the end
     keep: int = 2
     resume: bool = True
+    # these signals make every rank finish its step, save and exit 75 (lsp/train/signals.py); [] = die at once
+    save_on_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    save_timeout_s: int = 120  # lsp launch: how long torchrun waits for that save before it kills the ranks
 
 
 @dataclass
@@ -146,7 +151,7 @@ CHOICES = {
 POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "data.seq_len",
             "data.mqar.num_kv_pairs", "data.mqar.num_queries", "data.mqar.num_keys", "data.mqar.num_values",
             "data.eval_batches", "optim.lr", "train.steps", "train.micro_batch", "train.grad_accum",
-            "train.log_every", "parallel.sp", "checkpoint.keep")
+            "train.log_every", "parallel.sp", "checkpoint.keep", "checkpoint.save_timeout_s")
 NON_NEGATIVE = ("model.vocab_size", "optim.min_lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps",
                 "train.grad_clip", "train.seed", "train.eval_every", "parallel.dp", "checkpoint.every",
                 "logging.peak_tflops")
@@ -242,6 +247,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
                               "needs B == 1); raise train.grad_accum or data.seq_len instead")
         if check_files and d.tokenizer != "byte":
             _check_tokenizer_file(d.tokenizer)
+    if (name := bad_signal(cfg.checkpoint.save_on_signals)) is not None:
+        raise ConfigError("checkpoint.save_on_signals", f"{name!r} is not one of {', '.join(SIGNALS)}")
     if p.engine == "ddp" and p.zero != 0:
         raise ConfigError("parallel.zero", f"{p.zero} needs parallel.engine=fsdp or deepspeed (ddp is ZeRO-0)")
     if p.engine == "fsdp" and p.zero not in (2, 3):

@@ -1,0 +1,64 @@
+"""Signals from an operator or a scheduler: sent to the `lsp launch` PID alone, they reach every rank (no orphan),
+the ranks finish the step, save and exit 75; with `checkpoint.save_on_signals=[]` they die at once, unsaved.
+The bitwise resume after a SIGTERM is in test_faults.py (it shares the uninterrupted reference run)."""
+import os
+import signal
+
+import pytest
+
+from lsp.cli import STOPPED_EXIT, build_parser, torchrun_command
+from lsp.train.checkpoint import latest_checkpoint
+
+from .conftest import TINY, signal_mid_run, wait_gone
+
+FAST = ["train.steps=40", "train.log_every=1", "train.eval_every=0", "data.eval_batches=1", "logging.wandb=false",
+        "logging.tqdm=false", "logging.plot=false"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR1], ids=["SIGINT", "SIGUSR1"])
+def test_signal_to_launcher_saves_and_leaves_no_rank(tmp_path, sig):
+    run_dir = os.path.join(tmp_path, "tiny-cpu")
+    code, out, err, ranks = signal_mid_run(["launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}", *FAST],
+                                           run_dir, sig, tmp_path)
+    assert len(ranks) == 2
+    assert wait_gone(ranks) == []                          # no orphan: every rank got the signal and exited
+    assert code == STOPPED_EXIT, err[-3000:]
+    name = signal.Signals(sig).name
+    saved = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    assert saved is not None and f"lsp: {name} on ranks [0, 1]: stopped after step {int(saved[-8:])}" in err
+    assert 2 <= int(saved[-8:]) < 40                        # saved at the step where it stopped, not at the end
+    assert f"lsp launch: {name}: the ranks were stopped; last complete checkpoint: {saved}" in err
+
+
+def test_no_save_signals_die_unsaved(tmp_path):
+    """Control: with save_on_signals=[] the same SIGTERM still reaches and ends both ranks, but nothing is saved."""
+    run_dir = os.path.join(tmp_path, "tiny-cpu")
+    code, out, err, ranks = signal_mid_run(["launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}", *FAST,
+                                            "checkpoint.save_on_signals=[]"], run_dir, signal.SIGTERM, tmp_path)
+    assert wait_gone(ranks) == [] and len(ranks) == 2
+    assert code == STOPPED_EXIT and "last complete checkpoint: none" in err, err[-3000:]
+    assert latest_checkpoint(os.path.join(run_dir, "checkpoints")) is None
+
+
+def test_old_subprocess_wrapper_leaves_orphans(tmp_path):
+    """Negative control for the orphan check: the previous `lsp launch` (subprocess.call around torchrun) dies on
+    SIGTERM and its ranks live on; the same check must report them (they are killed afterwards)."""
+    args = build_parser().parse_args(["launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}", *FAST])
+    wrapper = f"import subprocess, sys; sys.exit(subprocess.call({torchrun_command(args)!r}))"
+    code, _, _, procs = signal_mid_run(["-c", wrapper], os.path.join(tmp_path, "tiny-cpu"), signal.SIGTERM,
+                                       tmp_path)
+    assert code == -signal.SIGTERM
+    assert len(wait_gone(procs, seconds=2.0)) >= 2         # torchrun's agent and its ranks survived the wrapper
+
+
+def test_one_process_ctrl_c_saves_and_resumes(tmp_path):
+    """`lsp train` in one process: SIGINT (Ctrl-C) ends the current step, saves it, exits 75; the re-run resumes."""
+    run_dir = os.path.join(tmp_path, "tiny-cpu")
+    argv = ["train", TINY, f"out_dir={tmp_path}", "parallel.sp=1", *FAST, "train.steps=12"]
+    code, out, err, _ = signal_mid_run(argv, run_dir, signal.SIGINT, tmp_path)
+    assert code == STOPPED_EXIT, err[-3000:]
+    saved = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    assert err.strip().splitlines()[-1].startswith(f"lsp: SIGINT on ranks [0]: stopped after step {int(saved[-8:])}")
+    from .conftest import run_lsp
+    done = run_lsp(*argv, timeout=120)
+    assert done.returncode == 0 and f"at step {int(saved[-8:])}" in done.stdout, done.stderr[-2000:]
