@@ -3,13 +3,15 @@ the ranks finish the step, save and exit 75; with `checkpoint.save_on_signals=[]
 The bitwise resume after a SIGTERM is in test_faults.py (it shares the uninterrupted reference run)."""
 import os
 import signal
+import subprocess
+import time
 
 import pytest
 
 from lsp.cli import STOPPED_EXIT, build_parser, torchrun_command
 from lsp.train.checkpoint import latest_checkpoint
 
-from .conftest import TINY, signal_mid_run, wait_gone
+from .conftest import REPO, TINY, signal_mid_run, wait_gone
 
 FAST = ["train.steps=40", "train.log_every=1", "train.eval_every=0", "data.eval_batches=1", "logging.wandb=false",
         "logging.tqdm=false", "logging.plot=false"]
@@ -62,3 +64,39 @@ def test_one_process_ctrl_c_saves_and_resumes(tmp_path):
     from .conftest import run_lsp
     done = run_lsp(*argv, timeout=120)
     assert done.returncode == 0 and f"at step {int(saved[-8:])}" in done.stdout, done.stderr[-2000:]
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# a job step that behaves like lsp launch: SIGUSR1 / SIGTERM -> save, exit 75
+echo "$$" > "$SHIM_LOG.srun"
+trap 'kill $child; exit 75' USR1 TERM
+sleep 30 & child=$!
+wait $child
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+if [[ $1 == show ]]; then echo node1; else echo "$*" >> "$SHIM_LOG"; fi
+"""
+
+
+@pytest.mark.parametrize("who,requeued", [("batch-usr1", True), ("step-term", False)])
+def test_slurm_script_requeues_on_time_limit_signal_only(tmp_path, who, requeued):
+    """launch/slurm.sbatch with fake `srun` / `scontrol`: the time-limit SIGUSR1 (to the batch shell) reaches the step,
+    which saves and exits 75, and the job is requeued; a step stopped by SIGTERM (scancel) exits 75 unrequeued."""
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (tmp_path / name).write_text(text)
+        (tmp_path / name).chmod(0o755)
+    log = tmp_path / "log"
+    env = dict(os.environ, PATH=f"{tmp_path}:{os.environ['PATH']}", SHIM_LOG=str(log), SLURM_JOB_NODELIST="n1",
+               SLURM_NNODES="1", SLURM_JOB_ID="42")
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "launch", "slurm.sbatch"), "c.yaml"], cwd=tmp_path, env=env,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(f"{log}.srun") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if who == "batch-usr1":
+        proc.send_signal(signal.SIGUSR1)
+    else:
+        os.kill(int((tmp_path / "log.srun").read_text()), signal.SIGTERM)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == STOPPED_EXIT, err
+    assert (log.read_text() if log.exists() else "") == ("requeue 42\n" if requeued else "")
