@@ -16,11 +16,13 @@ import importlib.util
 import json
 import os
 import sys
+import time
 from typing import List, Optional
 
 USER_ERROR = 2
 NONFINITE_EXIT = 3   # train.on_nonfinite=stop hit NaN/inf
 STOPPED_EXIT = 75    # a save-on-signal stop: checkpoint written, re-run to resume (lsp/train/signals.py)
+RANK_EXIT_DELAY_S = 2.0
 
 
 class UserError(Exception):
@@ -92,23 +94,18 @@ def launch_config(args):
 
 
 def resolve_checkpoint(path: str) -> str:
-    if not os.path.isdir(path):   # checked before importing torch, so the error is instant
+    from lsp.train.runs import find_checkpoint   # torch-free: a wrong path is answered before torch is imported
+    found = find_checkpoint(path)
+    if found is None:
         raise UserError(f"no complete checkpoint found under {path}")
-    from lsp.train.checkpoint import is_complete, latest_checkpoint
-    for candidate in (path, os.path.join(path, "checkpoints")):
-        if is_complete(candidate):
-            return candidate
-        found = latest_checkpoint(candidate)
-        if found:
-            return found
-    raise UserError(f"no complete checkpoint found under {path}")
+    return found
 
 
 def cmd_eval(args) -> int:
+    path = resolve_checkpoint(args.checkpoint)
     from lsp.train.checkpoint import load_checkpoint
     from lsp.train.config import load_config
     from lsp.train.trainer import Trainer
-    path = resolve_checkpoint(args.checkpoint)
     single = ["parallel.dp=0", "parallel.sp=1", "parallel.engine=ddp", "parallel.zero=0", "checkpoint.resume=false",
               "logging.wandb=false"]
     cfg = load_config(os.path.join(path, "config.yaml"), single + args.overrides)
@@ -188,18 +185,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def say_once(message: str) -> None:
-    """Print a one-line error on stderr; under torchrun every rank hits the same error, rank 0 says it."""
+    """Print a one-line error on stderr; under torchrun every rank hits the same error and rank 0 says it. The
+    others exit a moment later, so the agent does not stop rank 0 before it has (lsp/train/launch.py)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(message, file=sys.stderr, flush=True)
+    else:
+        time.sleep(RANK_EXIT_DELAY_S)
 
 
 # errors raised once torch is imported, matched by class name so that the CLI itself never imports torch
 RUN_ERRORS = {"NonFiniteError": NONFINITE_EXIT, "StopRequested": STOPPED_EXIT}
 
 
+# subcommands of the form `lsp CMD [options] POSITIONAL [key=value ...]`: an option after the positional is a mistake
+OPTIONS_FIRST = ("train", "launch", "eval", "plan")
+
+
+def check_option_order(argv: List[str]) -> None:
+    """`lsp launch cfg.yaml --nproc-per-node 2` would otherwise be reported as bad overrides: say what is wrong."""
+    if not argv or argv[0] not in OPTIONS_FIRST:
+        return
+    rest, positional = argv[1:], None
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if token.startswith("-") and positional is not None:
+            raise UserError(f"lsp {argv[0]}: option {token.split('=')[0]} comes after {positional}; options go "
+                            f"first: lsp {argv[0]} {token.split('=')[0]} ... {positional} [key=value ...]")
+        if token.startswith("-"):
+            i += 1 if ("=" in token or token in ("-h", "--help")) else 2   # every other lsp option takes a value
+            continue
+        positional = positional or token
+        i += 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from lsp.train.config import ConfigError
     try:
+        check_option_order(sys.argv[1:] if argv is None else argv)
         args = build_parser().parse_args(argv)
         return args.func(args)
     except ConfigError as err:

@@ -117,6 +117,18 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def model_mismatch(path: str, model) -> Optional[str]:
+    """None when the DCP checkpoint at path holds exactly this model's parameters (names and global shapes), else
+    the first difference, e.g. "model.embed.weight is [81, 64] there, [81, 32] here" (read from .metadata only)."""
+    saved = {k: list(v.size) for k, v in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items()
+             if k.startswith("model.") and hasattr(v, "size")}
+    here = {f"model.{k}": list(v.shape) for k, v in get_state_dict(model, [])[0].items()}
+    for name in sorted(saved.keys() | here.keys()):
+        if saved.get(name) != here.get(name):
+            return (f"{name} is {saved.get(name, 'absent')} there, {here.get(name, 'absent')} here").replace("'", "")
+    return None
+
+
 def load_checkpoint(path: str, model, optimizer=None, deepspeed_engine=None) -> Dict[str, Any]:
     """Collective: load model (+ optimizer) in place; returns the trainer state saved by rank 0."""
     if deepspeed_engine is not None:

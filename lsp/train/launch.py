@@ -30,13 +30,15 @@ def _quiet_agent() -> None:
 
 
 def failure_exit(failures: dict) -> tuple[int, str]:
-    """(exit code, message or "") for the ranks' failures {global rank: ProcessFailure}."""
-    codes = {f.exitcode for f in failures.values()}
-    if len(codes) == 1 and (code := codes.pop()) in PASS_THROUGH:
-        return code, ""
+    """(exit code, message or "") for the ranks' failures {global rank: ProcessFailure}. Rank 0 prints the reason
+    of the exit codes in PASS_THROUGH itself (the other ranks wait for it: lsp/cli.py), so those pass on silently."""
+    rank0 = failures.get(0)
+    if rank0 is not None and rank0.exitcode in PASS_THROUGH:
+        return rank0.exitcode, ""
     rank, failure = min(failures.items(), key=lambda item: item[1].timestamp)
     how = f"signal {signal_name(-failure.exitcode)}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-    return 1, f"rank {rank} failed first ({how}); its traceback is above"
+    code = failure.exitcode if failure.exitcode in PASS_THROUGH else 1
+    return code, f"rank {rank} failed first ({how}); its error is above"
 
 
 def run_agent(torchrun_args: List[str], checkpoint_dir: str) -> int:

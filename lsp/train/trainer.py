@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, model_mismatch, save_checkpoint
 from .config import Config, ConfigError, to_yaml
 from .data import Batch, DataLoader, IGNORE_INDEX, build_token_file, make_tokenizer
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
@@ -105,6 +105,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def resume(self, path: str) -> None:
+        if self.engine.deepspeed is None and (diff := model_mismatch(path, self.engine.model)):
+            raise ConfigError("model", f"{path} holds another model ({diff}); this run name is taken: pick a new "
+                              f"name= (or out_dir=), or remove {self.cfg.run_dir} to start over")
         state = load_checkpoint(path, self.engine.model, self.engine.optimizer,
                                 deepspeed_engine=self.engine.deepspeed)
         if self.engine.deepspeed is None:
