@@ -49,3 +49,19 @@ def find_checkpoint(path: str) -> Optional[str]:
         if found:
             return found
     return None
+
+
+def wandb_run_id(run_dir: str, new_id: str) -> str:
+    """The wandb run id kept in `<run_dir>/wandb_id`: written once (new_id), read back by every resume, so one job
+    that is stopped and restarted is one wandb run (wandb.init(id=..., resume="allow"))."""
+    path = os.path.join(run_dir, "wandb_id")
+    if os.path.isfile(path):
+        with open(path) as f:
+            if (saved := f.read().strip()):
+                return saved
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(new_id + "\n")
+    os.replace(tmp, path)
+    return new_id
