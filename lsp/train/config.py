@@ -280,9 +280,6 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         for f in d.files if check_files else ():
             if not os.path.isfile(f):
                 raise ConfigError("data.files", f"file not found: {f}")
-        if cfg.train.micro_batch != 1:
-            raise ConfigError("train.micro_batch", "packed files use one sequence per micro-batch (cu_seqlens "
-                              "needs B == 1); raise train.grad_accum or data.seq_len instead")
         if check_files and d.tokenizer != "byte":
             _check_tokenizer_file(d.tokenizer)
     if (name := bad_signal(cfg.checkpoint.save_on_signals)) is not None:

@@ -54,7 +54,7 @@ BAD = [
     ("train", ["data.kind=files"], "data.files: data.kind=files needs at least one file"),
     ("train", ["data.kind=files", "data.files=[{tmp}/missing.txt]", "train.micro_batch=1"],
      "data.files: file not found: {tmp}/missing.txt"),
-    ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]"], "train.micro_batch: packed files use one sequence"),
+    ("train", ["data.eval_batches=0"], "data.eval_batches: must be > 0"),
     ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1", "data.tokenizer={tmp}/no.json"],
      "data.tokenizer: 'byte' or a tokenizers JSON file; not found"),
     ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1",
