@@ -37,6 +37,8 @@ class _Parser(argparse.ArgumentParser):
 def cmd_train(args) -> int:
     from lsp.train.config import load_config
     cfg = load_config(args.config, args.overrides)   # before importing torch: fast failures
+    from lsp.train.accelerate_env import apply_accelerate_env
+    apply_accelerate_env(cfg)                         # `accelerate launch` flags: honoured or refused, never ignored
     from lsp.train.dist import shutdown
     from lsp.train.trainer import train
     try:

@@ -84,6 +84,10 @@ def autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+def precision_name(cfg: Config, device: torch.device) -> str:
+    return "bf16" if isinstance(autocast(cfg, device), torch.autocast) else "fp32"
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -244,7 +248,8 @@ class Trainer:
         mesh, cfg = self.mesh, self.cfg
         if mesh.is_main:
             print(f"lsp: {num_parameters(self.model) / 1e6:.2f}M params, dp={mesh.dp} sp={mesh.sp} "
-                  f"engine={cfg.parallel.engine} device={mesh.device.type}, run dir {cfg.run_dir}", flush=True)
+                  f"engine={cfg.parallel.engine} device={mesh.device.type} precision={precision_name(cfg, mesh.device)}, "
+                  f"run dir {cfg.run_dir}", flush=True)
 
     def loop(self, logger: RunLogger):
         """Steps until train.steps, or until a stop signal: then that step is logged and saved at once.
