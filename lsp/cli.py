@@ -1,4 +1,4 @@
-"""`lsp` command line: train, launch (torchrun wrapper), eval, plan.
+"""`lsp` command line: train, launch (torchrun's elastic agent, in this process), eval, plan.
 
     lsp train CONFIG.yaml [key=value ...]            one process, or one rank under torchrun / accelerate
     lsp launch [--nproc-per-node N] [--nnodes M] [--node-rank R] [--rdzv-endpoint HOST:PORT] [--max-restarts K]
@@ -7,7 +7,8 @@
     lsp plan [--gpus N] [--seq-len T] CONFIG.yaml [key=value ...]
                                                      recommended sp, SP method, micro-batch (lsp.train.plan)
 
-User errors print one line and exit with code 2 (no traceback).
+User errors print one line and exit with code 2 (no traceback); a non-finite stop exits 3; a run stopped by a signal
+after saving its checkpoint exits 75 (run the same command again to resume).
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ import sys
 import time
 from typing import List, Optional
 
+from lsp.train.signals import STOPPED_EXIT   # torch-free
+
 USER_ERROR = 2
 NONFINITE_EXIT = 3   # train.on_nonfinite=stop hit NaN/inf
-STOPPED_EXIT = 75    # a save-on-signal stop: checkpoint written, re-run to resume (lsp/train/signals.py)
-RANK_EXIT_DELAY_S = 2.0
+RANK_EXIT_DELAY_S = 2.0   # ranks other than 0 wait this long before exiting on a shared error (see say_once)
 
 
 class UserError(Exception):
@@ -39,6 +41,8 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)   # before importing torch: fast failures
     from lsp.train.accelerate_env import apply_accelerate_env
     apply_accelerate_env(cfg)                         # `accelerate launch` flags: honoured or refused, never ignored
+    from lsp.train.signals import die_with_launcher
+    die_with_launcher()                               # a SIGKILLed torchrun agent leaves no orphan rank
     from lsp.train.dist import shutdown
     from lsp.train.trainer import train
     try:
@@ -183,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=cmd_plan)
+    parser.commands = sub.choices   # name -> subparser, for parse_args
     return parser
 
 
@@ -199,33 +204,22 @@ def say_once(message: str) -> None:
 RUN_ERRORS = {"NonFiniteError": NONFINITE_EXIT, "StopRequested": STOPPED_EXIT}
 
 
-# subcommands of the form `lsp CMD [options] POSITIONAL [key=value ...]`: an option after the positional is a mistake
-OPTIONS_FIRST = ("train", "launch", "eval", "plan")
-
-
-def check_option_order(argv: List[str]) -> None:
-    """`lsp launch cfg.yaml --nproc-per-node 2` would otherwise be reported as bad overrides: say what is wrong."""
-    if not argv or argv[0] not in OPTIONS_FIRST:
-        return
-    rest, positional = argv[1:], None
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if token.startswith("-") and positional is not None:
-            raise UserError(f"lsp {argv[0]}: option {token.split('=')[0]} comes after {positional}; options go "
-                            f"first: lsp {argv[0]} {token.split('=')[0]} ... {positional} [key=value ...]")
-        if token.startswith("-"):
-            i += 1 if ("=" in token or token in ("-h", "--help")) else 2   # every other lsp option takes a value
-            continue
-        positional = positional or token
-        i += 1
+def parse_args(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
+    """Options may come anywhere after the subcommand: `lsp launch cfg.yaml k=v --nproc-per-node 2` is the same as
+    putting them first (plain argparse took the overrides for unrecognized arguments)."""
+    if argv and argv[0] in parser.commands:
+        return parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+    if argv and not argv[0].startswith("-"):
+        from lsp.train.config import did_you_mean
+        raise UserError(f"lsp: unknown command {argv[0]!r} (one of {', '.join(parser.commands)})"
+                        + did_you_mean(argv[0], parser.commands))
+    return parser.parse_args(argv)   # no subcommand, or -h: argparse's own answer
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     from lsp.train.config import ConfigError
     try:
-        check_option_order(sys.argv[1:] if argv is None else argv)
-        args = build_parser().parse_args(argv)
+        args = parse_args(build_parser(), sys.argv[1:] if argv is None else argv)
         return args.func(args)
     except ConfigError as err:
         say_once(f"config error: {err}")

@@ -9,6 +9,7 @@ in-process) forwards SIGTERM / SIGINT / SIGHUP / SIGQUIT, plus the signals named
 """
 from __future__ import annotations
 
+import os
 import signal
 from typing import Dict, List, Optional
 
@@ -53,3 +54,15 @@ def torchrun_signals(names: List[str]) -> str:
 
 def bad_signal(names: List[str]) -> Optional[str]:
     return next((name for name in names if name not in SIGNALS), None)
+
+
+def die_with_launcher() -> None:
+    """Under torchrun: ask Linux for SIGTERM when the agent dies (even by SIGKILL, which it cannot forward), so the
+    ranks save and stop instead of training on as orphans. The agent starts ranks from its main thread, which lives
+    as long as the agent does. No-op off Linux."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)

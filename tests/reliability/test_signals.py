@@ -100,3 +100,15 @@ def test_slurm_script_requeues_on_time_limit_signal_only(tmp_path, who, requeued
     _, err = proc.communicate(timeout=20)
     assert proc.returncode == STOPPED_EXIT, err
     assert (log.read_text() if log.exists() else "") == ("requeue 42\n" if requeued else "")
+
+
+def test_sigkill_to_launcher_leaves_no_rank(tmp_path):
+    """SIGKILL cannot be forwarded; the ranks asked Linux for SIGTERM when their parent dies (PR_SET_PDEATHSIG), so
+    they still save together and exit instead of training on as orphans."""
+    run_dir = os.path.join(tmp_path, "tiny-cpu")
+    code, _, err, ranks = signal_mid_run(["launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}", *FAST],
+                                         run_dir, signal.SIGKILL, tmp_path)
+    assert code == -signal.SIGKILL and len(ranks) == 2
+    assert wait_gone(ranks, seconds=20.0) == [], err[-3000:]
+    saved = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    assert saved is not None and 2 <= int(saved[-8:]) < 40
