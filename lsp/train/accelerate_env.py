@@ -30,9 +30,9 @@ def apply_accelerate_env(cfg: Config, env: Optional[Mapping[str, str]] = None) -
     _device(cfg, _on(env, "ACCELERATE_USE_CPU"))
     for flag, engine in (("ACCELERATE_USE_FSDP", "fsdp"), ("ACCELERATE_USE_DEEPSPEED", "deepspeed")):
         if _on(env, flag) and cfg.parallel.engine != engine:
-            raise ConfigError("parallel.engine", f"{cfg.parallel.engine} conflicts with accelerate launch --use_{engine}"
-                              f"; lsp wraps the model itself: set parallel.engine={engine} (and parallel.zero), "
-                              "or drop the flag")
+            raise ConfigError("parallel.engine", f"{cfg.parallel.engine} conflicts with accelerate launch "
+                              f"--use_{engine}; lsp wraps the model itself: set parallel.engine={engine} "
+                              "(and parallel.zero), or drop the flag")
     if _on(env, "ACCELERATE_USE_MEGATRON_LM"):
         raise ConfigError("parallel.engine", "accelerate launch --use_megatron_lm is not supported by lsp")
     if env.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower() not in ("no", ""):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from typing import Dict, List, Optional
 
 STOPPED_EXIT = 75
@@ -34,6 +35,8 @@ class StopSignals:
         self.received = self.received or signum   # the first one names the stop; repeats (torchrun forwards) are no-ops
 
     def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is not threading.main_thread():   # Python handles signals there only
+            return self
         for number in self.numbers:
             self._previous[number] = signal.signal(number, self._handle)
         return self

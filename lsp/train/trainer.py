@@ -248,8 +248,8 @@ class Trainer:
         mesh, cfg = self.mesh, self.cfg
         if mesh.is_main:
             print(f"lsp: {num_parameters(self.model) / 1e6:.2f}M params, dp={mesh.dp} sp={mesh.sp} "
-                  f"engine={cfg.parallel.engine} device={mesh.device.type} precision={precision_name(cfg, mesh.device)}, "
-                  f"run dir {cfg.run_dir}", flush=True)
+                  f"engine={cfg.parallel.engine} device={mesh.device.type} "
+                  f"precision={precision_name(cfg, mesh.device)}, run dir {cfg.run_dir}", flush=True)
 
     def loop(self, logger: RunLogger):
         """Steps until train.steps, or until a stop signal: then that step is logged and saved at once.

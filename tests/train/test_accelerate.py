@@ -23,7 +23,7 @@ CASES = [
     ({"ACCELERATE_MIXED_PRECISION": "fp16"}, [], "train.precision: accelerate launch --mixed_precision fp16 is not"),
     ({"ACCELERATE_MIXED_PRECISION": "fp8"}, [], "--mixed_precision fp8 is not supported"),
     ({"ACCELERATE_USE_CPU": "True"}, [], ("auto", "cpu", "ddp")),
-    ({"ACCELERATE_USE_CPU": "True"}, ["train.device=cuda"], "train.device: cuda conflicts with accelerate launch --cpu"),
+    ({"ACCELERATE_USE_CPU": "True"}, ["train.device=cuda"], "train.device: cuda conflicts with accelerate launch"),
     ({"ACCELERATE_USE_FSDP": "true"}, [], "parallel.engine: ddp conflicts with accelerate launch --use_fsdp"),
     ({"ACCELERATE_USE_FSDP": "true"}, ["parallel.engine=fsdp", "parallel.zero=3"], ("auto", "auto", "fsdp")),
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, [], "parallel.engine: ddp conflicts with accelerate launch --use_deepspeed"),

