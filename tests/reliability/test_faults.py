@@ -58,6 +58,7 @@ def test_rank_killed_torchrun_restarts_and_resumes_bitwise(straight, tmp_path):
     assert proc.returncode != 0
 
 
+@pytest.mark.slow   # ~25 s alone on 2 cores; fast twins: test_signals.py (2-rank stop, one-process bitwise resume)
 def test_sigterm_to_launcher_saves_and_resumes_bitwise(straight, tmp_path):
     """SIGTERM to the `lsp launch` PID after step 2 (as Slurm or `kill` sends it): both ranks finish the step they
     are in, save it, exit 75 and none survives; the re-run resumes there and the 8 losses equal the uninterrupted

@@ -1,6 +1,7 @@
 """Signals from an operator or a scheduler: sent to the `lsp launch` PID alone, they reach every rank (no orphan),
 the ranks finish the step, save and exit 75; with `checkpoint.save_on_signals=[]` they die at once, unsaved.
 The bitwise resume after a SIGTERM is in test_faults.py (it shares the uninterrupted reference run)."""
+import json
 import os
 import signal
 import subprocess
@@ -10,8 +11,10 @@ import pytest
 
 from lsp.cli import STOPPED_EXIT, build_parser, torchrun_command
 from lsp.train.checkpoint import latest_checkpoint
+from lsp.train.config import load_config
+from lsp.train.trainer import Trainer
 
-from .conftest import REPO, TINY, signal_mid_run, wait_gone
+from .conftest import REPO, TINY, run_lsp, signal_mid_run, wait_gone
 
 FAST = ["train.steps=40", "train.log_every=1", "train.eval_every=0", "data.eval_batches=1", "logging.wandb=false",
         "logging.tqdm=false", "logging.plot=false"]
@@ -53,17 +56,21 @@ def test_old_subprocess_wrapper_leaves_orphans(tmp_path):
     assert len(wait_gone(procs, seconds=2.0)) >= 2         # torchrun's agent and its ranks survived the wrapper
 
 
-def test_one_process_ctrl_c_saves_and_resumes(tmp_path):
-    """`lsp train` in one process: SIGINT (Ctrl-C) ends the current step, saves it, exits 75; the re-run resumes."""
+def test_one_process_ctrl_c_saves_and_resumes_bitwise(tmp_path):
+    """`lsp train` in one process: SIGINT (Ctrl-C) ends the current step, saves it, exits 75; the re-run resumes
+    there and its losses equal an uninterrupted run bitwise."""
     run_dir = os.path.join(tmp_path, "tiny-cpu")
     argv = ["train", TINY, f"out_dir={tmp_path}", "parallel.sp=1", *FAST, "train.steps=12"]
     code, out, err, _ = signal_mid_run(argv, run_dir, signal.SIGINT, tmp_path)
     assert code == STOPPED_EXIT, err[-3000:]
     saved = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
     assert err.strip().splitlines()[-1].startswith(f"lsp: SIGINT on ranks [0]: stopped after step {int(saved[-8:])}")
-    from .conftest import run_lsp
     done = run_lsp(*argv, timeout=120)
     assert done.returncode == 0 and f"at step {int(saved[-8:])}" in done.stdout, done.stderr[-2000:]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        resumed = [row["loss"] for row in map(json.loads, f) if "loss" in row]
+    ref = Trainer(load_config(TINY, [f"out_dir={tmp_path}/ref", "parallel.sp=1", *FAST, "train.steps=12"])).fit()
+    assert resumed == ref["losses"]                         # bitwise, 12 rows
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
