@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train (one process, or one rank under torchrun)")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("launch", help="start torchrun with `lsp train` on every rank")
     p.add_argument("--nproc-per-node", type=int, default=1)
@@ -169,11 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-id", default="")
     p.add_argument("--max-restarts", type=int, default=0)
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value")
     p.set_defaults(func=cmd_launch)
     p = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy / validation loss)")
     p.add_argument("checkpoint")
-    p.add_argument("overrides", nargs="*", help="key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plan", help="recommend sp size, SP method, micro-batch for a config on a cluster")
     p.add_argument("--gpus", type=int, default=None,
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tflops", type=float, default=400.0, help="sustained bf16 TFLOP/s per GPU")
     p.add_argument("--top", type=int, default=10, help="candidates to print")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value")
     p.set_defaults(func=cmd_plan)
     parser.commands = sub.choices   # name -> subparser, for parse_args
     return parser
