@@ -1,5 +1,7 @@
 """Config schema: YAML + overrides, and one-line / exit-code-2 rejection of bad configs through `lsp train`."""
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -193,3 +195,21 @@ def test_missing_deepspeed_is_one_line():
     proc = run_lsp("train", TINY, "parallel.engine=deepspeed", "parallel.sp=1", "logging.wandb=false", timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("config error: parallel.engine: deepspeed is not installed")
+
+
+@pytest.mark.parametrize("argv", [["eval", "/nonexistent"], ["train", TINY, "trian.steps=1"],
+                                  ["launch", TINY, "--nproc-per-node", "0"], ["train", "missing.yaml"]],
+                         ids=["eval-missing-dir", "typo", "launch-nproc", "missing-config"])
+def test_cheap_errors_answer_before_importing_torch(argv):
+    """These need no torch (importing it costs seconds: `lsp eval` on a missing dir took 9.6 s)."""
+    code = f"import sys; from lsp.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.stdout.split() == ["2", "False"], out.stderr
+
+
+def test_torch_import_check_control():
+    """Control for the test above: an error found by the trainer (vocabulary) is caught after torch is imported."""
+    argv = ["train", TINY, "parallel.sp=1", "model.vocab_size=1"]
+    code = f"import sys; from lsp.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.stdout.split() == ["2", "True"], out.stderr
