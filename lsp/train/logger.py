@@ -55,7 +55,7 @@ def start_wandb(cfg: Config):
     """wandb run of this run dir (its id is kept there, so a resumed job continues the same wandb run), or None."""
     try:
         import wandb
-        run_id = wandb_run_id(cfg.run_dir, wandb.util.generate_id())
+        run_id = wandb_run_id(cfg.run_dir)
         return wandb.init(project=cfg.logging.wandb_project, name=cfg.name, dir=cfg.run_dir, id=run_id,
                           mode=cfg.logging.wandb_mode, config=to_dict(cfg), resume="allow")
     except Exception as err:   # logging must never stop training

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from typing import Optional
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -51,14 +52,15 @@ def find_checkpoint(path: str) -> Optional[str]:
     return None
 
 
-def wandb_run_id(run_dir: str, new_id: str) -> str:
-    """The wandb run id kept in `<run_dir>/wandb_id`: written once (new_id), read back by every resume, so one job
-    that is stopped and restarted is one wandb run (wandb.init(id=..., resume="allow"))."""
+def wandb_run_id(run_dir: str) -> str:
+    """The wandb run id kept in `<run_dir>/wandb_id`: made once (8 random hex digits, a valid wandb id), read back by
+    every resume, so one job that is stopped and restarted is one wandb run (wandb.init(id=..., resume="allow"))."""
     path = os.path.join(run_dir, "wandb_id")
     if os.path.isfile(path):
         with open(path) as f:
             if (saved := f.read().strip()):
                 return saved
+    new_id = secrets.token_hex(4)
     os.makedirs(run_dir, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:

@@ -17,12 +17,7 @@ class FakeWandb(types.ModuleType):
 
     def __init__(self):
         super().__init__("wandb")
-        self.inits, self.counter = [], 0
-        self.util = types.SimpleNamespace(generate_id=self.generate_id)
-
-    def generate_id(self):
-        self.counter += 1
-        return f"id{self.counter}"
+        self.inits = []
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
@@ -44,6 +39,21 @@ def test_wandb_run_id_is_kept_in_the_run_dir(tmp_path, monkeypatch):
     assert ids[0] == ids[1] and all(i["resume"] == "allow" for i in fake.inits)     # one wandb run for the job
     assert ids[2] != ids[0]                                                        # control: another run dir
     assert (tmp_path / "r" / "wandb_id").read_text().strip() == ids[0]
+
+
+def test_real_offline_wandb_resumes_the_same_run(tmp_path):
+    """With the real wandb package (offline, no network): the first run and its resume write two offline runs with
+    the one id of RUN_DIR/wandb_id (`wandb sync` merges them into one run)."""
+    pytest.importorskip("wandb")
+    for start in (0, 4):
+        logger = make_logger(tmp_path, "r", "logging.wandb=true", "logging.wandb_mode=offline", start=start)
+        assert logger.wandb is not None
+        logger.log({"step": start + 1, "loss": 1.0})
+        logger.close()
+    run_id = (tmp_path / "r" / "wandb_id").read_text().strip()
+    runs = sorted(p.name for p in (tmp_path / "r" / "wandb").glob("offline-run-*"))
+    # two folders, or one when both started within the same second (the name has the time to the second)
+    assert runs and all(name.endswith("-" + run_id) for name in runs), runs
 
 
 class Stream(io.StringIO):
