@@ -8,6 +8,9 @@
 #   NNODES          nodes (default 1); with NNODES > 1 also set MASTER_ADDR (and MASTER_PORT, default 29500)
 #   NODE_RANK       this node's index (default 0)
 #   MAX_RESTARTS    torchrun restarts after a failure (default 0); a restarted run resumes from `latest`
+#
+# `exec`: this shell becomes `lsp launch` (torchrun's agent), so a signal sent to this PID reaches every rank, which
+# saves and exits 75 (docs/training.md, "Stopping, preemption, time limits").
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
     echo "usage: launch/torchrun.sh CONFIG.yaml [key=value ...]" >&2

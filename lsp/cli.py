@@ -1,4 +1,4 @@
-"""`lsp` command line: train, launch (torchrun wrapper), eval, plan.
+"""`lsp` command line: train, launch (torchrun's elastic agent, in this process), eval, plan.
 
     lsp train CONFIG.yaml [key=value ...]            one process, or one rank under torchrun / accelerate
     lsp launch [--nproc-per-node N] [--nnodes M] [--node-rank R] [--rdzv-endpoint HOST:PORT] [--max-restarts K]
@@ -7,7 +7,8 @@
     lsp plan [--gpus N] [--seq-len T] CONFIG.yaml [key=value ...]
                                                      recommended sp, SP method, micro-batch (lsp.train.plan)
 
-User errors print one line and exit with code 2 (no traceback).
+User errors print one line and exit with code 2 (no traceback); a non-finite stop exits 3; a run stopped by a signal
+after saving its checkpoint exits 75 (run the same command again to resume).
 """
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
+import time
 from typing import List, Optional
+
+from lsp.train.signals import STOPPED_EXIT   # torch-free
 
 USER_ERROR = 2
 NONFINITE_EXIT = 3   # train.on_nonfinite=stop hit NaN/inf
+RANK_EXIT_DELAY_S = 2.0   # ranks other than 0 wait this long before exiting on a shared error (see say_once)
 
 
 class UserError(Exception):
@@ -35,6 +39,10 @@ class _Parser(argparse.ArgumentParser):
 def cmd_train(args) -> int:
     from lsp.train.config import load_config
     cfg = load_config(args.config, args.overrides)   # before importing torch: fast failures
+    from lsp.train.accelerate_env import apply_accelerate_env
+    apply_accelerate_env(cfg)                         # `accelerate launch` flags: honoured or refused, never ignored
+    from lsp.train.signals import die_with_launcher
+    die_with_launcher()                               # a SIGKILLed torchrun agent leaves no orphan rank
     from lsp.train.dist import shutdown
     from lsp.train.trainer import train
     try:
@@ -47,10 +55,15 @@ def cmd_train(args) -> int:
     return 0
 
 
-def torchrun_command(args) -> List[str]:
-    """The torchrun command line that `lsp launch` runs (also used by launch/torchrun.sh and the tests)."""
+def torchrun_command(args, cfg=None) -> List[str]:
+    """The torchrun command line that `lsp launch` runs (in-process: lsp/train/launch.py), with the config's
+    save-on-signal list forwarded to the ranks and its save timeout as the agent's grace period."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
            f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
+    if cfg is not None:
+        from lsp.train.signals import torchrun_signals
+        cmd += [f"--signals-to-handle={torchrun_signals(cfg.checkpoint.save_on_signals)}",
+                f"--shutdown-timeout={cfg.checkpoint.save_timeout_s}"]
     if args.rdzv_endpoint:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}", f"--node-rank={args.node_rank}"]
         if args.rdzv_id:
@@ -63,38 +76,42 @@ def torchrun_command(args) -> List[str]:
 
 
 def cmd_launch(args) -> int:
+    cfg = launch_config(args)
+    from lsp.train.launch import run_agent
+    return run_agent(torchrun_command(args, cfg)[3:], cfg.checkpoint_dir)
+
+
+def launch_config(args):
+    """Every check that would otherwise fail in N processes at once, before any is started."""
     from lsp.train.config import ConfigError, load_config, validate
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise UserError("--nproc-per-node and --nnodes must be >= 1")
     cfg = load_config(args.config, args.overrides)
-    validate(cfg, world_size=args.nproc_per_node * args.nnodes)   # fail here, not in N processes
+    world = args.nproc_per_node * args.nnodes
+    validate(cfg, world_size=world)
     if cfg.parallel.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp[deepspeed]'), "
                           "or use parallel.engine=ddp / fsdp")
-    env = dict(os.environ)
-    if "OMP_NUM_THREADS" not in env:   # torchrun would force 1; share the cores between the local ranks instead
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc_per_node))
-    return subprocess.call(torchrun_command(args), env=env)
+    from lsp.train.dist import check_device
+    check_device(cfg, world)
+    if "OMP_NUM_THREADS" not in os.environ:   # torchrun would force 1; share the cores between the local ranks
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc_per_node))
+    return cfg
 
 
 def resolve_checkpoint(path: str) -> str:
-    if not os.path.isdir(path):   # checked before importing torch, so the error is instant
+    from lsp.train.runs import find_checkpoint   # torch-free: a wrong path is answered before torch is imported
+    found = find_checkpoint(path)
+    if found is None:
         raise UserError(f"no complete checkpoint found under {path}")
-    from lsp.train.checkpoint import is_complete, latest_checkpoint
-    for candidate in (path, os.path.join(path, "checkpoints")):
-        if is_complete(candidate):
-            return candidate
-        found = latest_checkpoint(candidate)
-        if found:
-            return found
-    raise UserError(f"no complete checkpoint found under {path}")
+    return found
 
 
 def cmd_eval(args) -> int:
+    path = resolve_checkpoint(args.checkpoint)
     from lsp.train.checkpoint import load_checkpoint
     from lsp.train.config import load_config
     from lsp.train.trainer import Trainer
-    path = resolve_checkpoint(args.checkpoint)
     single = ["parallel.dp=0", "parallel.sp=1", "parallel.engine=ddp", "parallel.zero=0", "checkpoint.resume=false",
               "logging.wandb=false"]
     cfg = load_config(os.path.join(path, "config.yaml"), single + args.overrides)
@@ -143,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train (one process, or one rank under torchrun)")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("launch", help="start torchrun with `lsp train` on every rank")
     p.add_argument("--nproc-per-node", type=int, default=1)
@@ -153,11 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-id", default="")
     p.add_argument("--max-restarts", type=int, default=0)
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value")
     p.set_defaults(func=cmd_launch)
     p = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy / validation loss)")
     p.add_argument("checkpoint")
-    p.add_argument("overrides", nargs="*", help="key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plan", help="recommend sp size, SP method, micro-batch for a config on a cluster")
     p.add_argument("--gpus", type=int, default=None,
@@ -169,29 +186,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tflops", type=float, default=400.0, help="sustained bf16 TFLOP/s per GPU")
     p.add_argument("--top", type=int, default=10, help="candidates to print")
     p.add_argument("config")
-    p.add_argument("overrides", nargs="*", help="key=value")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value")
     p.set_defaults(func=cmd_plan)
+    parser.commands = sub.choices   # name -> subparser, for parse_args
     return parser
+
+
+def say_once(message: str) -> None:
+    """Print a one-line error on stderr; under torchrun every rank hits the same error and rank 0 says it. The
+    others exit a moment later, so the agent does not stop rank 0 before it has (lsp/train/launch.py)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message, file=sys.stderr, flush=True)
+    else:
+        time.sleep(RANK_EXIT_DELAY_S)
+
+
+# errors raised once torch is imported, matched by class name so that the CLI itself never imports torch
+RUN_ERRORS = {"NonFiniteError": NONFINITE_EXIT, "StopRequested": STOPPED_EXIT}
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
+    """Options may come anywhere after the subcommand: `lsp launch cfg.yaml k=v --nproc-per-node 2` is the same as
+    putting them first (plain argparse took the overrides for unrecognized arguments)."""
+    if argv and argv[0] in parser.commands:
+        return parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+    if argv and not argv[0].startswith("-"):
+        from lsp.train.config import did_you_mean
+        raise UserError(f"lsp: unknown command {argv[0]!r} (one of {', '.join(parser.commands)})"
+                        + did_you_mean(argv[0], parser.commands))
+    return parser.parse_args(argv)   # no subcommand, or -h: argparse's own answer
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     from lsp.train.config import ConfigError
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(build_parser(), sys.argv[1:] if argv is None else argv)
         return args.func(args)
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        say_once(f"config error: {err}")
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-    except Exception as err:   # NonFiniteError: one line, its own exit code (torch is imported by now)
-        if type(err).__name__ != "NonFiniteError":
-            raise
-        if int(os.environ.get("RANK", "0")) == 0:   # every rank stops at the same step; one of them says so
-            print(f"error: {err}", file=sys.stderr)
-        return NONFINITE_EXIT
+        say_once(f"error: {err}")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:   # every rank stops at the same step; one of them says so
+        code = RUN_ERRORS.get(type(err).__name__)
+        if code is None:
+            raise
+        say_once(f"{'lsp' if code == STOPPED_EXIT else 'error'}: {err}")
+        return code
     return USER_ERROR
 
 

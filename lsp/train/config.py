@@ -6,14 +6,18 @@ with one line that names the key; the CLI prints it and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from .signals import SIGNALS, bad_signal
 
 
 class ConfigError(ValueError):
@@ -99,6 +103,9 @@ class CheckpointConfig:
     every: int = 0  # 0 = only at the end
     keep: int = 2
     resume: bool = True
+    # these signals make every rank finish its step, save and exit 75 (lsp/train/signals.py); [] = die at once
+    save_on_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    save_timeout_s: int = 120  # lsp launch: how long torchrun waits for that save before it kills the ranks
 
 
 @dataclass
@@ -147,7 +154,7 @@ CHOICES = {
 POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "data.seq_len",
             "data.mqar.num_kv_pairs", "data.mqar.num_queries", "data.mqar.num_keys", "data.mqar.num_values",
             "data.eval_batches", "optim.lr", "train.steps", "train.micro_batch", "train.grad_accum",
-            "train.log_every", "parallel.sp", "parallel.scan_blocks", "checkpoint.keep")
+            "train.log_every", "parallel.sp", "parallel.scan_blocks", "checkpoint.keep", "checkpoint.save_timeout_s")
 NON_NEGATIVE = ("model.vocab_size", "optim.min_lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps",
                 "train.grad_clip", "train.seed", "train.eval_every", "parallel.dp", "checkpoint.every",
                 "logging.peak_tflops")
@@ -160,12 +167,41 @@ def _get(cfg: Config, key: str) -> Any:
     return value
 
 
+def schema_keys(schema=Config, prefix: str = "") -> List[str]:
+    """Every dotted key of the schema, sections included: "train", "train.steps", ..."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            keys += schema_keys(f.default_factory, f"{prefix}{f.name}.")
+    return keys
+
+
+def did_you_mean(word: str, choices) -> str:
+    """ "; did you mean X?" for the closest choice (difflib ratio >= 0.6), else ""."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def unknown_key(key: str) -> ConfigError:
+    return ConfigError(key, "unknown key" + did_you_mean(key, schema_keys()))
+
+
 def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
     key = getattr(err, "full_key", None) or ""
     msg = str(getattr(err, "msg", None) or err).strip().splitlines()[0]
     if "not in" in msg and "Key" in msg:
-        msg = "unknown key"
-    return ConfigError(key, msg)
+        return unknown_key(key)
+    return ConfigError(key or "config", msg)
+
+
+def _yaml_error(path: str, err: yaml.YAMLError) -> ConfigError:
+    """`file:line:column: problem` (1-based, as editors count) for a YAML syntax error."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    context = getattr(err, "context", None)
+    return ConfigError("config", f"{where}: {problem}" + (f" ({context})" if context else ""))
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, check_files: bool = True) -> Config:
@@ -176,14 +212,20 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         if path is not None:
             if not os.path.isfile(path):
                 raise ConfigError("config", f"file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as err:
+                raise _yaml_error(path, err) from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError("config", f"{path} must be a YAML mapping of sections (model:, data:, train:, ...)")
+            merged = OmegaConf.merge(merged, loaded)
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(item, "override must look like key=value")
             key = item.split("=", 1)[0]
             free_form = key.startswith("model.extra.")
             if not free_form and OmegaConf.select(schema, key, default="__missing__") == "__missing__":
-                raise ConfigError(key, "unknown key")
+                raise unknown_key(key)
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
@@ -200,7 +242,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
     """Reject values out of range and impossible combinations, one line naming the key."""
     for key, choices in CHOICES.items():
         if _get(cfg, key) not in choices:
-            raise ConfigError(key, f"{_get(cfg, key)!r} is not one of {', '.join(choices)}")
+            raise ConfigError(key, f"{_get(cfg, key)!r} is not one of {', '.join(choices)}"
+                              + did_you_mean(_get(cfg, key), choices))
     for key in POSITIVE:
         if not _get(cfg, key) > 0:
             raise ConfigError(key, f"must be > 0, got {_get(cfg, key)}")
@@ -238,11 +281,10 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         for f in d.files if check_files else ():
             if not os.path.isfile(f):
                 raise ConfigError("data.files", f"file not found: {f}")
-        if cfg.train.micro_batch != 1:
-            raise ConfigError("train.micro_batch", "packed files use one sequence per micro-batch (cu_seqlens "
-                              "needs B == 1); raise train.grad_accum or data.seq_len instead")
         if check_files and d.tokenizer != "byte":
             _check_tokenizer_file(d.tokenizer)
+    if (name := bad_signal(cfg.checkpoint.save_on_signals)) is not None:
+        raise ConfigError("checkpoint.save_on_signals", f"{name!r} is not one of {', '.join(SIGNALS)}")
     if p.engine == "ddp" and p.zero != 0:
         raise ConfigError("parallel.zero", f"{p.zero} needs parallel.engine=fsdp or deepspeed (ddp is ZeRO-0)")
     if p.engine == "fsdp" and p.zero not in (2, 3):

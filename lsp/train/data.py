@@ -222,6 +222,19 @@ class PackedTokens:
         return self.window(self.num_train + index % max(self.num_val, 1))
 
 
+def pack_windows(samples) -> Batch:
+    """micro_batch windows of packed files side by side in ONE row of micro_batch * T tokens (cu_seqlens needs
+    B == 1), each window start also a sequence start: no state crosses windows, the loss averages the same labels,
+    and RoPE depends only on distances inside a sequence, so this is the batch of B separate rows."""
+    # samples: B x (tokens [T], labels [T], cu_seqlens [N_i + 1]) -> Batch [1, B*T], cu_seqlens [sum N_i + 1]
+    T = len(samples[0][0])
+    starts = [s[2][:-1] + i * T for i, s in enumerate(samples)]
+    cu = np.concatenate([*starts, [len(samples) * T]]).astype(np.int32)
+    tokens = np.concatenate([s[0] for s in samples])[None]
+    labels = np.concatenate([s[1] for s in samples])[None]
+    return Batch(torch.from_numpy(tokens), torch.from_numpy(labels), torch.from_numpy(cu))
+
+
 # --------------------------------------------------------------------------------------------------- loader
 @dataclass
 class DataState:
@@ -257,10 +270,11 @@ class DataLoader:
         return int(perm[pos])
 
     def _collate(self, samples) -> Batch:
+        if len(samples[0]) > 2:
+            return pack_windows(samples)
         tokens = torch.from_numpy(np.stack([s[0] for s in samples]))
         labels = torch.from_numpy(np.stack([s[1] for s in samples]))
-        cu = torch.from_numpy(samples[0][2]) if len(samples[0]) > 2 else None
-        return Batch(tokens, labels, cu)
+        return Batch(tokens, labels, None)
 
     def micro_batches(self, step: int) -> List[Batch]:
         """This dp rank's grad_accum micro-batches of optimizer step `step`."""

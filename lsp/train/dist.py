@@ -42,6 +42,15 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def check_device(cfg: Config, world: int) -> torch.device:
+    """The device of this config, after the checks that need torch (also run by `lsp launch` before the ranks)."""
+    device = resolve_device(cfg)
+    if world > 1 and cfg.parallel.engine == "fsdp" and device.type != "cuda":
+        raise ConfigError("parallel.engine", "fsdp needs CUDA/nccl (gloo has no reduce_scatter); use ddp on CPU")
+    resolve_backend(cfg, device)
+    return device
+
+
 def resolve_backend(cfg: Config, device: torch.device) -> str:
     backend = cfg.parallel.backend
     if backend == "auto":
@@ -58,9 +67,7 @@ def init_mesh(cfg: Config) -> Mesh:
     validate(cfg, world_size=world)
     sp = cfg.parallel.sp
     dp = world // sp
-    device = resolve_device(cfg)
-    if world > 1 and cfg.parallel.engine == "fsdp" and device.type != "cuda":
-        raise ConfigError("parallel.engine", "fsdp needs CUDA/nccl (gloo has no reduce_scatter); use ddp on CPU")
+    device = check_device(cfg, world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = resolve_backend(cfg, device)   # checked in one process too: the same config must not fail later

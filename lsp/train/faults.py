@@ -3,6 +3,7 @@
     LSP_TEST_NONFINITE_AT=RANK:STEP   multiply that rank's loss by NaN in step STEP (1-based, as in metrics.jsonl)
     LSP_TEST_KILL_AT_STEP=RANK:STEP   os._exit(1) that rank after step STEP (1-based) is done and saved, once: a marker file in the
                                       run dir keeps a torchrun restart from dying again
+    LSP_TEST_STEP_SLEEP=SECONDS       sleep after every step, so a test's signal lands in the middle of a run
     LSP_TEST_CKPT_SLEEP=STEP:SECONDS  sleep inside the write of checkpoint STEP, after the DCP shards and before
                                       trainer.pt (prints "lsp-test: checkpoint write paused"), for a SIGKILL
 """
@@ -49,3 +50,9 @@ def maybe_pause_checkpoint(step: int) -> None:
     if hook is not None and int(hook[0]) == step:
         print("lsp-test: checkpoint write paused", flush=True)
         time.sleep(hook[1])
+
+
+def maybe_slow_step() -> None:
+    seconds = os.environ.get("LSP_TEST_STEP_SLEEP")
+    if seconds:
+        time.sleep(float(seconds))

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .config import Config, to_dict
+from .runs import wandb_run_id
 
 # dense bf16 peak TFLOP/s per device, for MFU when logging.peak_tflops is 0
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
@@ -50,6 +51,18 @@ def json_safe(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
 
 
+def start_wandb(cfg: Config):
+    """wandb run of this run dir (its id is kept there, so a resumed job continues the same wandb run), or None."""
+    try:
+        import wandb
+        run_id = wandb_run_id(cfg.run_dir)
+        return wandb.init(project=cfg.logging.wandb_project, name=cfg.name, dir=cfg.run_dir, id=run_id,
+                          mode=cfg.logging.wandb_mode, config=to_dict(cfg), resume="allow")
+    except Exception as err:   # logging must never stop training
+        print(f"warning: wandb disabled ({type(err).__name__}: {err})", file=sys.stderr)
+        return None
+
+
 class RunLogger:
     """Writes only on the main rank; every method is a no-op elsewhere."""
 
@@ -63,16 +76,12 @@ class RunLogger:
         path = os.path.join(cfg.run_dir, "metrics.jsonl")
         _drop_rows_after(path, start_step)   # a resumed run re-logs the steps after its checkpoint
         self.jsonl = open(path, "a")
-        if cfg.logging.tqdm:
+        self.postfix: Dict[str, str] = {}
+        if cfg.logging.tqdm and sys.stderr.isatty():   # a log file gets plain lines, not thousands of \r updates
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, file=sys.stderr)
         if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
-            try:
-                import wandb
-                self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, dir=cfg.run_dir,
-                                        mode=cfg.logging.wandb_mode, config=to_dict(cfg), resume="allow")
-            except Exception as err:   # logging must never stop training
-                print(f"warning: wandb disabled ({type(err).__name__}: {err})", file=sys.stderr)
+            self.wandb = start_wandb(cfg)
 
     def log(self, metrics: Dict[str, Any]) -> None:
         if not self.active:
@@ -82,11 +91,19 @@ class RunLogger:
         self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=metrics["step"])
-        if self.bar is not None and "loss" in metrics:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        elif self.bar is None:
+        if self.bar is not None:
+            self.bar.set_postfix(self.bar_fields(metrics))
+        else:
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-                  file=sys.stderr)
+                  file=sys.stderr, flush=True)
+
+    def bar_fields(self, metrics: Dict[str, Any]) -> Dict[str, str]:
+        """The bar's postfix: latest train loss and tokens/s, and the latest eval results, kept between updates."""
+        short = {"loss": "loss", "tokens_per_s": "tok_s", "eval_loss": "eval_loss", "eval_accuracy": "eval_acc"}
+        for key, name in short.items():
+            if isinstance(metrics.get(key), float):
+                self.postfix[name] = f"{metrics[key]:.0f}" if key == "tokens_per_s" else f"{metrics[key]:.4f}"
+        return self.postfix
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

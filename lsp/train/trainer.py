@@ -15,17 +15,36 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, model_mismatch, save_checkpoint
 from .config import Config, ConfigError, to_yaml
 from .data import Batch, DataLoader, IGNORE_INDEX, build_token_file, make_tokenizer
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
 from .engine import Engine
-from .faults import maybe_kill, poison_loss
+from .faults import maybe_kill, maybe_slow_step, poison_loss
 from .logger import RunLogger, peak_flops, peak_memory_gb
+from .signals import StopRequested, StopSignals, signal_name
 
 
 class NonFiniteError(RuntimeError):
     """NaN/inf in the loss or gradients with train.on_nonfinite=stop; str() is one line."""
+
+
+def nonfinite_ranks(flags: torch.Tensor) -> Optional[str]:
+    """None if every rank's loss and gradients are finite, else e.g. "loss on ranks [1], gradients on ranks [0, 1]"."""
+    # flags: [3, world] from Trainer.step_flags
+    ranks = [[r for r in range(flags.shape[1]) if flags[i, r] > 0] for i in range(2)]
+    if not any(ranks):
+        return None
+    return ", ".join(f"{what} on ranks {r}" for what, r in zip(("loss", "gradients"), ranks) if r)
+
+
+def stop_request(flags: torch.Tensor) -> Optional[str]:
+    """"SIGTERM on ranks [0, 1]" when any rank was signalled during this step, else None (same on every rank)."""
+    # flags: [3, world]; row 2 holds signal numbers
+    ranks = [r for r in range(flags.shape[1]) if flags[2, r] > 0]
+    if not ranks:
+        return None
+    return f"{signal_name(int(flags[2, ranks[0]]))} on ranks {ranks}"
 
 
 def hybrid_config(cfg: Config, vocab_size: int):
@@ -65,6 +84,10 @@ def autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
+def precision_name(cfg: Config, device: torch.device) -> str:
+    return "bf16" if isinstance(autocast(cfg, device), torch.autocast) else "fp32"
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -79,12 +102,16 @@ class Trainer:
         self.engine = Engine(cfg, mesh, self.model)
         self.step = 0
         self.skipped_steps = 0   # updates skipped for non-finite loss/grads (train.on_nonfinite=skip)
+        self.signals: Optional[StopSignals] = None   # set while fit() runs the loop
         self.ckpt_dir = cfg.checkpoint_dir
         if cfg.checkpoint.resume and (path := latest_checkpoint(self.ckpt_dir)) is not None:
             self.resume(path)
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def resume(self, path: str) -> None:
+        if self.engine.deepspeed is None and (diff := model_mismatch(path, self.engine.model)):
+            raise ConfigError("model", f"{path} holds another model ({diff}); this run name is taken: pick a new "
+                              f"name= (or out_dir=), or remove {self.cfg.run_dir} to start over")
         state = load_checkpoint(path, self.engine.model, self.engine.optimizer,
                                 deepspeed_engine=self.engine.deepspeed)
         if self.engine.deepspeed is None:
@@ -127,7 +154,8 @@ class Trainer:
             if not last:
                 self.engine.micro_step()
             total += loss.detach().double()
-        where = self.nonfinite_ranks(total)
+        flags = self.step_flags(total)
+        where = nonfinite_ranks(flags)
         if where:
             self.handle_nonfinite(where)
             grad_norm = None
@@ -137,24 +165,23 @@ class Trainer:
         self.data.state.step = self.step
         # every SP rank holds the same global loss: averaging over all ranks = averaging over dp
         loss = all_reduce_mean((total / len(micro)).float(), self.mesh).item()
-        return {"loss": loss, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps}
+        return {"loss": loss, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps,
+                "stop": stop_request(flags)}
 
-    def nonfinite_ranks(self, total_loss: torch.Tensor) -> Optional[str]:
-        """None if every rank's loss and gradients are finite, else e.g. "loss on ranks [1], gradients on ranks
-        [0, 1]". All-reduced, so every rank gets the same answer and takes the same branch (no hang, no divergence)."""
+    def step_flags(self, total_loss: torch.Tensor) -> torch.Tensor:
+        """[3, world] per-rank flags summed over all ranks: non-finite loss, non-finite gradients, and the number of
+        a stop signal this rank received (0: none). One all-reduce, so every rank gets the same answer and takes the
+        same branch (no hang, no divergence); the stop flag rides along instead of costing a collective of its own."""
         # stays on the device until the one host sync below (no per-parameter sync on GPU)
-        flags = torch.zeros(2, self.mesh.world, device=self.mesh.device)   # [loss | grads, rank]
+        flags = torch.zeros(3, self.mesh.world, device=self.mesh.device)   # [loss | grads | signal, rank]
         flags[0, self.mesh.rank] = (~torch.isfinite(total_loss)).float()
         # FSDP2 grads are DTensors: check the local shard (the all-reduce below covers the others)
         grads = [g.to_local() if hasattr(g, "to_local") else g
                  for g in (p.grad for p in self.engine.model.parameters()) if g is not None]
         if grads and self.engine.deepspeed is None:
             flags[1, self.mesh.rank] = (~torch.stack([torch.isfinite(g).all() for g in grads])).any().float()
-        flags = all_reduce_sum(flags, self.mesh).cpu()
-        if not flags.any():
-            return None
-        ranks = [[r for r in range(self.mesh.world) if flags[i, r] > 0] for i in range(2)]
-        return ", ".join(f"{what} on ranks {r}" for what, r in zip(("loss", "gradients"), ranks) if r)
+        flags[2, self.mesh.rank] = self.signals.received if self.signals is not None else 0
+        return all_reduce_sum(flags, self.mesh).cpu()
 
     def handle_nonfinite(self, where: str) -> None:
         """on_nonfinite=skip: drop the gradients, no optimizer update (the schedule and data still advance);
@@ -205,40 +232,65 @@ class Trainer:
                 print(f"run {cfg.name} is already complete at step {self.step} (train.steps={cfg.train.steps}); "
                       "evaluating only. Raise train.steps to continue, or choose another name.", flush=True)
             return {"losses": [], "step": self.step, **self.evaluate()}
-        from lsp.models import flops_per_token, num_parameters
         logger = RunLogger(cfg, mesh.is_main, cfg.train.steps, self.step)
-        tokens_per_step = mesh.dp * cfg.train.micro_batch * cfg.train.grad_accum * cfg.data.seq_len
-        flops_tok = flops_per_token(self.model.cfg, cfg.data.seq_len)
-        peak = peak_flops(cfg, mesh.device)
+        self.announce()
+        with StopSignals(cfg.checkpoint.save_on_signals) as self.signals:
+            losses, last, stop = self.loop(logger)
+        self.signals = None
+        logger.close()
+        if stop:
+            raise StopRequested(f"{stop}: stopped after step {self.step}, checkpoint "
+                                f"{latest_checkpoint(self.ckpt_dir)} written; run the same command again to resume")
+        return {"losses": losses, **last}
+
+    def announce(self) -> None:
+        from lsp.models import num_parameters
+        mesh, cfg = self.mesh, self.cfg
         if mesh.is_main:
             print(f"lsp: {num_parameters(self.model) / 1e6:.2f}M params, dp={mesh.dp} sp={mesh.sp} "
-                  f"engine={cfg.parallel.engine} device={mesh.device.type}, run dir {cfg.run_dir}", flush=True)
+                  f"engine={cfg.parallel.engine} device={mesh.device.type} "
+                  f"precision={precision_name(cfg, mesh.device)}, run dir {cfg.run_dir}", flush=True)
+
+    def loop(self, logger: RunLogger):
+        """Steps until train.steps, or until a stop signal: then that step is logged and saved at once.
+        Returns (losses, last eval row, stop reason or None)."""
+        cfg = self.cfg
         losses: List[float] = []
         last: Dict[str, Any] = {}
-        t0, last_logged = time.perf_counter(), self.step
+        self._clock = (time.perf_counter(), self.step)   # (time, step) of the last logged row, for tokens/s
         while self.step < cfg.train.steps:
             metrics = self.train_step()
             losses.append(metrics["loss"])
             logger.advance()
             at_end = self.step == cfg.train.steps
-            if self.step % cfg.train.log_every == 0 or at_end:
-                dt = (time.perf_counter() - t0) / (self.step - last_logged)
-                t0, last_logged = time.perf_counter(), self.step
-                tok_s = tokens_per_step / dt
-                row = {"step": self.step, "loss": metrics["loss"], "lr": self.engine.scheduler.get_last_lr()[0],
-                       "grad_norm": metrics["grad_norm"], "tokens_per_s": tok_s,
-                       "peak_mem_gb": peak_memory_gb(mesh.device), "skipped_steps": self.skipped_steps}
-                if peak:
-                    row["mfu"] = flops_tok * tok_s / (peak * mesh.world)
-                logger.log(row)
+            stop = None if at_end else metrics["stop"]   # a signal during the last step changes nothing
+            if self.step % cfg.train.log_every == 0 or at_end or stop:
+                logger.log(self.metrics_row(metrics))
             if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or at_end:
                 last = {"step": self.step, **self.evaluate()}
                 logger.log(last)
-            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or at_end:
+            if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or at_end or stop:
                 self.save()
-            maybe_kill(mesh.rank, self.step, cfg.run_dir)   # test hook, inert by default
-        logger.close()
-        return {"losses": losses, **last}
+            if stop:
+                return losses, last, stop
+            maybe_kill(self.mesh.rank, self.step, cfg.run_dir)   # test hooks, inert by default
+            maybe_slow_step()
+        return losses, last, None
+
+    def metrics_row(self, metrics: Dict[str, Any]) -> Dict[str, Any]:
+        """The metrics.jsonl row of this step: loss, lr, grad norm, throughput since the last row, memory, MFU."""
+        from lsp.models import flops_per_token
+        cfg, mesh = self.cfg, self.mesh
+        t0, step0 = self._clock
+        self._clock = (time.perf_counter(), self.step)
+        tokens_per_step = mesh.dp * cfg.train.micro_batch * cfg.train.grad_accum * cfg.data.seq_len
+        tok_s = tokens_per_step * (self.step - step0) / (self._clock[0] - t0)
+        row = {"step": self.step, "loss": metrics["loss"], "lr": self.engine.scheduler.get_last_lr()[0],
+               "grad_norm": metrics["grad_norm"], "tokens_per_s": tok_s,
+               "peak_mem_gb": peak_memory_gb(mesh.device), "skipped_steps": self.skipped_steps}
+        if (peak := peak_flops(cfg, mesh.device)):
+            row["mfu"] = flops_per_token(self.model.cfg, cfg.data.seq_len) * tok_s / (peak * mesh.world)
+        return row
 
 
 def train(cfg: Config) -> Dict[str, Any]:

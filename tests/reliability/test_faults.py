@@ -16,7 +16,7 @@ from lsp.train.checkpoint import is_complete, latest_checkpoint
 from lsp.train.config import load_config
 from lsp.train.trainer import Trainer
 
-from .conftest import REPO, TINY, run_lsp
+from .conftest import REPO, TINY, run_lsp, signal_mid_run, wait_gone
 
 STEPS = 8
 COMMON = [f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "optim.warmup_steps=2",
@@ -56,6 +56,25 @@ def test_rank_killed_torchrun_restarts_and_resumes_bitwise(straight, tmp_path):
     proc = run_lsp("launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}/b", *COMMON, timeout=300,
                    env_extra={"LSP_TEST_KILL_AT_STEP": "1:2"})
     assert proc.returncode != 0
+
+
+@pytest.mark.slow   # ~25 s alone on 2 cores; fast twins: test_signals.py (2-rank stop, one-process bitwise resume)
+def test_sigterm_to_launcher_saves_and_resumes_bitwise(straight, tmp_path):
+    """SIGTERM to the `lsp launch` PID after step 2 (as Slurm or `kill` sends it): both ranks finish the step they
+    are in, save it, exit 75 and none survives; the re-run resumes there and the 8 losses equal the uninterrupted
+    run bitwise."""
+    _, ref = straight
+    run_dir = os.path.join(tmp_path, "tiny-cpu")
+    argv = ["launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}", *COMMON]
+    code, _, err, ranks = signal_mid_run(argv, run_dir, signal.SIGTERM, tmp_path)
+    assert code == 75 and wait_gone(ranks) == [] and len(ranks) == 2, err[-3000:]
+    stopped = latest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    step = int(stopped[-8:])
+    assert 2 <= step < STEPS and step != 4, stopped         # a save of its own, not the every=4 one
+    assert f"lsp: SIGTERM on ranks [0, 1]: stopped after step {step}, checkpoint {stopped} written" in err
+    done = run_lsp(*argv, timeout=300)
+    assert done.returncode == 0 and f"step_{step:08d} at step {step}" in done.stdout, done.stderr[-3000:]
+    assert losses_of(run_dir)[0] == ref                     # bitwise
 
 
 def test_determinism_and_sp1_vs_sp2(straight, tmp_path):

@@ -8,7 +8,7 @@ from lsp.train import checkpoint as ckpt
 from lsp.train.config import ConfigError, load_config
 from lsp.train.trainer import Trainer
 
-from .conftest import SMALL
+from .conftest import SMALL, TINY, run_lsp
 
 STEPS = 6
 
@@ -103,3 +103,20 @@ def test_lr_schedule():
     assert lr_at(cfg, 10) == pytest.approx(1.0) and lr_at(cfg, 55) == pytest.approx(0.55)
     assert lr_at(cfg, 100) == pytest.approx(0.1) and lr_at(cfg, 1000) == pytest.approx(0.1)
     assert all(lr_at(cfg, s) >= lr_at(cfg, s + 1) for s in range(10, 120))
+
+
+def test_model_changed_under_run_name_is_one_line(tmp_path):
+    """Same run name, another model: one line naming the first mismatching parameter and the way out, exit 2 (it was
+    a 55-line DCP traceback); the unchanged model resumes from the same folder (control)."""
+    over = ["parallel.sp=1", *SMALL, f"out_dir={tmp_path}", "name=r", "train.steps=2", "checkpoint.every=0"]
+    trainer, _ = run_until(load_config(TINY, over), 1)
+    trainer.save()
+    args = ["train", TINY, *over]
+    proc = run_lsp(*args, "model.hidden_size=48", timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    ckpt_dir = os.path.join(tmp_path, "r", "checkpoints", "step_00000001")
+    assert proc.stderr.startswith(f"config error: model: {ckpt_dir} holds another model (model.")
+    assert "is [" in proc.stderr and "pick a new name=" in proc.stderr
+    assert ckpt.model_mismatch(ckpt_dir, trainer.model) is None                  # control: same model matches
+    proc = run_lsp(*args, timeout=120)
+    assert proc.returncode == 0 and "at step 1" in proc.stdout, proc.stderr[-2000:]

@@ -1,11 +1,13 @@
 """Config schema: YAML + overrides, and one-line / exit-code-2 rejection of bad configs through `lsp train`."""
 import os
+import subprocess
+import sys
 
 import pytest
 
 from lsp.train.config import Config, ConfigError, load_config, validate
 
-from .conftest import TINY, run_lsp
+from .conftest import REPO, TINY, run_lsp
 
 
 def test_defaults_yaml_and_overrides():
@@ -54,7 +56,7 @@ BAD = [
     ("train", ["data.kind=files"], "data.files: data.kind=files needs at least one file"),
     ("train", ["data.kind=files", "data.files=[{tmp}/missing.txt]", "train.micro_batch=1"],
      "data.files: file not found: {tmp}/missing.txt"),
-    ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]"], "train.micro_batch: packed files use one sequence"),
+    ("train", ["data.eval_batches=0"], "data.eval_batches: must be > 0"),
     ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1", "data.tokenizer={tmp}/no.json"],
      "data.tokenizer: 'byte' or a tokenizers JSON file; not found"),
     ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1",
@@ -74,6 +76,38 @@ BAD = [
     # caught after torch is imported (they need the device / data), still one line, still nothing written
     ("train", ["parallel.sp=1", "parallel.backend=nccl"], "parallel.backend: nccl needs CUDA devices"),
     ("train", ["parallel.sp=1", "model.vocab_size=10"], "model.vocab_size: 10 is smaller than the data vocabulary 81"),
+    ("train", ["parallel.sp=1", "train.device=cuda"], "train.device: cuda requested but no CUDA device is available"),
+    # typos: the closest key or choice (difflib) is suggested
+    ("train", ["parallel.sp_mehtod=ring"], "parallel.sp_mehtod: unknown key; did you mean parallel.sp_method?"),
+    ("train", ["trian.steps=3"], "trian.steps: unknown key; did you mean train.steps?"),
+    ("train", ["xyzzy=3"], "config error: xyzzy: unknown key"),
+    ("train", ["parallel.sp_method=allgater"], "is not one of allgather, allscan, ring; did you mean allgather?"),
+    ("train", ["parallel.layout=zigzg"], "'zigzg' is not one of zigzag, contiguous; did you mean zigzag?"),
+    ("train", ["data.kind=file"], "data.kind: 'file' is not one of mqar, files; did you mean files?"),
+    ("train", ["logging.wandb_mode=onlin"], "did you mean online?"),
+    ("train", ["train.precision=fp16"], "train.precision: 'fp16' is not one of auto, bf16, fp32"),
+    ("train", ["checkpoint.save_on_signals=[SIGKILL]"], "checkpoint.save_on_signals: 'SIGKILL' is not one of SIGTERM"),
+    ("train", ["checkpoint.save_timeout_s=0"], "checkpoint.save_timeout_s: must be > 0"),
+    # broken YAML files (written by `bad_inputs`): file, line and column; typos in the file as in overrides
+    ("file:typo.yaml", [], "model.hiden_size: unknown key; did you mean model.hidden_size?"),
+    ("file:unclosed.yaml", [], "config: {tmp}/unclosed.yaml:4:1: did not find expected ',' or ']'"),
+    ("file:tab.yaml", [], "config: {tmp}/tab.yaml:2:1: found character that cannot start any token"),
+    ("file:dup.yaml", [], "config: {tmp}/dup.yaml:2:1: found duplicate key model"),
+    ("file:list.yaml", [], "config: {tmp}/list.yaml must be a YAML mapping of sections"),
+    # command lines as typed (no safety overrides appended); options may also follow the config (test below)
+    ("raw", ["launch", "{tiny}", "--nproc-per-node"], "error: lsp launch: argument --nproc-per-node: expected one"),
+    ("raw", ["train", "{tiny}", "train.steps=2", "--max-restarts=1"], "lsp train: unrecognized arguments: --max"),
+    ("raw", ["plan", "{tiny}", "--gpus", "x"], "error: lsp plan: argument --gpus: invalid int value: 'x'"),
+    ("raw", ["eval", "{tmp}/nowhere"], "error: no complete checkpoint found under {tmp}/nowhere"),
+    ("raw", ["eval", "{tmp}"], "error: no complete checkpoint found under {tmp}"),
+    ("raw", ["launch", "--nproc-per-node", "0", "{tiny}"], "error: --nproc-per-node and --nnodes must be >= 1"),
+    ("raw", ["launch", "--nnodes", "2", "--nproc-per-node", "2", "{tiny}"], "--rdzv-endpoint HOST:PORT is required"),
+    ("raw", ["plan", "--gpus", "0", "{tiny}"], "error: --gpus must be positive, got 0"),
+    ("raw", ["train"], "the following arguments are required: config"),
+    ("raw", ["trian", "{tiny}"], "error: lsp: unknown command 'trian' (one of train,"),
+    # caught by `lsp launch` before any rank starts (it was ~40 lines of torchrun traceback, exit 1)
+    ("launch2", ["train.device=cpu", "parallel.engine=fsdp", "parallel.zero=2"], "parallel.engine: fsdp needs CUDA"),
+    ("launch2", ["parallel.backend=nccl", "train.device=cpu"], "parallel.backend: nccl needs CUDA devices"),
 ]
 
 
@@ -83,6 +117,11 @@ def bad_inputs(tmp_path):
     (tmp_path / "garbage.json").write_bytes(b"\x00\xffnot json")
     (tmp_path / "other.json").write_text('{"vocab": {}}')
     (tmp_path / "broken.json").write_text('{"model": {"type": "NoSuchModel"}}')
+    yamls = {"typo.yaml": "model:\n  hiden_size: 64\n", "unclosed.yaml": "model:\n  hidden_size: 64\n  x: [1\n",
+             "tab.yaml": "model:\n\thidden_size: 64\n", "dup.yaml": "model: {hidden_size: 64}\nmodel: {}\n",
+             "list.yaml": "- model\n- data\n"}
+    for name, text in yamls.items():
+        (tmp_path / name).write_text(text)
     return tmp_path
 
 
@@ -93,19 +132,33 @@ def test_bad_config_is_one_line_exit_2_nothing_written(command, overrides, messa
     out = os.path.join(tmp, "out")
     before = sorted(os.listdir(tmp))
     safety = [f"out_dir={out}", f"data.cache_dir={tmp}/cache", "train.steps=2", "logging.wandb=false"]
-    args = safety + [o.replace("{tmp}", tmp) for o in overrides]    # the case's own overrides win
-    head = ("train", TINY) if command == "train" else ("launch", "--nproc-per-node", "2", TINY)
-    proc = run_lsp(*head, *args, timeout=120)
+    fill = lambda text: text.replace("{tmp}", tmp).replace("{tiny}", TINY)   # noqa: E731
+    args = safety + [fill(o) for o in overrides]    # the case's own overrides win
+    if command == "raw":
+        args = [fill(o) for o in overrides]
+    elif command.startswith("file:"):
+        args = ["train", os.path.join(tmp, command[5:]), *args]
+    else:
+        args = ["train", TINY, *args] if command == "train" else ["launch", "--nproc-per-node", "2", TINY, *args]
+    proc = run_lsp(*args, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr                     # one line, no traceback
-    assert lines[0].startswith("config error: ") and message.replace("{tmp}", tmp) in lines[0], lines[0]
+    assert lines[0].startswith(("config error: ", "error: ")) and fill(message) in lines[0], lines[0]
     assert proc.stdout == ""
     assert sorted(os.listdir(tmp)) == before                # no run dir, no token cache, nothing
 
 
+def test_bad_input_table_is_documented():
+    """docs/reliability.md lists every case of BAD (its message, without the {tmp} parts)."""
+    with open(os.path.join(REPO, "docs", "reliability.md")) as f:
+        doc = f.read()
+    missing = [m for _, _, m in BAD if m.split("{tmp}")[0].split("{tiny}")[0].replace("|", "\\|") not in doc]
+    assert missing == []
+
+
 def test_bad_config_table_is_large_and_distinct():
-    assert len({(c, tuple(o)) for c, o, _ in BAD}) == len(BAD) >= 20
+    assert len({(c, tuple(o)) for c, o, _ in BAD}) == len(BAD) >= 50
 
 
 def test_missing_file_and_usage_errors():
@@ -115,6 +168,17 @@ def test_missing_file_and_usage_errors():
         proc = run_lsp(*args, timeout=60)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith(message), proc.stderr
+
+
+def test_options_may_follow_the_config():
+    """`lsp launch cfg.yaml k=v --nproc-per-node 2` parses as with the options first (it used to blame the
+    overrides); a misspelt option after the config is still an error (the BAD rows above)."""
+    from lsp.cli import build_parser, parse_args
+    parser = build_parser()
+    late = parse_args(parser, ["launch", TINY, "train.steps=2", "--nproc-per-node", "2", "name=x"])
+    early = parse_args(parser, ["launch", "--nproc-per-node", "2", TINY, "train.steps=2", "name=x"])
+    assert vars(late) == vars(early) and late.nproc_per_node == 2 and late.overrides == ["train.steps=2", "name=x"]
+    assert parse_args(parser, ["plan", TINY, "--gpus", "64"]).gpus == 64
 
 
 def test_good_config_is_accepted_control():
@@ -131,3 +195,21 @@ def test_missing_deepspeed_is_one_line():
     proc = run_lsp("train", TINY, "parallel.engine=deepspeed", "parallel.sp=1", "logging.wandb=false", timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("config error: parallel.engine: deepspeed is not installed")
+
+
+@pytest.mark.parametrize("argv", [["eval", "/nonexistent"], ["train", TINY, "trian.steps=1"],
+                                  ["launch", TINY, "--nproc-per-node", "0"], ["train", "missing.yaml"]],
+                         ids=["eval-missing-dir", "typo", "launch-nproc", "missing-config"])
+def test_cheap_errors_answer_before_importing_torch(argv):
+    """These need no torch (importing it costs seconds: `lsp eval` on a missing dir took 9.6 s)."""
+    code = f"import sys; from lsp.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.stdout.split() == ["2", "False"], out.stderr
+
+
+def test_torch_import_check_control():
+    """Control for the test above: an error found by the trainer (vocabulary) is caught after torch is imported."""
+    argv = ["train", TINY, "parallel.sp=1", "model.vocab_size=1"]
+    code = f"import sys; from lsp.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.stdout.split() == ["2", "True"], out.stderr

@@ -45,3 +45,20 @@ def test_torchrun_command():
 def test_launch_scripts_parse():
     for script in ("torchrun.sh", "slurm.sbatch"):
         subprocess.run(["bash", "-n", os.path.join(REPO, "launch", script)], check=True)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_header_one_process_command_has_its_own_run_dir(path):
+    """A documented `lsp train` variant must not land in the launch command's run dir (it would find that run's
+    checkpoints and only evaluate them)."""
+    with open(path) as f:
+        header = "".join(line for line in f if line.startswith("#"))
+    cfg = load_config(path, ["data.kind=mqar"])
+    for command in re.findall(r"lsp train \S+ (.*)", header):
+        names = re.findall(r"\bname=(\S+)", command)
+        assert names and names[-1] != cfg.name, command
+
+
+def test_cache_dir_is_git_ignored():
+    assert subprocess.run(["git", "check-ignore", "-q", ".cache/lsp-data/x.tokens"], cwd=REPO).returncode == 0
+    assert subprocess.run(["git", "check-ignore", "-q", "lsp/cli.py"], cwd=REPO).returncode == 1     # control

@@ -89,3 +89,26 @@ def test_resume_sp2_checkpoint_at_sp1(sp2_run, tmp_path):
     fresh = Trainer(load_config(TINY, [f"out_dir={tmp_path}/x", "parallel.sp=1", "checkpoint.resume=false", *COMMON]))
     fresh.step = fresh.data.state.step = 8
     assert abs(fresh.train_step()["loss"] - expected[0]) > 50 * 1e-4
+
+
+def test_changed_model_under_launch_is_one_line_from_rank_0(sp2_run):
+    """Both ranks find the run's checkpoint holds another model; rank 0 says so once, the launcher exits 2 without
+    torchrun's report (it was the error once per rank plus ~40 lines of traceback, exit 1)."""
+    run_dir, _, _ = sp2_run
+    proc = run_lsp("launch", "--nproc-per-node", "2", TINY, f"out_dir={os.path.dirname(run_dir)}", *COMMON,
+                   f"train.steps={STEPS + 2}", "model.num_layers=3", timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: model: ") and "holds another model" in lines[0]
+
+
+def test_launcher_exit_code_from_rank_failures():
+    from types import SimpleNamespace as Failure
+
+    from lsp.train.launch import failure_exit
+    assert failure_exit({0: Failure(exitcode=2, timestamp=2), 1: Failure(exitcode=-15, timestamp=1)}) == (2, "")
+    assert failure_exit({0: Failure(exitcode=75, timestamp=1), 1: Failure(exitcode=75, timestamp=1)}) == (75, "")
+    code, message = failure_exit({0: Failure(exitcode=-15, timestamp=2), 1: Failure(exitcode=1, timestamp=1)})
+    assert (code, message) == (1, "rank 1 failed first (exit code 1); its error is above")
+    code, message = failure_exit({1: Failure(exitcode=-9, timestamp=1)})
+    assert (code, message) == (1, "rank 1 failed first (signal SIGKILL); its error is above")

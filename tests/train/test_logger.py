@@ -1,0 +1,87 @@
+"""Run logging: the wandb run id lives in the run dir (a resumed job is one wandb run); a progress bar only on a
+terminal, one plain line per logged row otherwise, eval results shown in the bar."""
+import io
+import sys
+import types
+
+import pytest
+
+from lsp.train.config import load_config
+from lsp.train.logger import RunLogger
+
+from .conftest import SMALL
+
+
+class FakeWandb(types.ModuleType):
+    """Records wandb.init's arguments (no wandb process, no files)."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.inits = []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)
+
+
+def make_logger(tmp_path, name="r", *extra, start=0):
+    cfg = load_config(None, [*SMALL, f"out_dir={tmp_path}", f"name={name}", "logging.plot=false", *extra])
+    return RunLogger(cfg, True, total_steps=10, start_step=start)
+
+
+def test_wandb_run_id_is_kept_in_the_run_dir(tmp_path, monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for start in (0, 4):   # the first run, then its resume
+        make_logger(tmp_path, "r", "logging.wandb=true", start=start).close()
+    make_logger(tmp_path, "other", "logging.wandb=true").close()
+    ids = [i["id"] for i in fake.inits]
+    assert ids[0] == ids[1] and all(i["resume"] == "allow" for i in fake.inits)     # one wandb run for the job
+    assert ids[2] != ids[0]                                                        # control: another run dir
+    assert (tmp_path / "r" / "wandb_id").read_text().strip() == ids[0]
+
+
+def test_real_offline_wandb_resumes_the_same_run(tmp_path):
+    """With the real wandb package (offline, no network): the first run and its resume write two offline runs with
+    the one id of RUN_DIR/wandb_id (`wandb sync` merges them into one run)."""
+    pytest.importorskip("wandb")
+    for start in (0, 4):
+        logger = make_logger(tmp_path, "r", "logging.wandb=true", "logging.wandb_mode=offline", start=start)
+        assert logger.wandb is not None
+        logger.log({"step": start + 1, "loss": 1.0})
+        logger.close()
+    run_id = (tmp_path / "r" / "wandb_id").read_text().strip()
+    runs = sorted(p.name for p in (tmp_path / "r" / "wandb").glob("offline-run-*"))
+    # two folders, or one when both started within the same second (the name has the time to the second)
+    assert runs and all(name.endswith("-" + run_id) for name in runs), runs
+
+
+class Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+ROWS = [{"step": 2, "loss": 4.25, "tokens_per_s": 1000.0}, {"step": 2, "eval_loss": 4.5, "eval_accuracy": 0.125},
+        {"step": 4, "loss": 4.0, "tokens_per_s": 1100.0}]
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["log-file", "terminal"])
+def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, tty):
+    stream = Stream(tty)
+    monkeypatch.setattr(sys, "stderr", stream)
+    logger = make_logger(tmp_path, "r", "logging.tqdm=true")
+    for row in ROWS:
+        logger.log(row)
+        logger.advance(2)
+    logger.close()
+    text = stream.getvalue()
+    if tty:
+        assert "\r" in text and "eval_acc=0.1250" in text and "loss=4.0000" in text.split("\r")[-1]
+    else:
+        assert "\r" not in text
+        assert text.splitlines() == ["step=2 loss=4.25 tokens_per_s=1000", "step=2 eval_loss=4.5 eval_accuracy=0.125",
+                                     "step=4 loss=4 tokens_per_s=1100"]
