@@ -8,7 +8,8 @@ ranks), fwd+bwd time per rank (emulated ranks) and the error against single-devi
 Only the public API is used (`SPContext`, `sp_softmax_attention`, `softmax_attention`, `spawn`), so the same script
 measures any checkout: the `lsp` it imports is printed first. Saved bytes: unique storages autograd keeps for
 backward during one forward on rank 0 of W gloo processes, the inputs q, k, v excluded. Times: best of N emulated
-fwd+bwd steps divided by W. `packed`: documents with random lengths (fixed seed) that cross rank and segment edges;
+fwd+bwd steps divided by W; on CPU this process's CPU time (`time.process_time`, one thread), because wall time
+on a shared box moves 3x from run to run with the other jobs' load while CPU time repeats to a few percent. `packed`: documents with random lengths (fixed seed) that cross rank and segment edges;
 `equal docs`: documents of one length (batched into one kernel call per run of equal pieces).
 """
 from __future__ import annotations
@@ -71,14 +72,15 @@ def timed(W, args, device, bounds):
     full = full_inputs(W * args.tokens_per_rank, args, device, dtype)
     q, k, v = (sp.shard(x).requires_grad_(True) for x in full)
     cu = cu_tensor(bounds, device)
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
     times = []
     for _ in range(args.repeats):
         sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         o = sp_softmax_attention(q, k, v, sp=sp, cu_seqlens=cu)
         o.float().square().mean().backward()
         sync(device)
-        times.append((time.perf_counter() - t0) / W)
+        times.append((clock() - t0) / W)
     ref = softmax_attention(*full, cu_seqlens=cu).float()
     err = ((sp.gather(o.detach()).float() - ref).abs().max() / ref.abs().max()).item()
     return min(times), err
@@ -119,7 +121,8 @@ def main(argv=None):
     device = torch.device(args.device)
     print(f"lsp: {os.path.dirname(lsp.__file__)}\ndevice: {device_name(device)}; zigzag, tokens/rank="
           f"{args.tokens_per_rank}, H={args.heads} Hkv={args.kv_heads} D={args.head_dim}; saved: rank 0 of W gloo "
-          f"ranks (W=1: in process); time: emulated fwd+bwd per rank, best of {args.repeats}")
+          f"ranks (W=1: in process); time: emulated fwd+bwd per rank, best of {args.repeats}"
+          f"{' (process CPU time)' if device.type == 'cpu' else ''}")
     rows = [run(int(W), kind, int(W) * args.docs_per_rank, args, device)
             for W in args.world.split(",") for kind in kinds]
     print_table(rows, "SP softmax (LASP-2H), causal")
