@@ -160,3 +160,13 @@ def test_gloo_packed_documents_and_reduce_scatter():
                                                  "softmax_kv:bwd/all_reduce": 2 * (W - 1) * W * slot // W}
             assert received[(layout, True)] == {"softmax_kv/all_gather": (W - 1) * slot,
                                                 "softmax_kv:bwd/reduce_scatter": (W - 1) * slot}
+
+
+def test_packed_input_errors_name_the_argument():
+    sp = SPContext(emulate=2)
+    q = torch.randn(2, 8, 2, 4)
+    with pytest.raises(ValueError, match="cu_seqlens must run from 0 to the global length 16"):
+        sp_softmax_attention(q, q, q, sp=sp, cu_seqlens=torch.tensor([0, 5, 12], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens requires B == 1"):
+        sp_softmax_attention(torch.randn(4, 8, 2, 4), torch.randn(4, 8, 2, 4), torch.randn(4, 8, 2, 4), sp=sp,
+                             cu_seqlens=torch.tensor([0, 16], dtype=torch.int32))
