@@ -8,8 +8,9 @@ Two backends with the same interface, so the SP algorithms are written once:
   in-memory reindexing; send/recv go through a mailbox. Bytes are counted as if the ranks were real.
 
 Counting: every call records, per virtual or real rank, the bytes it sends and receives (all_gather of n bytes per
-rank: receives (W-1)·n; ring all_reduce of n bytes: sends and receives 2(W-1)/W·n). `comm_stats()` sums the
-records of this process by op, by method tag and by rank.
+rank: receives (W-1)·n; ring all_reduce of n bytes: sends and receives 2(W-1)/W·n; reduce_scatter of W slots of
+n bytes: sends and receives (W-1)·n). `comm_stats()` sums the records of this process by op, by method tag and by
+rank.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ class DistComm:
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.ranks = [self.rank]
+        # NCCL reduce-scatters (half an all_reduce's bytes); gloo keeps all_reduce + own slot (tests may flip this)
+        self.native_reduce_scatter = dist.get_backend(group) != "gloo"
 
     def row(self, rank: int) -> int:
         return 0
@@ -97,6 +100,22 @@ class DistComm:
         record("all_reduce", tag, self.rank, moved, moved)
         dist.all_reduce(x, group=self.group)
         return x
+
+    def reduce_scatter(self, x: torch.Tensor, tag: str) -> torch.Tensor:
+        """Slot `rank` of the sum over ranks: x [1, W, *S] (this rank's contribution to every slot) -> [1, *S].
+
+        NCCL: one reduce_scatter ((W-1)/W of the buffer each way, half an all_reduce); gloo: all_reduce of the
+        buffer, then this rank's slot (counted as the all_reduce it is).
+        """
+        x = x.contiguous()
+        if not self.native_reduce_scatter:
+            return self.all_reduce(x, tag)[:, self.rank]
+        W = self.world_size
+        slot = _nbytes(x) // W
+        record("reduce_scatter", tag, self.rank, slot * (W - 1), slot * (W - 1))
+        out = x.new_empty(x.shape[2:])
+        _reduce_scatter_fn()(out.view(-1), x.view(-1), group=self.group)     # flat: gloo accepts only this form
+        return out.unsqueeze(0)
 
     def send(self, x: torch.Tensor, src: int, dst: int, tag: str, async_op: bool = False):
         x = x.contiguous()
@@ -145,6 +164,14 @@ class EmuComm:
             record("all_reduce", tag, r, moved, moved)
         return x.sum(0, keepdim=True).expand_as(x).clone()
 
+    def reduce_scatter(self, x: torch.Tensor, tag: str) -> torch.Tensor:
+        # x: [W, W, *S] (virtual rank src's contribution to slot r at [src, r]) -> [W, *S], row r = Σ_src x[src, r]
+        W = self.world_size
+        slot = _nbytes(x) // (W * W)
+        for r in range(W):
+            record("reduce_scatter", tag, r, slot * (W - 1), slot * (W - 1))
+        return x.sum(0)
+
     def send(self, x: torch.Tensor, src: int, dst: int, tag: str, async_op: bool = False):
         record("send", tag, src, _nbytes(x), 0)
         self._mailbox[(src, dst)].append(x)
@@ -161,6 +188,11 @@ class EmuComm:
 class _Done:
     def wait(self):
         return None
+
+
+def _reduce_scatter_fn():
+    # torch 2.13 renamed reduce_scatter_tensor (deprecated) to reduce_scatter_single; same (output, input) contract
+    return getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _has_agit() -> bool:
@@ -213,8 +245,8 @@ class AllGatherRows(torch.autograd.Function):
     """Forward: all_gather of [R, *S] -> [W, *S] rows (for each held rank: the same gathered buffer).
 
     Backward (sum semantics, every rank used the gathered rows): a rank's row gradient is the sum over ranks of
-    the gradients of its slot: one all_reduce of the [W, *S] gradient, then its own slot (gloo has no
-    reduce_scatter). In emulation the gathered buffer is shared, so autograd already sums.
+    the gradients of its slot: one reduce_scatter of the [W, *S] gradient on NCCL, all_reduce + own slot on gloo
+    (`DistComm.reduce_scatter`). In emulation the gathered buffer is shared, so autograd already sums.
     """
 
     @staticmethod
@@ -224,6 +256,4 @@ class AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        comm = ctx.comm
-        total = comm.all_reduce(grad.contiguous().unsqueeze(0), ctx.tag + ":bwd")[0]
-        return total[comm.rank : comm.rank + 1], None, None
+        return ctx.comm.reduce_scatter(grad.contiguous().unsqueeze(0), ctx.tag + ":bwd"), None, None

@@ -1,19 +1,32 @@
 """`sp_softmax_attention`: sequence-parallel softmax attention by all-gathering K and V (LASP-2H).
 
-Every rank gathers the keys and values of all ranks (one all_gather of its [2, B, T_local, Hkv, D] K|V), puts them
-back in global order and attends its local queries to them. Causal without documents: each local segment is the
-causal suffix of the keys up to its end (`causal_suffix_attention`: no mask is formed and only the causal pairs are
-scored); with cu_seqlens: the causal / document mask built from global positions
-(`document_mask(q_positions=..., k_positions=...)`). Backward: a rank's K, V gradient is the sum over
-ranks of the gradients of its slot in the gathered buffer, one all_reduce of the [W, ...] gradient then its slot
-(gloo has no reduce_scatter). Under the zigzag layout every rank holds one early and one late segment, so the
-causal work per rank is balanced (see `attention_pairs_per_rank`).
+Every rank gathers the keys and values of all ranks in one all_gather and attends its local queries to them,
+mask-free. The local tokens are cut into pieces at every segment start and every document start
+(`softmax_pieces`, from the global cu_seqlens on the host once per call); piece [a, b) of document [d, e) attends
+
+    its own tokens [a, b) (causal: key j <= query i), from the local k, v, and
+    the rest of its document, fully visible: [d, a) when causal, [d, a) and [b, e) otherwise, from the gathered K|V,
+
+merged by log-sum-exp (`lsp.ops.softmax.piecewise_attention`). Without cu_seqlens the whole sequence is one
+document, so segment s attends [0, s·Ts) plus its causal diagonal. No [T_local, T] mask or score tensor exists.
+
+Gathered buffer, laid out so every key range is a view of it (no reordering copy): a rank sends its K|V as
+[Ts, L, B, 2, Hkv, D] (token-major, its L segments interleaved), the late zigzag segment token-reversed. The
+gather is [W, Ts, L, ...]; source l = buffer[:, :, l] viewed as [W·Ts, ...] is then the first half of the sequence
+in order (l = 0) and the second half in reverse order (l = 1; contiguous layout: the whole sequence, l = 0).
+Fully visible blocks do not depend on the order of their keys, so any global key range is at most two views.
+Grouped-query heads reach the kernel unrepeated. Backward: a rank's K|V gradient is the sum over ranks of its
+slot's gradient (`AllGatherRows`: reduce_scatter on NCCL, all_reduce + own slot on gloo). Under the zigzag layout
+every rank holds one early and one late segment, so the causal work per rank is balanced
+(see `attention_pairs_per_rank`).
 """
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
+
 import torch
 
-from lsp.ops.softmax import causal_suffix_attention, check_softmax_inputs, document_mask, sdpa
+from lsp.ops.softmax import PieceRun, check_softmax_inputs, piece_runs, piecewise_attention
 
 from .comm import gather_rows
 from .context import SPContext
@@ -31,35 +44,79 @@ def sp_softmax_attention(q, k, v, *, sp, causal=True, scale=None, cu_seqlens=Non
     if method != "allgather":
         raise ValueError(f"method must be 'allgather' for softmax layers (LASP-2H), got {method!r}")
     check_softmax_inputs(q, k, v)
-    R, W, L = sp.rows, sp.world_size, sp.segments_per_rank
-    B, T_local = q.shape[0] // R, q.shape[1]
-    T = T_local * W
-    if cu_seqlens is not None and B != 1:
+    R, T_local = sp.rows, q.shape[1]
+    B, T = q.shape[0] // R, T_local * sp.world_size
+    bounds = [0, T] if cu_seqlens is None else document_bounds(cu_seqlens, T, B)
+    plans = softmax_pieces(bounds, sp, T_local, causal, batched=B == 1)
+    sources = gathered_kv_sources(k, v, sp)                       # [L, T/L, B, 2, Hkv, D] view of the gather
+    if R == 1:
+        return piecewise_attention(q, k, v, plans[0], kv_sources=sources, causal=causal, scale=scale)
+    rows = [slice(row * B, (row + 1) * B) for row in range(R)]
+    return torch.cat([piecewise_attention(q[r], k[r], v[r], plan, kv_sources=sources, causal=causal, scale=scale)
+                      for r, plan in zip(rows, plans)])
+
+
+def document_bounds(cu_seqlens: torch.Tensor, T: int, B: int) -> list[int]:
+    """Host copy of the global document boundaries (one device sync per call), checked, empty documents dropped."""
+    if B != 1:
         raise ValueError(f"cu_seqlens requires B == 1 (packed sequences), got B={B} per rank")
-    if cu_seqlens is not None and int(cu_seqlens[-1]) != T:
-        raise ValueError(f"cu_seqlens must end at the global length {T}, got {int(cu_seqlens[-1])}")
-    Ts = sp.segment_length(T_local)
-    kv = torch.stack([k, v]).reshape(2, R, B, T_local, *k.shape[2:]).transpose(0, 1)  # [R, 2, B, T_local, Hkv, D]
-    kv_all = gather_rows(kv.contiguous(), sp.comm, "softmax_kv")                       # [W, 2, B, T_local, Hkv, D]
-    segs = kv_all.reshape(W, 2, B, L, Ts, *k.shape[2:])
-    kv_full = torch.cat([segs[sp.owner(s)[0], :, :, sp.owner(s)[1]] for s in range(sp.num_segments)], dim=2)
-    k_full, v_full = kv_full[0], kv_full[1]                                              # [B, T, Hkv, D]
-    if causal and cu_seqlens is None:     # segment s of the sequence attends the keys [0, (s + 1)·Ts), causally
-        return torch.cat([
-            torch.cat([causal_suffix_attention(q[row * B : (row + 1) * B, i * Ts : (i + 1) * Ts],
-                                               k_full[:, : (s + 1) * Ts], v_full[:, : (s + 1) * Ts], scale=scale)
-                       for i, s in enumerate(sp.rank_segments(rank))], dim=1)
-            for row, rank in enumerate(sp.comm.ranks)], dim=0)
-    positions = sp.local_positions(T_local, q.device)
-    bounds = cu_seqlens if cu_seqlens is not None else torch.tensor([0, T], device=q.device)
-    k_pos = torch.arange(T, device=q.device)
-    outs = []
-    for row in range(R):
-        mask = None
-        if causal or cu_seqlens is not None:
-            mask = document_mask(bounds, T, causal, q.device, q_positions=positions[row], k_positions=k_pos)
-        outs.append(sdpa(q[row * B : (row + 1) * B], k_full, v_full, mask=mask, scale=scale))
-    return torch.cat(outs, dim=0)
+    bounds = sorted(set(cu_seqlens.tolist()))
+    if bounds[0] != 0 or bounds[-1] != T:
+        raise ValueError(f"cu_seqlens must run from 0 to the global length {T}, got {cu_seqlens.tolist()}")
+    return bounds
+
+
+def softmax_pieces(bounds: list[int], sp: SPContext, T_local: int, causal: bool, batched: bool = True):
+    """Per held rank, the `PieceRun`s of its local tokens (see the module docstring); host-only, O(pieces · log N).
+
+    bounds: sorted global document boundaries [0, ..., T]. A piece that starts a segment inside a document attends
+    that document's earlier keys as gathered blocks; pieces that start a document attend only their own tokens, and
+    adjacent ones of equal length are batched when `batched` (B == 1).
+    """
+    Ts, T = sp.segment_length(T_local), T_local * sp.world_size
+    plans = []
+    for rank in sp.comm.ranks:
+        cuts, blocks = [], {}
+        for l, seg in enumerate(sp.rank_segments(rank)):
+            g0, g1 = seg * Ts, (seg + 1) * Ts
+            starts = [g0] + bounds[bisect_right(bounds, g0) : bisect_left(bounds, g1)]
+            for a, b in zip(starts, starts[1:] + [g1]):
+                doc_start, doc_end = bounds[bisect_right(bounds, a) - 1], bounds[bisect_left(bounds, b)]
+                visible = [(doc_start, a)] + ([] if causal else [(b, doc_end)])
+                extra = [blk for lo, hi in visible for blk in gathered_blocks(lo, hi, T, sp.segments_per_rank)]
+                if extra:
+                    blocks[len(cuts)] = extra
+                cuts.append(l * Ts + a - g0)
+        plans.append(piece_runs(cuts + [T_local], blocks, batched=batched))
+    return plans
+
+
+def gathered_blocks(lo: int, hi: int, T: int, sources: int) -> list[tuple[int, int, int]]:
+    """Global key range [lo, hi) as (source, first, length) blocks of the gathered sources: one source holds the
+    sequence in order; two (zigzag) hold the first half in order and the second half reversed."""
+    if sources == 1:
+        return [(0, lo, hi - lo)] if hi > lo else []
+    half, out = T // 2, []
+    if lo < min(hi, half):
+        out.append((0, lo, min(hi, half) - lo))
+    if max(lo, half) < hi:
+        out.append((1, T - hi, hi - max(lo, half)))                 # position p sits at T - 1 - p
+    return out
+
+
+def gathered_kv_sources(k, v, sp: SPContext):
+    """All-gather the K|V of every rank; returns the sources view [L, T/L, B, 2, Hkv, D] of the gathered buffer.
+
+    k, v: [R·B, T_local, Hkv, D]. Sent per rank: [Ts, L, B, 2, Hkv, D] with the late zigzag segment reversed.
+    """
+    R, L, W = sp.rows, sp.segments_per_rank, sp.world_size
+    B, Ts = k.shape[0] // R, sp.segment_length(k.shape[1])
+    kv = torch.stack([k, v], dim=2).view(R, B, L, Ts, 2, *k.shape[2:])
+    if L == 2:
+        kv = torch.cat([kv[:, :, :1], kv[:, :, 1:].flip(3)], dim=2)
+    send = kv.permute(0, 3, 2, 1, 4, 5, 6).contiguous()                # [R, Ts, L, B, 2, Hkv, D]
+    gathered = gather_rows(send, sp.comm, "softmax_kv")                # [W, Ts, L, B, 2, Hkv, D]
+    return gathered.permute(2, 0, 1, 3, 4, 5, 6).view(L, W * Ts, *gathered.shape[3:])
 
 
 def attention_pairs_per_rank(world_size: int, layout: str, T: int, causal: bool = True) -> list[int]:

@@ -4,8 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
 from lsp.ops import softmax_attention
-from lsp.ops.softmax import causal_suffix_attention, lower_right_sdpa, sdpa
+from lsp.ops.softmax import PieceRun, causal_suffix_attention, document_mask, lower_right_sdpa, piece_runs, piecewise_attention, sdpa
 
 from .linear_cases import max_rel_err
 
@@ -55,6 +58,91 @@ def test_document_masking():
     assert max_rel_err(o, reference(q, k, v, True, cu)) < 1e-12
     # negative control: without the document mask the second document sees the first one
     assert max_rel_err(softmax_attention(q, k, v), reference(q, k, v, True, cu)) > 1e-2
+
+
+def test_piece_runs_batch_equal_adjacent_pieces():
+    blocks = {3: [(0, 4, 2)]}
+    assert piece_runs([0, 2, 4, 6, 9, 10, 11]) == [PieceRun(0, 2, 3), PieceRun(6, 3), PieceRun(9, 1, 2)]
+    assert piece_runs([0, 2, 4, 6, 8], blocks) == [PieceRun(0, 2, 3), PieceRun(6, 2, 1, ((0, 4, 2),))]
+    assert piece_runs([0, 2, 4], batched=False) == [PieceRun(0, 2), PieceRun(2, 2)]
+
+
+def _piecewise_case(H, Hkv, dtype=torch.float64, T=30, S=12, seed=4):
+    # local q, k, v [1, T, *] and one K|V source [1, S, 1, 2, Hkv, D]
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)  # noqa
+    return rnd(1, T, H, 8), rnd(1, T, Hkv, 8), rnd(1, T, Hkv, 8), rnd(1, S, 1, 2, Hkv, 8)
+
+
+# pieces: a run of four 3-token documents, then pieces that also see blocks of the source
+RUNS = [PieceRun(0, 3, 4), PieceRun(12, 7, 1, ((0, 0, 5),)), PieceRun(19, 5), PieceRun(24, 6, 1, ((0, 5, 7), (0, 1, 2)))]
+
+
+def piecewise_reference(q, k, v, src, runs, causal):
+    """Explicit attention over [source keys; own keys] with the allowed pairs spelled out per piece."""
+    S, T = src.shape[1], q.shape[1]
+    allowed = torch.zeros(T, S + T, dtype=torch.bool)
+    for run in runs:
+        for p in range(run.count):
+            a = run.start + p * run.length
+            own = torch.ones(run.length, run.length, dtype=torch.bool)
+            allowed[a : a + run.length, S + a : S + a + run.length] = own.tril() if causal else own
+            for _, first, length in run.blocks:
+                allowed[a : a + run.length, first : first + length] = True
+    keys, values = (torch.cat([src[0, :, :, i].transpose(0, 1), x], dim=1) for i, x in ((0, k), (1, v)))
+    return attend(q, keys, values, allowed)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (4, 1)])
+def test_piecewise_matches_reference(causal, H, Hkv):
+    """Batched equal-length pieces and pieces with extra key blocks (overlapping ones included), fp64: outputs and
+    the gradients of q, k, v and the shared source; negative control: one block a token short must fail."""
+    q, k, v, src = _piecewise_case(H, Hkv)
+    o = piecewise_attention(q, k, v, RUNS, kv_sources=src, causal=causal)
+    ref = piecewise_reference(q, k, v, src, RUNS, causal)
+    assert max_rel_err(o, ref) < 1e-12
+    w = torch.randn(o.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    got, want = (torch.autograd.grad((x * w).sum(), (q, k, v, src)) for x in (o, ref))
+    for a, b in zip(got, want):
+        assert max_rel_err(a, b) < 1e-12
+    short = RUNS[:1] + [PieceRun(12, 7, 1, ((0, 1, 4),))] + RUNS[2:]
+    assert max_rel_err(piecewise_attention(q, k, v, short, kv_sources=src, causal=causal), ref) > 1e-3
+
+
+def test_piecewise_low_precision():
+    q, k, v, src = _piecewise_case(4, 2, dtype=torch.bfloat16)
+    o = piecewise_attention(q, k, v, RUNS, kv_sources=src)
+    ref = piecewise_reference(*(x.detach().double() for x in (q, k, v, src)), RUNS, True)
+    assert o.dtype == torch.bfloat16 and max_rel_err(o, ref) < 2e-2
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest numel of any tensor an aten op returns while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numel = max([self.numel] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
+
+
+def test_packed_single_device_forms_no_T_by_T_tensor():
+    """softmax_attention with cu_seqlens runs per document: no [T, T] mask in forward or backward (control: the
+    document mask is T·T)."""
+    T, gen = 256, torch.Generator().manual_seed(7)
+    q = torch.randn(1, T, 4, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, T, 2, 8, generator=gen, requires_grad=True) for _ in range(2))
+    cu = torch.tensor([0, 32, 64, 96, 128, 200, 256], dtype=torch.int32)
+    with LargestTensor() as rec:
+        softmax_attention(q, k, v, cu_seqlens=cu).sum().backward()
+    assert rec.numel == q.numel() < T * T                          # the largest tensors are q-sized
+    with LargestTensor() as control:
+        document_mask(cu, T, True, q.device)
+    assert control.numel == T * T
 
 
 def suffix_reference(q, k, v):
@@ -113,3 +201,19 @@ def test_causal_suffix_cuda(dtype, tol):
     assert max_rel_err(o.double().cpu(), ref) < tol
     o.float().sum().backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_piecewise_cuda_bf16():
+    """The CUDA branch (aten FlashAttention per block, merged by log-sum-exp): outputs and gradients against the
+    fp64 reference on CPU at bf16 tolerance."""
+    cpu = _piecewise_case(4, 2)
+    gpu = [x.detach().cuda().bfloat16().requires_grad_(True) for x in cpu]
+    o = piecewise_attention(*gpu[:3], RUNS, kv_sources=gpu[3])
+    ref = piecewise_reference(*cpu, RUNS, True)
+    assert max_rel_err(o.double().cpu(), ref) < 2e-2
+    w = torch.randn(o.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    got = torch.autograd.grad((o.double() * w.cuda()).sum(), gpu)
+    for a, b in zip(got, torch.autograd.grad((ref * w).sum(), cpu)):
+        assert max_rel_err(a.double().cpu(), b) < 5e-2
