@@ -238,7 +238,9 @@ def gather_rows(x: torch.Tensor, comm, tag: str) -> torch.Tensor:
     """Differentiable all_gather of rank rows: [R, *S] -> [W, *S] (see `AllGatherRows`)."""
     if comm.emulated:
         return comm.all_gather(x, tag)  # in-memory: autograd sums the shared buffer's gradients itself
-    return AllGatherRows.apply(x, comm, tag)
+    from .collectives import join_token
+
+    return AllGatherRows.apply(x, join_token(), comm, tag)  # every rank joins the backward (collectives.py)
 
 
 class AllGatherRows(torch.autograd.Function):
@@ -250,10 +252,10 @@ class AllGatherRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, comm, tag):
+    def forward(ctx, x, token, comm, tag):
         ctx.comm, ctx.tag = comm, tag
         return comm.all_gather(x, tag)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.comm.reduce_scatter(grad.contiguous().unsqueeze(0), ctx.tag + ":bwd"), None, None
+        return ctx.comm.reduce_scatter(grad.contiguous().unsqueeze(0), ctx.tag + ":bwd"), None, None, None

@@ -78,6 +78,17 @@ def frozen_inputs(rank, world_size):
                     got = run_sp(case, sp, method, trained=trained)
                     errors[(layout, form, method, trained)] = max(max_rel_err(
                         {n: got[n] for n in trained}, {n: ref[n] for n in trained}).values())
+        # softmax (LASP-2H): only rank 0's keys and values train; every rank must still join the K,V backward
+        case = make_softmax_case(world_size, False)
+        ref = softmax_reference(case)
+        x = {n: case[n].clone().requires_grad_(n == "q" or rank == 0) for n in ("q", "k", "v")}
+        from lsp.parallel import sp_softmax_attention
+
+        o = sp_softmax_attention(sp.shard(x["q"]), sp.shard(x["k"]), sp.shard(x["v"]), sp=sp)
+        (o * sp.shard(case["wo"])).sum().backward()
+        dq = x["q"].grad.clone()
+        torch.distributed.all_reduce(dq)
+        errors[(layout, "softmax", "allgather", ("q",))] = max_rel_err({"q": dq}, {"q": ref["q"]})["q"]
     return errors
 
 
