@@ -23,6 +23,7 @@ class SegmentPlan:
     Ts: int                          # tokens per segment
     cont: list[int]                  # per global segment: 1 if the state entering it is carried from the previous one
     passes: list[int]                # per global segment: 1 if no document starts strictly inside it
+    bounds: list[int] = field(default_factory=list)  # global document boundaries on the host ([0, T] unpacked)
     cu_seqlens: torch.Tensor | None = None   # the global boundaries this plan was built from (identity-checked)
     num_docs: int = 0
     # packed case only, pieces of the held segments in (row, local segment) order:
@@ -37,6 +38,7 @@ class SegmentPlan:
     end_rank_rows: list[int] = field(default_factory=list)
     carried_ends: list[tuple[int, int, int]] = field(default_factory=list)
     _on_device: dict = field(default_factory=dict)
+    _derived: dict = field(default_factory=dict)
 
     @property
     def packed(self) -> bool:
@@ -46,6 +48,12 @@ class SegmentPlan:
     def inner_starts(self) -> bool:
         """Some held segment row has a document starting inside it (tokens after it see no incoming state)."""
         return any(f < self.Ts for f in self.first_internal)
+
+    def derived(self, key, build):
+        """A further host-side plan of this batch (e.g. the softmax layers' pieces), built once: build()."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def tensor(self, name: str, device, dtype=torch.long) -> torch.Tensor:
         """A list field as a tensor on `device`, built once per plan and device."""
@@ -59,7 +67,7 @@ def plan_segments(sp, T_local: int, cu_seqlens: torch.Tensor | None) -> SegmentP
     """The plan of a batch of T_local tokens per rank (global cu_seqlens or None). One host read of cu_seqlens."""
     n, Ts = sp.num_segments, sp.segment_length(T_local)
     if cu_seqlens is None:
-        return SegmentPlan(T_local, Ts, cont=[0] + [1] * (n - 1), passes=[1] * n)
+        return SegmentPlan(T_local, Ts, cont=[0] + [1] * (n - 1), passes=[1] * n, bounds=[0, n * Ts])
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != n * Ts or any(b <= a for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens must rise strictly from 0 to the global length {n * Ts} (no empty documents), "
@@ -68,8 +76,8 @@ def plan_segments(sp, T_local: int, cu_seqlens: torch.Tensor | None) -> SegmentP
     start_set = set(starts)
     inner = _inner_starts(starts, n, Ts)
     plan = SegmentPlan(T_local, Ts, cont=[0] + [0 if i * Ts in start_set else 1 for i in range(1, n)],
-                       passes=[0 if inner[i] else 1 for i in range(n)], cu_seqlens=cu_seqlens,
-                       num_docs=len(bounds) - 1)
+                       passes=[0 if inner[i] else 1 for i in range(n)], bounds=bounds,
+                       cu_seqlens=cu_seqlens, num_docs=len(bounds) - 1)
     seg_row = 0
     for rank_row, r in enumerate(sp.comm.ranks):
         for i in sp.rank_segments(r):

@@ -2,7 +2,8 @@
 
 Every rank gathers the keys and values of all ranks in one all_gather and attends its local queries to them,
 mask-free. The local tokens are cut into pieces at every segment start and every document start
-(`softmax_pieces`, from the global cu_seqlens on the host once per call); piece [a, b) of document [d, e) attends
+(`softmax_pieces`, built on the host once per batch with the context's segment plan); piece [a, b) of document
+[d, e) attends
 
     its own tokens [a, b) (causal: key j <= query i), from the local k, v, and
     the rest of its document, fully visible: [d, a) when causal, [d, a) and [b, e) otherwise, from the gathered K|V,
@@ -45,25 +46,18 @@ def sp_softmax_attention(q, k, v, *, sp, causal=True, scale=None, cu_seqlens=Non
         raise ValueError(f"method must be 'allgather' for softmax layers (LASP-2H), got {method!r}")
     check_softmax_inputs(q, k, v)
     R, T_local = sp.rows, q.shape[1]
-    B, T = q.shape[0] // R, T_local * sp.world_size
-    bounds = [0, T] if cu_seqlens is None else document_bounds(cu_seqlens, T, B)
-    plans = softmax_pieces(bounds, sp, T_local, causal, batched=B == 1)
+    B = q.shape[0] // R
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"cu_seqlens requires B == 1 (packed sequences), got B={B} per rank")
+    batch = sp.segment_plan(T_local, cu_seqlens)   # one host read of cu_seqlens per batch, shared by every layer
+    plans = batch.derived(("softmax", causal, B == 1),
+                          lambda: softmax_pieces(batch.bounds, sp, T_local, causal, batched=B == 1))
     sources = gathered_kv_sources(k, v, sp)                       # [L, T/L, B, 2, Hkv, D] view of the gather
     if R == 1:
         return piecewise_attention(q, k, v, plans[0], kv_sources=sources, causal=causal, scale=scale)
     rows = [slice(row * B, (row + 1) * B) for row in range(R)]
     return torch.cat([piecewise_attention(q[r], k[r], v[r], plan, kv_sources=sources, causal=causal, scale=scale)
                       for r, plan in zip(rows, plans)])
-
-
-def document_bounds(cu_seqlens: torch.Tensor, T: int, B: int) -> list[int]:
-    """Host copy of the global document boundaries (one device sync per call), checked, empty documents dropped."""
-    if B != 1:
-        raise ValueError(f"cu_seqlens requires B == 1 (packed sequences), got B={B} per rank")
-    bounds = sorted(set(cu_seqlens.tolist()))
-    if bounds[0] != 0 or bounds[-1] != T:
-        raise ValueError(f"cu_seqlens must run from 0 to the global length {T}, got {cu_seqlens.tolist()}")
-    return bounds
 
 
 def softmax_pieces(bounds: list[int], sp: SPContext, T_local: int, causal: bool, batched: bool = True):

@@ -165,7 +165,7 @@ def test_gloo_packed_documents_and_reduce_scatter():
 def test_packed_input_errors_name_the_argument():
     sp = SPContext(emulate=2)
     q = torch.randn(2, 8, 2, 4)
-    with pytest.raises(ValueError, match="cu_seqlens must run from 0 to the global length 16"):
+    with pytest.raises(ValueError, match="cu_seqlens must rise strictly from 0 to the global length 16"):
         sp_softmax_attention(q, q, q, sp=sp, cu_seqlens=torch.tensor([0, 5, 12], dtype=torch.int32))
     with pytest.raises(ValueError, match="cu_seqlens requires B == 1"):
         sp_softmax_attention(torch.randn(4, 8, 2, 4), torch.randn(4, 8, 2, 4), torch.randn(4, 8, 2, 4), sp=sp,
