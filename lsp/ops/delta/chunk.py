@@ -1,0 +1,151 @@
+r"""The (gated) delta rule in chunks of C tokens: the WY / UT representation, plain PyTorch, autograd backward.
+
+Write the step as S_t = a_t S_{t-1} + k_t w_tᵀ with a_t = exp(g_t) and w_t = beta_t (v_t - a_t S_{t-1}ᵀ k_t).
+Inside a chunk entered with state S, let G_i be the within-chunk cumulative log-decay (G_i <= 0, non-increasing):
+
+    S_i = exp(G_i) S + Σ_{j<=i} exp(G_i - G_j) k_j w_jᵀ
+    w_i = beta_i v_i - beta_i exp(G_i) Sᵀ k_i - Σ_{j<i} beta_i exp(G_i - G_j) (k_i · k_j) w_j
+
+so (I + A) W = diag(beta) V - diag(beta exp(G)) K S with A_ij = beta_i exp(G_i - G_j) (k_i · k_j), j < i, unit lower
+triangular on the left. One triangular solve per chunk (the UT transform, T = (I + A)^-1) gives
+
+    U = T (beta ⊙ V)  [C, V],   Wk = T (beta exp(G) ⊙ K)  [C, K],   W = U - Wk S
+    S_next = exp(G_C) S + Kdᵀ (U - Wk S),            Kd_j = exp(G_C - G_j) k_j
+    o_i    = scale · [ (q_i exp(G_i)) S + Σ_{j<=i} exp(G_i - G_j) (q_i · k_j) W_j ]
+
+Every exponent is <= 0, so nothing overflows whatever the decay. The chunk's map S -> M_c S + B_c is affine,
+M_c = exp(G_C) I - Kdᵀ Wk and B_c = Kdᵀ U; `sequence_maps` composes it over a whole sequence by running the same
+scan on the augmented state [M | S] (entered as [I | S_0], with U padded by K zero columns), which is what sequence
+parallelism exchanges.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lsp.ops.linear.checks import acc_dtype, seq_bounds
+from lsp.ops.linear.layout import ChunkLayout, make_layout
+
+CHUNK_SIZE = 64
+
+
+@dataclass
+class DeltaChunks:
+    """The state-independent per-chunk quantities of one batch, shared by every scan over it."""
+
+    layout: ChunkLayout
+    k: torch.Tensor                # [R, H, NC, C, K] keys
+    G: torch.Tensor | None         # [R, H, NC, C, 1] within-chunk cumulative log-decay
+    Kd: torch.Tensor               # [R, H, NC, C, K] keys decayed to the chunk end
+    Wk: torch.Tensor               # [R, H, NC, C, K] T (beta exp(G) ⊙ K)
+    U: torch.Tensor                # [R, H, NC, C, V] T (beta ⊙ V)
+    decay: torch.Tensor | None     # [R, H, NC] exp(G_C), the chunk's total decay
+
+
+def _to_chunks(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+    # [B, T, H, D] -> [R, H, NC, C, D], zero padded
+    x = layout.pad(x)
+    R, Tp, H, D = x.shape
+    C = layout.chunk_size
+    return x.view(R, Tp // C, C, H, D).permute(0, 3, 1, 2, 4)
+
+
+def _from_chunks(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+    # [R, H, NC, C, D] -> [B, T, H, D]
+    R, H, NC, C, D = x.shape
+    return layout.unpad(x.permute(0, 2, 3, 1, 4).reshape(R, NC * C, H, D))
+
+
+def _pair_decay(G: torch.Tensor | None, C: int, strict: bool, dtype, device) -> torch.Tensor:
+    # G: [R, H, NC, C, 1] or None -> exp(G_i - G_j) on the causal pairs (j < i if strict, else j <= i), zero elsewhere
+    mask = torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+    if G is None:
+        return mask.to(dtype)
+    diff = G - G.transpose(-1, -2)
+    return torch.where(mask, diff, float("-inf")).exp()
+
+
+def prepare_chunks(k, v, beta, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE) -> DeltaChunks:
+    """Chunk the inputs and run the UT transform; k: [B, T, H, K], v: [B, T, H, V], beta, g: [B, T, H] (g or None).
+
+    Padding (to whole chunks per packed sequence) is exact: k = v = beta = 0 and g = 0 make a token the identity map.
+    """
+    B, T, H, K = k.shape
+    dt = acc_dtype(k.dtype)
+    layout = make_layout(B, T, seq_bounds(cu_seqlens, B, T), chunk_size, k.device)
+    kc, vc = _to_chunks(k.to(dt), layout), _to_chunks(v.to(dt), layout)
+    bc = _to_chunks(beta.to(dt).unsqueeze(-1), layout)                        # [R, H, NC, C, 1]
+    G = None if g is None else _to_chunks(g.to(dt).unsqueeze(-1), layout).cumsum(dim=3)
+    strict = _pair_decay(G, chunk_size, True, dt, k.device)
+    A = bc * (kc @ kc.transpose(-1, -2)) * strict                             # strictly lower [.., C, C]
+    rhs = torch.cat([bc * vc, bc * kc * (1.0 if G is None else G.exp())], dim=-1)
+    sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    U, Wk = sol[..., : v.shape[-1]], sol[..., v.shape[-1]:]
+    Kd = kc if G is None else kc * (G[..., -1:, :] - G).exp()
+    decay = None if G is None else G[..., -1, 0].exp()
+    return DeltaChunks(layout, kc, G, Kd, Wk, U, decay)
+
+
+def chunk_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
+    """States entering every chunk and the final state of every sequence, for the chunks' map with offsets U.
+
+    U: [R, H, NC, C, D] (D = V for the state, K + V for the augmented map state); init: [R or N, H, K, D] or None.
+    Returns entering [R, H, NC, K, D] and final [R or N, H, K, D].
+    """
+    layout = chunks.layout
+    R, H, NC, C, D = U.shape
+    K = chunks.k.shape[-1]
+    packed = layout.dst is not None
+    zero = U.new_zeros(R, H, K, D)
+    finals, entering, state = {}, [], zero
+    for c in range(NC):
+        if c in layout.resets:
+            n = layout.resets[c]
+            state = zero if init is None else (init[n : n + 1] if packed else init)
+        entering.append(state)
+        corrected = U[:, :, c] - chunks.Wk[:, :, c] @ state                    # W = U - Wk S   [R, H, C, D]
+        decayed = state if chunks.decay is None else chunks.decay[:, :, c, None, None] * state
+        state = decayed + chunks.Kd[:, :, c].transpose(-1, -2) @ corrected
+        for n in layout.ends.get(c, []):
+            finals[n] = state
+    if not packed:
+        return torch.stack(entering, dim=2), finals[-1]
+    for n in layout.empty:
+        finals[n] = zero[:1] if init is None else init[n : n + 1]
+    return torch.stack(entering, dim=2), torch.cat([finals[n] for n in sorted(finals)], dim=0)
+
+
+def chunk_output(q, chunks: DeltaChunks, entering: torch.Tensor, scale: float) -> torch.Tensor:
+    """o = scale · [(q exp(G) - P Wk) E_c + P U] per chunk, P_ij = exp(G_i - G_j)(q_i · k_j) on j <= i.
+
+    q: [B, T, H, K]; entering: [R, H, NC, K, V] -> o [B, T, H, V] in the accumulation dtype.
+    """
+    qc = _to_chunks(q.to(chunks.k.dtype), chunks.layout)
+    P = (qc @ chunks.k.transpose(-1, -2)) * _pair_decay(chunks.G, qc.shape[-2], False, qc.dtype, q.device)
+    q_state = qc if chunks.G is None else qc * chunks.G.exp()
+    o = scale * (P @ chunks.U + (q_state - P @ chunks.Wk) @ entering)
+    return _from_chunks(o, chunks.layout)
+
+
+def sequence_maps(chunks: DeltaChunks, init: torch.Tensor | None = None) -> torch.Tensor:
+    """The affine map of every sequence, S_in -> M S_in + S_loc, as one tensor [R or N, H, K, K + V] = [M | S_loc].
+
+    S_loc is the final state when the sequence is entered with `init` (zero when None). Differentiable.
+    """
+    R, H, NC, C, K = chunks.k.shape
+    U_aug = torch.cat([chunks.U.new_zeros(R, H, NC, C, K), chunks.U], dim=-1)
+    n_seq = R if chunks.layout.dst is None else len(chunks.layout.resets) + len(chunks.layout.empty)
+    eye = torch.eye(K, dtype=U_aug.dtype, device=U_aug.device).expand(n_seq, H, K, K)
+    state0 = U_aug.new_zeros(n_seq, H, K, chunks.U.shape[-1]) if init is None else init.to(U_aug.dtype)
+    return chunk_scan(chunks, U_aug, torch.cat([eye, state0], dim=-1))[1]
+
+
+def chunk_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     chunk_size: int = CHUNK_SIZE):
+    """Chunked forward (autograd backward); arguments as `lsp.ops.delta_rule` (already validated)."""
+    chunks = prepare_chunks(k, v, beta, g, cu_seqlens, chunk_size)
+    init = None if initial_state is None else initial_state.to(chunks.U.dtype)
+    entering, final = chunk_scan(chunks, chunks.U, init)
+    o = chunk_output(q, chunks, entering, scale).to(q.dtype)
+    return o, (final if output_final_state else None)
