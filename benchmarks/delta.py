@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, print_table, time_fn  # noqa: E402
 
 from lsp.ops import delta_rule  # noqa: E402
+from lsp.parallel import SPContext, sp_delta_rule  # noqa: E402
 
 
 def make(gated, B, T, H, K, V, device, requires_grad):
@@ -39,6 +41,30 @@ def bench(backend, inputs, backward, device, repeats):
         return time_fn(step, device, warmup=1 if backend != "naive" else 0, repeats=repeats)
 
 
+def sp_vs_op(gated, T, H, K, device, rounds):
+    """fwd+bwd of sp_delta_rule at W=1 (contiguous and zigzag) against the op: each timed in turn, `rounds`
+    times, best of each. CPU time of this process (time.process_time), not wall time: the machine is shared, and
+    the CPU time does not count the time other processes hold the cores."""
+    x = make(gated, 1, T, H, K, K, device, True)
+
+    def step(fn):
+        o, _ = fn(*x)
+        o.sum().backward()
+    fns = {"op": lambda *a: delta_rule(*a)}
+    for layout in ("contiguous", "zigzag"):
+        sp = SPContext(emulate=1, layout=layout)
+        fns[layout] = lambda *a, sp=sp: sp_delta_rule(*a, sp=sp)
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):  # interleaved, so a load spike on the shared machine hits every variant alike
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            step(fn)
+            best[name] = min(best[name], time.process_time() - t0)
+    return [{"T": T, "gated": gated, "op_ms": 1e3 * best["op"], "sp_contig_ms": 1e3 * best["contiguous"],
+             "sp_zigzag_ms": 1e3 * best["zigzag"], "contig/op": best["contiguous"] / best["op"],
+             "zigzag/op": best["zigzag"] / best["op"]}]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=int, nargs="+", default=[8192])
@@ -46,10 +72,11 @@ def main(argv=None):
     p.add_argument("--K", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--sp-only", action="store_true", help="only the SP-at-W=1 comparison")
     args = p.parse_args(argv)
     Ts, H, K = ([256], 2, 16) if args.quick else (args.T, args.H, args.K)
     rows = []
-    for T in Ts:
+    for T in ([] if args.sp_only else Ts):
         for gated in (False, True):
             for backward in (False, True):
                 x = make(gated, 1, T, H, K, K, args.device, backward)
@@ -57,8 +84,12 @@ def main(argv=None):
                 t_naive = bench("naive", x, backward, args.device, repeats=1)
                 rows.append({"T": T, "gated": gated, "pass": "fwd+bwd" if backward else "fwd",
                              "torch_ms": 1e3 * t_chunk, "naive_ms": 1e3 * t_naive, "x naive": t_naive / t_chunk})
-    print_table(rows, f"delta_rule, B=1 H={H} K=V={K}, {device_name(args.device)}")
-    return rows
+    if rows:
+        print_table(rows, f"delta_rule, B=1 H={H} K=V={K}, {device_name(args.device)}")
+    sp_rows = [r for T in Ts for gated in (False, True)
+               for r in sp_vs_op(gated, T, H, K, args.device, 2 if args.quick else 7)]
+    print_table(sp_rows, "sp_delta_rule at W=1 (allgather) vs the op, fwd+bwd")
+    return rows, sp_rows
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ The delta rule's state map over a segment is affine, S ↦ M S + S_loc, with M =
 
            E_0 = 0,        E_{i+1} = c_{i+1} (p_i M_i E_i + S_i)
 
-    3. runs the chunk scan and the outputs of its segments from E (`chunk_scan`, `chunk_output`), which also gives
-       the final state of every sequence that ends on this rank.
+    3. enters every chunk with S_c + P_c E (the prefix maps P_c come from step 1's scan: one batched product, no
+       second scan) and computes the outputs (`enter_sequences`, `chunk_output`); the same product gives the final
+       state of every sequence that ends on this rank.
 
 Backward of step 2 (G_i the total gradient of E_i, gE_i its direct part, X_{i+1} = c_{i+1} G_{i+1}):
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from lsp.ops.delta import check_delta_inputs, chunk_output, chunk_scan, prepare_chunks, sequence_maps
+from lsp.ops.delta import check_delta_inputs, delta_rule, chunk_output, enter_sequences, prepare_chunks, sequence_maps
 from lsp.ops.delta.api import resolve_delta_backend
 from lsp.ops.linear.checks import acc_dtype
 
@@ -263,6 +264,9 @@ def sp_delta_rule(q, k, v, beta, g=None, *, sp, method="allgather", scale=None, 
     V = v.shape[-1]
     _check(q, k, v, g, sp, "allgather", initial_state, cu_seqlens, B, H, K, V)
     scale = K ** -0.5 if scale is None else scale
+    if sp.world_size == 1:  # both layouts hold the whole sequence in order: the op itself, no map to compose
+        return delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
     with torch.autocast(device_type=q.device.type, enabled=False):
         o, final = _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_state, cu_seqlens,
                              scan_blocks, R, L, B)
@@ -285,16 +289,14 @@ def _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_s
         flat = lambda x: None if x is None else x.reshape(1, rows * Ts, *x.shape[2:])  # noqa: E731
         q_r, k_r, v_r, beta_r, g_r = map(flat, (q_r, k_r, v_r, beta_r, g_r))
     chunks = prepare_chunks(k_r, v_r, beta_r, g_r, plan.local_cu if packed else None)
-    maps = sequence_maps(chunks, init)                                      # [rows or pieces, H, K, K + V]
+    entering_aug, maps = sequence_maps(chunks, init)            # maps: [rows or pieces, H, K, K + V] = [M | S_loc]
     first = [0] + [p + 1 for p in plan.last_piece[:-1]] if packed else list(range(rows))
     last = plan.last_piece if packed else list(range(rows))
     seg = lambda x, idx: x[idx].reshape(R, L, B, H, K, -1)  # noqa: E731
     E = exchange_maps(seg(maps[..., :K], first), seg(maps[..., K:], last), sp, plan, method, scan_blocks)
     E = E.reshape(rows, H, K, V)
-    entering = E if not packed else _pieces_entering(E, first, maps.shape[0])
-    if init is not None:
-        entering = entering + init
-    chunk_states, finals = chunk_scan(chunks, chunks.U, entering)
+    extra = E if not packed else _pieces_entering(E, first, maps.shape[0])
+    chunk_states, finals = enter_sequences(chunks, entering_aug, maps, extra)
     o = chunk_output(q_r, chunks, chunk_states, scale).to(q.dtype)
     o = _from_seg_rows(o.reshape(rows, Ts, H, V), R, L)
     if not output_final_state:

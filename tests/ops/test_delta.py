@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lsp.ops import delta_rule
-from lsp.ops.delta import prepare_chunks, sequence_maps
+from lsp.ops.delta import chunk_output, enter_sequences, prepare_chunks, sequence_maps
 
 from .delta_cases import detached64, make_delta_inputs, max_rel_err, run_delta_with_grads
 from .linear_cases import assert_close
@@ -75,7 +75,7 @@ def test_sequence_maps_are_the_affine_state_map():
     # K = 32 and a weak decay keep M well away from zero over a 90-token document (it crosses a chunk edge)
     cu = torch.tensor([0, 90, 91, 110], dtype=torch.int32)
     x = make_delta_inputs(True, B=1, T=110, K=32, n_seq=3, strength=0.01, requires_grad=False)
-    maps = sequence_maps(prepare_chunks(x["k"], x["v"], x["beta"], x["g"], cu), x["initial_state"])
+    maps = sequence_maps(prepare_chunks(x["k"], x["v"], x["beta"], x["g"], cu), x["initial_state"])[1]
     K = x["k"].shape[-1]
     s_in = torch.randn_like(x["initial_state"])
     _, ref = delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"] + s_in,
@@ -86,6 +86,22 @@ def test_sequence_maps_are_the_affine_state_map():
     assert max_rel_err(maps[..., K:], s_loc) < 1e-12
     assert max_rel_err(maps[..., :K] @ s_in + maps[..., K:], ref) < 1e-12
     assert max_rel_err(maps[..., :K].transpose(-1, -2) @ s_in + maps[..., K:], ref) > 1e-3  # transposed map: wrong
+
+
+def test_enter_sequences_equals_a_run_from_the_shifted_initial_state():
+    """Outputs from the chunk prefix maps entered with init + X equal a full run from initial_state = init + X."""
+    cu = torch.tensor([0, 90, 91, 200], dtype=torch.int32)
+    x = make_delta_inputs(True, B=1, T=200, K=16, n_seq=3, strength=0.05, requires_grad=False)
+    extra = torch.randn_like(x["initial_state"])
+    chunks = prepare_chunks(x["k"], x["v"], x["beta"], x["g"], cu)
+    entering, final = enter_sequences(chunks, *sequence_maps(chunks, x["initial_state"]), extra)
+    o = chunk_output(x["q"], chunks, entering, 0.25)
+    o_ref, s_ref = delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], scale=0.25, output_final_state=True,
+                              initial_state=x["initial_state"] + extra, cu_seqlens=cu, backend="naive")
+    assert max_rel_err(o, o_ref) < 1e-12 and max_rel_err(final, s_ref) < 1e-12
+    o_wrong = chunk_output(x["q"], chunks, enter_sequences(chunks, *sequence_maps(chunks, x["initial_state"]),
+                                                           torch.roll(extra, 1, 0))[0], 0.25)
+    assert max_rel_err(o_wrong, o_ref) > 1e-3  # X of the wrong sequence: caught
 
 
 def test_strong_decay_is_stable_in_fp32():

@@ -14,9 +14,10 @@ triangular on the left. One triangular solve per chunk (the UT transform, T = (I
     o_i    = scale · [ (q_i exp(G_i)) S + Σ_{j<=i} exp(G_i - G_j) (q_i · k_j) W_j ]
 
 Every exponent is <= 0, so nothing overflows whatever the decay. The chunk's map S -> M_c S + B_c is affine,
-M_c = exp(G_C) I - Kdᵀ Wk and B_c = Kdᵀ U; `sequence_maps` composes it over a whole sequence by running the same
-scan on the augmented state [M | S] (entered as [I | S_0], with U padded by K zero columns), which is what sequence
-parallelism exchanges.
+M_c = exp(G_C) I - Kdᵀ Wk and B_c = Kdᵀ U; `sequence_maps` composes it over a whole sequence (and every chunk
+prefix) by running the same scan on the augmented state [M | S] (entered as [I | S_0], with U padded by K zero
+columns). Sequence parallelism exchanges the sequences' [M | S] and then enters each chunk with S_c + P_c E in one
+batched product (`enter_sequences`), without a second scan.
 """
 from __future__ import annotations
 
@@ -98,15 +99,17 @@ def chunk_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
     K = chunks.k.shape[-1]
     packed = layout.dst is not None
     zero = U.new_zeros(R, H, K, D)
+    # unbind once: autograd through per-chunk slices would allocate a zero-filled full-size gradient per slice
+    Us, Wks, Kds = U.unbind(2), chunks.Wk.unbind(2), chunks.Kd.transpose(-1, -2).unbind(2)
+    decays = None if chunks.decay is None else chunks.decay[..., None, None].unbind(2)
     finals, entering, state = {}, [], zero
     for c in range(NC):
         if c in layout.resets:
             n = layout.resets[c]
             state = zero if init is None else (init[n : n + 1] if packed else init)
         entering.append(state)
-        corrected = U[:, :, c] - chunks.Wk[:, :, c] @ state                    # W = U - Wk S   [R, H, C, D]
-        decayed = state if chunks.decay is None else chunks.decay[:, :, c, None, None] * state
-        state = decayed + chunks.Kd[:, :, c].transpose(-1, -2) @ corrected
+        corrected = Us[c] - Wks[c] @ state                                    # W = U - Wk S   [R, H, C, D]
+        state = (state if decays is None else decays[c] * state) + Kds[c] @ corrected
         for n in layout.ends.get(c, []):
             finals[n] = state
     if not packed:
@@ -128,17 +131,38 @@ def chunk_output(q, chunks: DeltaChunks, entering: torch.Tensor, scale: float) -
     return _from_chunks(o, chunks.layout)
 
 
-def sequence_maps(chunks: DeltaChunks, init: torch.Tensor | None = None) -> torch.Tensor:
-    """The affine map of every sequence, S_in -> M S_in + S_loc, as one tensor [R or N, H, K, K + V] = [M | S_loc].
+def sequence_maps(chunks: DeltaChunks, init: torch.Tensor | None = None):
+    """The affine state map of every sequence and of every chunk's prefix, for a later entering state.
 
-    S_loc is the final state when the sequence is entered with `init` (zero when None). Differentiable.
+    Runs the chunk scan on the augmented state [M | S], entered as [I | init] (init zero when None). Returns
+    entering [R, H, NC, K, K + V] (per chunk: [P_c | S_c], the chunk is entered with S_c + P_c X when the sequence
+    is entered with init + X) and final [R or N, H, K, K + V] = [M | S_loc] per sequence. Differentiable.
     """
     R, H, NC, C, K = chunks.k.shape
     U_aug = torch.cat([chunks.U.new_zeros(R, H, NC, C, K), chunks.U], dim=-1)
     n_seq = R if chunks.layout.dst is None else len(chunks.layout.resets) + len(chunks.layout.empty)
     eye = torch.eye(K, dtype=U_aug.dtype, device=U_aug.device).expand(n_seq, H, K, K)
     state0 = U_aug.new_zeros(n_seq, H, K, chunks.U.shape[-1]) if init is None else init.to(U_aug.dtype)
-    return chunk_scan(chunks, U_aug, torch.cat([eye, state0], dim=-1))[1]
+    return chunk_scan(chunks, U_aug, torch.cat([eye, state0], dim=-1))
+
+
+def enter_sequences(chunks: DeltaChunks, entering_aug, final_aug, extra: torch.Tensor):
+    """Chunk entering states and final states when every sequence is entered with init + extra (one batched
+    product, no scan): S_c + P_c X and S_loc + M X.
+
+    entering_aug, final_aug: from `sequence_maps`; extra: [R or N, H, K, V]. Returns [R, H, NC, K, V], [R or N, ..].
+    """
+    K = chunks.k.shape[-1]
+    layout = chunks.layout
+    if layout.dst is None:
+        per_chunk = extra[:, :, None]                                          # [R, H, 1, K, V]
+    else:
+        owner = torch.zeros(layout.num_chunks, dtype=torch.long, device=extra.device)
+        for c, n in layout.resets.items():                                    # chunks of sequence n follow its reset
+            owner[c:] = n
+        per_chunk = extra.index_select(0, owner).transpose(0, 1)[None]       # [1, H, NC, K, V]
+    entering = entering_aug[..., K:] + entering_aug[..., :K] @ per_chunk
+    return entering, final_aug[..., K:] + final_aug[..., :K] @ extra
 
 
 def chunk_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
