@@ -1,11 +1,11 @@
 """Exact sequence parallelism: layouts, SP algorithms, comm accounting, emulation (see docs/sp.md)."""
 from .comm import comm_stats, reset_comm_stats
 from .context import LAYOUTS, SPContext
-from .delta import DELTA_METHODS, sp_delta_rule
+from .delta import DELTA_METHODS, sp_delta_rule, sp_short_conv
 from .launch import spawn
 from .linear import METHODS, sp_linear_attention
 from .softmax import attention_flops_balance, attention_pairs_per_rank, sp_softmax_attention
 
 __all__ = ["SPContext", "LAYOUTS", "METHODS", "sp_linear_attention", "sp_softmax_attention", "sp_delta_rule",
-           "DELTA_METHODS", "comm_stats",
-           "reset_comm_stats", "spawn", "attention_pairs_per_rank", "attention_flops_balance"]
+           "sp_short_conv", "DELTA_METHODS", "comm_stats", "reset_comm_stats", "spawn", "attention_pairs_per_rank",
+           "attention_flops_balance"]

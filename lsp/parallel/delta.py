@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import torch
 
-from lsp.ops.delta import check_delta_inputs, delta_rule, chunk_output, enter_sequences, prepare_chunks, sequence_maps
+from lsp.ops.delta import (check_delta_inputs, chunk_output, delta_rule, enter_sequences, prepare_chunks,
+                           sequence_maps, short_conv)
 from lsp.ops.delta.api import resolve_delta_backend
 from lsp.ops.linear.checks import acc_dtype
 
@@ -326,3 +327,57 @@ def _owned_finals(finals, sp, plan, R, L, B, packed, cu_seqlens):
     for doc, (seg_row, piece, _, _) in plan.doc_ends.items():
         per_row[seg_row // L][doc] = finals[piece]
     return torch.stack([torch.stack(r) for r in per_row])
+
+
+# ---------------------------------------------------------------------------------------------- short conv halo
+
+
+class GatherTails(torch.autograd.Function):
+    """Halo of every held segment: the last k-1 inputs of the previous global segment (zeros for segment 0), by one
+    all_gather of every segment's tail. Backward (the mirror): one all_gather of the halo gradients, and each tail
+    takes the gradient of the halo it became."""
+
+    @staticmethod
+    def forward(ctx, token, tails, sp):
+        # tails: [R, L, B, k - 1, D] -> halo [R, L, B, k - 1, D]
+        every = sp.comm.all_gather(tails.contiguous().reshape(tails.shape[0], -1), "delta_conv_halo")
+        every = every.reshape(sp.world_size, *tails.shape[1:])
+        ctx.sp = sp
+        return torch.stack([torch.stack([every[sp.owner(i - 1)] if i > 0 else torch.zeros_like(every[0, 0])
+                                         for i in sp.rank_segments(r)]) for r in sp.comm.ranks])
+
+    @staticmethod
+    def backward(ctx, g_halo):
+        sp = ctx.sp
+        every = sp.comm.all_gather(g_halo.contiguous().reshape(g_halo.shape[0], -1), "delta_conv_halo:bwd")
+        every = every.reshape(sp.world_size, *g_halo.shape[1:])
+        n = sp.num_segments
+        g_tails = torch.stack([torch.stack([every[sp.owner(i + 1)] if i + 1 < n else torch.zeros_like(every[0, 0])
+                                            for i in sp.rank_segments(r)]) for r in sp.comm.ranks])
+        return None, g_tails, None
+
+
+def sp_short_conv(x, weight, bias=None, *, sp, cu_seqlens=None):
+    """Sequence-parallel `lsp.ops.delta.short_conv`: equals the op on the gathered sequence.
+
+    x: [R·B, T_local, D] local shard from `sp.shard`; weight: [D, k]; bias: [D] or None; cu_seqlens: GLOBAL int32
+    [N + 1] document boundaries (B == 1). Each held segment gets its k-1 predecessors (the halo) from the previous
+    segment's owner; inputs of another document are masked out, so the halo is zero at document starts.
+    Returns y_local [R·B, T_local, D].
+    """
+    if not isinstance(sp, SPContext):
+        raise ValueError(f"sp must be an lsp.parallel.SPContext, got {type(sp).__name__}")
+    R, L, k = sp.rows, sp.segments_per_rank, weight.shape[-1]
+    B, D = x.shape[0] // R, x.shape[-1]
+    Ts = sp.segment_length(x.shape[1])
+    if Ts < k - 1:
+        raise ValueError(f"segments of {Ts} tokens are shorter than the conv halo ({k - 1} tokens): use fewer ranks")
+    rows = _to_seg_rows(x, R, L)                                             # [R·L·B, Ts, D]
+    halo = GatherTails.apply(_token(), rows[:, Ts - (k - 1) :].reshape(R, L, B, k - 1, D), sp)
+    starts = [s * Ts - (k - 1) for r in sp.comm.ranks for s in sp.rank_segments(r)]
+    pos = torch.tensor(starts, device=x.device)[:, None] + torch.arange(k - 1 + Ts, device=x.device)  # [R·L, ..]
+    docs = torch.zeros_like(pos) if cu_seqlens is None else (
+        torch.searchsorted(cu_seqlens.to(x.device).long(), pos, right=True) - 1)
+    seq_ids = torch.where(pos < 0, -1, docs).repeat_interleave(B, dim=0)     # [R·L·B, k - 1 + Ts]
+    y = short_conv(rows, weight, bias, halo=halo.reshape(-1, k - 1, D), seq_ids=seq_ids)
+    return _from_seg_rows(y, R, L)

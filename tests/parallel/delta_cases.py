@@ -7,9 +7,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lsp.ops import delta_rule
-from lsp.parallel import DELTA_METHODS, SPContext, comm_stats, reset_comm_stats, sp_delta_rule
+from lsp.ops.delta import short_conv
+from lsp.parallel import DELTA_METHODS, SPContext, comm_stats, reset_comm_stats, sp_delta_rule, sp_short_conv
 
-from .cases import make_case, max_rel_err
+from .cases import doc_bounds, make_case, max_rel_err
 
 NAMES = ("q", "k", "v", "beta", "g", "h0")
 
@@ -64,7 +65,8 @@ def run_sp_delta(c, sp: SPContext, method: str, scan_blocks: int = 3, frozen=(),
 
 
 def gloo_delta(rank, world_size):
-    """On real ranks: every method x layout x (gated, packed) case's worst error, plus allgather byte counts."""
+    """On real ranks: every method x layout x (gated, packed) case's worst error, the conv halo's, the allgather
+    byte counts, and `gloo_frozen`'s errors."""
     errors = {}
     for layout in ("contiguous", "zigzag"):
         for gated, varlen in ((False, False), (True, True), (True, False)):
@@ -73,12 +75,15 @@ def gloo_delta(rank, world_size):
             for method in DELTA_METHODS:
                 errors[(layout, gated, varlen, method)] = max(
                     max_rel_err(run_sp_delta(case, SPContext(layout=layout), method), ref).values())
+    for layout in ("contiguous", "zigzag"):
+        c = conv_case(world_size, True)
+        errors[("conv", layout)] = max(max_rel_err(run_sp_conv(c, SPContext(layout=layout)), conv_reference(c)).values())
     reset_comm_stats()
     run_sp_delta(make_delta_case(world_size, True, False, dtype=torch.float32), SPContext(layout="contiguous"),
                  "allgather")
     stats = comm_stats()["by_tag_op"]
     return {"errors": errors, "recv": stats["delta_allgather/all_gather"]["bytes_recv"],
-            "recv_bwd": stats["delta_allgather:bwd/all_gather"]["bytes_recv"]}
+            "recv_bwd": stats["delta_allgather:bwd/all_gather"]["bytes_recv"], "frozen": gloo_frozen(rank, world_size)}
 
 
 def gloo_frozen(rank, world_size):
@@ -103,3 +108,36 @@ def gloo_frozen_without_token(rank, world_size):
 
     delta_mod._token = lambda: torch.empty(0)
     return gloo_frozen(rank, world_size)
+
+
+def conv_case(W, varlen, T_per_rank=16, D=5, k=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    B = 1 if varlen else 2
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    c = {"x": rnd(B, T_per_rank * W, D), "w": rnd(D, k), "b": rnd(D), "wy": rnd(B, T_per_rank * W, D)}
+    # doc_bounds puts starts on rank edges, zigzag segment edges and inside segments; add starts 2 tokens before
+    # the last contiguous rank edge and the last zigzag segment edge, so a halo is partly of the same document
+    T = T_per_rank * W
+    extra = [T_per_rank * (W - 1) - 2, T - T_per_rank // 2 - 2] if W > 1 else []
+    bounds = sorted(set(doc_bounds(W, T) + extra))
+    c["cu"] = torch.tensor(bounds, dtype=torch.int32) if varlen else None
+    return c
+
+
+def conv_reference(c):
+    x, w, b = (c[n].clone().requires_grad_() for n in ("x", "w", "b"))
+    rows = [short_conv(x[i : i + 1], w, b, cu_seqlens=c["cu"]) for i in range(x.shape[0])]
+    y = torch.cat(rows)
+    (y * c["wy"]).sum().backward()
+    return {"y": y.detach(), "x": x.grad, "w": w.grad, "b": b.grad}
+
+
+def run_sp_conv(c, sp):
+    x, w, b = (c[n].clone().requires_grad_() for n in ("x", "w", "b"))
+    y = sp_short_conv(sp.shard(x), w, b, sp=sp, cu_seqlens=c["cu"])
+    (y * sp.shard(c["wy"])).sum().backward()
+    grads = {"x": x.grad, "w": w.grad, "b": b.grad}
+    if not sp.emulated:
+        for t in grads.values():
+            dist.all_reduce(t)
+    return {"y": sp.gather(y.detach()), **grads}
