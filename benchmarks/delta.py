@@ -42,7 +42,8 @@ def bench(backend, inputs, backward, device, repeats):
 
 
 def sp_vs_op(gated, T, H, K, device, rounds):
-    """fwd+bwd of sp_delta_rule at W=1 (contiguous and zigzag) against the op: each timed in turn, `rounds`
+    """fwd+bwd of sp_delta_rule at W=1 (contiguous and zigzag) and over 2 emulated ranks (the whole sequence in
+    this process: the op's work plus the maps and the exchange) against the op: each timed in turn, `rounds`
     times, best of each. CPU time of this process (time.process_time), not wall time: the machine is shared, and
     the CPU time does not count the time other processes hold the cores."""
     x = make(gated, 1, T, H, K, K, device, True)
@@ -54,6 +55,9 @@ def sp_vs_op(gated, T, H, K, device, rounds):
     for layout in ("contiguous", "zigzag"):
         sp = SPContext(emulate=1, layout=layout)
         fns[layout] = lambda *a, sp=sp: sp_delta_rule(*a, sp=sp)
+    # 2 emulated ranks in this process do the op's whole work plus the maps and the exchange: the SP overhead
+    emu2 = SPContext(emulate=2, layout="zigzag")
+    fns["emu2"] = lambda *a: sp_delta_rule(*(None if t is None else emu2.shard(t) for t in a), sp=emu2)
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):  # interleaved, so a load spike on the shared machine hits every variant alike
         for name, fn in fns.items():
@@ -62,7 +66,7 @@ def sp_vs_op(gated, T, H, K, device, rounds):
             best[name] = min(best[name], time.process_time() - t0)
     return [{"T": T, "gated": gated, "op_ms": 1e3 * best["op"], "sp_contig_ms": 1e3 * best["contiguous"],
              "sp_zigzag_ms": 1e3 * best["zigzag"], "contig/op": best["contiguous"] / best["op"],
-             "zigzag/op": best["zigzag"] / best["op"]}]
+             "zigzag/op": best["zigzag"] / best["op"], "emu W=2 zigzag/op": best["emu2"] / best["op"]}]
 
 
 def main(argv=None):
