@@ -77,6 +77,11 @@ def test_hybrid_lm_sp_packed_documents(layout):
     check_emulated(2, layout, B=1, cu_seqlens=cu, linear_attn="gated_deltanet")
 
 
+def test_hybrid_lm_sp_with_activation_checkpointing():
+    """Recomputing a block in backward re-runs its collectives; every rank does it, so SP stays exact."""
+    check_emulated(2, "zigzag", linear_attn="gated_deltanet", activation_checkpointing=True)
+
+
 def test_negative_control_conv_without_halo_breaks_equivalence(monkeypatch):
     """A conv that ignored the previous segment's tail (zero halo) must be caught by the SP comparison."""
     from lsp.parallel import SPContext
