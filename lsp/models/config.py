@@ -74,9 +74,6 @@ class HybridConfig:
             raise ValueError(f"sp_method must be one of {SP_METHODS}, got {self.sp_method!r}")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend must be one of {LINEAR_BACKENDS}, got {self.linear_backend!r}")
-        if self.linear_attn in DELTA_ATTN and self.linear_backend == "triton":
-            raise ValueError(f"linear_backend='triton' has no delta-rule kernel yet (linear_attn={self.linear_attn!r}): "
-                             "use 'auto' or 'torch'")
         for name in ("rope_theta", "norm_eps", "gate_logit_normalizer", "initializer_range"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:

@@ -248,7 +248,7 @@ def sp_delta_rule(q, k, v, beta, g=None, *, sp, method="allgather", scale=None, 
             emulated [R·(B or N), H, K, V]). Use it in the loss on every rank or on none (its backward is a
             collective).
         cu_seqlens: GLOBAL int32 [N + 1] boundaries of packed documents (B == 1).
-        backend: "auto" / "torch" (the chunked path; "naive" is not offered under SP).
+        backend: "auto" / "torch" (the chunked path) or "triton" (its chunk scan in Triton); not "naive".
 
     Returns:
         o_local [R·B, T_local, H, V] in q's dtype, final_state or None.
@@ -257,8 +257,8 @@ def sp_delta_rule(q, k, v, beta, g=None, *, sp, method="allgather", scale=None, 
         raise ValueError(f"sp must be an lsp.parallel.SPContext, got {type(sp).__name__}")
     if method not in DELTA_METHODS:
         raise ValueError(f"method must be one of {DELTA_METHODS}, got {method!r}")
-    if resolve_delta_backend(backend) != "torch":
-        raise ValueError(f"backend must be 'auto' or 'torch' under sequence parallelism, got {backend!r}")
+    if resolve_delta_backend(backend, q.device) == "naive":
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton' under sequence parallelism, got {backend!r}")
     check_delta_inputs(q, k, v, beta, g, None, None)
     R, L = sp.rows, sp.segments_per_rank
     B, T_local, H, K = q.shape[0] // R, *q.shape[1:]
@@ -270,12 +270,12 @@ def sp_delta_rule(q, k, v, beta, g=None, *, sp, method="allgather", scale=None, 
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
     with torch.autocast(device_type=q.device.type, enabled=False):
         o, final = _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_state, cu_seqlens,
-                             scan_blocks, R, L, B)
+                             scan_blocks, R, L, B, resolve_delta_backend(backend, q.device))
     return o, final
 
 
 def _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_state, cu_seqlens, scan_blocks,
-              R, L, B):
+              R, L, B, scan_backend="torch"):
     # the three steps of the module docstring on the held segments as rows [R·L·B, Ts, ...]
     T_local, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[-1]
     Ts = sp.segment_length(T_local)
@@ -289,7 +289,7 @@ def _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_s
     if packed:  # held segments end to end in one packed row, cut at segment edges and document starts
         flat = lambda x: None if x is None else x.reshape(1, rows * Ts, *x.shape[2:])  # noqa: E731
         q_r, k_r, v_r, beta_r, g_r = map(flat, (q_r, k_r, v_r, beta_r, g_r))
-    chunks = prepare_chunks(k_r, v_r, beta_r, g_r, plan.local_cu if packed else None)
+    chunks = prepare_chunks(k_r, v_r, beta_r, g_r, plan.local_cu if packed else None, scan_backend=scan_backend)
     entering_aug, maps = sequence_maps(chunks, init)            # maps: [rows or pieces, H, K, K + V] = [M | S_loc]
     first = [0] + [p + 1 for p in plan.last_piece[:-1]] if packed else list(range(rows))
     last = plan.last_piece if packed else list(range(rows))

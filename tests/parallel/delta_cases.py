@@ -38,7 +38,7 @@ def delta_reference(c):
     return {"o": o.detach(), "final": f.detach(), **{n: t.grad for n, t in x.items()}}
 
 
-def run_sp_delta(c, sp: SPContext, method: str, scan_blocks: int = 3, frozen=(), autocast=False):
+def run_sp_delta(c, sp: SPContext, method: str, scan_blocks: int = 3, frozen=(), autocast=False, backend="auto"):
     """The same loss through sp_delta_rule; each rank's loss is its share, so Σ over ranks = the loss.
 
     `frozen` names inputs that do not require grad on this rank; `autocast` runs the forward under a bf16 autocast
@@ -53,7 +53,7 @@ def run_sp_delta(c, sp: SPContext, method: str, scan_blocks: int = 3, frozen=(),
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         o, f = sp_delta_rule(loc["q"], loc["k"], loc["v"], loc["beta"], loc.get("g"), sp=sp, method=method,
                              initial_state=x["h0"], output_final_state=True, cu_seqlens=c["cu"],
-                             scan_blocks=scan_blocks)
+                             scan_blocks=scan_blocks, backend=backend)
     fr = f.reshape(sp.rows, *c["wf"].shape)
     loss = (o * sp.shard(c["wo"])).sum() + (fr * c["wf"]).sum() / W
     loss.backward()

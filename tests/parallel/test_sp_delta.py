@@ -110,7 +110,7 @@ def test_frozen_inputs_still_give_the_trainable_gradients():
 
 
 @pytest.mark.parametrize("kwargs,match", [({"method": "tree"}, "method must be one of"),
-                                          ({"backend": "naive"}, "backend must be 'auto' or 'torch'")])
+                                          ({"backend": "naive"}, "backend must be 'auto', 'torch' or 'triton'")])
 def test_bad_arguments_name_the_argument(kwargs, match):
     case = make_delta_case(2, True, False)
     sp = SPContext(emulate=2)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from lsp.ops.linear.api import triton_available
 from lsp.ops.linear.checks import check_linear_inputs
 
 from .chunk import chunk_delta_rule
 from .naive import naive_delta_rule
 
-DELTA_BACKENDS = ("auto", "torch", "naive")
+DELTA_BACKENDS = ("auto", "torch", "triton", "naive")
 
 
 def check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens) -> None:
@@ -25,9 +26,12 @@ def check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens) -> None:
         raise ValueError(f"beta is on {beta.device} but q is on {q.device}")
 
 
-def resolve_delta_backend(backend: str) -> str:
+def resolve_delta_backend(backend: str, device: torch.device) -> str:
+    """"auto" is the chunked torch path everywhere ("triton" is opt-in until it has been run on a GPU)."""
     if backend not in DELTA_BACKENDS:
         raise ValueError(f"backend must be one of {DELTA_BACKENDS} for delta_rule, got {backend!r}")
+    if backend == "triton" and not triton_available(device):
+        raise ValueError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 (inputs are on {device})")
     return "torch" if backend == "auto" else backend
 
 
@@ -48,7 +52,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, output_
         initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens), fp32 (fp64 for fp64 inputs).
         output_final_state: also return the state after the last token (of every packed sequence).
         cu_seqlens: int32 [N + 1] cumulative lengths of packed sequences (B == 1); the state resets at each start.
-        backend: "auto" (= "torch": chunked WY/UT, any device), "torch" or "naive" (the step-by-step reference).
+        backend: "auto" (= "torch": chunked WY/UT, any device), "torch", "triton" (the same with the chunk scan in
+            one Triton kernel, forward and backward; CUDA or TRITON_INTERPRET=1) or "naive" (the reference).
 
     Returns:
         o: [B, T, H, V] in q's dtype; final_state: [B or N, H, K, V] in the accumulation dtype, or None.
@@ -56,6 +61,9 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, output_
     """
     check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    fn = naive_delta_rule if resolve_delta_backend(backend) == "naive" else chunk_delta_rule
+    name = resolve_delta_backend(backend, q.device)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        return fn(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+        if name == "naive":
+            return naive_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+        return chunk_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
+                                scan_backend=name)

@@ -42,6 +42,8 @@ class DeltaChunks:
     Wk: torch.Tensor               # [R, H, NC, C, K] T (beta exp(G) ⊙ K)
     U: torch.Tensor                # [R, H, NC, C, V] T (beta ⊙ V)
     decay: torch.Tensor | None     # [R, H, NC] exp(G_C), the chunk's total decay
+    scan_backend: str = "torch"    # "triton": the chunk scan runs in one kernel (triton_scan.py)
+    input_dtype: torch.dtype = torch.float32  # dtype of k, v (decides the Triton scan's product precision)
 
 
 def _to_chunks(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
@@ -67,7 +69,8 @@ def _pair_decay(G: torch.Tensor | None, C: int, strict: bool, dtype, device) -> 
     return torch.where(mask, diff, float("-inf")).exp()
 
 
-def prepare_chunks(k, v, beta, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE) -> DeltaChunks:
+def prepare_chunks(k, v, beta, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE,
+                   scan_backend: str = "torch") -> DeltaChunks:
     """Chunk the inputs and run the UT transform; k: [B, T, H, K], v: [B, T, H, V], beta, g: [B, T, H] (g or None).
 
     Padding (to whole chunks per packed sequence) is exact: k = v = beta = 0 and g = 0 make a token the identity map.
@@ -85,7 +88,7 @@ def prepare_chunks(k, v, beta, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE)
     U, Wk = sol[..., : v.shape[-1]], sol[..., v.shape[-1]:]
     Kd = kc if G is None else kc * (G[..., -1:, :] - G).exp()
     decay = None if G is None else G[..., -1, 0].exp()
-    return DeltaChunks(layout, kc, G, Kd, Wk, U, decay)
+    return DeltaChunks(layout, kc, G, Kd, Wk, U, decay, scan_backend, k.dtype)
 
 
 def chunk_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
@@ -95,6 +98,8 @@ def chunk_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
     Returns entering [R, H, NC, K, D] and final [R or N, H, K, D].
     """
     layout = chunks.layout
+    if chunks.scan_backend == "triton":
+        return _triton_scan(chunks, U, init)
     R, H, NC, C, D = U.shape
     K = chunks.k.shape[-1]
     packed = layout.dst is not None
@@ -117,6 +122,27 @@ def chunk_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
     for n in layout.empty:
         finals[n] = zero[:1] if init is None else init[n : n + 1]
     return torch.stack(entering, dim=2), torch.cat([finals[n] for n in sorted(finals)], dim=0)
+
+
+def _triton_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
+    # the same scan in one Triton kernel; reset / end tables [R, NC] say where sequences start and end
+    from .triton_scan import TritonChunkScan, precision
+
+    layout, (R, NC) = chunks.layout, U.shape[:3:2]
+    reset = torch.full((R, NC), -1, dtype=torch.int32)
+    end = torch.full((R, NC), -1, dtype=torch.int32)
+    if layout.dst is None:
+        reset[:, 0] = end[:, NC - 1] = torch.arange(R, dtype=torch.int32)
+        n_seq = R
+    else:
+        for c, n in layout.resets.items():
+            reset[0, c] = n
+        for c, ns in layout.ends.items():
+            assert len(ns) == 1, "a chunk ends at most one non-empty sequence"
+            end[0, c] = ns[0]
+        n_seq = len(layout.resets) + len(layout.empty)
+    return TritonChunkScan.apply(chunks.Kd, chunks.Wk, U, chunks.decay, init, reset.to(U.device), end.to(U.device),
+                                 n_seq, precision(chunks.input_dtype))
 
 
 def chunk_output(q, chunks: DeltaChunks, entering: torch.Tensor, scale: float) -> torch.Tensor:
@@ -166,9 +192,9 @@ def enter_sequences(chunks: DeltaChunks, entering_aug, final_aug, extra: torch.T
 
 
 def chunk_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
-                     chunk_size: int = CHUNK_SIZE):
+                     chunk_size: int = CHUNK_SIZE, scan_backend: str = "torch"):
     """Chunked forward (autograd backward); arguments as `lsp.ops.delta_rule` (already validated)."""
-    chunks = prepare_chunks(k, v, beta, g, cu_seqlens, chunk_size)
+    chunks = prepare_chunks(k, v, beta, g, cu_seqlens, chunk_size, scan_backend)
     init = None if initial_state is None else initial_state.to(chunks.U.dtype)
     entering, final = chunk_scan(chunks, chunks.U, init)
     o = chunk_output(q, chunks, entering, scale).to(q.dtype)
