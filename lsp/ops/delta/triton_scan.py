@@ -72,17 +72,15 @@ def _scan_fwd(Kd, Wk, U, DEC, INIT, RESET, END, ENTER, FINAL, NC, H, K, D, C: tl
 
 
 @triton.jit
-def _scan_bwd(Kd, Wk, U, DEC, ENTER, RESET, END, DENTER, DFINAL, DU, DKD, DWK, DDEC, DINIT, NC, H, K, D,
-              C: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, HAS_DEC: tl.constexpr, PREC: tl.constexpr):
-    ACC: tl.constexpr = U.dtype.element_ty
+def _scan_bwd(Kd, Wk, DEC, RESET, END, DENTER, DFINAL, DNEXT, DINIT, NC, H, K, D, C: tl.constexpr,
+              BK: tl.constexpr, BD: tl.constexpr, HAS_DEC: tl.constexpr, PREC: tl.constexpr):
+    # the reverse chain only: stores dS (the gradient w.r.t. the state after every chunk) and dinit; the products
+    # that need no chain (dU, dKd, dWk, dd) are batched in torch from dS
+    ACC: tl.constexpr = DNEXT.dtype.element_ty
     rh = tl.program_id(0)
-    blk = tl.program_id(1)
-    d0 = blk * BD
+    d0 = tl.program_id(1) * BD
     r = rh // H
     hh = rh % H
-    RH = tl.num_programs(0)
-    cc = tl.arange(0, C)
-    kk = tl.arange(0, BK)
     dS = tl.zeros([BK, BD], dtype=ACC)
     for i in range(NC):
         c = NC - 1 - i
@@ -91,25 +89,16 @@ def _scan_bwd(Kd, Wk, U, DEC, ENTER, RESET, END, DENTER, DFINAL, DU, DKD, DWK, D
         if e >= 0:
             p, m = _state_ptrs(DFINAL, e * H + hh, K, D, BK, BD, d0)
             dS = tl.load(p, mask=m, other=0.0).to(ACC)
-        p, m = _state_ptrs(ENTER, chunk, K, D, BK, BD, d0)
-        S = tl.load(p, mask=m, other=0.0).to(ACC)
-        wk = _chunk_tile(Wk, chunk, C, K, BK, 0, ACC)
-        kd = _chunk_tile(Kd, chunk, C, K, BK, 0, ACC)
-        corrected = _chunk_tile(U, chunk, C, D, BD, d0, ACC) - tl.dot(wk, S, input_precision=PREC)
-        dU = tl.dot(kd, dS, input_precision=PREC)                                                              # [C, BD]
-        dd = d0 + tl.arange(0, BD)
-        tl.store(DU + chunk * C * D + cc[:, None] * D + dd[None, :], dU, mask=(dd < D)[None, :])
-        part = (blk * RH * NC + chunk) * C * K + cc[:, None] * K + kk[None, :]
-        tl.store(DKD + part, tl.dot(corrected, tl.trans(dS), input_precision=PREC), mask=(kk < K)[None, :])
-        tl.store(DWK + part, -tl.dot(dU, tl.trans(S), input_precision=PREC), mask=(kk < K)[None, :])
+        p, m = _state_ptrs(DNEXT, chunk, K, D, BK, BD, d0)
+        tl.store(p, dS, mask=m)
+        dU = tl.dot(_chunk_tile(Kd, chunk, C, K, BK, 0, ACC), dS, input_precision=PREC)           # [C, BD]
         p, m = _state_ptrs(DENTER, chunk, K, D, BK, BD, d0)
-        dS_in = tl.load(p, mask=m, other=0.0).to(ACC) - tl.dot(tl.trans(wk), dU, input_precision=PREC)
+        dS_in = tl.load(p, mask=m, other=0.0).to(ACC) - tl.dot(tl.trans(_chunk_tile(Wk, chunk, C, K, BK, 0, ACC)),
+                                                               dU, input_precision=PREC)
         if HAS_DEC:
-            tl.store(DDEC + blk * RH * NC + chunk, tl.sum(S * dS))
-            dS_in += tl.load(DEC + chunk).to(ACC) * dS
+            dS = dS_in + tl.load(DEC + chunk).to(ACC) * dS
         else:
-            dS_in += dS
-        dS = dS_in
+            dS = dS_in + dS
         n = tl.load(RESET + r * NC + c)
         if n >= 0:
             p, m = _state_ptrs(DINIT, n * H + hh, K, D, BK, BD, d0)
@@ -117,12 +106,12 @@ def _scan_bwd(Kd, Wk, U, DEC, ENTER, RESET, END, DENTER, DFINAL, DU, DKD, DWK, D
 
 
 def _blocks(K: int, D: int) -> tuple[int, int]:
-    # the whole key axis in one block (M mixes all of it); columns in blocks of at most 64
-    return max(16, triton.next_power_of_2(K)), max(16, min(64, triton.next_power_of_2(D)))
+    # the whole key axis in one block (M mixes all of it); columns in blocks of at most 32 (register pressure)
+    return max(16, triton.next_power_of_2(K)), max(16, min(32, triton.next_power_of_2(D)))
 
 
 def _warps(K: int) -> int:
-    return 8 if K > 64 else 4
+    return 8
 
 
 def precision(input_dtype: torch.dtype) -> str:
@@ -159,16 +148,16 @@ class TritonChunkScan(torch.autograd.Function):
         R, H, NC, C, K = Kd.shape
         D = U.shape[-1]
         BK, BD = _blocks(K, D)
-        nb = triton.cdiv(D, BD)
         d_enter = torch.zeros_like(enter) if d_enter is None else d_enter.contiguous()
         d_final = U.new_zeros(ctx.n_seq, H, K, D) if d_final is None else d_final.contiguous()
-        dU = torch.empty_like(U)
-        dKd, dWk = (U.new_empty(nb, *Kd.shape) for _ in range(2))
-        ddec = U.new_zeros(nb, R, H, NC)
+        d_next = torch.empty_like(enter)
         # sequences that start nowhere (empty) pass their final-state gradient straight to their initial state
         dinit = d_final.clone()
-        _scan_bwd[(R * H, nb)](Kd, Wk, U, dec, enter, reset, end, d_enter, d_final, dU, dKd, dWk, ddec, dinit,
-                               NC, H, K, D, C=C, BK=BK, BD=BD, HAS_DEC=ctx.has_dec, PREC=ctx.prec,
-                               num_warps=_warps(K))
-        return (dKd.sum(0), dWk.sum(0), dU, ddec.sum(0) if ctx.has_dec else None, dinit if ctx.has_init else None,
-                None, None, None, None)
+        _scan_bwd[(R * H, triton.cdiv(D, BD))](Kd, Wk, dec, reset, end, d_enter, d_final, d_next, dinit, NC, H, K, D,
+                                               C=C, BK=BK, BD=BD, HAS_DEC=ctx.has_dec, PREC=ctx.prec,
+                                               num_warps=_warps(K))
+        dU = Kd @ d_next                                                     # [R, H, NC, C, D]
+        dKd = (U - Wk @ enter) @ d_next.transpose(-1, -2)
+        dWk = -dU @ enter.transpose(-1, -2)
+        ddec = (enter * d_next).sum((-1, -2)) if ctx.has_dec else None
+        return dKd, dWk, dU, ddec, (dinit if ctx.has_init else None), None, None, None, None
