@@ -22,7 +22,7 @@ from lsp.ops.delta import chunk as chunk_mod  # noqa: E402
 from lsp.parallel import SPContext  # noqa: E402
 
 from .delta_cases import detached64, make_delta_inputs, run_delta_with_grads  # noqa: E402
-from .linear_cases import assert_close  # noqa: E402
+from .linear_cases import assert_close, max_rel_err  # noqa: E402
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,3 +70,14 @@ def test_sp_with_triton_scan(monkeypatch):
     err = max_rel_err(run_sp_delta(case, SPContext(emulate=2, layout="zigzag"), "ring", backend="triton"),
                       delta_reference(case))
     assert calls and max(err.values()) < 1e-10, err
+
+
+def test_bf16_inputs_use_the_tf32_scan():
+    """bf16 inputs: tf32 products in the scan (the interpreter computes them exactly; on a GPU tf32 rounds at 2^-11,
+    below bf16's own 2^-8), the output in bf16, the final state in fp32."""
+    x = make_delta_inputs(True, T=130, K=16, V=16, dtype=torch.bfloat16)
+    res = run_delta_with_grads(delta_rule, _on_device(x), backend="triton")
+    assert res["o"].dtype == torch.bfloat16 and res["final_state"].dtype == torch.float32
+    ref = _ref(x)
+    for name in ("o", "final_state", "dq", "dk", "dv", "dbeta", "dg", "dinitial_state"):
+        assert max_rel_err(res[name].cpu(), ref[name]) < 2e-2, name
