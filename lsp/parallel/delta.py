@@ -51,6 +51,11 @@ def _token() -> torch.Tensor:
     return torch.empty(0, requires_grad=torch.is_grad_enabled())
 
 
+def _held(sp, per_segment) -> torch.Tensor:
+    # [R, L, ...]: per_segment(i) for the segments i held by each rank row, in local order
+    return torch.stack([torch.stack([per_segment(i) for i in sp.rank_segments(r)]) for r in sp.comm.ranks])
+
+
 def _advance(M_i, S_i, E_i, p_i: int):
     # E_{i+1} before the edge factor: p_i M_i E_i + S_i.   M_i: [B, H, K, K]; S_i, E_i: [B, H, K, V]
     return S_i + M_i @ E_i if p_i else S_i
@@ -82,7 +87,7 @@ class GatherMaps(torch.autograd.Function):
             E.append(_advance(M_all[prev], S_all[prev], E[-1], plan.passes[i - 1]) if plan.cont[i] else
                      torch.zeros_like(E[-1]))
         ctx.sp, ctx.plan, ctx.M_all, ctx.E = sp, plan, M_all, E
-        return torch.stack([torch.stack([E[i] for i in sp.rank_segments(r)]) for r in sp.comm.ranks])
+        return _held(sp, E.__getitem__)
 
     @staticmethod
     def backward(ctx, gE):
@@ -97,10 +102,8 @@ class GatherMaps(torch.autograd.Function):
                      else X_next @ E[i].transpose(-1, -2))
             G_i = _retreat(M_all[r, l], gE_all[r, l], X_next, plan.passes[i])
             X_next = G_i if plan.cont[i] else None
-        held = lambda d: torch.stack([torch.stack([d[i] for i in sp.rank_segments(r)])  # noqa: E731
-                                      for r in sp.comm.ranks])
         ctx.M_all = ctx.E = None
-        return None, held(gM), held(gS), None, None
+        return None, _held(sp, gM.__getitem__), _held(sp, gS.__getitem__), None, None
 
 
 # ---------------------------------------------------------------------------------------------- chain
@@ -343,8 +346,7 @@ class GatherTails(torch.autograd.Function):
         every = sp.comm.all_gather(tails.contiguous().reshape(tails.shape[0], -1), "delta_conv_halo")
         every = every.reshape(sp.world_size, *tails.shape[1:])
         ctx.sp = sp
-        return torch.stack([torch.stack([every[sp.owner(i - 1)] if i > 0 else torch.zeros_like(every[0, 0])
-                                         for i in sp.rank_segments(r)]) for r in sp.comm.ranks])
+        return _held(sp, lambda i: every[sp.owner(i - 1)] if i > 0 else torch.zeros_like(every[0, 0]))
 
     @staticmethod
     def backward(ctx, g_halo):
@@ -352,8 +354,7 @@ class GatherTails(torch.autograd.Function):
         every = sp.comm.all_gather(g_halo.contiguous().reshape(g_halo.shape[0], -1), "delta_conv_halo:bwd")
         every = every.reshape(sp.world_size, *g_halo.shape[1:])
         n = sp.num_segments
-        g_tails = torch.stack([torch.stack([every[sp.owner(i + 1)] if i + 1 < n else torch.zeros_like(every[0, 0])
-                                            for i in sp.rank_segments(r)]) for r in sp.comm.ranks])
+        g_tails = _held(sp, lambda i: every[sp.owner(i + 1)] if i + 1 < n else torch.zeros_like(every[0, 0]))
         return None, g_tails, None
 
 

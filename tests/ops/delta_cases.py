@@ -11,7 +11,8 @@ NAMES = ("q", "k", "v", "beta", "g", "initial_state")
 
 def make_delta_inputs(gated=True, B=2, T=45, H=2, K=8, V=6, dtype=torch.float64, seed=0, init=True, n_seq=None,
                       strength=1.0, requires_grad=True):
-    """dict of q, k, v, beta, g (None when not gated), initial_state (n_seq rows when given, else B; None if not init)."""
+    """dict of q, k, v, beta, g (None when not gated) and initial_state (n_seq rows when given, else B; None when
+    not init)."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     x = {"q": rnd(B, T, H, K), "k": F.normalize(rnd(B, T, H, K), dim=-1), "v": rnd(B, T, H, V),
