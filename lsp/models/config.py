@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, fields
 
-LINEAR_ATTN = ("linear", "lightning", "simple_gla", "gla")
+LINEAR_ATTN = ("linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet")
+DELTA_ATTN = ("deltanet", "gated_deltanet")         # delta-rule layers (lsp.ops.delta_rule)
 SP_METHODS = ("allgather", "allscan", "ring")
 LINEAR_BACKENDS = ("auto", "torch", "triton", "naive")
 
@@ -27,7 +28,7 @@ class HybridConfig:
     num_heads: int
     num_kv_heads: int | None = None          # softmax layers only (GQA); None = num_heads
     layer_pattern: str = "LLLS"
-    linear_attn: str = "gla"                 # linear | lightning | simple_gla | gla
+    linear_attn: str = "gla"                 # linear | lightning | simple_gla | gla | deltanet | gated_deltanet
     head_dim: int | None = None              # None = hidden_size // num_heads
     intermediate_size: int | None = None     # None = default_intermediate_size(hidden_size)
     rope_theta: float = 10000.0
@@ -35,6 +36,7 @@ class HybridConfig:
     tie_embeddings: bool = False
     gate_low_rank_dim: int = 16              # GLA: rank of the per-key decay projection W2 W1
     gate_logit_normalizer: float = 16.0      # GLA: g = logsigmoid(.) / normalizer
+    delta_conv_size: int = 4                 # deltanet / gated_deltanet: kernel of the short causal conv on q, k, v
     sp_method: str | None = None             # allgather | allscan | ring; None: the SPContext's method
     linear_backend: str = "auto"             # backend of lsp.ops.linear_attention
     ce_chunk_size: int = 4096                # tokens per cross-entropy chunk
@@ -42,7 +44,8 @@ class HybridConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ce_chunk_size", "gate_low_rank_dim"):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ce_chunk_size", "gate_low_rank_dim",
+                     "delta_conv_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -38,7 +38,8 @@ def matmul_parameters(cfg: HybridConfig) -> int:
     mlp = 3 * D * cfg.intermediate_size
     softmax = 2 * D * H * Dh + 2 * D * Hkv * Dh
     decay = {"linear": 0, "lightning": 0, "simple_gla": D * H,
-             "gla": D * cfg.gate_low_rank_dim + cfg.gate_low_rank_dim * H * Dh}[cfg.linear_attn]
+             "gla": D * cfg.gate_low_rank_dim + cfg.gate_low_rank_dim * H * Dh,
+             "deltanet": D * H, "gated_deltanet": 2 * D * H}[cfg.linear_attn]  # delta: beta (+ decay) projections
     linear = 5 * D * H * Dh + decay                        # q, k, v, output gate, o_proj + decay projection
     types = cfg.layer_types
     return types.count("S") * (softmax + mlp) + types.count("L") * (linear + mlp) + cfg.vocab_size * D

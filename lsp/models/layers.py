@@ -11,9 +11,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lsp.ops import linear_attention, softmax_attention
+from lsp.ops import delta_rule, linear_attention, softmax_attention
+from lsp.ops.delta import short_conv
 
-from .config import HybridConfig
+from .config import DELTA_ATTN, HybridConfig
 
 
 class RMSNorm(nn.Module):
@@ -176,3 +177,67 @@ class LinearAttention(nn.Module):
                                        cu_seqlens=cu_seqlens, backend=cfg.linear_backend)
         o = self.o_norm(o) * F.silu(self.gate_proj(x)).view(shape)
         return self.o_proj(o.reshape(B, T, -1))
+
+
+class DeltaNetAttention(nn.Module):
+    """DeltaNet / Gated DeltaNet layer (Yang et al. 2024, 2025; the Gated DeltaNet of Qwen3-Next), heads of head_dim.
+
+      q, k, v = silu(short_conv(proj(x)))      causal depthwise conv, kernel cfg.delta_conv_size, per document
+      q, k    = L2-normalised per head         (unit keys with beta in (0, 1) keep the state map contractive)
+      beta    = sigmoid(b_proj(x))             [B, T, H] write strength
+      g       = -exp(A_log) · softplus(a_proj(x) + dt_bias)     [B, T, H], gated_deltanet only (Mamba-2 style)
+      o       = o_proj(RMSNorm(delta_rule(q, k, v, beta, g)) * silu(gate_proj(x)))
+    Under SP the conv takes its halo from the previous segment and the delta rule runs `sp_delta_rule`.
+    """
+
+    def __init__(self, cfg: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.cfg = cfg
+        H, Dh, D, k = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.delta_conv_size
+        self.qkv_proj = nn.Linear(D, 3 * H * Dh, bias=False)
+        self.b_proj = nn.Linear(D, H, bias=True)
+        self.gate_proj = nn.Linear(D, H * Dh, bias=False)
+        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        self.o_norm = RMSNorm(Dh, cfg.norm_eps)
+        self.conv_weight = nn.Parameter(torch.empty(3 * H * Dh, k).uniform_(-k**-0.5, k**-0.5))  # Conv1d's default
+        if cfg.linear_attn == "gated_deltanet":
+            self.a_proj = nn.Linear(D, H, bias=False)
+            # decay rates A ~ U(0, 16) and time steps dt ~ log-uniform [1e-3, 0.1] (dt_bias = softplus^-1(dt))
+            self.A_log = nn.Parameter(torch.empty(H).uniform_(1e-4, 16).log())
+            dt = torch.exp(torch.empty(H).uniform_(math.log(1e-3), math.log(0.1))).clamp(min=1e-4)
+            self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+
+    def decay(self, x: torch.Tensor) -> torch.Tensor | None:
+        # x: [B, T, D] -> None | [B, T, H] log-decay <= 0, in fp32 (fp64 for fp64 x) like LinearAttention.decay
+        if self.cfg.linear_attn != "gated_deltanet":
+            return None
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return -self.A_log.to(dtype).exp() * F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))
+
+    def forward(self, x, positions=None, sp=None, cu_seqlens=None):
+        # x: [B, T, D] -> [B, T, D]   (positions unused: the conv and the decay encode order)
+        B, T, _ = x.shape
+        cfg = self.cfg
+        shape = (B, T, cfg.num_heads, cfg.head_dim)
+        qkv = self.qkv_proj(x)
+        if sp is None:
+            qkv = short_conv(qkv, self.conv_weight, cu_seqlens=cu_seqlens)
+        else:
+            from lsp.parallel import sp_short_conv
+            qkv = sp_short_conv(qkv, self.conv_weight, sp=sp, cu_seqlens=cu_seqlens)
+        q, k, v = (t.view(shape) for t in F.silu(qkv).chunk(3, dim=-1))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        beta, g = torch.sigmoid(self.b_proj(x)), self.decay(x)
+        kwargs = dict(scale=cfg.head_dim ** -0.5, cu_seqlens=cu_seqlens, backend=cfg.linear_backend)
+        if sp is None:
+            o, _ = delta_rule(q, k, v, beta, g, **kwargs)
+        else:
+            from lsp.parallel import sp_delta_rule
+            o, _ = sp_delta_rule(q, k, v, beta, g, sp=sp, method=cfg.sp_method, **kwargs)
+        o = self.o_norm(o) * F.silu(self.gate_proj(x)).view(shape)
+        return self.o_proj(o.reshape(B, T, -1))
+
+
+def linear_layer(cfg: HybridConfig, layer_idx: int) -> nn.Module:
+    """The `L` layer of `cfg.linear_attn`: a delta-rule layer or a (gated) linear-attention layer."""
+    return DeltaNetAttention(cfg, layer_idx) if cfg.linear_attn in DELTA_ATTN else LinearAttention(cfg, layer_idx)

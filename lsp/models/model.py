@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from lsp.parallel import checkpoint_contexts
 
 from .config import HybridConfig
-from .layers import LinearAttention, RMSNorm, SoftmaxAttention, SwiGLU
+from .layers import RMSNorm, SoftmaxAttention, SwiGLU, linear_layer
 from .loss import IGNORE_INDEX, chunked_cross_entropy
 
 
@@ -29,7 +29,7 @@ class Block(nn.Module):
         super().__init__()
         self.kind = cfg.layer_types[layer_idx]
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = LinearAttention(cfg, layer_idx) if self.kind == "L" else SoftmaxAttention(cfg)
+        self.attn = linear_layer(cfg, layer_idx) if self.kind == "L" else SoftmaxAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 

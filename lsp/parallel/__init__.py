@@ -2,9 +2,11 @@
 from .collectives import checkpoint_contexts
 from .comm import comm_stats, reset_comm_stats
 from .context import LAYOUTS, SPContext
+from .delta import DELTA_METHODS, sp_delta_rule, sp_short_conv
 from .launch import spawn
 from .linear import METHODS, sp_linear_attention
 from .softmax import attention_flops_balance, attention_pairs_per_rank, sp_softmax_attention
 
-__all__ = ["SPContext", "LAYOUTS", "METHODS", "sp_linear_attention", "sp_softmax_attention", "comm_stats",
-           "reset_comm_stats", "checkpoint_contexts", "spawn", "attention_pairs_per_rank", "attention_flops_balance"]
+__all__ = ["SPContext", "LAYOUTS", "METHODS", "sp_linear_attention", "sp_softmax_attention", "sp_delta_rule",
+           "sp_short_conv", "DELTA_METHODS", "comm_stats", "reset_comm_stats", "checkpoint_contexts", "spawn",
+           "attention_pairs_per_rank", "attention_flops_balance"]

@@ -140,7 +140,7 @@ class Config:
 
 
 CHOICES = {
-    "model.linear_attn": ("linear", "lightning", "simple_gla", "gla"),
+    "model.linear_attn": ("linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet"),
     "data.kind": ("mqar", "files"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),

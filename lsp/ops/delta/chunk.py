@@ -1,0 +1,201 @@
+r"""The (gated) delta rule in chunks of C tokens: the WY / UT representation, plain PyTorch, autograd backward.
+
+Write the step as S_t = a_t S_{t-1} + k_t w_tᵀ with a_t = exp(g_t) and w_t = beta_t (v_t - a_t S_{t-1}ᵀ k_t).
+Inside a chunk entered with state S, let G_i be the within-chunk cumulative log-decay (G_i <= 0, non-increasing):
+
+    S_i = exp(G_i) S + Σ_{j<=i} exp(G_i - G_j) k_j w_jᵀ
+    w_i = beta_i v_i - beta_i exp(G_i) Sᵀ k_i - Σ_{j<i} beta_i exp(G_i - G_j) (k_i · k_j) w_j
+
+so (I + A) W = diag(beta) V - diag(beta exp(G)) K S with A_ij = beta_i exp(G_i - G_j) (k_i · k_j), j < i, unit lower
+triangular on the left. One triangular solve per chunk (the UT transform, T = (I + A)^-1) gives
+
+    U = T (beta ⊙ V)  [C, V],   Wk = T (beta exp(G) ⊙ K)  [C, K],   W = U - Wk S
+    S_next = exp(G_C) S + Kdᵀ (U - Wk S),            Kd_j = exp(G_C - G_j) k_j
+    o_i    = scale · [ (q_i exp(G_i)) S + Σ_{j<=i} exp(G_i - G_j) (q_i · k_j) W_j ]
+
+Every exponent is <= 0, so nothing overflows whatever the decay. The chunk's map S -> M_c S + B_c is affine,
+M_c = exp(G_C) I - Kdᵀ Wk and B_c = Kdᵀ U; `sequence_maps` composes it over a whole sequence (and every chunk
+prefix) by running the same scan on the augmented state [M | S] (entered as [I | S_0], with U padded by K zero
+columns). Sequence parallelism exchanges the sequences' [M | S] and then enters each chunk with S_c + P_c E in one
+batched product (`enter_sequences`), without a second scan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lsp.ops.linear.checks import acc_dtype, seq_bounds
+from lsp.ops.linear.layout import ChunkLayout, make_layout
+
+CHUNK_SIZE = 64
+
+
+@dataclass
+class DeltaChunks:
+    """The state-independent per-chunk quantities of one batch, shared by every scan over it."""
+
+    layout: ChunkLayout
+    k: torch.Tensor                # [R, H, NC, C, K] keys
+    G: torch.Tensor | None         # [R, H, NC, C, 1] within-chunk cumulative log-decay
+    Kd: torch.Tensor               # [R, H, NC, C, K] keys decayed to the chunk end
+    Wk: torch.Tensor               # [R, H, NC, C, K] T (beta exp(G) ⊙ K)
+    U: torch.Tensor                # [R, H, NC, C, V] T (beta ⊙ V)
+    decay: torch.Tensor | None     # [R, H, NC] exp(G_C), the chunk's total decay
+    scan_backend: str = "torch"    # "triton": the chunk scan runs in one kernel (triton_scan.py)
+    input_dtype: torch.dtype = torch.float32  # dtype of k, v (decides the Triton scan's product precision)
+
+
+def _to_chunks(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+    # [B, T, H, D] -> [R, H, NC, C, D], zero padded
+    x = layout.pad(x)
+    R, Tp, H, D = x.shape
+    C = layout.chunk_size
+    return x.view(R, Tp // C, C, H, D).permute(0, 3, 1, 2, 4)
+
+
+def _from_chunks(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+    # [R, H, NC, C, D] -> [B, T, H, D]
+    R, H, NC, C, D = x.shape
+    return layout.unpad(x.permute(0, 2, 3, 1, 4).reshape(R, NC * C, H, D))
+
+
+def _pair_decay(G: torch.Tensor | None, C: int, strict: bool, dtype, device) -> torch.Tensor:
+    # G: [R, H, NC, C, 1] or None -> exp(G_i - G_j) on the causal pairs (j < i if strict, else j <= i), zero elsewhere
+    mask = torch.ones(C, C, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+    if G is None:
+        return mask.to(dtype)
+    diff = G - G.transpose(-1, -2)
+    return torch.where(mask, diff, float("-inf")).exp()
+
+
+def prepare_chunks(k, v, beta, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE,
+                   scan_backend: str = "torch") -> DeltaChunks:
+    """Chunk the inputs and run the UT transform; k: [B, T, H, K], v: [B, T, H, V], beta, g: [B, T, H] (g or None).
+
+    Padding (to whole chunks per packed sequence) is exact: k = v = beta = 0 and g = 0 make a token the identity map.
+    """
+    B, T, H, K = k.shape
+    dt = acc_dtype(k.dtype)
+    layout = make_layout(B, T, seq_bounds(cu_seqlens, B, T), chunk_size, k.device)
+    kc, vc = _to_chunks(k.to(dt), layout), _to_chunks(v.to(dt), layout)
+    bc = _to_chunks(beta.to(dt).unsqueeze(-1), layout)                        # [R, H, NC, C, 1]
+    G = None if g is None else _to_chunks(g.to(dt).unsqueeze(-1), layout).cumsum(dim=3)
+    strict = _pair_decay(G, chunk_size, True, dt, k.device)
+    A = bc * (kc @ kc.transpose(-1, -2)) * strict                             # strictly lower [.., C, C]
+    rhs = torch.cat([bc * vc, bc * kc * (1.0 if G is None else G.exp())], dim=-1)
+    sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    U, Wk = sol[..., : v.shape[-1]], sol[..., v.shape[-1]:]
+    Kd = kc if G is None else kc * (G[..., -1:, :] - G).exp()
+    decay = None if G is None else G[..., -1, 0].exp()
+    return DeltaChunks(layout, kc, G, Kd, Wk, U, decay, scan_backend, k.dtype)
+
+
+def chunk_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
+    """States entering every chunk and the final state of every sequence, for the chunks' map with offsets U.
+
+    U: [R, H, NC, C, D] (D = V for the state, K + V for the augmented map state); init: [R or N, H, K, D] or None.
+    Returns entering [R, H, NC, K, D] and final [R or N, H, K, D].
+    """
+    layout = chunks.layout
+    if chunks.scan_backend == "triton":
+        return _triton_scan(chunks, U, init)
+    R, H, NC, C, D = U.shape
+    K = chunks.k.shape[-1]
+    packed = layout.dst is not None
+    zero = U.new_zeros(R, H, K, D)
+    # unbind once: autograd through per-chunk slices would allocate a zero-filled full-size gradient per slice
+    Us, Wks, Kds = U.unbind(2), chunks.Wk.unbind(2), chunks.Kd.transpose(-1, -2).unbind(2)
+    decays = None if chunks.decay is None else chunks.decay[..., None, None].unbind(2)
+    finals, entering, state = {}, [], zero
+    for c in range(NC):
+        if c in layout.resets:
+            n = layout.resets[c]
+            state = zero if init is None else (init[n : n + 1] if packed else init)
+        entering.append(state)
+        corrected = Us[c] - Wks[c] @ state                                    # W = U - Wk S   [R, H, C, D]
+        state = (state if decays is None else decays[c] * state) + Kds[c] @ corrected
+        for n in layout.ends.get(c, []):
+            finals[n] = state
+    if not packed:
+        return torch.stack(entering, dim=2), finals[-1]
+    for n in layout.empty:
+        finals[n] = zero[:1] if init is None else init[n : n + 1]
+    return torch.stack(entering, dim=2), torch.cat([finals[n] for n in sorted(finals)], dim=0)
+
+
+def _triton_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
+    # the same scan in one Triton kernel; reset / end tables [R, NC] say where sequences start and end
+    from .triton_scan import TritonChunkScan, precision
+
+    layout, (R, NC) = chunks.layout, U.shape[:3:2]
+    reset = torch.full((R, NC), -1, dtype=torch.int32)
+    end = torch.full((R, NC), -1, dtype=torch.int32)
+    if layout.dst is None:
+        reset[:, 0] = end[:, NC - 1] = torch.arange(R, dtype=torch.int32)
+        n_seq = R
+    else:
+        for c, n in layout.resets.items():
+            reset[0, c] = n
+        for c, ns in layout.ends.items():
+            assert len(ns) == 1, "a chunk ends at most one non-empty sequence"
+            end[0, c] = ns[0]
+        n_seq = len(layout.resets) + len(layout.empty)
+    return TritonChunkScan.apply(chunks.Kd, chunks.Wk, U, chunks.decay, init, reset.to(U.device), end.to(U.device),
+                                 n_seq, precision(chunks.input_dtype))
+
+
+def chunk_output(q, chunks: DeltaChunks, entering: torch.Tensor, scale: float) -> torch.Tensor:
+    """o = scale · [(q exp(G) - P Wk) E_c + P U] per chunk, P_ij = exp(G_i - G_j)(q_i · k_j) on j <= i.
+
+    q: [B, T, H, K]; entering: [R, H, NC, K, V] -> o [B, T, H, V] in the accumulation dtype.
+    """
+    qc = _to_chunks(q.to(chunks.k.dtype), chunks.layout)
+    P = (qc @ chunks.k.transpose(-1, -2)) * _pair_decay(chunks.G, qc.shape[-2], False, qc.dtype, q.device)
+    q_state = qc if chunks.G is None else qc * chunks.G.exp()
+    o = scale * (P @ chunks.U + (q_state - P @ chunks.Wk) @ entering)
+    return _from_chunks(o, chunks.layout)
+
+
+def sequence_maps(chunks: DeltaChunks, init: torch.Tensor | None = None):
+    """The affine state map of every sequence and of every chunk's prefix, for a later entering state.
+
+    Runs the chunk scan on the augmented state [M | S], entered as [I | init] (init zero when None). Returns
+    entering [R, H, NC, K, K + V] (per chunk: [P_c | S_c], the chunk is entered with S_c + P_c X when the sequence
+    is entered with init + X) and final [R or N, H, K, K + V] = [M | S_loc] per sequence. Differentiable.
+    """
+    R, H, NC, C, K = chunks.k.shape
+    U_aug = torch.cat([chunks.U.new_zeros(R, H, NC, C, K), chunks.U], dim=-1)
+    n_seq = R if chunks.layout.dst is None else len(chunks.layout.resets) + len(chunks.layout.empty)
+    eye = torch.eye(K, dtype=U_aug.dtype, device=U_aug.device).expand(n_seq, H, K, K)
+    state0 = U_aug.new_zeros(n_seq, H, K, chunks.U.shape[-1]) if init is None else init.to(U_aug.dtype)
+    return chunk_scan(chunks, U_aug, torch.cat([eye, state0], dim=-1))
+
+
+def enter_sequences(chunks: DeltaChunks, entering_aug, final_aug, extra: torch.Tensor):
+    """Chunk entering states and final states when every sequence is entered with init + extra (one batched
+    product, no scan): S_c + P_c X and S_loc + M X.
+
+    entering_aug, final_aug: from `sequence_maps`; extra: [R or N, H, K, V]. Returns [R, H, NC, K, V], [R or N, ..].
+    """
+    K = chunks.k.shape[-1]
+    layout = chunks.layout
+    if layout.dst is None:
+        per_chunk = extra[:, :, None]                                          # [R, H, 1, K, V]
+    else:
+        owner = torch.zeros(layout.num_chunks, dtype=torch.long, device=extra.device)
+        for c, n in layout.resets.items():                                    # chunks of sequence n follow its reset
+            owner[c:] = n
+        per_chunk = extra.index_select(0, owner).transpose(0, 1)[None]       # [1, H, NC, K, V]
+    entering = entering_aug[..., K:] + entering_aug[..., :K] @ per_chunk
+    return entering, final_aug[..., K:] + final_aug[..., :K] @ extra
+
+
+def chunk_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
+                     chunk_size: int = CHUNK_SIZE, scan_backend: str = "torch"):
+    """Chunked forward (autograd backward); arguments as `lsp.ops.delta_rule` (already validated)."""
+    chunks = prepare_chunks(k, v, beta, g, cu_seqlens, chunk_size, scan_backend)
+    init = None if initial_state is None else initial_state.to(chunks.U.dtype)
+    entering, final = chunk_scan(chunks, chunks.U, init)
+    o = chunk_output(q, chunks, entering, scale).to(q.dtype)
+    return o, (final if output_final_state else None)

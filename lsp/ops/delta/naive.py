@@ -1,0 +1,45 @@
+"""The trusted reference: the (gated) delta rule written step by step.
+
+    S_0 = initial_state (or 0)
+    S_t = exp(g_t) (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ      # [K, V]
+        = S' + beta_t k_t (v_t - S'ᵀ k_t)ᵀ   with S' = exp(g_t) S_{t-1}  (the form computed below)
+    o_t = scale * q_t S_t                                                # the current token is included
+
+Slow (a Python loop over T) and differentiable by autograd; every faster path is tested against it.
+"""
+from __future__ import annotations
+
+import torch
+
+from lsp.ops.linear.checks import acc_dtype, seq_bounds
+
+
+def naive_delta_recurrence(q, k, v, beta, g, scale, initial_state):
+    # q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g: [B, T, H] or None; initial_state: [B, H, K, V] or None
+    B, T, H, K = q.shape
+    dt = acc_dtype(q.dtype)
+    q, k, v, beta = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
+    state = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(dt)
+    outs = []
+    for t in range(T):
+        if g is not None:
+            state = g[:, t].to(dt).exp()[..., None, None] * state
+        error = v[:, t] - torch.einsum("bhk,bhkv->bhv", k[:, t], state)          # what the memory gets wrong
+        state = state + beta[:, t, :, None, None] * k[:, t, :, :, None] * error[:, :, None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, v.shape[-1])
+    return o, state
+
+
+def naive_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Step-by-step reference; arguments as `lsp.ops.delta_rule` (already validated)."""
+    bounds = seq_bounds(cu_seqlens, q.shape[0], q.shape[1]) or [(0, q.shape[1])]
+    part = lambda x, s, e: None if x is None else x[:, s:e]  # noqa: E731
+    outs, states = [], []
+    for n, (s, e) in enumerate(bounds):
+        init = initial_state if cu_seqlens is None or initial_state is None else initial_state[n : n + 1]
+        o, state = naive_delta_recurrence(*(part(x, s, e) for x in (q, k, v, beta, g)), scale, init)
+        outs.append(o)
+        states.append(state)
+    o = torch.cat(outs, dim=1).to(q.dtype)
+    return o, (torch.cat(states, dim=0) if output_final_state else None)

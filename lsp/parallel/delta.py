@@ -1,0 +1,386 @@
+r"""`sp_delta_rule`: exact sequence-parallel (gated) delta rule.
+
+The delta rule's state map over a segment is affine, S ↦ M S + S_loc, with M = Π exp(g_t)(I − β_t k_t k_tᵀ)
+(K × K) and S_loc the state the segment reaches from a zero entering state. Every rank
+
+    1. chunks its held segments once (UT transform, `prepare_chunks`) and composes their maps [M_i | S_i]
+       (`sequence_maps`: the chunk scan on the augmented state [I | init]),
+    2. exchanges them to get the state entering each held segment, with c_{i+1} = 0 when a document starts at
+       segment i+1 and p_i = 0 when one starts inside segment i:
+
+           E_0 = 0,        E_{i+1} = c_{i+1} (p_i M_i E_i + S_i)
+
+    3. enters every chunk with S_c + P_c E (the prefix maps P_c come from step 1's scan: one batched product, no
+       second scan) and computes the outputs (`enter_sequences`, `chunk_output`); the same product gives the final
+       state of every sequence that ends on this rank.
+
+Backward of step 2 (G_i the total gradient of E_i, gE_i its direct part, X_{i+1} = c_{i+1} G_{i+1}):
+
+    G_i = gE_i + p_i M_iᵀ X_{i+1},      ∂S_i = X_{i+1},      ∂M_i = p_i X_{i+1} E_iᵀ
+
+Methods differ only in step 2:
+
+* allgather: one all_gather of every held segment's [M_i | S_i] (K × (K + V) per head), the prefix composed
+  locally; backward gathers the gE_i (K × V) once and runs the suffix locally (the mirror).
+* ring: E walks the chain of segment owners, one whole state per hop (blocking send/recv); backward the reverse
+  chain carries X.
+* allscan: the ring chain with the state cut into `scan_blocks` blocks along V, each sent (isend) as soon as it is
+  computed so hops pipeline. M mixes all K rows, so the columns (V) are what can travel independently.
+
+Every collective is an autograd.Function that takes a join token (lsp.parallel.collectives), so every rank runs
+every backward collective whatever requires grad where; the exchange hands a token to the final-state reduction,
+which fixes their backward order on every rank; a checkpoint recompute replays the exchange and the conv halo.
+State math runs in fp32 (fp64 for fp64 inputs) with autocast disabled.
+"""
+from __future__ import annotations
+
+import torch
+
+from lsp.ops.delta import (check_delta_inputs, chunk_output, delta_rule, enter_sequences, prepare_chunks,
+                           sequence_maps, short_conv)
+from lsp.ops.delta.api import resolve_delta_backend
+from lsp.ops.linear.checks import acc_dtype
+
+from lsp.names import SP_METHODS
+
+from .collectives import join_token, replayed, token_like
+from .comm import ReplicateSum
+from .context import SPContext
+from .linear import Shape, _check, _from_seg_rows, _local_initial_states, _to_seg_rows
+
+DELTA_METHODS = SP_METHODS
+
+
+def _held(sp, per_segment) -> torch.Tensor:
+    # [R, L, ...]: per_segment(i) for the segments i held by each rank row, in local order
+    return torch.stack([torch.stack([per_segment(i) for i in sp.rank_segments(r)]) for r in sp.comm.ranks])
+
+
+def _advance(M_i, S_i, E_i, p_i: int):
+    # E_{i+1} before the edge factor: p_i M_i E_i + S_i.   M_i: [B, H, K, K]; S_i, E_i: [B, H, K, V]
+    return S_i + M_i @ E_i if p_i else S_i
+
+
+def _retreat(M_i, gE_i, X_next, p_i: int):
+    # G_i = gE_i + p_i M_iᵀ X_{i+1} (X_next None when nothing flows back into segment i)
+    if X_next is None or not p_i:
+        return gE_i
+    return gE_i + M_i.transpose(-1, -2) @ X_next
+
+
+# ---------------------------------------------------------------------------------------------- all-gather
+
+
+class GatherMaps(torch.autograd.Function):
+    """[M_i | S_i] of every segment by one all_gather, prefix composed locally; backward: the mirror."""
+
+    @staticmethod
+    def forward(ctx, token, M, S, sp, plan):
+        # M: [R, L, B, H, K, K]; S: [R, L, B, H, K, V] -> E: [R, L, B, H, K, V] entering the held segments
+        R, K = M.shape[0], M.shape[-1]
+        ctx.set_materialize_grads(False)
+        payload = torch.cat([M, S], dim=-1).reshape(R, -1)
+        gathered = replayed(lambda: sp.comm.all_gather(payload, "delta_allgather"))
+        gathered = gathered.reshape(sp.world_size, *M.shape[1:-1], -1)
+        M_all, S_all = gathered[..., :K], gathered[..., K:]
+        E = [torch.zeros_like(S_all[0, 0])]
+        for i in range(1, sp.num_segments):
+            prev = sp.owner(i - 1)
+            E.append(_advance(M_all[prev], S_all[prev], E[-1], plan.passes[i - 1]) if plan.cont[i] else
+                     torch.zeros_like(E[-1]))
+        ctx.sp, ctx.plan, ctx.M_all, ctx.E = sp, plan, M_all, E
+        held = _held(sp, E.__getitem__)
+        return held, token_like(held)
+
+    @staticmethod
+    def backward(ctx, gE, _):
+        sp, plan, M_all, E = ctx.sp, ctx.plan, ctx.M_all, ctx.E
+        gE = torch.zeros_like(_held(sp, E.__getitem__)) if gE is None else gE
+        gE_all = sp.comm.all_gather(gE.contiguous().reshape(gE.shape[0], -1), "delta_allgather:bwd")
+        gE_all = gE_all.reshape(sp.world_size, *gE.shape[1:])
+        gM, gS, X_next = {}, {}, None  # X_next = c_{i+1} G_{i+1}
+        for i in reversed(range(sp.num_segments)):
+            r, l = sp.owner(i)
+            gS[i] = torch.zeros_like(E[i]) if X_next is None else X_next
+            gM[i] = (torch.zeros_like(M_all[r, l]) if X_next is None or not plan.passes[i]
+                     else X_next @ E[i].transpose(-1, -2))
+            G_i = _retreat(M_all[r, l], gE_all[r, l], X_next, plan.passes[i])
+            X_next = G_i if plan.cont[i] else None
+        ctx.M_all = ctx.E = None
+        return None, _held(sp, gM.__getitem__), _held(sp, gS.__getitem__), None, None
+
+
+# ---------------------------------------------------------------------------------------------- chain
+
+
+def _column_blocks(V: int, nb: int) -> list[slice]:
+    size = -(-V // max(1, min(nb, V)))
+    return [slice(s, min(s + size, V)) for s in range(0, V, size)]
+
+
+class _Hop:
+    """Moves one state along the chain in column blocks: recv block, compute it, send it on (isend if pipelined)."""
+
+    def __init__(self, comm, blocks, pipelined, tag):
+        self.comm, self.blocks, self.pipelined, self.tag = comm, blocks, pipelined, tag
+        self.pending = []
+
+    def receive(self, like, src, dst):
+        # -> a function b -> block b of the incoming state (waits for that block only)
+        works = [self.comm.recv(like[..., b], src, dst, self.tag, async_op=self.pipelined) for b in self.blocks]
+
+        def block(j):
+            work, buf = works[j]
+            if work is not None:
+                work.wait()
+            return buf
+        return block
+
+    def local(self, x):
+        # a state held by this rank, served block by block like a received one
+        return lambda j: x[..., self.blocks[j]]
+
+    def emit(self, compute, me, dst, out):
+        # fill out[..., b] = compute(j, b) block by block, sending each block to dst (None: keep local)
+        for j, b in enumerate(self.blocks):
+            out[..., b] = compute(j, b)
+            if dst is not None:
+                self.pending.append(self.comm.send(out[..., b].contiguous(), me, dst, self.tag,
+                                                   async_op=self.pipelined)[0])
+        return out
+
+    def finish(self):
+        for work in self.pending:
+            if work is not None:
+                work.wait()
+
+
+def _walk_maps(M, S, sp, plan, nb, pipelined, tag):
+    # the forward chain: E [R, L, B, H, K, V] entering the held segments
+    comm, n = sp.comm, sp.num_segments
+    hop = _Hop(comm, _column_blocks(S.shape[-1], nb), pipelined, tag)
+    E, out = torch.zeros_like(S), {}
+    for i in range(n):
+        r, l = sp.owner(i)
+        if r not in comm.ranks:
+            continue
+        row, prev_r = comm.row(r), (sp.owner(i - 1)[0] if i > 0 else None)
+        nxt = sp.owner(i + 1)[0] if i + 1 < n and plan.cont[i + 1] else None
+        incoming = None
+        if i > 0 and plan.cont[i]:
+            incoming = hop.receive(E[row, l], prev_r, r) if prev_r != r else hop.local(out[i - 1])
+        M_i, S_i, E_i, p_i = M[row, l], S[row, l], E[row, l], plan.passes[i]
+
+        def compute(j, b):
+            if incoming is not None:
+                E_i[..., b] = incoming(j)
+            return _advance(M_i, S_i[..., b], E_i[..., b], p_i)
+        out[i] = hop.emit(compute, r, nxt if nxt != r else None, torch.empty_like(S_i))
+    hop.finish()
+    return E
+
+
+class ChainMaps(torch.autograd.Function):
+    """Entering states by walking the chain of segment owners (ring: 1 block, blocking; allscan: pipelined)."""
+
+    @staticmethod
+    def forward(ctx, token, M, S, sp, plan, nb, pipelined, tag):
+        # M: [R, L, B, H, K, K]; S: [R, L, B, H, K, V] -> E: [R, L, B, H, K, V], token
+        ctx.set_materialize_grads(False)
+        E = replayed(lambda: _walk_maps(M, S, sp, plan, nb, pipelined, tag))
+        ctx.save_for_backward(M, E)
+        ctx.sp, ctx.plan, ctx.nb, ctx.pipelined, ctx.tag = sp, plan, nb, pipelined, tag
+        return E, token_like(E)
+
+    @staticmethod
+    def backward(ctx, gE, _):
+        M, E = ctx.saved_tensors
+        gE = torch.zeros_like(E) if gE is None else gE
+        sp, plan, comm, n = ctx.sp, ctx.plan, ctx.sp.comm, ctx.sp.num_segments
+        gE = gE.contiguous()
+        hop = _Hop(comm, _column_blocks(E.shape[-1], ctx.nb), ctx.pipelined, ctx.tag + ":bwd")
+        gM, gS, X = torch.zeros_like(M), torch.zeros_like(E), {}  # X[i] = c_i G_i, handed to segment i - 1
+        for i in reversed(range(n)):
+            r, l = sp.owner(i)
+            if r not in comm.ranks:
+                continue
+            row = comm.row(r)
+            nxt_r = sp.owner(i + 1)[0] if i + 1 < n and plan.cont[i + 1] else None
+            prev_r = sp.owner(i - 1)[0] if i > 0 and plan.cont[i] else None
+            incoming = None
+            if nxt_r is not None:
+                incoming = hop.receive(gS[row, l], nxt_r, r) if nxt_r != r else hop.local(X[i + 1])
+            M_i, gE_i, gS_i, p_i = M[row, l], gE[row, l], gS[row, l], plan.passes[i]
+
+            def compute(j, b):
+                if incoming is None:
+                    return gE_i[..., b]
+                gS_i[..., b] = incoming(j)
+                return _retreat(M_i, gE_i[..., b], gS_i[..., b], p_i)
+            X[i] = hop.emit(compute, r, prev_r if prev_r != r else None, torch.empty_like(gE_i))
+            if incoming is not None and p_i:
+                gM[row, l] = gS_i @ E[row, l].transpose(-1, -2)
+        hop.finish()
+        return None, gM, gS, None, None, None, None, None
+
+
+def exchange_maps(M, S, sp, plan, method: str, scan_blocks: int):
+    """(E [R, L, B, H, K, V] entering the held segments, token) from their maps M [R, L, B, H, K, K] and states S."""
+    if method == "allgather":
+        return GatherMaps.apply(join_token(), M, S, sp, plan)
+    if method == "allscan":
+        return ChainMaps.apply(join_token(), M, S, sp, plan, scan_blocks, True, "delta_allscan")
+    return ChainMaps.apply(join_token(), M, S, sp, plan, 1, False, "delta_ring")
+
+
+def sp_delta_rule(q, k, v, beta, g=None, *, sp, method=None, scale=None, initial_state=None,
+                  output_final_state=False, cu_seqlens=None, backend="auto", scan_blocks=None):
+    r"""Sequence-parallel (gated) delta rule; equals `lsp.ops.delta_rule` on the gathered sequence.
+
+    Recurrence (per batch row / document and head): S_t = exp(g_t)(I − β_t k_tᵀ k_t) S_{t−1} + β_t k_tᵀ v_t,
+    o_t = scale · q_t S_t.
+
+    Args:
+        q, k: [R·B, T_local, H, K]; v: [R·B, T_local, H, V]; beta, g: [R·B, T_local, H] (g or None): local shards
+            from `sp.shard` (R = W emulated, 1 real).
+        sp: the SPContext. method: "allgather", "allscan" (`scan_blocks` blocks along V) or "ring".
+        initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens) on every rank; its gradient lands on the rank
+            holding the first token of each sequence.
+        output_final_state: the state after the last token of every sequence, on every rank ([B or N, H, K, V];
+            emulated [R·(B or N), H, K, V]). Use it in the loss on every rank or on none (its backward is a
+            collective).
+        cu_seqlens: GLOBAL int32 [N + 1] boundaries of packed documents (B == 1).
+        backend: "auto" / "torch" (the chunked path) or "triton" (its chunk scan in Triton); not "naive".
+
+    Returns:
+        o_local [R·B, T_local, H, V] in q's dtype, final_state or None.
+    """
+    if not isinstance(sp, SPContext):
+        raise ValueError(f"sp must be an lsp.parallel.SPContext, got {type(sp).__name__}")
+    method = sp.method if method is None else method
+    scan_blocks = sp.scan_blocks if scan_blocks is None else scan_blocks
+    if method not in DELTA_METHODS:
+        raise ValueError(f"method must be one of {DELTA_METHODS}, got {method!r}")
+    if resolve_delta_backend(backend, q.device) == "naive":
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton' under sequence parallelism, got {backend!r}")
+    check_delta_inputs(q, k, v, beta, g, None, None)
+    R, L = sp.rows, sp.segments_per_rank
+    s = Shape(R, L, q.shape[0] // R, sp.segment_length(q.shape[1]), q.shape[2], q.shape[3], v.shape[-1])
+    _check(q, sp, method, initial_state, cu_seqlens, s)
+    scale = s.K ** -0.5 if scale is None else scale
+    if sp.world_size == 1:  # both layouts hold the whole sequence in order: the op itself, no map to compose
+        return delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        o, final = _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_state, cu_seqlens,
+                             scan_blocks, s, resolve_delta_backend(backend, q.device))
+    return o, final
+
+
+def _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_state, cu_seqlens, scan_blocks,
+              s: Shape, scan_backend="torch"):
+    # the three steps of the module docstring on the held segments as rows [R·L·B, Ts, ...]
+    R, L, B, Ts, H, K, V = s.R, s.L, s.B, s.Ts, s.H, s.K, s.V
+    plan = sp.segment_plan(q.shape[1], cu_seqlens)
+    packed = plan.packed
+    rows_of = lambda x: None if x is None else _to_seg_rows(x, s)  # noqa: E731
+    q_r, k_r, v_r, beta_r, g_r = map(rows_of, (q, k, v, beta, g))
+    rows = s.rows
+    dt = acc_dtype(q.dtype)
+    init = _local_initial_states(initial_state, sp, plan, s, dt)
+    if packed:  # held segments end to end in one packed row, cut at segment edges and document starts
+        flat = lambda x: None if x is None else x.reshape(1, rows * Ts, *x.shape[2:])  # noqa: E731
+        q_r, k_r, v_r, beta_r, g_r = map(flat, (q_r, k_r, v_r, beta_r, g_r))
+    local_cu = plan.tensor("local_cu", "cpu", torch.int32) if packed else None
+    chunks = prepare_chunks(k_r, v_r, beta_r, g_r, local_cu, scan_backend=scan_backend)
+    entering_aug, maps = sequence_maps(chunks, init)            # maps: [rows or pieces, H, K, K + V] = [M | S_loc]
+    first = [0] + [p + 1 for p in plan.last_piece[:-1]] if packed else list(range(rows))
+    last = plan.last_piece if packed else list(range(rows))
+    seg = lambda x, idx: x[idx].reshape(R, L, B, H, K, -1)  # noqa: E731
+    E, token = exchange_maps(seg(maps[..., :K], first), seg(maps[..., K:], last), sp, plan, method, scan_blocks)
+    E = E.reshape(rows, H, K, V)
+    extra = E if not packed else _pieces_entering(E, first, maps.shape[0])
+    chunk_states, finals = enter_sequences(chunks, entering_aug, maps, extra)
+    o = chunk_output(q_r, chunks, chunk_states, scale).to(q.dtype)
+    o = _from_seg_rows(o.reshape(rows, Ts, H, V), s)
+    if not output_final_state:
+        return o, None
+    final = _owned_finals(finals, sp, plan, s)
+    final = ReplicateSum.apply(final.contiguous(), token, sp.comm, "delta_final_state")
+    return o, (final[0] if not sp.emulated else final.reshape(-1, *final.shape[2:]))
+
+
+def _pieces_entering(E, first, n_pieces):
+    # E: [rows, H, K, V] entering each held segment -> [pieces, H, K, V]: E on each segment's first piece, else 0
+    index = torch.zeros(n_pieces, dtype=torch.long, device=E.device)
+    index[first] = torch.arange(1, len(first) + 1, device=E.device)
+    return torch.cat([torch.zeros_like(E[:1]), E]).index_select(0, index)
+
+
+def _owned_finals(finals, sp, plan, s: Shape):
+    # final state of every sequence whose last token is held here, zeros elsewhere -> [R, B or N, H, K, V]
+    if not plan.packed:
+        r_last, l_last = sp.owner(sp.num_segments - 1)
+        per_seg = finals.reshape(s.R, s.L, s.B, *finals.shape[1:])
+        return torch.stack([per_seg[sp.comm.row(r), l_last] if r == r_last else torch.zeros_like(per_seg[0, 0])
+                            for r in sp.comm.ranks])
+    out = finals.new_zeros(s.R, plan.num_docs, *finals.shape[1:])
+    if not plan.end_docs:
+        return out
+    dev = out.device
+    ends = finals[plan.tensor("end_pieces", dev)]
+    return out.index_put((plan.tensor("end_rank_rows", dev), plan.tensor("end_docs", dev)), ends)
+
+
+# ---------------------------------------------------------------------------------------------- short conv halo
+
+
+class GatherTails(torch.autograd.Function):
+    """Halo of every held segment: the last k-1 inputs of the previous global segment (zeros for segment 0), by one
+    all_gather of every segment's tail. Backward (the mirror): one all_gather of the halo gradients, and each tail
+    takes the gradient of the halo it became."""
+
+    @staticmethod
+    def forward(ctx, token, tails, sp):
+        # tails: [R, L, B, k - 1, D] -> halo [R, L, B, k - 1, D]
+        flat = tails.contiguous().reshape(tails.shape[0], -1)
+        every = replayed(lambda: sp.comm.all_gather(flat, "delta_conv_halo"))
+        every = every.reshape(sp.world_size, *tails.shape[1:])
+        ctx.sp = sp
+        return _held(sp, lambda i: every[sp.owner(i - 1)] if i > 0 else torch.zeros_like(every[0, 0]))
+
+    @staticmethod
+    def backward(ctx, g_halo):
+        sp = ctx.sp
+        every = sp.comm.all_gather(g_halo.contiguous().reshape(g_halo.shape[0], -1), "delta_conv_halo:bwd")
+        every = every.reshape(sp.world_size, *g_halo.shape[1:])
+        n = sp.num_segments
+        g_tails = _held(sp, lambda i: every[sp.owner(i + 1)] if i + 1 < n else torch.zeros_like(every[0, 0]))
+        return None, g_tails, None
+
+
+def sp_short_conv(x, weight, bias=None, *, sp, cu_seqlens=None):
+    """Sequence-parallel `lsp.ops.delta.short_conv`: equals the op on the gathered sequence.
+
+    x: [R·B, T_local, D] local shard from `sp.shard`; weight: [D, k]; bias: [D] or None; cu_seqlens: GLOBAL int32
+    [N + 1] document boundaries (B == 1). Each held segment gets its k-1 predecessors (the halo) from the previous
+    segment's owner; inputs of another document are masked out, so the halo is zero at document starts.
+    Returns y_local [R·B, T_local, D].
+    """
+    if not isinstance(sp, SPContext):
+        raise ValueError(f"sp must be an lsp.parallel.SPContext, got {type(sp).__name__}")
+    R, L, k = sp.rows, sp.segments_per_rank, weight.shape[-1]
+    B, D = x.shape[0] // R, x.shape[-1]
+    Ts = sp.segment_length(x.shape[1])
+    if Ts < k - 1:
+        raise ValueError(f"segments of {Ts} tokens are shorter than the conv halo ({k - 1} tokens): use fewer ranks")
+    s = Shape(R, L, B, Ts, 1, 1, D)
+    rows = _to_seg_rows(x, s)                                                # [R·L·B, Ts, D]
+    halo = GatherTails.apply(join_token(), rows[:, Ts - (k - 1) :].reshape(R, L, B, k - 1, D), sp)
+    starts = [s * Ts - (k - 1) for r in sp.comm.ranks for s in sp.rank_segments(r)]
+    pos = torch.tensor(starts, device=x.device)[:, None] + torch.arange(k - 1 + Ts, device=x.device)  # [R·L, ..]
+    docs = torch.zeros_like(pos) if cu_seqlens is None else (
+        torch.searchsorted(cu_seqlens.to(x.device).long(), pos, right=True) - 1)
+    seq_ids = torch.where(pos < 0, -1, docs).repeat_interleave(B, dim=0)     # [R·L·B, k - 1 + Ts]
+    y = short_conv(rows, weight, bias, halo=halo.reshape(-1, k - 1, D), seq_ids=seq_ids)
+    return _from_seg_rows(y, s)
