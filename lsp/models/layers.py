@@ -1,7 +1,8 @@
 """Building blocks of `HybridLM`: RMSNorm, RoPE, SwiGLU and the two attention kinds.
 
 Both attention layers take `x: [B, T, D]` plus the global token positions of its rows and, when `sp` is given,
-run sequence-parallel on the local shard (the same sharding for both kinds, so the model shards once).
+run sequence-parallel on the local shard (the same sharding for both kinds, so the model shards once). With
+`cache` (one process, no packing) they continue a sequence from their decoding state instead: see `cache.py`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lsp.ops import linear_attention, softmax_attention
+from lsp.ops.softmax import causal_suffix_attention
 
+from .cache import KVCache, RecurrentState
 from .config import HybridConfig
 
 
@@ -77,7 +80,10 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * Dh, bias=False)
         self.o_proj = nn.Linear(H * Dh, D, bias=False)
 
-    def forward(self, x, positions, sp=None, cu_seqlens=None):
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    def forward(self, x, positions, sp=None, cu_seqlens=None, cache=None):
         # x: [B, T, D]; positions: [B, T] long -> [B, T, D]
         B, T, _ = x.shape
         cfg = self.cfg
@@ -85,7 +91,11 @@ class SoftmaxAttention(nn.Module):
         k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
-        if sp is None:
+        if cache is not None:
+            check_decoding(sp, cu_seqlens)
+            # the new queries are the last T of all positions so far: bottom-right causal over the cached keys
+            o = causal_suffix_attention(q, *cache.append(k, v))
+        elif sp is None:
             o = softmax_attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
         else:
             from lsp.parallel import sp_softmax_attention
@@ -156,7 +166,10 @@ class LinearAttention(nn.Module):
         logits = self.decay_up(self.decay_down(x)).to(dtype)
         return (F.logsigmoid(logits) / norm).view(B, T, self.cfg.num_heads, -1)
 
-    def forward(self, x, positions=None, sp=None, cu_seqlens=None):
+    def new_cache(self) -> RecurrentState:
+        return RecurrentState()
+
+    def forward(self, x, positions=None, sp=None, cu_seqlens=None, cache=None):
         # x: [B, T, D] -> [B, T, D]   (positions unused: decay, not RoPE, encodes order)
         B, T, _ = x.shape
         cfg = self.cfg
@@ -168,7 +181,10 @@ class LinearAttention(nn.Module):
             q, k = F.silu(q), F.silu(k)
         g = self.decay(x)
         scale = cfg.head_dim ** -0.5
-        if sp is None:
+        if cache is not None:
+            check_decoding(sp, cu_seqlens)
+            o = self.continue_from(cache, q, k, v, g, scale)
+        elif sp is None:
             o, _ = linear_attention(q, k, v, g, scale=scale, cu_seqlens=cu_seqlens, backend=cfg.linear_backend)
         else:
             from lsp.parallel import sp_linear_attention
@@ -176,3 +192,37 @@ class LinearAttention(nn.Module):
                                        cu_seqlens=cu_seqlens, backend=cfg.linear_backend)
         o = self.o_norm(o) * F.silu(self.gate_proj(x)).view(shape)
         return self.o_proj(o.reshape(B, T, -1))
+
+    def continue_from(self, cache: RecurrentState, q, k, v, g, scale):
+        # q, k, v: [B, T, H, Dh] -> o [B, T, H, Dh]; cache.state [B, H, Dh, Dh] advanced past these T tokens
+        if q.shape[1] == 1:   # one generated token: the recurrence itself, O(1) whatever came before
+            o, cache.state = recurrent_step(q, k, v, g, scale, cache.state)
+            return o
+        o, cache.state = linear_attention(q, k, v, g, scale=scale, initial_state=cache.state,
+                                          output_final_state=True, backend=self.cfg.linear_backend)
+        return o
+
+
+def check_decoding(sp, cu_seqlens) -> None:
+    if sp is not None or cu_seqlens is not None:
+        raise ValueError("cache (decoding) runs in one process on one unpacked sequence per row: pass sp=None "
+                         "and cu_seqlens=None")
+
+
+def recurrent_step(q, k, v, g, scale, state):
+    """One token of the linear-attention recurrence: S' = diag(exp g) S + kᵀ v, o = scale · q S'.
+
+    q, k: [B, 1, H, K]; v: [B, 1, H, V]; g: None | [H] | [B, 1, H] | [B, 1, H, K]; state: [B, H, K, V] or None
+    (zeros). Returns o [B, 1, H, V] in q's dtype and S' in the accumulation dtype (fp64 for fp64, else fp32).
+    """
+    B, _, H, K = q.shape
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q1, k1, v1 = q[:, 0].to(dt), k[:, 0].to(dt), v[:, 0].to(dt)            # [B, H, K], [B, H, V]
+    S = q1.new_zeros(B, H, K, v.shape[-1]) if state is None else state.to(dt)
+    if g is not None:
+        decay = g.to(dt).exp()
+        decay = decay[None, :, None] if decay.dim() == 1 else decay[:, 0].reshape(B, H, -1)   # [B | 1, H, K | 1]
+        S = decay[..., None] * S
+    S = S + k1[..., :, None] * v1[..., None, :]
+    o = scale * torch.einsum("bhk,bhkv->bhv", q1, S)
+    return o[:, None].to(q.dtype), S
