@@ -4,6 +4,8 @@
     lsp launch [--nproc-per-node N] [--nnodes M] [--node-rank R] [--rdzv-endpoint HOST:PORT] [--max-restarts K]
                CONFIG.yaml [key=value ...]           torchrun ... -m lsp.cli train CONFIG.yaml ...
     lsp eval CHECKPOINT_DIR [key=value ...]          MQAR accuracy / validation loss of a checkpoint
+    lsp generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+                                                     continue a prompt with the run's model (recurrent decoding)
     lsp plan [--gpus N] [--seq-len T] CONFIG.yaml [key=value ...]
                                                      recommended sp, SP method, micro-batch (lsp.train.plan)
 
@@ -80,14 +82,11 @@ def cmd_launch(args) -> int:
 def resolve_checkpoint(path: str) -> str:
     if not os.path.isdir(path):   # checked before importing torch, so the error is instant
         raise UserError(f"no complete checkpoint found under {path}")
-    from lsp.train.checkpoint import is_complete, latest_checkpoint
-    for candidate in (path, os.path.join(path, "checkpoints")):
-        if is_complete(candidate):
-            return candidate
-        found = latest_checkpoint(candidate)
-        if found:
-            return found
-    raise UserError(f"no complete checkpoint found under {path}")
+    from lsp.train.checkpoint import find_checkpoint
+    found = find_checkpoint(path)
+    if found is None:
+        raise UserError(f"no complete checkpoint found under {path}")
+    return found
 
 
 def cmd_eval(args) -> int:
@@ -102,6 +101,33 @@ def cmd_eval(args) -> int:
     state = load_checkpoint(path, trainer.model)
     metrics = {"checkpoint": path, "step": state["step"], **trainer.evaluate()}
     print(json.dumps(metrics), flush=True)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Print the prompt and its continuation by the newest checkpoint of a run (lsp.models.generate)."""
+    import time
+
+    import torch
+
+    from lsp.models import load_run
+    from lsp.models.generate import check_sampling
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        model, tokenizer = load_run(args.run_dir, device=args.device)
+        ids = tokenizer.encode(args.prompt)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if not ids:
+        raise UserError("--prompt is empty")
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    start = time.perf_counter()
+    out = model.generate(torch.tensor([ids], device=args.device), args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, generator=generator, eos_id=tokenizer.eos_id)
+    seconds = time.perf_counter() - start
+    print(tokenizer.decode(out[0].tolist()), flush=True)
+    new = out.shape[1] - len(ids)
+    print(f"lsp generate: {len(ids)} prompt + {new} new tokens in {seconds:.2f} s", file=sys.stderr)
     return 0
 
 
@@ -158,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("generate", help="continue a prompt with a trained run's model")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True, help="text (token ids separated by spaces for an MQAR run)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("plan", help="recommend sp size, SP method, micro-batch for a config on a cluster")
     p.add_argument("--gpus", type=int, default=None,
                    help="GPUs in the job (default: parallel.dp x (--world or parallel.sp))")

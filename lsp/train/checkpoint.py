@@ -78,6 +78,17 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return None
 
 
+def find_checkpoint(path: str) -> Optional[str]:
+    """A run directory, its checkpoints/ folder or one step folder -> the complete checkpoint to read, or None."""
+    for candidate in (path, os.path.join(path, "checkpoints")):
+        if is_complete(candidate):
+            return candidate
+        found = latest_checkpoint(candidate)
+        if found:
+            return found
+    return None
+
+
 def rng_state() -> Dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -146,15 +157,41 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def deepspeed_model_state(path: str) -> Dict[str, torch.Tensor]:
+    """The full fp32 weights of a DeepSpeed checkpoint (`<path>/deepspeed/`, any ZeRO stage, saved at any world
+    size), read in one process: DeepSpeed's own zero_to_fp32 merges the ZeRO partitions; stage 0 keeps whole
+    weights in the model-states file."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise ValueError(f"{path} is a DeepSpeed checkpoint; reading it needs deepspeed "
+                         "(pip install 'lsp[deepspeed]')") from None
+    folder = os.path.join(path, "deepspeed")
+    if not any(name.endswith("optim_states.pt") and "zero_pp_rank" in name for name in os.listdir(folder)):
+        states = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu",
+                            weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    return get_fp32_state_dict_from_zero_checkpoint(path, tag="deepspeed")
+
+
+def load_model_state(path: str, model) -> None:
+    """Load only the weights of any checkpoint kind (DCP from DDP / FSDP at any dp x sp, or DeepSpeed) into a plain
+    model in place; works in one process without a process group."""
+    if not os.path.isfile(os.path.join(path, ".metadata")) and os.path.isdir(os.path.join(path, "deepspeed")):
+        model.load_state_dict(deepspeed_model_state(path))
+        return
+    model_sd = get_state_dict(model, [])[0]
+    with _quiet_single_process():
+        dcp.load({"model": model_sd}, checkpoint_id=path)
+    set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
+
+
 def load_checkpoint(path: str, model, optimizer=None, deepspeed_engine=None) -> Dict[str, Any]:
     """Collective: load model (+ optimizer) in place; returns the trainer state saved by rank 0."""
     if deepspeed_engine is not None:
         deepspeed_engine.load_checkpoint(path, tag="deepspeed")
     elif optimizer is None:
-        model_sd = get_state_dict(model, [])[0]
-        with _quiet_single_process():
-            dcp.load({"model": model_sd}, checkpoint_id=path)
-        set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
+        load_model_state(path, model)
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}

@@ -71,6 +71,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> List[int]:
         return list(text.encode("utf-8", errors="surrogateescape"))   # undecodable input bytes come back as is
 
+    def decode(self, ids: List[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")   # eos and cut bytes dropped
+
 
 class HFTokenizer:
     """A `tokenizers` JSON file (optional dependency)."""
@@ -94,6 +97,30 @@ class HFTokenizer:
     def encode(self, text: str) -> List[int]:
         clean = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
         return self.tok.encode(clean).ids
+
+    def decode(self, ids: List[int]) -> str:
+        return self.tok.decode([i for i in ids if i != self.eos_id])
+
+
+class IdTokenizer:
+    """Token ids written as text, "3 17 42" (runs on the built-in MQAR task, which has no text)."""
+    eos_id = None
+    name = "ids"
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> List[int]:
+        try:
+            ids = [int(word) for word in text.split()]
+        except ValueError:
+            raise ValueError(f"prompt must be token ids separated by spaces (an MQAR run), got {text!r}") from None
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size}), got {text!r}")
+        return ids
+
+    def decode(self, ids: List[int]) -> str:
+        return " ".join(str(i) for i in ids)
 
 
 def make_tokenizer(spec: str):

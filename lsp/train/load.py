@@ -1,0 +1,39 @@
+"""Open a finished (or running) training run for inference: `model, tokenizer = load_run(RUN_DIR)`.
+
+The model is rebuilt from the run's saved `config.yaml` and its weights are read from the newest complete checkpoint
+in one process, whatever wrote it: DDP or FSDP (DCP shards, any dp x sp: DCP stores global shapes) or DeepSpeed
+(any ZeRO stage, merged by DeepSpeed's zero_to_fp32). The tokenizer is the run's own: the byte tokenizer, its
+`tokenizers` JSON, or, for the built-in MQAR task, token ids written as text.
+"""
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+import torch
+
+from .checkpoint import find_checkpoint, load_model_state
+from .config import Config, load_config
+from .data import MQAR, IdTokenizer, make_tokenizer
+
+
+def run_tokenizer(cfg: Config):
+    """The tokenizer the run trained with (encode / decode / vocab_size / eos_id)."""
+    if cfg.data.kind == "mqar":
+        return IdTokenizer(MQAR(cfg.data, cfg.train.seed).vocab_size)
+    return make_tokenizer(cfg.data.tokenizer)
+
+
+def load_run(run_dir: str, device="cpu", dtype: torch.dtype = torch.float32) -> Tuple[torch.nn.Module, object]:
+    """(HybridLM in eval mode on `device`, tokenizer) of the newest complete checkpoint under run_dir (a run
+    directory, its checkpoints/ folder or one step_N folder). Raises ValueError naming run_dir when none exists."""
+    from .trainer import build_model
+    path = find_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    if path is None:
+        raise ValueError(f"run_dir: no complete checkpoint found under {run_dir}")
+    # the run's data files need not exist any more: only the model shape and the tokenizer are read
+    cfg = load_config(os.path.join(path, "config.yaml"), check_files=False)
+    tokenizer = run_tokenizer(cfg)
+    model = build_model(cfg, tokenizer.vocab_size)
+    load_model_state(path, model)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer

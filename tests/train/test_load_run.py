@@ -1,0 +1,122 @@
+"""`lsp.models.load_run` and `lsp generate` on runs trained here with `lsp train` / `lsp launch`.
+
+Reference for the loaded weights: the held-out loss the trainer itself logged at its last step (metrics.jsonl),
+recomputed from the loaded model on the same eval batches; same weights and same fp32 computation give it to ~1e-7
+relative (1e-5 allows a different SP size), while a freshly initialised model is off by more than 1e-2.
+"""
+import json
+import os
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from lsp.cli import main as lsp_main
+from lsp.models import HybridLM, load_run
+from lsp.train.config import load_config
+from lsp.train.data import ByteTokenizer, DataLoader
+
+from .conftest import SMALL, TINY, run_lsp
+
+STEPS = 6
+
+
+def train_tiny(out, *extra, launch=None):
+    args = ["train", TINY] if launch is None else ["launch", "--nproc-per-node", str(launch), TINY]
+    proc = run_lsp(*args, f"out_dir={out}", "name=tiny", *SMALL, f"train.steps={STEPS}", *extra, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return os.path.join(out, "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return train_tiny(tmp_path_factory.mktemp("run"), "parallel.sp=1")
+
+
+def generate_cli(capsys, *args):
+    """`lsp generate ...` in this process (a subprocess costs seconds of torch import per call) -> (rc, out, err)."""
+    capsys.readouterr()
+    rc = lsp_main(["generate", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def logged_eval_loss(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [row for row in map(json.loads, f) if "eval_loss" in row][-1]["eval_loss"]
+
+
+@torch.no_grad()
+def eval_loss(model, run_dir, dp=1):
+    # the trainer's held-out loss: each of the dp replicas evaluates its own rows, the mean is over all batches
+    cfg = load_config(os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}", "config.yaml"), check_files=False)
+    batches = [b for r in range(dp) for b in DataLoader(cfg, dp_rank=r, dp_size=dp).eval_batches()]
+    return sum(model(b.input_ids, labels=b.labels).loss.item() for b in batches) / len(batches)
+
+
+def test_load_run_gives_the_trained_model(tiny_run):
+    model, tokenizer = load_run(tiny_run)
+    assert not model.training and tokenizer.decode(tokenizer.encode("3 17")) == "3 17"
+    logged = logged_eval_loss(tiny_run)
+    assert eval_loss(model, tiny_run) == pytest.approx(logged, rel=1e-5)
+    fresh = HybridLM(model.cfg)   # control: same shape, untrained weights
+    assert abs(eval_loss(fresh, tiny_run) - logged) > 1e-2
+
+
+def test_loaded_weights_equal_the_checkpoint_file(tiny_run, tmp_path):
+    # an independent reader: torch's DCP -> torch.save converter
+    dcp_to_torch_save(os.path.join(tiny_run, "checkpoints", f"step_{STEPS:08d}"), tmp_path / "full.pt")
+    saved = torch.load(tmp_path / "full.pt", weights_only=False)["model"]
+    loaded = load_run(tiny_run)[0].state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+def test_generate_cli_equals_library(tiny_run, capsys):
+    model, tokenizer = load_run(tiny_run)
+    prompt = "1 30 2 40 3 50 4 60 0 0 2"
+    expected = tokenizer.decode(model.generate(torch.tensor([tokenizer.encode(prompt)]), 6)[0].tolist())
+    rc, out, err = generate_cli(capsys, tiny_run, "--prompt", prompt, "--max-new-tokens", "6")
+    assert rc == 0 and out.strip() == expected and expected.startswith(prompt + " ")
+    assert len(expected.split()) == len(prompt.split()) + 6 and "6 new tokens" in err
+    sampled = [generate_cli(capsys, tiny_run, "--prompt", prompt, "--temperature", "3", "--top-p", "0.95",
+                            "--seed", seed)[1] for seed in ("1", "1", "2")]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "hello"], "error: prompt must be token ids"),
+    (["--prompt", "1 2", "--top-p", "2"], "error: top_p must be"),
+])
+def test_generate_cli_errors_are_one_line(tiny_run, args, message, capsys):
+    rc, _, err = generate_cli(capsys, tiny_run, *args)
+    assert rc == 2 and err.startswith(message) and len(err.splitlines()) == 1
+
+
+def test_generate_cli_missing_run(tmp_path, capsys):
+    rc, _, err = generate_cli(capsys, str(tmp_path), "--prompt", "1")
+    assert rc == 2 and err.strip() == f"error: run_dir: no complete checkpoint found under {tmp_path}"
+
+
+def test_byte_tokenizer_round_trip():
+    text = "naïve café — 文字"
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode(text) + [tok.eos_id]) == text
+
+
+def test_text_run_generates_text(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    run_dir = train_tiny(tmp_path, "parallel.sp=1", "data.kind=files", f"data.files=[{corpus}]",
+                         f"data.cache_dir={tmp_path / 'cache'}", "train.micro_batch=1")
+    rc, out, err = generate_cli(capsys, run_dir, "--prompt", "the quick", "--max-new-tokens", "8")
+    assert rc == 0 and out.startswith("the quick") and "9 prompt + 8 new tokens" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sp", [2, 1])
+def test_load_run_from_a_two_rank_run(tmp_path, sp):
+    # 2 gloo ranks, DDP: dp x sp = 1 x 2 or 2 x 1 (FSDP needs NCCL; its DCP checkpoint has the same format)
+    run_dir = train_tiny(tmp_path, f"parallel.sp={sp}", launch=2)
+    model, _ = load_run(run_dir)
+    assert eval_loss(model, run_dir, dp=2 // sp) == pytest.approx(logged_eval_loss(run_dir), rel=1e-5)
