@@ -6,6 +6,7 @@
     lsp eval CHECKPOINT_DIR [key=value ...]          MQAR accuracy / validation loss of a checkpoint
     lsp generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                                                      continue a prompt with the run's model (recurrent decoding)
+    lsp export RUN_DIR OUT_DIR [--max-shard-mb M]    Hugging Face folder (config, safetensors, tokenizer, remote code)
     lsp plan [--gpus N] [--seq-len T] CONFIG.yaml [key=value ...]
                                                      recommended sp, SP method, micro-batch (lsp.train.plan)
 
@@ -131,6 +132,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Write the newest checkpoint of a run as a Hugging Face model folder (lsp.export)."""
+    if args.max_shard_mb <= 0:
+        raise UserError(f"--max-shard-mb must be positive, got {args.max_shard_mb}")
+    from lsp.export import export_run
+    try:
+        files = export_run(args.run_dir, args.out_dir, max_shard_bytes=int(args.max_shard_mb * 1024 ** 2))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(f"lsp export: wrote {', '.join(files)} to {args.out_dir}", flush=True)
+    return 0
+
+
 def cmd_plan(args) -> int:
     """Recommend sp size, SP method, micro-batch and activation checkpointing for a cluster (lsp.train.plan)."""
     from lsp.train.config import load_config
@@ -194,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("export", help="write a run's model as a Hugging Face folder")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--max-shard-mb", type=float, default=5120.0, help="split the weights above this size")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("plan", help="recommend sp size, SP method, micro-batch for a config on a cluster")
     p.add_argument("--gpus", type=int, default=None,
                    help="GPUs in the job (default: parallel.dp x (--world or parallel.sp))")

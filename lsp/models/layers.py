@@ -121,6 +121,11 @@ def lightning_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.T
     return torch.tensor(slopes, dtype=torch.float64) * depth
 
 
+def lightning_log_decay(cfg: HybridConfig, layer_idx: int) -> torch.Tensor:
+    """Lightning's fixed log-decay of layer layer_idx, [H] fp32 (a buffer: derived from the config, not saved)."""
+    return -lightning_slopes(cfg.num_heads, layer_idx, cfg.num_layers).float()
+
+
 class LinearAttention(nn.Module):
     """Gated linear attention layer (GLA / Lightning style), all heads of size head_dim for q, k and v.
 
@@ -144,7 +149,7 @@ class LinearAttention(nn.Module):
         self.o_proj = nn.Linear(H * Dh, D, bias=False)
         self.o_norm = RMSNorm(Dh, cfg.norm_eps)
         if cfg.linear_attn == "lightning":
-            self.register_buffer("log_decay", -lightning_slopes(H, layer_idx, cfg.num_layers).float(), persistent=False)
+            self.register_buffer("log_decay", lightning_log_decay(cfg, layer_idx), persistent=False)
         elif cfg.linear_attn == "simple_gla":
             self.decay_proj = nn.Linear(D, H, bias=True)
         elif cfg.linear_attn == "gla":

@@ -136,3 +136,23 @@ def test_cache_refuses_sp_and_packing():
     with pytest.raises(ValueError, match="cu_seqlens=None"):
         model(torch.zeros(1, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4], dtype=torch.int32),
               cache=model.new_cache())
+
+
+def decode_step_cost(model, prefix):
+    # -> (FLOPs of one decode step, bytes held by the cache) after a random prefix of `prefix` tokens
+    from torch.utils.flop_counter import FlopCounterMode
+    cache = model.new_cache()
+    model(torch.randint(0, 40, (1, prefix)), cache=cache)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+    held = sum(t.numel() * t.element_size() for c in cache.layers for t in vars(c).values() if torch.is_tensor(t))
+    return counter.get_total_flops(), held
+
+
+@torch.no_grad()
+def test_linear_decode_cost_does_not_grow_with_the_prefix():
+    linear = tiny_model("gla", pattern="LL").float()
+    assert decode_step_cost(linear, 16) == decode_step_cost(linear, 300)
+    # control: a softmax layer's KV cache grows with the prefix
+    hybrid = tiny_model("gla", pattern="LS").float()
+    assert decode_step_cost(hybrid, 16)[1] < decode_step_cost(hybrid, 300)[1]
