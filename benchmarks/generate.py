@@ -1,7 +1,7 @@
 """Per-token decoding cost vs. prefix length: recurrent decoding (`HybridLM.generate`) against re-running the prefix.
 
-For each prefix length P: prefill P random tokens once, then time `--steps` single-token decode steps (median per
-token over `--repeats` runs) and count their FLOPs (FlopCounterMode). A pure-linear model ("L") decodes from its
+For each prefix length P: prefill P random tokens, then time `--steps` single-token decode steps (the prefixes in
+turn, minimum over `--rounds` rounds) and count their FLOPs (FlopCounterMode). A pure-linear model ("L") decodes from its
 d_k x d_v state per head, so time, FLOPs and cache size per token do not depend on P; a hybrid ("LLLS") also reads a KV
 cache that grows with P; "no cache" runs the whole prefix again for one token, what generation cost before this
 path. FLOPs are FlopCounterMode's matmul count (the CPU flash-attention kernel of the KV-cache query is not counted).
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -36,27 +37,37 @@ def cache_bytes(cache) -> int:
                if isinstance(t, torch.Tensor))
 
 
+def prefilled(model: HybridLM, ids: torch.Tensor):
+    cache = model.new_cache()
+    model(ids, cache=cache)
+    return cache
+
+
 @torch.no_grad()
-def decode_cost(model: HybridLM, prefix: int, steps: int, repeats: int) -> dict:
-    """ms and FLOPs per decoded token (logits included) after a prefix of `prefix` tokens, and one no-cache step."""
-    ids = torch.randint(0, model.cfg.vocab_size, (1, prefix))
-    token = ids[:, -1:]
-    caches = []
-    for _ in range(repeats + 3):   # one prefilled cache per timed run (+ warmup, FLOP count, size); not timed
-        caches.append(model.new_cache())
-        model(ids, cache=caches[-1])
+def decode_costs(model: HybridLM, prefixes, steps: int, rounds: int) -> list[dict]:
+    """Per prefix: ms per decoded token (logits included), its FLOPs, the cache size, and one no-cache step.
 
-    def decode():
-        cache = caches.pop()
-        for _ in range(steps):
-            model(token, cache=cache)
-
-    per_token = time_fn(decode, warmup=1, repeats=repeats) / steps
-    with FlopCounterMode(display=False) as counter:
-        model(token, cache=caches.pop())
-    no_cache = time_fn(lambda: model(ids), warmup=0, repeats=1)
-    return {"ms/token": per_token * 1e3, "MFLOP/token": counter.get_total_flops() / 1e6,
-            "cache KB": cache_bytes(caches[-1]) / 1024, "no-cache ms/token": no_cache * 1e3}
+    The prefixes are timed in turn, round after round, so that load from other processes slows them alike; the
+    minimum over rounds (after one warm-up round) is reported. The prefill is not timed."""
+    prompts = {P: torch.randint(0, model.cfg.vocab_size, (1, P)) for P in prefixes}
+    best = {P: float("inf") for P in prefixes}
+    for r in range(rounds + 1):
+        for P, ids in prompts.items():
+            cache, token = prefilled(model, ids), ids[:, -1:]
+            start = time.perf_counter()
+            for _ in range(steps):
+                model(token, cache=cache)
+            if r:
+                best[P] = min(best[P], (time.perf_counter() - start) / steps)
+    rows = []
+    for P, ids in prompts.items():
+        cache = prefilled(model, ids)
+        with FlopCounterMode(display=False) as counter:
+            model(ids[:, -1:], cache=cache)
+        rows.append({"prefix": P, "ms/token": best[P] * 1e3, "MFLOP/token": counter.get_total_flops() / 1e6,
+                     "cache KB": cache_bytes(cache) / 1024,
+                     "no-cache ms/token": time_fn(lambda: model(ids), warmup=0, repeats=1) * 1e3})
+    return rows
 
 
 def main(argv=None):
@@ -67,20 +78,17 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.prefixes, args.hidden, args.layers, args.steps, args.repeats = [64, 512], 64, 4, 4, 2
+        args.prefixes, args.hidden, args.layers, args.steps, args.rounds = [64, 512], 64, 4, 4, 2
     torch.manual_seed(0)
     rows = []
     for pattern in args.patterns:
         model = build(pattern, args.hidden, args.layers, args.vocab)
-        for prefix in args.prefixes:
-            rows.append({"pattern": pattern, "prefix": prefix, **decode_cost(model, prefix, args.steps, args.repeats)})
-        first, last = rows[-len(args.prefixes)], rows[-1]
-        last["ratio vs first"] = last["ms/token"] / first["ms/token"]
-        first["ratio vs first"] = 1.0
+        costs = decode_costs(model, args.prefixes, args.steps, args.rounds)
+        rows += [{"pattern": pattern, **c, "ratio vs first": c["ms/token"] / costs[0]["ms/token"]} for c in costs]
     print_table(rows, f"decode cost per token, {device_name('cpu')}, hidden {args.hidden}, {args.layers} layers, "
                       f"gla, vocab {args.vocab}")
     return rows

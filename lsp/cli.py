@@ -3,7 +3,8 @@
     lsp train CONFIG.yaml [key=value ...]            one process, or one rank under torchrun / accelerate
     lsp launch [--nproc-per-node N] [--nnodes M] [--node-rank R] [--rdzv-endpoint HOST:PORT] [--max-restarts K]
                CONFIG.yaml [key=value ...]           torchrun ... -m lsp.cli train CONFIG.yaml ...
-    lsp eval CHECKPOINT_DIR [key=value ...]          MQAR accuracy / validation loss of a checkpoint
+    lsp eval CHECKPOINT_DIR [key=value ...]          MQAR accuracy / validation loss (+ perplexity) of a checkpoint
+    lsp eval CHECKPOINT_DIR --files F [F ...]        loss and perplexity on held-out text files
     lsp generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                                                      continue a prompt with the run's model (recurrent decoding)
     lsp export RUN_DIR OUT_DIR [--max-shard-mb M]    Hugging Face folder (config, safetensors, tokenizer, remote code)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -95,13 +97,34 @@ def cmd_eval(args) -> int:
     from lsp.train.config import load_config
     from lsp.train.trainer import Trainer
     path = resolve_checkpoint(args.checkpoint)
+    if args.files:
+        return eval_files(path, args.files)
     single = ["parallel.dp=0", "parallel.sp=1", "parallel.engine=ddp", "parallel.zero=0", "checkpoint.resume=false",
               "logging.wandb=false"]
     cfg = load_config(os.path.join(path, "config.yaml"), single + args.overrides)
     trainer = Trainer(cfg)
     state = load_checkpoint(path, trainer.model)
     metrics = {"checkpoint": path, "step": state["step"], **trainer.evaluate()}
+    metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
     print(json.dumps(metrics), flush=True)
+    return 0
+
+
+def eval_files(path: str, files: List[str]) -> int:
+    """`lsp eval RUN_DIR --files ...`: held-out perplexity of the checkpoint at path (lsp.train.load)."""
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise UserError(f"--files: not found: {missing[0]}")
+    from lsp.models import load_run
+    from lsp.train.config import load_config
+    from lsp.train.load import heldout_perplexity
+    seq_len = load_config(os.path.join(path, "config.yaml"), check_files=False).data.seq_len
+    try:
+        model, tokenizer = load_run(path)
+        metrics = heldout_perplexity(model, tokenizer, files, seq_len)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(json.dumps({"checkpoint": path, **metrics}), flush=True)
     return 0
 
 
@@ -194,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=cmd_launch)
-    p = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy / validation loss)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy / validation loss, or held-out files)")
     p.add_argument("checkpoint")
+    p.add_argument("--files", nargs="+", default=None, help="held-out text / .jsonl files: loss and perplexity")
     p.add_argument("overrides", nargs="*", help="key=value")
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("generate", help="continue a prompt with a trained run's model")

@@ -1,4 +1,5 @@
-"""Open a finished (or running) training run for inference: `model, tokenizer = load_run(RUN_DIR)`.
+"""Open a finished (or running) training run for inference: `model, tokenizer = load_run(RUN_DIR)`, and measure its
+perplexity on held-out text files (`heldout_perplexity`, behind `lsp eval RUN_DIR --files ...`).
 
 The model is rebuilt from the run's saved `config.yaml` and its weights are read from the newest complete checkpoint
 in one process, whatever wrote it: DDP or FSDP (DCP shards, any dp x sp: DCP stores global shapes) or DeepSpeed
@@ -7,14 +8,15 @@ in one process, whatever wrote it: DDP or FSDP (DCP shards, any dp x sp: DCP sto
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 import torch
 
 from .checkpoint import find_checkpoint, load_model_state
 from .config import Config, load_config
-from .data import MQAR, IdTokenizer, make_tokenizer
+from .data import MQAR, IdTokenizer, iter_documents, make_tokenizer
 
 
 def run_tokenizer(cfg: Config):
@@ -37,3 +39,27 @@ def load_run(run_dir: str, device="cpu", dtype: torch.dtype = torch.float32) -> 
     model = build_model(cfg, tokenizer.vocab_size)
     load_model_state(path, model)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+@torch.no_grad()
+def heldout_perplexity(model, tokenizer, paths: List[str], seq_len: int) -> Dict[str, float]:
+    """Next-token cross-entropy and perplexity exp(loss) over every token of the files.
+
+    Each document (a text file, or a .jsonl line) is tokenised as in training, eos appended, and cut into
+    non-overlapping windows of seq_len + 1 tokens (the context length of training); every token after the first of
+    its document is predicted once, from at most seq_len previous tokens of that document.
+    """
+    if tokenizer.eos_id is None:
+        raise ValueError("files: this run trained on MQAR token ids; held-out text needs a text run")
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for text in iter_documents(paths):
+        ids = tokenizer.encode(text) + [tokenizer.eos_id]
+        for start in range(0, len(ids) - 1, seq_len):
+            window = torch.tensor(ids[start:start + seq_len + 1], device=device)[None]   # [1, <= seq_len + 1]
+            out = model(window[:, :-1], labels=window[:, 1:])
+            nll += out.loss.double().item() * out.num_tokens.item()
+            count += out.num_tokens.item()
+    if count == 0:
+        raise ValueError("files: no tokens to evaluate")
+    return {"heldout_loss": nll / count, "heldout_perplexity": math.exp(nll / count), "heldout_tokens": count}

@@ -156,3 +156,16 @@ def test_linear_decode_cost_does_not_grow_with_the_prefix():
     # control: a softmax layer's KV cache grows with the prefix
     hybrid = tiny_model("gla", pattern="LS").float()
     assert decode_step_cost(hybrid, 16)[1] < decode_step_cost(hybrid, 300)[1]
+
+
+def test_generate_benchmark_quick():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "generate.py")
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick", "--steps", "2", "--rounds", "1"])
+    linear = [r for r in rows if r["pattern"] == "L"]
+    assert linear[0]["MFLOP/token"] == linear[1]["MFLOP/token"] and linear[0]["cache KB"] == linear[1]["cache KB"]
+    assert all(r["ms/token"] > 0 for r in rows)

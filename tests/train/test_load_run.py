@@ -5,6 +5,7 @@ recomputed from the loaded model on the same eval batches; same weights and same
 relative (1e-5 allows a different SP size), while a freshly initialised model is off by more than 1e-2.
 """
 import json
+import math
 import os
 
 import pytest
@@ -104,13 +105,56 @@ def test_byte_tokenizer_round_trip():
     assert tok.decode(tok.encode(text) + [tok.eos_id]) == text
 
 
-def test_text_run_generates_text(tmp_path, capsys):
-    corpus = tmp_path / "corpus.txt"
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("text")
+    corpus = tmp / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
-    run_dir = train_tiny(tmp_path, "parallel.sp=1", "data.kind=files", f"data.files=[{corpus}]",
-                         f"data.cache_dir={tmp_path / 'cache'}", "train.micro_batch=1")
-    rc, out, err = generate_cli(capsys, run_dir, "--prompt", "the quick", "--max-new-tokens", "8")
+    run_dir = train_tiny(tmp, "parallel.sp=1", "data.kind=files", f"data.files=[{corpus}]",
+                         f"data.cache_dir={tmp / 'cache'}", "train.micro_batch=1")
+    return run_dir, str(corpus)
+
+
+def test_text_run_generates_text(text_run, capsys):
+    rc, out, err = generate_cli(capsys, text_run[0], "--prompt", "the quick", "--max-new-tokens", "8")
     assert rc == 0 and out.startswith("the quick") and "9 prompt + 8 new tokens" in err
+
+
+@torch.no_grad()
+def test_heldout_perplexity_counts_every_token_once(tmp_path):
+    from lsp.models import HybridConfig
+    from lsp.train.load import heldout_perplexity
+    docs = ["first document, a little longer than the others", "second one", "x"]
+    (tmp_path / "a.txt").write_text(docs[0])
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[1:]))
+    files = [str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl")]
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig(vocab_size=257, hidden_size=32, num_layers=2, num_heads=2, layer_pattern="LS"))
+    tok = ByteTokenizer()
+    # reference: each whole document in one window, cross-entropy of the full logits
+    nll = count = 0
+    for d in docs:
+        ids = torch.tensor([tok.encode(d) + [tok.eos_id]])
+        logits = model(ids[:, :-1]).logits[0]
+        nll += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    whole = heldout_perplexity(model, tok, files, seq_len=64)
+    assert whole["heldout_tokens"] == count == sum(len(d) for d in docs)
+    assert whole["heldout_loss"] == pytest.approx(nll / count, rel=1e-6)
+    assert whole["heldout_perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-6)
+    # windows of 8 tokens see less context: same tokens, another loss (the comparison above can tell)
+    short = heldout_perplexity(model, tok, files, seq_len=8)
+    assert short["heldout_tokens"] == count and abs(short["heldout_loss"] - whole["heldout_loss"]) > 1e-4
+
+
+def test_eval_files_cli(text_run, tiny_run, capsys):
+    run_dir, corpus = text_run
+    capsys.readouterr()
+    assert lsp_main(["eval", run_dir, "--files", corpus]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["heldout_tokens"] == len(open(corpus).read()) and 1 < result["heldout_perplexity"] < 257
+    assert lsp_main(["eval", tiny_run, "--files", corpus]) == 2   # an MQAR run has no text tokenizer
+    assert capsys.readouterr().err.startswith("error: files: this run trained on MQAR token ids")
 
 
 @pytest.mark.slow
