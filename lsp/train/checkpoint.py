@@ -158,19 +158,19 @@ def _prune(root: str, keep: int) -> None:
 
 
 def deepspeed_model_state(path: str) -> Dict[str, torch.Tensor]:
-    """The full fp32 weights of a DeepSpeed checkpoint (`<path>/deepspeed/`, any ZeRO stage, saved at any world
-    size), read in one process: DeepSpeed's own zero_to_fp32 merges the ZeRO partitions; stage 0 keeps whole
-    weights in the model-states file."""
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError:
-        raise ValueError(f"{path} is a DeepSpeed checkpoint; reading it needs deepspeed "
-                         "(pip install 'lsp[deepspeed]')") from None
+    """The full fp32 weights of a DeepSpeed checkpoint (`<path>/deepspeed/`, saved at any world size), read in one
+    process. ZeRO 0 keeps whole weights in the model-states file; ZeRO 1-3 partitions are merged by DeepSpeed's
+    own zero_to_fp32 (then deepspeed must be installed)."""
     folder = os.path.join(path, "deepspeed")
-    if not any(name.endswith("optim_states.pt") and "zero_pp_rank" in name for name in os.listdir(folder)):
+    if not any("zero_pp_rank" in name and name.endswith("optim_states.pt") for name in os.listdir(folder)):
         states = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu",
                             weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise ValueError(f"{path} is a DeepSpeed ZeRO checkpoint; merging its partitions needs deepspeed "
+                         "(pip install 'lsp[deepspeed]')") from None
     return get_fp32_state_dict_from_zero_checkpoint(path, tag="deepspeed")
 
 

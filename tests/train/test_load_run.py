@@ -164,3 +164,37 @@ def test_load_run_from_a_two_rank_run(tmp_path, sp):
     run_dir = train_tiny(tmp_path, f"parallel.sp={sp}", launch=2)
     model, _ = load_run(run_dir)
     assert eval_loss(model, run_dir, dp=2 // sp) == pytest.approx(logged_eval_loss(run_dir), rel=1e-5)
+
+
+def deepspeed_layout(tiny_run, tmp_path, files):
+    """A checkpoint folder in DeepSpeed's layout (`deepspeed/` instead of DCP shards) holding `files`."""
+    import shutil
+    src = os.path.join(tiny_run, "checkpoints", f"step_{STEPS:08d}")
+    dst = tmp_path / "ds" / "checkpoints" / f"step_{STEPS:08d}"
+    (dst / "deepspeed").mkdir(parents=True)
+    for name in ("trainer.pt", "config.yaml"):
+        shutil.copy(os.path.join(src, name), dst / name)
+    for name, obj in files.items():
+        torch.save(obj, dst / "deepspeed" / name)
+    return str(tmp_path / "ds")
+
+
+def test_load_run_reads_a_zero0_deepspeed_layout(tiny_run, tmp_path):
+    # ZeRO 0 keeps whole weights under "module" of mp_rank_00_model_states.pt (a synthetic file in that layout)
+    model, _ = load_run(tiny_run)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    run = deepspeed_layout(tiny_run, tmp_path, {"mp_rank_00_model_states.pt": {"module": state}})
+    loaded = load_run(run)[0].state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_zero_partitions_without_deepspeed_is_one_line(tiny_run, tmp_path, capsys):
+    try:
+        import deepspeed  # noqa: F401
+        pytest.skip("deepspeed is installed")
+    except ImportError:
+        pass
+    run = deepspeed_layout(tiny_run, tmp_path, {"mp_rank_00_model_states.pt": {"module": {}},
+                                                "zero_pp_rank_0_mp_rank_00_optim_states.pt": {}})
+    rc, _, err = generate_cli(capsys, run, "--prompt", "1 2")
+    assert rc == 2 and len(err.splitlines()) == 1 and "merging its partitions needs deepspeed" in err
