@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError, DataConfig
+from .shuffle import shuffled_position
+from .tokenize import default_workers, encoded_batches, progress_bar
 
 IGNORE_INDEX = -100
 
@@ -163,12 +165,15 @@ def _cache_key(paths: List[str], tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def build_token_file(paths: List[str], tokenizer, cache_dir: str) -> str:
+def build_token_file(paths: List[str], tokenizer, cache_dir: str, workers: Optional[int] = None,
+                     progress: Optional[bool] = None) -> str:
     """Tokenise the documents ONCE into `<cache_dir>/<key>.tokens` (+ `.docs`, `.json`); returns the stem.
 
     Files: tokens (uint16 or uint32, every document followed by eos), docs (int64 start offset of each document).
     Written to a temporary name and renamed, so a crash or a concurrent reader never sees a partial file. If the
     stem already exists it is reused as is (key = file paths, sizes, mtimes and tokenizer).
+    workers: tokenising processes (default: every local core for corpora above 8 MB, else 1); the file is the
+    same for any number (`lsp.train.tokenize`). progress: a tqdm bar (default: for corpora above 64 MB).
     """
     os.makedirs(cache_dir, exist_ok=True)
     stem = os.path.join(cache_dir, _cache_key(paths, tokenizer))
@@ -176,15 +181,22 @@ def build_token_file(paths: List[str], tokenizer, cache_dir: str) -> str:
         return stem
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     tmp = f"{stem}.{os.getpid()}.tmp"
-    starts, n = [], 0
+    total_bytes = sum(os.path.getsize(p) for p in paths)
+    workers = default_workers(total_bytes) if workers is None else workers
+    bar = progress_bar(total_bytes, progress)
+    lengths, n = [], 0
     with open(tmp + ".tokens", "wb") as out:
-        for text in iter_documents(paths):
-            ids = tokenizer.encode(text) + [tokenizer.eos_id]
-            starts.append(n)
-            n += len(ids)
-            out.write(np.asarray(ids, dtype=dtype).tobytes())
-    np.asarray(starts + [n], dtype=np.int64).tofile(tmp + ".docs")
-    meta = {"num_tokens": n, "num_docs": len(starts), "dtype": np.dtype(dtype).name,
+        for tokens, doc_lengths, chars in encoded_batches(iter_documents(paths), tokenizer, workers):
+            out.write(tokens.astype(dtype).tobytes())
+            lengths.append(doc_lengths)
+            n += len(tokens)
+            if bar is not None:
+                bar.update(chars)
+    if bar is not None:
+        bar.close()
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(tmp + ".docs")   # starts + [n]
+    meta = {"num_tokens": n, "num_docs": len(lengths), "dtype": np.dtype(dtype).name,
             "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name, "files": paths}
     with open(tmp + ".json", "w") as f:
         json.dump(meta, f)
@@ -280,8 +292,7 @@ class DataLoader:
         if self.epoch_len is None:
             return global_row
         epoch, pos = divmod(global_row, self.epoch_len)
-        perm = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(self.epoch_len)
-        return int(perm[pos])
+        return shuffled_position(pos, self.epoch_len, self.cfg.train.seed, epoch)   # O(1), no permutation array
 
     def _collate(self, samples) -> Batch:
         tokens = torch.from_numpy(np.stack([s[0] for s in samples]))

@@ -1,0 +1,83 @@
+"""Data at scale: O(1) shuffle lookup (`lsp.train.shuffle`) and parallel tokenisation (`lsp.train.tokenize`)."""
+import json
+
+import numpy as np
+import pytest
+
+import lsp.train.shuffle as shuffle
+import lsp.train.tokenize as tokenize
+from lsp.train.data import build_token_file, make_tokenizer
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 64, 1000, 4097])
+def test_shuffle_is_a_permutation_per_seed_and_epoch(n):
+    for seed, epoch in [(0, 0), (0, 1), (7, 0)]:
+        assert sorted(shuffle.shuffled_position(i, n, seed, epoch) for i in range(n)) == list(range(n))
+
+
+def rank_correlation(n, seed=0, epoch=0):
+    order = np.array([shuffle.shuffled_position(i, n, seed, epoch) for i in range(n)], dtype=float)
+    return np.corrcoef(np.arange(n), order)[0, 1], int((order == np.arange(n)).sum())
+
+
+def test_shuffle_mixes(monkeypatch):
+    n = 5000
+    corr, fixed = rank_correlation(n)
+    # a uniform random permutation: correlation ~ N(0, 1/n) (sd 0.014), ~1 fixed point
+    assert abs(corr) < 0.06 and fixed < 8
+    other = [shuffle.shuffled_position(i, n, 0, 1) for i in range(50)]
+    assert other != [shuffle.shuffled_position(i, n, 0, 0) for i in range(50)]          # per epoch
+    assert other != [shuffle.shuffled_position(i, n, 1, 1) for i in range(50)]          # per seed
+    monkeypatch.setattr(shuffle, "ROUNDS", 0)   # control: no rounds = the identity, which the check rejects
+    corr, fixed = rank_correlation(n)
+    assert corr > 0.99 and fixed == n
+
+
+def test_shuffle_lookup_is_constant_time(monkeypatch):
+    # count Feistel passes instead of timing: cycle walking needs < 4 on average on a domain < 4n
+    calls = []
+    inner = shuffle.feistel
+    monkeypatch.setattr(shuffle, "feistel", lambda *a: calls.append(1) or inner(*a))
+    n = 24_000_000
+    rows = [shuffle.shuffled_position(i * 4801, n, 3, 2) for i in range(2000)]
+    assert len(set(rows)) == 2000 and all(0 <= r < n for r in rows)
+    assert len(calls) / 2000 < 4
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    words = "the quick brown fox jumps over lazy dog naïve café 文字".split()
+    docs = [" ".join(rng.choice(words, rng.integers(1, 60))) for _ in range(300)]
+    paths = [tmp_path / "a.jsonl", tmp_path / "b.txt"]
+    paths[0].write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:-1]), encoding="utf-8")
+    paths[1].write_text(docs[-1], encoding="utf-8")
+    return [str(p) for p in paths], docs
+
+
+def read_token_file(stem):
+    with open(stem + ".json") as f:
+        meta = json.load(f)
+    return np.fromfile(stem + ".tokens", dtype=meta["dtype"]).tolist(), np.fromfile(stem + ".docs", np.int64).tolist()
+
+
+def test_parallel_tokenisation_equals_serial_reference(corpus, tmp_path, monkeypatch):
+    paths, docs = corpus
+    tok = make_tokenizer("byte")
+    # reference: every document's bytes then eos, in corpus order; starts of the documents + the total
+    expected = [t for d in docs for t in tok.encode(d) + [tok.eos_id]]
+    lengths = [len(tok.encode(d)) + 1 for d in docs]
+    starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    monkeypatch.setattr(tokenize, "BATCH_CHARS", 500)   # many batches, so that the order across workers matters
+    for workers in (1, 2, 3):
+        stem = build_token_file(paths, tok, str(tmp_path / f"cache{workers}"), workers=workers, progress=False)
+        assert read_token_file(stem) == (expected, starts)
+    # control: the comparison sees document order
+    swapped = [t for d in docs[1:2] + docs[:1] + docs[2:] for t in tok.encode(d) + [tok.eos_id]]
+    assert swapped != expected
+
+
+def test_progress_bar_counts_the_corpus(corpus, tmp_path, capsys):
+    paths, _ = corpus
+    build_token_file(paths, make_tokenizer("byte"), str(tmp_path / "c"), workers=2, progress=True)
+    assert "tokenising" in capsys.readouterr().err
