@@ -134,3 +134,23 @@ def test_import_hf_round_trip_is_bitwise(tmp_path, shard_bytes):
     with torch.no_grad():
         back.layers[1].attn.q_proj.weight[0, 0] += 1e-6
     assert not torch.equal(back.layers[1].attn.q_proj.weight, model.layers[1].attn.q_proj.weight)
+
+
+@needs_hf
+def test_tokenizers_json_export_keeps_ids_and_adds_eos(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from lsp.train.data import HFTokenizer
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50,
+                            trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    bpe.save(str(tmp_path / "bpe.json"))
+    tok = HFTokenizer(str(tmp_path / "bpe.json"))
+    model = make_model(vocab=tok.vocab_size)
+    export_model(model, tok, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "the lazy fox, quickly"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    assert hf_tok.eos_token_id == tok.eos_id == tok.vocab_size - 1
+    assert hf_tok.decode(tok.encode(text) + [tok.eos_id], skip_special_tokens=True) == tok.decode(tok.encode(text))

@@ -81,3 +81,15 @@ def test_progress_bar_counts_the_corpus(corpus, tmp_path, capsys):
     paths, _ = corpus
     build_token_file(paths, make_tokenizer("byte"), str(tmp_path / "c"), workers=2, progress=True)
     assert "tokenising" in capsys.readouterr().err
+
+
+def test_data_scale_benchmark_quick():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "data_scale.py")
+    spec = importlib.util.spec_from_file_location("bench_data_scale", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows, shuffles = bench.main(["--mb", "0.5", "--quick", "--workers", "1", "2"])
+    assert [r["workers"] for r in rows] == [1, 2] and all(r["MB/s"] > 0 for r in rows)
+    assert shuffles[0]["feistel us"] > 0
