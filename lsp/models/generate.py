@@ -66,18 +66,21 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
         raise ValueError(f"input_ids must have shape [B, T] with T >= 1, got {tuple(input_ids.shape)}")
     was_training = model.training
     model.eval()
-    cache = model.new_cache()
-    ids, step_input = input_ids, input_ids
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    B, T = input_ids.shape
+    out = input_ids.new_empty(B, T + max_new_tokens)   # filled in place: no per-token copy of the sequence
+    out[:, :T] = input_ids
+    cache, step_input, end = model.new_cache(), input_ids, T
+    finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
         h = model.hidden_states(step_input, cache=cache)[:, -1]                    # [B, D]
         token = next_token(h @ model.head_weight.t(), temperature, top_k, top_p, generator)
         if eos_id is not None:
             token = token.masked_fill(finished, eos_id)
             finished |= token == eos_id
-        ids = torch.cat([ids, token[:, None]], dim=1)
+        out[:, end] = token
+        end += 1
         if eos_id is not None and bool(finished.all()):
             break
         step_input = token[:, None]
     model.train(was_training)
-    return ids
+    return out[:, :end]

@@ -104,6 +104,10 @@ class HybridLM(nn.Module):
 
     def new_cache(self) -> DecodeCache:
         """An empty decoding state: one cache per layer (the layer's own `new_cache()`), nothing consumed yet."""
+        missing = sorted({type(b.attn).__name__ for b in self.layers if not hasattr(b.attn, "new_cache")})
+        if missing:
+            raise ValueError(f"decoding is not implemented for {', '.join(missing)} layers (no new_cache(); "
+                             "see lsp/models/cache.py for the contract)")
         return DecodeCache(layers=[block.attn.new_cache() for block in self.layers])
 
     def hidden_states(self, input_ids, sp=None, cu_seqlens=None, cache=None) -> torch.Tensor:

@@ -169,3 +169,10 @@ def test_generate_benchmark_quick():
     linear = [r for r in rows if r["pattern"] == "L"]
     assert linear[0]["MFLOP/token"] == linear[1]["MFLOP/token"] and linear[0]["cache KB"] == linear[1]["cache KB"]
     assert all(r["ms/token"] > 0 for r in rows)
+
+
+def test_layer_without_decode_path_is_named():
+    model = tiny_model()
+    model.layers[0].attn = torch.nn.Identity()   # stands for a layer kind that has no new_cache() yet
+    with pytest.raises(ValueError, match="decoding is not implemented for Identity layers"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2)
