@@ -103,7 +103,10 @@ def cmd_eval(args) -> int:
               "logging.wandb=false"]
     cfg = load_config(os.path.join(path, "config.yaml"), single + args.overrides)
     trainer = Trainer(cfg)
-    state = load_checkpoint(path, trainer.model)
+    try:
+        state = load_checkpoint(path, trainer.model)
+    except ValueError as err:   # a DeepSpeed ZeRO checkpoint without deepspeed installed
+        raise UserError(str(err)) from None
     metrics = {"checkpoint": path, "step": state["step"], **trainer.evaluate()}
     metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
     print(json.dumps(metrics), flush=True)

@@ -198,3 +198,14 @@ def test_zero_partitions_without_deepspeed_is_one_line(tiny_run, tmp_path, capsy
                                                 "zero_pp_rank_0_mp_rank_00_optim_states.pt": {}})
     rc, _, err = generate_cli(capsys, run, "--prompt", "1 2")
     assert rc == 2 and len(err.splitlines()) == 1 and "merging its partitions needs deepspeed" in err
+
+
+def test_eval_of_a_zero0_deepspeed_layout(tiny_run, tmp_path, capsys):
+    # `lsp eval` used to crash on DeepSpeed checkpoints; the ZeRO-0 layout now gives the run's eval loss
+    model, _ = load_run(tiny_run)
+    run = deepspeed_layout(tiny_run, tmp_path, {"mp_rank_00_model_states.pt": {"module": model.state_dict()}})
+    capsys.readouterr()
+    assert lsp_main(["eval", run]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["eval_loss"] == pytest.approx(logged_eval_loss(tiny_run), rel=1e-5)
+    assert result["eval_perplexity"] == pytest.approx(math.exp(result["eval_loss"]), rel=1e-9)
