@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Iterable, List, Optional
 
@@ -17,7 +18,8 @@ import torch
 
 from .config import Config, ConfigError, DataConfig
 from .shuffle import shuffled_position
-from .tokenize import default_workers, encoded_batches, progress_bar
+from .tokenize import (default_workers, encoded_batches, errors_shared, progress_bar, rank_byte_range, rank_part,
+                       wait_for)
 
 IGNORE_INDEX = -100
 
@@ -129,32 +131,68 @@ def make_tokenizer(spec: str):
     return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
 
 
-def iter_documents(paths: Iterable[str]) -> Iterable[str]:
+def iter_documents(paths: Iterable[str], byte_range: Optional[tuple] = None) -> Iterable[str]:
     """.jsonl: one JSON object per line with a "text" field; anything else: the whole file is one document.
 
     Files are read as bytes and decoded with errors="surrogateescape": invalid UTF-8 never stops a run, and the
     byte tokenizer turns the escapes back into the original bytes, so not one byte is lost (a `tokenizers` JSON
     sees U+FFFD instead). A .jsonl line that is not an object with a string "text" is a one-line error naming
-    file:line.
+    file:line. byte_range (lo, hi): only the documents whose first byte lies in [lo, hi) of the files laid end to
+    end (hi None: to the end), which splits a corpus between ranks without splitting a document.
     """
+    lo, hi = byte_range or (0, None)
+    base = 0
     for path in paths:
+        size = os.path.getsize(path)
+        start, stop = max(lo - base, 0), None if hi is None else hi - base     # this file's share, local offsets
+        base += size
+        if stop is not None and stop <= 0 or start > 0 and start >= size:
+            continue
         with open(path, "rb") as f:
             if not path.endswith(".jsonl"):
-                yield f.read().decode("utf-8", errors="surrogateescape")
+                if start == 0:
+                    yield f.read().decode("utf-8", errors="surrogateescape")
                 continue
-            for number, raw in enumerate(f, 1):
-                line = raw.decode("utf-8", errors="surrogateescape")
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError) as err:
-                    raise ConfigError("data.files", f"{path}:{number} is not a JSON object with a \"text\" "
-                                      f"field ({type(err).__name__})") from None
-                if not isinstance(text, str):
-                    raise ConfigError("data.files", f"{path}:{number}: \"text\" is {type(text).__name__}, "
-                                      "not a string")
-                yield text
+            yield from _jsonl_documents(f, path, start, stop)
+
+
+def _jsonl_documents(f, path: str, start: int, stop: Optional[int]) -> Iterable[str]:
+    # the lines of f that start in [start, stop), numbered as in the whole file
+    if start > 0:
+        f.seek(start - 1)
+        if f.read(1) != b"\n":
+            f.readline()                      # the line under way at `start` belongs to the range before
+    first = f.tell()
+    number = 1 + _newlines_before(f, first)
+    while stop is None or f.tell() < stop:
+        raw = f.readline()
+        if not raw:
+            return
+        line = raw.decode("utf-8", errors="surrogateescape")
+        if line.strip():
+            yield _jsonl_text(line, path, number)
+        number += 1
+
+
+def _newlines_before(f, pos: int) -> int:
+    if pos == 0:
+        return 0
+    f.seek(0)
+    count = 0
+    while f.tell() < pos:
+        count += f.read(min(1 << 24, pos - f.tell())).count(b"\n")
+    return count
+
+
+def _jsonl_text(line: str, path: str, number: int) -> str:
+    try:
+        text = json.loads(line)["text"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError("data.files", f"{path}:{number} is not a JSON object with a \"text\" "
+                          f"field ({type(err).__name__})") from None
+    if not isinstance(text, str):
+        raise ConfigError("data.files", f"{path}:{number}: \"text\" is {type(text).__name__}, not a string")
+    return text
 
 
 def _cache_key(paths: List[str], tokenizer) -> str:
@@ -166,27 +204,73 @@ def _cache_key(paths: List[str], tokenizer) -> str:
 
 
 def build_token_file(paths: List[str], tokenizer, cache_dir: str, workers: Optional[int] = None,
-                     progress: Optional[bool] = None) -> str:
+                     progress: Optional[bool] = None, rank: int = 0, world: int = 1) -> str:
     """Tokenise the documents ONCE into `<cache_dir>/<key>.tokens` (+ `.docs`, `.json`); returns the stem.
 
     Files: tokens (uint16 or uint32, every document followed by eos), docs (int64 start offset of each document).
     Written to a temporary name and renamed, so a crash or a concurrent reader never sees a partial file. If the
     stem already exists it is reused as is (key = file paths, sizes, mtimes and tokenizer).
-    workers: tokenising processes (default: every local core for corpora above 8 MB, else 1); the file is the
-    same for any number (`lsp.train.tokenize`). progress: a tqdm bar (default: for corpora above 64 MB).
+    workers: tokenising processes (default: the local cores shared by the local ranks for corpora above 8 MB, else
+    1); the file is the same for any number (`lsp.train.tokenize`). progress: a tqdm bar (default: above 64 MB).
+    rank / world: called by every rank, each tokenises the documents that start in its 1/world of the bytes into
+    a part file, rank 0 joins the parts; all of them wait on files, not on a collective with a timeout
+    (`lsp.train.tokenize.join_rank_parts`).
     """
     os.makedirs(cache_dir, exist_ok=True)
     stem = os.path.join(cache_dir, _cache_key(paths, tokenizer))
     if os.path.exists(stem + ".json") and _token_file_intact(stem):
         return stem
+    total_bytes = sum(os.path.getsize(p) for p in paths)
+    workers = default_workers(total_bytes // world) if workers is None else workers
+    if world == 1:
+        write_token_file(stem, iter_documents(paths), tokenizer, paths, workers, progress_bar(total_bytes, progress))
+        return stem
+    part, byte_range = rank_part(stem, rank, world), rank_byte_range(total_bytes, rank, world)
+    if not _token_file_intact(part):
+        lo, hi = byte_range
+        bar = progress_bar((total_bytes if hi is None else hi) - lo, progress if rank == 0 else False)
+        with errors_shared(part):   # a data error on one rank stops the others instead of leaving them waiting
+            write_token_file(part, iter_documents(paths, byte_range), tokenizer, paths, workers, bar)
+    join_rank_parts(stem, rank, world)
+    return stem
+
+
+def join_rank_parts(stem: str, rank: int, world: int) -> None:
+    """Rank 0: wait for every part, concatenate them in rank order into `stem`, remove them; the others: wait for
+    `stem`. Document starts of part r are shifted by the tokens of the parts before it."""
+    parts = [rank_part(stem, r, world) for r in range(world)]
+    if rank != 0:
+        wait_for(lambda: os.path.exists(stem + ".json") and _token_file_intact(stem), "rank 0 to join the token "
+                 "parts", parts)
+        return
+    wait_for(lambda: all(os.path.exists(p + ".json") and _token_file_intact(p) for p in parts),
+             "the other ranks' token parts", parts)
+    metas = []
+    for part in parts:
+        with open(part + ".json") as f:
+            metas.append(json.load(f))
+    tmp = f"{stem}.{os.getpid()}.tmp"
+    with open(tmp + ".tokens", "wb") as out:
+        for part in parts:
+            with open(part + ".tokens", "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+    offsets = np.cumsum([0] + [m["num_tokens"] for m in metas])
+    starts = [np.fromfile(p + ".docs", dtype=np.int64)[:-1] + off for p, off in zip(parts, offsets)]
+    np.concatenate(starts + [offsets[-1:]]).astype(np.int64).tofile(tmp + ".docs")
+    publish_token_file(tmp, stem, dict(metas[0], num_tokens=int(offsets[-1]),
+                                       num_docs=sum(m["num_docs"] for m in metas)))
+    for part in parts:
+        for ext in (".tokens", ".docs", ".json"):
+            os.remove(part + ext)
+
+
+def write_token_file(stem: str, documents: Iterable[str], tokenizer, paths: List[str], workers: int, bar) -> None:
+    """Tokens of the documents (each followed by eos) -> `stem`.tokens / .docs / .json, via temporary names."""
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     tmp = f"{stem}.{os.getpid()}.tmp"
-    total_bytes = sum(os.path.getsize(p) for p in paths)
-    workers = default_workers(total_bytes) if workers is None else workers
-    bar = progress_bar(total_bytes, progress)
     lengths, n = [], 0
     with open(tmp + ".tokens", "wb") as out:
-        for tokens, doc_lengths, chars in encoded_batches(iter_documents(paths), tokenizer, workers):
+        for tokens, doc_lengths, chars in encoded_batches(documents, tokenizer, workers):
             out.write(tokens.astype(dtype).tobytes())
             lengths.append(doc_lengths)
             n += len(tokens)
@@ -198,12 +282,15 @@ def build_token_file(paths: List[str], tokenizer, cache_dir: str, workers: Optio
     np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(tmp + ".docs")   # starts + [n]
     meta = {"num_tokens": n, "num_docs": len(lengths), "dtype": np.dtype(dtype).name,
             "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name, "files": paths}
+    publish_token_file(tmp, stem, meta)
+
+
+def publish_token_file(tmp: str, stem: str, meta: dict) -> None:
     with open(tmp + ".json", "w") as f:
         json.dump(meta, f)
     os.replace(tmp + ".tokens", stem + ".tokens")
     os.replace(tmp + ".docs", stem + ".docs")
     os.replace(tmp + ".json", stem + ".json")     # last: its presence marks a complete token file
-    return stem
 
 
 def _token_file_intact(stem: str) -> bool:

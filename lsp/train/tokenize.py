@@ -4,13 +4,22 @@ Documents are grouped into batches of about `batch_chars` characters; a pool of 
 tokenizer is inherited, not re-loaded) encodes them while the caller writes finished batches to the memmap file.
 At most 2 x workers batches are in flight, so memory stays bounded whatever the corpus size, and results are
 consumed in submission order, so the token file is byte-identical to a serial run's.
+
+Across ranks (`build_token_file(..., rank, world)`): rank r tokenises the documents that start in its 1/world of
+the corpus bytes into a part file; rank 0 joins the parts in rank order (the same bytes as one process would
+write). Ranks coordinate through the files of the shared cache directory, polling without a timeout, so no
+collective times out however long a corpus takes; a data error on one rank reaches the others as a file.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import json
 import multiprocessing as mp
 import os
-from typing import Iterable, Iterator, List, Optional, Tuple
+import sys
+import time
+from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -51,7 +60,10 @@ def batches(documents: Iterable[str], batch_chars: Optional[int] = None) -> Iter
 
 
 def default_workers(total_bytes: int) -> int:
-    return 1 if total_bytes < SERIAL_BELOW_BYTES else (os.cpu_count() or 1)
+    """1 below SERIAL_BELOW_BYTES, else this rank's share of the local cores (torchrun sets LOCAL_WORLD_SIZE)."""
+    if total_bytes < SERIAL_BELOW_BYTES:
+        return 1
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def encoded_batches(documents: Iterable[str], tokenizer, workers: int,
@@ -83,3 +95,43 @@ def progress_bar(total_bytes: int, enabled: Optional[bool]):
     from tqdm import tqdm
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenising", file=sys.stderr,
                 dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------ across ranks
+def rank_byte_range(total_bytes: int, rank: int, world: int) -> Tuple[int, Optional[int]]:
+    """Rank r's share [lo, hi) of the corpus bytes (hi None for the last rank: to the end)."""
+    return total_bytes * rank // world, None if rank == world - 1 else total_bytes * (rank + 1) // world
+
+
+def rank_part(stem: str, rank: int, world: int) -> str:
+    return f"{stem}.part{rank}of{world}"
+
+
+@contextlib.contextmanager
+def errors_shared(part: str):
+    """A data error (ConfigError) while writing this rank's part is also left in `<part>.error`, where the ranks
+    waiting for the part read it and stop with the same line (the corpus bytes decide it, so it never goes stale)."""
+    from .config import ConfigError
+    try:
+        yield
+    except ConfigError as err:
+        with open(part + ".error", "w") as f:
+            json.dump({"key": err.key, "message": str(err)[len(err.key) + 2:] if err.key else str(err)}, f)
+        raise
+
+
+def wait_for(ready: Callable[[], bool], what: str, parts: List[str], poll_s: float = 0.2) -> None:
+    """Poll the file system until ready(); no timeout (a rank that dies ends the launch through torchrun), a line
+    every minute, and the error of a rank that failed on the data."""
+    from .config import ConfigError
+    start = last = time.monotonic()
+    while not ready():
+        for part in parts:
+            if os.path.exists(part + ".error"):
+                with open(part + ".error") as f:
+                    err = json.load(f)
+                raise ConfigError(err["key"], err["message"])
+        if time.monotonic() - last > 60:
+            last = time.monotonic()
+            print(f"lsp: waiting for {what} ({last - start:.0f} s)", file=sys.stderr, flush=True)
+        time.sleep(poll_s)

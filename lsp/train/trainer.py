@@ -70,8 +70,9 @@ class Trainer:
         self.cfg = cfg
         self.mesh = mesh = init_mesh(cfg)
         torch.manual_seed(cfg.train.seed)   # same initial weights on every rank
-        if cfg.data.kind == "files" and mesh.is_main:   # tokenise once, before the other ranks map the file
-            build_token_file(list(cfg.data.files), make_tokenizer(cfg.data.tokenizer), cfg.data.cache_dir)
+        if cfg.data.kind == "files":   # every rank tokenises its share; they wait on files, not on a timed collective
+            build_token_file(list(cfg.data.files), make_tokenizer(cfg.data.tokenizer), cfg.data.cache_dir,
+                             rank=mesh.rank, world=mesh.world)
         barrier(mesh)
         self.data = DataLoader(cfg, dp_rank=mesh.dp_rank, dp_size=mesh.dp)
         self.model = build_model(cfg, self.data.vocab_size).to(mesh.device)

@@ -1,5 +1,6 @@
 """Data at scale: O(1) shuffle lookup (`lsp.train.shuffle`) and parallel tokenisation (`lsp.train.tokenize`)."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -93,3 +94,80 @@ def test_data_scale_benchmark_quick():
     rows, shuffles = bench.main(["--mb", "0.5", "--quick", "--workers", "1", "2"])
     assert [r["workers"] for r in rows] == [1, 2] and all(r["MB/s"] > 0 for r in rows)
     assert shuffles[0]["feistel us"] > 0
+
+
+@pytest.fixture
+def mixed_corpus(tmp_path):
+    """jsonl files (documents split by line), whole-file documents, an empty file: what ranks must split."""
+    rng = np.random.default_rng(1)
+    words = "alpha beta gamma delta épsilon 文字".split()
+    doc = lambda: " ".join(rng.choice(words, rng.integers(0, 30)))  # noqa: E731
+    paths = []
+    for i, kind in enumerate(["jsonl", "txt", "txt", "jsonl", "txt"]):
+        path = tmp_path / f"f{i}.{kind}"
+        if kind == "jsonl":
+            path.write_text("".join(json.dumps({"text": doc()}) + "\n" + ("\n" if j % 7 == 0 else "")
+                                    for j in range(40)), encoding="utf-8")
+        else:
+            path.write_text(doc() if i != 2 else "", encoding="utf-8")
+        paths.append(str(path))
+    return paths
+
+
+@pytest.mark.parametrize("world", [2, 3, 5, 64])
+def test_rank_byte_ranges_split_documents_exactly_once(mixed_corpus, world):
+    from lsp.train.data import iter_documents
+    from lsp.train.tokenize import rank_byte_range
+    total = sum(os.path.getsize(p) for p in mixed_corpus)
+    whole = list(iter_documents(mixed_corpus))
+    split = [d for r in range(world) for d in iter_documents(mixed_corpus, rank_byte_range(total, r, world))]
+    assert split == whole
+    # control: ranges that overlap by the first byte of a line repeat that document, which the comparison sees
+    lines = open(mixed_corpus[0], "rb").read().split(b"\n")
+    line_start = len(lines[0]) + len(lines[1]) + 2      # line 2 (line 1 is blank)
+    overlap = list(iter_documents(mixed_corpus, (0, line_start + 1))) + list(iter_documents(mixed_corpus,
+                                                                                             (line_start, None)))
+    assert len(overlap) == len(whole) + 1
+
+
+def build_on_ranks(paths, cache, world, tok):
+    # every "rank" in a thread of its own, all at once, as under torchrun (they share only the cache directory)
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(world) as pool:
+        futures = [pool.submit(build_token_file, paths, tok, cache, workers=1, progress=False, rank=r, world=world)
+                   for r in range(world)]
+        return [f.exception() or f.result() for f in futures]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_token_file_built_by_ranks_equals_one_process(mixed_corpus, tmp_path, world):
+    tok = make_tokenizer("byte")
+    serial = build_token_file(mixed_corpus, tok, str(tmp_path / "one"), workers=1, progress=False)
+    stems = build_on_ranks(mixed_corpus, str(tmp_path / "ranks"), world, tok)
+    assert len(set(stems)) == 1 and read_token_file(stems[0]) == read_token_file(serial)
+    with open(stems[0] + ".json") as f, open(serial + ".json") as g:
+        assert json.load(f) == json.load(g)
+    assert sorted(os.listdir(tmp_path / "ranks")) == sorted(os.listdir(tmp_path / "one"))   # parts removed
+
+
+def test_data_error_on_one_rank_stops_every_rank(mixed_corpus, tmp_path):
+    from lsp.train.config import ConfigError
+    with open(mixed_corpus[3], "a") as f:   # the second jsonl file: near the end, on the last rank
+        f.write("not json\n")
+    line = sum(1 for _ in open(mixed_corpus[3]))
+    results = build_on_ranks(mixed_corpus, str(tmp_path / "c"), 3, make_tokenizer("byte"))
+    assert all(isinstance(r, ConfigError) for r in results)
+    assert {str(r) for r in results} == {f"data.files: {mixed_corpus[3]}:{line} is not a JSON object with a "
+                                         "\"text\" field (JSONDecodeError)"}
+
+
+@pytest.mark.slow
+def test_two_rank_launch_tokenises_like_one_process(mixed_corpus, tmp_path):
+    from tests.train.conftest import SMALL, TINY, run_lsp
+    proc = run_lsp("launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}", "name=files", *SMALL,
+                   "data.kind=files", f"data.files=[{','.join(mixed_corpus)}]", f"data.cache_dir={tmp_path / 'ranks'}",
+                   "train.micro_batch=1", "train.steps=2", "data.seq_len=16", "data.val_fraction=0.2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    serial = build_token_file(mixed_corpus, make_tokenizer("byte"), str(tmp_path / "one"), workers=1, progress=False)
+    (ranks,) = [f for f in os.listdir(tmp_path / "ranks") if f.endswith(".tokens")]
+    assert read_token_file(str(tmp_path / "ranks" / ranks[:-len(".tokens")])) == read_token_file(serial)
