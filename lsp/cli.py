@@ -102,6 +102,7 @@ def cmd_eval(args) -> int:
     single = ["parallel.dp=0", "parallel.sp=1", "parallel.engine=ddp", "parallel.zero=0", "checkpoint.resume=false",
               "logging.wandb=false"]
     cfg = load_config(os.path.join(path, "config.yaml"), single + args.overrides)
+    cfg.init_from = ""   # the checkpoint's weights are loaded below; the run's starting point may be gone
     trainer = Trainer(cfg)
     try:
         state = load_checkpoint(path, trainer.model)

@@ -23,7 +23,7 @@ from typing import Dict, List
 
 import torch
 
-from lsp.models.hf import ARCHITECTURE, MODEL_TYPE, MODELING_FILE
+from lsp.models.hf import ARCHITECTURE, MODEL_TYPE, MODELING_FILE, PREFIX, read_hf_folder
 
 EOS_TOKEN = "<|endoftext|>"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
@@ -50,29 +50,16 @@ def export_model(model, tokenizer, out_dir: str, max_shard_bytes: int = DEFAULT_
 def import_hf(hf_dir: str):
     """The way back: the HybridLM of an `lsp export` folder (config.json + model*.safetensors), fp32, CPU, exactly
     the exported weights. Needs only safetensors."""
-    from safetensors.torch import load_file
-
     from lsp.models import HybridConfig, HybridLM
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        config = json.load(f)
-    if config.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"hf_dir: {hf_dir} holds model_type {config.get('model_type')!r}, not an lsp export "
-                         f"({MODEL_TYPE!r})")
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    tensors = {k: v for name in files for k, v in load_file(os.path.join(hf_dir, name)).items()}
-    model = HybridLM(HybridConfig.from_dict(config["lsp"]))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items()}, strict=True)
+    config, tensors = read_hf_folder(hf_dir)
+    model = HybridLM(HybridConfig.from_dict(config))
+    model.load_state_dict(tensors, strict=True)
     return model.eval()
 
 
 def export_state_dict(model) -> Dict[str, torch.Tensor]:
     """lsp parameter names under the wrapper's prefix `model.` (a tied head is embed.weight, stored once)."""
-    return {f"model.{name}": t.detach().contiguous() for name, t in model.state_dict().items()}
+    return {f"{PREFIX}{name}": t.detach().contiguous() for name, t in model.state_dict().items()}
 
 
 def shard(tensors: Dict[str, torch.Tensor], max_bytes: int) -> List[Dict[str, torch.Tensor]]:

@@ -1,5 +1,6 @@
 """Open a finished (or running) training run for inference: `model, tokenizer = load_run(RUN_DIR)`, and measure its
-perplexity on held-out text files (`heldout_perplexity`, behind `lsp eval RUN_DIR --files ...`).
+perplexity on held-out text files (`heldout_perplexity`, behind `lsp eval RUN_DIR --files ...`), and start a new
+training run from trained weights (`init_weights_from`, the config key `init_from`).
 
 The model is rebuilt from the run's saved `config.yaml` and its weights are read from the newest complete checkpoint
 in one process, whatever wrote it: DDP or FSDP (DCP shards, any dp x sp: DCP stores global shapes) or DeepSpeed
@@ -15,7 +16,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from .checkpoint import find_checkpoint, load_model_state
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .data import MQAR, IdTokenizer, iter_documents, make_tokenizer
 
 
@@ -63,3 +64,33 @@ def heldout_perplexity(model, tokenizer, paths: List[str], seq_len: int) -> Dict
     if count == 0:
         raise ValueError("files: no tokens to evaluate")
     return {"heldout_loss": nll / count, "heldout_perplexity": math.exp(nll / count), "heldout_tokens": count}
+
+
+# the fields that decide what a HybridLM computes (the rest are training switches: sp_method, backend, ...)
+MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "layer_types", "linear_attn",
+                "head_dim", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings", "gate_low_rank_dim",
+                "gate_logit_normalizer")
+
+
+def init_weights_from(model, path: str) -> None:
+    """`init_from=PATH`: copy into model the weights of an `lsp export` folder (config.json + safetensors) or of the
+    newest checkpoint of a run. The saved model must compute the same function: ConfigError naming init_from and
+    the first differing field otherwise."""
+    from lsp.models import HybridConfig
+    from lsp.models.hf import read_hf_folder
+    if os.path.isfile(os.path.join(path, "config.json")):
+        try:
+            config, tensors = read_hf_folder(path)
+        except ValueError as err:
+            raise ConfigError("init_from", str(err)) from None
+        saved_cfg = HybridConfig.from_dict(config)
+    elif os.path.isdir(path) and find_checkpoint(path) is not None:
+        saved = load_run(path)[0]
+        saved_cfg, tensors = saved.cfg, saved.state_dict()
+    else:
+        raise ConfigError("init_from", f"{path} is neither an `lsp export` folder nor a run with a complete checkpoint")
+    for name in MODEL_FIELDS:
+        if getattr(saved_cfg, name) != getattr(model.cfg, name):
+            raise ConfigError("init_from", f"{path} holds a model with {name}={getattr(saved_cfg, name)!r}; this "
+                              f"config builds {name}={getattr(model.cfg, name)!r}")
+    model.load_state_dict(tensors, strict=True)

@@ -75,7 +75,11 @@ class Trainer:
                              rank=mesh.rank, world=mesh.world)
         barrier(mesh)
         self.data = DataLoader(cfg, dp_rank=mesh.dp_rank, dp_size=mesh.dp)
-        self.model = build_model(cfg, self.data.vocab_size).to(mesh.device)
+        self.model = build_model(cfg, self.data.vocab_size)
+        if cfg.init_from:   # trained weights to start from (a resumed checkpoint below replaces them)
+            from .load import init_weights_from
+            init_weights_from(self.model, cfg.init_from)
+        self.model = self.model.to(mesh.device)
         self.sp = build_sp(cfg, mesh)
         self.engine = Engine(cfg, mesh, self.model)
         self.step = 0

@@ -209,3 +209,27 @@ def test_eval_of_a_zero0_deepspeed_layout(tiny_run, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["eval_loss"] == pytest.approx(logged_eval_loss(tiny_run), rel=1e-5)
     assert result["eval_perplexity"] == pytest.approx(math.exp(result["eval_loss"]), rel=1e-9)
+
+
+def test_init_from_an_export_or_a_run_is_bitwise(tiny_run, tmp_path):
+    from lsp.export import export_run
+    from lsp.train.config import ConfigError
+    from lsp.train.trainer import Trainer
+    export_run(tiny_run, str(tmp_path / "hf"))
+    trained = load_run(tiny_run)[0].state_dict()
+
+    def start(name, *extra):
+        cfg = load_config(TINY, SMALL + ["parallel.sp=1", f"out_dir={tmp_path}", f"name={name}", "train.steps=8",
+                                         *extra])
+        return Trainer(cfg)
+
+    for source in (str(tmp_path / "hf"), tiny_run):   # the Hugging Face folder, the lsp run itself
+        trainer = start(f"from-{len(source)}", f"init_from={source}")
+        weights = trainer.model.state_dict()
+        assert all(torch.equal(weights[k], v) for k, v in trained.items())
+        assert trainer.train_step()["loss"] == pytest.approx(logged_eval_loss(tiny_run), abs=1.0)   # trains on
+    fresh = start("fresh").model.state_dict()   # control: without init_from the weights are new
+    assert not all(torch.equal(fresh[k], v) for k, v in trained.items())
+    with pytest.raises(ConfigError, match="^init_from: .* holds a model with hidden_size=32; this config builds "
+                                          "hidden_size=48"):
+        start("other", f"init_from={tmp_path / 'hf'}", "model.hidden_size=48")
