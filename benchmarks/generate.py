@@ -1,10 +1,11 @@
 """Per-token decoding cost vs. prefix length: recurrent decoding (`HybridLM.generate`) against re-running the prefix.
 
-For each prefix length P: prefill P random tokens, then time `--steps` single-token decode steps (the prefixes in
-turn, minimum over `--rounds` rounds) and count their FLOPs (FlopCounterMode). A pure-linear model ("L") decodes from its
-d_k x d_v state per head, so time, FLOPs and cache size per token do not depend on P; a hybrid ("LLLS") also reads a KV
-cache that grows with P; "no cache" runs the whole prefix again for one token, what generation cost before this
-path. FLOPs are FlopCounterMode's matmul count (the CPU flash-attention kernel of the KV-cache query is not counted).
+For each prefix length P: prefill P random tokens, then time `--steps` single-token decode steps (the prefixes
+in turn, minimum over `--rounds` rounds) and count their FLOPs (FlopCounterMode). A pure-linear model ("L")
+decodes from its d_k x d_v state per head, so time, FLOPs and cache size per token do not depend on P; a hybrid
+("LLLS") also reads a KV cache that grows with P; "no cache" runs the whole prefix again for one token, what
+generation cost before this path. FLOPs are FlopCounterMode's matmul count (the CPU flash-attention kernel of the
+KV-cache query is not counted).
 
     python benchmarks/generate.py                 # P = 256 and 4096, hidden 256, 4 layers
     python benchmarks/generate.py --quick         # small, for the smoke test

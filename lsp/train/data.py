@@ -18,7 +18,7 @@ import torch
 
 from .config import Config, ConfigError, DataConfig
 from .shuffle import shuffled_position
-from .tokenize import (default_workers, encoded_batches, errors_shared, progress_bar, rank_byte_range, rank_part,
+from .tokenizing import (default_workers, encoded_batches, errors_shared, progress_bar, rank_byte_range, rank_part,
                        wait_for)
 
 IGNORE_INDEX = -100
@@ -211,10 +211,10 @@ def build_token_file(paths: List[str], tokenizer, cache_dir: str, workers: Optio
     Written to a temporary name and renamed, so a crash or a concurrent reader never sees a partial file. If the
     stem already exists it is reused as is (key = file paths, sizes, mtimes and tokenizer).
     workers: tokenising processes (default: the local cores shared by the local ranks for corpora above 8 MB, else
-    1); the file is the same for any number (`lsp.train.tokenize`). progress: a tqdm bar (default: above 64 MB).
+    1); the file is the same for any number (`lsp.train.tokenizing`). progress: a tqdm bar (default: above 64 MB).
     rank / world: called by every rank, each tokenises the documents that start in its 1/world of the bytes into
     a part file, rank 0 joins the parts; all of them wait on files, not on a collective with a timeout
-    (`lsp.train.tokenize.join_rank_parts`).
+    (`join_rank_parts`).
     """
     os.makedirs(cache_dir, exist_ok=True)
     stem = os.path.join(cache_dir, _cache_key(paths, tokenizer))

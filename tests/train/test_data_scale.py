@@ -1,4 +1,4 @@
-"""Data at scale: O(1) shuffle lookup (`lsp.train.shuffle`) and parallel tokenisation (`lsp.train.tokenize`)."""
+"""Data at scale: O(1) shuffle lookup (`lsp.train.shuffle`) and parallel tokenisation (`lsp.train.tokenizing`)."""
 import json
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lsp.train.shuffle as shuffle
-import lsp.train.tokenize as tokenize
+import lsp.train.tokenizing as tokenizing
 from lsp.train.data import build_token_file, make_tokenizer
 
 
@@ -69,7 +69,7 @@ def test_parallel_tokenisation_equals_serial_reference(corpus, tmp_path, monkeyp
     expected = [t for d in docs for t in tok.encode(d) + [tok.eos_id]]
     lengths = [len(tok.encode(d)) + 1 for d in docs]
     starts = np.concatenate([[0], np.cumsum(lengths)]).tolist()
-    monkeypatch.setattr(tokenize, "BATCH_CHARS", 500)   # many batches, so that the order across workers matters
+    monkeypatch.setattr(tokenizing, "BATCH_CHARS", 500)   # many batches, so that the order across workers matters
     for workers in (1, 2, 3):
         stem = build_token_file(paths, tok, str(tmp_path / f"cache{workers}"), workers=workers, progress=False)
         assert read_token_file(stem) == (expected, starts)
@@ -117,7 +117,7 @@ def mixed_corpus(tmp_path):
 @pytest.mark.parametrize("world", [2, 3, 5, 64])
 def test_rank_byte_ranges_split_documents_exactly_once(mixed_corpus, world):
     from lsp.train.data import iter_documents
-    from lsp.train.tokenize import rank_byte_range
+    from lsp.train.tokenizing import rank_byte_range
     total = sum(os.path.getsize(p) for p in mixed_corpus)
     whole = list(iter_documents(mixed_corpus))
     split = [d for r in range(world) for d in iter_documents(mixed_corpus, rank_byte_range(total, r, world))]
