@@ -75,6 +75,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> List[int]:
         return list(text.encode("utf-8", errors="surrogateescape"))   # undecodable input bytes come back as is
 
+    def encode_array(self, text: str) -> np.ndarray:
+        # == encode(text) as int64 [N], without a Python int per byte (what bulk tokenisation uses)
+        return np.frombuffer(text.encode("utf-8", errors="surrogateescape"), dtype=np.uint8).astype(np.int64)
+
     def decode(self, ids: List[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")   # eos and cut bytes dropped
 
