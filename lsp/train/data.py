@@ -214,8 +214,9 @@ def build_token_file(paths: List[str], tokenizer, cache_dir: str, workers: Optio
     Files: tokens (uint16 or uint32, every document followed by eos), docs (int64 start offset of each document).
     Written to a temporary name and renamed, so a crash or a concurrent reader never sees a partial file. If the
     stem already exists it is reused as is (key = file paths, sizes, mtimes and tokenizer).
-    workers: tokenising processes (default: the local cores shared by the local ranks for corpora above 8 MB, else
-    1); the file is the same for any number (`lsp.train.tokenizing`). progress: a tqdm bar (default: above 64 MB).
+    workers: tokenising processes (default: the local cores shared by the local ranks for shares above 8 MB, 1 for
+    the byte tokenizer); the file is the same for any number (`lsp.train.tokenizing`). progress: a tqdm bar
+    (default: above 64 MB).
     rank / world: called by every rank, each tokenises the documents that start in its 1/world of the bytes into
     a part file, rank 0 joins the parts; all of them wait on files, not on a collective with a timeout
     (`join_rank_parts`).
@@ -225,7 +226,7 @@ def build_token_file(paths: List[str], tokenizer, cache_dir: str, workers: Optio
     if os.path.exists(stem + ".json") and _token_file_intact(stem):
         return stem
     total_bytes = sum(os.path.getsize(p) for p in paths)
-    workers = default_workers(total_bytes // world) if workers is None else workers
+    workers = default_workers(total_bytes // world, tokenizer) if workers is None else workers
     if world == 1:
         write_token_file(stem, iter_documents(paths), tokenizer, paths, workers, progress_bar(total_bytes, progress))
         return stem

@@ -63,9 +63,11 @@ def batches(documents: Iterable[str], batch_chars: Optional[int] = None) -> Iter
         yield batch
 
 
-def default_workers(total_bytes: int) -> int:
-    """1 below SERIAL_BELOW_BYTES, else this rank's share of the local cores (torchrun sets LOCAL_WORLD_SIZE)."""
-    if total_bytes < SERIAL_BELOW_BYTES:
+def default_workers(total_bytes: int, tokenizer=None) -> int:
+    """1 below SERIAL_BELOW_BYTES or for a tokenizer with a bulk `encode_array` (the byte tokenizer: shipping the
+    text to a worker costs more than encoding it), else this rank's share of the local cores (LOCAL_WORLD_SIZE is
+    set by torchrun)."""
+    if total_bytes < SERIAL_BELOW_BYTES or hasattr(tokenizer, "encode_array"):
         return 1
     return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 

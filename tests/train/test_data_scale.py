@@ -171,3 +171,14 @@ def test_two_rank_launch_tokenises_like_one_process(mixed_corpus, tmp_path):
     serial = build_token_file(mixed_corpus, make_tokenizer("byte"), str(tmp_path / "one"), workers=1, progress=False)
     (ranks,) = [f for f in os.listdir(tmp_path / "ranks") if f.endswith(".tokens")]
     assert read_token_file(str(tmp_path / "ranks" / ranks[:-len(".tokens")])) == read_token_file(serial)
+
+
+def test_default_workers(monkeypatch):
+    from lsp.train.data import ByteTokenizer
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    big = 1 << 30
+    assert tokenizing.default_workers(1 << 20) == 1                      # small: a pool costs more than it saves
+    assert tokenizing.default_workers(big, ByteTokenizer()) == 1         # numpy-fast: shipping text costs more
+    assert tokenizing.default_workers(big, object()) == (os.cpu_count() or 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * (os.cpu_count() or 1)))   # more local ranks than cores
+    assert tokenizing.default_workers(big, object()) == 1
