@@ -3,7 +3,11 @@
     lsp train CONFIG.yaml [key=value ...]            one process, or one rank under torchrun / accelerate
     lsp launch [--nproc-per-node N] [--nnodes M] [--node-rank R] [--rdzv-endpoint HOST:PORT] [--max-restarts K]
                CONFIG.yaml [key=value ...]           torchrun ... -m lsp.cli train CONFIG.yaml ...
-    lsp eval CHECKPOINT_DIR [key=value ...]          MQAR accuracy / validation loss of a checkpoint
+    lsp eval CHECKPOINT_DIR [key=value ...]          MQAR accuracy / validation loss (+ perplexity) of a checkpoint
+    lsp eval CHECKPOINT_DIR --files F [F ...]        loss and perplexity on held-out text files
+    lsp generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
+                                                     continue a prompt with the run's model (recurrent decoding)
+    lsp export RUN_DIR OUT_DIR [--max-shard-mb M]    Hugging Face folder (config, safetensors, tokenizer, remote code)
     lsp plan [--gpus N] [--seq-len T] CONFIG.yaml [key=value ...]
                                                      recommended sp, SP method, micro-batch (lsp.train.plan)
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -112,13 +117,78 @@ def cmd_eval(args) -> int:
     from lsp.train.checkpoint import load_checkpoint
     from lsp.train.config import load_config
     from lsp.train.trainer import Trainer
+    if args.files:
+        return eval_files(path, args.files)
     single = ["parallel.dp=0", "parallel.sp=1", "parallel.engine=ddp", "parallel.zero=0", "checkpoint.resume=false",
               "logging.wandb=false"]
     cfg = load_config(os.path.join(path, "config.yaml"), single + args.overrides)
+    cfg.init_from = ""   # the checkpoint's weights are loaded below; the run's starting point may be gone
     trainer = Trainer(cfg)
-    state = load_checkpoint(path, trainer.model)
+    try:
+        state = load_checkpoint(path, trainer.model)
+    except ValueError as err:   # a DeepSpeed ZeRO checkpoint without deepspeed installed
+        raise UserError(str(err)) from None
     metrics = {"checkpoint": path, "step": state["step"], **trainer.evaluate()}
+    metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 700.0))
     print(json.dumps(metrics), flush=True)
+    return 0
+
+
+def eval_files(path: str, files: List[str]) -> int:
+    """`lsp eval RUN_DIR --files ...`: held-out perplexity of the checkpoint at path (lsp.train.load)."""
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise UserError(f"--files: not found: {missing[0]}")
+    from lsp.models import load_run
+    from lsp.train.config import load_config
+    from lsp.train.load import heldout_perplexity
+    seq_len = load_config(os.path.join(path, "config.yaml"), check_files=False).data.seq_len
+    try:
+        model, tokenizer = load_run(path)
+        metrics = heldout_perplexity(model, tokenizer, files, seq_len)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(json.dumps({"checkpoint": path, **metrics}), flush=True)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Print the prompt and its continuation by the newest checkpoint of a run (lsp.models.generate)."""
+    import time
+
+    import torch
+
+    from lsp.models import load_run
+    from lsp.models.generate import check_sampling
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        model, tokenizer = load_run(args.run_dir, device=args.device)
+        ids = tokenizer.encode(args.prompt)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if not ids:
+        raise UserError("--prompt is empty")
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    start = time.perf_counter()
+    out = model.generate(torch.tensor([ids], device=args.device), args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, generator=generator, eos_id=tokenizer.eos_id)
+    seconds = time.perf_counter() - start
+    print(tokenizer.decode(out[0].tolist()), flush=True)
+    new = out.shape[1] - len(ids)
+    print(f"lsp generate: {len(ids)} prompt + {new} new tokens in {seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Write the newest checkpoint of a run as a Hugging Face model folder (lsp.export)."""
+    if args.max_shard_mb <= 0:
+        raise UserError(f"--max-shard-mb must be positive, got {args.max_shard_mb}")
+    from lsp.export import export_run
+    try:
+        files = export_run(args.run_dir, args.out_dir, max_shard_bytes=int(args.max_shard_mb * 1024 ** 2))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    print(f"lsp export: wrote {', '.join(files)} to {args.out_dir}", flush=True)
     return 0
 
 
@@ -172,10 +242,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", default=[], help="key=value")
     p.set_defaults(func=cmd_launch)
-    p = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy / validation loss)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy / validation loss, or held-out files)")
     p.add_argument("checkpoint")
+    p.add_argument("--files", nargs="+", default=None, help="held-out text / .jsonl files: loss and perplexity")
     p.add_argument("overrides", nargs="*", default=[], help="key=value")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("generate", help="continue a prompt with a trained run's model")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", required=True, help="text (token ids separated by spaces for an MQAR run)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("export", help="write a run's model as a Hugging Face folder")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--max-shard-mb", type=float, default=5120.0, help="split the weights above this size")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("plan", help="recommend sp size, SP method, micro-batch for a config on a cluster")
     p.add_argument("--gpus", type=int, default=None,
                    help="GPUs in the job (default: parallel.dp x (--world or parallel.sp))")

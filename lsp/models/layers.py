@@ -1,7 +1,8 @@
 """Building blocks of `HybridLM`: RMSNorm, RoPE, SwiGLU and the two attention kinds.
 
 Both attention layers take `x: [B, T, D]` plus the global token positions of its rows and, when `sp` is given,
-run sequence-parallel on the local shard (the same sharding for both kinds, so the model shards once).
+run sequence-parallel on the local shard (the same sharding for both kinds, so the model shards once). With
+`cache` (one process, no packing) they continue a sequence from their decoding state instead: see `cache.py`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import torch.nn.functional as F
 
 from lsp.ops import delta_rule, linear_attention, softmax_attention
 from lsp.ops.delta import short_conv
+from lsp.ops.softmax import causal_suffix_attention
 
+from .cache import KVCache, RecurrentState, check_decoding, recurrent_step
 from .config import DELTA_ATTN, HybridConfig
 
 
@@ -78,7 +81,10 @@ class SoftmaxAttention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * Dh, bias=False)
         self.o_proj = nn.Linear(H * Dh, D, bias=False)
 
-    def forward(self, x, positions, sp=None, cu_seqlens=None):
+    def new_cache(self) -> KVCache:
+        return KVCache()
+
+    def forward(self, x, positions, sp=None, cu_seqlens=None, cache=None):
         # x: [B, T, D]; positions: [B, T] long -> [B, T, D]
         B, T, _ = x.shape
         cfg = self.cfg
@@ -86,7 +92,11 @@ class SoftmaxAttention(nn.Module):
         k = self.k_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).view(B, T, cfg.num_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
-        if sp is None:
+        if cache is not None:
+            check_decoding(sp, cu_seqlens)
+            # the new queries are the last T of all positions so far: bottom-right causal over the cached keys
+            o = causal_suffix_attention(q, *cache.append(k, v))
+        elif sp is None:
             o = softmax_attention(q, k, v, causal=True, cu_seqlens=cu_seqlens)
         else:
             from lsp.parallel import sp_softmax_attention
@@ -112,6 +122,11 @@ def lightning_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.T
     return torch.tensor(slopes, dtype=torch.float64) * depth
 
 
+def lightning_log_decay(cfg: HybridConfig, layer_idx: int) -> torch.Tensor:
+    """Lightning's fixed log-decay of layer layer_idx, [H] fp32 (a buffer: derived from the config, not saved)."""
+    return -lightning_slopes(cfg.num_heads, layer_idx, cfg.num_layers).float()
+
+
 class LinearAttention(nn.Module):
     """Gated linear attention layer (GLA / Lightning style), all heads of size head_dim for q, k and v.
 
@@ -135,7 +150,7 @@ class LinearAttention(nn.Module):
         self.o_proj = nn.Linear(H * Dh, D, bias=False)
         self.o_norm = RMSNorm(Dh, cfg.norm_eps)
         if cfg.linear_attn == "lightning":
-            self.register_buffer("log_decay", -lightning_slopes(H, layer_idx, cfg.num_layers).float(), persistent=False)
+            self.register_buffer("log_decay", lightning_log_decay(cfg, layer_idx), persistent=False)
         elif cfg.linear_attn == "simple_gla":
             self.decay_proj = nn.Linear(D, H, bias=True)
         elif cfg.linear_attn == "gla":
@@ -157,7 +172,10 @@ class LinearAttention(nn.Module):
         logits = self.decay_up(self.decay_down(x)).to(dtype)
         return (F.logsigmoid(logits) / norm).view(B, T, self.cfg.num_heads, -1)
 
-    def forward(self, x, positions=None, sp=None, cu_seqlens=None):
+    def new_cache(self) -> RecurrentState:
+        return RecurrentState()
+
+    def forward(self, x, positions=None, sp=None, cu_seqlens=None, cache=None):
         # x: [B, T, D] -> [B, T, D]   (positions unused: decay, not RoPE, encodes order)
         B, T, _ = x.shape
         cfg = self.cfg
@@ -169,7 +187,10 @@ class LinearAttention(nn.Module):
             q, k = F.silu(q), F.silu(k)
         g = self.decay(x)
         scale = cfg.head_dim ** -0.5
-        if sp is None:
+        if cache is not None:
+            check_decoding(sp, cu_seqlens)
+            o = self.continue_from(cache, q, k, v, g, scale)
+        elif sp is None:
             o, _ = linear_attention(q, k, v, g, scale=scale, cu_seqlens=cu_seqlens, backend=cfg.linear_backend)
         else:
             from lsp.parallel import sp_linear_attention
@@ -177,6 +198,15 @@ class LinearAttention(nn.Module):
                                        cu_seqlens=cu_seqlens, backend=cfg.linear_backend)
         o = self.o_norm(o) * F.silu(self.gate_proj(x)).view(shape)
         return self.o_proj(o.reshape(B, T, -1))
+
+    def continue_from(self, cache: RecurrentState, q, k, v, g, scale):
+        # q, k, v: [B, T, H, Dh] -> o [B, T, H, Dh]; cache.state [B, H, Dh, Dh] advanced past these T tokens
+        if q.shape[1] == 1:   # one generated token: the recurrence itself, O(1) whatever came before
+            o, cache.state = recurrent_step(q, k, v, g, scale, cache.state)
+            return o
+        o, cache.state = linear_attention(q, k, v, g, scale=scale, initial_state=cache.state,
+                                          output_final_state=True, backend=self.cfg.linear_backend)
+        return o
 
 
 class DeltaNetAttention(nn.Module):

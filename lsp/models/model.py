@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lsp.parallel import checkpoint_contexts
 
+from .cache import DecodeCache
 from .config import HybridConfig
 from .layers import RMSNorm, SoftmaxAttention, SwiGLU, linear_layer
 from .loss import IGNORE_INDEX, chunked_cross_entropy
@@ -33,9 +34,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, positions, sp=None, cu_seqlens=None):
-        # x: [B, T, D]; positions: [B, T] long -> [B, T, D]
-        x = x + self.attn(self.attn_norm(x), positions, sp=sp, cu_seqlens=cu_seqlens)
+    def forward(self, x, positions, sp=None, cu_seqlens=None, cache=None):
+        # x: [B, T, D]; positions: [B, T] long -> [B, T, D]; cache: this layer's decoding state (see cache.py)
+        attn_kw = {} if cache is None else {"cache": cache}   # layers without a decode path keep their signature
+        x = x + self.attn(self.attn_norm(x), positions, sp=sp, cu_seqlens=cu_seqlens, **attn_kw)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -70,6 +72,9 @@ class HybridLM(nn.Module):
       SP group (then averaged over data-parallel replicas); see docs/model.md.
     * logits: full [B, T, vocab] when labels is None or return_logits=True, else None (the loss is computed by a
       chunked cross-entropy that never materialises them).
+    * cache: a `DecodeCache` from `new_cache()`: input_ids are the tokens that follow the `cache.seen` tokens already
+      consumed (positions continue from there) and the cache is advanced past them; one process, no cu_seqlens.
+      `generate()` is built on it.
     """
 
     def __init__(self, cfg: HybridConfig):
@@ -99,24 +104,46 @@ class HybridLM(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def hidden_states(self, input_ids, sp=None, cu_seqlens=None) -> torch.Tensor:
+    def new_cache(self) -> DecodeCache:
+        """An empty decoding state: one cache per layer (the layer's own `new_cache()`), nothing consumed yet."""
+        missing = sorted({type(b.attn).__name__ for b in self.layers if not hasattr(b.attn, "new_cache")})
+        if missing:
+            raise ValueError(f"decoding is not implemented for {', '.join(missing)} layers (no new_cache(); "
+                             "see lsp/models/cache.py for the contract)")
+        return DecodeCache(layers=[block.attn.new_cache() for block in self.layers])
+
+    def hidden_states(self, input_ids, sp=None, cu_seqlens=None, cache=None) -> torch.Tensor:
         # input_ids: [B, T] -> final-norm hidden states [B, T, D]
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
-        positions = token_positions(B, T, input_ids.device, sp)
+        if cache is None:
+            positions = token_positions(B, T, input_ids.device, sp)
+        else:
+            positions = torch.arange(cache.seen, cache.seen + T, device=input_ids.device).expand(B, T)
         x = self.embed(input_ids)
-        for block in self.layers:
-            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+        for i, block in enumerate(self.layers):
+            if cache is not None:
+                x = block(x, positions, sp=sp, cu_seqlens=cu_seqlens, cache=cache.layers[i])
+            elif self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 # the recompute replays the SP exchanges of the forward instead of communicating again
                 x = checkpoint(block, x, positions, sp, cu_seqlens, use_reentrant=False,
                                context_fn=checkpoint_contexts)
             else:
                 x = block(x, positions, sp=sp, cu_seqlens=cu_seqlens)
+        if cache is not None:
+            cache.seen += T
         return self.norm(x)
 
-    def forward(self, input_ids, labels=None, sp=None, cu_seqlens=None, return_logits=False) -> LMOutput:
-        h = self.hidden_states(input_ids, sp=sp, cu_seqlens=cu_seqlens)
+    def generate(self, input_ids, max_new_tokens, **sampling) -> torch.Tensor:
+        """input_ids [B, T] -> [B, T + max_new_tokens]: the prompt with its continuation (see `lsp.models.generate`;
+        sampling: temperature=0 greedy, top_k, top_p, generator, eos_id)."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens, **sampling)
+
+    def forward(self, input_ids, labels=None, sp=None, cu_seqlens=None, return_logits=False,
+                cache=None) -> LMOutput:
+        h = self.hidden_states(input_ids, sp=sp, cu_seqlens=cu_seqlens, cache=cache)
         logits = h @ self.head_weight.t() if labels is None or return_logits else None
         if labels is None:
             return LMOutput(logits=logits, loss=None, num_tokens=None)

@@ -30,7 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .faults import maybe_pause_checkpoint
-from .runs import STEP_DIR, is_complete, latest_checkpoint, step_dir  # noqa: F401  (torch-free, re-exported)
+from .runs import STEP_DIR, find_checkpoint, is_complete, latest_checkpoint, step_dir  # noqa: F401 (torch-free)
 
 
 def _rank() -> int:
@@ -129,15 +129,41 @@ def model_mismatch(path: str, model) -> Optional[str]:
     return None
 
 
+def deepspeed_model_state(path: str) -> Dict[str, torch.Tensor]:
+    """The full fp32 weights of a DeepSpeed checkpoint (`<path>/deepspeed/`, saved at any world size), read in one
+    process. ZeRO 0 keeps whole weights in the model-states file; ZeRO 1-3 partitions are merged by DeepSpeed's
+    own zero_to_fp32 (then deepspeed must be installed)."""
+    folder = os.path.join(path, "deepspeed")
+    if not any("zero_pp_rank" in name and name.endswith("optim_states.pt") for name in os.listdir(folder)):
+        states = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu",
+                            weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise ValueError(f"{path} is a DeepSpeed ZeRO checkpoint; merging its partitions needs deepspeed "
+                         "(pip install 'lsp[deepspeed]')") from None
+    return get_fp32_state_dict_from_zero_checkpoint(path, tag="deepspeed")
+
+
+def load_model_state(path: str, model) -> None:
+    """Load only the weights of any checkpoint kind (DCP from DDP / FSDP at any dp x sp, or DeepSpeed) into a plain
+    model in place; works in one process without a process group."""
+    if not os.path.isfile(os.path.join(path, ".metadata")) and os.path.isdir(os.path.join(path, "deepspeed")):
+        model.load_state_dict(deepspeed_model_state(path))
+        return
+    model_sd = get_state_dict(model, [])[0]
+    with _quiet_single_process():
+        dcp.load({"model": model_sd}, checkpoint_id=path)
+    set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
+
+
 def load_checkpoint(path: str, model, optimizer=None, deepspeed_engine=None) -> Dict[str, Any]:
     """Collective: load model (+ optimizer) in place; returns the trainer state saved by rank 0."""
     if deepspeed_engine is not None:
         deepspeed_engine.load_checkpoint(path, tag="deepspeed")
     elif optimizer is None:
-        model_sd = get_state_dict(model, [])[0]
-        with _quiet_single_process():
-            dcp.load({"model": model_sd}, checkpoint_id=path)
-        set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
+        load_model_state(path, model)
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}

@@ -129,6 +129,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    init_from: str = ""  # "" = random init; an `lsp export` folder or a run directory to start from (lsp.train.load)
 
     @property
     def run_dir(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Iterable, List, Optional
 
@@ -16,6 +17,9 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError, DataConfig
+from .shuffle import shuffled_position
+from .tokenizing import (default_workers, encoded_batches, errors_shared, progress_bar, rank_byte_range, rank_part,
+                       wait_for)
 
 IGNORE_INDEX = -100
 
@@ -71,6 +75,13 @@ class ByteTokenizer:
     def encode(self, text: str) -> List[int]:
         return list(text.encode("utf-8", errors="surrogateescape"))   # undecodable input bytes come back as is
 
+    def encode_array(self, text: str) -> np.ndarray:
+        # == encode(text) as int64 [N], without a Python int per byte (what bulk tokenisation uses)
+        return np.frombuffer(text.encode("utf-8", errors="surrogateescape"), dtype=np.uint8).astype(np.int64)
+
+    def decode(self, ids: List[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")   # eos and cut bytes dropped
+
 
 class HFTokenizer:
     """A `tokenizers` JSON file (optional dependency)."""
@@ -95,37 +106,97 @@ class HFTokenizer:
         clean = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
         return self.tok.encode(clean).ids
 
+    def decode(self, ids: List[int]) -> str:
+        return self.tok.decode([i for i in ids if i != self.eos_id])
+
+
+class IdTokenizer:
+    """Token ids written as text, "3 17 42" (runs on the built-in MQAR task, which has no text)."""
+    eos_id = None
+    name = "ids"
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> List[int]:
+        try:
+            ids = [int(word) for word in text.split()]
+        except ValueError:
+            raise ValueError(f"prompt must be token ids separated by spaces (an MQAR run), got {text!r}") from None
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size}), got {text!r}")
+        return ids
+
+    def decode(self, ids: List[int]) -> str:
+        return " ".join(str(i) for i in ids)
+
 
 def make_tokenizer(spec: str):
     return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
 
 
-def iter_documents(paths: Iterable[str]) -> Iterable[str]:
+def iter_documents(paths: Iterable[str], byte_range: Optional[tuple] = None) -> Iterable[str]:
     """.jsonl: one JSON object per line with a "text" field; anything else: the whole file is one document.
 
     Files are read as bytes and decoded with errors="surrogateescape": invalid UTF-8 never stops a run, and the
     byte tokenizer turns the escapes back into the original bytes, so not one byte is lost (a `tokenizers` JSON
     sees U+FFFD instead). A .jsonl line that is not an object with a string "text" is a one-line error naming
-    file:line.
+    file:line. byte_range (lo, hi): only the documents whose first byte lies in [lo, hi) of the files laid end to
+    end (hi None: to the end), which splits a corpus between ranks without splitting a document.
     """
+    lo, hi = byte_range or (0, None)
+    base = 0
     for path in paths:
+        size = os.path.getsize(path)
+        start, stop = max(lo - base, 0), None if hi is None else hi - base     # this file's share, local offsets
+        base += size
+        if stop is not None and stop <= 0 or start > 0 and start >= size:
+            continue
         with open(path, "rb") as f:
             if not path.endswith(".jsonl"):
-                yield f.read().decode("utf-8", errors="surrogateescape")
+                if start == 0:
+                    yield f.read().decode("utf-8", errors="surrogateescape")
                 continue
-            for number, raw in enumerate(f, 1):
-                line = raw.decode("utf-8", errors="surrogateescape")
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (ValueError, KeyError, TypeError) as err:
-                    raise ConfigError("data.files", f"{path}:{number} is not a JSON object with a \"text\" "
-                                      f"field ({type(err).__name__})") from None
-                if not isinstance(text, str):
-                    raise ConfigError("data.files", f"{path}:{number}: \"text\" is {type(text).__name__}, "
-                                      "not a string")
-                yield text
+            yield from _jsonl_documents(f, path, start, stop)
+
+
+def _jsonl_documents(f, path: str, start: int, stop: Optional[int]) -> Iterable[str]:
+    # the lines of f that start in [start, stop), numbered as in the whole file
+    if start > 0:
+        f.seek(start - 1)
+        if f.read(1) != b"\n":
+            f.readline()                      # the line under way at `start` belongs to the range before
+    first = f.tell()
+    number = 1 + _newlines_before(f, first)
+    while stop is None or f.tell() < stop:
+        raw = f.readline()
+        if not raw:
+            return
+        line = raw.decode("utf-8", errors="surrogateescape")
+        if line.strip():
+            yield _jsonl_text(line, path, number)
+        number += 1
+
+
+def _newlines_before(f, pos: int) -> int:
+    if pos == 0:
+        return 0
+    f.seek(0)
+    count = 0
+    while f.tell() < pos:
+        count += f.read(min(1 << 24, pos - f.tell())).count(b"\n")
+    return count
+
+
+def _jsonl_text(line: str, path: str, number: int) -> str:
+    try:
+        text = json.loads(line)["text"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError("data.files", f"{path}:{number} is not a JSON object with a \"text\" "
+                          f"field ({type(err).__name__})") from None
+    if not isinstance(text, str):
+        raise ConfigError("data.files", f"{path}:{number}: \"text\" is {type(text).__name__}, not a string")
+    return text
 
 
 def _cache_key(paths: List[str], tokenizer) -> str:
@@ -136,35 +207,95 @@ def _cache_key(paths: List[str], tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def build_token_file(paths: List[str], tokenizer, cache_dir: str) -> str:
+def build_token_file(paths: List[str], tokenizer, cache_dir: str, workers: Optional[int] = None,
+                     progress: Optional[bool] = None, rank: int = 0, world: int = 1) -> str:
     """Tokenise the documents ONCE into `<cache_dir>/<key>.tokens` (+ `.docs`, `.json`); returns the stem.
 
     Files: tokens (uint16 or uint32, every document followed by eos), docs (int64 start offset of each document).
     Written to a temporary name and renamed, so a crash or a concurrent reader never sees a partial file. If the
     stem already exists it is reused as is (key = file paths, sizes, mtimes and tokenizer).
+    workers: tokenising processes (default: the local cores shared by the local ranks for shares above 8 MB, 1 for
+    the byte tokenizer); the file is the same for any number (`lsp.train.tokenizing`). progress: a tqdm bar
+    (default: above 64 MB).
+    rank / world: called by every rank, each tokenises the documents that start in its 1/world of the bytes into
+    a part file, rank 0 joins the parts; all of them wait on files, not on a collective with a timeout
+    (`join_rank_parts`).
     """
     os.makedirs(cache_dir, exist_ok=True)
     stem = os.path.join(cache_dir, _cache_key(paths, tokenizer))
     if os.path.exists(stem + ".json") and _token_file_intact(stem):
         return stem
+    total_bytes = sum(os.path.getsize(p) for p in paths)
+    workers = default_workers(total_bytes // world, tokenizer) if workers is None else workers
+    if world == 1:
+        write_token_file(stem, iter_documents(paths), tokenizer, paths, workers, progress_bar(total_bytes, progress))
+        return stem
+    part, byte_range = rank_part(stem, rank, world), rank_byte_range(total_bytes, rank, world)
+    if not _token_file_intact(part):
+        lo, hi = byte_range
+        bar = progress_bar((total_bytes if hi is None else hi) - lo, progress if rank == 0 else False)
+        with errors_shared(part):   # a data error on one rank stops the others instead of leaving them waiting
+            write_token_file(part, iter_documents(paths, byte_range), tokenizer, paths, workers, bar)
+    join_rank_parts(stem, rank, world)
+    return stem
+
+
+def join_rank_parts(stem: str, rank: int, world: int) -> None:
+    """Rank 0: wait for every part, concatenate them in rank order into `stem`, remove them; the others: wait for
+    `stem`. Document starts of part r are shifted by the tokens of the parts before it."""
+    parts = [rank_part(stem, r, world) for r in range(world)]
+    if rank != 0:
+        wait_for(lambda: os.path.exists(stem + ".json") and _token_file_intact(stem), "rank 0 to join the token "
+                 "parts", parts)
+        return
+    wait_for(lambda: all(os.path.exists(p + ".json") and _token_file_intact(p) for p in parts),
+             "the other ranks' token parts", parts)
+    metas = []
+    for part in parts:
+        with open(part + ".json") as f:
+            metas.append(json.load(f))
+    tmp = f"{stem}.{os.getpid()}.tmp"
+    with open(tmp + ".tokens", "wb") as out:
+        for part in parts:
+            with open(part + ".tokens", "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+    offsets = np.cumsum([0] + [m["num_tokens"] for m in metas])
+    starts = [np.fromfile(p + ".docs", dtype=np.int64)[:-1] + off for p, off in zip(parts, offsets)]
+    np.concatenate(starts + [offsets[-1:]]).astype(np.int64).tofile(tmp + ".docs")
+    publish_token_file(tmp, stem, dict(metas[0], num_tokens=int(offsets[-1]),
+                                       num_docs=sum(m["num_docs"] for m in metas)))
+    for part in parts:
+        for ext in (".tokens", ".docs", ".json"):
+            os.remove(part + ext)
+
+
+def write_token_file(stem: str, documents: Iterable[str], tokenizer, paths: List[str], workers: int, bar) -> None:
+    """Tokens of the documents (each followed by eos) -> `stem`.tokens / .docs / .json, via temporary names."""
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
     tmp = f"{stem}.{os.getpid()}.tmp"
-    starts, n = [], 0
+    lengths, n = [], 0
     with open(tmp + ".tokens", "wb") as out:
-        for text in iter_documents(paths):
-            ids = tokenizer.encode(text) + [tokenizer.eos_id]
-            starts.append(n)
-            n += len(ids)
-            out.write(np.asarray(ids, dtype=dtype).tobytes())
-    np.asarray(starts + [n], dtype=np.int64).tofile(tmp + ".docs")
-    meta = {"num_tokens": n, "num_docs": len(starts), "dtype": np.dtype(dtype).name,
+        for tokens, doc_lengths, chars in encoded_batches(documents, tokenizer, workers):
+            out.write(tokens.astype(dtype).tobytes())
+            lengths.append(doc_lengths)
+            n += len(tokens)
+            if bar is not None:
+                bar.update(chars)
+    if bar is not None:
+        bar.close()
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64).tofile(tmp + ".docs")   # starts + [n]
+    meta = {"num_tokens": n, "num_docs": len(lengths), "dtype": np.dtype(dtype).name,
             "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.name, "files": paths}
+    publish_token_file(tmp, stem, meta)
+
+
+def publish_token_file(tmp: str, stem: str, meta: dict) -> None:
     with open(tmp + ".json", "w") as f:
         json.dump(meta, f)
     os.replace(tmp + ".tokens", stem + ".tokens")
     os.replace(tmp + ".docs", stem + ".docs")
     os.replace(tmp + ".json", stem + ".json")     # last: its presence marks a complete token file
-    return stem
 
 
 def _token_file_intact(stem: str) -> bool:
@@ -266,8 +397,7 @@ class DataLoader:
         if self.epoch_len is None:
             return global_row
         epoch, pos = divmod(global_row, self.epoch_len)
-        perm = np.random.default_rng([self.cfg.train.seed, epoch]).permutation(self.epoch_len)
-        return int(perm[pos])
+        return shuffled_position(pos, self.epoch_len, self.cfg.train.seed, epoch)   # O(1), no permutation array
 
     def _collate(self, samples) -> Batch:
         if len(samples[0]) > 2:

@@ -93,11 +93,16 @@ class Trainer:
         self.cfg = cfg
         self.mesh = mesh = init_mesh(cfg)
         torch.manual_seed(cfg.train.seed)   # same initial weights on every rank
-        if cfg.data.kind == "files" and mesh.is_main:   # tokenise once, before the other ranks map the file
-            build_token_file(list(cfg.data.files), make_tokenizer(cfg.data.tokenizer), cfg.data.cache_dir)
+        if cfg.data.kind == "files":   # every rank tokenises its share; they wait on files, not on a timed collective
+            build_token_file(list(cfg.data.files), make_tokenizer(cfg.data.tokenizer), cfg.data.cache_dir,
+                             rank=mesh.rank, world=mesh.world)
         barrier(mesh)
         self.data = DataLoader(cfg, dp_rank=mesh.dp_rank, dp_size=mesh.dp)
-        self.model = build_model(cfg, self.data.vocab_size).to(mesh.device)
+        self.model = build_model(cfg, self.data.vocab_size)
+        if cfg.init_from:   # trained weights to start from (a resumed checkpoint below replaces them)
+            from .load import init_weights_from
+            init_weights_from(self.model, cfg.init_from)
+        self.model = self.model.to(mesh.device)
         self.sp = build_sp(cfg, mesh)
         self.engine = Engine(cfg, mesh, self.model)
         self.step = 0

@@ -139,7 +139,7 @@ def test_training_on_packed_files(tmp_path):
                                      "train.grad_accum=2", f"data.cache_dir={tmp_path}/c", "data.seq_len=64",
                                      f"out_dir={tmp_path}", "train.steps=8", "optim.lr=3e-3"])
     trainer = Trainer(cfg)
-    batch = trainer.data.micro_batches(0)[0]
-    assert len(batch.cu_seqlens) > 2          # several documents per packed sequence
+    # several documents per packed sequence (in some of the first windows: which ones depends on the shuffle)
+    assert any(len(b.cu_seqlens) > 2 for step in range(4) for b in trainer.data.micro_batches(step))
     result = trainer.fit()
     assert result["losses"][-1] < result["losses"][0] - 0.5 and "eval_loss" in result

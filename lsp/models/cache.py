@@ -1,0 +1,72 @@
+"""Decoding state of `HybridLM`: one cache object per layer, so the model continues a sequence token by token.
+
+Contract of a per-layer cache (what a new layer kind implements to plug into `HybridLM.generate`):
+
+* the attention module has `new_cache()` returning an empty cache object of its own type;
+* `attn(x, positions, cache=c)` treats `x: [B, T, D]` as the T tokens that follow every token `c` has already
+  consumed, returns their outputs `[B, T, D]` exactly as the full forward would at those positions, and updates
+  `c` in place so that the next call continues after them (T = prompt length at prefill, 1 per generated token);
+* `positions` are the global positions of x's tokens (`DecodeCache.seen` + 0..T-1), used by layers with RoPE.
+
+Two kinds here: `RecurrentState` for linear attention (the d_k x d_v state per head, O(1) per token) and `KVCache`
+for softmax attention. A delta-rule layer keeps its state plus the last `kernel_size - 1` inputs of its short
+convolution in a cache of its own with the same contract; it calls `check_decoding(sp, cu_seqlens)` first.
+Below them, `recurrent_step`: one token of the linear recurrence, what a RecurrentState advances by.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class RecurrentState:
+    """Linear attention: the state after the consumed tokens, [B, H, K, V] in the accumulation dtype."""
+    state: Optional[torch.Tensor] = None
+
+
+@dataclass
+class KVCache:
+    """Softmax attention: keys (after RoPE) and values of the consumed tokens, [B, T_seen, Hkv, D] each."""
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: [B, T, Hkv, D] -> all keys / values so far [B, T_seen + T, Hkv, D]
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
+        return self.k, self.v
+
+
+@dataclass
+class DecodeCache:
+    """The caches of every layer plus `seen`, the number of tokens consumed so far (the next token's position)."""
+    layers: List[object] = field(default_factory=list)
+    seen: int = 0
+
+
+def check_decoding(sp, cu_seqlens) -> None:
+    if sp is not None or cu_seqlens is not None:
+        raise ValueError("cache (decoding) runs in one process on one unpacked sequence per row: pass sp=None "
+                         "and cu_seqlens=None")
+
+
+def recurrent_step(q, k, v, g, scale, state):
+    """One token of the linear-attention recurrence: S' = diag(exp g) S + kᵀ v, o = scale · q S'.
+
+    q, k: [B, 1, H, K]; v: [B, 1, H, V]; g: None | [H] | [B, 1, H] | [B, 1, H, K]; state: [B, H, K, V] or None
+    (zeros). Returns o [B, 1, H, V] in q's dtype and S' in the accumulation dtype (fp64 for fp64, else fp32).
+    """
+    B, _, H, K = q.shape
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q1, k1, v1 = q[:, 0].to(dt), k[:, 0].to(dt), v[:, 0].to(dt)            # [B, H, K], [B, H, V]
+    S = q1.new_zeros(B, H, K, v.shape[-1]) if state is None else state.to(dt)
+    if g is not None:
+        decay = g.to(dt).exp()
+        decay = decay[None, :, None] if decay.dim() == 1 else decay[:, 0].reshape(B, H, -1)   # [B | 1, H, K | 1]
+        S = decay[..., None] * S
+    S = S + k1[..., :, None] * v1[..., None, :]
+    o = scale * torch.einsum("bhk,bhkv->bhv", q1, S)
+    return o[:, None].to(q.dtype), S

@@ -1,0 +1,88 @@
+"""`HybridLM` behind the transformers API (written by `lsp export` as the model folder's remote code).
+
+    model = AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)
+    model(input_ids).logits                      # == lsp's HybridLM logits
+    model.generate(input_ids, max_new_tokens=N)  # recurrent decoding through lsp's per-layer caches
+
+The weights are lsp's own parameter names under the prefix `model.`; the config keeps lsp's `HybridConfig` as the
+dict `lsp`. Decoding state is lsp's `DecodeCache` (linear states + KV caches), carried as `past_key_values`;
+unpadded prompts only (an attention_mask with zeros is refused), greedy or sampled decoding (no beam search).
+`labels` follow the transformers convention (the model shifts them).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from lsp.models import HybridConfig, HybridLM
+from lsp.models.layers import lightning_log_decay
+from lsp.models.loss import IGNORE_INDEX
+
+
+class LspHybridConfig(PretrainedConfig):
+    model_type = "lsp_hybrid"
+
+    def __init__(self, lsp: dict | None = None, **kwargs):
+        self.lsp = dict(lsp or {})
+        for hf_name, lsp_name in (("vocab_size", "vocab_size"), ("hidden_size", "hidden_size"),
+                                  ("num_hidden_layers", "num_layers"), ("num_attention_heads", "num_heads")):
+            if lsp_name in self.lsp:
+                kwargs.setdefault(hf_name, self.lsp[lsp_name])
+        kwargs["tie_word_embeddings"] = False   # HybridLM shares embed.weight itself when tie_embeddings
+        super().__init__(**kwargs)
+
+
+class LspHybridForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = LspHybridConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Block"]
+
+    def __init__(self, config: LspHybridConfig):
+        super().__init__(config)
+        self.model = HybridLM(HybridConfig.from_dict(config.lsp))
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        model.restore_buffers()
+        return model
+
+    def restore_buffers(self) -> None:
+        """Buffers that are derived from the config and not saved (Lightning's decays) come out of transformers'
+        meta-device loading uninitialised: compute them again."""
+        for i, block in enumerate(self.model.layers):
+            if hasattr(block.attn, "log_decay"):
+                block.attn.log_decay = lightning_log_decay(self.model.cfg, i).to(block.attn.log_decay.device)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False   # the decoding state is lsp's DecodeCache, made in forward
+
+    def _init_weights(self, module):
+        pass           # HybridLM initialises itself; the checkpoint overwrites every parameter
+
+    def get_input_embeddings(self):
+        return self.model.embed
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, labels=None, use_cache=None,
+                **kwargs) -> CausalLMOutputWithPast:
+        # input_ids: [B, T] (the tokens after past_key_values.seen when a cache is given) -> logits [B, T, vocab]
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("attention_mask: padded batches are not supported; pass prompts of equal length")
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.model.new_cache()
+        aligned = None
+        if labels is not None:   # transformers labels are the inputs; lsp's are the next tokens, aligned
+            aligned = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
+        out = self.model(input_ids, labels=aligned, return_logits=True, cache=cache)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=cache)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        # feed only the tokens the cache has not consumed: the whole prompt first, then one token per step
+        if past_key_values is not None:
+            input_ids = input_ids[:, past_key_values.seen:]
+        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
+                "use_cache": True}
