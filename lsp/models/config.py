@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, fields
 
-LINEAR_ATTN = ("linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet")
-DELTA_ATTN = ("deltanet", "gated_deltanet")         # delta-rule layers (lsp.ops.delta_rule)
-SP_METHODS = ("allgather", "allscan", "ring")
-LINEAR_BACKENDS = ("auto", "torch", "triton", "naive")
+from lsp.names import DELTA_VARIANTS as DELTA_ATTN
+from lsp.names import KERNEL_BACKENDS as LINEAR_BACKENDS
+from lsp.names import LINEAR_VARIANTS as LINEAR_ATTN
+from lsp.names import SP_METHODS
 
 
 def default_intermediate_size(hidden_size: int) -> int:

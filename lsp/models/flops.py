@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .config import HybridConfig
+from lsp.names import CHUNK_SIZE as LINEAR_CHUNK  # chunk size of lsp.ops' chunked linear-attention paths
 
-LINEAR_CHUNK = 64  # chunk size of lsp.ops' chunked linear-attention paths
+from .config import HybridConfig
 
 
 def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

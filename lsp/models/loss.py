@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from lsp.names import IGNORE_INDEX
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):

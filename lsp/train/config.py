@@ -17,6 +17,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lsp.names import LAYOUTS, LINEAR_VARIANTS, SP_METHODS
+
 from .signals import SIGNALS, bad_signal
 
 
@@ -141,13 +143,13 @@ class Config:
 
 
 CHOICES = {
-    "model.linear_attn": ("linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet"),
+    "model.linear_attn": LINEAR_VARIANTS,
     "data.kind": ("mqar", "files"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.on_nonfinite": ("stop", "skip"),
-    "parallel.sp_method": ("allgather", "allscan", "ring"),
-    "parallel.layout": ("zigzag", "contiguous"),
+    "parallel.sp_method": SP_METHODS,
+    "parallel.layout": LAYOUTS,
     "parallel.backend": ("auto", "gloo", "nccl"),
     "parallel.engine": ("ddp", "fsdp", "deepspeed"),
     "logging.wandb_mode": ("offline", "online", "disabled"),

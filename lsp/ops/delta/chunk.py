@@ -28,7 +28,7 @@ import torch
 from lsp.ops.linear.checks import acc_dtype, seq_bounds
 from lsp.ops.linear.layout import ChunkLayout, make_layout
 
-CHUNK_SIZE = 64
+from lsp.names import CHUNK_SIZE
 
 
 @dataclass
