@@ -15,9 +15,8 @@ ids = torch.randint(0, 256, (2, 512))
 labels = torch.roll(ids, -1, dims=1)                 # labels are aligned: labels[t] is the target of position t
 
 ref = model(ids, labels=labels).loss                 # one device, whole sequence
-sp = SPContext(emulate=4, layout="zigzag")           # 4 virtual ranks in this process (real ranks: SPContext())
 for method in ("allgather", "allscan", "ring"):
-    model.cfg.sp_method = method
+    sp = SPContext(emulate=4, layout="zigzag", method=method)   # 4 virtual ranks here (real ranks: SPContext())
     loss = model(sp.shard(ids, dim=1), labels=sp.shard(labels, dim=1), sp=sp).loss
     print(f"{method:9s} loss {loss.item():.12f}  |sp - single| = {abs(loss - ref).item():.1e}")
     assert abs(loss - ref).item() < 1e-10

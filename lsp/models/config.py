@@ -6,7 +6,6 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from lsp.names import DELTA_VARIANTS as DELTA_ATTN
 from lsp.names import KERNEL_BACKENDS as LINEAR_BACKENDS
 from lsp.names import LINEAR_VARIANTS as LINEAR_ATTN
-from lsp.names import SP_METHODS
 
 
 def default_intermediate_size(hidden_size: int) -> int:
@@ -37,7 +36,6 @@ class HybridConfig:
     gate_low_rank_dim: int = 16              # GLA: rank of the per-key decay projection W2 W1
     gate_logit_normalizer: float = 16.0      # GLA: g = logsigmoid(.) / normalizer
     delta_conv_size: int = 4                 # deltanet / gated_deltanet: kernel of the short causal conv on q, k, v
-    sp_method: str | None = None             # allgather | allscan | ring; None: the SPContext's method
     linear_backend: str = "auto"             # backend of lsp.ops.linear_attention
     ce_chunk_size: int = 4096                # tokens per cross-entropy chunk
     activation_checkpointing: bool = False   # recompute each block in backward
@@ -70,8 +68,6 @@ class HybridConfig:
                              f"got {self.layer_pattern!r}")
         if self.linear_attn not in LINEAR_ATTN:
             raise ValueError(f"linear_attn must be one of {LINEAR_ATTN}, got {self.linear_attn!r}")
-        if self.sp_method is not None and self.sp_method not in SP_METHODS:
-            raise ValueError(f"sp_method must be one of {SP_METHODS}, got {self.sp_method!r}")
         if self.linear_backend not in LINEAR_BACKENDS:
             raise ValueError(f"linear_backend must be one of {LINEAR_BACKENDS}, got {self.linear_backend!r}")
         for name in ("rope_theta", "norm_eps", "gate_logit_normalizer", "initializer_range"):

@@ -194,7 +194,7 @@ class LinearAttention(nn.Module):
             o, _ = linear_attention(q, k, v, g, scale=scale, cu_seqlens=cu_seqlens, backend=cfg.linear_backend)
         else:
             from lsp.parallel import sp_linear_attention
-            o, _ = sp_linear_attention(q, k, v, g, sp=sp, method=cfg.sp_method, scale=scale,
+            o, _ = sp_linear_attention(q, k, v, g, sp=sp, scale=scale,
                                        cu_seqlens=cu_seqlens, backend=cfg.linear_backend)
         o = self.o_norm(o) * F.silu(self.gate_proj(x)).view(shape)
         return self.o_proj(o.reshape(B, T, -1))
@@ -263,7 +263,7 @@ class DeltaNetAttention(nn.Module):
             o, _ = delta_rule(q, k, v, beta, g, **kwargs)
         else:
             from lsp.parallel import sp_delta_rule
-            o, _ = sp_delta_rule(q, k, v, beta, g, sp=sp, method=cfg.sp_method, **kwargs)
+            o, _ = sp_delta_rule(q, k, v, beta, g, sp=sp, **kwargs)
         o = self.o_norm(o) * F.silu(self.gate_proj(x)).view(shape)
         return self.o_proj(o.reshape(B, T, -1))
 

@@ -66,7 +66,7 @@ def heldout_perplexity(model, tokenizer, paths: List[str], seq_len: int) -> Dict
     return {"heldout_loss": nll / count, "heldout_perplexity": math.exp(nll / count), "heldout_tokens": count}
 
 
-# the fields that decide what a HybridLM computes (the rest are training switches: sp_method, backend, ...)
+# the fields that decide what a HybridLM computes (the rest are training switches: backend, checkpointing, ...)
 MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "layer_types", "linear_attn",
                 "head_dim", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings", "gate_low_rank_dim",
                 "gate_logit_normalizer")

@@ -31,7 +31,7 @@ def hybrid_lm_grads(rank, world_size):
     results = {}
     for method in ("allgather", "allscan", "ring"):
         torch.manual_seed(0)
-        model = HybridLM(HybridConfig(**CFG, sp_method=method)).double()
-        sp = SPContext(layout="zigzag")
+        model = HybridLM(HybridConfig(**CFG)).double()
+        sp = SPContext(layout="zigzag", method=method)
         results[method] = loss_and_grads(model, sp.shard(ids, 1), sp.shard(labels, 1), sp=sp, cu_seqlens=GLOO_CU)
     return results

@@ -25,7 +25,6 @@ def test_dict_roundtrip():
     (dict(num_kv_heads=3), "num_kv_heads"),
     (dict(hidden_size=66), "hidden_size"),
     (dict(linear_attn="mamba"), "linear_attn"),
-    (dict(sp_method="tree"), "sp_method"),
     (dict(linear_backend="cuda"), "linear_backend"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(head_dim=15), "head_dim"),

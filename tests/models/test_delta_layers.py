@@ -68,7 +68,7 @@ def test_packed_documents_equal_separate_runs(kind):
 @pytest.mark.parametrize("method", ["allgather", "allscan", "ring"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_hybrid_lm_sp_equals_single_device(kind, method):
-    check_emulated(4, "zigzag", linear_attn=kind, sp_method=method)
+    check_emulated(4, "zigzag", linear_attn=kind, method=method)
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])

@@ -19,13 +19,13 @@ def assert_same(loss, grads, ref_loss, ref_grads, tol=1e-10):
         torch.testing.assert_close(grads[n], g, rtol=1e-8, atol=tol, msg=lambda m: f"{n}: {m}")
 
 
-def check_emulated(W, layout, B=2, cu_seqlens=None, **overrides):
-    """sp=None vs SPContext(emulate=W, layout): same loss and parameter gradients (fp64). Returns model, sp."""
+def check_emulated(W, layout, B=2, cu_seqlens=None, method="allgather", **overrides):
+    """sp=None vs SPContext(emulate=W, layout, method): same loss and parameter gradients (fp64). Returns model, sp."""
     torch.manual_seed(0)
     model = HybridLM(HybridConfig(**{**CFG, **overrides})).double()
     ids, labels = make_batch(B, 64)
     ref = loss_and_grads(model, ids, labels, cu_seqlens=cu_seqlens)
-    sp = SPContext(emulate=W, layout=layout)
+    sp = SPContext(emulate=W, layout=layout, method=method)
     assert_same(*loss_and_grads(model, sp.shard(ids, 1), sp.shard(labels, 1), sp=sp, cu_seqlens=cu_seqlens), *ref)
     return model, sp, ids
 
@@ -34,7 +34,7 @@ def check_emulated(W, layout, B=2, cu_seqlens=None, **overrides):
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 @pytest.mark.parametrize("W", [2, 4])
 def test_emulated_sp_equals_single_device(W, layout, method):
-    check_emulated(W, layout, sp_method=method)
+    check_emulated(W, layout, method=method)
 
 
 @pytest.mark.parametrize("kind", ["linear", "lightning", "simple_gla"])

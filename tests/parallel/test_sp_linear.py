@@ -112,6 +112,10 @@ def test_user_errors_are_one_line():
         sp_linear_attention(q, q, q, sp=sp, cu_seqlens=torch.tensor([0, 16], dtype=torch.int32))
     with pytest.raises(ValueError, match="layout"):
         SPContext(emulate=2, layout="ring")
+    with pytest.raises(ValueError, match="method must be one of"):
+        SPContext(emulate=2, method="tree")
+    with pytest.raises(ValueError, match="scan_blocks"):
+        SPContext(emulate=2, scan_blocks=0)
     with pytest.raises(ValueError, match="divisible"):
         sp.shard(torch.randn(1, 6, 2))
 
