@@ -3,7 +3,8 @@
 All kernels work on the padded chunk layout of `layout.py`: q, k, dq, dk, G: [R, Tp, H, K or 1], v, o, dO:
 [R, Tp, H, V], Tp = NC * C, no chunk straddling a sequence boundary. G is the within-chunk cumulative log-decay
 (G <= 0, non-increasing inside a chunk), [R, Tp, H, K] for per-key decay (KEY=True) else [R, Tp, H, 1].
-States are [R, H, NC, K, V] (entering state of every chunk, or the gradient w.r.t. the state after every chunk).
+States are [R, H, NC, K, V] (entering state of every chunk h, its gradient dh through the output, or dhn, the
+gradient w.r.t. the state after every chunk).
 
 Reset / end tables [R, NC] int32: reset[r, c] = n >= 0 when a sequence n starts at chunk c (its state is then
 initial_state[n] or 0), end[r, c] = n >= 0 when the state after chunk c is sequence n's final state; -1 otherwise.
@@ -82,13 +83,20 @@ def _decay_to(G, G_end, KEY: tl.constexpr):
 def _chunk_decays(G, r, t0, hh, Tp, H, Kg, K, k0, C: tl.constexpr, BKs: tl.constexpr, KEY: tl.constexpr):
     # -> G_c: [C, BKs] (per key) or [C]; G_last (the chunk's total log-decay): [BKs] or a scalar
     if KEY:
-        kk = k0 + tl.arange(0, BKs)
         G_c = _load_tile(G, r, t0, hh, Tp, H, Kg, C, BKs, k0)
-        G_last = tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H * Kg + hh * Kg + kk, mask=kk < K, other=0.0)
     else:
         G_c = _load_g(G, r, t0, hh, Tp, H, Kg, C, BKs, False)
-        G_last = tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H + hh)
-    return G_c, G_last
+    return G_c, _chunk_last(G, r, t0, hh, Tp, H, Kg, K, k0, C, BKs, KEY)
+
+
+@triton.jit
+def _chunk_last(G, r, t0, hh, Tp, H, Kg, K, k0, C: tl.constexpr, BKs: tl.constexpr, KEY: tl.constexpr):
+    # the chunk's total log-decay G_C: [BKs] (per key) or a scalar
+    if KEY:
+        kk = k0 + tl.arange(0, BKs)
+        return tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H * Kg + hh * Kg + kk, mask=kk < K, other=0.0)
+    else:
+        return tl.load(G + (r.to(tl.int64) * Tp + t0 + C - 1) * H + hh)
 
 
 @triton.jit
@@ -131,26 +139,77 @@ def _fwd_state_kernel(k, v, G, h, init, final, reset, end, Tp, H, K, V, NC, Kg,
 
 
 @triton.jit
-def _bwd_state_kernel(q, do, G, dhn, dfinal, dinit, reset, end, scale, Tp, H, K, V, NC, Kg,
-                      C: tl.constexpr, BKs: tl.constexpr, BVs: tl.constexpr,
-                      KEY: tl.constexpr, HAS_DFINAL: tl.constexpr, PREC: tl.constexpr):
-    # grid (R * H, cdiv(K, BKs), cdiv(V, BVs)); reverse pass:
-    #   dhn[c] = dL/d(state after chunk c);  dL/d(state entering c) = exp(G_C) ⊙ dhn[c] + scale (q ⊙ exp(G))ᵀ dO
+def _bwd_state_kernel(dh, h, G, dhn, dfinal, dinit, dgc, reset, end, H, K, V, NC, Kg,
+                      C: tl.constexpr, BKs: tl.constexpr, BVs: tl.constexpr, KEY: tl.constexpr, HAS_DH: tl.constexpr,
+                      HAS_DFINAL: tl.constexpr, NEED_DG: tl.constexpr):
+    # grid (R * H, cdiv(K, BKs), cdiv(V, BVs)); reverse scan over chunks, with dA_c = dL/d(state after chunk c):
+    #   dA_c = dfinal[n] at a sequence end, else dL/d(state entering c + 1) = dh[c+1] + exp(G_C) ⊙ dA_{c+1}
+    # writes dhn[c] = dA_c, dinit[n] at a sequence start, and (NEED_DG) the chunk term of the decay gradient
+    #   dgc[rh, c, block] = exp(G_C) ⊙ rowsum(h[c] ⊙ dA_c), per key [BKs] (KEY) or summed to a scalar
     rh, kb, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     r, hh = rh // H, rh % H
     k0, v0 = kb * BKs, vb * BVs
+    Tp = NC * C
     dstate = tl.zeros([BKs, BVs], dtype=tl.float32)
     for i in range(NC):
         c = NC - 1 - i
         dstate = _state_or(dfinal, tl.load(end + r * NC + c), hh, H, K, V, k0, v0, dstate, BKs, BVs, HAS_DFINAL)
         hp, hm = _state_ptrs(dhn, rh, c, NC, K, V, k0, v0, BKs, BVs)
         tl.store(hp, dstate, mask=hm)
-        q_c = _load_tile(q, r, c * C, hh, Tp, H, K, C, BKs, k0)
-        do_c = _load_tile(do, r, c * C, hh, Tp, H, V, C, BVs, v0)
-        G_c, G_last = _chunk_decays(G, r, c * C, hh, Tp, H, Kg, K, k0, C, BKs, KEY)
-        q_dec = q_c * _tile_rows(tl.exp(G_c), KEY)
-        dstate = dstate * _state_rows(tl.exp(G_last), KEY) + scale * tl.dot(tl.trans(q_dec), do_c, input_precision=PREC)
+        G_last = _chunk_last(G, r, c * C, hh, Tp, H, Kg, K, k0, C, BKs, KEY)
+        dec = _state_rows(tl.exp(G_last), KEY)
+        if NEED_DG:
+            sp, sm = _state_ptrs(h, rh, c, NC, K, V, k0, v0, BKs, BVs)
+            part = tl.sum(tl.load(sp, mask=sm, other=0.0).to(tl.float32) * dstate, 1) * tl.exp(G_last)
+            if KEY:
+                kk = k0 + tl.arange(0, BKs)
+                tl.store(dgc + ((rh.to(tl.int64) * NC + c) * tl.num_programs(2) + vb) * K + kk, part, mask=kk < K)
+            else:
+                nb = tl.num_programs(1) * tl.num_programs(2)
+                tl.store(dgc + (rh.to(tl.int64) * NC + c) * nb + kb * tl.num_programs(2) + vb, tl.sum(part, 0))
+        dstate = dstate * dec
+        if HAS_DH:
+            dp, dm = _state_ptrs(dh, rh, c, NC, K, V, k0, v0, BKs, BVs)
+            dstate += tl.load(dp, mask=dm, other=0.0).to(tl.float32)
         _store_state_if(dinit, tl.load(reset + r * NC + c), hh, H, K, V, k0, v0, dstate, BKs, BVs)
+
+
+@triton.jit
+def _dh_kernel(q, do, G, dh, scale, Tp, H, K, V, NC, Kg,
+               C: tl.constexpr, BKs: tl.constexpr, BVs: tl.constexpr, KEY: tl.constexpr, PREC: tl.constexpr):
+    # grid (NC, R * H, cdiv(K, BKs) * cdiv(V, BVs)): dh[c] = dL/d(state entering c) through chunk c's output
+    #   = scale Σ_i (q_i ⊙ exp(G_i))ᵀ dO_i
+    c, rh, blk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r, hh = rh // H, rh % H
+    nvb = tl.cdiv(V, BVs)
+    k0, v0 = (blk // nvb) * BKs, (blk % nvb) * BVs
+    q_c = _load_tile(q, r, c * C, hh, Tp, H, K, C, BKs, k0)
+    do_c = _load_tile(do, r, c * C, hh, Tp, H, V, C, BVs, v0)
+    G_c, G_last = _chunk_decays(G, r, c * C, hh, Tp, H, Kg, K, k0, C, BKs, KEY)
+    acc = scale * tl.dot(tl.trans(q_c * _tile_rows(tl.exp(G_c), KEY)), do_c, input_precision=PREC)
+    hp, hm = _state_ptrs(dh, rh, c, NC, K, V, k0, v0, BKs, BVs)
+    tl.store(hp, acc.to(dh.dtype.element_ty), mask=hm)
+
+
+@triton.jit
+def _state_dkdv_kernel(k, v, G, dhn, dk, dv, Tp, H, K, V, NC, Kg,
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KEY: tl.constexpr, PREC: tl.constexpr):
+    # grid (NC, R * H): the state path of chunk c, S_next = exp(G_C) ⊙ S + Σ_j (k_j ⊙ exp(G_C - G_j))ᵀ v_j, with
+    # dA = dhn[c]:  dk_j = exp(G_C - G_j) ⊙ (v_j dAᵀ),  dv_j = (k_j ⊙ exp(G_C - G_j)) dA
+    c, rh = tl.program_id(0), tl.program_id(1)
+    r, hh = rh // H, rh % H
+    k_c = _load_tile(k, r, c * C, hh, Tp, H, K, C, BK)
+    v_c = _load_tile(v, r, c * C, hh, Tp, H, V, C, BV)
+    G_c, G_last = _chunk_decays(G, r, c * C, hh, Tp, H, Kg, K, 0, C, BK, KEY)
+    dec = _decay_to(G_c, G_last, KEY)
+    hp, hm = _state_ptrs(dhn, rh, c, NC, K, V, 0, 0, BK, BV)
+    dA = tl.load(hp, mask=hm, other=0.0)
+    res_k = dec * tl.dot(v_c, tl.trans(dA), input_precision=PREC)
+    res_v = tl.dot(k_c * dec, dA, input_precision=PREC)
+    kp, km = _tile_ptrs(dk, r, c * C, hh, Tp, H, K, C, BK)
+    tl.store(kp, res_k, mask=km)
+    vp, vm = _tile_ptrs(dv, r, c * C, hh, Tp, H, V, C, BV)
+    tl.store(vp, res_v, mask=vm)
 
 
 @triton.jit
@@ -258,30 +317,23 @@ def _dq_kernel(k, v, G, h, do, dq, scale, Tp, H, K, V, NC, Kg,
 
 
 @triton.jit
-def _dkdv_kernel(q, k, v, G, dhn, do, dk, dv, scale, Tp, H, K, V, NC, Kg,
+def _dkdv_kernel(q, k, v, G, do, dk, dv, scale, Tp, H, K, V, NC, Kg,
                  C: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  KEY: tl.constexpr, PREC: tl.constexpr):
-    # grid (NC * C // BT, R * H): key rows [t0, t0 + BT); with P_ij = Σ_d q_id k_jd exp(G_id - G_jd), i >= j:
-    #   dk_j = scale Σ_i (dO_i · v_j) q_i ⊙ exp(G_i - G_j) + exp(G_C - G_j) ⊙ (dhn_c v_j)
-    #   dv_j = scale Σ_i P_ij dO_i + (k_j ⊙ exp(G_C - G_j)) dhn_c
+    # grid (NC * C // BT, R * H): key rows [t0, t0 + BT) of the intra-chunk output (the state path is
+    # `_state_dkdv_kernel`); with P_ij = Σ_d q_id k_jd exp(G_id - G_jd), i >= j:
+    #   dk_j = scale Σ_i (dO_i · v_j) q_i ⊙ exp(G_i - G_j),   dv_j = scale Σ_i P_ij dO_i
     # per-key, off-diagonal (j <= e < i, e = last row of the key block): exp(G_i - G_j) = exp(G_i - G_e) exp(G_e - G_j)
     r, hh, rh, c, jb, t0 = _sub_block(H, C, BT)
     k_j = _load_tile(k, r, t0, hh, Tp, H, K, BT, BK)
     v_j = _load_tile(v, r, t0, hh, Tp, H, V, BT, BV)
     G_j = _load_g(G, r, t0, hh, Tp, H, Kg, BT, BK, KEY)
-    hp, hm = _state_ptrs(dhn, rh, c, NC, K, V, 0, 0, BK, BV)
-    dh_c = tl.load(hp, mask=hm, other=0.0)
-    G_C = _load_g(G, r, c * C + C - BT, hh, Tp, H, Kg, BT, BK, KEY)
     last = (tl.arange(0, BT) == BT - 1)
     acc_k = tl.zeros([BT, BK], dtype=tl.float32)
     acc_v = tl.zeros([BT, BV], dtype=tl.float32)
     if KEY:
-        G_C = tl.sum(tl.where(last[:, None], G_C, 0.0), 0)
         G_e = tl.sum(tl.where(last[:, None], G_j, 0.0), 0)
         k_e = k_j * tl.exp(G_e[None, :] - G_j)
-    else:
-        G_C = tl.sum(tl.where(last, G_C, 0.0), 0)
-    dec_C = _decay_to(G_j, G_C, KEY)
     for ib in range(jb + 1, C // BT):
         ti = c * C + ib * BT
         q_i = _load_tile(q, r, ti, hh, Tp, H, K, BT, BK)
@@ -311,9 +363,7 @@ def _dkdv_kernel(q, k, v, G, dhn, do, dk, dv, scale, Tp, H, K, V, NC, Kg,
         acc_k += tl.dot(a_t * dec_t, q_j, input_precision=PREC)
         res_k = scale * acc_k
     acc_v += tl.dot(p_t, do_j, input_precision=PREC)
-    res_k += dec_C * tl.dot(v_j, tl.trans(dh_c), input_precision=PREC)
-    res_v = scale * acc_v + tl.dot(k_j * dec_C, dh_c, input_precision=PREC)
     kp, km = _tile_ptrs(dk, r, t0, hh, Tp, H, K, BT, BK)
     tl.store(kp, res_k, mask=km)
     vp, vm = _tile_ptrs(dv, r, t0, hh, Tp, H, V, BT, BV)
-    tl.store(vp, res_v, mask=vm)
+    tl.store(vp, scale * acc_v, mask=vm)
