@@ -33,10 +33,11 @@ from lsp.ops import linear_attention  # noqa: E402
 from lsp.ops.linear.api import triton_available  # noqa: E402
 from lsp.ops.linear.triton_chunk import kern  # noqa: E402
 
+from .triton_interp import interpreter_bf16_dot  # noqa: E402,F401
 from .linear_cases import DECAY_FORMS, assert_close, make_inputs, max_rel_err, run_with_grads  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-INTERPRETED = type(kern._out_kernel).__name__ == "InterpretedFunction"
+INTERPRETED = type(kern._fwd_state_kernel).__name__ == "InterpretedFunction"
 pytestmark = pytest.mark.skipif(
     not triton_available(DEVICE) or (DEVICE.type == "cpu" and not INTERPRETED),
     reason="no CUDA, and the Triton kernels were imported without TRITON_INTERPRET=1 before this module set it",
@@ -185,7 +186,7 @@ for key in (False, True):
         (kern._dh_kernel, dict(q=P, do=P, G=P, dh=P, scale=F, **dims), state),
         (kern._state_dkdv_kernel, dict(k=P, v=P, G=P, dhn=P, dk=P, dv=P, **dims),
          dict(C=64, BK=32, BV=32, KEY=key, PREC="ieee")),
-        (kern._out_kernel, dict(q=P, k=P, v=P, G=P, h=P, o="*bf16", scale=F, **dims), meta),
+        (kern._fwd_state_kernel, dict(q=P, k=P, v=P, G=P, h=P, o="*bf16", scale=F, **dims), meta),
         (kern._dq_kernel, dict(k=P, v=P, G=P, h=P, do=P, dq=P, scale=F, **dims), meta),
         (kern._dkdv_kernel, dict(q=P, k=P, v=P, G=P, do=P, dk=P, dv=P, scale=F, **dims), meta),
     ]

@@ -1,4 +1,4 @@
-"""Triton backend of `lsp.ops.linear_attention`: chunked forward and backward (kernels in `triton_kernels.py`).
+"""Triton backend of `lsp.ops.linear_attention`: chunked forward and backward (kernels in `triton_kernels.py`, `triton_intra.py`).
 
 Same math as `chunk.py` (chunks of C = 64 tokens, G the within-chunk cumulative log-decay, S the entering state):
 
@@ -26,38 +26,42 @@ output sees G only through q ⊙ exp(G) and k ⊙ exp(-G); a chunk's state updat
 
 then summed to g's shape (over K for [B, T, H], over B, T, K for [H]).
 
-Inputs are cast to fp32 inside the kernels; fp32 inputs use exact fp32 dots (no TF32), bf16/fp16 inputs allow TF32.
+Precision: dot operands stay in the input dtype (bf16 / fp16 on tensor cores) with fp32 accumulation; states,
+decays and the decay gradient are fp32. fp32 inputs use exact fp32 dots unless LSP_TRITON_TF32=1 is set in the
+environment, the one explicit switch to TF32 (10-bit mantissa operands, ~1e-3 relative error). h is stored in the
+input dtype (fp32 for fp32 inputs, bf16 for bf16, as fla does) to halve its memory; the running state is fp32.
 fp64 inputs (and T == 0) fall back to the chunked torch path, which accumulates in fp64.
 
-Status: verified against the naive reference under the Triton interpreter (tests/ops/test_triton.py) and compiled to
-PTX for sm_90 offline; not yet run or timed on a GPU. Known cost: the dq / dk-dv kernels hold full [16, K] and
-[16, V] tiles and, for per-key decay, a [16, 16, K] product per diagonal tile; ptxas reports register spills for
-K = V >= 128 there. Tiling them over K / V blocks (as the output kernel is over V) is the next step.
+Memory: `triton_linear_attention` saves only q, k, v, g and the initial state for backward and recomputes h there
+(one scan launch); the split pieces save h (SP needs it as a tensor between them).
+
+Status: verified against the naive reference under the Triton interpreter (tests/ops/test_triton*.py) and compiled
+for sm_90a offline (registers, spills, wgmma: docs/ops.md); not yet run or timed on a GPU.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 
+from . import triton_intra as intra
 from . import triton_kernels as kern
 from .checks import seq_bounds
 from .chunk import chunk_linear_attention
 from .layout import ChunkLayout, make_layout
 
 CHUNK_SIZE = 64
-SUB_BLOCK = 16      # query / key sub-block of the output and gradient kernels
-STATE_BLOCK = 64    # K and V block of the state passes
-STATE_WARPS = 8     # a [64, 64] state plus [64, 64] k and v tiles spill registers with 4 warps (ptxas, sm_90)
-OUT_V_BLOCK = 64    # V block of the output kernel (the intra-chunk scores are recomputed per V block)
+SUB_BLOCK = 16      # row sub-block of the per-key intra-chunk kernels (as fla's secondary chunking)
+BLOCK = 64          # K and V block of every kernel: [64, 64] tiles keep every kernel free of register spills
+STATE_WARPS = 8     # the scans hold a [64, 64] fp32 state plus [64, 64] k, v tiles
+CHUNK_WARPS = 4     # chunk-level kernels: [64, 64] fp32 accumulators (wgmma needs 4 warps per 64 rows)
+TF32_ENV = "LSP_TRITON_TF32"
 
 
 def _block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
-
-
-def _warps(K: int, V: int) -> int:
-    # [K, V] state blocks and [16, 16, K] per-key products need the registers of 8 warps past 64 x 64
-    return 8 if _block(K) * _block(V) > 64 * 64 else 4
+    # K or V block: the head dim rounded up to a power of two (>= 16, a dot's minimum), at most BLOCK
+    return min(max(16, triton.next_power_of_2(d)), BLOCK)
 
 
 def _tables(layout: ChunkLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,15 +81,9 @@ def _tables(layout: ChunkLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
     return reset.to(device), end.to(device)
 
 
-def _within_chunk_cumsum(g4, layout: ChunkLayout, B: int, T: int, H: int) -> torch.Tensor:
-    # g4: broadcastable to [B, T, H, Kg] -> G: [R, Tp, H, Kg] fp32, cumulative inside each chunk
-    g = layout.pad(g4.float().expand(B, T, H, g4.shape[-1]).contiguous())
-    R, Tp, _, Kg = g.shape
-    return g.view(R, Tp // layout.chunk_size, layout.chunk_size, H, Kg).cumsum(2).view(R, Tp, H, Kg).contiguous()
-
-
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # input_precision of tl.dot; only fp32 operands read it
+    return "tf32" if dtype == torch.float32 and os.environ.get(TF32_ENV) == "1" else "ieee"
 
 
 def _setup(B: int, T: int, cu_seqlens, device):
@@ -95,38 +93,133 @@ def _setup(B: int, T: int, cu_seqlens, device):
 
 
 def _padded_decay(g4, layout: ChunkLayout, B: int, T: int, H: int, device) -> torch.Tensor:
-    # g4: None or broadcastable to [B, T, H, Kg] -> G: [R, Tp, H, Kg or 1] fp32 (zeros without decay)
+    # g4: None or broadcastable to [B, T, H, Kg] -> G: [R, Tp, H, Kg or 1] fp32, cumulative inside each chunk
     if g4 is None:
         return torch.zeros(layout.rows, layout.padded_length, H, 1, dtype=torch.float32, device=device)
-    return _within_chunk_cumsum(g4, layout, B, T, H)
+    g = layout.pad(g4.float().expand(B, T, H, g4.shape[-1]).contiguous())
+    R, Tp, _, Kg = g.shape
+    return g.view(R, Tp // CHUNK_SIZE, CHUNK_SIZE, H, Kg).cumsum(2).view(R, Tp, H, Kg)
 
 
-def _state_blocks(K: int, V: int) -> tuple[int, int, int, int]:
-    # -> BKs, BVs, number of K blocks, number of V blocks of the state passes
-    BKs, BVs = min(_block(K), STATE_BLOCK), min(_block(V), STATE_BLOCK)
-    return BKs, BVs, triton.cdiv(K, BKs), triton.cdiv(V, BVs)
+def _padded(layout: ChunkLayout, *xs):
+    return [layout.pad(x.contiguous()) for x in xs]
 
 
-def _chunk_scan(x: torch.Tensor, C: int, reverse: bool) -> torch.Tensor:
-    # x: [R, Tp, H, D] -> within-chunk cumulative sum; reverse: y_t = Σ_{s >= t}, else exclusive y_t = Σ_{s < t}
-    R, Tp, H, D = x.shape
-    xc = x.view(R, Tp // C, C, H, D)
-    y = xc.flip(2).cumsum(2).flip(2) if reverse else xc.cumsum(2) - xc
-    return y.view(R, Tp, H, D)
+def _to_decay_shape(dgp: torch.Tensor, layout: ChunkLayout, g4: torch.Tensor) -> torch.Tensor:
+    # dgp: [R, Tp, H, Kg] fp32 (padded, per token) -> g4's shape and dtype; a reduction over tokens runs in fp64
+    dg = layout.unpad(dgp)
+    if dg.shape != g4.shape:
+        dg = dg.double().sum_to_size(g4.shape)
+    return dg.to(g4.dtype)
 
 
-def _token_decay_grad(a, da, Kg: int) -> torch.Tensor:
-    # a, da: [R, Tp, H, K] -> a ⊙ da summed to [R, Tp, H, Kg]; fp64 for scalar / per-head decay, whose gradient
-    # sums strongly cancelling terms over every token (fp32 loses ~10x accuracy against autograd, measured T=150)
-    dt = torch.float64 if Kg == 1 else torch.float32
-    x = a.to(dt) * da.to(dt)
-    return x.sum(-1, keepdim=True) if Kg == 1 else x
+# -- launchers: the op and the SP pieces share these ------------------------------------------------------------
+
+def _states_fwd(kp, vp, G, init, layout, tables, n_states):
+    # kp: [R, Tp, H, K]; vp: [R, Tp, H, V]; G: [R, Tp, H, Kg]; init: [n, H, K, V] fp32 or None
+    # -> h: [R, H, NC, K, V] in k's dtype, final: [n, H, K, V] fp32
+    R, Tp, H, K = kp.shape
+    V, NC, Kg = vp.shape[-1], layout.num_chunks, G.shape[-1]
+    h = torch.empty(R, H, NC, K, V, dtype=kp.dtype, device=kp.device)
+    final = torch.zeros(n_states, H, K, V, dtype=torch.float32, device=kp.device)
+    BK, BV = _block(K), _block(V)
+    kern._fwd_state_kernel[(R * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
+        kp, vp, G, h, init if init is not None else final, final, *tables, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE,
+        BKs=BK, BVs=BV, KEY=Kg > 1, HAS_INIT=init is not None, PREC=_precision(kp.dtype),
+        SPLIT=kp.dtype != torch.float32, num_warps=STATE_WARPS)
+    for n in layout.empty:  # an empty sequence hands its initial state straight through
+        if init is not None:
+            final[n] = init[n]
+    return h, final
 
 
-def _to_decay_shape(dG: torch.Tensor, layout: ChunkLayout, g4: torch.Tensor) -> torch.Tensor:
-    # dG: [R, Tp, H, Kg] (padded, per token) -> g4's shape and dtype
-    return layout.unpad(dG).sum_to_size(g4.shape).to(g4.dtype)
+def _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg):
+    # dh: [R, H, NC, K, V] or None; dfinal: [n, H, K, V] fp32 or None
+    # -> dk: [R, Tp, H, K], dv: [R, Tp, H, V], dg: [R, Tp, H, Kg] or None (fp32, padded), dinit: [n, H, K, V] fp32
+    R, Tp, H, K = kp.shape
+    V, NC, Kg = vp.shape[-1], layout.num_chunks, G.shape[-1]
+    BK, BV = _block(K), _block(V)
+    nkb, nvb = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    dhn = torch.empty(R, H, NC, K, V, dtype=torch.float32, device=kp.device)
+    dinit = torch.zeros(n_states, H, K, V, dtype=torch.float32, device=kp.device)
+    NB = nvb if Kg > 1 else nkb * nvb
+    dgc = torch.empty(R * H, NC, NB, Kg, dtype=torch.float32, device=kp.device) if need_dg else dinit
+    kern._bwd_state_kernel[(R * H, nkb, nvb)](
+        dh if dh is not None else dhn, h, G, dhn, dfinal if dfinal is not None else dinit, dinit, dgc, *tables,
+        H, K, V, NC, Kg, C=CHUNK_SIZE, BKs=BK, BVs=BV, KEY=Kg > 1, HAS_DH=dh is not None,
+        HAS_DFINAL=dfinal is not None, NEED_DG=need_dg, num_warps=STATE_WARPS)
+    if dfinal is not None:
+        for n in layout.empty:
+            dinit[n] = dfinal[n]
+    dk = torch.empty(kp.shape, dtype=torch.float32, device=kp.device)
+    dv = torch.empty(vp.shape, dtype=torch.float32, device=kp.device)
+    kern._state_dkdv_kernel[(nkb + nvb, NC, R * H)](
+        kp, vp, G, dhn, dk, dv, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BK=BK, BV=BV, KEY=Kg > 1,
+        PREC=_precision(kp.dtype), num_warps=CHUNK_WARPS)
+    dg = _decay_grad(kp, dk, None, None, dgc, NB, Kg, output=False) if need_dg else None
+    return dk, dv, dg, dinit
 
+
+def _decay_grad(a, da, b, db, dgc, NB, Kg, output):
+    # chunk-local decay gradient of one piece (triton_kernels._dg_kernel) -> [R, Tp, H, Kg] fp32
+    R, Tp, H, K = a.shape
+    dg = torch.empty(R, Tp, H, Kg, dtype=torch.float32, device=a.device)
+    kern._dg_kernel[(1, Tp // CHUNK_SIZE, R * H)](
+        a, da, b if output else a, db if output else da, dgc, dg, Tp, H, K, Tp // CHUNK_SIZE, NB, C=CHUNK_SIZE,
+        BK=_block(K), KEY=Kg > 1, OUTPUT=output, num_warps=CHUNK_WARPS)
+    return dg
+
+
+def _intra_scores(qp, kp, G):
+    # per-key decay: A [R, Tp, H, C] fp32, the masked intra-chunk scores (triton_intra._intra_scores_kernel)
+    R, Tp, H, K = qp.shape
+    A = torch.empty(R, Tp, H, CHUNK_SIZE, dtype=torch.float32, device=qp.device)
+    intra._intra_scores_kernel[(CHUNK_SIZE // SUB_BLOCK, Tp // CHUNK_SIZE, R * H)](
+        qp, kp, G, A, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K), PREC=_precision(qp.dtype),
+        num_warps=CHUNK_WARPS)
+    return A
+
+
+def _output_fwd(qp, kp, vp, G, h, scale, out_dtype):
+    # -> o: [R, Tp, H, V] in out_dtype
+    R, Tp, H, K = qp.shape
+    V, NC, Kg = vp.shape[-1], Tp // CHUNK_SIZE, G.shape[-1]
+    A = _intra_scores(qp, kp, G) if Kg > 1 else G
+    o = torch.empty(vp.shape, dtype=out_dtype, device=qp.device)
+    BK, BV = _block(K), _block(V)
+    intra._out_kernel[(triton.cdiv(V, BV), NC, R * H)](
+        qp, kp, vp, G, A, h, o, scale, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BK=BK, BV=BV, KEY=Kg > 1,
+        PREC=_precision(qp.dtype), num_warps=CHUNK_WARPS)
+    return o
+
+
+def _output_bwd(qp, kp, vp, G, h, dop, scale, need_dg):
+    # -> dq, dk (intra-chunk part): [R, Tp, H, K], dv: [R, Tp, H, V], dg: [R, Tp, H, Kg] or None (fp32, padded),
+    #    dh: [R, H, NC, K, V] in h's dtype
+    R, Tp, H, K = qp.shape
+    V, NC, Kg = vp.shape[-1], Tp // CHUNK_SIZE, G.shape[-1]
+    BK, BV = _block(K), _block(V)
+    meta = dict(C=CHUNK_SIZE, BK=BK, BV=BV, KEY=Kg > 1, PREC=_precision(qp.dtype), num_warps=CHUNK_WARPS)
+    dh = torch.empty_like(h)
+    kern._dh_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), NC, R * H)](
+        qp, dop, G, dh, scale, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BKs=BK, BVs=BV, KEY=Kg > 1,
+        PREC=meta["PREC"], num_warps=CHUNK_WARPS)
+    dq = torch.empty(qp.shape, dtype=torch.float32, device=qp.device)
+    dk, dv = torch.empty_like(dq), torch.empty(vp.shape, dtype=torch.float32, device=qp.device)
+    dA = torch.empty(R, Tp, H, CHUNK_SIZE, dtype=torch.float32, device=qp.device) if Kg > 1 else dq
+    intra._dqk_kernel[(triton.cdiv(K, BK), NC, R * H)](qp, kp, vp, G, h, dop, dq, dk, dA, scale, Tp, H, K, V, NC,
+                                                       Kg, **meta)
+    A = _intra_scores(qp, kp, G) if Kg > 1 else G   # recomputed rather than saved (memory)
+    intra._dv_kernel[(triton.cdiv(V, BV), NC, R * H)](qp, kp, G, A, dop, dv, scale, Tp, H, K, V, Kg, **meta)
+    if Kg > 1:
+        intra._intra_dqk_kernel[(CHUNK_SIZE // SUB_BLOCK, NC, R * H)](
+            qp, kp, G, dA, dq, dk, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=BK, PREC=meta["PREC"],
+            num_warps=CHUNK_WARPS)
+    dg = _decay_grad(qp, dq, kp, dk, dq, 1, Kg, output=True) if need_dg else None
+    return dq, dk, dv, dg, dh
+
+
+# -- autograd ---------------------------------------------------------------------------------------------------
 
 class _ChunkStates(torch.autograd.Function):
     """h (state entering every chunk, padded chunk layout) and the final state(s); the reverse scan is the backward."""
@@ -134,71 +227,33 @@ class _ChunkStates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, v, g4, initial_state, cu_seqlens):
         # k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K]; initial_state: [n, H, K, V]
-        # -> h: [R, H, NC, K, V] fp32, final: [n, H, K, V] fp32
+        # -> h: [R, H, NC, K, V] in k's dtype, final: [n, H, K, V] fp32
         ctx.set_materialize_grads(False)
-        B, T, H, K = k.shape
-        V = v.shape[-1]
+        B, T, H, _ = k.shape
         layout, n_states = _setup(B, T, cu_seqlens, k.device)
-        kp, vp = layout.pad(k.contiguous()), layout.pad(v.contiguous())
-        G = _padded_decay(g4, layout, B, T, H, k.device)
+        tables = _tables(layout, k.device)
         init = None if initial_state is None else initial_state.float().contiguous()
-        reset, end = _tables(layout, k.device)
-        NC, Kg = layout.num_chunks, G.shape[-1]
-        h = torch.empty(layout.rows, H, NC, K, V, dtype=torch.float32, device=k.device)
-        final = torch.zeros(n_states, H, K, V, dtype=torch.float32, device=k.device)
-        BKs, BVs, nkb, nvb = _state_blocks(K, V)
-        kern._fwd_state_kernel[(layout.rows * H, nkb, nvb)](
-            kp, vp, G, h, init if init is not None else h, final, reset, end, layout.padded_length, H, K, V, NC, Kg,
-            C=CHUNK_SIZE, BKs=BKs, BVs=BVs, KEY=Kg > 1, HAS_INIT=init is not None, PREC=_precision(k.dtype),
-            num_warps=STATE_WARPS)
-        for n in layout.empty:  # an empty sequence hands its initial state straight through
-            if init is not None:
-                final[n] = init[n]
-        ctx.save_for_backward(k, v, g4, h, reset, end)
+        G = _padded_decay(g4, layout, B, T, H, k.device)
+        h, final = _states_fwd(*_padded(layout, k, v), G, init, layout, tables, n_states)
+        ctx.save_for_backward(k, v, g4, h, *tables)
         ctx.meta = (layout, n_states, None if initial_state is None else initial_state.dtype)
         return h, final
 
     @staticmethod
     def backward(ctx, dh, dfinal):
-        k, v, g4, h, reset, end = ctx.saved_tensors
+        k, v, g4, h, *tables = ctx.saved_tensors
         layout, n_states, init_dtype = ctx.meta
         if dh is None and dfinal is None:
             return None, None, None, None, None
-        B, T, H, K = k.shape
-        V, NC = v.shape[-1], layout.num_chunks
-        kp, vp = layout.pad(k.contiguous()), layout.pad(v.contiguous())
+        B, T, H, _ = k.shape
         G = _padded_decay(g4, layout, B, T, H, k.device)
-        Kg = G.shape[-1]
         need_dg = g4 is not None and ctx.needs_input_grad[2]
-        dfinal = None if dfinal is None else dfinal.float().contiguous()
-        dh = None if dh is None else dh.contiguous()
-        dhn = torch.empty_like(h)
-        dinit = torch.zeros(n_states, H, K, V, dtype=torch.float32, device=k.device)
-        BKs, BVs, nkb, nvb = _state_blocks(K, V)
-        nb = nvb if Kg > 1 else nkb * nvb
-        dgc = torch.zeros(layout.rows * H, NC, nb, K if Kg > 1 else 1, dtype=torch.float32, device=k.device)
-        kern._bwd_state_kernel[(layout.rows * H, nkb, nvb)](
-            dh if dh is not None else h, h, G, dhn, dfinal if dfinal is not None else h, dinit, dgc, reset, end,
-            H, K, V, NC, Kg, C=CHUNK_SIZE, BKs=BKs, BVs=BVs, KEY=Kg > 1, HAS_DH=dh is not None,
-            HAS_DFINAL=dfinal is not None, NEED_DG=need_dg, num_warps=STATE_WARPS)
-        if dfinal is not None:
-            for n in layout.empty:
-                dinit[n] = dfinal[n]
-        dkp = torch.empty(kp.shape, dtype=torch.float32, device=k.device)
-        dvp = torch.empty(vp.shape, dtype=torch.float32, device=k.device)
-        kern._state_dkdv_kernel[(NC, layout.rows * H)](
-            kp, vp, G, dhn, dkp, dvp, layout.padded_length, H, K, V, NC, Kg, C=CHUNK_SIZE, BK=_block(K),
-            BV=_block(V), KEY=Kg > 1, PREC=_precision(k.dtype), num_warps=_warps(K, V))
-        dg = None
-        if need_dg:
-            # dg_t = exp(G_C) ⊙ rowsum(h_c ⊙ dA_c) + Σ_{s < t in the chunk} k_s ⊙ dk_s  (see the module docstring)
-            R = layout.rows
-            chunk_term = dgc.sum(2).view(R, H, NC, 1, -1).permute(0, 2, 3, 1, 4)       # [R, NC, 1, H, Kg]
-            dG = _chunk_scan(_token_decay_grad(kp, dkp, Kg), CHUNK_SIZE, reverse=False)
-            dG = (dG.view(R, NC, CHUNK_SIZE, H, Kg) + chunk_term.to(dG.dtype)).view(dG.shape)
-            dg = _to_decay_shape(dG, layout, g4)
-        dk, dv = layout.unpad(dkp).to(k.dtype), layout.unpad(dvp).to(v.dtype)
-        return dk, dv, dg, None if init_dtype is None else dinit.to(init_dtype), None
+        dk, dv, dg, dinit = _states_bwd(*_padded(layout, k, v), G, h, None if dh is None else dh.contiguous(),
+                                        None if dfinal is None else dfinal.float().contiguous(), layout, tables,
+                                        n_states, need_dg)
+        return (layout.unpad(dk).to(k.dtype), layout.unpad(dv).to(v.dtype),
+                None if dg is None else _to_decay_shape(dg, layout, g4),
+                None if init_dtype is None else dinit.to(init_dtype), None)
 
 
 class _ChunkOutput(torch.autograd.Function):
@@ -209,18 +264,10 @@ class _ChunkOutput(torch.autograd.Function):
         # q, k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K]; h: [R, H, NC, K, V]
         # -> o: [B, T, H, V] in out_dtype
         ctx.set_materialize_grads(False)
-        B, T, H, K = q.shape
-        V = v.shape[-1]
+        B, T, H, _ = q.shape
         layout, _ = _setup(B, T, cu_seqlens, q.device)
-        qp, kp, vp = (layout.pad(x.contiguous()) for x in (q, k, v))
         G = _padded_decay(g4, layout, B, T, H, q.device)
-        h = h.contiguous()
-        o = torch.empty(*vp.shape, dtype=out_dtype, device=q.device)
-        BVo = min(_block(V), OUT_V_BLOCK)
-        Tp, NC, Kg = layout.padded_length, layout.num_chunks, G.shape[-1]
-        kern._out_kernel[(Tp // SUB_BLOCK, layout.rows * H, triton.cdiv(V, BVo))](
-            qp, kp, vp, G, h, o, scale, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K), BV=BVo,
-            KEY=Kg > 1, PREC=_precision(q.dtype), num_warps=_warps(K, BVo))
+        o = _output_fwd(*_padded(layout, q, k, v), G, h.contiguous(), scale, out_dtype)
         ctx.save_for_backward(q, k, v, g4, h)
         ctx.meta = (layout, scale)
         return layout.unpad(o)
@@ -231,30 +278,56 @@ class _ChunkOutput(torch.autograd.Function):
         layout, scale = ctx.meta
         if do is None:
             return (None,) * 8
-        B, T, H, K = q.shape
-        V, NC, Tp, R = v.shape[-1], layout.num_chunks, layout.padded_length, layout.rows
-        qp, kp, vp = (layout.pad(x.contiguous()) for x in (q, k, v))
-        dop = layout.pad(do.contiguous())
+        B, T, H, _ = q.shape
         G = _padded_decay(g4, layout, B, T, H, q.device)
-        Kg, prec = G.shape[-1], _precision(q.dtype)
-        BKs, BVs, nkb, nvb = _state_blocks(K, V)
-        dh = torch.empty_like(h)
-        kern._dh_kernel[(NC, R * H, nkb * nvb)](qp, dop, G, dh, scale, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE,
-                                                BKs=BKs, BVs=BVs, KEY=Kg > 1, PREC=prec, num_warps=STATE_WARPS)
-        dqp = torch.empty(qp.shape, dtype=torch.float32, device=q.device)
-        dkp, dvp = torch.empty_like(dqp), torch.empty(vp.shape, dtype=torch.float32, device=q.device)
-        grid = (Tp // SUB_BLOCK, R * H)
-        meta = dict(C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K), BV=_block(V), KEY=Kg > 1, PREC=prec,
-                    num_warps=_warps(K, V))
-        kern._dq_kernel[grid](kp, vp, G, h, dop, dqp, scale, Tp, H, K, V, NC, Kg, **meta)
-        kern._dkdv_kernel[grid](qp, kp, vp, G, dop, dkp, dvp, scale, Tp, H, K, V, NC, Kg, **meta)
-        dg = None
-        if g4 is not None and ctx.needs_input_grad[3]:
-            # dg_t = Σ_{s >= t in the chunk} (q_s ⊙ dq_s - k_s ⊙ dk_s)  (see the module docstring)
-            dG = _token_decay_grad(qp, dqp, Kg) - _token_decay_grad(kp, dkp, Kg)
-            dg = _to_decay_shape(_chunk_scan(dG, CHUNK_SIZE, reverse=True), layout, g4)
-        dq, dk, dv = (layout.unpad(x).to(y.dtype) for x, y in ((dqp, q), (dkp, k), (dvp, v)))
-        return dq, dk, dv, dg, dh, None, None, None
+        need_dg = g4 is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dg, dh = _output_bwd(*_padded(layout, q, k, v), G, h.contiguous(),
+                                         layout.pad(do.to(q.dtype).contiguous()), scale, need_dg)
+        dq, dk, dv = (layout.unpad(x).to(y.dtype) for x, y in ((dq, q), (dk, k), (dv, v)))
+        return dq, dk, dv, None if dg is None else _to_decay_shape(dg, layout, g4), dh, None, None, None
+
+
+class _LinearAttention(torch.autograd.Function):
+    """The whole op: the states then the output, with the same launchers as the pieces; h is recomputed in
+    backward (one scan) instead of saved, so only the inputs are kept."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g4, initial_state, scale, cu_seqlens):
+        ctx.set_materialize_grads(False)
+        B, T, H, _ = q.shape
+        layout, n_states = _setup(B, T, cu_seqlens, q.device)
+        tables = _tables(layout, q.device)
+        init = None if initial_state is None else initial_state.float().contiguous()
+        G = _padded_decay(g4, layout, B, T, H, q.device)
+        qp, kp, vp = _padded(layout, q, k, v)
+        h, final = _states_fwd(kp, vp, G, init, layout, tables, n_states)
+        o = _output_fwd(qp, kp, vp, G, h, scale, q.dtype)
+        ctx.save_for_backward(q, k, v, g4, initial_state, *tables)
+        ctx.meta = (layout, n_states, scale)
+        return layout.unpad(o), final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g4, initial_state, *tables = ctx.saved_tensors
+        layout, n_states, scale = ctx.meta
+        B, T, H, _ = q.shape
+        G = _padded_decay(g4, layout, B, T, H, q.device)
+        qp, kp, vp = _padded(layout, q, k, v)
+        init = None if initial_state is None else initial_state.float().contiguous()
+        h, _ = _states_fwd(kp, vp, G, init, layout, tables, n_states)
+        need_dg = g4 is not None and ctx.needs_input_grad[3]
+        dq = dg_o = dh = None
+        if do is not None:
+            dq, dk_o, dv_o, dg_o, dh = _output_bwd(qp, kp, vp, G, h, layout.pad(do.to(q.dtype).contiguous()),
+                                                   scale, need_dg)
+        dfinal = None if dfinal is None else dfinal.float().contiguous()
+        dk, dv, dg, dinit = _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg)
+        if do is not None:
+            dk, dv, dg = dk + dk_o, dv + dv_o, (None if dg is None else dg + dg_o)
+        grads = [None if x is None else layout.unpad(x).to(y.dtype) for x, y in ((dq, q), (dk, k), (dv, v))]
+        dg = None if dg is None else _to_decay_shape(dg, layout, g4)
+        dinit = None if initial_state is None else dinit.to(initial_state.dtype)
+        return (*grads, dg, dinit, None, None)
 
 
 def _check_dtype(x: torch.Tensor):
@@ -266,9 +339,9 @@ def triton_chunk_states(k, v, g4, initial_state=None, cu_seqlens=None):
     """States of the chunked recurrence: (h, final).
 
     k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K] ([1, 1, H, 1], [B, T, H, 1],
-    [B, T, H, K]); initial_state: None or [B or N, H, K, V]. Returns h: [R, H, NC, K, V] fp32, the state entering
-    every chunk of `make_layout`'s padded layout (h_c = state after the first c chunks of its sequence), and
-    final: [B or N, H, K, V] fp32. Differentiable in k, v, g4, initial_state (through h and final)."""
+    [B, T, H, K]); initial_state: None or [B or N, H, K, V]. Returns h: [R, H, NC, K, V] in k's dtype, the state
+    entering every chunk of `make_layout`'s padded layout (h_c = state after the first c chunks of its sequence),
+    and final: [B or N, H, K, V] fp32. Differentiable in k, v, g4, initial_state (through h and final)."""
     _check_dtype(k)
     return _ChunkStates.apply(k, v, g4, initial_state, cu_seqlens)
 
@@ -283,10 +356,9 @@ def triton_chunk_output(q, k, v, g4, h, scale, cu_seqlens=None, out_dtype=None):
 def triton_linear_attention(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Triton forward and backward; arguments as `lsp.ops.linear_attention` with g already broadcastable to
     [B, T, H, K] ([1, 1, H, 1], [B, T, H, 1] or [B, T, H, K]). Returns (o [B, T, H, V] in q's dtype, final state
-    [B or N, H, K, V] fp32 or None): `triton_chunk_states` then `triton_chunk_output`. fp64 inputs and empty inputs
-    take the chunked torch path."""
+    [B or N, H, K, V] fp32 or None): the launchers of `triton_chunk_states` then `triton_chunk_output`, with h
+    recomputed in backward. fp64 inputs and empty inputs take the chunked torch path."""
     if q.dtype == torch.float64 or q.shape[1] == 0:
         return chunk_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-    h, final = triton_chunk_states(k, v, g, initial_state, cu_seqlens)
-    o = triton_chunk_output(q, k, v, g, h, scale, cu_seqlens)
+    o, final = _LinearAttention.apply(q, k, v, g, initial_state, float(scale), cu_seqlens)
     return o, (final if output_final_state else None)
