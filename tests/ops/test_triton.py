@@ -19,7 +19,6 @@ Tolerances (norm-relative, max|a-b| / max|b|):
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
@@ -166,44 +165,22 @@ def test_triton_cuda_large(form, dtype):
         assert err < tol, f"cuda {form} {dtype} {key}: relative error {err:.3e}"
 
 
-_COMPILE_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from lsp.ops.linear import triton_kernels as kern
-
-P, I, F = "*fp32", "i32", "fp32"
-dims = dict(Tp=I, H=I, K=I, V=I, NC=I, Kg=I)
-for key in (False, True):
-    meta = dict(C=64, BT=16, BK=32, BV=32, KEY=key, PREC="ieee")
-    state = dict(C=64, BKs=32, BVs=32, KEY=key, PREC="ieee")
-    kernels = [
-        (kern._fwd_state_kernel, dict(k=P, v=P, G=P, h=P, init=P, final=P, reset="*i32", end="*i32", **dims),
-         dict(state, HAS_INIT=True)),
-        (kern._bwd_state_kernel, dict(dh=P, h=P, G=P, dhn=P, dfinal=P, dinit=P, dgc=P, reset="*i32", end="*i32",
-                                      H=I, K=I, V=I, NC=I, Kg=I),
-         dict(C=64, BKs=32, BVs=32, KEY=key, HAS_DH=True, HAS_DFINAL=True, NEED_DG=True)),
-        (kern._dh_kernel, dict(q=P, do=P, G=P, dh=P, scale=F, **dims), state),
-        (kern._state_dkdv_kernel, dict(k=P, v=P, G=P, dhn=P, dk=P, dv=P, **dims),
-         dict(C=64, BK=32, BV=32, KEY=key, PREC="ieee")),
-        (kern._fwd_state_kernel, dict(q=P, k=P, v=P, G=P, h=P, o="*bf16", scale=F, **dims), meta),
-        (kern._dq_kernel, dict(k=P, v=P, G=P, h=P, do=P, dq=P, scale=F, **dims), meta),
-        (kern._dkdv_kernel, dict(q=P, k=P, v=P, G=P, do=P, dk=P, dv=P, scale=F, **dims), meta),
-    ]
-    for fn, sig, consts in kernels:
-        compiled = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
-        assert ".entry" in compiled.asm["ptx"], fn
-print("compiled")
-"""
-
-
-@pytest.mark.slow
-def test_kernels_compile_for_sm90():
-    """The interpreter does not type-check like the compiler: compile every kernel to PTX for an H100 (sm_90),
-    which needs no GPU, in a fresh process without TRITON_INTERPRET."""
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+@pytest.mark.parametrize("form", ["head", "scalar", "key"])
+def test_triton_strong_decay(form):
+    """g = -20 on every token (exp(g) = 2e-9: every state all but forgets its past). Per element, o, the final state
+    and every gradient but dg are within 1e-4 relative (+ 1e-6 of the largest entry for entries near zero) of fp64
+    (measured <= 2.3e-5, dq and dk). dg is not checked relatively: its true value is O(e^-20) (|dg| <= 4e-8) and it is
+    a difference of O(1) terms (q ⊙ dq - k ⊙ dk, and autograd's exp-derivatives on the torch path), so fp32 roundoff
+    of those terms (~1e-7) exceeds it; the torch path is off by 2.5 to 48 (norm-relative) there as well. Checked
+    instead: finite, and within 1e-4 of max|q ⊙ dq| (measured 6.7e-5 absolute for [H], 2e-6 and 8e-7 otherwise)."""
+    q, k, v, g, s0 = make_inputs(form, B=1, T=77, H=2, K=8, V=8, dtype=torch.float32)
+    g = torch.full_like(g, -20.0).requires_grad_(True)
+    res, ref = _triton(q, k, v, g, s0), _ref(q, k, v, g, s0)
+    for key in ref:
+        assert torch.isfinite(res[key]).all(), key
+        err = (res[key].double() - ref[key]).abs()
+        if key != "dg":
+            bound = 1e-4 * ref[key].abs() + 1e-6 * ref[key].abs().max()
+            assert (err <= bound).all(), f"{form} {key}: {(err / ref[key].abs()).max():.2e}"
+    scale = (q.detach().double() * res["dq"].double()).abs().max()
+    assert (res["dg"].double() - ref["dg"]).abs().max() <= 1e-4 * scale

@@ -53,15 +53,19 @@ from .layout import ChunkLayout, make_layout
 
 CHUNK_SIZE = 64
 SUB_BLOCK = 16      # row sub-block of the per-key intra-chunk kernels (as fla's secondary chunking)
-BLOCK = 64          # K and V block of every kernel: [64, 64] tiles keep every kernel free of register spills
+# Block sizes and warps: the largest that compile without register spills for sm_90a (ptxas, bf16 and fp32, every
+# decay form; tests/ops/test_triton_sm90.py). With 4 warps every chunk-level kernel spilled (up to 932 B per thread).
+BLOCK = 64          # K and V block of the chunk-level kernels
+SUB_BLOCK_K = 32    # K block of the 16-row per-key kernels (64 spills: 148 B in _intra_dqk_kernel)
+DQK_V_BLOCK = 32    # V block of _dqk_kernel (64 spills 8 B with per-key decay: it also holds the [64, 64] dA)
 STATE_WARPS = 8     # the scans hold a [64, 64] fp32 state plus [64, 64] k, v tiles
-CHUNK_WARPS = 4     # chunk-level kernels: [64, 64] fp32 accumulators (wgmma needs 4 warps per 64 rows)
+CHUNK_WARPS = 8
 TF32_ENV = "LSP_TRITON_TF32"
 
 
-def _block(d: int) -> int:
-    # K or V block: the head dim rounded up to a power of two (>= 16, a dot's minimum), at most BLOCK
-    return min(max(16, triton.next_power_of_2(d)), BLOCK)
+def _block(d: int, cap: int = BLOCK) -> int:
+    # K or V block: the head dim rounded up to a power of two (>= 16, a dot's minimum), at most cap
+    return min(max(16, triton.next_power_of_2(d)), cap)
 
 
 def _tables(layout: ChunkLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +179,7 @@ def _intra_scores(qp, kp, G):
     R, Tp, H, K = qp.shape
     A = torch.empty(R, Tp, H, CHUNK_SIZE, dtype=torch.float32, device=qp.device)
     intra._intra_scores_kernel[(CHUNK_SIZE // SUB_BLOCK, Tp // CHUNK_SIZE, R * H)](
-        qp, kp, G, A, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K), PREC=_precision(qp.dtype),
+        qp, kp, G, A, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K, SUB_BLOCK_K), PREC=_precision(qp.dtype),
         num_warps=CHUNK_WARPS)
     return A
 
@@ -208,12 +212,12 @@ def _output_bwd(qp, kp, vp, G, h, dop, scale, need_dg):
     dk, dv = torch.empty_like(dq), torch.empty(vp.shape, dtype=torch.float32, device=qp.device)
     dA = torch.empty(R, Tp, H, CHUNK_SIZE, dtype=torch.float32, device=qp.device) if Kg > 1 else dq
     intra._dqk_kernel[(triton.cdiv(K, BK), NC, R * H)](qp, kp, vp, G, h, dop, dq, dk, dA, scale, Tp, H, K, V, NC,
-                                                       Kg, **meta)
+                                                       Kg, **{**meta, "BV": _block(V, DQK_V_BLOCK)})
     A = _intra_scores(qp, kp, G) if Kg > 1 else G   # recomputed rather than saved (memory)
     intra._dv_kernel[(triton.cdiv(V, BV), NC, R * H)](qp, kp, G, A, dop, dv, scale, Tp, H, K, V, Kg, **meta)
     if Kg > 1:
         intra._intra_dqk_kernel[(CHUNK_SIZE // SUB_BLOCK, NC, R * H)](
-            qp, kp, G, dA, dq, dk, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=BK, PREC=meta["PREC"],
+            qp, kp, G, dA, dq, dk, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K, SUB_BLOCK_K), PREC=meta["PREC"],
             num_warps=CHUNK_WARPS)
     dg = _decay_grad(qp, dq, kp, dk, dq, 1, Kg, output=True) if need_dg else None
     return dq, dk, dv, dg, dh

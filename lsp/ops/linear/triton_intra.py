@@ -55,7 +55,7 @@ def _intra_scores_kernel(q, k, G, A, Tp, H, K,
         k_s = (k_a.to(tl.float32) * tl.exp(G_s[None, :] - G_a + _before(cols, e)[:, None])).to(k_a.dtype)
         q_s = (q_i * tl.exp(G_i - G_s[None, :])).to(k_a.dtype)
         acc += tl.dot(q_s, tl.trans(k_s), input_precision=PREC)
-        for jj in tl.static_range(BT):
+        for jj in range(BT):  # a runtime loop: unrolled, the hoisted row loads spill registers
             k_j = _load_row(k, r, t0 + jj, hh, Tp, H, K, BK, k0)
             G_j = _load_row(G, r, t0 + jj, hh, Tp, H, K, BK, k0)
             ex = tl.exp(tl.where(rows[:, None] >= jj, G_i - G_j[None, :], float("-inf")))
@@ -172,7 +172,7 @@ def _intra_dqk_kernel(q, k, G, dA, dq, dk, Tp, H, K,
         acc_q = tl.exp(G_b - G_s[None, :]) * tl.dot(dA_rows.to(dt), k_s, input_precision=PREC)
         acc_k = tl.exp(G_e[None, :] - G_b) * tl.dot(tl.trans(dA_cols).to(dt), q_e, input_precision=PREC)
         q_b = _load_tile(q, r, t0, hh, Tp, H, K, BT, BK, k0)
-        for jj in tl.static_range(BT):
+        for jj in range(BT):  # a runtime loop: unrolled, the hoisted row loads spill registers
             k_j = _load_row(k, r, t0 + jj, hh, Tp, H, K, BK, k0)
             G_j = _load_row(G, r, t0 + jj, hh, Tp, H, K, BK, k0)
             a_col = tl.sum(tl.where(cols[None, :] == s0 + jj, dA_rows, 0.0), 1)       # dA[i, jj], i in block
