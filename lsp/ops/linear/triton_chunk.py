@@ -58,6 +58,8 @@ SUB_BLOCK = 16      # row sub-block of the per-key intra-chunk kernels (as fla's
 BLOCK = 64          # K and V block of the chunk-level kernels
 SUB_BLOCK_K = 32    # K block of the 16-row per-key kernels (64 spills: 148 B in _intra_dqk_kernel)
 DQK_V_BLOCK = 32    # V block of _dqk_kernel (64 spills 8 B with per-key decay: it also holds the [64, 64] dA)
+SCAN_V_BLOCK = 32   # V block of the forward scan (64 spills 64 B with per-key decay, an initial state and the
+                    # two-part 16-bit key; 32 gives 250 registers, no spill, still wgmma)
 STATE_WARPS = 8     # the scans hold a [64, 64] fp32 state plus [64, 64] k, v tiles
 CHUNK_WARPS = 8
 TF32_ENV = "LSP_TRITON_TF32"
@@ -126,7 +128,7 @@ def _states_fwd(kp, vp, G, init, layout, tables, n_states):
     V, NC, Kg = vp.shape[-1], layout.num_chunks, G.shape[-1]
     h = torch.empty(R, H, NC, K, V, dtype=kp.dtype, device=kp.device)
     final = torch.zeros(n_states, H, K, V, dtype=torch.float32, device=kp.device)
-    BK, BV = _block(K), _block(V)
+    BK, BV = _block(K), _block(V, SCAN_V_BLOCK)
     kern._fwd_state_kernel[(R * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
         kp, vp, G, h, init if init is not None else final, final, *tables, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE,
         BKs=BK, BVs=BV, KEY=Kg > 1, HAS_INIT=init is not None, PREC=_precision(kp.dtype),

@@ -142,12 +142,14 @@ def _chunk_ids(H):
 
 @triton.jit
 def _state_or(S, n, hh, H, K, V, k0, v0, current, BKs: tl.constexpr, BVs: tl.constexpr, HAS_S: tl.constexpr):
-    # the [BKs, BVs] block of S[n] (or zeros without S) where n >= 0, else current
-    if HAS_S:
-        s = _load_state(S, tl.maximum(n, 0) * H + hh, 0, 1, K, V, k0, v0, BKs, BVs).to(tl.float32)
-        return tl.where(n >= 0, s, current)
-    else:
-        return tl.where(n >= 0, 0.0, current)
+    # the [BKs, BVs] block of S[n] (or zeros without S) where n >= 0, else current; a branch, not a select, so
+    # that S is read only at sequence starts (the select kept a second [64, 64] block live: 4 B spill per thread)
+    if n >= 0:
+        if HAS_S:
+            current = _load_state(S, n * H + hh, 0, 1, K, V, k0, v0, BKs, BVs).to(tl.float32)
+        else:
+            current = tl.zeros([BKs, BVs], dtype=tl.float32)
+    return current
 
 
 @triton.jit
