@@ -5,16 +5,19 @@ which is slow: shapes stay tiny. The `gpu` test runs larger shapes on CUDA.
 
 Tolerances (norm-relative, max|a-b| / max|b|):
 - fp32 inputs vs the fp64 naive reference: 1e-4 (5e-4 for dg of [H] decay). The kernels accumulate in fp32 (unit
-  roundoff 6e-8); sums of <= 150 O(1) terms give ~1e-6 measured. dg of a per-head decay is Σ_t (t + 1)(q·dq - k·dk)_t
-  over every token and key dim with strong cancellation (up to T-fold): the fp32 errors of dq, dk (~1e-6) are
-  amplified to 8e-6 (T=77, K=16) and 2.3e-4 (T=150, K=72, V=100) measured with the Triton 3.9 interpreter (5e-5 with
-  earlier versions); rounding the exact dq, dk to fp32 alone already gives 4e-5 there, and autograd of the fp32 torch
-  path, which never forms that sum, gets 2e-5. A wrong term (a dropped decay, a
-  state from the wrong chunk or sequence) gives errors of O(1e-1) and fails, see the negative controls.
-- bf16 / fp16 inputs vs the fp32 torch path on the same rounded values: 1e-2 (bf16), 1e-3 (fp16); measured 4.4e-3
-  and 2.8e-4. The kernels accumulate in fp32, but o and the input gradients are rounded to the input dtype (relative
-  step 2^-8 = 4e-3 for bf16, 2^-11 for fp16), and run_with_grads rounds its loss weights to the output dtype, which
-  moves every gradient by up to that step. The final state is fp32 from exact inputs: 1e-5 (measured 1e-7).
+  roundoff 6e-8); sums of <= 150 O(1) terms give ~1e-6 measured. dg of a per-head decay sums every token's chunk-local
+  dg (themselves sums of q ⊙ dq - k ⊙ dk over the chunk, with cancellation) in fp64: 2.4e-6 (T=77, K=16) and 9.5e-5
+  (T=150, K=72, V=100) measured with the Triton 3.9 interpreter (2.3e-4 with the former whole-sequence identity).
+  A wrong term (a dropped decay, a state from the wrong chunk or sequence) gives errors of O(1e-1) and fails, see the
+  negative controls.
+- bf16 / fp16 inputs vs the fp32 torch path on the same rounded values: 1e-2 (bf16), 1e-3 (fp16); measured (T=40)
+  o 4.1e-3 / 5.1e-3 (bf16 scalar / key), 8.4e-4 (fp16), gradients <= 4.3e-3 (bf16), 9.6e-4 (fp16). Besides the
+  rounding of o and the input gradients to the input dtype (relative step 2^-8 = 4e-3 for bf16, 2^-11 for fp16) the
+  kernels round decayed dot operands (q ⊙ exp(G), A, dA) to the input dtype, as fla does, and run_with_grads rounds
+  its loss weights to the output dtype. The final state is fp32 from exact inputs: 1e-5 (measured 2.2e-6, bf16; the
+  forward scan splits its decayed key into two 16-bit parts for this, see triton_kernels._fwd_state_kernel).
+  Under the interpreter, bf16 dots and casts go through tests/ops/triton_interp.py (the interpreter's own bf16 dot
+  is wrong and its cast rounds toward zero).
 """
 from __future__ import annotations
 
