@@ -71,20 +71,19 @@ def _block(d: int, cap: int = BLOCK) -> int:
     return min(max(16, triton.next_power_of_2(d)), cap)
 
 
-def _tables(layout: ChunkLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
-    # -> reset, end: [R, NC] int32 (sequence index starting / ending at each chunk, -1 otherwise)
-    R, NC = layout.rows, layout.num_chunks
-    reset = torch.full((R, NC), -1, dtype=torch.int32)
-    end = torch.full((R, NC), -1, dtype=torch.int32)
+def _tables(layout: ChunkLayout, device) -> tuple[torch.Tensor, ...]:
+    # packed sequences -> (reset, end): [1, NC] int32, the sequence starting / ending at each chunk (-1 otherwise),
+    # built on the host from the layout and copied; without packing () (the kernels know row r is sequence r)
     if layout.dst is None:
-        reset[:, 0] = torch.arange(R, dtype=torch.int32)
-        end[:, NC - 1] = torch.arange(R, dtype=torch.int32)
-    else:
-        for c, n in layout.resets.items():
-            reset[0, c] = n
-        for c, ns in layout.ends.items():
-            assert len(ns) == 1, "a chunk holds tokens of one sequence only"
-            end[0, c] = ns[0]
+        return ()
+    NC = layout.num_chunks
+    reset = torch.full((1, NC), -1, dtype=torch.int32)
+    end = torch.full((1, NC), -1, dtype=torch.int32)
+    for c, n in layout.resets.items():
+        reset[0, c] = n
+    for c, ns in layout.ends.items():
+        assert len(ns) == 1, "a chunk holds tokens of one sequence only"
+        end[0, c] = ns[0]
     return reset.to(device), end.to(device)
 
 
@@ -131,9 +130,9 @@ def _states_fwd(kp, vp, G, init, layout, tables, n_states):
     final = torch.zeros(n_states, H, K, V, dtype=torch.float32, device=kp.device)
     BK, BV = _block(K), _block(V, SCAN_V_BLOCK)
     kern._fwd_state_kernel[(R * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
-        kp, vp, G, h, init if init is not None else final, final, *tables, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE,
-        BKs=BK, BVs=BV, KEY=Kg > 1, HAS_INIT=init is not None, PREC=_precision(kp.dtype),
-        SPLIT=kp.dtype != torch.float32, num_warps=STATE_WARPS)
+        kp, vp, G, h, init if init is not None else final, final, *(tables or (G, G)), Tp, H, K, V, NC, Kg,
+        C=CHUNK_SIZE, BKs=BK, BVs=BV, KEY=Kg > 1, HAS_INIT=init is not None, PREC=_precision(kp.dtype),
+        SPLIT=kp.dtype != torch.float32, PACKED=bool(tables), num_warps=STATE_WARPS)
     for n in layout.empty:  # an empty sequence hands its initial state straight through
         if init is not None:
             final[n] = init[n]
@@ -152,9 +151,9 @@ def _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg):
     NB = nvb if Kg > 1 else nkb * nvb
     dgc = torch.empty(R * H, NC, NB, Kg, dtype=torch.float32, device=kp.device) if need_dg else dinit
     kern._bwd_state_kernel[(R * H, nkb, nvb)](
-        dh if dh is not None else dhn, h, G, dhn, dfinal if dfinal is not None else dinit, dinit, dgc, *tables,
-        H, K, V, NC, Kg, C=CHUNK_SIZE, BKs=BK, BVs=BV, KEY=Kg > 1, HAS_DH=dh is not None,
-        HAS_DFINAL=dfinal is not None, NEED_DG=need_dg, num_warps=STATE_WARPS)
+        dh if dh is not None else dhn, h, G, dhn, dfinal if dfinal is not None else dinit, dinit, dgc,
+        *(tables or (G, G)), H, K, V, NC, Kg, C=CHUNK_SIZE, BKs=BK, BVs=BV, KEY=Kg > 1, HAS_DH=dh is not None,
+        HAS_DFINAL=dfinal is not None, NEED_DG=need_dg, PACKED=bool(tables), num_warps=STATE_WARPS)
     if dfinal is not None:
         for n in layout.empty:
             dinit[n] = dfinal[n]
@@ -249,6 +248,7 @@ class _ChunkStates(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, dfinal):
         k, v, g4, h, *tables = ctx.saved_tensors
+        tables = tuple(tables)
         layout, n_states, init_dtype = ctx.meta
         if dh is None and dfinal is None:
             return None, None, None, None, None
@@ -316,6 +316,7 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dfinal):
         q, k, v, g4, initial_state, *tables = ctx.saved_tensors
+        tables = tuple(tables)
         layout, n_states, scale = ctx.meta
         B, T, H, _ = q.shape
         G = _padded_decay(g4, layout, B, T, H, q.device)

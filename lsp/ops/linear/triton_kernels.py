@@ -7,8 +7,9 @@ All kernels work on the padded chunk layout of `layout.py`: q, k, dq, dk, G: [R,
 States are [R, H, NC, K, V]: h (entering state of every chunk, fp32 or the input dtype), dh (its gradient through
 the output) or dhn (the gradient w.r.t. the state after every chunk, fp32).
 
-Reset / end tables [R, NC] int32: reset[r, c] = n >= 0 when a sequence n starts at chunk c (its state is then
-initial_state[n] or 0), end[r, c] = n >= 0 when the state after chunk c is sequence n's final state; -1 otherwise.
+Reset / end tables [R, NC] int32 (packed sequences only, PACKED=True): reset[r, c] = n >= 0 when a sequence n starts
+at chunk c (its state is then initial_state[n] or 0), end[r, c] = n >= 0 when the state after chunk c is sequence
+n's final state; -1 otherwise. Without packing row r is sequence r, from chunk 0 to NC - 1: no table is built.
 
 Precision: dot operands are in the input dtype (bf16 / fp16 tensor cores; a decayed operand such as k ⊙ exp(G_C - G)
 is formed in fp32 and rounded to the input dtype, as fla does); accumulation, the running states and every decay
@@ -161,9 +162,18 @@ def _store_state_if(S, n, hh, H, K, V, k0, v0, value, BKs: tl.constexpr, BVs: tl
 
 
 @triton.jit
+def _seq_at(table, r, c, NC, edge, PACKED: tl.constexpr):
+    # the sequence starting (reset table, edge 0) or ending (end table, edge NC - 1) at chunk c of row r, else -1
+    if PACKED:
+        return tl.load(table + r * NC + c)
+    else:
+        return tl.where(c == edge, r, -1)
+
+
+@triton.jit
 def _fwd_state_kernel(k, v, G, h, init, final, reset, end, Tp, H, K, V, NC, Kg,
-                      C: tl.constexpr, BKs: tl.constexpr, BVs: tl.constexpr,
-                      KEY: tl.constexpr, HAS_INIT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+                      C: tl.constexpr, BKs: tl.constexpr, BVs: tl.constexpr, KEY: tl.constexpr,
+                      HAS_INIT: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr, PACKED: tl.constexpr):
     # grid (R * H, cdiv(K, BKs), cdiv(V, BVs)); h[r, h, c] = state entering chunk c; final[n] = state after seq n
     #   S_next = exp(G_C) ⊙ S + (k ⊙ exp(G_C - G))ᵀ v     (S fp32 in registers, h stored in h's dtype)
     # SPLIT (16-bit inputs): the decayed key rounded to 16 bits would cost final states ~3e-3 relative accuracy
@@ -173,7 +183,7 @@ def _fwd_state_kernel(k, v, G, h, init, final, reset, end, Tp, H, K, V, NC, Kg,
     k0, v0 = kb * BKs, vb * BVs
     state = tl.zeros([BKs, BVs], dtype=tl.float32)
     for c in range(NC):
-        state = _state_or(init, tl.load(reset + r * NC + c), hh, H, K, V, k0, v0, state, BKs, BVs, HAS_INIT)
+        state = _state_or(init, _seq_at(reset, r, c, NC, 0, PACKED), hh, H, K, V, k0, v0, state, BKs, BVs, HAS_INIT)
         hp, hm = _state_ptrs(h, rh, c, NC, K, V, k0, v0, BKs, BVs)
         tl.store(hp, state.to(h.dtype.element_ty), mask=hm)
         k_c = _load_raw(k, r, c * C, hh, Tp, H, K, C, BKs, k0)
@@ -185,13 +195,13 @@ def _fwd_state_kernel(k, v, G, h, init, final, reset, end, Tp, H, K, V, NC, Kg,
         if SPLIT:  # k ⊙ exp(G_C - G) = hi + lo in two 16-bit operands: final states keep fp32 accuracy
             update += tl.dot(tl.trans((k_dec - hi.to(tl.float32)).to(k_c.dtype)), v_c)
         state = state * _state_rows(tl.exp(G_last), KEY) + update
-        _store_state_if(final, tl.load(end + r * NC + c), hh, H, K, V, k0, v0, state, BKs, BVs)
+        _store_state_if(final, _seq_at(end, r, c, NC, NC - 1, PACKED), hh, H, K, V, k0, v0, state, BKs, BVs)
 
 
 @triton.jit
 def _bwd_state_kernel(dh, h, G, dhn, dfinal, dinit, dgc, reset, end, H, K, V, NC, Kg,
                       C: tl.constexpr, BKs: tl.constexpr, BVs: tl.constexpr, KEY: tl.constexpr, HAS_DH: tl.constexpr,
-                      HAS_DFINAL: tl.constexpr, NEED_DG: tl.constexpr):
+                      HAS_DFINAL: tl.constexpr, NEED_DG: tl.constexpr, PACKED: tl.constexpr):
     # grid (R * H, cdiv(K, BKs), cdiv(V, BVs)); reverse scan over chunks, with dA_c = dL/d(state after chunk c):
     #   dA_c = dfinal[n] at a sequence end, else dL/d(state entering c + 1) = dh[c+1] + exp(G_C) ⊙ dA_{c+1}
     # writes dhn[c] = dA_c, dinit[n] at a sequence start, and (NEED_DG) the chunk term of the decay gradient
@@ -203,7 +213,8 @@ def _bwd_state_kernel(dh, h, G, dhn, dfinal, dinit, dgc, reset, end, H, K, V, NC
     dstate = tl.zeros([BKs, BVs], dtype=tl.float32)
     for i in range(NC):
         c = NC - 1 - i
-        dstate = _state_or(dfinal, tl.load(end + r * NC + c), hh, H, K, V, k0, v0, dstate, BKs, BVs, HAS_DFINAL)
+        n_end = _seq_at(end, r, c, NC, NC - 1, PACKED)
+        dstate = _state_or(dfinal, n_end, hh, H, K, V, k0, v0, dstate, BKs, BVs, HAS_DFINAL)
         hp, hm = _state_ptrs(dhn, rh, c, NC, K, V, k0, v0, BKs, BVs)
         tl.store(hp, dstate, mask=hm)
         G_last = _chunk_last(G, r, c * C, hh, Tp, H, Kg, K, k0, C, BKs, KEY)
@@ -219,7 +230,7 @@ def _bwd_state_kernel(dh, h, G, dhn, dfinal, dinit, dgc, reset, end, H, K, V, NC
         dstate = dstate * _state_rows(tl.exp(G_last), KEY)
         if HAS_DH:
             dstate += _load_state(dh, rh, c, NC, K, V, k0, v0, BKs, BVs).to(tl.float32)
-        _store_state_if(dinit, tl.load(reset + r * NC + c), hh, H, K, V, k0, v0, dstate, BKs, BVs)
+        _store_state_if(dinit, _seq_at(reset, r, c, NC, 0, PACKED), hh, H, K, V, k0, v0, dstate, BKs, BVs)
 
 
 @triton.jit
