@@ -54,7 +54,7 @@ from .layout import ChunkLayout, make_layout
 
 CHUNK_SIZE = 64
 SUB_BLOCK = 16      # row sub-block of the per-key intra-chunk kernels (as fla's secondary chunking)
-# Block sizes and warps: the largest that compile without register spills for sm_90a (ptxas, bf16 and fp32, every
+# Block sizes and warps: the largest that compile without register spills for sm_90a (ptxas, bf16 and fp16, every
 # decay form; tests/ops/test_triton_sm90.py). With 4 warps every chunk-level kernel spilled (up to 932 B per thread).
 BLOCK = 64          # K and V block of the chunk-level kernels
 SUB_BLOCK_K = 32    # K block of the 16-row per-key kernels (64 spills: 148 B in _intra_dqk_kernel)
