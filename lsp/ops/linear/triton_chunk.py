@@ -48,6 +48,7 @@ import triton
 
 from . import triton_intra as intra
 from . import triton_kernels as kern
+from . import triton_tune as tune
 from .checks import seq_bounds
 from .chunk import chunk_linear_attention
 from .layout import ChunkLayout, make_layout
@@ -58,7 +59,8 @@ SUB_BLOCK = 16      # row sub-block of the per-key intra-chunk kernels (as fla's
 # decay form; tests/ops/test_triton_sm90.py). With 4 warps every chunk-level kernel spilled (up to 932 B per thread).
 BLOCK = 64          # K and V block of the chunk-level kernels
 SUB_BLOCK_K = 32    # K block of the 16-row per-key kernels (64 spills: 148 B in _intra_dqk_kernel)
-DQK_V_BLOCK = 32    # V block of _dqk_kernel (64 spills 8 B with per-key decay: it also holds the [64, 64] dA)
+# (the chunk-level output kernels' V block, warps and stages are tuned per shape on CUDA: triton_tune.py, whose first
+# candidates are these defaults; _dqk_kernel's default V block is 32: 64 spills 8 B with per-key decay)
 SCAN_V_BLOCK = 32   # V block of the forward scan (64 spills 64 B with per-key decay, an initial state and the
                     # two-part 16-bit key; 32 gives 250 registers, no spill, still wgmma)
 STATE_WARPS = 8     # the scans hold a [64, 64] fp32 state plus [64, 64] k, v tiles
@@ -85,6 +87,11 @@ def _tables(layout: ChunkLayout, device) -> tuple[torch.Tensor, ...]:
         assert len(ns) == 1, "a chunk holds tokens of one sequence only"
         end[0, c] = ns[0]
     return reset.to(device), end.to(device)
+
+
+def _tune_key(x: torch.Tensor, V: int, Kg: int) -> tuple:
+    # what the best block size / warps / stages of a chunk-level kernel depends on (not T: one program per chunk)
+    return (x.shape[-1], V, Kg > 1, x.dtype, x.device)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -159,9 +166,9 @@ def _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg):
             dinit[n] = dfinal[n]
     dk = torch.empty(kp.shape, dtype=torch.float32, device=kp.device)
     dv = torch.empty(vp.shape, dtype=torch.float32, device=kp.device)
-    kern._state_dkdv_kernel[(nkb + nvb, NC, R * H)](
-        kp, vp, G, dhn, dk, dv, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BK=BK, BV=BV, KEY=Kg > 1,
-        PREC=_precision(kp.dtype), num_warps=CHUNK_WARPS)
+    tune.launch(kern._state_dkdv_kernel, "_state_dkdv_kernel", lambda cfg: (nkb + nvb, NC, R * H),
+                (kp, vp, G, dhn, dk, dv, Tp, H, K, V, NC, Kg),
+                dict(C=CHUNK_SIZE, BK=BK, BV=BV, KEY=Kg > 1, PREC=_precision(kp.dtype)), _tune_key(kp, V, Kg))
     dg = _decay_grad(kp, dk, None, None, dgc, NB, Kg, output=False) if need_dg else None
     return dk, dv, dg, dinit
 
@@ -193,9 +200,9 @@ def _output_fwd(qp, kp, vp, G, h, scale, out_dtype):
     A = _intra_scores(qp, kp, G) if Kg > 1 else G
     o = torch.empty(vp.shape, dtype=out_dtype, device=qp.device)
     BK, BV = _block(K), _block(V)
-    intra._out_kernel[(triton.cdiv(V, BV), NC, R * H)](
-        qp, kp, vp, G, A, h, o, scale, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BK=BK, BV=BV, KEY=Kg > 1,
-        PREC=_precision(qp.dtype), num_warps=CHUNK_WARPS)
+    tune.launch(intra._out_kernel, "_out_kernel", lambda cfg: (triton.cdiv(V, cfg["BV"]), NC, R * H),
+                (qp, kp, vp, G, A, h, o, scale, Tp, H, K, V, NC, Kg),
+                dict(C=CHUNK_SIZE, BK=BK, KEY=Kg > 1, PREC=_precision(qp.dtype)), _tune_key(qp, V, Kg), dict(BV=BV))
     return o
 
 
@@ -204,22 +211,24 @@ def _output_bwd(qp, kp, vp, G, h, dop, scale, need_dg):
     #    dh: [R, H, NC, K, V] in h's dtype
     R, Tp, H, K = qp.shape
     V, NC, Kg = vp.shape[-1], Tp // CHUNK_SIZE, G.shape[-1]
-    BK, BV = _block(K), _block(V)
-    meta = dict(C=CHUNK_SIZE, BK=BK, BV=BV, KEY=Kg > 1, PREC=_precision(qp.dtype), num_warps=CHUNK_WARPS)
+    BK, BV, prec = _block(K), _block(V), _precision(qp.dtype)
     dh = torch.empty_like(h)
     kern._dh_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), NC, R * H)](
         qp, dop, G, dh, scale, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BKs=BK, BVs=BV, KEY=Kg > 1,
-        PREC=meta["PREC"], num_warps=CHUNK_WARPS)
+        PREC=prec, num_warps=CHUNK_WARPS)
     dq = torch.empty(qp.shape, dtype=torch.float32, device=qp.device)
     dk, dv = torch.empty_like(dq), torch.empty(vp.shape, dtype=torch.float32, device=qp.device)
     dA = torch.empty(R, Tp, H, CHUNK_SIZE, dtype=torch.float32, device=qp.device) if Kg > 1 else dq
-    intra._dqk_kernel[(triton.cdiv(K, BK), NC, R * H)](qp, kp, vp, G, h, dop, dq, dk, dA, scale, Tp, H, K, V, NC,
-                                                       Kg, **{**meta, "BV": _block(V, DQK_V_BLOCK)})
+    fixed = dict(C=CHUNK_SIZE, BK=BK, KEY=Kg > 1, PREC=prec)
+    tune.launch(intra._dqk_kernel, "_dqk_kernel", lambda cfg: (triton.cdiv(K, BK), NC, R * H),
+                (qp, kp, vp, G, h, dop, dq, dk, dA, scale, Tp, H, K, V, NC, Kg), fixed, _tune_key(qp, V, Kg),
+                dict(BV=BV))
     A = _intra_scores(qp, kp, G) if Kg > 1 else G   # recomputed rather than saved (memory)
-    intra._dv_kernel[(triton.cdiv(V, BV), NC, R * H)](qp, kp, G, A, dop, dv, scale, Tp, H, K, V, Kg, **meta)
+    tune.launch(intra._dv_kernel, "_dv_kernel", lambda cfg: (triton.cdiv(V, cfg["BV"]), NC, R * H),
+                (qp, kp, G, A, dop, dv, scale, Tp, H, K, V, Kg), fixed, _tune_key(qp, V, Kg), dict(BV=BV))
     if Kg > 1:
         intra._intra_dqk_kernel[(CHUNK_SIZE // SUB_BLOCK, NC, R * H)](
-            qp, kp, G, dA, dq, dk, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K, SUB_BLOCK_K), PREC=meta["PREC"],
+            qp, kp, G, dA, dq, dk, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K, SUB_BLOCK_K), PREC=prec,
             num_warps=CHUNK_WARPS)
     dg = _decay_grad(qp, dq, kp, dk, dq, 1, Kg, output=True) if need_dg else None
     return dq, dk, dv, dg, dh
