@@ -114,6 +114,14 @@ def _padded_decay(g4, layout: ChunkLayout, B: int, T: int, H: int, device) -> to
     return g.view(R, Tp // CHUNK_SIZE, CHUNK_SIZE, H, Kg).cumsum(2).view(R, Tp, H, Kg)
 
 
+def _prepare(k, g4, initial_state, cu_seqlens):
+    # -> layout, number of states, chunk tables (packed only), fp32 initial state or None, padded within-chunk G
+    B, T, H, _ = k.shape
+    layout, n_states = _setup(B, T, cu_seqlens, k.device)
+    init = None if initial_state is None else initial_state.float().contiguous()
+    return layout, n_states, _tables(layout, k.device), init, _padded_decay(g4, layout, B, T, H, k.device)
+
+
 def _padded(layout: ChunkLayout, *xs):
     return [layout.pad(x.contiguous()) for x in xs]
 
@@ -244,11 +252,7 @@ class _ChunkStates(torch.autograd.Function):
         # k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K]; initial_state: [n, H, K, V]
         # -> h: [R, H, NC, K, V] in k's dtype, final: [n, H, K, V] fp32
         ctx.set_materialize_grads(False)
-        B, T, H, _ = k.shape
-        layout, n_states = _setup(B, T, cu_seqlens, k.device)
-        tables = _tables(layout, k.device)
-        init = None if initial_state is None else initial_state.float().contiguous()
-        G = _padded_decay(g4, layout, B, T, H, k.device)
+        layout, n_states, tables, init, G = _prepare(k, g4, initial_state, cu_seqlens)
         h, final = _states_fwd(*_padded(layout, k, v), G, init, layout, tables, n_states)
         ctx.save_for_backward(k, v, g4, h, *tables)
         ctx.meta = (layout, n_states, None if initial_state is None else initial_state.dtype)
@@ -310,11 +314,7 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g4, initial_state, scale, cu_seqlens):
         ctx.set_materialize_grads(False)
-        B, T, H, _ = q.shape
-        layout, n_states = _setup(B, T, cu_seqlens, q.device)
-        tables = _tables(layout, q.device)
-        init = None if initial_state is None else initial_state.float().contiguous()
-        G = _padded_decay(g4, layout, B, T, H, q.device)
+        layout, n_states, tables, init, G = _prepare(k, g4, initial_state, cu_seqlens)
         qp, kp, vp = _padded(layout, q, k, v)
         h, final = _states_fwd(kp, vp, G, init, layout, tables, n_states)
         o = _output_fwd(qp, kp, vp, G, h, scale, q.dtype)
