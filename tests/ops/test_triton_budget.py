@@ -8,7 +8,8 @@ backward.
   initial state (and for packed sequences two [1, NC] int32 chunk tables), and recomputes h in backward, so
   saved / (q, k, v, g bytes) is 1 whatever T (measured 1.000 at T = 64 and 128 for every decay form). The split
   pieces used by SP keep h as well, K·V·2 / 64 bytes per token and head in bf16: +2/3 without decay, +1/2 with
-  per-key decay at d=128, which the same measurement must see (the control that it can fail). The per-key case runs the 16-row kernels at d=128 under the interpreter (~15 s): slow.
+  per-key decay at d=128, which the same measurement must see (the control that it can fail). The per-key case
+  runs the 16-row kernels at d=128 under the interpreter (~15 s): marked slow.
 """
 from __future__ import annotations
 
