@@ -1,205 +1,381 @@
-"""Triton backend of `lsp.ops.linear_attention`: chunked forward and backward (kernels in `triton_kernels.py`).
+"""Triton backend of `lsp.ops.linear_attention`: chunked forward and backward (kernels in `triton_kernels.py` and
+`triton_intra.py`).
 
 Same math as `chunk.py` (chunks of C = 64 tokens, G the within-chunk cumulative log-decay, S the entering state):
 
     forward   S_next = exp(G_C) ⊙ S + Σ_j (k_j ⊙ exp(G_C - G_j))ᵀ v_j                 (state pass, over chunks)
               o_i    = scale [ Σ_{j<=i} (q_i ⊙ exp(G_i - G_j)) · k_j v_j + (q_i ⊙ exp(G_i)) S ]
     backward  dS     = exp(G_C) ⊙ dS_next + scale Σ_i (q_i ⊙ exp(G_i))ᵀ dO_i          (reverse pass)
-              dq, dk, dv from the intra-chunk scores and the (entering state, state-gradient) of each chunk.
 
-The decay gradient uses an identity instead of a kernel of its own. With B_t = Σ_{s<=t} g_s (from the start of
-t's sequence), q̃_t = q_t ⊙ exp(B_t) and k̃_t = k_t ⊙ exp(-B_t), the output only sees q̃ and k̃, and the final state
-is exp(B_T) ⊙ (S_0 + Σ k̃ᵀ v), so
+The op is two differentiable pieces, the seam sequence parallelism needs (states, exchange `final`, output):
 
-    dL/dB_t = q_t ⊙ dq_t - k_t ⊙ dk_t   (+ rowsum(S_final ⊙ dS_final) at a sequence's last token)
-    dg_t    = Σ_{s >= t, same sequence} dL/dB_s                                        (reverse cumulative sum)
+    h, final = triton_chunk_states(k, v, g4, initial_state, cu_seqlens)   # h_c = state entering chunk c
+    o        = triton_chunk_output(q, k, v, g4, h, scale, cu_seqlens)      # o from the given h
+
+Output piece backward: dq, the intra-chunk dk, dv, and dh_c = scale Σ_i (q_i ⊙ exp(G_i))ᵀ dO_i per chunk.
+States piece backward: the reverse scan over chunks with dh as its additive input, dA_c = dL/d(state after c),
+
+    dA_c = dfinal (sequence end) or dh_{c+1} + exp(G_C) ⊙ dA_{c+1};   dinit = dh_c + exp(G_C) ⊙ dA_c (start chunk)
+    dk_j = exp(G_C - G_j) ⊙ (v_j dA_cᵀ),   dv_j = (k_j ⊙ exp(G_C - G_j)) dA_c                 (inter-chunk part)
+
+The decay gradient is chunk-local in both pieces (G_t = Σ_{s<=t in the chunk} g_s, so dg_t = Σ_{s>=t} dL/dG_s). The
+output sees G only through q ⊙ exp(G) and k ⊙ exp(-G); a chunk's state update only through exp(G_C) ⊙ (S + Σ
+(k ⊙ exp(-G))ᵀ v). Hence
+
+    output piece   dg_t = Σ_{s >= t in the chunk} (q_s ⊙ dq_s - k_s ⊙ dk_s)
+    states piece   dg_t = exp(G_C) ⊙ rowsum(h_c ⊙ dA_c) + Σ_{s < t in the chunk} k_s ⊙ dk_s
 
 then summed to g's shape (over K for [B, T, H], over B, T, K for [H]).
 
-Inputs are cast to fp32 inside the kernels; fp32 inputs use exact fp32 dots (no TF32), bf16/fp16 inputs allow TF32.
+Precision: dot operands stay in the input dtype (bf16 / fp16 on tensor cores) with fp32 accumulation; states,
+decays and the decay gradient are fp32. fp32 inputs use exact fp32 dots unless LSP_TRITON_TF32=1 is set in the
+environment, the one explicit switch to TF32 (10-bit mantissa operands, ~1e-3 relative error). h is stored in the
+input dtype (fp32 for fp32 inputs, bf16 for bf16, as fla does) to halve its memory; the running state is fp32.
 fp64 inputs (and T == 0) fall back to the chunked torch path, which accumulates in fp64.
 
-Status: verified against the naive reference under the Triton interpreter (tests/ops/test_triton.py) and compiled to
-PTX for sm_90 offline; not yet run or timed on a GPU. Known cost: the dq / dk-dv kernels hold full [16, K] and
-[16, V] tiles and, for per-key decay, a [16, 16, K] product per diagonal tile; ptxas reports register spills for
-K = V >= 128 there. Tiling them over K / V blocks (as the output kernel is over V) is the next step.
+Memory: `triton_linear_attention` saves only q, k, v, g and the initial state for backward and recomputes h there
+(one scan launch); the split pieces save h (SP needs it as a tensor between them).
+
+Status: verified against the naive reference under the Triton interpreter (tests/ops/test_triton*.py) and compiled
+for sm_90a offline (registers, spills, wgmma: docs/ops.md); not yet run or timed on a GPU.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 
+from . import triton_intra as intra
 from . import triton_kernels as kern
+from . import triton_tune as tune
 from .checks import seq_bounds
 from .chunk import chunk_linear_attention
 from .layout import ChunkLayout, make_layout
 
 CHUNK_SIZE = 64
-SUB_BLOCK = 16      # query / key sub-block of the output and gradient kernels
-STATE_BLOCK = 64    # K and V block of the state passes
-STATE_WARPS = 8     # a [64, 64] state plus [64, 64] k and v tiles spill registers with 4 warps (ptxas, sm_90)
-OUT_V_BLOCK = 64    # V block of the output kernel (the intra-chunk scores are recomputed per V block)
+SUB_BLOCK = 16      # row sub-block of the per-key intra-chunk kernels (as fla's secondary chunking)
+# Block sizes and warps: the largest that compile without register spills for sm_90a (ptxas, bf16 and fp16, every
+# decay form; tests/ops/test_triton_sm90.py). With 4 warps every chunk-level kernel spilled (up to 932 B per thread).
+BLOCK = 64          # K and V block of the chunk-level kernels
+SUB_BLOCK_K = 32    # K block of the 16-row per-key kernels (64 spills: 148 B in _intra_dqk_kernel)
+# (the chunk-level output kernels' V block, warps and stages are tuned per shape on CUDA: triton_tune.py, whose first
+# candidates are these defaults; _dqk_kernel's default V block is 32: 64 spills 8 B with per-key decay)
+SCAN_V_BLOCK = 32   # V block of the forward scan (64 spills 64 B with per-key decay, an initial state and the
+                    # two-part 16-bit key; 32 gives 250 registers, no spill, still wgmma)
+STATE_WARPS = 8     # the scans hold a [64, 64] fp32 state plus [64, 64] k, v tiles
+CHUNK_WARPS = 8
+TF32_ENV = "LSP_TRITON_TF32"
 
 
-def _block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+def _block(d: int, cap: int = BLOCK) -> int:
+    # K or V block: the head dim rounded up to a power of two (>= 16, a dot's minimum), at most cap
+    return min(max(16, triton.next_power_of_2(d)), cap)
 
 
-def _warps(K: int, V: int) -> int:
-    # [K, V] state blocks and [16, 16, K] per-key products need the registers of 8 warps past 64 x 64
-    return 8 if _block(K) * _block(V) > 64 * 64 else 4
-
-
-def _tables(layout: ChunkLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
-    # -> reset, end: [R, NC] int32 (sequence index starting / ending at each chunk, -1 otherwise)
-    R, NC = layout.rows, layout.num_chunks
-    reset = torch.full((R, NC), -1, dtype=torch.int32)
-    end = torch.full((R, NC), -1, dtype=torch.int32)
+def _tables(layout: ChunkLayout, device) -> tuple[torch.Tensor, ...]:
+    # packed sequences -> (reset, end): [1, NC] int32, the sequence starting / ending at each chunk (-1 otherwise),
+    # built on the host from the layout and copied; without packing () (the kernels know row r is sequence r)
     if layout.dst is None:
-        reset[:, 0] = torch.arange(R, dtype=torch.int32)
-        end[:, NC - 1] = torch.arange(R, dtype=torch.int32)
-    else:
-        for c, n in layout.resets.items():
-            reset[0, c] = n
-        for c, ns in layout.ends.items():
-            assert len(ns) == 1, "a chunk holds tokens of one sequence only"
-            end[0, c] = ns[0]
+        return ()
+    NC = layout.num_chunks
+    reset = torch.full((1, NC), -1, dtype=torch.int32)
+    end = torch.full((1, NC), -1, dtype=torch.int32)
+    for c, n in layout.resets.items():
+        reset[0, c] = n
+    for c, ns in layout.ends.items():
+        assert len(ns) == 1, "a chunk holds tokens of one sequence only"
+        end[0, c] = ns[0]
     return reset.to(device), end.to(device)
 
 
-def _within_chunk_cumsum(g4, layout: ChunkLayout, B: int, T: int, H: int) -> torch.Tensor:
-    # g4: broadcastable to [B, T, H, Kg] -> G: [R, Tp, H, Kg] fp32, cumulative inside each chunk
-    g = layout.pad(g4.float().expand(B, T, H, g4.shape[-1]).contiguous())
-    R, Tp, _, Kg = g.shape
-    return g.view(R, Tp // layout.chunk_size, layout.chunk_size, H, Kg).cumsum(2).view(R, Tp, H, Kg).contiguous()
+def _tune_key(x: torch.Tensor, V: int, Kg: int) -> tuple:
+    # what the best block size / warps / stages of a chunk-level kernel depends on (not T: one program per chunk)
+    return (x.shape[-1], V, Kg > 1, x.dtype, x.device)
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # input_precision of tl.dot; only fp32 operands read it
+    return "tf32" if dtype == torch.float32 and os.environ.get(TF32_ENV) == "1" else "ieee"
 
 
-def _forward(qp, kp, vp, G, init, layout, scale, n_states):
-    # qp, kp: [R, Tp, H, K]; vp: [R, Tp, H, V]; G: [R, Tp, H, Kg]; init: [n_states, H, K, V] fp32 or None
-    # -> o: [R, Tp, H, V] (input dtype), entering states h: [R, H, NC, K, V], final: [n_states, H, K, V] fp32
-    R, Tp, H, K = qp.shape
+def _setup(B: int, T: int, cu_seqlens, device):
+    # -> layout (padded chunk layout), number of states (B, or N packed sequences)
+    bounds = seq_bounds(cu_seqlens, B, T)
+    return make_layout(B, T, bounds, CHUNK_SIZE, device), (B if bounds is None else len(bounds))
+
+
+def _padded_decay(g4, layout: ChunkLayout, B: int, T: int, H: int, device) -> torch.Tensor:
+    # g4: None or broadcastable to [B, T, H, Kg] -> G: [R, Tp, H, Kg or 1] fp32, cumulative inside each chunk
+    if g4 is None:
+        return torch.zeros(layout.rows, layout.padded_length, H, 1, dtype=torch.float32, device=device)
+    g = layout.pad(g4.float().expand(B, T, H, g4.shape[-1]).contiguous())
+    R, Tp, _, Kg = g.shape
+    return g.view(R, Tp // CHUNK_SIZE, CHUNK_SIZE, H, Kg).cumsum(2).view(R, Tp, H, Kg)
+
+
+def _prepare(k, g4, initial_state, cu_seqlens):
+    # -> layout, number of states, chunk tables (packed only), fp32 initial state or None, padded within-chunk G
+    B, T, H, _ = k.shape
+    layout, n_states = _setup(B, T, cu_seqlens, k.device)
+    init = None if initial_state is None else initial_state.float().contiguous()
+    return layout, n_states, _tables(layout, k.device), init, _padded_decay(g4, layout, B, T, H, k.device)
+
+
+def _padded(layout: ChunkLayout, *xs):
+    return [layout.pad(x.contiguous()) for x in xs]
+
+
+def _to_decay_shape(dgp: torch.Tensor, layout: ChunkLayout, g4: torch.Tensor) -> torch.Tensor:
+    # dgp: [R, Tp, H, Kg] fp32 (padded, per token) -> g4's shape and dtype; a reduction over tokens runs in fp64
+    dg = layout.unpad(dgp)
+    if dg.shape != g4.shape:
+        dg = dg.double().sum_to_size(g4.shape)
+    return dg.to(g4.dtype)
+
+
+# -- launchers: the op and the SP pieces share these ------------------------------------------------------------
+
+def _states_fwd(kp, vp, G, init, layout, tables, n_states):
+    # kp: [R, Tp, H, K]; vp: [R, Tp, H, V]; G: [R, Tp, H, Kg]; init: [n, H, K, V] fp32 or None
+    # -> h: [R, H, NC, K, V] in k's dtype, final: [n, H, K, V] fp32
+    R, Tp, H, K = kp.shape
     V, NC, Kg = vp.shape[-1], layout.num_chunks, G.shape[-1]
-    reset, end = _tables(layout, qp.device)
-    h = torch.empty(R, H, NC, K, V, dtype=torch.float32, device=qp.device)
-    final = torch.zeros(n_states, H, K, V, dtype=torch.float32, device=qp.device)
-    BKs, BVs = min(_block(K), STATE_BLOCK), min(_block(V), STATE_BLOCK)
-    prec = _precision(qp.dtype)
-    grid = (R * H, triton.cdiv(K, BKs), triton.cdiv(V, BVs))
-    kern._fwd_state_kernel[grid](kp, vp, G, h, init if init is not None else h, final, reset, end,
-                                 Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BKs=BKs, BVs=BVs, KEY=Kg > 1,
-                                 HAS_INIT=init is not None, PREC=prec, num_warps=STATE_WARPS)
-    o = torch.empty_like(vp)
-    BVo = min(_block(V), OUT_V_BLOCK)
-    grid = (Tp // SUB_BLOCK, R * H, triton.cdiv(V, BVo))
-    kern._out_kernel[grid](qp, kp, vp, G, h, o, scale, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BT=SUB_BLOCK,
-                           BK=_block(K), BV=BVo, KEY=Kg > 1, PREC=prec, num_warps=_warps(K, BVo))
-    return o, h, final, (reset, end)
+    h = torch.empty(R, H, NC, K, V, dtype=kp.dtype, device=kp.device)
+    final = torch.zeros(n_states, H, K, V, dtype=torch.float32, device=kp.device)
+    BK, BV = _block(K), _block(V, SCAN_V_BLOCK)
+    kern._fwd_state_kernel[(R * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
+        kp, vp, G, h, init if init is not None else final, final, *(tables or (G, G)), Tp, H, K, V, NC, Kg,
+        C=CHUNK_SIZE, BKs=BK, BVs=BV, KEY=Kg > 1, HAS_INIT=init is not None, PREC=_precision(kp.dtype),
+        SPLIT=kp.dtype != torch.float32, PACKED=bool(tables), num_warps=STATE_WARPS)
+    for n in layout.empty:  # an empty sequence hands its initial state straight through
+        if init is not None:
+            final[n] = init[n]
+    return h, final
 
 
-def _backward(qp, kp, vp, G, h, dop, dfinal, layout, tables, scale, n_states):
-    # -> dq, dk: [R, Tp, H, K], dv: [R, Tp, H, V] fp32; dinit: [n_states, H, K, V] fp32
-    R, Tp, H, K = qp.shape
+def _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg):
+    # dh: [R, H, NC, K, V] or None; dfinal: [n, H, K, V] fp32 or None
+    # -> dk: [R, Tp, H, K], dv: [R, Tp, H, V], dg: [R, Tp, H, Kg] or None (fp32, padded), dinit: [n, H, K, V] fp32
+    R, Tp, H, K = kp.shape
     V, NC, Kg = vp.shape[-1], layout.num_chunks, G.shape[-1]
-    reset, end = tables
-    prec = _precision(qp.dtype)
-    dhn = torch.empty_like(h)
-    dinit = torch.zeros(n_states, H, K, V, dtype=torch.float32, device=qp.device)
-    BKs, BVs = min(_block(K), STATE_BLOCK), min(_block(V), STATE_BLOCK)
-    grid = (R * H, triton.cdiv(K, BKs), triton.cdiv(V, BVs))
-    kern._bwd_state_kernel[grid](qp, dop, G, dhn, dfinal if dfinal is not None else dhn, dinit, reset, end, scale,
-                                 Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BKs=BKs, BVs=BVs, KEY=Kg > 1,
-                                 HAS_DFINAL=dfinal is not None, PREC=prec, num_warps=STATE_WARPS)
-    dq = torch.empty(R, Tp, H, K, dtype=torch.float32, device=qp.device)
-    dk, dv = torch.empty_like(dq), torch.empty(R, Tp, H, V, dtype=torch.float32, device=qp.device)
-    grid = (Tp // SUB_BLOCK, R * H)
-    meta = dict(C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K), BV=_block(V), KEY=Kg > 1, PREC=prec, num_warps=_warps(K, V))
-    kern._dq_kernel[grid](kp, vp, G, h, dop, dq, scale, Tp, H, K, V, NC, Kg, **meta)
-    kern._dkdv_kernel[grid](qp, kp, vp, G, dhn, dop, dk, dv, scale, Tp, H, K, V, NC, Kg, **meta)
-    return dq, dk, dv, dinit
+    BK, BV = _block(K), _block(V)
+    nkb, nvb = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    dhn = torch.empty(R, H, NC, K, V, dtype=torch.float32, device=kp.device)
+    dinit = torch.zeros(n_states, H, K, V, dtype=torch.float32, device=kp.device)
+    NB = nvb if Kg > 1 else nkb * nvb
+    dgc = torch.empty(R * H, NC, NB, Kg, dtype=torch.float32, device=kp.device) if need_dg else dinit
+    kern._bwd_state_kernel[(R * H, nkb, nvb)](
+        dh if dh is not None else dhn, h, G, dhn, dfinal if dfinal is not None else dinit, dinit, dgc,
+        *(tables or (G, G)), H, K, V, NC, Kg, C=CHUNK_SIZE, BKs=BK, BVs=BV, KEY=Kg > 1, HAS_DH=dh is not None,
+        HAS_DFINAL=dfinal is not None, NEED_DG=need_dg, PACKED=bool(tables), num_warps=STATE_WARPS)
+    if dfinal is not None:
+        for n in layout.empty:
+            dinit[n] = dfinal[n]
+    dk = torch.empty(kp.shape, dtype=torch.float32, device=kp.device)
+    dv = torch.empty(vp.shape, dtype=torch.float32, device=kp.device)
+    tune.launch(kern._state_dkdv_kernel, "_state_dkdv_kernel", lambda cfg: (nkb + nvb, NC, R * H),
+                (kp, vp, G, dhn, dk, dv, Tp, H, K, V, NC, Kg),
+                dict(C=CHUNK_SIZE, BK=BK, BV=BV, KEY=Kg > 1, PREC=_precision(kp.dtype)), _tune_key(kp, V, Kg))
+    dg = _decay_grad(kp, dk, None, None, dgc, NB, Kg, output=False) if need_dg else None
+    return dk, dv, dg, dinit
 
 
-def _segment_reverse_cumsum(x: torch.Tensor, bounds) -> torch.Tensor:
-    # x: [B, T, ...] -> y_t = Σ_{s >= t, s in t's sequence} x_s (sequences from bounds, or whole rows)
-    if bounds is None:
-        return x.flip(1).cumsum(1).flip(1)
-    parts = [x[:, s:e].flip(1).cumsum(1).flip(1) for s, e in bounds if e > s]
-    return torch.cat(parts, dim=1) if parts else x
+def _decay_grad(a, da, b, db, dgc, NB, Kg, output):
+    # chunk-local decay gradient of one piece (triton_kernels._dg_kernel) -> [R, Tp, H, Kg] fp32
+    R, Tp, H, K = a.shape
+    dg = torch.empty(R, Tp, H, Kg, dtype=torch.float32, device=a.device)
+    kern._dg_kernel[(1, Tp // CHUNK_SIZE, R * H)](
+        a, da, b if output else a, db if output else da, dgc, dg, Tp, H, K, Tp // CHUNK_SIZE, NB, C=CHUNK_SIZE,
+        BK=_block(K), KEY=Kg > 1, OUTPUT=output, num_warps=CHUNK_WARPS)
+    return dg
 
 
-def _decay_grad(q, k, dq, dk, final, dfinal, g_shape, g_dtype, bounds, B, T):
-    # dL/dB_t = q ⊙ dq - k ⊙ dk (+ rowsum(S_final ⊙ dS_final) at each sequence end) -> reverse cumsum -> g's shape.
-    # For scalar / per-head decay the sums run in fp64: dg of a per-head decay is Σ_t (t + 1) dL/dB_t over strongly
-    # cancelling terms, where fp32 sums lose ~10x accuracy against the torch path's autograd (measured at T=150).
-    dt = torch.float64 if g_shape[-1] == 1 else dq.dtype
-    dB = q.to(dt) * dq.to(dt) - k.to(dt) * dk.to(dt)                          # [B, T, H, K]
-    end_term = None if dfinal is None else (final.to(dt) * dfinal.to(dt)).sum(-1)  # [n_states, H, K]
-    if g_shape[-1] == 1:
-        dB = dB.sum(-1, keepdim=True)
-        end_term = None if end_term is None else end_term.sum(-1, keepdim=True)
-    if end_term is not None:
-        if bounds is None:
-            dB[:, T - 1] += end_term
-        else:
-            last = [(n, e - 1) for n, (s, e) in enumerate(bounds) if e > s]
-            rows, pos = (torch.tensor(x, device=dB.device) for x in zip(*last))
-            dB[0].index_add_(0, pos, end_term[rows])
-    dg = _segment_reverse_cumsum(dB, bounds)
-    return dg.sum_to_size(g_shape).to(g_dtype)
+def _intra_scores(qp, kp, G):
+    # per-key decay: A [R, Tp, H, C] fp32, the masked intra-chunk scores (triton_intra._intra_scores_kernel)
+    R, Tp, H, K = qp.shape
+    A = torch.empty(R, Tp, H, CHUNK_SIZE, dtype=torch.float32, device=qp.device)
+    intra._intra_scores_kernel[(CHUNK_SIZE // SUB_BLOCK, Tp // CHUNK_SIZE, R * H)](
+        qp, kp, G, A, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K, SUB_BLOCK_K), PREC=_precision(qp.dtype),
+        num_warps=CHUNK_WARPS)
+    return A
 
 
-class TritonLinearAttention(torch.autograd.Function):
+def _output_fwd(qp, kp, vp, G, h, scale, out_dtype):
+    # -> o: [R, Tp, H, V] in out_dtype
+    R, Tp, H, K = qp.shape
+    V, NC, Kg = vp.shape[-1], Tp // CHUNK_SIZE, G.shape[-1]
+    A = _intra_scores(qp, kp, G) if Kg > 1 else G
+    o = torch.empty(vp.shape, dtype=out_dtype, device=qp.device)
+    BK, BV = _block(K), _block(V)
+    tune.launch(intra._out_kernel, "_out_kernel", lambda cfg: (triton.cdiv(V, cfg["BV"]), NC, R * H),
+                (qp, kp, vp, G, A, h, o, scale, Tp, H, K, V, NC, Kg),
+                dict(C=CHUNK_SIZE, BK=BK, KEY=Kg > 1, PREC=_precision(qp.dtype)), _tune_key(qp, V, Kg), dict(BV=BV))
+    return o
+
+
+def _output_bwd(qp, kp, vp, G, h, dop, scale, need_dg):
+    # -> dq, dk (intra-chunk part): [R, Tp, H, K], dv: [R, Tp, H, V], dg: [R, Tp, H, Kg] or None (fp32, padded),
+    #    dh: [R, H, NC, K, V] in h's dtype
+    R, Tp, H, K = qp.shape
+    V, NC, Kg = vp.shape[-1], Tp // CHUNK_SIZE, G.shape[-1]
+    BK, BV, prec = _block(K), _block(V), _precision(qp.dtype)
+    dh = torch.empty_like(h)
+    kern._dh_kernel[(triton.cdiv(K, BK) * triton.cdiv(V, BV), NC, R * H)](
+        qp, dop, G, dh, scale, Tp, H, K, V, NC, Kg, C=CHUNK_SIZE, BKs=BK, BVs=BV, KEY=Kg > 1,
+        PREC=prec, num_warps=CHUNK_WARPS)
+    dq = torch.empty(qp.shape, dtype=torch.float32, device=qp.device)
+    dk, dv = torch.empty_like(dq), torch.empty(vp.shape, dtype=torch.float32, device=qp.device)
+    dA = torch.empty(R, Tp, H, CHUNK_SIZE, dtype=torch.float32, device=qp.device) if Kg > 1 else dq
+    fixed = dict(C=CHUNK_SIZE, BK=BK, KEY=Kg > 1, PREC=prec)
+    tune.launch(intra._dqk_kernel, "_dqk_kernel", lambda cfg: (triton.cdiv(K, BK), NC, R * H),
+                (qp, kp, vp, G, h, dop, dq, dk, dA, scale, Tp, H, K, V, NC, Kg), fixed, _tune_key(qp, V, Kg),
+                dict(BV=BV))
+    A = _intra_scores(qp, kp, G) if Kg > 1 else G   # recomputed rather than saved (memory)
+    tune.launch(intra._dv_kernel, "_dv_kernel", lambda cfg: (triton.cdiv(V, cfg["BV"]), NC, R * H),
+                (qp, kp, G, A, dop, dv, scale, Tp, H, K, V, Kg), fixed, _tune_key(qp, V, Kg), dict(BV=BV))
+    if Kg > 1:
+        intra._intra_dqk_kernel[(CHUNK_SIZE // SUB_BLOCK, NC, R * H)](
+            qp, kp, G, dA, dq, dk, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K, SUB_BLOCK_K), PREC=prec,
+            num_warps=CHUNK_WARPS)
+    dg = _decay_grad(qp, dq, kp, dk, dq, 1, Kg, output=True) if need_dg else None
+    return dq, dk, dv, dg, dh
+
+
+# -- autograd ---------------------------------------------------------------------------------------------------
+
+class _ChunkStates(torch.autograd.Function):
+    """h (state entering every chunk, padded chunk layout) and the final state(s); the reverse scan is the backward."""
+
+    @staticmethod
+    def forward(ctx, k, v, g4, initial_state, cu_seqlens):
+        # k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K]; initial_state: [n, H, K, V]
+        # -> h: [R, H, NC, K, V] in k's dtype, final: [n, H, K, V] fp32
+        ctx.set_materialize_grads(False)
+        layout, n_states, tables, init, G = _prepare(k, g4, initial_state, cu_seqlens)
+        h, final = _states_fwd(*_padded(layout, k, v), G, init, layout, tables, n_states)
+        ctx.save_for_backward(k, v, g4, h, *tables)
+        ctx.meta = (layout, n_states, None if initial_state is None else initial_state.dtype)
+        return h, final
+
+    @staticmethod
+    def backward(ctx, dh, dfinal):
+        k, v, g4, h, *tables = ctx.saved_tensors
+        tables = tuple(tables)
+        layout, n_states, init_dtype = ctx.meta
+        if dh is None and dfinal is None:
+            return None, None, None, None, None
+        B, T, H, _ = k.shape
+        G = _padded_decay(g4, layout, B, T, H, k.device)
+        need_dg = g4 is not None and ctx.needs_input_grad[2]
+        dk, dv, dg, dinit = _states_bwd(*_padded(layout, k, v), G, h, None if dh is None else dh.contiguous(),
+                                        None if dfinal is None else dfinal.float().contiguous(), layout, tables,
+                                        n_states, need_dg)
+        return (layout.unpad(dk).to(k.dtype), layout.unpad(dv).to(v.dtype),
+                None if dg is None else _to_decay_shape(dg, layout, g4),
+                None if init_dtype is None else dinit.to(init_dtype), None)
+
+
+class _ChunkOutput(torch.autograd.Function):
+    """The output from the entering states h; the backward yields dq, the intra-chunk dk, dv, dg, and dh."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g4, h, scale, cu_seqlens, out_dtype):
+        # q, k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K]; h: [R, H, NC, K, V]
+        # -> o: [B, T, H, V] in out_dtype
+        ctx.set_materialize_grads(False)
+        B, T, H, _ = q.shape
+        layout, _ = _setup(B, T, cu_seqlens, q.device)
+        G = _padded_decay(g4, layout, B, T, H, q.device)
+        o = _output_fwd(*_padded(layout, q, k, v), G, h.contiguous(), scale, out_dtype)
+        ctx.save_for_backward(q, k, v, g4, h)
+        ctx.meta = (layout, scale)
+        return layout.unpad(o)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, g4, h = ctx.saved_tensors
+        layout, scale = ctx.meta
+        if do is None:
+            return (None,) * 8
+        B, T, H, _ = q.shape
+        G = _padded_decay(g4, layout, B, T, H, q.device)
+        need_dg = g4 is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dg, dh = _output_bwd(*_padded(layout, q, k, v), G, h.contiguous(),
+                                         layout.pad(do.to(q.dtype).contiguous()), scale, need_dg)
+        dq, dk, dv = (layout.unpad(x).to(y.dtype) for x, y in ((dq, q), (dk, k), (dv, v)))
+        return dq, dk, dv, None if dg is None else _to_decay_shape(dg, layout, g4), dh, None, None, None
+
+
+class _LinearAttention(torch.autograd.Function):
+    """The whole op: the states then the output, with the same launchers as the pieces; h is recomputed in
+    backward (one scan) instead of saved, so only the inputs are kept."""
+
     @staticmethod
     def forward(ctx, q, k, v, g4, initial_state, scale, cu_seqlens):
-        # q, k: [B, T, H, K]; v: [B, T, H, V]; g4: broadcastable to [B, T, H, K] or None;
-        # initial_state: [B or N, H, K, V] or None -> o: [B, T, H, V], final: [B or N, H, K, V] fp32
         ctx.set_materialize_grads(False)
-        B, T, H, K = q.shape
-        bounds = seq_bounds(cu_seqlens, B, T)
-        layout = make_layout(B, T, bounds, CHUNK_SIZE, q.device)
-        n_states = B if bounds is None else len(bounds)
-        qp, kp, vp = (layout.pad(x.contiguous()) for x in (q, k, v))
-        G = _within_chunk_cumsum(g4, layout, B, T, H) if g4 is not None else torch.zeros(
-            layout.rows, layout.padded_length, H, 1, dtype=torch.float32, device=q.device)
-        init = None if initial_state is None else initial_state.float().contiguous()
-        o, h, final, tables = _forward(qp, kp, vp, G, init, layout, scale, n_states)
-        if init is not None:
-            for n in layout.empty:  # an empty sequence hands its initial state straight through
-                final[n] = init[n]
-        ctx.save_for_backward(q, k, qp, kp, vp, G, h, final, *tables)
-        g_meta = None if g4 is None else (g4.shape, g4.dtype)
-        init_dtype = None if initial_state is None else initial_state.dtype
-        ctx.meta = (layout, bounds, scale, n_states, g_meta, init_dtype)
+        layout, n_states, tables, init, G = _prepare(k, g4, initial_state, cu_seqlens)
+        qp, kp, vp = _padded(layout, q, k, v)
+        h, final = _states_fwd(kp, vp, G, init, layout, tables, n_states)
+        o = _output_fwd(qp, kp, vp, G, h, scale, q.dtype)
+        ctx.save_for_backward(q, k, v, g4, initial_state, *tables)
+        ctx.meta = (layout, n_states, scale)
         return layout.unpad(o), final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, qp, kp, vp, G, h, final, reset, end = ctx.saved_tensors
-        layout, bounds, scale, n_states, g_meta, init_dtype = ctx.meta
-        B, T, H, K = q.shape
-        if do is None:
-            do = torch.zeros(B, T, H, vp.shape[-1], dtype=vp.dtype, device=vp.device)
-        dop = layout.pad(do.contiguous())
+        q, k, v, g4, initial_state, *tables = ctx.saved_tensors
+        tables = tuple(tables)
+        layout, n_states, scale = ctx.meta
+        B, T, H, _ = q.shape
+        G = _padded_decay(g4, layout, B, T, H, q.device)
+        qp, kp, vp = _padded(layout, q, k, v)
+        init = None if initial_state is None else initial_state.float().contiguous()
+        h, _ = _states_fwd(kp, vp, G, init, layout, tables, n_states)
+        need_dg = g4 is not None and ctx.needs_input_grad[3]
+        dq = dg_o = dh = None
+        if do is not None:
+            dq, dk_o, dv_o, dg_o, dh = _output_bwd(qp, kp, vp, G, h, layout.pad(do.to(q.dtype).contiguous()),
+                                                   scale, need_dg)
         dfinal = None if dfinal is None else dfinal.float().contiguous()
-        dqp, dkp, dvp, dinit = _backward(qp, kp, vp, G, h, dop, dfinal, layout, (reset, end), scale, n_states)
-        if dfinal is not None:
-            for n in layout.empty:
-                dinit[n] = dfinal[n]
-        dq, dk, dv = (layout.unpad(x) for x in (dqp, dkp, dvp))
-        dg = None
-        if g_meta is not None and ctx.needs_input_grad[3]:
-            dg = _decay_grad(q, k, dq, dk, final, dfinal, *g_meta, bounds, B, T)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(vp.dtype), dg, None if init_dtype is None else dinit.to(init_dtype), None, None)
+        dk, dv, dg, dinit = _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg)
+        if do is not None:
+            dk, dv, dg = dk + dk_o, dv + dv_o, (None if dg is None else dg + dg_o)
+        grads = [None if x is None else layout.unpad(x).to(y.dtype) for x, y in ((dq, q), (dk, k), (dv, v))]
+        dg = None if dg is None else _to_decay_shape(dg, layout, g4)
+        dinit = None if initial_state is None else dinit.to(initial_state.dtype)
+        return (*grads, dg, dinit, None, None)
+
+
+def _check_dtype(x: torch.Tensor):
+    if x.dtype == torch.float64:
+        raise ValueError("the Triton chunk pieces take fp16/bf16/fp32 inputs; fp64 goes to the chunked torch path")
+
+
+def triton_chunk_states(k, v, g4, initial_state=None, cu_seqlens=None):
+    """States of the chunked recurrence: (h, final).
+
+    k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K] ([1, 1, H, 1], [B, T, H, 1],
+    [B, T, H, K]); initial_state: None or [B or N, H, K, V]. Returns h: [R, H, NC, K, V] in k's dtype, the state
+    entering every chunk of `make_layout`'s padded layout (h_c = state after the first c chunks of its sequence),
+    and final: [B or N, H, K, V] fp32. Differentiable in k, v, g4, initial_state (through h and final)."""
+    _check_dtype(k)
+    return _ChunkStates.apply(k, v, g4, initial_state, cu_seqlens)
+
+
+def triton_chunk_output(q, k, v, g4, h, scale, cu_seqlens=None, out_dtype=None):
+    """o_i = scale [ Σ_{j<=i in the chunk} (q_i ⊙ exp(G_i - G_j)) · k_j v_j + (q_i ⊙ exp(G_i)) h_c ], [B, T, H, V]
+    in out_dtype (None: q's dtype); h as returned by `triton_chunk_states`. Differentiable in q, k, v, g4, h."""
+    _check_dtype(q)
+    return _ChunkOutput.apply(q, k, v, g4, h, float(scale), cu_seqlens, out_dtype or q.dtype)
 
 
 def triton_linear_attention(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Triton forward and backward; arguments as `lsp.ops.linear_attention` with g already broadcastable to
     [B, T, H, K] ([1, 1, H, 1], [B, T, H, 1] or [B, T, H, K]). Returns (o [B, T, H, V] in q's dtype, final state
-    [B or N, H, K, V] fp32 or None). fp64 inputs and empty inputs take the chunked torch path."""
+    [B or N, H, K, V] fp32 or None): the launchers of `triton_chunk_states` then `triton_chunk_output`, with h
+    recomputed in backward. fp64 inputs and empty inputs take the chunked torch path."""
     if q.dtype == torch.float64 or q.shape[1] == 0:
         return chunk_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-    o, final = TritonLinearAttention.apply(q, k, v, g, initial_state, float(scale), cu_seqlens)
+    o, final = _LinearAttention.apply(q, k, v, g, initial_state, float(scale), cu_seqlens)
     return o, (final if output_final_state else None)

@@ -1,0 +1,78 @@
+"""GPU readiness of the Triton kernels without a GPU: every kernel the op launches (forward and backward, every decay
+form, bf16 and fp16, head dims 64, 128 and 256) is compiled for sm_90a (H100) by Triton's compiler and ptxas, and
+must use no spill memory; every kernel with chunk-level (64-row) dots must use wgmma. Only the per-key kernels that
+work on 16-row sub-blocks by design (as fla's intra-chunk kernels) may use mma.sync.
+
+The kernels are captured under the interpreter (tests/ops/sm90_compile.py) and compiled in a child process without
+it. Negative control: a config known to spill (the 16-row per-key dq/dk kernel with K blocks of 64 and 4 warps,
+1148 B per thread measured) must be reported as spilling by the same parser.
+
+fp32 inputs are not in this test: their dots run exact fp32 FMA (no tensor cores) unless LSP_TRITON_TF32=1, and
+some of those kernels spill (docs/ops.md lists them); the performance path is 16-bit inputs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from lsp.ops import linear_attention  # noqa: E402
+from lsp.ops.linear.triton_chunk import kern  # noqa: E402
+
+from .linear_cases import make_inputs  # noqa: E402
+from .sm90_compile import capture_launches, ptxas_path  # noqa: E402
+
+SUB_BLOCK_KERNELS = {"_intra_scores_kernel", "_intra_dqk_kernel"}
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(type(kern._fwd_state_kernel).__name__ != "InterpretedFunction",
+                       reason="captures launches under TRITON_INTERPRET=1"),
+    pytest.mark.skipif(ptxas_path() is None, reason="needs ptxas"),
+]
+
+
+def _exercise():
+    for d, dtype in ((64, torch.bfloat16), (128, torch.bfloat16), (256, torch.bfloat16), (128, torch.float16)):
+        for form in ("none", "scalar", "key"):
+            q, k, v, g, s0 = make_inputs(form, B=1, T=64, H=1, K=d, V=d, dtype=dtype)
+            o, s = linear_attention(q, k, v, g, initial_state=s0, output_final_state=True, backend="triton")
+            (o.float().sum() + s.sum()).backward()
+
+
+def _compile(items, tmp_path):
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps(items))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-m", "tests.ops.sm90_compile", str(path)], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
+    items = capture_launches(_exercise)
+    rows = _compile(items, tmp_path)
+    assert len(rows) == len(items) and {r["name"] for r in rows} >= {"_fwd_state_kernel", "_out_kernel",
+                                                                     "_intra_dqk_kernel", "_state_dkdv_kernel"}
+    for r in rows:
+        print(f"{r['name']:22s} warps={r['warps']} regs={r['regs']} spill={r['spill']} "
+              f"{'wgmma' if r['wgmma'] else 'mma.sync' if r['mma'] else 'no-dot'} {r['consts']}")
+    spilling = [r for r in rows if r["spill"] != 0]
+    assert not spilling, spilling
+    no_wgmma = [r for r in rows if r["mma"] and not r["wgmma"] and r["name"] not in SUB_BLOCK_KERNELS]
+    assert not no_wgmma, no_wgmma
+    # negative control: the parser sees spills when there are some
+    bad = next(it for it in items if it[1] == "_intra_dqk_kernel")
+    bad = [bad[0], bad[1], bad[2], {**bad[3], "BK": 64}, 4, bad[5]]
+    assert _compile([bad], tmp_path)[0]["spill"] > 0
