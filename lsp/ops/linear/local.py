@@ -33,7 +33,7 @@ class LocalPass:
     """Phase 1's result that phase 2 reuses: the backend, its prepared inputs and the chunk-entering states h."""
 
     backend: str               # "torch" | "triton"
-    prep: object               # torch: ChunkInputs (padded k, v, G); triton: (k, v, g4, cu_seqlens)
+    prep: object               # torch: ChunkInputs (padded k, v, G); triton: (k, v, g4, cu_seqlens, initial_state)
     h: torch.Tensor            # [R, H, NC, K, V] state entering every chunk
 
 
@@ -51,8 +51,9 @@ def local_states(k, v, g=None, *, initial_state=None, cu_seqlens=None, backend="
         if name == "triton":
             from .triton_chunk import triton_chunk_states
 
-            h, final = triton_chunk_states(k, v, g4, initial_state, cu_seqlens)
-            return LocalPass(name, (k, v, g4, cu_seqlens), h), final
+            # h is rebuilt in backward (one scan) rather than kept: the pieces keep what the op keeps
+            h, final = triton_chunk_states(k, v, g4, initial_state, cu_seqlens, recompute_h=True)
+            return LocalPass(name, (k, v, g4, cu_seqlens, initial_state), h), final
         prep = chunk_prepare(k, v, g4, cu_seqlens)
         h, final = chunk_states(prep, initial_state)
         return LocalPass(name, prep, h), final
@@ -64,8 +65,9 @@ def local_output(q, lp: LocalPass, scale: float, out_dtype=None):
         if lp.backend == "triton":
             from .triton_chunk import triton_chunk_output
 
-            k, v, g4, cu_seqlens = lp.prep
-            return triton_chunk_output(q, k, v, g4, lp.h, scale, cu_seqlens, out_dtype=out_dtype)
+            k, v, g4, cu_seqlens, initial_state = lp.prep
+            return triton_chunk_output(q, k, v, g4, lp.h, scale, cu_seqlens, out_dtype=out_dtype,
+                                       recompute_from=(initial_state,))
         return chunk_output(q, lp.prep, lp.h, scale, out_dtype)
 
 

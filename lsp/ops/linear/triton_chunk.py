@@ -248,63 +248,75 @@ class _ChunkStates(torch.autograd.Function):
     """h (state entering every chunk, padded chunk layout) and the final state(s); the reverse scan is the backward."""
 
     @staticmethod
-    def forward(ctx, k, v, g4, initial_state, cu_seqlens):
+    def forward(ctx, k, v, g4, initial_state, cu_seqlens, recompute_h):
         # k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K]; initial_state: [n, H, K, V]
         # -> h: [R, H, NC, K, V] in k's dtype, final: [n, H, K, V] fp32
         ctx.set_materialize_grads(False)
         layout, n_states, tables, init, G = _prepare(k, g4, initial_state, cu_seqlens)
         h, final = _states_fwd(*_padded(layout, k, v), G, init, layout, tables, n_states)
-        ctx.save_for_backward(k, v, g4, h, *tables)
-        ctx.meta = (layout, n_states, None if initial_state is None else initial_state.dtype)
+        ctx.save_for_backward(k, v, g4, initial_state if recompute_h else h, *tables)
+        ctx.meta = (layout, n_states, None if initial_state is None else initial_state.dtype, recompute_h)
         return h, final
 
     @staticmethod
     def backward(ctx, dh, dfinal):
         k, v, g4, h, *tables = ctx.saved_tensors
         tables = tuple(tables)
-        layout, n_states, init_dtype = ctx.meta
+        layout, n_states, init_dtype, recompute_h = ctx.meta
         if dh is None and dfinal is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         B, T, H, _ = k.shape
         G = _padded_decay(g4, layout, B, T, H, k.device)
+        if recompute_h:  # h was not kept: one scan from the saved initial state
+            h = _recompute_h(k, v, G, h, layout, tables, n_states)
         need_dg = g4 is not None and ctx.needs_input_grad[2]
         dk, dv, dg, dinit = _states_bwd(*_padded(layout, k, v), G, h, None if dh is None else dh.contiguous(),
                                         None if dfinal is None else dfinal.float().contiguous(), layout, tables,
                                         n_states, need_dg)
         return (layout.unpad(dk).to(k.dtype), layout.unpad(dv).to(v.dtype),
                 None if dg is None else _to_decay_shape(dg, layout, g4),
-                None if init_dtype is None else dinit.to(init_dtype), None)
+                None if init_dtype is None else dinit.to(init_dtype), None, None)
+
+
+def _recompute_h(k, v, G, initial_state, layout, tables, n_states):
+    # h again from the inputs of the states scan (what the op's backward does instead of keeping h)
+    init = None if initial_state is None else initial_state.float().contiguous()
+    return _states_fwd(*_padded(layout, k, v), G, init, layout, tables, n_states)[0]
 
 
 class _ChunkOutput(torch.autograd.Function):
     """The output from the entering states h; the backward yields dq, the intra-chunk dk, dv, dg, and dh."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g4, h, scale, cu_seqlens, out_dtype):
+    def forward(ctx, q, k, v, g4, h, scale, cu_seqlens, out_dtype, recompute_from):
         # q, k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K]; h: [R, H, NC, K, V]
+        # recompute_from: None (keep h) or (initial_state,): h is rebuilt in backward from k, v, g4 and it
         # -> o: [B, T, H, V] in out_dtype
         ctx.set_materialize_grads(False)
         B, T, H, _ = q.shape
         layout, _ = _setup(B, T, cu_seqlens, q.device)
         G = _padded_decay(g4, layout, B, T, H, q.device)
         o = _output_fwd(*_padded(layout, q, k, v), G, h.contiguous(), scale, out_dtype)
-        ctx.save_for_backward(q, k, v, g4, h)
-        ctx.meta = (layout, scale)
+        ctx.save_for_backward(q, k, v, g4, h if recompute_from is None else recompute_from[0])
+        ctx.meta = (layout, scale, recompute_from is not None, cu_seqlens)
         return layout.unpad(o)
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, g4, h = ctx.saved_tensors
-        layout, scale = ctx.meta
+        layout, scale, recompute_h, cu_seqlens = ctx.meta
         if do is None:
-            return (None,) * 8
+            return (None,) * 9
         B, T, H, _ = q.shape
         G = _padded_decay(g4, layout, B, T, H, q.device)
+        if recompute_h:
+            layout, n_states, tables, _, _ = _prepare(k, None, None, cu_seqlens)
+            h = _recompute_h(k, v, G, h, layout, tables, n_states)
         need_dg = g4 is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dg, dh = _output_bwd(*_padded(layout, q, k, v), G, h.contiguous(),
                                          layout.pad(do.to(q.dtype).contiguous()), scale, need_dg)
         dq, dk, dv = (layout.unpad(x).to(y.dtype) for x, y in ((dq, q), (dk, k), (dv, v)))
-        return dq, dk, dv, None if dg is None else _to_decay_shape(dg, layout, g4), dh, None, None, None
+        return dq, dk, dv, None if dg is None else _to_decay_shape(dg, layout, g4), dh, None, None, None, None
 
 
 class _LinearAttention(torch.autograd.Function):
@@ -352,22 +364,26 @@ def _check_dtype(x: torch.Tensor):
         raise ValueError("the Triton chunk pieces take fp16/bf16/fp32 inputs; fp64 goes to the chunked torch path")
 
 
-def triton_chunk_states(k, v, g4, initial_state=None, cu_seqlens=None):
+def triton_chunk_states(k, v, g4, initial_state=None, cu_seqlens=None, recompute_h=False):
     """States of the chunked recurrence: (h, final).
 
     k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K] ([1, 1, H, 1], [B, T, H, 1],
     [B, T, H, K]); initial_state: None or [B or N, H, K, V]. Returns h: [R, H, NC, K, V] in k's dtype, the state
     entering every chunk of `make_layout`'s padded layout (h_c = state after the first c chunks of its sequence),
-    and final: [B or N, H, K, V] fp32. Differentiable in k, v, g4, initial_state (through h and final)."""
+    and final: [B or N, H, K, V] fp32. Differentiable in k, v, g4, initial_state (through h and final).
+    recompute_h: keep the initial state instead of h for backward and rebuild h there with one scan (as the op
+    does), so the two pieces together keep what the op keeps."""
     _check_dtype(k)
-    return _ChunkStates.apply(k, v, g4, initial_state, cu_seqlens)
+    return _ChunkStates.apply(k, v, g4, initial_state, cu_seqlens, recompute_h)
 
 
-def triton_chunk_output(q, k, v, g4, h, scale, cu_seqlens=None, out_dtype=None):
+def triton_chunk_output(q, k, v, g4, h, scale, cu_seqlens=None, out_dtype=None, *, recompute_from=None):
     """o_i = scale [ Σ_{j<=i in the chunk} (q_i ⊙ exp(G_i - G_j)) · k_j v_j + (q_i ⊙ exp(G_i)) h_c ], [B, T, H, V]
-    in out_dtype (None: q's dtype); h as returned by `triton_chunk_states`. Differentiable in q, k, v, g4, h."""
+    in out_dtype (None: q's dtype); h as returned by `triton_chunk_states`. Differentiable in q, k, v, g4, h.
+    recompute_from: None, or (initial_state,) that h was computed from: then h is not kept for backward but
+    rebuilt there with one scan (see `triton_chunk_states(recompute_h=True)`)."""
     _check_dtype(q)
-    return _ChunkOutput.apply(q, k, v, g4, h, float(scale), cu_seqlens, out_dtype or q.dtype)
+    return _ChunkOutput.apply(q, k, v, g4, h, float(scale), cu_seqlens, out_dtype or q.dtype, recompute_from)
 
 
 def triton_linear_attention(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
