@@ -20,6 +20,8 @@ from lsp.ops.linear.api import triton_available  # noqa: E402
 from lsp.parallel import SPContext  # noqa: E402
 from lsp.parallel import exchange as exchange_mod  # noqa: E402
 
+from tests.ops.test_triton_budget import launches  # noqa: E402,F401
+
 from .cases import METHODS, make_case, max_rel_err, reference, run_sp  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_available(torch.device("cpu")) and not torch.cuda.is_available(),
@@ -79,3 +81,15 @@ def test_sp_triton_keeps_what_the_op_keeps(form):
     sp = SPContext(emulate=1, layout="contiguous")
     got = saved_bytes(lambda: sp_linear_attention(x["q"], x["k"], x["v"], g, sp=sp, backend="triton"))
     assert got <= 1.25 * op, (got / op, got, op)
+
+
+def test_sp_triton_launches_do_not_grow_with_T(launches):  # noqa: F811 (fixture from tests/ops/test_triton_budget.py)
+    """Kernel launches of one SP layer call (forward + backward, packed documents) do not grow with T_local: the
+    local pass launches its kernels once for all held segments and pieces, never per chunk or per segment."""
+    counts = {}
+    for T_per_rank in (64, 192):
+        case = make_case(2, "key", True, dtype=torch.float32, T_per_rank=T_per_rank, H=1, K=16, V=16)
+        launches.clear()
+        run_sp(case, SPContext(emulate=2, layout="zigzag"), "allgather", backend="triton")
+        counts[T_per_rank] = len(launches)
+    assert counts[64] == counts[192] > 0, counts
