@@ -20,7 +20,7 @@ from lsp.ops.linear.triton_chunk import kern  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and type(kern._out_kernel).__name__ != "InterpretedFunction",
+    not torch.cuda.is_available() and type(kern._fwd_state_kernel).__name__ != "InterpretedFunction",
     reason="no CUDA, and the Triton kernels were imported without TRITON_INTERPRET=1 before this module set it")
 
 
