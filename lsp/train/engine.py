@@ -144,6 +144,47 @@ class Engine:
         if self.deepspeed is not None:
             self.deepspeed.step()
 
+    def zero_grad(self) -> None:
+        (self.deepspeed or self.optimizer).zero_grad()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def local_grads(self) -> list:
+        """This rank's gradient tensors (FSDP2: the local shards), for the non-finite check; DeepSpeed checks its
+        own (it skips a step on overflow), so none."""
+        if self.deepspeed is not None:
+            return []
+        grads = (p.grad for p in self.model.parameters())
+        return [g.to_local() if hasattr(g, "to_local") else g for g in grads if g is not None]
+
+    def eval_model(self) -> nn.Module:
+        """The module to evaluate: DDP's plain module (no gradient sync needed), else the wrapper (FSDP and DeepSpeed
+        gather their shards in forward)."""
+        return self.raw_model if self.kind == "ddp" else self.model
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save(self, ckpt_dir: str, step: int, state: dict, config_yaml: str, keep: int) -> Optional[str]:
+        """Collective: an atomic checkpoint of the model, optimizer and schedule (+ the trainer's `state`)."""
+        from .checkpoint import save_checkpoint
+
+        state = {**state, "scheduler": self.scheduler.state_dict() if self.deepspeed is None else None}
+        return save_checkpoint(ckpt_dir, step, self.model, self.optimizer, state, config_yaml, keep=keep,
+                               deepspeed_engine=self.deepspeed)
+
+    def load(self, path: str) -> dict:
+        """Collective: load model, optimizer and schedule in place; returns the trainer state. A checkpoint of
+        another model is refused with one line naming the first mismatching parameter (ValueError)."""
+        from .checkpoint import load_checkpoint, model_mismatch
+
+        if self.deepspeed is None and (diff := model_mismatch(path, self.model)):
+            raise ValueError(f"{path} holds another model ({diff})")
+        state = load_checkpoint(path, self.model, self.optimizer, deepspeed_engine=self.deepspeed)
+        if self.deepspeed is None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        return state
+
 
 @contextlib.contextmanager
 def _restore_sync(model):

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, model_mismatch, save_checkpoint
+from .checkpoint import latest_checkpoint
 from .config import Config, ConfigError, to_yaml
 from .data import Batch, DataLoader, IGNORE_INDEX, build_token_file, make_tokenizer
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
@@ -114,13 +114,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoint
     def resume(self, path: str) -> None:
-        if self.engine.deepspeed is None and (diff := model_mismatch(path, self.engine.model)):
-            raise ConfigError("model", f"{path} holds another model ({diff}); this run name is taken: pick a new "
-                              f"name= (or out_dir=), or remove {self.cfg.run_dir} to start over")
-        state = load_checkpoint(path, self.engine.model, self.engine.optimizer,
-                                deepspeed_engine=self.engine.deepspeed)
-        if self.engine.deepspeed is None:
-            self.engine.scheduler.load_state_dict(state["scheduler"])
+        try:
+            state = self.engine.load(path)
+        except ValueError as err:
+            raise ConfigError("model", f"{err}; this run name is taken: pick a new name= (or out_dir=), or remove "
+                              f"{self.cfg.run_dir} to start over") from None
         self.step = state["step"]
         self.data.state.step = state["data"]["step"]
         if self.mesh.is_main:
@@ -128,11 +126,8 @@ class Trainer:
 
     def save(self) -> Optional[str]:
         state = {"step": self.step, "data": {"step": self.data.state.step},
-                 "scheduler": self.engine.scheduler.state_dict() if self.engine.deepspeed is None else None,
                  "world": {"dp": self.mesh.dp, "sp": self.mesh.sp}}
-        return save_checkpoint(self.ckpt_dir, self.step, self.engine.model, self.engine.optimizer, state,
-                               to_yaml(self.cfg), keep=self.cfg.checkpoint.keep,
-                               deepspeed_engine=self.engine.deepspeed)
+        return self.engine.save(self.ckpt_dir, self.step, state, to_yaml(self.cfg), self.cfg.checkpoint.keep)
 
     # ------------------------------------------------------------------------------------------------ data
     def to_local(self, batch: Batch):
@@ -180,10 +175,8 @@ class Trainer:
         # stays on the device until the one host sync below (no per-parameter sync on GPU)
         flags = torch.zeros(3, self.mesh.world, device=self.mesh.device)   # [loss | grads | signal, rank]
         flags[0, self.mesh.rank] = (~torch.isfinite(total_loss)).float()
-        # FSDP2 grads are DTensors: check the local shard (the all-reduce below covers the others)
-        grads = [g.to_local() if hasattr(g, "to_local") else g
-                 for g in (p.grad for p in self.engine.model.parameters()) if g is not None]
-        if grads and self.engine.deepspeed is None:
+        grads = self.engine.local_grads()   # the all-reduce below covers the other ranks' shards
+        if grads:
             flags[1, self.mesh.rank] = (~torch.stack([torch.isfinite(g).all() for g in grads])).any().float()
         flags[2, self.mesh.rank] = self.signals.received if self.signals is not None else 0
         return all_reduce_sum(flags, self.mesh).cpu()
@@ -193,7 +186,7 @@ class Trainer:
         stop: raise NonFiniteError before anything is saved, so the last complete checkpoint stays the newest."""
         step = self.step + 1
         if self.cfg.train.on_nonfinite == "stop":
-            self.engine.optimizer.zero_grad(set_to_none=True)
+            self.engine.zero_grad()
             last = latest_checkpoint(self.ckpt_dir)
             raise NonFiniteError(f"non-finite {where} at step {step}; stopped because train.on_nonfinite=stop; "
                                  f"last complete checkpoint: {last or 'none'}")
@@ -205,8 +198,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
         """Mean held-out loss and, for MQAR, recall accuracy on the answer positions (argmax == value)."""
-        # DDP: the plain module (eval needs no gradient sync); FSDP / DeepSpeed: the wrapper gathers the shards
-        model = self.model if self.engine.kind == "ddp" else self.engine.model
+        model = self.engine.eval_model()
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, device=self.mesh.device, dtype=torch.float64)   # loss, correct, answers
@@ -290,7 +282,7 @@ class Trainer:
         self._clock = (time.perf_counter(), self.step)
         tokens_per_step = mesh.dp * cfg.train.micro_batch * cfg.train.grad_accum * cfg.data.seq_len
         tok_s = tokens_per_step * (self.step - step0) / (self._clock[0] - t0)
-        row = {"step": self.step, "loss": metrics["loss"], "lr": self.engine.scheduler.get_last_lr()[0],
+        row = {"step": self.step, "loss": metrics["loss"], "lr": self.engine.lr,
                "grad_norm": metrics["grad_norm"], "tokens_per_s": tok_s,
                "peak_mem_gb": peak_memory_gb(mesh.device), "skipped_steps": self.skipped_steps}
         if (peak := peak_flops(cfg, mesh.device)):
