@@ -1,4 +1,4 @@
-"""Process groups for a dp x sp mesh.
+"""The dp x sp mesh: one named torch DeviceMesh(("dp", "sp")) over all ranks.
 
 Global rank = dp_rank * sp + sp_rank: the ranks of one sequence-parallel group are consecutive, so with
 `--nproc-per-node` a multiple of sp, SP traffic (every layer) stays inside a node and only the gradient all-reduce
@@ -26,7 +26,8 @@ class Mesh:
     dp_rank: int
     sp_rank: int
     device: torch.device
-    sp_group: Optional[object] = None     # ProcessGroup of this rank's SP group (None when sp == 1)
+    device_mesh: Optional[object] = None  # DeviceMesh (dp, sp) named ("dp", "sp"); None in one process
+    sp_group: Optional[object] = None     # ProcessGroup of this rank's SP group: device_mesh.get_group("sp")
 
     @property
     def is_main(self) -> bool:
@@ -75,11 +76,11 @@ def init_mesh(cfg: Config) -> Mesh:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=10),
                                 device_id=device if device.type == "cuda" else None, **_restart_store(rank, world))
-    if sp > 1:
-        for d in range(dp):   # every rank must create every group, in the same order
-            group = dist.new_group(list(range(d * sp, (d + 1) * sp)))
-            if d == mesh.dp_rank:
-                mesh.sp_group = group
+    if world > 1:   # row-major: global rank = dp_rank * sp + sp_rank, as in the module docstring
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh.device_mesh = init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
+        mesh.sp_group = mesh.device_mesh.get_group("sp") if sp > 1 else None
     return mesh
 
 
