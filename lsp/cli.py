@@ -5,7 +5,7 @@
                CONFIG.yaml [key=value ...]           torchrun ... -m lsp.cli train CONFIG.yaml ...
     lsp eval CHECKPOINT_DIR [key=value ...]          MQAR accuracy / validation loss of a checkpoint
     lsp plan [--gpus N] [--seq-len T] CONFIG.yaml [key=value ...]
-                                                     recommended sp, SP method, micro-batch (lsp.train.plan)
+                                                     recommended sp, SP method, micro-batch (lsp.plan)
 
 User errors print one line and exit with code 2 (no traceback).
 """
@@ -106,11 +106,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    """Recommend sp size, SP method, micro-batch and activation checkpointing for a cluster (lsp.train.plan)."""
+    """Recommend sp size, SP method, micro-batch and activation checkpointing for a cluster (lsp.plan)."""
     from lsp.train.config import load_config
     cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
     from lsp.names import SP_METHODS
-    from lsp.train.plan import Cluster, format_candidates, plan_cluster, recommend
+    from lsp.plan.planner import Cluster, format_candidates, plan_cluster, recommend
     for flag, value in (("--gpus", args.gpus), ("--world", args.world), ("--seq-len", args.seq_len),
                         ("--gpu-mem-gb", args.gpu_mem_gb), ("--tflops", args.tflops),
                         ("--gpus-per-node", args.gpus_per_node), ("--top", args.top)):
@@ -127,7 +127,7 @@ def cmd_plan(args) -> int:
     batch = best.micro_batch * best.grad_accum * best.dp
     print(f"{cfg.name}: seq_len={T}, {gpus} GPUs x {args.gpu_mem_gb:g} GB, {args.tflops:g} TFLOP/s each, "
           f"global batch {batch} sequences, engine={cfg.parallel.engine} zero={cfg.parallel.zero} "
-          "(modelled: lsp/train/plan.py)")
+          "(modelled: lsp/plan/planner.py)")
     print(format_candidates(rows, limit=args.top))
     same_sp = [c for c in rows if c.sp == best.sp and c.micro_batch == best.micro_batch
                and c.checkpointing == best.checkpointing]

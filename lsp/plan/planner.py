@@ -9,7 +9,7 @@ Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b ·
 
     micro   = compute + Σ_L layers exchange_L + Σ_S layers exchange_S
     compute = (1 + ac/3) · flops_per_token(cfg, T) · t / F         (activation checkpointing re-runs the forward)
-    exchange_L (per pass, forward and backward): lsp.parallel.costmodel.exchange_time(method, sp, b·H·K·V·4 bytes,
+    exchange_L (per pass, forward and backward): lsp.plan.costmodel.exchange_time(method, sp, b·H·K·V·4 bytes,
               t_intra, layout, decay b·H·K_g·4 bytes, scan_blocks) - what the ring / allgather / allscan exchanges
               send and overlap for the config's layout, with All-Scan's block count chosen by the model
     exchange_S (LASP-2H): all-gather of K,V forward, the reduce of their gradients backward, each
@@ -36,9 +36,9 @@ from typing import List, Optional
 
 from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
 from lsp.names import SCAN_BLOCKS, SP_METHODS
-from lsp.parallel.costmodel import Hardware, best_scan_blocks, exchange_time
+from lsp.train.config import Config, ConfigError, hybrid_config
 
-from .config import Config, ConfigError
+from .costmodel import Hardware, best_scan_blocks, exchange_time
 
 GB = 1e9
 
@@ -48,7 +48,7 @@ class Cluster:
     gpus: int
     gpus_per_node: int = 8
     memory_gb: float = 80.0           # per GPU (H100 80GB)
-    tflops: float = 400.0             # sustained bf16 kernel throughput per GPU, as in lsp.parallel.costmodel
+    tflops: float = 400.0             # sustained bf16 kernel throughput per GPU, as in lsp.plan.costmodel
     nvlink_gbps: float = 150.0        # GB/s per GPU inside a node
     network_gbps: float = 18.0        # GB/s per GPU across nodes (the costmodel's fitted β)
     reserve_gb: float = 6.0           # CUDA context, NCCL buffers, CE chunk, allocator fragmentation
@@ -146,8 +146,6 @@ def sp_sizes(gpus: int, seq_len: int, layout: str) -> List[int]:
 def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Optional[int] = None,
                  global_batch: Optional[int] = None, sp_choices: Optional[List[int]] = None) -> List[Candidate]:
     """Every candidate for `cluster`, best first (fitting ones first, then by tokens/s per GPU)."""
-    from .trainer import hybrid_config
-
     mcfg = hybrid_config(cfg, vocab_size)
     T = seq_len or cfg.data.seq_len
     p = cfg.parallel

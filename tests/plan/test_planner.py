@@ -1,4 +1,4 @@
-"""`lsp plan` (lsp.train.plan): the recommendation fits, is the fastest fitting candidate, keeps the global batch,
+"""`lsp plan` (lsp.plan.planner): the recommendation fits, is the fastest fitting candidate, keeps the global batch,
 and the model moves the way the algorithms do (memory per GPU falls with sp, checkpointing trades time for memory,
 All-Scan wins where the published numbers say it does)."""
 import os
@@ -7,8 +7,8 @@ import re
 import pytest
 
 from lsp.train.config import ConfigError, load_config
-from lsp.train.plan import Cluster, activation_bytes, plan_cluster, recommend, state_bytes_per_param
-from lsp.train.trainer import hybrid_config
+from lsp.plan.planner import Cluster, activation_bytes, plan_cluster, recommend, state_bytes_per_param
+from lsp.train.config import hybrid_config
 
 from .conftest import REPO
 
