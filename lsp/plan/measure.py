@@ -101,6 +101,21 @@ def _flop_formulas() -> dict:
             aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
 
 
+def _peak_tracker():
+    """torch's MemTracker keeping only the global peak: its per-module peaks walk every module at every op, which
+    makes a full-size step quadratic (minutes); the global peak and its categories are all `lsp plan` reports."""
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+    class PeakTracker(MemTracker):
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(snap)
+
+    return PeakTracker()
+
+
 def _peak_categories(tracker) -> dict:
     # MemTracker's peak snapshot -> our five categories (buffers and the rest count as temporaries)
     snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
@@ -171,7 +186,6 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
     """Rank 0's one training step of `cfg` on `gpus` GPUs (mcfg: its HybridConfig), on fake tensors; counted."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
 
     from lsp.ops.estimate import gpu_code_paths, measured_linear_backend
@@ -184,7 +198,7 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
     with fake_process_group(gpus), FakeTensorMode(), gpu_code_paths():
         model, optimizer, sp, ids, labels = build_step(cfg, mcfg, gpus)
         _init_optimizer_state(model, optimizer)
-        tracker, flops = MemTracker(), FlopCounterMode(display=False, custom_mapping=_flop_formulas())
+        tracker, flops = _peak_tracker(), FlopCounterMode(display=False, custom_mapping=_flop_formulas())
         tracker.track_external(model, optimizer)
         reset_comm_stats()
         with tracker, flops:
