@@ -144,7 +144,7 @@ def _measure(cfg, gpus: int, gpu_mem_gb: float, vocab_size: int) -> int:
     """`lsp plan --measure`: rank 0 of the configured launch, one step on fake tensors (lsp.plan.measure)."""
     from lsp.plan.measure import GB, measure, modelled, report
     from lsp.train.config import hybrid_config, validate
-    validate(cfg, world_size=gpus)   # the launch must exist: sp divides the GPUs
+    validate(cfg, world_size=gpus, check_files=False)   # the launch must exist: sp divides the GPUs
     mcfg = hybrid_config(cfg, vocab_size)
     got = measure(cfg, mcfg, gpus)
     print(report(cfg.name, gpus, got, modelled(cfg, mcfg, gpus)), flush=True)

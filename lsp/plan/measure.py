@@ -229,7 +229,7 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     local = b * T // sp
     params = matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * mcfg.hidden_size)
     memory = {"states": state_bytes_per_param(p.engine, p.zero, gpus // sp) * params,
-              "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing)}
+              "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout)}
     flops = flops_per_token(mcfg, T) * local * (3 + t.activation_checkpointing) / 3
     H, Hkv, Dh, types = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, mcfg.layer_types
     _, per_pass = exchange_time(p.sp_method, sp, b * H * Dh * Dh * 4, 0.0, layout=p.layout,

@@ -22,11 +22,17 @@ and the network across nodes. Memory per GPU:
 
     states      16 bytes/parameter (fp32 weight, gradient, AdamW m and v), sharded over dp by the engine:
                 ddp: 16P; ZeRO-1: 8P + 8P/dp; ZeRO-2 (fsdp zero=2): 4P + 12P/dp; ZeRO-3: 16P/dp
-    activations per layer and local token, bf16 (fp32 residual stream): 12·D + 6·F bytes for norms and the
-                SwiGLU MLP, + 2·(2·H·Dh + 2·Hkv·Dh) for a softmax layer's q, k, v, o, + 2·7·H·Dh for a
-                linear layer's q, k, v, decay, gate, norm input and output; softmax layers also keep the
-                gathered K,V of the whole sequence, 2·b·T·Hkv·Dh·2 bytes. With checkpointing only each block's
-                input (4·D per token) is kept, plus one block's full activations while it is recomputed.
+    activations what autograd keeps on rank 0, counted tensor by tensor (saved-tensor hooks, fake tensors, bf16
+                autocast), per local token and layer (D hidden, F SwiGLU width, H heads of Dh, C chunk):
+                  both kinds: 8·F + 8 (SwiGLU in bf16, RMSNorm statistics)
+                  softmax:    28·D + 2·H·Dh + 16·Dh + 4·H (projections, q, RoPE tables, log-sum-exp) and the
+                              keys: k, v with grouped heads repeated to H, 4·H·Dh bytes per key position kept
+                              (no SP: T; zigzag rank 0: (2W+1)·T/2W; contiguous rank 0: T/W)
+                  linear:     42·D + 63·H·Dh + 388·H + 2·r + 4·H·Dh²/C (GLA on the torch chunk path: padded
+                              chunks, sub-block scores, the chunk-entering states)
+                plus a bf16 copy of every weight (autocast) and 12·D + 12 per token for the embedding output,
+                the final norm and the cross-entropy input. With checkpointing only each block's input (4·D per
+                token) is kept, plus one block's full activations while it is recomputed.
     reserve     `Cluster.reserve_gb` for the CUDA context, NCCL buffers, the cross-entropy chunk and fragmentation.
 """
 from __future__ import annotations
@@ -97,18 +103,47 @@ def state_bytes_per_param(engine: str, zero: int, dp: int) -> float:
     return 16.0 / dp
 
 
-def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool) -> float:
-    """Bytes of activations kept for backward on one GPU (module docstring)."""
+def _layer_weights(mcfg) -> dict:
+    # weights of one layer's matmuls by kind: bf16 autocast keeps a copy of each for backward
     D, F, H, Hkv, Dh = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_kv_heads,
                         mcfg.head_dim)
-    common = 12 * D + 6 * F
-    per_token = {"S": common + 2 * (2 * H * Dh + 2 * Hkv * Dh), "L": common + 2 * 7 * H * Dh}
-    gathered_kv = 2 * micro_batch * seq_len * Hkv * Dh * 2
-    layer = {t: per_token[t] * local_tokens + (gathered_kv if t == "S" else 0) for t in "LS"}
+    decay = {"linear": 0, "lightning": 0, "simple_gla": D * H,
+             "gla": (D + H * Dh) * mcfg.gate_low_rank_dim}[mcfg.linear_attn]
+    return {"S": 2 * D * H * Dh + 2 * D * Hkv * Dh + 3 * D * F, "L": 5 * D * H * Dh + decay + 3 * D * F}
+
+
+def saved_per_token(mcfg) -> dict:
+    """Bytes autograd keeps per local token and layer, by kind (module docstring); counted with saved-tensor
+    hooks on fake tensors (bf16 autocast, torch chunk path for GLA) and written out per tensor."""
+    D, F, H, Dh, C = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.head_dim, LINEAR_CHUNK
+    mlp_and_norms = 8 * F + 8
+    softmax = 28 * D + 2 * H * Dh + 16 * Dh + 4 * H                 # + the keys: kv_keys_saved
+    linear = 42 * D + 63 * H * Dh + 388 * H + 2 * mcfg.gate_low_rank_dim + 4 * H * Dh * Dh / C
+    return {"S": softmax + mlp_and_norms, "L": linear + mlp_and_norms}
+
+
+def kv_keys_saved(seq_len: int, local_tokens: int, sp: int, layout: str) -> float:
+    """Key positions rank 0 keeps per softmax layer and sequence: every segment keeps the keys up to its end
+    (zigzag: segments 0 and 2W-1, (2W + 1) T / 2W; contiguous: its own T / W; no SP: T)."""
+    if sp == 1:
+        return seq_len
+    return local_tokens if layout == "contiguous" else (2 * sp + 1) * seq_len / (2 * sp)
+
+
+def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
+                     layout: str = "zigzag") -> float:
+    """Bytes of activations kept for backward on rank 0 (module docstring)."""
+    D, H, Dh = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim
+    sp = max(1, micro_batch * seq_len // local_tokens)
+    per_token, weights = saved_per_token(mcfg), _layer_weights(mcfg)
+    keys = micro_batch * kv_keys_saved(seq_len, local_tokens // micro_batch, sp, layout)
+    layer = {t: per_token[t] * local_tokens + 2 * weights[t] + (4 * H * Dh * keys if t == "S" else 0)
+             for t in "LS"}
+    head = (12 * D + 12) * local_tokens                              # embedding output, final norm, CE input
     types = mcfg.layer_types
     if not checkpointing:
-        return sum(layer[t] for t in types)
-    return 4 * D * local_tokens * len(types) + max(layer[t] for t in set(types))
+        return head + sum(layer[t] for t in types)
+    return head + 4 * D * local_tokens * len(types) + max(layer[t] for t in set(types))
 
 
 def _decay_dims(mcfg) -> int:
@@ -165,7 +200,7 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
                 continue
             accum = global_batch // (dp * b)
             for ac in (False, True):
-                memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac)) / GB + cluster.reserve_gb
+                memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac, p.layout)) / GB + cluster.reserve_gb
                 for method in SP_METHODS if sp > 1 else SP_METHODS[:1]:
                     compute, comm, backward, blocks = _micro_step(mcfg, cluster, sp, method, b, T, ac, p.layout)
                     step = accum * (compute + comm) + max(0.0, allreduce - backward)
