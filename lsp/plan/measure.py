@@ -59,13 +59,13 @@ def fake_process_group(world: int):
 
 def shard_states(unsharded: dict, engine: str, zero: int, world: int) -> dict:
     """Per-GPU bytes of (parameters, gradients, optimizer) after the engine's sharding over `world` ranks, from the
-    unsharded fp32 bytes the tracked step held. DDP keeps a second copy of the gradients in its all-reduce buckets;
+    unsharded fp32 bytes the tracked step held. DDP keeps all-reduce buckets the size of the parameters;
     FSDP2 keeps fp32 shards, and with ZeRO-2 (no reshard after forward) the bf16 unsharded parameters too."""
     p, g, o = unsharded["parameters"], unsharded["gradients"], unsharded["optimizer"]
     if world == 1:
         return {"parameters": p, "gradients": g, "optimizer": o}
-    if engine == "ddp" or zero == 0:
-        return {"parameters": p, "gradients": 2 * g, "optimizer": o}
+    if engine == "ddp" or zero == 0:   # the buckets: fp32, the size of the parameters, allocated once
+        return {"parameters": p, "gradients": g + p, "optimizer": o}
     if engine == "deepspeed" and zero in (1, 2):
         return {"parameters": p, "gradients": g if zero == 1 else g / world, "optimizer": o / world}
     kept_bf16 = p / 2 if zero == 2 else 0.0
@@ -219,24 +219,25 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
 def modelled(cfg, mcfg, gpus: int) -> Measurement:
     """The planner's analytic figures for the same launch (lsp.plan.planner / costmodel), in Measurement's form:
     memory split into states (parameters + gradients + optimizer) and activations, FLOPs, comm bytes by kind."""
-    from lsp.models.flops import flops_per_token, matmul_parameters
-
     from .costmodel import exchange_time
-    from .planner import _decay_dims, activation_bytes, state_bytes_per_param
+    from .planner import (_decay_dims, activation_bytes, counted_flops, ddp_buckets, model_parameters,
+                          state_bytes_per_param)
 
     p, t = cfg.parallel, cfg.train
     T, b, sp = cfg.data.seq_len, t.micro_batch, p.sp
     local = b * T // sp
-    params = matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * mcfg.hidden_size)
-    memory = {"states": state_bytes_per_param(p.engine, p.zero, gpus // sp) * params,
+    params = model_parameters(mcfg)
+    per_param = state_bytes_per_param(p.engine, p.zero, gpus) + ddp_buckets(p.engine, p.zero, gpus)
+    memory = {"states": per_param * params,
               "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout)}
-    flops = flops_per_token(mcfg, T) * local * (3 + t.activation_checkpointing) / 3
+    flops = counted_flops(mcfg, T, local, b, t.activation_checkpointing, p.layout)
     H, Hkv, Dh, types = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, mcfg.layer_types
     _, per_pass = exchange_time(p.sp_method, sp, b * H * Dh * Dh * 4, 0.0, layout=p.layout,
                                 decay_bytes=b * H * _decay_dims(mcfg) * 4, scan_blocks=p.scan_blocks)
     kv = 2 * local * Hkv * Dh * (2 if t.precision != "fp32" else 4)     # one rank's K|V
     comm = {"sp_exchange": 2 * types.count("L") * per_pass,
-            "kv_gather": types.count("S") * 3 * (sp - 1) * kv,          # gather forward, all-reduce of [W] grads
+            # gather forward (again in a checkpoint recompute: K, V are not recorded), all-reduce of [W] grads
+            "kv_gather": types.count("S") * (3 + t.activation_checkpointing) * (sp - 1) * kv,
             "dp_reduction": dp_reduction_bytes(4 * params, p.engine, p.zero, gpus, t.precision != "fp32")}
     return Measurement(memory, int(flops), comm, "model", 0.0)
 

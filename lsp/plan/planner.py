@@ -20,8 +20,10 @@ Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b ·
 β is NVLink inside a node (the SP group is placed on consecutive ranks, so sp <= gpus_per_node stays inside one)
 and the network across nodes. Memory per GPU:
 
-    states      16 bytes/parameter (fp32 weight, gradient, AdamW m and v), sharded over dp by the engine:
-                ddp: 16P; ZeRO-1: 8P + 8P/dp; ZeRO-2 (fsdp zero=2): 4P + 12P/dp; ZeRO-3: 16P/dp
+    states      16 bytes/parameter (fp32 weight, gradient, AdamW m and v), sharded by the engine over all
+                n = dp·sp ranks (the engines average over the whole world): ddp: 16P + 4P of all-reduce buckets;
+                ZeRO-1: 8P + 8P/n; FSDP2 ZeRO-2: 2P (bf16 weights kept unsharded) + 16P/n; DeepSpeed ZeRO-2:
+                4P + 12P/n; ZeRO-3: 16P/n
     activations what autograd keeps on rank 0, counted tensor by tensor (saved-tensor hooks, fake tensors, bf16
                 autocast), per local token and layer (D hidden, F SwiGLU width, H heads of Dh, C chunk):
                   both kinds: 8·F + 8 (SwiGLU in bf16, RMSNorm statistics)
@@ -92,15 +94,32 @@ class Candidate:
                 f"train.activation_checkpointing={str(self.checkpointing).lower()}")
 
 
-def state_bytes_per_param(engine: str, zero: int, dp: int) -> float:
-    """fp32 weight + gradient + AdamW (m, v) bytes per parameter on one GPU, after the engine's sharding."""
+def state_bytes_per_param(engine: str, zero: int, ranks: int) -> float:
+    """fp32 weight + gradient + AdamW (m, v) bytes per parameter on one GPU, after the engine's sharding over
+    `ranks` (the engines shard and average over all dp x sp ranks). DDP adds its gradient buckets (`ddp_buckets`);
+    FSDP2 shards the fp32 weights at every stage and, with ZeRO-2 (no reshard after forward), keeps the bf16
+    unsharded weights from forward to backward: 2 + 16/ranks."""
     if engine == "ddp" or zero == 0:
         return 16.0
     if zero == 1:
-        return 8.0 + 8.0 / dp
+        return 8.0 + 8.0 / ranks
     if zero == 2:
-        return 4.0 + 12.0 / dp
-    return 16.0 / dp
+        return 2.0 + 16.0 / ranks if engine == "fsdp" else 4.0 + 12.0 / ranks
+    return 16.0 / ranks
+
+
+def model_parameters(mcfg) -> int:
+    """Every parameter of HybridLM: the matmul weights, the embedding (untied), RMSNorm weights (two per block,
+    the final one, GLA's per-head output norm) and the biases of the decay projections."""
+    D, H, Dh, types = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim, mcfg.layer_types
+    bias = {"linear": 0, "lightning": 0, "simple_gla": H, "gla": H * Dh}[mcfg.linear_attn]
+    small = 2 * D * len(types) + D + types.count("L") * (Dh + bias)
+    return matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
+
+
+def ddp_buckets(engine: str, zero: int, ranks: int) -> float:
+    """Bytes per parameter of DDP's all-reduce buckets (fp32, allocated once, beside the gradients)."""
+    return 4.0 if ranks > 1 and (engine == "ddp" or zero == 0) else 0.0
 
 
 def _layer_weights(mcfg) -> dict:
@@ -146,6 +165,26 @@ def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ch
     return head + 4 * D * local_tokens * len(types) + max(layer[t] for t in set(types))
 
 
+def counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
+                  layout: str = "zigzag") -> float:
+    """FLOPs of one micro-step of rank 0 as torch's FlopCounterMode counts them (what `lsp plan --measure`
+    reports): 2 per multiply-add of every matmul (6·N_matmul per token; checkpointing recomputes each block's
+    forward up to the last tensor backward needs, i.e. all but the MLP's down_proj; the LM head is not checkpointed); softmax attention at torch's SDPA formulas, full score
+    blocks (4·H·Dh per scored pair forward, 10 backward, causal or not) over the key blocks rank 0 scores; GLA on
+    the chunked torch path (C = 64, sub-blocks of 16): H·(528·Dh + 12·Dh²) per token, forward one third."""
+    D, H, Dh, types = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim, mcfg.layer_types
+    sp, ac = max(1, micro_batch * seq_len // local_tokens), int(checkpointing)
+    weights = _layer_weights(mcfg)
+    blocks = sum(weights[t] for t in types)
+    recomputed = blocks - len(types) * D * mcfg.intermediate_size   # the recompute stops before down_proj
+    matmul = (6 * blocks + 2 * ac * recomputed + 6 * mcfg.vocab_size * D) * local_tokens
+    linear = types.count("L") * H * (528 * Dh + 12 * Dh * Dh) * (1 + ac / 3) * local_tokens
+    seg = local_tokens // micro_batch // (2 if layout == "zigzag" and sp > 1 else 1)
+    rows = {1: seq_len * seq_len}.get(sp, seg * seg * (2 * sp + 1 if layout == "zigzag" else 1))
+    softmax = types.count("S") * (14 + 4 * ac) * H * Dh * micro_batch * rows
+    return matmul + linear + softmax
+
+
 def _decay_dims(mcfg) -> int:
     # K_g of the linear layers' decay: per key (GLA), one per head (Lightning, simple GLA), none (linear)
     return {"linear": 0, "gla": mcfg.head_dim}.get(mcfg.linear_attn, 1)
@@ -187,14 +226,15 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
     if global_batch is None:
         config_dp = p.dp or max(1, cluster.gpus // p.sp)
         global_batch = cfg.train.micro_batch * cfg.train.grad_accum * config_dp
-    params = matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * mcfg.hidden_size)
+    params = model_parameters(mcfg)
     sizes = sp_choices or sp_sizes(cluster.gpus, T, p.layout)
     micro_batches = [1] if cfg.data.kind == "files" else [1, 2, 4, 8, 16, 32, 64]
     out = []
     for sp in sizes:
         dp = cluster.gpus // sp
         allreduce = 2 * (dp - 1) / dp * params * 2 / (cluster.dp_gbps * GB) if dp > 1 else 0.0
-        states = state_bytes_per_param(p.engine, p.zero, dp) * params
+        states = (state_bytes_per_param(p.engine, p.zero, cluster.gpus)
+                  + ddp_buckets(p.engine, p.zero, cluster.gpus)) * params
         for b in micro_batches:
             if global_batch % (dp * b):
                 continue
