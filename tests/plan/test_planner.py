@@ -6,9 +6,8 @@ import re
 
 import pytest
 
-from lsp.train.config import ConfigError, load_config
 from lsp.plan.planner import Cluster, _layer_weights, activation_bytes, plan_cluster, recommend, state_bytes_per_param
-from lsp.train.config import hybrid_config
+from lsp.train.config import ConfigError, hybrid_config, load_config
 
 from .conftest import REPO
 
@@ -49,7 +48,7 @@ def test_activation_model_counts_the_gathered_kv_of_softmax_layers():
     a8, a16 = activation_bytes(m, T, T // 8, 1, False), activation_bytes(m, T, T // 16, 1, False)
     # the part that does not shrink with sp: every rank keeps the keys of the whole sequence (k, v at H heads,
     # as attention receives them) and a bf16 copy of every weight
-    weights = 2 * m.layer_types.count("S") * _layer_weights(m)["S"] + 2 * m.layer_types.count("L") * _layer_weights(m)["L"]
+    weights = 2 * sum(_layer_weights(m)[t] for t in m.layer_types)
     kv = 2 * T * m.num_heads * m.head_dim * 2 * m.layer_types.count("S") + weights
     assert a8 - a16 == pytest.approx((a8 - kv) / 2)              # the local part halves, the gathered K,V does not
     assert activation_bytes(m, T, T // 8, 1, True) < a8 / 4        # checkpointing keeps block inputs + one block
