@@ -171,7 +171,8 @@ def counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, check
     reports): 2 per multiply-add of every matmul (6·N_matmul per token; checkpointing recomputes each block's
     forward up to the last tensor backward needs, i.e. all but the MLP's down_proj; the LM head is not
     checkpointed); softmax attention at torch's SDPA formulas, full score blocks (4·H·Dh per scored pair forward,
-    10 backward, causal or not) over the key blocks rank 0 scores; GLA on the chunked torch path (C = 64, sub-blocks of 16): H·(528·Dh + 12·Dh²) per token, forward one third."""
+    10 backward, causal or not) over the key blocks rank 0 scores; GLA on the chunked torch path (C = 64,
+    sub-blocks of 16): H·(528·Dh + 12·Dh²) per token, forward one third."""
     D, H, Dh, types = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim, mcfg.layer_types
     sp, ac = max(1, micro_batch * seq_len // local_tokens), int(checkpointing)
     weights = _layer_weights(mcfg)
