@@ -7,7 +7,8 @@ through lsp's comm layer over the `fake` backend (world size = the job's GPUs; c
 
 * memory: torch's MemTracker peak, by category (parameters, gradients, optimizer state, activations, temporaries).
   The optimizer state is created before the tracked step, so the peak is the steady state's.
-* FLOPs: FlopCounterMode (the CPU flash-attention ops counted with torch's own SDPA formulas; like torch, the full
+* FLOPs: FlopCounterMode, in a second step on a fresh model (its module hooks keep checkpointed blocks'
+  recomputed activations alive, which would inflate the memory peak) (the CPU flash-attention ops counted with torch's own SDPA formulas; like torch, the full
   Tq x Tk score block, causal or not).
 * comm: lsp.parallel.comm_stats() per tag: the linear SP exchange, the softmax K,V gathers; the dp reduction is
   recorded here from the parameter list (see below).
@@ -184,7 +185,6 @@ def _init_optimizer_state(model, optimizer) -> None:
 
 def measure(cfg, mcfg, gpus: int) -> Measurement:
     """Rank 0's one training step of `cfg` on `gpus` GPUs (mcfg: its HybridConfig), on fake tensors; counted."""
-    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -196,23 +196,31 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
     bf16 = cfg.train.precision != "fp32"    # auto = bf16 autocast on the GPU
     start = time.perf_counter()
     with fake_process_group(gpus), FakeTensorMode(), gpu_code_paths():
+        # memory and bytes: one step under MemTracker
         model, optimizer, sp, ids, labels = build_step(cfg, mcfg, gpus)
         _init_optimizer_state(model, optimizer)
-        tracker, flops = _peak_tracker(), FlopCounterMode(display=False, custom_mapping=_flop_formulas())
+        tracker = _peak_tracker()
         tracker.track_external(model, optimizer)
         reset_comm_stats()
-        with tracker, flops:
+        with tracker:
             train_step(cfg, model, optimizer, sp, ids, labels, bf16)
         measured = _peak_categories(tracker)
         param_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
-    record("all_reduce", "dp", 0, 0, dp_reduction_bytes(param_bytes, p.engine, p.zero, gpus, bf16))
+        record("all_reduce", "dp", 0, 0, dp_reduction_bytes(param_bytes, p.engine, p.zero, gpus, bf16))
+        comm = _comm_by_kind(comm_stats())
+        # FLOPs: another step on a fresh model; FlopCounterMode's module hooks keep the recomputed activations of
+        # checkpointed blocks alive until the end of backward, so it must not run beside MemTracker
+        model, optimizer, sp, ids, labels = build_step(cfg, mcfg, gpus)
+        flops = FlopCounterMode(display=False, custom_mapping=_flop_formulas())
+        with flops:
+            train_step(cfg, model, optimizer, sp, ids, labels, bf16)
     measured.update(shard_states(measured, p.engine, p.zero, gpus))
     notes = [f"linear attention measured on the {measured_linear_backend()} path "
              "(Triton once its kernels are registered as custom ops with fake implementations)",
              f"engine {p.engine} (zero={p.zero}) sharding applied to the tracked parameter list over {gpus} ranks"]
     if cfg.data.kind == "files":
         notes.append("measured without document boundaries (cu_seqlens): a window inside one document")
-    return Measurement(measured, int(flops.get_total_flops()), _comm_by_kind(comm_stats()),
+    return Measurement(measured, int(flops.get_total_flops()), comm,
                        measured_linear_backend(), time.perf_counter() - start, notes)
 
 
