@@ -83,15 +83,15 @@ SHIPPED = [("hybrid-340m-32k", 8), ("hybrid-1.3b-128k", 8), ("hybrid-1.3b-1m-mul
 @pytest.mark.slow
 @pytest.mark.parametrize("name,gpus", SHIPPED)
 def test_model_agrees_with_the_measurement_of_every_shipped_config(name, gpus):
-    """FLOPs within 5%, comm bytes exact at the documented launch (1-2 min each on a CPU core). Peak memory within
-    15% where checkpointing is off; with SP + checkpointing the code keeps more than the model (docs/training.md)."""
+    """Each fits its 80 GB GPUs; FLOPs within 5%, comm bytes exact at the documented launch (under a minute each on
+    a CPU core). Peak memory within 15% where checkpointing is off (with it: docs/training.md, not yet)."""
     from lsp.plan.measure import modelled
 
     cfg = load_config(os.path.join(REPO, "configs", f"{name}.yaml"), [], check_files=False)
     mcfg = hybrid_config(cfg, 257)
     got, model = measure(cfg, mcfg, gpus), modelled(cfg, mcfg, gpus)
-    assert got.seconds < 300
+    assert got.seconds < 300 and got.peak < 80e9
     assert model.flops == pytest.approx(got.flops, rel=0.05)
     assert model.comm == got.comm
     if not cfg.train.activation_checkpointing:
-        assert model.peak == pytest.approx(got.peak, rel=0.15) and got.peak < 80e9
+        assert model.peak == pytest.approx(got.peak, rel=0.15)
