@@ -8,14 +8,14 @@ through lsp's comm layer over the `fake` backend (world size = the job's GPUs; c
 * memory: torch's MemTracker peak, by category (parameters, gradients, optimizer state, activations, temporaries).
   The optimizer state is created before the tracked step, so the peak is the steady state's.
 * FLOPs: FlopCounterMode, in a second step on a fresh model (its module hooks keep checkpointed blocks'
-  recomputed activations alive, which would inflate the memory peak) (the CPU flash-attention ops counted with torch's own SDPA formulas; like torch, the full
-  Tq x Tk score block, causal or not).
+  recomputed activations alive, which would inflate the memory peak). The CPU flash-attention ops are counted with
+  torch's own SDPA formulas: like torch, the full Tq x Tk score block, causal or not.
 * comm: lsp.parallel.comm_stats() per tag: the linear SP exchange, the softmax K,V gathers; the dp reduction is
   recorded here from the parameter list (see below).
 
-Engine sharding: DDP and FSDP2 do not run on fake CPU tensors (DDP's reducer reads storage, FSDP2's init fails), so
-the step runs on the unwrapped model and the parameter / gradient / optimizer categories are then sharded exactly as
-the engine shards them (`shard_states`), over all dp x sp ranks (the engines average over the whole world).
+Engine sharding: DDP and FSDP2 do not run on fake CPU tensors (DDP's reducer reads storage, FSDP2's fully_shard
+fails), so the step runs on the unwrapped model and the parameter / gradient / optimizer categories are then sharded
+exactly as the engine shards them (`shard_states`), over all dp x sp ranks (the engines average over the whole world).
 Differences from a real GPU allocation: no caching-allocator rounding or fragmentation, no CUDA context / NCCL
 buffers / kernel workspace (the planner's `reserve_gb`).
 """
@@ -215,8 +215,8 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
         with flops:
             train_step(cfg, model, optimizer, sp, ids, labels, bf16)
     measured.update(shard_states(measured, p.engine, p.zero, gpus))
-    notes = [f"linear attention measured on the {measured_linear_backend()} path "
-             "(Triton once its kernels are registered as custom ops with fake implementations)",
+    notes = [(f"linear attention measured on the {measured_linear_backend()} path "
+              "(Triton once its kernels are registered as custom ops with fake implementations)"),
              f"engine {p.engine} (zero={p.zero}) sharding applied to the tracked parameter list over {gpus} ranks"]
     if cfg.data.kind == "files":
         notes.append("measured without document boundaries (cu_seqlens): a window inside one document")
@@ -228,8 +228,14 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     """The planner's analytic figures for the same launch (lsp.plan.planner / costmodel), in Measurement's form:
     memory split into states (parameters + gradients + optimizer) and activations, FLOPs, comm bytes by kind."""
     from .costmodel import exchange_time
-    from .planner import (_decay_dims, activation_bytes, counted_flops, ddp_buckets, model_parameters,
-                          state_bytes_per_param)
+    from .planner import (
+        _decay_dims,
+        activation_bytes,
+        counted_flops,
+        ddp_buckets,
+        model_parameters,
+        state_bytes_per_param,
+    )
 
     p, t = cfg.parallel, cfg.train
     T, b, sp = cfg.data.seq_len, t.micro_batch, p.sp
