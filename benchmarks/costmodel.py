@@ -1,4 +1,4 @@
-"""Tables and a plot of the analytic SP cost model (lsp/parallel/costmodel.py).
+"""Tables and a plot of the analytic SP cost model (lsp/plan/costmodel.py).
 
     python benchmarks/costmodel.py                          # markdown tables to stdout
     python benchmarks/costmodel.py --plot docs/img/sp_costmodel.png
@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lsp.parallel.costmodel import LABELS, METHODS, Hardware, ModelSpec, ratio, step_time  # noqa: E402
+from lsp.plan.costmodel import LABELS, METHODS, Hardware, ModelSpec, ratio, step_time  # noqa: E402
 
 K_TOK = 1024
 M_TOK = 1024 * 1024
@@ -62,7 +62,7 @@ def plot(path: str) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("SP linear attention, 1B model, H100-class GPUs (lsp/parallel/costmodel.py)")
+    fig.suptitle("SP linear attention, 1B model, H100-class GPUs (lsp/plan/costmodel.py)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=110)

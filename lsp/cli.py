@@ -8,8 +8,8 @@
     lsp generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                                                      continue a prompt with the run's model (recurrent decoding)
     lsp export RUN_DIR OUT_DIR [--max-shard-mb M]    Hugging Face folder (config, safetensors, tokenizer, remote code)
-    lsp plan [--gpus N] [--seq-len T] CONFIG.yaml [key=value ...]
-                                                     recommended sp, SP method, micro-batch (lsp.train.plan)
+    lsp plan [--gpus N] [--seq-len T] [--measure] CONFIG.yaml [key=value ...]
+                                                     recommended sp, SP method, micro-batch (lsp.plan)
 
 User errors print one line and exit with code 2 (no traceback); a non-finite stop exits 3; a run stopped by a signal
 after saving its checkpoint exits 75 (run the same command again to resume).
@@ -193,11 +193,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    """Recommend sp size, SP method, micro-batch and activation checkpointing for a cluster (lsp.train.plan)."""
+    """Recommend sp size, SP method, micro-batch and activation checkpointing for a cluster (lsp.plan)."""
     from lsp.train.config import load_config
     cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
     from lsp.names import SP_METHODS
-    from lsp.train.plan import Cluster, format_candidates, plan_cluster, recommend
+    from lsp.plan.planner import Cluster, format_candidates, plan_cluster, recommend
     for flag, value in (("--gpus", args.gpus), ("--world", args.world), ("--seq-len", args.seq_len),
                         ("--gpu-mem-gb", args.gpu_mem_gb), ("--tflops", args.tflops),
                         ("--gpus-per-node", args.gpus_per_node), ("--top", args.top)):
@@ -209,12 +209,14 @@ def cmd_plan(args) -> int:
     cluster = Cluster(gpus=gpus, gpus_per_node=args.gpus_per_node, memory_gb=args.gpu_mem_gb, tflops=args.tflops)
     T = args.seq_len or cfg.data.seq_len
     kw = dict(vocab_size=cfg.model.vocab_size or 257, seq_len=T, sp_choices=[args.world] if args.world else None)
+    if args.measure:
+        return _measure(cfg, gpus, args.gpu_mem_gb, cfg.model.vocab_size or 257)
     rows = plan_cluster(cfg, cluster, **kw)
     best = recommend(cfg, cluster, rows=rows, **kw)   # one line (exit 2) when nothing fits
     batch = best.micro_batch * best.grad_accum * best.dp
     print(f"{cfg.name}: seq_len={T}, {gpus} GPUs x {args.gpu_mem_gb:g} GB, {args.tflops:g} TFLOP/s each, "
           f"global batch {batch} sequences, engine={cfg.parallel.engine} zero={cfg.parallel.zero} "
-          "(modelled: lsp/train/plan.py)")
+          "(modelled: lsp/plan/planner.py)")
     print(format_candidates(rows, limit=args.top))
     same_sp = [c for c in rows if c.sp == best.sp and c.micro_batch == best.micro_batch
                and c.checkpointing == best.checkpointing]
@@ -222,6 +224,19 @@ def cmd_plan(args) -> int:
         f"{c.method} {c.step_s:.3f} s" for m in SP_METHODS for c in same_sp if c.method == m))
     print(f"recommended ({best.tokens_per_s_per_gpu:.4g} tokens/s/GPU, {best.memory_gb:.1f} GB/GPU): "
           f"{best.overrides()}")
+    return 0
+
+
+def _measure(cfg, gpus: int, gpu_mem_gb: float, vocab_size: int) -> int:
+    """`lsp plan --measure`: rank 0 of the configured launch, one step on fake tensors (lsp.plan.measure)."""
+    from lsp.plan.measure import GB, measure, modelled, report
+    from lsp.train.config import hybrid_config, validate
+    validate(cfg, world_size=gpus, check_files=False)   # the launch must exist: sp divides the GPUs
+    mcfg = hybrid_config(cfg, vocab_size)
+    got = measure(cfg, mcfg, gpus)
+    print(report(cfg.name, gpus, got, modelled(cfg, mcfg, gpus)), flush=True)
+    if got.peak > gpu_mem_gb * GB:
+        raise UserError(f"--gpu-mem-gb {gpu_mem_gb:g}: the measured peak {got.peak / GB:.2f} GB per GPU does not fit")
     return 0
 
 
@@ -271,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem-gb", type=float, default=80.0)
     p.add_argument("--tflops", type=float, default=400.0, help="sustained bf16 TFLOP/s per GPU")
     p.add_argument("--top", type=int, default=10, help="candidates to print")
+    p.add_argument("--measure", action="store_true",
+                   help="run one step of the configured launch on fake tensors and compare with the model")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", default=[], help="key=value")
     p.set_defaults(func=cmd_plan)

@@ -303,6 +303,25 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
             raise ConfigError("parallel.dp", f"dp={dp} x sp={p.sp} != world size {world_size}")
 
 
+def hybrid_config(cfg: Config, vocab_size: int):
+    """The `HybridConfig` of the `model` section (+ train/parallel switches); its errors become ConfigError.
+
+    Lives with the schema so that the trainer and the planner (lsp.plan) build the same model config without the
+    planner importing the trainer; lsp.models is imported lazily (this module stays torch-free)."""
+    from lsp.models import HybridConfig
+    m = cfg.model
+    if m.vocab_size and m.vocab_size < vocab_size:
+        raise ConfigError("model.vocab_size", f"{m.vocab_size} is smaller than the data vocabulary {vocab_size}")
+    kwargs = dict(vocab_size=m.vocab_size or vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
+                  num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, layer_pattern=m.layer_pattern,
+                  linear_attn=m.linear_attn, activation_checkpointing=cfg.train.activation_checkpointing)
+    kwargs.update(m.extra)
+    try:
+        return HybridConfig.from_dict(kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError("model", str(err).splitlines()[0]) from None
+
+
 def _check_tokenizer_file(path: str) -> None:
     """A tokenizers JSON must exist and parse, checked before anything is started or written."""
     if not os.path.isfile(path):

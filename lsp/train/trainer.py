@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .checkpoint import latest_checkpoint
-from .config import Config, ConfigError, to_yaml
+from .config import Config, ConfigError, hybrid_config, to_yaml
 from .data import Batch, DataLoader, IGNORE_INDEX, build_token_file, make_tokenizer
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
 from .engine import Engine
@@ -45,22 +45,6 @@ def stop_request(flags: torch.Tensor) -> Optional[str]:
     if not ranks:
         return None
     return f"{signal_name(int(flags[2, ranks[0]]))} on ranks {ranks}"
-
-
-def hybrid_config(cfg: Config, vocab_size: int):
-    """The `HybridConfig` of the `model` section (+ train/parallel switches); its errors become ConfigError."""
-    from lsp.models import HybridConfig
-    m = cfg.model
-    if m.vocab_size and m.vocab_size < vocab_size:
-        raise ConfigError("model.vocab_size", f"{m.vocab_size} is smaller than the data vocabulary {vocab_size}")
-    kwargs = dict(vocab_size=m.vocab_size or vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                  num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, layer_pattern=m.layer_pattern,
-                  linear_attn=m.linear_attn, activation_checkpointing=cfg.train.activation_checkpointing)
-    kwargs.update(m.extra)
-    try:
-        return HybridConfig.from_dict(kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError("model", str(err).splitlines()[0]) from None
 
 
 def build_model(cfg: Config, vocab_size: int):

@@ -7,6 +7,7 @@ import torch
 
 from lsp.names import KERNEL_BACKENDS
 
+from ..estimate import gpu_code_paths_active, measured_linear_backend
 from .checks import broadcast_decay, check_linear_inputs, exact_numerics
 from .chunk import chunk_linear_attention
 from .naive import naive_linear_attention
@@ -26,6 +27,8 @@ def triton_available(device: torch.device) -> bool:
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto" and gpu_code_paths_active():   # fake-tensor measurement: the GPU's choice
+        return measured_linear_backend()
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available(device) else "torch"
     if backend == "triton" and not triton_available(device):

@@ -1,7 +1,7 @@
 """The analytic cost model reproduces the published ratios it documents, and scales as the algorithms do."""
 import pytest
 
-from lsp.parallel.costmodel import Hardware, format_plan, plan, ratio, step_time
+from lsp.plan.costmodel import Hardware, format_plan, plan, ratio, step_time
 
 M = 2**20
 
@@ -40,9 +40,9 @@ def test_modelled_bytes_are_what_the_code_sends(W, layout):
     import torch
 
     from lsp.parallel import SPContext, comm_stats, reset_comm_stats
-    from lsp.parallel.costmodel import exchange_time
+    from lsp.plan.costmodel import exchange_time
 
-    from .cases import make_case, run_sp
+    from tests.parallel.cases import make_case, run_sp
 
     B, H, K, V = 2, 2, 8, 6
     for form, Kg in (("scalar", 1), ("key", K)):

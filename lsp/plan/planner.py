@@ -9,7 +9,7 @@ Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b ·
 
     micro   = compute + Σ_L layers exchange_L + Σ_S layers exchange_S
     compute = (1 + ac/3) · flops_per_token(cfg, T) · t / F         (activation checkpointing re-runs the forward)
-    exchange_L (per pass, forward and backward): lsp.parallel.costmodel.exchange_time(method, sp, b·H·K·V·4 bytes,
+    exchange_L (per pass, forward and backward): lsp.plan.costmodel.exchange_time(method, sp, b·H·K·V·4 bytes,
               t_intra, layout, decay b·H·K_g·4 bytes, scan_blocks) - what the ring / allgather / allscan exchanges
               send and overlap for the config's layout, with All-Scan's block count chosen by the model
     exchange_S (LASP-2H): all-gather of K,V forward, the reduce of their gradients backward, each
@@ -20,13 +20,21 @@ Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b ·
 β is NVLink inside a node (the SP group is placed on consecutive ranks, so sp <= gpus_per_node stays inside one)
 and the network across nodes. Memory per GPU:
 
-    states      16 bytes/parameter (fp32 weight, gradient, AdamW m and v), sharded over dp by the engine:
-                ddp: 16P; ZeRO-1: 8P + 8P/dp; ZeRO-2 (fsdp zero=2): 4P + 12P/dp; ZeRO-3: 16P/dp
-    activations per layer and local token, bf16 (fp32 residual stream): 12·D + 6·F bytes for norms and the
-                SwiGLU MLP, + 2·(2·H·Dh + 2·Hkv·Dh) for a softmax layer's q, k, v, o, + 2·7·H·Dh for a
-                linear layer's q, k, v, decay, gate, norm input and output; softmax layers also keep the
-                gathered K,V of the whole sequence, 2·b·T·Hkv·Dh·2 bytes. With checkpointing only each block's
-                input (4·D per token) is kept, plus one block's full activations while it is recomputed.
+    states      16 bytes/parameter (fp32 weight, gradient, AdamW m and v), sharded by the engine over all
+                n = dp·sp ranks (the engines average over the whole world): ddp: 16P + 4P of all-reduce buckets;
+                ZeRO-1: 8P + 8P/n; FSDP2 ZeRO-2: 2P (bf16 weights kept unsharded) + 16P/n; DeepSpeed ZeRO-2:
+                4P + 12P/n; ZeRO-3: 16P/n
+    activations what autograd keeps on rank 0, counted tensor by tensor (saved-tensor hooks, fake tensors, bf16
+                autocast), per local token and layer (D hidden, F SwiGLU width, H heads of Dh, C chunk):
+                  both kinds: 8·F + 8 (SwiGLU in bf16, RMSNorm statistics)
+                  softmax:    28·D + 2·H·Dh + 16·Dh + 4·H (projections, q, RoPE tables, log-sum-exp) and the
+                              keys: k, v with grouped heads repeated to H, 4·H·Dh bytes per key position kept
+                              (no SP: T; zigzag rank 0: (2W+1)·T/2W; contiguous rank 0: T/W)
+                  linear:     42·D + 63·H·Dh + 388·H + 2·r + 4·H·Dh²/C (GLA on the torch chunk path: padded
+                              chunks, sub-block scores, the chunk-entering states)
+                plus a bf16 copy of every weight (autocast) and 12·D + 12 per token for the embedding output,
+                the final norm and the cross-entropy input. With checkpointing only each block's input (4·D per
+                token) is kept, plus one block's full activations while it is recomputed.
     reserve     `Cluster.reserve_gb` for the CUDA context, NCCL buffers, the cross-entropy chunk and fragmentation.
 """
 from __future__ import annotations
@@ -36,9 +44,9 @@ from typing import List, Optional
 
 from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
 from lsp.names import SCAN_BLOCKS, SP_METHODS
-from lsp.parallel.costmodel import Hardware, best_scan_blocks, exchange_time
+from lsp.train.config import Config, ConfigError, hybrid_config
 
-from .config import Config, ConfigError
+from .costmodel import Hardware, best_scan_blocks, exchange_time
 
 GB = 1e9
 
@@ -48,7 +56,7 @@ class Cluster:
     gpus: int
     gpus_per_node: int = 8
     memory_gb: float = 80.0           # per GPU (H100 80GB)
-    tflops: float = 400.0             # sustained bf16 kernel throughput per GPU, as in lsp.parallel.costmodel
+    tflops: float = 400.0             # sustained bf16 kernel throughput per GPU, as in lsp.plan.costmodel
     nvlink_gbps: float = 150.0        # GB/s per GPU inside a node
     network_gbps: float = 18.0        # GB/s per GPU across nodes (the costmodel's fitted β)
     reserve_gb: float = 6.0           # CUDA context, NCCL buffers, CE chunk, allocator fragmentation
@@ -86,29 +94,96 @@ class Candidate:
                 f"train.activation_checkpointing={str(self.checkpointing).lower()}")
 
 
-def state_bytes_per_param(engine: str, zero: int, dp: int) -> float:
-    """fp32 weight + gradient + AdamW (m, v) bytes per parameter on one GPU, after the engine's sharding."""
+def state_bytes_per_param(engine: str, zero: int, ranks: int) -> float:
+    """fp32 weight + gradient + AdamW (m, v) bytes per parameter on one GPU, after the engine's sharding over
+    `ranks` (the engines shard and average over all dp x sp ranks). DDP adds its gradient buckets (`ddp_buckets`);
+    FSDP2 shards the fp32 weights at every stage and, with ZeRO-2 (no reshard after forward), keeps the bf16
+    unsharded weights from forward to backward: 2 + 16/ranks."""
     if engine == "ddp" or zero == 0:
         return 16.0
     if zero == 1:
-        return 8.0 + 8.0 / dp
+        return 8.0 + 8.0 / ranks
     if zero == 2:
-        return 4.0 + 12.0 / dp
-    return 16.0 / dp
+        return 2.0 + 16.0 / ranks if engine == "fsdp" else 4.0 + 12.0 / ranks
+    return 16.0 / ranks
 
 
-def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool) -> float:
-    """Bytes of activations kept for backward on one GPU (module docstring)."""
+def model_parameters(mcfg) -> int:
+    """Every parameter of HybridLM: the matmul weights, the embedding (untied), RMSNorm weights (two per block,
+    the final one, GLA's per-head output norm) and the biases of the decay projections."""
+    D, H, Dh, types = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim, mcfg.layer_types
+    bias = {"linear": 0, "lightning": 0, "simple_gla": H, "gla": H * Dh}[mcfg.linear_attn]
+    small = 2 * D * len(types) + D + types.count("L") * (Dh + bias)
+    return matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
+
+
+def ddp_buckets(engine: str, zero: int, ranks: int) -> float:
+    """Bytes per parameter of DDP's all-reduce buckets (fp32, allocated once, beside the gradients)."""
+    return 4.0 if ranks > 1 and (engine == "ddp" or zero == 0) else 0.0
+
+
+def _layer_weights(mcfg) -> dict:
+    # weights of one layer's matmuls by kind: bf16 autocast keeps a copy of each for backward
     D, F, H, Hkv, Dh = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_kv_heads,
                         mcfg.head_dim)
-    common = 12 * D + 6 * F
-    per_token = {"S": common + 2 * (2 * H * Dh + 2 * Hkv * Dh), "L": common + 2 * 7 * H * Dh}
-    gathered_kv = 2 * micro_batch * seq_len * Hkv * Dh * 2
-    layer = {t: per_token[t] * local_tokens + (gathered_kv if t == "S" else 0) for t in "LS"}
+    decay = {"linear": 0, "lightning": 0, "simple_gla": D * H,
+             "gla": (D + H * Dh) * mcfg.gate_low_rank_dim}[mcfg.linear_attn]
+    return {"S": 2 * D * H * Dh + 2 * D * Hkv * Dh + 3 * D * F, "L": 5 * D * H * Dh + decay + 3 * D * F}
+
+
+def saved_per_token(mcfg) -> dict:
+    """Bytes autograd keeps per local token and layer, by kind (module docstring); counted with saved-tensor
+    hooks on fake tensors (bf16 autocast, torch chunk path for GLA) and written out per tensor."""
+    D, F, H, Dh, C = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.head_dim, LINEAR_CHUNK
+    mlp_and_norms = 8 * F + 8
+    softmax = 28 * D + 2 * H * Dh + 16 * Dh + 4 * H                 # + the keys: kv_keys_saved
+    linear = 42 * D + 63 * H * Dh + 388 * H + 2 * mcfg.gate_low_rank_dim + 4 * H * Dh * Dh / C
+    return {"S": softmax + mlp_and_norms, "L": linear + mlp_and_norms}
+
+
+def kv_keys_saved(seq_len: int, local_tokens: int, sp: int, layout: str) -> float:
+    """Key positions rank 0 keeps per softmax layer and sequence: every segment keeps the keys up to its end
+    (zigzag: segments 0 and 2W-1, (2W + 1) T / 2W; contiguous: its own T / W; no SP: T)."""
+    if sp == 1:
+        return seq_len
+    return local_tokens if layout == "contiguous" else (2 * sp + 1) * seq_len / (2 * sp)
+
+
+def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
+                     layout: str = "zigzag") -> float:
+    """Bytes of activations kept for backward on rank 0 (module docstring)."""
+    D, H, Dh = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim
+    sp = max(1, micro_batch * seq_len // local_tokens)
+    per_token, weights = saved_per_token(mcfg), _layer_weights(mcfg)
+    keys = micro_batch * kv_keys_saved(seq_len, local_tokens // micro_batch, sp, layout)
+    layer = {t: per_token[t] * local_tokens + 2 * weights[t] + (4 * H * Dh * keys if t == "S" else 0)
+             for t in "LS"}
+    head = (12 * D + 12) * local_tokens                              # embedding output, final norm, CE input
     types = mcfg.layer_types
     if not checkpointing:
-        return sum(layer[t] for t in types)
-    return 4 * D * local_tokens * len(types) + max(layer[t] for t in set(types))
+        return head + sum(layer[t] for t in types)
+    return head + 4 * D * local_tokens * len(types) + max(layer[t] for t in set(types))
+
+
+def counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
+                  layout: str = "zigzag") -> float:
+    """FLOPs of one micro-step of rank 0 as torch's FlopCounterMode counts them (what `lsp plan --measure`
+    reports): 2 per multiply-add of every matmul (6·N_matmul per token; checkpointing recomputes each block's
+    forward up to the last tensor backward needs, i.e. all but the MLP's down_proj; the LM head is not
+    checkpointed); softmax attention at torch's SDPA formulas, full score blocks (4·H·Dh per scored pair forward,
+    10 backward, causal or not) over the key blocks rank 0 scores; GLA on the chunked torch path (C = 64,
+    sub-blocks of 16): H·(528·Dh + 12·Dh²) per token, forward one third."""
+    D, H, Dh, types = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim, mcfg.layer_types
+    sp, ac = max(1, micro_batch * seq_len // local_tokens), int(checkpointing)
+    weights = _layer_weights(mcfg)
+    blocks = sum(weights[t] for t in types)
+    recomputed = blocks - len(types) * D * mcfg.intermediate_size   # the recompute stops before down_proj
+    matmul = (6 * blocks + 2 * ac * recomputed + 6 * mcfg.vocab_size * D) * local_tokens
+    linear = types.count("L") * H * (528 * Dh + 12 * Dh * Dh) * (1 + ac / 3) * local_tokens
+    seg = local_tokens // micro_batch // (2 if layout == "zigzag" and sp > 1 else 1)
+    rows = {1: seq_len * seq_len}.get(sp, seg * seg * (2 * sp + 1 if layout == "zigzag" else 1))
+    softmax = types.count("S") * (14 + 4 * ac) * H * Dh * micro_batch * rows
+    return matmul + linear + softmax
 
 
 def _decay_dims(mcfg) -> int:
@@ -146,28 +221,27 @@ def sp_sizes(gpus: int, seq_len: int, layout: str) -> List[int]:
 def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Optional[int] = None,
                  global_batch: Optional[int] = None, sp_choices: Optional[List[int]] = None) -> List[Candidate]:
     """Every candidate for `cluster`, best first (fitting ones first, then by tokens/s per GPU)."""
-    from .trainer import hybrid_config
-
     mcfg = hybrid_config(cfg, vocab_size)
     T = seq_len or cfg.data.seq_len
     p = cfg.parallel
     if global_batch is None:
         config_dp = p.dp or max(1, cluster.gpus // p.sp)
         global_batch = cfg.train.micro_batch * cfg.train.grad_accum * config_dp
-    params = matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * mcfg.hidden_size)
+    params = model_parameters(mcfg)
     sizes = sp_choices or sp_sizes(cluster.gpus, T, p.layout)
     micro_batches = [1] if cfg.data.kind == "files" else [1, 2, 4, 8, 16, 32, 64]
     out = []
     for sp in sizes:
         dp = cluster.gpus // sp
         allreduce = 2 * (dp - 1) / dp * params * 2 / (cluster.dp_gbps * GB) if dp > 1 else 0.0
-        states = state_bytes_per_param(p.engine, p.zero, dp) * params
+        states = (state_bytes_per_param(p.engine, p.zero, cluster.gpus)
+                  + ddp_buckets(p.engine, p.zero, cluster.gpus)) * params
         for b in micro_batches:
             if global_batch % (dp * b):
                 continue
             accum = global_batch // (dp * b)
             for ac in (False, True):
-                memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac)) / GB + cluster.reserve_gb
+                memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac, p.layout)) / GB + cluster.reserve_gb
                 for method in SP_METHODS if sp > 1 else SP_METHODS[:1]:
                     compute, comm, backward, blocks = _micro_step(mcfg, cluster, sp, method, b, T, ac, p.layout)
                     step = accum * (compute + comm) + max(0.0, allreduce - backward)

@@ -1,0 +1,40 @@
+"""The estimator switch: run the GPU code paths on (fake) CPU tensors, so that `lsp plan --measure` counts what a
+GPU step would allocate and compute.
+
+Inside `gpu_code_paths()`, `backend="auto"` resolves to the backend a CUDA device would use, where that backend can
+run on the tensors at hand: Triton once its kernels are registered as torch custom ops with fake implementations
+(the module that registers them calls `register_fake_capable("triton")`), the chunked torch path until then.
+`measured_linear_backend()` says which one a measurement ran. Softmax layers need no switch: on CPU they run the
+flash kernel (`_scaled_dot_product_flash_attention_for_cpu`), which keeps the tensors CUDA FlashAttention keeps
+(q, k, v, o and the log-sum-exp).
+"""
+from __future__ import annotations
+
+import contextlib
+
+_ACTIVE = [False]
+_FAKE_CAPABLE: set[str] = set()   # GPU backends whose ops have fake implementations (run on fake CPU tensors)
+
+
+def register_fake_capable(backend: str) -> None:
+    """Called by the module that registers `backend`'s kernels as custom ops with `register_fake`."""
+    _FAKE_CAPABLE.add(backend)
+
+
+@contextlib.contextmanager
+def gpu_code_paths():
+    """Select the GPU code paths whatever the tensors' device (for fake-tensor measurement only)."""
+    before, _ACTIVE[0] = _ACTIVE[0], True
+    try:
+        yield
+    finally:
+        _ACTIVE[0] = before
+
+
+def gpu_code_paths_active() -> bool:
+    return _ACTIVE[0]
+
+
+def measured_linear_backend() -> str:
+    """The linear-attention backend `auto` resolves to inside `gpu_code_paths()`."""
+    return "triton" if "triton" in _FAKE_CAPABLE else "torch"

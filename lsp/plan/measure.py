@@ -1,0 +1,282 @@
+"""`lsp plan --measure`: one real-shape training step of rank 0 on fake tensors with a fake process group, counted.
+
+Nothing is allocated and nothing is computed: the model is built and stepped (forward, backward, gradient clipping,
+AdamW) under `FakeTensorMode` at the config's sequence length, model size and micro-batch, on the GPU code paths
+(`lsp.ops.estimate.gpu_code_paths`, bf16 autocast unless train.precision=fp32), with every SP collective going
+through lsp's comm layer over the `fake` backend (world size = the job's GPUs; collectives return at once). Counted:
+
+* memory: torch's MemTracker peak, by category (parameters, gradients, optimizer state, activations, temporaries).
+  The optimizer state is created before the tracked step, so the peak is the steady state's.
+* FLOPs: FlopCounterMode, in a second step on a fresh model (its module hooks keep checkpointed blocks'
+  recomputed activations alive, which would inflate the memory peak). The CPU flash-attention ops are counted with
+  torch's own SDPA formulas: like torch, the full Tq x Tk score block, causal or not.
+* comm: lsp.parallel.comm_stats() per tag: the linear SP exchange, the softmax K,V gathers; the dp reduction is
+  recorded here from the parameter list (see below).
+
+Engine sharding: DDP and FSDP2 do not run on fake CPU tensors (DDP's reducer reads storage, FSDP2's fully_shard
+fails), so the step runs on the unwrapped model and the parameter / gradient / optimizer categories are then sharded
+exactly as the engine shards them (`shard_states`), over all dp x sp ranks (the engines average over the whole world).
+Differences from a real GPU allocation: no caching-allocator rounding or fragmentation, no CUDA context / NCCL
+buffers / kernel workspace (the planner's `reserve_gb`).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+GB = 1e9
+CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries")
+
+
+@dataclass
+class Measurement:
+    memory: dict          # category -> bytes per GPU at the peak (after the engine's sharding)
+    flops: int            # one step (forward + backward), FlopCounterMode
+    comm: dict            # "sp_exchange" | "kv_gather" | "dp_reduction" -> bytes received per step on rank 0
+    linear_backend: str   # the linear-attention path that ran
+    seconds: float
+    notes: list = field(default_factory=list)
+
+    @property
+    def peak(self) -> float:
+        return sum(self.memory.values())
+
+
+@contextlib.contextmanager
+def fake_process_group(world: int):
+    """torch.distributed on the `fake` backend as rank 0 of `world` ranks (every collective returns at once)."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("lsp plan --measure needs a process without torch.distributed initialised")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def shard_states(unsharded: dict, engine: str, zero: int, world: int) -> dict:
+    """Per-GPU bytes of (parameters, gradients, optimizer) after the engine's sharding over `world` ranks, from the
+    unsharded fp32 bytes the tracked step held. DDP keeps all-reduce buckets the size of the parameters;
+    FSDP2 keeps fp32 shards, and with ZeRO-2 (no reshard after forward) the bf16 unsharded parameters too."""
+    p, g, o = unsharded["parameters"], unsharded["gradients"], unsharded["optimizer"]
+    if world == 1:
+        return {"parameters": p, "gradients": g, "optimizer": o}
+    if engine == "ddp" or zero == 0:   # the buckets: fp32, the size of the parameters, allocated once
+        return {"parameters": p, "gradients": g + p, "optimizer": o}
+    if engine == "deepspeed" and zero in (1, 2):
+        return {"parameters": p, "gradients": g if zero == 1 else g / world, "optimizer": o / world}
+    kept_bf16 = p / 2 if zero == 2 else 0.0
+    return {"parameters": p / world + kept_bf16, "gradients": g / world, "optimizer": o / world}
+
+
+def dp_reduction_bytes(param_bytes: float, engine: str, zero: int, world: int, bf16: bool) -> float:
+    """Bytes rank 0 receives per step reducing gradients over the world: ring all-reduce 2(W-1)/W of the fp32
+    gradients (DDP, ZeRO-0/1); FSDP2 / ZeRO-2/3: reduce-scatter (W-1)/W of them plus the all-gathers of the
+    parameters (bf16 under mixed precision) before forward and, resharded (ZeRO-3), again before backward."""
+    W = world
+    if W == 1:
+        return 0.0
+    if engine == "ddp" or zero < 2:
+        return 2 * (W - 1) / W * param_bytes
+    gathers = 2 if zero == 3 else 1
+    return (W - 1) / W * param_bytes * (1 + gathers * (0.5 if bf16 else 1.0))
+
+
+def _flop_formulas() -> dict:
+    # the CPU flash kernels have no formula in torch's registry; they do the work of the CUDA ones: torch's counts
+    import torch
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(q, k, v, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(q, k, v)
+
+    def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out, q, k, v)
+
+    aten = torch.ops.aten
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
+def _peak_tracker():
+    """torch's MemTracker keeping only the global peak: its per-module peaks walk every module at every op, which
+    makes a full-size step quadratic (minutes); the global peak and its categories are all `lsp plan` reports."""
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
+
+    class PeakTracker(MemTracker):
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                    self._peak_mem[dev] = snap[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(snap)
+
+    return PeakTracker()
+
+
+def _peak_categories(tracker) -> dict:
+    # MemTracker's peak snapshot -> our five categories (buffers and the rest count as temporaries)
+    snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    by = {str(getattr(k, "value", k)): v for k, v in snap.items()}
+    return {"parameters": by.get("Parameter", 0), "gradients": by.get("Gradient", 0),
+            "optimizer": by.get("Optstate", 0), "activations": by.get("Activation", 0),
+            "temporaries": by.get("Temp", 0) + by.get("Buffer", 0) + by.get("Other", 0)}
+
+
+def _comm_by_kind(stats: dict) -> dict:
+    # comm_stats() tags -> the three kinds the planner models (bytes received by rank 0)
+    out = {"sp_exchange": 0, "kv_gather": 0, "dp_reduction": 0}
+    for key, c in stats["by_tag_op"].items():
+        tag = key.split("/")[0].split(":")[0]
+        kind = {"softmax_kv": "kv_gather", "dp": "dp_reduction", "all_reduce_sum": None}.get(tag, "sp_exchange")
+        if kind:
+            out[kind] += c["bytes_recv"]
+    return out
+
+
+def build_step(cfg, mcfg, gpus: int, fake: bool = True):
+    """(model, optimizer, sp context, inputs) of rank 0; under FakeTensorMode when the caller enters one."""
+    import torch
+    import torch.distributed as dist
+
+    from lsp.models import HybridLM
+    from lsp.parallel import SPContext
+    from lsp.train.engine import build_optimizer
+
+    p, t = cfg.parallel, cfg.train
+    torch.manual_seed(t.seed)
+    model = HybridLM(mcfg)
+    optimizer = build_optimizer(cfg, model)
+    sp = None
+    if p.sp > 1:
+        group = dist.new_group(list(range(p.sp)))
+        sp = SPContext(group=group, layout=p.layout, method=p.sp_method, scan_blocks=p.scan_blocks)
+    T_local = cfg.data.seq_len // p.sp
+    ids = torch.randint(0, mcfg.vocab_size, (t.micro_batch, T_local))
+    labels = torch.randint(0, mcfg.vocab_size, (t.micro_batch, T_local))
+    return model, optimizer, sp, ids, labels
+
+
+def train_step(cfg, model, optimizer, sp, ids, labels, bf16: bool) -> None:
+    """Forward, backward (loss scaled as the engines do: x sp / grad_accum), clip, AdamW step: one micro-batch."""
+    import torch
+
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with ctx:
+        out = model(ids, labels=labels, sp=sp)
+    (out.loss * cfg.parallel.sp / cfg.train.grad_accum).backward()
+    if cfg.train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+
+
+def _init_optimizer_state(model, optimizer) -> None:
+    # AdamW creates m, v at its first step: take one on zero gradients, so the tracked step is a steady-state one
+    import torch
+
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure(cfg, mcfg, gpus: int) -> Measurement:
+    """Rank 0's one training step of `cfg` on `gpus` GPUs (mcfg: its HybridConfig), on fake tensors; counted."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lsp.ops.estimate import gpu_code_paths, measured_linear_backend
+    from lsp.parallel import comm_stats, reset_comm_stats
+    from lsp.parallel.comm import record
+
+    p = cfg.parallel
+    bf16 = cfg.train.precision != "fp32"    # auto = bf16 autocast on the GPU
+    start = time.perf_counter()
+    with fake_process_group(gpus), FakeTensorMode(), gpu_code_paths():
+        # memory and bytes: one step under MemTracker
+        model, optimizer, sp, ids, labels = build_step(cfg, mcfg, gpus)
+        _init_optimizer_state(model, optimizer)
+        tracker = _peak_tracker()
+        tracker.track_external(model, optimizer)
+        reset_comm_stats()
+        with tracker:
+            train_step(cfg, model, optimizer, sp, ids, labels, bf16)
+        measured = _peak_categories(tracker)
+        param_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
+        record("all_reduce", "dp", 0, 0, dp_reduction_bytes(param_bytes, p.engine, p.zero, gpus, bf16))
+        comm = _comm_by_kind(comm_stats())
+        # FLOPs: another step on a fresh model; FlopCounterMode's module hooks keep the recomputed activations of
+        # checkpointed blocks alive until the end of backward, so it must not run beside MemTracker
+        model, optimizer, sp, ids, labels = build_step(cfg, mcfg, gpus)
+        flops = FlopCounterMode(display=False, custom_mapping=_flop_formulas())
+        with flops:
+            train_step(cfg, model, optimizer, sp, ids, labels, bf16)
+    measured.update(shard_states(measured, p.engine, p.zero, gpus))
+    notes = [(f"linear attention measured on the {measured_linear_backend()} path "
+              "(Triton once its kernels are registered as custom ops with fake implementations)"),
+             f"engine {p.engine} (zero={p.zero}) sharding applied to the tracked parameter list over {gpus} ranks"]
+    if cfg.data.kind == "files":
+        notes.append("measured without document boundaries (cu_seqlens): a window inside one document")
+    return Measurement(measured, int(flops.get_total_flops()), comm,
+                       measured_linear_backend(), time.perf_counter() - start, notes)
+
+
+def modelled(cfg, mcfg, gpus: int) -> Measurement:
+    """The planner's analytic figures for the same launch (lsp.plan.planner / costmodel), in Measurement's form:
+    memory split into states (parameters + gradients + optimizer) and activations, FLOPs, comm bytes by kind."""
+    from .costmodel import exchange_time
+    from .planner import (
+        _decay_dims,
+        activation_bytes,
+        counted_flops,
+        ddp_buckets,
+        model_parameters,
+        state_bytes_per_param,
+    )
+
+    p, t = cfg.parallel, cfg.train
+    T, b, sp = cfg.data.seq_len, t.micro_batch, p.sp
+    local = b * T // sp
+    params = model_parameters(mcfg)
+    per_param = state_bytes_per_param(p.engine, p.zero, gpus) + ddp_buckets(p.engine, p.zero, gpus)
+    memory = {"states": per_param * params,
+              "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout)}
+    flops = counted_flops(mcfg, T, local, b, t.activation_checkpointing, p.layout)
+    H, Hkv, Dh, types = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, mcfg.layer_types
+    _, per_pass = exchange_time(p.sp_method, sp, b * H * Dh * Dh * 4, 0.0, layout=p.layout,
+                                decay_bytes=b * H * _decay_dims(mcfg) * 4, scan_blocks=p.scan_blocks)
+    kv = 2 * local * Hkv * Dh * (2 if t.precision != "fp32" else 4)     # one rank's K|V
+    comm = {"sp_exchange": 2 * types.count("L") * per_pass,
+            # gather forward (again in a checkpoint recompute: K, V are not recorded), all-reduce of [W] grads
+            "kv_gather": types.count("S") * (3 + t.activation_checkpointing) * (sp - 1) * kv,
+            "dp_reduction": dp_reduction_bytes(4 * params, p.engine, p.zero, gpus, t.precision != "fp32")}
+    return Measurement(memory, int(flops), comm, "model", 0.0)
+
+
+def report(name: str, gpus: int, got: Measurement, model: Measurement) -> str:
+    """The table `lsp plan --measure` prints; its last line: peak memory per GPU, measured vs modelled."""
+    def rel(a, b):
+        return f"{(b - a) / a * 100:+.1f}%" if a else "n/a"
+
+    lines = [f"{name} on {gpus} GPUs, rank 0, one step on fake tensors ({got.seconds:.0f} s):"]
+    lines += [f"  note: {n}" for n in got.notes]
+    lines.append("| quantity | measured | modelled | model vs measured |")
+    lines.append("|---|---|---|---|")
+    for c in CATEGORIES:
+        lines.append(f"| memory: {c} GB | {got.memory[c] / GB:.3f} | | |")
+    states = sum(got.memory[c] for c in CATEGORIES[:3])
+    for label, a, b in (("memory: states (params+grads+optimizer) GB", states, model.memory["states"]),
+                        ("memory: activations+temporaries GB", got.peak - states, model.memory["activations"]),
+                        ("FLOPs per step (TFLOP)", got.flops / 1e12, model.flops / 1e12)):
+        lines.append(f"| {label} | {a / (GB if 'GB' in label else 1):.3f} | "
+                     f"{b / (GB if 'GB' in label else 1):.3f} | {rel(a, b)} |")
+    for kind in ("sp_exchange", "kv_gather", "dp_reduction"):
+        a, b = got.comm[kind], model.comm[kind]
+        lines.append(f"| comm received: {kind} MB | {a / 1e6:.3f} | {b / 1e6:.3f} | {rel(a, b)} |")
+    peak_model = sum(model.memory.values())
+    lines.append(f"peak memory per GPU: measured {got.peak / GB:.2f} GB, modelled {peak_model / GB:.2f} GB "
+                 f"({rel(got.peak, peak_model)})")
+    return "\n".join(lines)

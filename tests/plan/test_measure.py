@@ -1,0 +1,97 @@
+"""`lsp plan --measure` (lsp.plan.measure): the fake-tensor step counts what a real CPU step of the same config
+does (FLOPs exactly, saved activation bytes within 5%), checkpointing measures less, and a peak over --gpu-mem-gb is
+a one-line exit 2."""
+import contextlib
+import os
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from lsp.cli import main
+from lsp.ops.estimate import gpu_code_paths
+from lsp.plan.measure import _flop_formulas, build_step, fake_process_group, measure, train_step
+from lsp.train.config import hybrid_config, load_config
+
+from .conftest import REPO
+
+TINY = os.path.join(REPO, "configs", "tiny-cpu.yaml")
+SMALL = ["model.hidden_size=32", "data.seq_len=128", "train.micro_batch=2", "train.precision=bf16"]
+
+
+def _cfg(*extra):
+    cfg = load_config(TINY, SMALL + list(extra), check_files=False)
+    return cfg, hybrid_config(cfg, 257)
+
+
+def _saved_bytes_and_flops(cfg, mcfg, fake: bool):
+    """(bytes of the distinct non-parameter storages autograd saves, FLOPs) of one step of rank 0 on 1 GPU."""
+    saved = {}
+    with fake_process_group(1), FakeTensorMode() if fake else contextlib.nullcontext(), gpu_code_paths():
+        model, opt, sp, ids, labels = build_step(cfg, mcfg, 1)
+        params = {q.untyped_storage()._cdata for q in model.parameters()}
+
+        def pack(t):
+            s = t.untyped_storage()
+            if s._cdata not in params:
+                saved[s._cdata] = s.nbytes()
+            return t
+
+        counter = FlopCounterMode(display=False, custom_mapping=_flop_formulas())
+        with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            train_step(cfg, model, opt, sp, ids, labels, bf16=True)
+    return sum(saved.values()), counter.get_total_flops()
+
+
+def test_fake_step_counts_what_a_real_cpu_step_does():
+    cfg, mcfg = _cfg("parallel.sp=1")
+    real_bytes, real_flops = _saved_bytes_and_flops(cfg, mcfg, fake=False)
+    fake_bytes, fake_flops = _saved_bytes_and_flops(cfg, mcfg, fake=True)
+    assert real_flops > 0 and fake_flops == real_flops
+    assert fake_bytes == pytest.approx(real_bytes, rel=0.05)
+    # negative control: the same comparison rejects a step at another micro-batch
+    cfg2, mcfg2 = _cfg("parallel.sp=1", "train.micro_batch=3")
+    other_bytes, other_flops = _saved_bytes_and_flops(cfg2, mcfg2, fake=True)
+    assert other_flops != real_flops and other_bytes != pytest.approx(real_bytes, rel=0.05)
+
+
+def test_checkpointing_measures_less_and_comm_is_counted():
+    cfg, mcfg = _cfg()
+    plain = measure(cfg, mcfg, 2)
+    cfg_ac, mcfg_ac = _cfg("train.activation_checkpointing=true")
+    ckpt = measure(cfg_ac, mcfg_ac, 2)
+    assert ckpt.memory["activations"] < plain.memory["activations"]
+    assert ckpt.flops > plain.flops                      # the recompute forward
+    assert plain.comm["sp_exchange"] > 0 and plain.comm["kv_gather"] > 0 and plain.comm["dp_reduction"] > 0
+    assert ckpt.comm["sp_exchange"] == plain.comm["sp_exchange"]   # the recompute replays, never re-sends
+
+
+def test_measure_cli_last_line_and_exit_2(capsys):
+    args = ["plan", "--gpus", "2", "--measure", TINY, *SMALL]
+    assert main(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("peak memory per GPU: measured ") and " GB, modelled " in last
+    assert main(args[:4] + ["--gpu-mem-gb", "0.0001"] + args[4:]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpu-mem-gb" in err[0] and "does not fit" in err[0]
+
+
+SHIPPED = [("hybrid-340m-32k", 8), ("hybrid-1.3b-128k", 8), ("hybrid-1.3b-1m-multinode", 32)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,gpus", SHIPPED)
+def test_model_agrees_with_the_measurement_of_every_shipped_config(name, gpus):
+    """Each fits its 80 GB GPUs; FLOPs within 5%, comm bytes exact at the documented launch (under a minute each on
+    a CPU core). Peak memory within 15% where checkpointing is off (with it: docs/training.md, not yet)."""
+    from lsp.plan.measure import modelled
+
+    cfg = load_config(os.path.join(REPO, "configs", f"{name}.yaml"), [], check_files=False)
+    mcfg = hybrid_config(cfg, 257)
+    got, model = measure(cfg, mcfg, gpus), modelled(cfg, mcfg, gpus)
+    assert got.seconds < 300 and got.peak < 80e9
+    assert model.flops == pytest.approx(got.flops, rel=0.05)
+    assert model.comm == got.comm
+    if not cfg.train.activation_checkpointing:
+        assert model.peak == pytest.approx(got.peak, rel=0.15)
