@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTEST_ARGS ?= -m "not slow and not gpu" -q
 
-.PHONY: install test test-slow test-gpu run bench clean
+.PHONY: install lint test test-slow test-gpu run bench clean
 
 $(BIN)/lsp:
 	$(PY) -m venv $(VENV)
@@ -14,7 +14,13 @@ $(BIN)/lsp:
 
 install: $(BIN)/lsp
 
-test: install
+$(BIN)/ruff: $(BIN)/lsp
+	$(BIN)/pip install -q "ruff>=0.6"
+
+lint: $(BIN)/ruff
+	$(BIN)/ruff check lsp tests benchmarks examples
+
+test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-slow: install

@@ -187,7 +187,8 @@ def plot(rows: list[dict], prefix: str) -> list[str]:
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for pat in pats:
-        pts = sorted((r["W"], r["act_MB/rank"], r["tok/s/rank"]) for r in rows if r["pattern"] == pat and r["tokens"] == T)
+        pts = sorted((r["W"], r["act_MB/rank"], r["tok/s/rank"])
+                     for r in rows if r["pattern"] == pat and r["tokens"] == T)
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=pat)
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=pat)
     for ax, name in zip(axes, ("saved activations per rank (MB)", "tokens/s per rank")):

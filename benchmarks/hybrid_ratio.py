@@ -94,8 +94,8 @@ def train_one(pattern: str, args, seed: int) -> dict:
     train_s = time.perf_counter() - t0
     acc = recall_accuracy(model, task, args.eval_samples, args.batch)
     return {"pattern": pattern, "ratio": PATTERNS.get(pattern, pattern), "softmax_layers": cfg.layer_types.count("S"),
-            "params": num_parameters(model), "mlp": cfg.intermediate_size, "seed": seed, "final_loss": round(loss.item(), 4),
-            "recall_acc": round(acc, 4), "train_s": round(train_s, 1)}
+            "params": num_parameters(model), "mlp": cfg.intermediate_size, "seed": seed,
+            "final_loss": round(loss.item(), 4), "recall_acc": round(acc, 4), "train_s": round(train_s, 1)}
 
 
 def plot(rows: list[dict], path: str, title: str, chance: float) -> None:

@@ -208,7 +208,8 @@ def compare_op(args, versions) -> dict:
             o, _ = mod.chunk_linear_attention(q, k, v, g, K ** -0.5)
             o.sum().backward()
             best[name] = min(best[name], time.perf_counter() - t0)
-    return {"pattern": f"op only ({args.linear_attn})", "tokens": T, **{f"step_s @ {n}": round(t, 4) for n, t in best.items()}}
+    return {"pattern": f"op only ({args.linear_attn})", "tokens": T,
+            **{f"step_s @ {n}": round(t, 4) for n, t in best.items()}}
 
 
 def main(argv=None):
@@ -225,7 +226,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--gloo", type=int, default=0, help="run on this many real gloo ranks (rank 0 reported)")
     p.add_argument("--emulate", type=int, default=0, help="run under SPContext(emulate=W)")
-    p.add_argument("--baseline", default="", help="git revision(s) (comma list) of lsp/ops/linear/chunk.py to compare against")
+    p.add_argument("--baseline", default="",
+                   help="git revision(s) (comma list) of lsp/ops/linear/chunk.py to compare against")
     p.add_argument("--compare-patterns", default="L,LLLS,S")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
@@ -251,8 +253,8 @@ def main(argv=None):
     out = dict(res)
     if args.baseline:
         out["compare"] = compare_baseline(args)
-        print_table(out["compare"], f"Step time (s, best of {args.repeats}): lsp/ops/linear/chunk.py at {args.baseline} vs now, "
-                                      f"interleaved")
+        print_table(out["compare"], f"Step time (s, best of {args.repeats}): "
+                                      f"lsp/ops/linear/chunk.py at {args.baseline} vs now, interleaved")
     return out
 
 

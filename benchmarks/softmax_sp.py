@@ -9,7 +9,8 @@ Only the public API is used (`SPContext`, `sp_softmax_attention`, `softmax_atten
 measures any checkout: the `lsp` it imports is printed first. Saved bytes: unique storages autograd keeps for
 backward during one forward on rank 0 of W gloo processes, the inputs q, k, v excluded. Times: best of N emulated
 fwd+bwd steps divided by W; on CPU this process's CPU time (`time.process_time`, one thread), because wall time
-on a shared box moves 3x from run to run with the other jobs' load while CPU time repeats to a few percent. `packed`: documents with random lengths (fixed seed) that cross rank and segment edges;
+on a shared box moves 3x from run to run with the other jobs' load while CPU time repeats to a few percent.
+`packed`: documents with random lengths (fixed seed) that cross rank and segment edges;
 `equal docs`: documents of one length (batched into one kernel call per run of equal pieces).
 """
 from __future__ import annotations

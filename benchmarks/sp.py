@@ -18,8 +18,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lsp.parallel import (SPContext, comm_stats, reset_comm_stats, sp_linear_attention,  # noqa: E402
-                          sp_softmax_attention, spawn)
+from lsp.parallel import SPContext, comm_stats, reset_comm_stats, sp_linear_attention, sp_softmax_attention, spawn  # noqa: E402
 
 METHODS = ("allgather", "allscan", "ring", "softmax")
 
@@ -89,7 +88,8 @@ def main(argv=None):
         for mode, res in modes:
             for m in METHODS:
                 r = res[m]
-                print(f"| {mode} | {W} | {m} | {r['bytes_recv_per_rank'] / 1024:.1f} | {r['step_ms']:.1f} |", flush=True)
+                print(f"| {mode} | {W} | {m} | {r['bytes_recv_per_rank'] / 1024:.1f} | {r['step_ms']:.1f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 import time
 from typing import List, Optional
 
-from lsp.train.signals import STOPPED_EXIT   # torch-free
+from lsp.train.signals import STOPPED_EXIT  # torch-free
 
 USER_ERROR = 2
 NONFINITE_EXIT = 3   # train.on_nonfinite=stop hit NaN/inf
@@ -105,7 +105,7 @@ def launch_config(args):
 
 
 def resolve_checkpoint(path: str) -> str:
-    from lsp.train.runs import find_checkpoint   # torch-free: a wrong path is answered before torch is imported
+    from lsp.train.runs import find_checkpoint  # torch-free: a wrong path is answered before torch is imported
     found = find_checkpoint(path)
     if found is None:
         raise UserError(f"no complete checkpoint found under {path}")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, fields
 
-from lsp.names import DELTA_VARIANTS as DELTA_ATTN
 from lsp.names import KERNEL_BACKENDS as LINEAR_BACKENDS
 from lsp.names import LINEAR_VARIANTS as LINEAR_ATTN
 

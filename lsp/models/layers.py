@@ -12,12 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lsp.names import DELTA_VARIANTS as DELTA_ATTN
 from lsp.ops import delta_rule, linear_attention, softmax_attention
 from lsp.ops.delta import short_conv
 from lsp.ops.softmax import causal_suffix_attention
 
 from .cache import KVCache, RecurrentState, check_decoding, recurrent_step
-from .config import DELTA_ATTN, HybridConfig
+from .config import HybridConfig
 
 
 class RMSNorm(nn.Module):

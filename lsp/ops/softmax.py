@@ -36,9 +36,11 @@ def document_mask(cu_seqlens: torch.Tensor, T: int, causal: bool, device, q_posi
 
 def check_softmax_inputs(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be [B, T, H, D] / [B, T, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"q, k, v must be [B, T, H, D] / [B, T, Hkv, D], "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k and v must be [B, Tk, Hkv, D] matching q's B and D, got q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)}")
+        raise ValueError(f"k and v must be [B, Tk, Hkv, D] matching q's B and D, "
+                         f"got q={tuple(q.shape)} k={tuple(k.shape)} v={tuple(v.shape)}")
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
 

@@ -22,7 +22,6 @@ from .comm import AllReduceIdentity, DistComm, EmuComm, gather_rows
 from .segments import SegmentPlan, plan_segments
 
 
-
 class SPContext:
     """The sequence-parallel context: ranks (real or emulated), layout, and the settings every SP layer shares.
 
@@ -47,7 +46,8 @@ class SPContext:
             self.comm = EmuComm(emulate)
         else:
             if not dist.is_available() or not dist.is_initialized():
-                raise ValueError("SPContext(group=...) needs torch.distributed initialised; use emulate=W for one process")
+                raise ValueError("SPContext(group=...) needs torch.distributed initialised; "
+                                 "use emulate=W for one process")
             self.comm = DistComm(group)
         self.layout, self.method, self.scan_blocks = layout, method, scan_blocks
         self._plan: SegmentPlan | None = None
@@ -104,7 +104,8 @@ class SPContext:
     def segment_length(self, T_local: int) -> int:
         L = self.segments_per_rank
         if T_local % L:
-            raise ValueError(f"local length {T_local} must be divisible by {L} segments per rank ({self.layout} layout)")
+            raise ValueError(f"local length {T_local} must be divisible by {L} segments per rank "
+                             f"({self.layout} layout)")
         return T_local // L
 
     # ------------------------------------------------------------------ data movement

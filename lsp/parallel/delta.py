@@ -36,12 +36,18 @@ from __future__ import annotations
 
 import torch
 
-from lsp.ops.delta import (check_delta_inputs, chunk_output, delta_rule, enter_sequences, prepare_chunks,
-                           sequence_maps, short_conv)
+from lsp.names import SP_METHODS
+from lsp.ops.delta import (
+    check_delta_inputs,
+    chunk_output,
+    delta_rule,
+    enter_sequences,
+    prepare_chunks,
+    sequence_maps,
+    short_conv,
+)
 from lsp.ops.delta.api import resolve_delta_backend
 from lsp.ops.linear.checks import acc_dtype
-
-from lsp.names import SP_METHODS
 
 from .collectives import join_token, replayed, token_like
 from .comm import ReplicateSum

@@ -60,5 +60,6 @@ def spawn(fn, world_size: int, *args, timeout_s: float = 120.0, threads: int = 1
         secondary = ("Connection closed by peer", "Timed out", "died without a result")
         r = min(failed, key=lambda r: (any(s in failed[r] for s in secondary), r))
         others = ", ".join(str(o) for o in failed if o != r)
-        raise RuntimeError(f"rank {r} of {world_size} failed: {failed[r]}" + (f"\n(also failed: ranks {others})" if others else ""))
+        raise RuntimeError(f"rank {r} of {world_size} failed: {failed[r]}"
+                           + (f"\n(also failed: ranks {others})" if others else ""))
     return [out[r][1] for r in range(world_size)]

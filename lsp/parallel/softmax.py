@@ -27,7 +27,7 @@ from bisect import bisect_left, bisect_right
 
 import torch
 
-from lsp.ops.softmax import PieceRun, check_softmax_inputs, piece_runs, piecewise_attention
+from lsp.ops.softmax import check_softmax_inputs, piece_runs, piecewise_attention
 
 from .comm import gather_rows
 from .context import SPContext

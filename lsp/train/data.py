@@ -20,9 +20,15 @@ from lsp.names import IGNORE_INDEX
 
 from .config import Config, ConfigError, DataConfig
 from .shuffle import shuffled_position
-from .tokenizing import (default_workers, encoded_batches, errors_shared, progress_bar, rank_byte_range, rank_part,
-                       wait_for)
-
+from .tokenizing import (
+    default_workers,
+    encoded_batches,
+    errors_shared,
+    progress_bar,
+    rank_byte_range,
+    rank_part,
+    wait_for,
+)
 
 
 @dataclass

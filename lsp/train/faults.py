@@ -1,8 +1,8 @@
 """Fault injection for the reliability tests (docs/reliability.md). Inert unless one of these is set:
 
     LSP_TEST_NONFINITE_AT=RANK:STEP   multiply that rank's loss by NaN in step STEP (1-based, as in metrics.jsonl)
-    LSP_TEST_KILL_AT_STEP=RANK:STEP   os._exit(1) that rank after step STEP (1-based) is done and saved, once: a marker file in the
-                                      run dir keeps a torchrun restart from dying again
+    LSP_TEST_KILL_AT_STEP=RANK:STEP   os._exit(1) that rank after step STEP (1-based) is done and saved, once: a
+                                      marker file in the run dir keeps a torchrun restart from dying again
     LSP_TEST_STEP_SLEEP=SECONDS       sleep after every step, so a test's signal lands in the middle of a run
     LSP_TEST_CKPT_SLEEP=STEP:SECONDS  sleep inside the write of checkpoint STEP, after the DCP shards and before
                                       trainer.pt (prints "lsp-test: checkpoint write paused"), for a SIGKILL

@@ -46,6 +46,7 @@ def run_agent(torchrun_args: List[str], checkpoint_dir: str) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
+
     from .runs import latest_checkpoint
     _quiet_agent()
     try:

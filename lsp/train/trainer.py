@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import Any, Dict, List, Optional
 
@@ -17,7 +16,7 @@ import torch
 
 from .checkpoint import latest_checkpoint
 from .config import Config, ConfigError, hybrid_config, to_yaml
-from .data import Batch, DataLoader, IGNORE_INDEX, build_token_file, make_tokenizer
+from .data import IGNORE_INDEX, Batch, DataLoader, build_token_file, make_tokenizer
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
 from .engine import Engine
 from .faults import maybe_kill, maybe_slow_step, poison_loss

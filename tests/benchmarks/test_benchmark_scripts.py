@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
 import pytest
@@ -61,7 +62,7 @@ def test_baseline_loader_gives_the_committed_chunk_module():
     a = old.chunk_linear_attention(q, k, v, g, 8 ** -0.5)[0]
     b = current.chunk_linear_attention(q, k, v, g, 8 ** -0.5)[0]
     torch.testing.assert_close(a, b)
-    with pytest.raises(Exception):
+    with pytest.raises(subprocess.CalledProcessError):
         profile_step.load_chunk_module("no-such-revision-xyz")
 
 

@@ -106,7 +106,10 @@ def test_sampling_options():
 def test_filter_logits_matches_definition():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]])
     probs = logits.softmax(-1)[0]   # sorted order: ids 1, 3, 2, 0, 4
-    kept = lambda f: torch.isfinite(f)[0].nonzero().flatten().tolist()
+
+    def kept(f):
+        return torch.isfinite(f)[0].nonzero().flatten().tolist()
+
     assert kept(filter_logits(logits, 2, None)) == [1, 3]
     # nucleus: the smallest top set whose mass reaches p
     p = (probs[1] + probs[3]).item()

@@ -24,7 +24,10 @@ def test_rope_matches_complex_rotation_and_is_relative():
     torch.testing.assert_close(apply_rope(x, pos * 0, 500.0), x)
     q, k = torch.randn(1, 6, 1, 8, dtype=torch.float64), torch.randn(1, 6, 1, 8, dtype=torch.float64)
     p = torch.arange(6)[None]
-    scores = lambda off: torch.einsum("bthd,bshd->ts", apply_rope(q, p + off, 1e4), apply_rope(k, p + off, 1e4))
+
+    def scores(off):
+        return torch.einsum("bthd,bshd->ts", apply_rope(q, p + off, 1e4), apply_rope(k, p + off, 1e4))
+
     torch.testing.assert_close(scores(0), scores(777))          # depends on relative position only
     assert not torch.allclose(scores(0), torch.einsum("bthd,bshd->ts", q, k))  # negative control: it does rotate
 

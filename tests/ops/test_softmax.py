@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from lsp.ops import softmax_attention
-from lsp.ops.softmax import PieceRun, causal_suffix_attention, document_mask, lower_right_sdpa, piece_runs, piecewise_attention, sdpa
+from lsp.ops.softmax import (
+    PieceRun,
+    causal_suffix_attention,
+    document_mask,
+    lower_right_sdpa,
+    piece_runs,
+    piecewise_attention,
+    sdpa,
+)
 
 from .linear_cases import max_rel_err
 
@@ -75,7 +82,8 @@ def _piecewise_case(H, Hkv, dtype=torch.float64, T=30, S=12, seed=4):
 
 
 # pieces: a run of four 3-token documents, then pieces that also see blocks of the source
-RUNS = [PieceRun(0, 3, 4), PieceRun(12, 7, 1, ((0, 0, 5),)), PieceRun(19, 5), PieceRun(24, 6, 1, ((0, 5, 7), (0, 1, 2)))]
+RUNS = [PieceRun(0, 3, 4), PieceRun(12, 7, 1, ((0, 0, 5),)), PieceRun(19, 5),
+        PieceRun(24, 6, 1, ((0, 5, 7), (0, 1, 2)))]
 
 
 def piecewise_reference(q, k, v, src, runs, causal):

@@ -35,8 +35,8 @@ from lsp.ops import linear_attention  # noqa: E402
 from lsp.ops.linear.api import triton_available  # noqa: E402
 from lsp.ops.linear.triton_chunk import kern  # noqa: E402
 
-from .triton_interp import interpreter_bf16_dot  # noqa: E402,F401
 from .linear_cases import DECAY_FORMS, assert_close, make_inputs, max_rel_err, run_with_grads  # noqa: E402
+from .triton_interp import interpreter_bf16_dot  # noqa: E402,F401
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 INTERPRETED = type(kern._fwd_state_kernel).__name__ == "InterpretedFunction"

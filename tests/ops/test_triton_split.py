@@ -26,8 +26,8 @@ from lsp.ops.linear.layout import make_layout  # noqa: E402
 from lsp.ops.linear.naive import naive_recurrence  # noqa: E402
 from lsp.ops.linear.triton_chunk import CHUNK_SIZE, kern, triton_chunk_output, triton_chunk_states  # noqa: E402
 
-from .triton_interp import interpreter_bf16_dot  # noqa: E402,F401
 from .linear_cases import DECAY_FORMS, make_inputs, max_rel_err  # noqa: E402
+from .triton_interp import interpreter_bf16_dot  # noqa: E402,F401
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(

@@ -12,13 +12,12 @@ import torch
 
 from lsp.models import HybridConfig, HybridLM
 from lsp.ops import linear_attention
-from lsp.parallel import SPContext, comm_stats, reset_comm_stats, spawn, sp_linear_attention
+from lsp.parallel import SPContext, comm_stats, reset_comm_stats, sp_linear_attention, spawn
 from lsp.parallel import comm as comm_mod
 from lsp.parallel import segments as segments_mod
 
 from . import workers
 from .cases import METHODS, make_case, max_rel_err, reference, run_sp
-
 
 # ------------------------------------------------------------------------------------------------ frozen inputs
 

@@ -7,11 +7,19 @@ import torch
 
 import lsp.parallel.softmax as sp_softmax_module
 from lsp.ops.softmax import document_mask, sdpa
-from lsp.parallel import (LAYOUTS, SPContext, attention_flops_balance, comm_stats, reset_comm_stats, spawn,
-                          sp_softmax_attention)
+from lsp.parallel import (
+    LAYOUTS,
+    SPContext,
+    attention_flops_balance,
+    comm_stats,
+    reset_comm_stats,
+    sp_softmax_attention,
+    spawn,
+)
 from lsp.parallel.comm import EmuComm
 
-from ..ops.test_softmax import LargestTensor, reference as explicit_reference
+from ..ops.test_softmax import LargestTensor
+from ..ops.test_softmax import reference as explicit_reference
 from .cases import make_softmax_case, max_rel_err, run_sp_softmax, softmax_reference
 
 
@@ -39,7 +47,8 @@ def test_softmax_kv_bytes():
     reset_comm_stats()
     run_sp_softmax(case, SPContext(emulate=W, layout="zigzag"))
     B, T_local, Hkv, D = 2, 16, 2, 8
-    assert comm_stats()["by_tag_op"]["softmax_kv/all_gather"]["bytes_recv"] / W == (W - 1) * 2 * B * T_local * Hkv * D * 4
+    recv = comm_stats()["by_tag_op"]["softmax_kv/all_gather"]["bytes_recv"]
+    assert recv / W == (W - 1) * 2 * B * T_local * Hkv * D * 4
 
 
 def test_flop_balance():

@@ -19,7 +19,6 @@ pytest.importorskip("triton")
 from lsp.ops.linear.api import triton_available  # noqa: E402
 from lsp.parallel import SPContext  # noqa: E402
 from lsp.parallel import exchange as exchange_mod  # noqa: E402
-
 from tests.ops.test_triton_budget import launches  # noqa: E402,F401
 
 from .cases import METHODS, make_case, max_rel_err, reference, run_sp  # noqa: E402

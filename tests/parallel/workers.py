@@ -5,8 +5,17 @@ import torch
 
 from lsp.parallel import SPContext, comm_stats, reset_comm_stats
 
-from .cases import (FORMS, METHODS, make_case, make_softmax_case, max_rel_err, reference, run_sp, run_sp_softmax,
-                    softmax_reference)
+from .cases import (
+    FORMS,
+    METHODS,
+    make_case,
+    make_softmax_case,
+    max_rel_err,
+    reference,
+    run_sp,
+    run_sp_softmax,
+    softmax_reference,
+)
 
 
 def linear_subset(rank, world_size):

@@ -41,7 +41,6 @@ def test_modelled_bytes_are_what_the_code_sends(W, layout):
 
     from lsp.parallel import SPContext, comm_stats, reset_comm_stats
     from lsp.plan.costmodel import exchange_time
-
     from tests.parallel.cases import make_case, run_sp
 
     B, H, K, V = 2, 2, 8, 6

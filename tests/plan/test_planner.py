@@ -73,7 +73,8 @@ def test_plan_command(capsys):
     out = capsys.readouterr().out
     assert "seq_len=1048576, 32 GPUs x 80 GB" in out
     rec = re.search(r"recommended \(.* tokens/s/GPU, .* GB/GPU\): (.*)\n", out).group(1)
-    assert re.fullmatch(r"parallel.sp=\d+ parallel.dp=\d+ parallel.sp_method=(allgather|ring|allscan parallel.scan_blocks=\d+) "
+    assert re.fullmatch(r"parallel.sp=\d+ parallel.dp=\d+ "
+                        r"parallel.sp_method=(allgather|ring|allscan parallel.scan_blocks=\d+) "
                         r"train.micro_batch=\d+ train.grad_accum=\d+ train.activation_checkpointing=(true|false)", rec)
     assert load_config(MULTINODE, rec.split(), check_files=False)   # the advice is a valid override list
     assert main(["plan", MULTINODE, "--gpus", "64", "--seq-len", str(2 * M)]) == 0

@@ -94,7 +94,8 @@ def test_elastic_resume_at_other_dp_sp(straight, tmp_path):
     run_dir, ref = straight
     for name in ("dp2", "dp1"):
         os.makedirs(tmp_path / name / "ckpt")
-        shutil.copytree(os.path.join(run_dir, "checkpoints", "step_00000004"), tmp_path / name / "ckpt" / "step_00000004")
+        shutil.copytree(os.path.join(run_dir, "checkpoints", "step_00000004"),
+                        tmp_path / name / "ckpt" / "step_00000004")
     proc = run_lsp("launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}/dp2", *COMMON, "train.steps=5",
                    "parallel.sp=1", "train.micro_batch=8", f"checkpoint.dir={tmp_path}/dp2/ckpt", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

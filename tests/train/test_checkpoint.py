@@ -2,7 +2,6 @@
 import os
 
 import pytest
-import torch
 
 from lsp.train import checkpoint as ckpt
 from lsp.train.config import ConfigError, load_config

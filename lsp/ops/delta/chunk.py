@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from lsp.names import CHUNK_SIZE
 from lsp.ops.linear.checks import acc_dtype, seq_bounds
 from lsp.ops.linear.layout import ChunkLayout, make_layout
-
-from lsp.names import CHUNK_SIZE
 
 
 @dataclass

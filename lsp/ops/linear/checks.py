@@ -96,7 +96,8 @@ def check_linear_inputs(q, k, v, g, initial_state, cu_seqlens) -> DecayForm:
         want = (n_seq, H, K, V)
         if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
             got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state)
-            raise ValueError(f"initial_state must have shape [{'N' if cu_seqlens is not None else 'B'}, H, K, V]={list(want)}, got {got}")
+            raise ValueError(f"initial_state must have shape [{'N' if cu_seqlens is not None else 'B'}, H, K, V]="
+                             f"{list(want)}, got {got}")
         if initial_state.device != q.device:
             raise ValueError(f"initial_state is on {initial_state.device} but q is on {q.device}")
     return form

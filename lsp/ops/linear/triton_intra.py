@@ -18,8 +18,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_kernels import (_causal_decay, _chunk_ids, _load_g, _load_raw, _load_row, _load_state, _load_tile,
-                             _store_tile, _tile_rows)
+from .triton_kernels import (
+    _causal_decay,
+    _chunk_ids,
+    _load_g,
+    _load_raw,
+    _load_row,
+    _load_state,
+    _load_tile,
+    _store_tile,
+    _tile_rows,
+)
 
 
 @triton.jit
