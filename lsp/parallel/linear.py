@@ -138,7 +138,7 @@ def _forward(q, k, v, g, sp, method, scan_blocks, scale, initial_state, output_f
     E, token = finish()
     E = E.reshape(s.rows, s.H, s.K, s.V)
     limit = plan.tensor("first_internal", q.device) if plan.inner_starts else None
-    o = _from_seg_rows(add_incoming_state(o0, q_r, g_r, E, scale, limit=limit, out_dtype=q.dtype), s)
+    o = _from_seg_rows(_corrected(o0, q_r, g_r, E, scale, limit, q.dtype, _entered_rows(sp, plan, s)), s)
     if not output_final_state:
         return o, None
     if plan.packed:
@@ -147,6 +147,27 @@ def _forward(q, k, v, g, sp, method, scan_blocks, scale, initial_state, output_f
         final = _last_segment_final(S, a, E, sp, s)
     final = ReplicateSum.apply(final.contiguous(), token, sp.comm, "final_state")
     return o, (final[0] if not sp.emulated else final.reshape(-1, *final.shape[2:]))
+
+
+def _entered_rows(sp, plan: SegmentPlan, s: Shape) -> tuple[int, int]:
+    # [lo, hi): the smallest block of held rows that contains every row whose entering state can be nonzero (a
+    # segment that is not the first and that no document start cuts off); outside it E is zero by construction
+    live = [row for row, (r, l) in enumerate((r, l) for r in sp.comm.ranks for l in range(s.L) for _ in range(s.B))
+            if (i := sp.rank_segments(r)[l]) > 0 and plan.cont[i]]
+    return (live[0], live[-1] + 1) if live else (0, 0)
+
+
+def _corrected(o0, q_r, g_r, E, scale, limit, dtype, rows: tuple[int, int]):
+    # o0 + the incoming-state correction on the rows [lo, hi) that can have one; the others are o0 rounded once
+    lo, hi = rows
+    if (lo, hi) == (0, o0.shape[0]):
+        return add_incoming_state(o0, q_r, g_r, E, scale, limit=limit, out_dtype=dtype)
+    g_cut = g_r if g_r is None or g_r.dim() == 1 else g_r[lo:hi]   # a per-head decay [H] applies to every row
+    parts = [o0[:lo].to(dtype), o0[hi:].to(dtype)]
+    if hi > lo:
+        parts.insert(1, add_incoming_state(o0[lo:hi], q_r[lo:hi], g_cut, E[lo:hi], scale,
+                                           limit=None if limit is None else limit[lo:hi], out_dtype=dtype))
+    return torch.cat(parts)
 
 
 def _packed_row(x):

@@ -124,6 +124,10 @@ def _scan_states(U, decay, layout: ChunkLayout, init):
     finals = {}
     entering = []
     state = zero
+    # unbind once: indexing U[:, :, c] per chunk would make autograd allocate and zero a full-size gradient of U for
+    # every chunk (NC memsets of U's size in backward); unbind's backward stacks the chunk gradients once
+    U_c = U.unbind(2)
+    decay_c = None if decay is None else decay[..., None].unbind(2)
     for c in range(NC):
         if c in layout.resets:
             n = layout.resets[c]
@@ -132,7 +136,7 @@ def _scan_states(U, decay, layout: ChunkLayout, init):
             else:
                 state = init[n : n + 1] if packed else init
         entering.append(state)
-        state = state + U[:, :, c] if decay is None else decay[:, :, c, :, None] * state + U[:, :, c]
+        state = state + U_c[c] if decay is None else decay_c[c] * state + U_c[c]
         for n in layout.ends.get(c, []):
             finals[n] = state
     if not packed:
