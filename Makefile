@@ -14,7 +14,7 @@ $(BIN)/lsp:
 
 install: $(BIN)/lsp
 
-$(BIN)/ruff: $(BIN)/lsp
+$(BIN)/ruff: | $(BIN)/lsp
 	$(BIN)/pip install -q "ruff>=0.6"
 
 lint: $(BIN)/ruff
