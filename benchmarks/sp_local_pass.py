@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lsp.ops import linear_attention  # noqa: E402
 from lsp.parallel import SPContext, sp_linear_attention  # noqa: E402
+from lsp.plan.measure import saved_bytes  # noqa: E402
 
 FORMS = {"none": None, "head": "H", "scalar": "BTH", "key": "BTHK"}
 
@@ -30,18 +31,6 @@ def inputs(form, B, T, H, D, seed=0):
     shape = {"none": None, "head": (H,), "scalar": (B, T, H), "key": (B, T, H, D)}[form]
     g = None if shape is None else (-0.1 * torch.rand(*shape, generator=gen)).requires_grad_()
     return q, k, v, g
-
-
-def saved_bytes(fn) -> int:
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def run(fn, x):

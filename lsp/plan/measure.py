@@ -43,6 +43,23 @@ class Measurement:
         return sum(self.memory.values())
 
 
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while fn() runs (saved-tensor hooks; a storage
+    saved by several nodes counts once). A real CPU step: the reference that `measure` is checked against."""
+    import torch
+
+    storages = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
 @contextlib.contextmanager
 def fake_process_group(world: int):
     """torch.distributed on the `fake` backend as rank 0 of `world` ranks (every collective returns at once)."""

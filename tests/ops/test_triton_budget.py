@@ -24,6 +24,7 @@ triton = pytest.importorskip("triton")
 
 from lsp.ops import linear_attention  # noqa: E402
 from lsp.ops.linear.triton_chunk import kern, triton_chunk_output, triton_chunk_states  # noqa: E402
+from lsp.plan.measure import saved_bytes  # noqa: E402
 
 from .linear_cases import make_inputs  # noqa: E402
 from .triton_interp import interpreter_bf16_dot  # noqa: E402,F401
@@ -83,16 +84,7 @@ def test_launches_do_not_grow_with_T(launches, form, fwd, total):
     assert len(launches) == 2 * fwd
 
 
-def _saved_bytes(fn):
-    storages = {}
 
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def _ratio(form, T, split=False, H=4, d=128):
@@ -107,7 +99,7 @@ def _ratio(form, T, split=False, H=4, d=128):
         else:
             linear_attention(*inputs, backend="triton")
 
-    return _saved_bytes(op) / sum(x.numel() * x.element_size() for x in inputs)
+    return saved_bytes(op) / sum(x.numel() * x.element_size() for x in inputs)
 
 
 @pytest.mark.parametrize("form", ["none", pytest.param("key", marks=pytest.mark.slow)])

@@ -15,6 +15,7 @@ from lsp.ops import linear_attention
 from lsp.parallel import SPContext, comm_stats, reset_comm_stats, sp_linear_attention, spawn
 from lsp.parallel import comm as comm_mod
 from lsp.parallel import segments as segments_mod
+from lsp.plan.measure import saved_bytes
 
 from . import workers
 from .cases import METHODS, make_case, max_rel_err, reference, run_sp
@@ -90,20 +91,6 @@ def test_bf16_sp_rounds_once(method):
 
 
 # ------------------------------------------------------------------------------------------------ memory
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while fn() runs."""
-    seen = {}
-
-    def pack(t):
-        if t.device.type != "meta":
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("form", ["none", "scalar", "key"])

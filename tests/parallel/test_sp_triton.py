@@ -70,8 +70,7 @@ def test_sp_triton_keeps_what_the_op_keeps(form):
     chunk states h in backward (one scan) as the op does, instead of keeping them (1.5-1.67x at d=128 if kept)."""
     from lsp.ops import linear_attention
     from lsp.parallel import sp_linear_attention
-
-    from .test_sp_holds import saved_bytes
+    from lsp.plan.measure import saved_bytes
 
     case = make_case(1, form, False, dtype=torch.float32, T_per_rank=128, H=2, K=32, V=32)
     x = {n: case[n].clone().requires_grad_() for n in ("q", "k", "v")}
