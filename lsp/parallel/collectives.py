@@ -35,6 +35,23 @@ def token_like(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
+class _Depend(torch.autograd.Function):
+    # x, token -> x; backward hands the token an (empty) gradient, so the node that made it runs its backward
+    @staticmethod
+    def forward(ctx, x, token):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_empty(0)
+
+
+def depend(x: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """x, with the collective that produced `token` in its backward graph even when x does not use its result (a
+    rank whose held segments all enter with a zero state must still join that collective's backward)."""
+    return _Depend.apply(x, token)
+
+
 class _Tape:
     def __init__(self):
         self.items: list = []
@@ -82,4 +99,4 @@ def replayed(compute):
     return out
 
 
-__all__ = ["join_token", "token_like", "checkpoint_contexts", "replaying", "replayed"]
+__all__ = ["join_token", "token_like", "depend", "checkpoint_contexts", "replaying", "replayed"]

@@ -26,7 +26,7 @@ from lsp.names import SP_METHODS
 from lsp.ops.linear import add_incoming_state, local_output, local_states, total_log_decay
 from lsp.ops.linear.checks import acc_dtype, check_linear_inputs, exact_numerics
 
-from .collectives import join_token
+from .collectives import depend, join_token
 from .comm import ReplicateSum
 from .context import SPContext
 from .exchange import exchange
@@ -139,6 +139,7 @@ def _forward(q, k, v, g, sp, method, scan_blocks, scale, initial_state, output_f
     E = E.reshape(s.rows, s.H, s.K, s.V)
     limit = plan.tensor("first_internal", q.device) if plan.inner_starts else None
     o = _from_seg_rows(_corrected(o0, q_r, g_r, E, scale, limit, q.dtype, _entered_rows(sp, plan, s)), s)
+    o = depend(o, token)   # every rank joins the exchange's backward, also one whose rows need no correction
     if not output_final_state:
         return o, None
     if plan.packed:
@@ -152,9 +153,12 @@ def _forward(q, k, v, g, sp, method, scan_blocks, scale, initial_state, output_f
 def _entered_rows(sp, plan: SegmentPlan, s: Shape) -> tuple[int, int]:
     # [lo, hi): the smallest block of held rows that contains every row whose entering state can be nonzero (a
     # segment that is not the first and that no document start cuts off); outside it E is zero by construction
-    live = [row for row, (r, l) in enumerate((r, l) for r in sp.comm.ranks for l in range(s.L) for _ in range(s.B))
-            if (i := sp.rank_segments(r)[l]) > 0 and plan.cont[i]]
-    return (live[0], live[-1] + 1) if live else (0, 0)
+    def build():
+        held = ((r, l) for r in sp.comm.ranks for l in range(s.L) for _ in range(s.B))
+        live = [row for row, (r, l) in enumerate(held) if (i := sp.rank_segments(r)[l]) > 0 and plan.cont[i]]
+        return (live[0], live[-1] + 1) if live else (0, 0)
+
+    return plan.derived(("entered_rows", s.B), build)
 
 
 def _corrected(o0, q_r, g_r, E, scale, limit, dtype, rows: tuple[int, int]):

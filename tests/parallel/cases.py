@@ -49,7 +49,7 @@ def reference(c, backend="naive"):
 
 
 def run_sp(c, sp: SPContext, method: str, scan_blocks: int = 3, trained=("q", "k", "v", "g", "h0"),
-           backend="auto", autocast=None):
+           backend="auto", autocast=None, with_final=True):
     """The same loss through sp_linear_attention; each rank's loss is its share, so Σ over ranks = the loss.
 
     Returns the gathered output, the final state (rank 0's copy) and the full gradients (summed over ranks) of the
@@ -62,18 +62,20 @@ def run_sp(c, sp: SPContext, method: str, scan_blocks: int = 3, trained=("q", "k
     g_loc = g if g is None or g.dim() == 1 else sp.shard(g)
     with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         o, f = sp_linear_attention(sp.shard(x["q"]), sp.shard(x["k"]), sp.shard(x["v"]), g_loc, sp=sp,
-                                   method=method, initial_state=x["h0"], output_final_state=True,
+                                   method=method, initial_state=x["h0"], output_final_state=with_final,
                                    cu_seqlens=c["cu"], scan_blocks=scan_blocks, backend=backend)
-    # every replica of final contributes wf / W: the replicas' gradients are summed, so Σ = one copy of the term
-    fr = f.reshape(sp.rows, *c["wf"].shape)
-    loss = (o * sp.shard(c["wo"])).sum() + (fr * c["wf"]).sum() / W
+    loss = (o * sp.shard(c["wo"])).sum()
+    if with_final:   # every replica of final contributes wf / W: the replicas' gradients are summed (Σ = one term)
+        fr = f.reshape(sp.rows, *c["wf"].shape)
+        loss = loss + (fr * c["wf"]).sum() / W
     loss.backward()
     # a rank that holds no first token of a sequence gets no initial_state gradient (None): count it as zero
     grads = {n: (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in x.items()}
     if not sp.emulated:
         for t in grads.values():
             dist.all_reduce(t)
-    return {"o": sp.gather(o.detach()), "final": fr[0].detach(), **grads}
+    out = {"o": sp.gather(o.detach()), **grads}
+    return {**out, "final": fr[0].detach()} if with_final else out
 
 
 def max_rel_err(got: dict, ref: dict) -> dict:

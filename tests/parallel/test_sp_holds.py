@@ -32,6 +32,15 @@ def test_frozen_inputs_every_rank_joins_backward(W):
     assert not bad, bad
 
 
+@pytest.mark.parametrize("W", [2, 3])
+def test_output_only_loss_every_rank_joins_backward(W):
+    """No final state in the loss: under the contiguous layout rank 0 holds only the first segment, whose output
+    needs no incoming-state correction; it must still join every method's backward collectives (else a hang)."""
+    errors = spawn(workers.output_only, W, timeout_s=45)[0]
+    bad = {k: e for k, e in errors.items() if not e < 1e-10}
+    assert not bad, bad
+
+
 def test_frozen_rank_output_still_carries_a_graph():
     """A rank whose own inputs are all frozen still gets an output with a graph when another rank trains (in
     emulation: the output of the rows of rank 1, which holds no first token, requires grad through the exchange)."""

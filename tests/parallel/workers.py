@@ -101,7 +101,23 @@ def frozen_inputs(rank, world_size):
     return errors
 
 
-__all__ = ["linear_subset", "softmax_subset", "both", "fail_on_rank_one", "frozen_inputs", "chain_overlap", "FORMS"]
+def output_only(rank, world_size):
+    """The loss uses only o (no final state): rank 0 of the contiguous layout holds only the first segment, whose
+    rows need no correction, and must still join every method's backward. Worst relative error per method."""
+    errors = {}
+    for layout in ("contiguous", "zigzag"):
+        case = make_case(world_size, "key", False)
+        case["wf"] = torch.zeros_like(case["wf"])   # the reference's final-state term is zero
+        ref = reference(case)
+        for method in METHODS:
+            got = run_sp(case, SPContext(layout=layout), method, trained=("q", "k", "v", "g"), with_final=False)
+            errors[(layout, method)] = max(max_rel_err({n: got[n] for n in ("o", "q", "k", "v", "g")},
+                                                       {n: ref[n] for n in ("o", "q", "k", "v", "g")}).values())
+    return errors
+
+
+__all__ = ["linear_subset", "softmax_subset", "both", "fail_on_rank_one", "frozen_inputs", "chain_overlap",
+           "output_only", "FORMS"]
 
 
 def chain_overlap(rank, world_size):
