@@ -347,11 +347,3 @@ def to_yaml(cfg: Config) -> str:
 def to_dict(cfg: Config) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
-
-def from_dict(data: Dict[str, Any]) -> Config:
-    """Rebuild a Config from `to_dict` output (e.g. the copy stored next to a checkpoint)."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), DictConfig(data))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise _omegaconf_error(err) from None

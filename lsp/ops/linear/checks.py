@@ -19,11 +19,6 @@ class DecayForm:
 
     name: str  # "none" | "head" ([H]) | "scalar" ([B, T, H]) | "key" ([B, T, H, K])
 
-    @property
-    def key_dims(self) -> int:
-        """Size of the decay's last axis once broadcast to [B, T, H, *]: K for per-key decay, else 1."""
-        return -1 if self.name == "key" else 1
-
 
 def exact_numerics(x: torch.Tensor):
     """A context that switches autocast off around an op's math, so its numerics do not depend on an enclosing
