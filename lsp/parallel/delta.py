@@ -21,7 +21,8 @@ Backward of step 2 (G_i the total gradient of E_i, gE_i its direct part, X_{i+1}
 Methods differ only in step 2:
 
 * allgather: one all_gather of every held segment's [M_i | S_i] (K × (K + V) per head), the prefix composed
-  locally; backward gathers the gE_i (K × V) once and runs the suffix locally (the mirror).
+  locally; backward gathers [M_i | gE_i] once (the maps again, so only the held E_i and M_i are kept: nothing
+  O(W) outlives the forward) and runs the suffix locally (the mirror).
 * ring: E walks the chain of segment owners, one whole state per hop (blocking send/recv); backward the reverse
   chain carries X.
 * allscan: the ring chain with the state cut into `scan_blocks` blocks along V, each sent (isend) as soon as it is
@@ -77,42 +78,51 @@ def _retreat(M_i, gE_i, X_next, p_i: int):
 # ---------------------------------------------------------------------------------------------- all-gather
 
 
+def _gather_prefix(M, S, sp, plan):
+    # one all_gather of every segment's [M | S], the prefix composed locally -> E of the held segments [R, L, ...]
+    R, K = M.shape[0], M.shape[-1]
+    gathered = sp.comm.all_gather(torch.cat([M, S], dim=-1).reshape(R, -1), "delta_allgather")
+    gathered = gathered.reshape(sp.world_size, *M.shape[1:-1], -1)
+    M_all, S_all = gathered[..., :K], gathered[..., K:]
+    E = [torch.zeros_like(S_all[0, 0])]
+    for i in range(1, max(i for r in sp.comm.ranks for i in sp.rank_segments(r)) + 1):
+        prev = sp.owner(i - 1)
+        E.append(_advance(M_all[prev], S_all[prev], E[-1], plan.passes[i - 1]) if plan.cont[i] else
+                 torch.zeros_like(E[-1]))
+    return _held(sp, E.__getitem__)
+
+
 class GatherMaps(torch.autograd.Function):
-    """[M_i | S_i] of every segment by one all_gather, prefix composed locally; backward: the mirror."""
+    """[M_i | S_i] of every segment by one all_gather, prefix composed locally; backward: the mirror, with the maps
+    gathered again beside the state gradients, so that only the held segments' E and M are kept (nothing O(W))."""
 
     @staticmethod
     def forward(ctx, token, M, S, sp, plan):
-        # M: [R, L, B, H, K, K]; S: [R, L, B, H, K, V] -> E: [R, L, B, H, K, V] entering the held segments
-        R, K = M.shape[0], M.shape[-1]
+        # M: [R, L, B, H, K, K]; S: [R, L, B, H, K, V] -> E: [R, L, B, H, K, V] entering the held segments, token
         ctx.set_materialize_grads(False)
-        payload = torch.cat([M, S], dim=-1).reshape(R, -1)
-        gathered = replayed(lambda: sp.comm.all_gather(payload, "delta_allgather"))
-        gathered = gathered.reshape(sp.world_size, *M.shape[1:-1], -1)
-        M_all, S_all = gathered[..., :K], gathered[..., K:]
-        E = [torch.zeros_like(S_all[0, 0])]
-        for i in range(1, sp.num_segments):
-            prev = sp.owner(i - 1)
-            E.append(_advance(M_all[prev], S_all[prev], E[-1], plan.passes[i - 1]) if plan.cont[i] else
-                     torch.zeros_like(E[-1]))
-        ctx.sp, ctx.plan, ctx.M_all, ctx.E = sp, plan, M_all, E
-        held = _held(sp, E.__getitem__)
+        held = replayed(lambda: _gather_prefix(M, S, sp, plan))
+        ctx.save_for_backward(held, M)
+        ctx.sp, ctx.plan = sp, plan
         return held, token_like(held)
 
     @staticmethod
     def backward(ctx, gE, _):
-        sp, plan, M_all, E = ctx.sp, ctx.plan, ctx.M_all, ctx.E
-        gE = torch.zeros_like(_held(sp, E.__getitem__)) if gE is None else gE
-        gE_all = sp.comm.all_gather(gE.contiguous().reshape(gE.shape[0], -1), "delta_allgather:bwd")
-        gE_all = gE_all.reshape(sp.world_size, *gE.shape[1:])
+        held, M = ctx.saved_tensors
+        sp, plan, K = ctx.sp, ctx.plan, M.shape[-1]
+        gE = torch.zeros_like(held) if gE is None else gE.contiguous()
+        every = sp.comm.all_gather(torch.cat([M, gE], dim=-1).reshape(M.shape[0], -1), "delta_allgather:bwd")
+        every = every.reshape(sp.world_size, *M.shape[1:-1], -1)
+        M_all, gE_all = every[..., :K], every[..., K:]
+        E = {i: held[sp.comm.row(r), l] for r in sp.comm.ranks for l, i in enumerate(sp.rank_segments(r))}
         gM, gS, X_next = {}, {}, None  # X_next = c_{i+1} G_{i+1}
-        for i in reversed(range(sp.num_segments)):
+        for i in reversed(range(min(E), sp.num_segments)):
             r, l = sp.owner(i)
-            gS[i] = torch.zeros_like(E[i]) if X_next is None else X_next
-            gM[i] = (torch.zeros_like(M_all[r, l]) if X_next is None or not plan.passes[i]
-                     else X_next @ E[i].transpose(-1, -2))
+            if i in E:
+                gS[i] = torch.zeros_like(E[i]) if X_next is None else X_next
+                gM[i] = (torch.zeros_like(M_all[r, l]) if X_next is None or not plan.passes[i]
+                         else X_next @ E[i].transpose(-1, -2))
             G_i = _retreat(M_all[r, l], gE_all[r, l], X_next, plan.passes[i])
             X_next = G_i if plan.cont[i] else None
-        ctx.M_all = ctx.E = None
         return None, _held(sp, gM.__getitem__), _held(sp, gS.__getitem__), None, None
 
 

@@ -83,14 +83,15 @@ def _bytes_per_rank(W, layout, method, T_per_rank, B=2, H=2, K=8, V=6):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_comm_bytes_match_formula_and_do_not_grow_with_T(layout):
-    """allgather: (W-1)·L·B·H·K·(K+V)·4 bytes forward ([M | S] per held segment), (W-1)·L·B·H·K·V·4
-    backward (gE); ring / allscan: one B·H·K·V state per chain edge that crosses ranks, each way."""
+    """allgather: (W-1)·L·B·H·K·(K+V)·4 bytes each way ([M | S] forward, [M | gE] backward: the maps travel again
+    instead of being kept, so nothing O(W) outlives the forward); ring / allscan: one B·H·K·V state per chain edge
+    that crosses ranks, each way."""
     W, B, H, K, V = 4, 2, 2, 8, 6
     L = 2 if layout == "zigzag" else 1
     cross_edges = {"contiguous": W - 1, "zigzag": 2 * W - 2}[layout]  # zigzag: the middle edge stays on rank W-1
     for T_per_rank in (16, 64):
         assert _bytes_per_rank(W, layout, "allgather", T_per_rank) == (
-            (W - 1) * L * B * H * K * (K + V) * 4, (W - 1) * L * B * H * K * V * 4)
+            (W - 1) * L * B * H * K * (K + V) * 4, (W - 1) * L * B * H * K * (K + V) * 4)
         for method in ("ring", "allscan"):
             fwd, bwd = _bytes_per_rank(W, layout, method, T_per_rank)
             assert fwd * W == bwd * W == cross_edges * B * H * K * V * 4, (layout, method, fwd, bwd)

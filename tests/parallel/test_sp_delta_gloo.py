@@ -16,7 +16,7 @@ def test_gloo_delta_rule(W):
         assert not bad, bad
         # contiguous, fp32: every rank receives the other W-1 [M | S] blocks forward and W-1 gE blocks backward
         assert res["recv"] == (W - 1) * B * H * K * (K + V) * 4
-        assert res["recv_bwd"] == (W - 1) * B * H * K * V * 4
+        assert res["recv_bwd"] == (W - 1) * B * H * K * (K + V) * 4   # [M | gE]: the maps travel again
     # only rank 0 trains: the frozen ranks still ran the backward collectives, rank 0's gradients are exact
     frozen = results[0]["frozen"]
     assert frozen and max(frozen.values()) < 1e-10, frozen
