@@ -53,6 +53,7 @@ from lsp.ops.linear.checks import acc_dtype
 from .collectives import join_token, replayed, token_like
 from .comm import ReplicateSum
 from .context import SPContext
+from .exchange import split_blocks
 from .linear import Shape, _check, _from_seg_rows, _local_initial_states, _to_seg_rows
 
 DELTA_METHODS = SP_METHODS
@@ -129,11 +130,6 @@ class GatherMaps(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------- chain
 
 
-def _column_blocks(V: int, nb: int) -> list[slice]:
-    size = -(-V // max(1, min(nb, V)))
-    return [slice(s, min(s + size, V)) for s in range(0, V, size)]
-
-
 class _Hop:
     """Moves one state along the chain in column blocks: recv block, compute it, send it on (isend if pipelined)."""
 
@@ -174,7 +170,7 @@ class _Hop:
 def _walk_maps(M, S, sp, plan, nb, pipelined, tag):
     # the forward chain: E [R, L, B, H, K, V] entering the held segments
     comm, n = sp.comm, sp.num_segments
-    hop = _Hop(comm, _column_blocks(S.shape[-1], nb), pipelined, tag)
+    hop = _Hop(comm, split_blocks(S.shape[-1], nb), pipelined, tag)
     E, out = torch.zeros_like(S), {}
     for i in range(n):
         r, l = sp.owner(i)
@@ -214,7 +210,7 @@ class ChainMaps(torch.autograd.Function):
         gE = torch.zeros_like(E) if gE is None else gE
         sp, plan, comm, n = ctx.sp, ctx.plan, ctx.sp.comm, ctx.sp.num_segments
         gE = gE.contiguous()
-        hop = _Hop(comm, _column_blocks(E.shape[-1], ctx.nb), ctx.pipelined, ctx.tag + ":bwd")
+        hop = _Hop(comm, split_blocks(E.shape[-1], ctx.nb), ctx.pipelined, ctx.tag + ":bwd")
         gM, gS, X = torch.zeros_like(M), torch.zeros_like(E), {}  # X[i] = c_i G_i, handed to segment i - 1
         for i in reversed(range(n)):
             r, l = sp.owner(i)

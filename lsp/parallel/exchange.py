@@ -202,9 +202,10 @@ class GatherFinish(torch.autograd.Function):
 # (backward); in emulation, and for the ring, it runs inline.
 
 
-def _blocks(K: int, nb: int) -> list[slice]:
-    size = -(-K // max(1, min(nb, K)))
-    return [slice(s, min(s + size, K)) for s in range(0, K, size)]
+def split_blocks(D: int, nb: int) -> list[slice]:
+    """nb (at most D) slices that cover range(D) in equal blocks (the last may be shorter): the pipeline blocks."""
+    size = -(-D // max(1, min(nb, D)))
+    return [slice(s, min(s + size, D)) for s in range(0, D, size)]
 
 
 def _kslice(A, blk):
@@ -272,7 +273,7 @@ class _Walker:
 
     def run(self, Y, a):
         # Y: [R, L, B, H, K, V] (S forward, gE backward); a: [R, L, B, H, Kg] or None -> X: [R, L, B, H, K, V]
-        self.blks, self.pending = _blocks(Y.shape[-2], self.nb), []
+        self.blks, self.pending = split_blocks(Y.shape[-2], self.nb), []
         self.d_shape = (*Y.shape[2:4], 1 if a is None else a.shape[-1], 1)
         X = torch.zeros_like(Y)
         outs, D = {}, {}  # segment -> outgoing X (or P) and, in run 1, its D and outgoing D

@@ -108,15 +108,20 @@ def total_log_decay(g, B: int, T: int, H: int, dtype=torch.float32):
     return s.unsqueeze(-1) if g.dim() == 3 else s
 
 
-def _decayed_queries(q, g, limit, dt):
-    # q: [B, T, H, K] -> q ⊙ exp(cum_g) in dt, rows zero from `limit` on ([B] first token that sees no S_in)
+def _incoming_weights(q, g, limit, dt):
+    # q: [B, T, H, K] -> w = exp(cum_g) [B, T, H, 1 or K] in dt, zero from `limit` on ([B] first token that sees no
+    # S_in); None when there is neither decay nor limit (w = 1)
     B, T, H, _ = q.shape
     cum = cum_log_decay(g, B, T, H, dt)
-    qd = q.to(dt) if cum is None else q.to(dt) * cum.exp()
+    w = None if cum is None else cum.exp()
     if limit is not None:
-        keep = torch.arange(T, device=q.device)[None, :] < limit[:, None]
-        qd = qd * keep[:, :, None, None]
-    return qd
+        keep = (torch.arange(T, device=q.device)[None, :] < limit[:, None])[:, :, None, None].to(dt)
+        w = keep if w is None else w * keep
+    return w
+
+
+def _weighted(x, w, dt):
+    return x.to(dt) if w is None else x.to(dt) * w
 
 
 def _decay_grad_from_cum(dcum, g, T: int):
@@ -137,7 +142,7 @@ class _IncomingState(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o0, q, g, state_in, scale, limit, out_dtype):
         dt = o0.dtype
-        qd = _decayed_queries(q, g, limit, dt)
+        qd = _weighted(q, _incoming_weights(q, g, limit, dt), dt)
         ctx.save_for_backward(q, g, state_in, limit)
         ctx.scale, ctx.o0_dtype = scale, o0.dtype
         return (o0 + scale * torch.einsum("bthk,bhkv->bthv", qd, state_in.to(dt))).to(out_dtype)
@@ -148,9 +153,9 @@ class _IncomingState(torch.autograd.Function):
         dt = ctx.o0_dtype
         do = do.to(dt)
         dqd = ctx.scale * torch.einsum("bthv,bhkv->bthk", do, state_in.to(dt))
-        w = _decayed_queries(torch.ones_like(q, dtype=dt), g, limit, dt)   # exp(cum_g), zero past `limit`
-        qd = q.to(dt) * w
-        dq = (w * dqd).to(q.dtype) if ctx.needs_input_grad[1] else None
+        w = _incoming_weights(q, g, limit, dt)   # exp(cum_g), zero past `limit` (recomputed, not saved)
+        qd = _weighted(q, w, dt)
+        dq = _weighted(dqd, w, dt).to(q.dtype) if ctx.needs_input_grad[1] else None
         dg = None
         if g is not None and ctx.needs_input_grad[2]:
             dcum = qd * dqd
