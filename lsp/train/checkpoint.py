@@ -30,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .faults import maybe_pause_checkpoint
+from .files import write_text_atomic
 from .runs import STEP_DIR, find_checkpoint, is_complete, latest_checkpoint, step_dir  # noqa: F401 (torch-free)
 
 
@@ -64,15 +65,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[str, Any], config_yaml: str,
                     keep: int = 2, deepspeed_engine=None) -> Optional[str]:
     """Collective: every rank calls it. Returns the final path (None if that step was already saved)."""
@@ -100,7 +92,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[
     _barrier()
     if _rank() == 0:
         _publish(tmp, final)
-        _write_text_atomic(os.path.join(root, "latest"), os.path.basename(final) + "\n")
+        write_text_atomic(os.path.join(root, "latest"), os.path.basename(final) + "\n", sync=True)
         _prune(root, keep)
     _barrier()
     return final

@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .config import Config, to_dict
+from .files import write_text_atomic
 from .runs import wandb_run_id
 
 # dense bf16 peak TFLOP/s per device, for MFU when logging.peak_tflops is 0
@@ -40,10 +41,7 @@ def _drop_rows_after(path: str, step: int) -> None:
         return
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(rows)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(rows))
 
 
 def json_safe(metrics: Dict[str, Any]) -> Dict[str, Any]:

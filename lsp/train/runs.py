@@ -12,6 +12,8 @@ import re
 import secrets
 from typing import Optional
 
+from .files import write_text_atomic
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -62,8 +64,5 @@ def wandb_run_id(run_dir: str) -> str:
                 return saved
     new_id = secrets.token_hex(4)
     os.makedirs(run_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(new_id + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, new_id + "\n")
     return new_id

@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from .files import write_text_atomic
+
 BATCH_CHARS = 1 << 22          # ~4 MB of text per task: big enough to hide the pickling, small enough to stream
 SERIAL_BELOW_BYTES = 8 << 20   # a pool costs more than it saves on a corpus smaller than this
 
@@ -121,8 +123,9 @@ def errors_shared(part: str):
     try:
         yield
     except ConfigError as err:
-        with open(part + ".error", "w") as f:
-            json.dump({"key": err.key, "message": str(err)[len(err.key) + 2:] if err.key else str(err)}, f)
+        # whole or not at all: a rank polling for it must never read a half-written file (JSONDecodeError)
+        write_text_atomic(part + ".error", json.dumps({"key": err.key, "message": str(err)[len(err.key) + 2:]
+                                                       if err.key else str(err)}))
         raise
 
 

@@ -1,6 +1,7 @@
 """Data at scale: O(1) shuffle lookup (`lsp.train.shuffle`) and parallel tokenisation (`lsp.train.tokenizing`)."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -182,3 +183,32 @@ def test_default_workers(monkeypatch):
     assert tokenizing.default_workers(big, object()) == (os.cpu_count() or 1)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * (os.cpu_count() or 1)))   # more local ranks than cores
     assert tokenizing.default_workers(big, object()) == 1
+
+
+_WATCHED = []   # (suffix, opened-for-writing paths) while a test watches; audit hooks cannot be removed
+
+
+def _audit(event, args):
+    if _WATCHED and event == "open" and isinstance(args[0], str) and args[0].endswith(_WATCHED[0][0]) \
+            and args[1] is not None and set(str(args[1])) & set("wax+"):
+        _WATCHED[0][1].append(args[0])
+
+
+sys.addaudithook(_audit)   # idle (one list check per audited event) unless a test fills _WATCHED
+
+
+def test_rank_error_file_appears_whole(tmp_path):
+    # the ranks waiting on a part poll for `<part>.error` and json.load it: the name must never be opened for
+    # writing (a poller would read an empty or half-written file), only renamed onto (flaked once in CI before)
+    from lsp.train.config import ConfigError
+    part = str(tmp_path / "x.part1of3")
+    _WATCHED.append((".error", []))
+    try:
+        with pytest.raises(ConfigError), tokenizing.errors_shared(part):
+            raise ConfigError("data.files", "f.jsonl:3 is not a JSON object")
+        opened = _WATCHED[0][1]
+    finally:
+        _WATCHED.clear()
+    assert opened == []
+    with pytest.raises(ConfigError, match=r"^data.files: f.jsonl:3 is not a JSON object$"):
+        tokenizing.wait_for(lambda: False, "parts", [part])
