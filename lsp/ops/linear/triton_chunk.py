@@ -64,6 +64,8 @@ SUB_BLOCK_K = 32    # K block of the 16-row per-key kernels (64 spills: 148 B in
 SCAN_V_BLOCK = 32   # V block of the forward scan (64 spills 64 B with per-key decay, an initial state and the
                     # two-part 16-bit key; 32 gives 250 registers, no spill, still wgmma)
 STATE_WARPS = 8     # the scans hold a [64, 64] fp32 state plus [64, 64] k, v tiles
+STATE_STAGES = 2    # forward scan: prefetch one chunk ahead; 3 stages (the default) spill 36 B with per-key decay
+                    # and no initial state (255 registers; 2 stages: 197, sm_90a ptxas)
 CHUNK_WARPS = 8
 TF32_ENV = "LSP_TRITON_TF32"
 
@@ -147,7 +149,7 @@ def _states_fwd(kp, vp, G, init, layout, tables, n_states):
     kern._fwd_state_kernel[(R * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
         kp, vp, G, h, init if init is not None else final, final, *(tables or (G, G)), Tp, H, K, V, NC, Kg,
         C=CHUNK_SIZE, BKs=BK, BVs=BV, KEY=Kg > 1, HAS_INIT=init is not None, PREC=_precision(kp.dtype),
-        SPLIT=kp.dtype != torch.float32, PACKED=bool(tables), num_warps=STATE_WARPS)
+        SPLIT=kp.dtype != torch.float32, PACKED=bool(tables), num_warps=STATE_WARPS, num_stages=STATE_STAGES)
     for n in layout.empty:  # an empty sequence hands its initial state straight through
         if init is not None:
             final[n] = init[n]

@@ -191,10 +191,10 @@ def _fwd_state_kernel(k, v, G, h, init, final, reset, end, Tp, H, K, V, NC, Kg,
         G_c, G_last = _chunk_decays(G, r, c * C, hh, Tp, H, Kg, K, k0, C, BKs, KEY)
         k_dec = k_c.to(tl.float32) * _decay_to(G_c, G_last, KEY)
         hi = k_dec.to(k_c.dtype)
-        update = tl.dot(tl.trans(hi), v_c, input_precision=PREC)
+        # the dots accumulate into the decayed state in place (wgmma's accumulator): no separate update tile
+        state = tl.dot(tl.trans(hi), v_c, state * _state_rows(tl.exp(G_last), KEY), input_precision=PREC)
         if SPLIT:  # k ⊙ exp(G_C - G) = hi + lo in two 16-bit operands: final states keep fp32 accuracy
-            update += tl.dot(tl.trans((k_dec - hi.to(tl.float32)).to(k_c.dtype)), v_c)
-        state = state * _state_rows(tl.exp(G_last), KEY) + update
+            state = tl.dot(tl.trans((k_dec - hi.to(tl.float32)).to(k_c.dtype)), v_c, state)
         _store_state_if(final, _seq_at(end, r, c, NC, NC - 1, PACKED), hh, H, K, V, k0, v0, state, BKs, BVs)
 
 
