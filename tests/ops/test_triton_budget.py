@@ -84,6 +84,34 @@ def test_launches_do_not_grow_with_T(launches, form, fwd, total):
     assert len(launches) == 2 * fwd
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_packed_layout_read_once_per_batch(monkeypatch, backend):
+    # every linear layer of a model, forward and backward, gets the batch's one cu_seqlens tensor: its host read
+    # (a device sync on a GPU) and the copy of the chunk tables happen once for it, not once per layer and pass
+    import lsp.ops.linear.layout as layout_mod
+    reads = []
+    inner = layout_mod.seq_bounds
+    monkeypatch.setattr(layout_mod, "seq_bounds", lambda *a: reads.append(1) or inner(*a))
+    cu = torch.tensor([0, 10, 10, 80, 150, 200], dtype=torch.int32, device=DEVICE)
+    q, k, v, g, s0 = make_inputs("scalar", B=1, T=200, H=1, K=16, V=16, dtype=torch.float32, n_seq=5)
+    args = [x.to(DEVICE).requires_grad_() for x in (q, k, v, g)]
+    for _layer in range(3):
+        o, s = linear_attention(*args, initial_state=s0.to(DEVICE), output_final_state=True, backend=backend,
+                                cu_seqlens=cu)
+        (o.sum() + s.sum()).backward()
+    assert len(reads) == 1
+    if backend == "triton":   # the device tables are the same tensors for every call
+        lay = layout_mod.chunk_layout(1, 200, cu, 64, DEVICE)
+        assert lay.chunk_tables(DEVICE)[0] is lay.chunk_tables(DEVICE)[0]
+    # control: another batch's tensor, or this one written in place, is read again (a stale layout would be wrong)
+    linear_attention(*args, backend=backend, cu_seqlens=cu.clone())
+    cu[2] = 20
+    o2, _ = linear_attention(*args, backend=backend, cu_seqlens=cu)
+    assert len(reads) == 3
+    ref, _ = linear_attention(*args, backend="naive", cu_seqlens=cu)
+    torch.testing.assert_close(o2, ref, atol=1e-4, rtol=1e-4)
+
+
 
 
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from lsp.names import CHUNK_SIZE
-from lsp.ops.linear.checks import acc_dtype, seq_bounds
-from lsp.ops.linear.layout import ChunkLayout, make_layout
+from lsp.ops.linear.checks import acc_dtype
+from lsp.ops.linear.layout import ChunkLayout, chunk_layout
 
 
 @dataclass
@@ -76,7 +76,7 @@ def prepare_chunks(k, v, beta, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE,
     """
     B, T, H, K = k.shape
     dt = acc_dtype(k.dtype)
-    layout = make_layout(B, T, seq_bounds(cu_seqlens, B, T), chunk_size, k.device)
+    layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
     kc, vc = _to_chunks(k.to(dt), layout), _to_chunks(v.to(dt), layout)
     bc = _to_chunks(beta.to(dt).unsqueeze(-1), layout)                        # [R, H, NC, C, 1]
     G = None if g is None else _to_chunks(g.to(dt).unsqueeze(-1), layout).cumsum(dim=3)

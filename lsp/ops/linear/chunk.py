@@ -21,8 +21,8 @@ import torch
 
 from lsp.names import CHUNK_SIZE
 
-from .checks import acc_dtype, seq_bounds
-from .layout import ChunkLayout, make_layout
+from .checks import acc_dtype
+from .layout import ChunkLayout, chunk_layout
 
 SUB_BLOCK = 16
 
@@ -166,7 +166,7 @@ class ChunkInputs:
 def chunk_prepare(k, v, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE) -> ChunkInputs:
     """Pad k, v (and the cumulative log-decay of g, broadcastable to [B, T, H, K]) into chunks."""
     B, T, H, K = k.shape
-    layout = make_layout(B, T, seq_bounds(cu_seqlens, B, T), chunk_size, k.device)
+    layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
     dt = acc_dtype(k.dtype)
     prep = ChunkInputs(layout, None, None, None)
     prep.kc, prep.vc = _to_chunks(layout.pad(k.to(dt)), chunk_size), _to_chunks(layout.pad(v.to(dt)), chunk_size)

@@ -4,12 +4,22 @@ Both the chunked torch path and the Triton kernels work on `[rows, NC * C, H, *]
 to exactly one sequence. Without packing a row is a batch row padded at its end; with `cu_seqlens` (B == 1) each
 sequence is padded to a whole number of chunks and the sequences are laid end to end in one row. Trailing padding is
 exact: k = v = 0 adds nothing to the state and g = 0 leaves it unchanged.
+
+A packed layout is read from `cu_seqlens` on the host (one device->host copy) and its index tensors are copied back;
+`chunk_layout` does that once per `cu_seqlens` tensor (the batch's), not once per layer and pass: every linear layer
+of a model, forward and backward, receives the same tensor (as fla caches its chunk indices on the last tensor).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import weakref
+from dataclasses import dataclass, field
 
 import torch
+
+from .checks import seq_bounds
+
+LAYOUT_CACHE_SIZE = 8   # distinct cu_seqlens tensors alive at once: one per batch in flight (SP: + local views)
 
 
 @dataclass
@@ -22,6 +32,7 @@ class ChunkLayout:
     resets: dict[int, int]        # chunk index -> sequence index whose state starts there (packed case)
     ends: dict[int, list[int]]    # chunk index -> sequences whose final state is the state after that chunk
     empty: list[int]              # sequences of length 0 (their final state is their initial state)
+    _tables: dict = field(default_factory=dict, repr=False, compare=False)   # device -> chunk_tables(...)
 
     @property
     def padded_length(self) -> int:
@@ -42,6 +53,44 @@ class ChunkLayout:
         if self.dst is None:
             return y[:, : self.length]
         return y.index_select(1, self.dst)
+
+    def chunk_tables(self, device) -> tuple[torch.Tensor, ...]:
+        """Packed: (reset, end) [1, NC] int32 on `device`, the sequence starting / ending at each chunk (-1 otherwise),
+        built and copied once per layout; unpacked: () (row r is sequence r)."""
+        if self.dst is None:
+            return ()
+        if device not in self._tables:
+            reset = torch.full((1, self.num_chunks), -1, dtype=torch.int32)
+            end = torch.full((1, self.num_chunks), -1, dtype=torch.int32)
+            for c, n in self.resets.items():
+                reset[0, c] = n
+            for c, ns in self.ends.items():
+                assert len(ns) == 1, "a chunk holds tokens of one sequence only"
+                end[0, c] = ns[0]
+            self._tables[device] = (reset.to(device), end.to(device))
+        return self._tables[device]
+
+
+_cache: list = []   # [(weakref to cu_seqlens, its _version, (B, T, C, device), layout)], most recent last
+_cache_lock = threading.Lock()   # the allscan helper thread runs local passes too
+
+
+def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, chunk_size: int, device) -> ChunkLayout:
+    """The layout of a [B, T] batch (packed by cu_seqlens or not); a packed one is built once per cu_seqlens tensor
+    (and rebuilt if that tensor is written in place)."""
+    if cu_seqlens is None:
+        return make_layout(B, T, None, chunk_size, device)
+    key = (B, T, chunk_size, torch.device(device))
+    with _cache_lock:
+        _cache[:] = [e for e in _cache if e[0]() is not None]
+        for ref, version, k, layout in _cache:
+            if ref() is cu_seqlens and version == cu_seqlens._version and k == key:
+                return layout
+    layout = make_layout(B, T, seq_bounds(cu_seqlens, B, T), chunk_size, device)
+    with _cache_lock:
+        _cache.append((weakref.ref(cu_seqlens), cu_seqlens._version, key, layout))
+        del _cache[:-LAYOUT_CACHE_SIZE]
+    return layout
 
 
 def make_layout(B: int, T: int, bounds: list[tuple[int, int]] | None, chunk_size: int, device) -> ChunkLayout:

@@ -49,9 +49,8 @@ import triton
 from . import triton_intra as intra
 from . import triton_kernels as kern
 from . import triton_tune as tune
-from .checks import seq_bounds
 from .chunk import chunk_linear_attention
-from .layout import ChunkLayout, make_layout
+from .layout import ChunkLayout, chunk_layout
 
 CHUNK_SIZE = 64
 SUB_BLOCK = 16      # row sub-block of the per-key intra-chunk kernels (as fla's secondary chunking)
@@ -75,22 +74,6 @@ def _block(d: int, cap: int = BLOCK) -> int:
     return min(max(16, triton.next_power_of_2(d)), cap)
 
 
-def _tables(layout: ChunkLayout, device) -> tuple[torch.Tensor, ...]:
-    # packed sequences -> (reset, end): [1, NC] int32, the sequence starting / ending at each chunk (-1 otherwise),
-    # built on the host from the layout and copied; without packing () (the kernels know row r is sequence r)
-    if layout.dst is None:
-        return ()
-    NC = layout.num_chunks
-    reset = torch.full((1, NC), -1, dtype=torch.int32)
-    end = torch.full((1, NC), -1, dtype=torch.int32)
-    for c, n in layout.resets.items():
-        reset[0, c] = n
-    for c, ns in layout.ends.items():
-        assert len(ns) == 1, "a chunk holds tokens of one sequence only"
-        end[0, c] = ns[0]
-    return reset.to(device), end.to(device)
-
-
 def _tune_key(x: torch.Tensor, V: int, Kg: int) -> tuple:
     # what the best block size / warps / stages of a chunk-level kernel depends on (not T: one program per chunk)
     return (x.shape[-1], V, Kg > 1, x.dtype, x.device)
@@ -103,8 +86,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _setup(B: int, T: int, cu_seqlens, device):
     # -> layout (padded chunk layout), number of states (B, or N packed sequences)
-    bounds = seq_bounds(cu_seqlens, B, T)
-    return make_layout(B, T, bounds, CHUNK_SIZE, device), (B if bounds is None else len(bounds))
+    return chunk_layout(B, T, cu_seqlens, CHUNK_SIZE, device), (B if cu_seqlens is None else cu_seqlens.numel() - 1)
 
 
 def _padded_decay(g4, layout: ChunkLayout, B: int, T: int, H: int, device) -> torch.Tensor:
@@ -121,7 +103,7 @@ def _prepare(k, g4, initial_state, cu_seqlens):
     B, T, H, _ = k.shape
     layout, n_states = _setup(B, T, cu_seqlens, k.device)
     init = None if initial_state is None else initial_state.float().contiguous()
-    return layout, n_states, _tables(layout, k.device), init, _padded_decay(g4, layout, B, T, H, k.device)
+    return layout, n_states, layout.chunk_tables(k.device), init, _padded_decay(g4, layout, B, T, H, k.device)
 
 
 def _padded(layout: ChunkLayout, *xs):
@@ -371,7 +353,7 @@ def triton_chunk_states(k, v, g4, initial_state=None, cu_seqlens=None, recompute
 
     k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K] ([1, 1, H, 1], [B, T, H, 1],
     [B, T, H, K]); initial_state: None or [B or N, H, K, V]. Returns h: [R, H, NC, K, V] in k's dtype, the state
-    entering every chunk of `make_layout`'s padded layout (h_c = state after the first c chunks of its sequence),
+    entering every chunk of `chunk_layout`'s padded layout (h_c = state after the first c chunks of its sequence),
     and final: [B or N, H, K, V] fp32. Differentiable in k, v, g4, initial_state (through h and final).
     recompute_h: keep the initial state instead of h for backward and rebuild h there with one scan (as the op
     does), so the two pieces together keep what the op keeps."""
