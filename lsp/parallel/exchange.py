@@ -111,9 +111,10 @@ def _unpack(buf, S_shape, a_shape, a_dtype):
     return S, a
 
 
-class _Handle:
-    """Carries an in-flight gather from the launch node to the finish node (forward) and back (backward). It holds
-    a buffer only while a collective is in flight; what backward needs is in the nodes' saved tensors."""
+class _GatherHandle:
+    """allgather: carries the in-flight gather from the launch node to the finish node (forward) and back
+    (backward). It holds a buffer only while a collective is in flight; what backward needs is in the nodes' saved
+    tensors."""
 
     def __init__(self, sp, plan, tag, S, a):
         self.sp, self.plan, self.tag = sp, plan, tag
@@ -122,66 +123,37 @@ class _Handle:
         self.buf = self.work = None
         self.bwd = None  # (gathered gradient buffer, work, E_held) between the two backward nodes
 
-    def take(self):
-        buf, self.buf = self.buf, None
-        if self.work is not None:
-            self.work.wait()
-        self.work = None
-        return buf
+    def launch(self, S, a):
+        # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None
+        self.buf, self.work = self.sp.comm.all_gather(_pack(S, a), self.tag, async_op=True)
 
+    def finish(self):
+        # wait for the gathered (S, a) of every segment -> E of the held segments [R, L, B, H, K, V]
+        buf, self.buf, work, self.work = self.buf, None, self.work, None
+        if work is not None:
+            work.wait()
+        S_all, a_all = _unpack(buf, self.S_shape, self.a_shape, self.a_dtype)
+        held = _held(self.sp)
+        E = prefix_states(S_all, a_all, self.sp, self.plan, max(max(segs) for segs in held))
+        return torch.stack([torch.stack([E[i] for i in segs]) for segs in held])
 
-class GatherLaunch(torch.autograd.Function):
-    # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None; token: join token -> token (orders the finish node)
-    @staticmethod
-    def forward(ctx, S, a, token, h):
-        ctx.h = h
-        if not replaying():
-            h.buf, h.work = h.sp.comm.all_gather(_pack(S, a), h.tag, async_op=True)
-        return token_like(S)
+    def launch_backward(self, gE, E, a):
+        buf, work = self.sp.comm.all_gather(_pack(gE, a), self.tag + ":bwd", async_op=True)
+        self.bwd = (buf, work, E)
 
-    @staticmethod
-    def backward(ctx, _):
-        h = ctx.h
-        buf, work, E_held = h.bwd
-        h.bwd = None
+    def input_grads(self):
+        # -> gradients of the launch's S, a
+        buf, work, E_held = self.bwd
+        self.bwd = None
         work.wait()
-        sp = h.sp
-        gE_all, a_all = _unpack(buf, h.S_shape, h.a_shape, h.a_dtype)
+        sp = self.sp
+        gE_all, a_all = _unpack(buf, self.S_shape, self.a_shape, self.a_dtype)
         held = _held(sp)
         E_map = {i: E_held[row, l] for row, segs in enumerate(held) for l, i in enumerate(segs)}
-        gS, ga = suffix_grads(gE_all, E_map, a_all, sp, h.plan)
+        gS, ga = suffix_grads(gE_all, E_map, a_all, sp, self.plan)
         gS_loc = torch.stack([torch.stack([gS[i] for i in segs]) for segs in held])
         ga_loc = None if a_all is None else torch.stack([torch.stack([ga[i] for i in segs]) for segs in held])
-        return gS_loc, ga_loc, None, None
-
-
-def _finish_prefix(h):
-    # wait for the gathered (S, a) of every segment -> E of the held segments [R, L, B, H, K, V]
-    sp = h.sp
-    S_all, a_all = _unpack(h.take(), h.S_shape, h.a_shape, h.a_dtype)
-    held = _held(sp)
-    E = prefix_states(S_all, a_all, sp, h.plan, max(max(segs) for segs in held))
-    return torch.stack([torch.stack([E[i] for i in segs]) for segs in held])
-
-
-class GatherFinish(torch.autograd.Function):
-    # token, a (own decays, kept for backward) -> E: [R, L, B, H, K, V] entering states of the held segments, token
-    @staticmethod
-    def forward(ctx, token, a, h):
-        ctx.set_materialize_grads(False)
-        ctx.h = h
-        E = replayed(lambda: _finish_prefix(h))
-        ctx.save_for_backward(E, a)
-        return E, token_like(E)
-
-    @staticmethod
-    def backward(ctx, gE, _):
-        E, a = ctx.saved_tensors
-        h = ctx.h
-        gE = torch.zeros_like(E) if gE is None else gE.contiguous()
-        buf, work = h.sp.comm.all_gather(_pack(gE, a), h.tag + ":bwd", async_op=True)
-        h.bwd = (buf, work, E)
-        return E.new_empty(0), None, None
+        return gS_loc, ga_loc
 
 
 # ---------------------------------------------------------------------------------------------- chain
@@ -397,58 +369,75 @@ def _walk(sp, fn, overlap: bool):
 
 
 class _ChainHandle:
+    """ring / allscan: the same four steps as `_GatherHandle`, with the walks of the chain (on the helper thread
+    when they overlap the local work)."""
+
     def __init__(self, sp, plan, method, nb):
         self.sp, self.plan = sp, plan
         split, pipelined = method == "allscan", method == "allscan"
         self.walker = lambda fwd, tag: _Walker(sp, plan, fwd, split, nb if pipelined else 1, pipelined, tag)
         self.tag, self.overlap, self.fwd, self.bwd = method, pipelined, None, None
 
+    def launch(self, S, a):
+        S_, a_ = S.detach(), (None if a is None else a.detach())
+        self.fwd = _walk(self.sp, lambda: self.walker(True, self.tag).run(S_, a_), self.overlap)
 
-class ChainLaunch(torch.autograd.Function):
-    # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None; token -> token (orders the finish node)
-    @staticmethod
-    def forward(ctx, S, a, token, h):
-        ctx.h = h
-        if not replaying():
-            S_, a_ = S.detach(), (None if a is None else a.detach())
-            h.fwd = _walk(h.sp, lambda: h.walker(True, h.tag).run(S_, a_), h.overlap)
-        return token_like(S)
+    def finish(self):
+        E, self.fwd = self.fwd.result(), None
+        return E
 
-    @staticmethod
-    def backward(ctx, _):
-        h = ctx.h
-        future, E, a = h.bwd
-        h.bwd = None
+    def launch_backward(self, gE, E, a):
+        gE, a_ = gE.detach(), (None if a is None else a.detach())
+        self.bwd = (_walk(self.sp, lambda: self.walker(False, self.tag + ":bwd").run(gE, a_), self.overlap), E, a)
+
+    def input_grads(self):
+        future, E, a = self.bwd
+        self.bwd = None
         gS = future.result()  # X_i = c_{i+1} G_{i+1} = ∂S_i
         ga = None
         if a is not None:
-            sp = h.sp
+            sp = self.sp
             ga = torch.zeros_like(a)
             for r in sp.comm.ranks:
                 for l, i in enumerate(sp.rank_segments(r)):
                     row = sp.comm.row(r)
-                    ga[row, l] = _decay_grad(gS[row, l] * E[row, l], _decay(a[row, l], h.plan.passes[i]), a[row, l])
-        return gS, ga, None, None
+                    ga[row, l] = _decay_grad(gS[row, l] * E[row, l], _decay(a[row, l], self.plan.passes[i]),
+                                             a[row, l])
+        return gS, ga
 
 
-class ChainFinish(torch.autograd.Function):
-    # token, a (kept for backward) -> E: [R, L, B, H, K, V], token
+# ---------------------------------------------------------------------------------------------- the two nodes
+
+class Launch(torch.autograd.Function):
+    # S: [R, L, B, H, K, V]; a: [R, L, B, H, Kg] or None; token: join token -> token (orders the finish node);
+    # h: the method's handle. A checkpoint recompute launches nothing: Finish replays the recorded result.
+    @staticmethod
+    def forward(ctx, S, a, token, h):
+        ctx.h = h
+        if not replaying():
+            h.launch(S, a)
+        return token_like(S)
+
+    @staticmethod
+    def backward(ctx, _):
+        return (*ctx.h.input_grads(), None, None)
+
+
+class Finish(torch.autograd.Function):
+    # token, a (kept for backward) -> E: [R, L, B, H, K, V] entering states of the held segments, token. Only the
+    # held segments' E and a are saved; backward starts the reverse exchange, Launch's backward finishes it.
     @staticmethod
     def forward(ctx, token, a, h):
         ctx.set_materialize_grads(False)
         ctx.h = h
-        E = replayed(lambda: h.fwd.result())
-        h.fwd = None
+        E = replayed(h.finish)
         ctx.save_for_backward(E, a)
         return E, token_like(E)
 
     @staticmethod
     def backward(ctx, gE, _):
         E, a = ctx.saved_tensors
-        h = ctx.h
-        gE = torch.zeros_like(E) if gE is None else gE.detach()
-        a_ = None if a is None else a.detach()
-        h.bwd = (_walk(h.sp, lambda: h.walker(False, h.tag + ":bwd").run(gE, a_), h.overlap), E, a)
+        ctx.h.launch_backward(torch.zeros_like(E) if gE is None else gE.contiguous(), E, a)
         return E.new_empty(0), None, None
 
 
@@ -457,10 +446,7 @@ def exchange(S, a, token, sp, plan, method: str, scan_blocks: int):
 
     S: [R, L, B, H, K, V] local states; a: [R, L, B, H, Kg] total log-decays or None; token: a join token.
     """
-    if method == "allgather":
-        h = _Handle(sp, plan, "allgather", S, a)
-        launched = GatherLaunch.apply(S, a, token, h)
-        return lambda: GatherFinish.apply(launched, a, h)
-    h = _ChainHandle(sp, plan, method, scan_blocks)
-    launched = ChainLaunch.apply(S, a, token, h)
-    return lambda: ChainFinish.apply(launched, a, h)
+    h = _GatherHandle(sp, plan, method, S, a) if method == "allgather" else _ChainHandle(sp, plan, method,
+                                                                                          scan_blocks)
+    launched = Launch.apply(S, a, token, h)
+    return lambda: Finish.apply(launched, a, h)
