@@ -94,9 +94,9 @@ def kernel_costs(C: int, K: int, V: int) -> dict[str, list[tuple[str, float, flo
     lsp_bwd = lsp_fwd[:3] + [
         ("_dh_kernel", kv, 2 * x + gk + h16), ("_dqk_kernel", kv + vv, 2 * x + gk + h16 + d32 + A),
         ("_dv_kernel", vv, A + x + d32), ("_intra_dqk_kernel", 2 * kk, 2 * x + gk + A + 3 * d32),
-        ("_dg_kernel (output)", 0, 2 * x + 3 * d32), ("_bwd_state_kernel", 0, 2 * h16 + h32),
-        ("_state_dkdv_kernel", 2 * kv, 2 * x + gk + h32 + 2 * d32), ("_dg_kernel (states)", 0, x + 2 * d32),
-        ("sum + casts (torch)", 0, 9 * d32 + 3 * x)]
+        ("_bwd_state_kernel", 0, 2 * h16 + h32),
+        ("_state_dkdv_kernel (+ output dv)", 2 * kv, 2 * x + gk + h32 + 3 * d32),
+        ("_dg_kernel (both pieces, + dk sum)", 0, 2 * x + 5 * d32), ("casts (torch)", 0, 3 * d32 + 3 * x)]
     sub = 6 * 2 * 16 * 16 * K                              # fla forms only the 6 strictly-lower 16x16 blocks
     fla_fwd = [("chunk_local_cumsum", 0, 2 * gk), ("chunk_fwd_h", kv, 2 * x + gk + h16),
                ("chunk_gla_fwd_intra_gk (2 kernels)", sub, 2 * x + gk + 2 * A), ("chunk_gla_fwd_o_gk", kv + vv,

@@ -66,6 +66,7 @@ STATE_WARPS = 8     # the scans hold a [64, 64] fp32 state plus [64, 64] k, v ti
 STATE_STAGES = 2    # forward scan: prefetch one chunk ahead; 3 stages (the default) spill 36 B with per-key decay
                     # and no initial state (255 registers; 2 stages: 197, sm_90a ptxas)
 CHUNK_WARPS = 8
+DG_BLOCK = 32       # K block of the decay-gradient kernel: five [C, BK] fp32 tiles and two cumsums (64 spills 476 B)
 TF32_ENV = "LSP_TRITON_TF32"
 
 
@@ -138,9 +139,10 @@ def _states_fwd(kp, vp, G, init, layout, tables, n_states):
     return h, final
 
 
-def _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg):
-    # dh: [R, H, NC, K, V] or None; dfinal: [n, H, K, V] fp32 or None
-    # -> dk: [R, Tp, H, K], dv: [R, Tp, H, V], dg: [R, Tp, H, Kg] or None (fp32, padded), dinit: [n, H, K, V] fp32
+def _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg, dv_base=None):
+    # dh: [R, H, NC, K, V] or None; dfinal: [n, H, K, V] fp32 or None; dv_base: [R, Tp, H, V] fp32 or None (added
+    # into dv) -> dk: [R, Tp, H, K], dv: [R, Tp, H, V] (fp32, padded), chunk term of dg (StateDecayTerm or None),
+    #    dinit: [n, H, K, V] fp32
     R, Tp, H, K = kp.shape
     V, NC, Kg = vp.shape[-1], layout.num_chunks, G.shape[-1]
     BK, BV = _block(K), _block(V)
@@ -159,19 +161,23 @@ def _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg):
     dk = torch.empty(kp.shape, dtype=torch.float32, device=kp.device)
     dv = torch.empty(vp.shape, dtype=torch.float32, device=kp.device)
     tune.launch(kern._state_dkdv_kernel, "_state_dkdv_kernel", lambda cfg: (nkb + nvb, NC, R * H),
-                (kp, vp, G, dhn, dk, dv, Tp, H, K, V, NC, Kg),
-                dict(C=CHUNK_SIZE, BK=BK, BV=BV, KEY=Kg > 1, PREC=_precision(kp.dtype)), _tune_key(kp, V, Kg))
-    dg = _decay_grad(kp, dk, None, None, dgc, NB, Kg, output=False) if need_dg else None
-    return dk, dv, dg, dinit
+                (kp, vp, G, dhn, dk, dv, dv if dv_base is None else dv_base, Tp, H, K, V, NC, Kg),
+                dict(C=CHUNK_SIZE, BK=BK, BV=BV, KEY=Kg > 1, PREC=_precision(kp.dtype), HAS_BASE=dv_base is not None),
+                _tune_key(kp, V, Kg))
+    return dk, dv, ((dk, dgc, NB) if need_dg else None), dinit
 
 
-def _decay_grad(a, da, b, db, dgc, NB, Kg, output):
-    # chunk-local decay gradient of one piece (triton_kernels._dg_kernel) -> [R, Tp, H, Kg] fp32
-    R, Tp, H, K = a.shape
-    dg = torch.empty(R, Tp, H, Kg, dtype=torch.float32, device=a.device)
+def _decay_grad(kp, Kg, out=None, state=None):
+    # chunk-local decay gradient (triton_kernels._dg_kernel) of the output piece, out = (qp, dq, dk_o), of the
+    # state piece, state = (dk_s, dgc, NB), or of both; with both, dk_o becomes dk_o + dk_s (in place)
+    # -> [R, Tp, H, Kg] fp32
+    R, Tp, H, K = kp.shape
+    qp, dq, dko = out if out is not None else (kp, kp, kp)
+    dks, dgc, NB = state if state is not None else (kp, kp, 0)
+    dg = torch.empty(R, Tp, H, Kg, dtype=torch.float32, device=kp.device)
     kern._dg_kernel[(1, Tp // CHUNK_SIZE, R * H)](
-        a, da, b if output else a, db if output else da, dgc, dg, Tp, H, K, Tp // CHUNK_SIZE, NB, C=CHUNK_SIZE,
-        BK=_block(K), KEY=Kg > 1, OUTPUT=output, num_warps=CHUNK_WARPS)
+        qp, dq, kp, dko, dks, dgc, dg, Tp, H, K, Tp // CHUNK_SIZE, NB, C=CHUNK_SIZE, BK=_block(K, DG_BLOCK), KEY=Kg > 1,
+        OUT=out is not None, STATE=state is not None, num_warps=CHUNK_WARPS)
     return dg
 
 
@@ -198,9 +204,9 @@ def _output_fwd(qp, kp, vp, G, h, scale, out_dtype):
     return o
 
 
-def _output_bwd(qp, kp, vp, G, h, dop, scale, need_dg):
-    # -> dq, dk (intra-chunk part): [R, Tp, H, K], dv: [R, Tp, H, V], dg: [R, Tp, H, Kg] or None (fp32, padded),
-    #    dh: [R, H, NC, K, V] in h's dtype
+def _output_bwd(qp, kp, vp, G, h, dop, scale):
+    # -> dq, dk (intra-chunk part): [R, Tp, H, K], dv: [R, Tp, H, V] (fp32, padded), dh: [R, H, NC, K, V] in h's
+    #    dtype; the decay gradient is `_decay_grad(kp, Kg, out=(qp, dq, dk))`
     R, Tp, H, K = qp.shape
     V, NC, Kg = vp.shape[-1], Tp // CHUNK_SIZE, G.shape[-1]
     BK, BV, prec = _block(K), _block(V), _precision(qp.dtype)
@@ -222,8 +228,7 @@ def _output_bwd(qp, kp, vp, G, h, dop, scale, need_dg):
         intra._intra_dqk_kernel[(CHUNK_SIZE // SUB_BLOCK, NC, R * H)](
             qp, kp, G, dA, dq, dk, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K, SUB_BLOCK_K), PREC=prec,
             num_warps=CHUNK_WARPS)
-    dg = _decay_grad(qp, dq, kp, dk, dq, 1, Kg, output=True) if need_dg else None
-    return dq, dk, dv, dg, dh
+    return dq, dk, dv, dh
 
 
 # -- autograd ---------------------------------------------------------------------------------------------------
@@ -254,9 +259,11 @@ class _ChunkStates(torch.autograd.Function):
         if recompute_h:  # h was not kept: one scan from the saved initial state
             h = _recompute_h(k, v, G, h, layout, tables, n_states)
         need_dg = g4 is not None and ctx.needs_input_grad[2]
-        dk, dv, dg, dinit = _states_bwd(*_padded(layout, k, v), G, h, None if dh is None else dh.contiguous(),
-                                        None if dfinal is None else dfinal.float().contiguous(), layout, tables,
-                                        n_states, need_dg)
+        kp, vp = _padded(layout, k, v)
+        dk, dv, term, dinit = _states_bwd(kp, vp, G, h, None if dh is None else dh.contiguous(),
+                                          None if dfinal is None else dfinal.float().contiguous(), layout, tables,
+                                          n_states, need_dg)
+        dg = None if term is None else _decay_grad(kp, G.shape[-1], state=term)
         return (layout.unpad(dk).to(k.dtype), layout.unpad(dv).to(v.dtype),
                 None if dg is None else _to_decay_shape(dg, layout, g4),
                 None if init_dtype is None else dinit.to(init_dtype), None, None)
@@ -297,8 +304,9 @@ class _ChunkOutput(torch.autograd.Function):
             layout, n_states, tables, _, _ = _prepare(k, None, None, cu_seqlens)
             h = _recompute_h(k, v, G, h, layout, tables, n_states)
         need_dg = g4 is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dg, dh = _output_bwd(*_padded(layout, q, k, v), G, h.contiguous(),
-                                         layout.pad(do.to(q.dtype).contiguous()), scale, need_dg)
+        qp, kp, vp = _padded(layout, q, k, v)
+        dq, dk, dv, dh = _output_bwd(qp, kp, vp, G, h.contiguous(), layout.pad(do.to(q.dtype).contiguous()), scale)
+        dg = _decay_grad(kp, G.shape[-1], out=(qp, dq, dk)) if need_dg else None
         dq, dk, dv = (layout.unpad(x).to(y.dtype) for x, y in ((dq, q), (dk, k), (dv, v)))
         return dq, dk, dv, None if dg is None else _to_decay_shape(dg, layout, g4), dh, None, None, None, None
 
@@ -329,14 +337,19 @@ class _LinearAttention(torch.autograd.Function):
         init = None if initial_state is None else initial_state.float().contiguous()
         h, _ = _states_fwd(kp, vp, G, init, layout, tables, n_states)
         need_dg = g4 is not None and ctx.needs_input_grad[3]
-        dq = dg_o = dh = None
+        dq = dk_o = dv_o = dh = None
         if do is not None:
-            dq, dk_o, dv_o, dg_o, dh = _output_bwd(qp, kp, vp, G, h, layout.pad(do.to(q.dtype).contiguous()),
-                                                   scale, need_dg)
+            dq, dk_o, dv_o, dh = _output_bwd(qp, kp, vp, G, h, layout.pad(do.to(q.dtype).contiguous()), scale)
         dfinal = None if dfinal is None else dfinal.float().contiguous()
-        dk, dv, dg, dinit = _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg)
-        if do is not None:
-            dk, dv, dg = dk + dk_o, dv + dv_o, (None if dg is None else dg + dg_o)
+        # the two pieces' gradients are added inside the kernels: dv in the state dk/dv kernel, dk in the decay
+        # gradient kernel (which reads both dk tiles anyway), or by one in-place add when no decay gradient is needed
+        dk, dv, term, dinit = _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg, dv_o)
+        dg = None
+        if need_dg:
+            dg = _decay_grad(kp, G.shape[-1], None if do is None else (qp, dq, dk_o), term)
+            dk = dk if do is None else dk_o
+        elif do is not None:
+            dk = dk_o.add_(dk)
         grads = [None if x is None else layout.unpad(x).to(y.dtype) for x, y in ((dq, q), (dk, k), (dv, v))]
         dg = None if dg is None else _to_decay_shape(dg, layout, g4)
         dinit = None if initial_state is None else dinit.to(initial_state.dtype)

@@ -251,12 +251,15 @@ def _dh_kernel(q, do, G, dh, scale, Tp, H, K, V, NC, Kg,
 
 
 @triton.jit
-def _state_dkdv_kernel(k, v, G, dhn, dk, dv, Tp, H, K, V, NC, Kg,
-                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KEY: tl.constexpr, PREC: tl.constexpr):
+def _state_dkdv_kernel(k, v, G, dhn, dk, dv, dv_base, Tp, H, K, V, NC, Kg,
+                       C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KEY: tl.constexpr, PREC: tl.constexpr,
+                       HAS_BASE: tl.constexpr):
     # grid (cdiv(K, BK) + cdiv(V, BV), NC, R * H): the state path of chunk c,
     #   S_next = exp(G_C) ⊙ S + Σ_j (k_j ⊙ exp(G_C - G_j))ᵀ v_j, with dA = dhn[c]:
     #   dk_j = exp(G_C - G_j) ⊙ (v_j dAᵀ)  (first cdiv(K, BK) programs, a K block each, looping over V blocks)
     #   dv_j = (k_j ⊙ exp(G_C - G_j)) dA   (the others, a V block each, looping over K blocks)
+    # HAS_BASE: dv = dv_base + that (the output piece's dv added here, not in a pass of its own; dv_base is only
+    # read, so a re-run (autotuning) gives the same result)
     blk, c, rh, r, hh = _chunk_ids(H)
     nkb = tl.cdiv(K, BK)
     t0 = c * C
@@ -278,41 +281,59 @@ def _state_dkdv_kernel(k, v, G, dhn, dk, dv, Tp, H, K, V, NC, Kg,
             k_dec = (k_c.to(tl.float32) * _decay_to(G_c, G_last, KEY)).to(k_c.dtype)
             dA = _load_state(dhn, rh, c, NC, K, V, kb * BK, v0, BK, BV).to(k_c.dtype)
             acc += tl.dot(k_dec, dA, input_precision=PREC)
+        if HAS_BASE:
+            acc += _load_tile(dv_base, r, t0, hh, Tp, H, V, C, BV, v0)
         _store_tile(dv, acc, r, t0, hh, Tp, H, V, C, BV, v0)
 
 
 @triton.jit
-def _dg_kernel(a, da, b, db, dgc, dg, Tp, H, K, NC, NB,
-               C: tl.constexpr, BK: tl.constexpr, KEY: tl.constexpr, OUTPUT: tl.constexpr):
-    # grid (1, NC, R * H): the decay gradient of one chunk, chunk-local (G_t = Σ_{s<=t in the chunk} g_s):
-    #   OUTPUT: dg_t = Σ_{s >= t} (a_s ⊙ da_s - b_s ⊙ db_s)            (a, b = q, k of the output piece)
-    #   else:   dg_t = Σ_{b} dgc[rh, c, b] + Σ_{s < t} a_s ⊙ da_s        (a = k of the state piece, dgc: chunk term)
+def _dg_kernel(q, dq, k, dko, dks, dgc, dg, Tp, H, K, NC, NB,
+               C: tl.constexpr, BK: tl.constexpr, KEY: tl.constexpr, OUT: tl.constexpr, STATE: tl.constexpr):
+    # grid (1, NC, R * H): the decay gradient of one chunk, chunk-local (G_t = Σ_{s<=t in the chunk} g_s), of the
+    # output piece (OUT), the state piece (STATE) or the whole op (both):
+    #   OUT:   Σ_{s >= t} (q_s ⊙ dq_s - k_s ⊙ dko_s)                   (dko: the output piece's dk)
+    #   STATE: Σ_b dgc[rh, c, b] + Σ_{s < t} k_s ⊙ dks_s               (dks: the state piece's dk, dgc: chunk term)
+    # Both: dko += dks as well (the op's dk, in place: the tile is read here anyway). The two sums stay separate
+    # cumsums: the exclusive one is not formed as total - suffix, which would cancel under strong decay.
     # dg: [R, Tp, H, K] (KEY) or [R, Tp, H, 1]; dgc: [R * H, NC, NB, K or 1]
     _, c, rh, r, hh = _chunk_ids(H)
     t0 = c * C
-    acc = tl.zeros([C], dtype=tl.float32)
+    rev = tl.zeros([C], dtype=tl.float32)
+    exc = tl.zeros([C], dtype=tl.float32)
     for kb in range(tl.cdiv(K, BK)):
         k0 = kb * BK
-        x = _load_tile(a, r, t0, hh, Tp, H, K, C, BK, k0) * _load_tile(da, r, t0, hh, Tp, H, K, C, BK, k0)
-        if OUTPUT:
-            x -= _load_tile(b, r, t0, hh, Tp, H, K, C, BK, k0) * _load_tile(db, r, t0, hh, Tp, H, K, C, BK, k0)
+        k_c = _load_tile(k, r, t0, hh, Tp, H, K, C, BK, k0)
+        x = tl.zeros([C, BK], dtype=tl.float32)
+        y = tl.zeros([C, BK], dtype=tl.float32)
+        if OUT:
+            dko_c = _load_tile(dko, r, t0, hh, Tp, H, K, C, BK, k0)
+            x = _load_tile(q, r, t0, hh, Tp, H, K, C, BK, k0) * _load_tile(dq, r, t0, hh, Tp, H, K, C, BK, k0)
+            x -= k_c * dko_c
+        if STATE:
+            dks_c = _load_tile(dks, r, t0, hh, Tp, H, K, C, BK, k0)
+            y = k_c * dks_c
+            if OUT:
+                _store_tile(dko, dko_c + dks_c, r, t0, hh, Tp, H, K, C, BK, k0)
         if KEY:
-            _store_tile(dg, _chunk_local_sum(x, dgc, rh, c, NC, NB, K, k0, BK, OUTPUT), r, t0, hh, Tp, H, K, C, BK, k0)
+            res = tl.cumsum(x, 0, reverse=True) + tl.cumsum(y, 0) - y
+            if STATE:
+                res += _chunk_term(dgc, rh, c, NC, NB, K, k0, BK)[None, :]
+            _store_tile(dg, res, r, t0, hh, Tp, H, K, C, BK, k0)
         else:
-            acc += tl.sum(x, 1)
+            rev += tl.sum(x, 1)
+            exc += tl.sum(y, 1)
     if not KEY:
-        res = _chunk_local_sum(acc[:, None], dgc, rh, c, NC, NB, 1, 0, 1, OUTPUT)
-        _store_tile(dg, res, r, t0, hh, Tp, H, 1, C, 1)
+        res = tl.cumsum(rev, 0, reverse=True) + tl.cumsum(exc, 0) - exc
+        if STATE:
+            res += tl.sum(_chunk_term(dgc, rh, c, NC, NB, 1, 0, 1), 0)
+        _store_tile(dg, res[:, None], r, t0, hh, Tp, H, 1, C, 1)
 
 
 @triton.jit
-def _chunk_local_sum(x, dgc, rh, c, NC, NB, D, d0, BD: tl.constexpr, OUTPUT: tl.constexpr):
-    # x: [C, BD] -> reverse inclusive cumsum over the chunk (OUTPUT), else exclusive cumsum + the chunk term
-    if OUTPUT:
-        return tl.cumsum(x, 0, reverse=True)
-    else:
-        dd = d0 + tl.arange(0, BD)
-        term = tl.zeros([BD], dtype=tl.float32)
-        for nb in range(NB):
-            term += tl.load(dgc + ((rh.to(tl.int64) * NC + c) * NB + nb) * D + dd, mask=dd < D, other=0.0)
-        return tl.cumsum(x, 0) - x + term[None, :]
+def _chunk_term(dgc, rh, c, NC, NB, D, d0, BD: tl.constexpr):
+    # Σ_b dgc[rh, c, b, d0:d0+BD] -> [BD]: the state piece's chunk term, summed over its state blocks
+    dd = d0 + tl.arange(0, BD)
+    term = tl.zeros([BD], dtype=tl.float32)
+    for nb in range(NB):
+        term += tl.load(dgc + ((rh.to(tl.int64) * NC + c) * NB + nb) * D + dd, mask=dd < D, other=0.0)
+    return term
