@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 # its default), less the fields another section sets. HybridConfig has no default for the shape keys; a run without
 # a `model:` section trains this tiny CPU model, and vocab_size 0 takes the vocabulary from the data.
 RUN_MODEL_DEFAULTS = dict(vocab_size=0, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, layer_pattern="LS")
-SET_ELSEWHERE = {"activation_checkpointing": "train.activation_checkpointing"}
+SET_ELSEWHERE = ("activation_checkpointing",)   # a train.* key
 
 
 def _model_section():

@@ -81,6 +81,17 @@ def test_train_owned_field_is_not_a_model_key():
         load_config(TINY, ["model.activation_checkpointing=true"])
 
 
+def test_no_back_door_around_the_validated_keys(tmp_path):
+    """`model.extra.sp_method` used to override the validated parallel.sp_method in silence; a model key that is no
+    HybridConfig field is now rejected by name, on the command line and in a file. Control: the real key works."""
+    saved = tmp_path / "old.yaml"
+    saved.write_text("model:\n  extra: {sp_method: ring}\n")
+    for args in ((TINY, ["model.sp_method=ring"]), (str(saved), [])):
+        with pytest.raises(ConfigError, match=r"^model.sp_method: unknown key; did you mean parallel.sp_method\?"):
+            load_config(*args)
+    assert load_config(TINY, ["parallel.sp_method=ring"]).parallel.sp_method == "ring"
+
+
 def old_format(config_yaml: str, moved: dict) -> str:
     """A config.yaml as the old schema wrote it: the seven hand-copied keys, the rest under `model.extra`."""
     cfg = yaml.safe_load(config_yaml)
