@@ -29,7 +29,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .faults import maybe_pause_checkpoint
 from .files import write_text_atomic
 from .runs import STEP_DIR, find_checkpoint, is_complete, latest_checkpoint, step_dir  # noqa: F401 (torch-free)
 
@@ -84,11 +83,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[
         with _quiet_single_process():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(rng_state(), os.path.join(tmp, f"rng_{_rank()}.pt"))
-    maybe_pause_checkpoint(step)   # test hook: a kill here leaves a half-written step_N.tmp
-    if _rank() == 0:
-        torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            f.write(config_yaml)
+    _write_trainer_state(tmp, trainer_state, config_yaml)
     _barrier()
     if _rank() == 0:
         _publish(tmp, final)
@@ -96,6 +91,16 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[
         _prune(root, keep)
     _barrier()
     return final
+
+
+def _write_trainer_state(tmp: str, trainer_state: Dict[str, Any], config_yaml: str) -> None:
+    """Rank 0 writes trainer.pt (whose presence makes the folder complete: runs.is_complete) and config.yaml.
+    Every rank calls it after its shards, so a kill before it leaves a torn step_N.tmp (the SIGKILL test pauses
+    here: tests/reliability/faulty_entry.py)."""
+    if _rank() == 0:
+        torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(config_yaml)
 
 
 def _publish(tmp: str, final: str) -> None:

@@ -10,6 +10,7 @@ import difflib
 import importlib.util
 import json
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -17,7 +18,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from lsp.names import LAYOUTS, LINEAR_VARIANTS, SP_METHODS
+from lsp.hybrid_config import HybridConfig, HybridConfigError
+from lsp.names import LAYOUTS, SP_METHODS
 
 from .signals import SIGNALS, bad_signal
 
@@ -30,16 +32,24 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
-@dataclass
-class ModelConfig:
-    vocab_size: int = 0  # 0 = take it from the data (MQAR vocabulary or tokenizer)
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    num_kv_heads: int = 2
-    layer_pattern: str = "LS"
-    linear_attn: str = "gla"
-    extra: Dict[str, Any] = field(default_factory=dict)  # passed verbatim to lsp.models.HybridConfig
+# The `model:` section is HybridConfig itself (lsp/hybrid_config.py: one definition of every model key, its type and
+# its default), less the fields another section sets. HybridConfig has no default for the shape keys; a run without
+# a `model:` section trains this tiny CPU model, and vocab_size 0 takes the vocabulary from the data.
+RUN_MODEL_DEFAULTS = dict(vocab_size=0, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, layer_pattern="LS")
+SET_ELSEWHERE = ("activation_checkpointing",)   # a train.* key
+
+
+def _model_section():
+    """The dataclass of the `model:` section, derived from `HybridConfig`'s fields (torch-free import)."""
+    types = typing.get_type_hints(HybridConfig)
+    spec = [(f.name, types[f.name], field(default=RUN_MODEL_DEFAULTS.get(f.name, f.default)))
+            for f in dataclasses.fields(HybridConfig) if f.name not in SET_ELSEWHERE]
+    section = dataclasses.make_dataclass("ModelConfig", spec)
+    section.__module__ = __name__
+    return section
+
+
+ModelConfig = _model_section()
 
 
 @dataclass
@@ -143,7 +153,6 @@ class Config:
 
 
 CHOICES = {
-    "model.linear_attn": LINEAR_VARIANTS,
     "data.kind": ("mqar", "files"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -154,10 +163,10 @@ CHOICES = {
     "parallel.engine": ("ddp", "fsdp", "deepspeed"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
-POSITIVE = ("model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads", "data.seq_len",
-            "data.mqar.num_kv_pairs", "data.mqar.num_queries", "data.mqar.num_keys", "data.mqar.num_values",
-            "data.eval_batches", "optim.lr", "train.steps", "train.micro_batch", "train.grad_accum",
-            "train.log_every", "parallel.sp", "parallel.scan_blocks", "checkpoint.keep", "checkpoint.save_timeout_s")
+POSITIVE = ("data.seq_len", "data.mqar.num_kv_pairs", "data.mqar.num_queries", "data.mqar.num_keys",
+            "data.mqar.num_values", "data.eval_batches", "optim.lr", "train.steps", "train.micro_batch",
+            "train.grad_accum", "train.log_every", "parallel.sp", "parallel.scan_blocks", "checkpoint.keep",
+            "checkpoint.save_timeout_s")
 NON_NEGATIVE = ("model.vocab_size", "optim.min_lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps",
                 "train.grad_clip", "train.seed", "train.eval_every", "parallel.dp", "checkpoint.every",
                 "logging.peak_tflops")
@@ -221,13 +230,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
                 raise _yaml_error(path, err) from None
             if not isinstance(loaded, DictConfig):
                 raise ConfigError("config", f"{path} must be a YAML mapping of sections (model:, data:, train:, ...)")
-            merged = OmegaConf.merge(merged, loaded)
+            merged = OmegaConf.merge(merged, lift_model_extra(loaded))
         for item in overrides or []:
             if "=" not in item:
                 raise ConfigError(item, "override must look like key=value")
             key = item.split("=", 1)[0]
-            free_form = key.startswith("model.extra.")
-            if not free_form and OmegaConf.select(schema, key, default="__missing__") == "__missing__":
+            if OmegaConf.select(schema, key, default="__missing__") == "__missing__":
                 raise unknown_key(key)
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         cfg = OmegaConf.to_object(merged)
@@ -253,13 +261,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
     for key in NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise ConfigError(key, f"must be >= 0, got {_get(cfg, key)}")
-    m, d, o, p = cfg.model, cfg.data, cfg.optim, cfg.parallel
-    if not m.layer_pattern or set(m.layer_pattern) - {"L", "S"}:
-        raise ConfigError("model.layer_pattern", f"{m.layer_pattern!r} must be a non-empty string of L and S")
-    if m.hidden_size % m.num_heads:
-        raise ConfigError("model.num_heads", f"{m.num_heads} does not divide model.hidden_size={m.hidden_size}")
-    if m.num_heads % m.num_kv_heads:
-        raise ConfigError("model.num_kv_heads", f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
+    hybrid_config(cfg, vocab_size=1)   # HybridConfig's own checks, named model.<key>
+    d, o, p = cfg.data, cfg.optim, cfg.parallel
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise ConfigError("optim.betas", f"{list(o.betas)} must be two numbers in [0, 1)")
     if o.min_lr > o.lr:
@@ -303,23 +306,32 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
             raise ConfigError("parallel.dp", f"dp={dp} x sp={p.sp} != world size {world_size}")
 
 
-def hybrid_config(cfg: Config, vocab_size: int):
-    """The `HybridConfig` of the `model` section (+ train/parallel switches); its errors become ConfigError.
+def lift_model_extra(loaded: DictConfig) -> DictConfig:
+    """A config.yaml saved before `model.extra` was removed: its `model.extra: {k: v}` is read as `model.k: v`
+    (checkpoints keep loading; a key that is not a HybridConfig field is still rejected by name)."""
+    model = loaded.get("model")
+    if not isinstance(model, DictConfig) or "extra" not in model:
+        return loaded
+    extra = model.pop("extra")
+    if extra:
+        loaded.model = OmegaConf.merge(model, extra)
+    return loaded
 
-    Lives with the schema so that the trainer and the planner (lsp.plan) build the same model config without the
-    planner importing the trainer; lsp.models is imported lazily (this module stays torch-free)."""
-    from lsp.models import HybridConfig
+
+def hybrid_config(cfg: Config, vocab_size: int) -> HybridConfig:
+    """The `HybridConfig` of the `model:` section (+ train.activation_checkpointing), as the trainer and the planner
+    (lsp.plan) build it; its errors become one-line ConfigErrors naming the key (`model.head_dim: ...`).
+    vocab_size: the data's, used when model.vocab_size is 0 (validate passes 1: no data is read there)."""
     m = cfg.model
     if m.vocab_size and m.vocab_size < vocab_size:
         raise ConfigError("model.vocab_size", f"{m.vocab_size} is smaller than the data vocabulary {vocab_size}")
-    kwargs = dict(vocab_size=m.vocab_size or vocab_size, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                  num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, layer_pattern=m.layer_pattern,
-                  linear_attn=m.linear_attn, activation_checkpointing=cfg.train.activation_checkpointing)
-    kwargs.update(m.extra)
+    kwargs = {**dataclasses.asdict(m), "vocab_size": m.vocab_size or vocab_size,
+              "activation_checkpointing": cfg.train.activation_checkpointing}
     try:
-        return HybridConfig.from_dict(kwargs)
-    except (TypeError, ValueError) as err:
-        raise ConfigError("model", str(err).splitlines()[0]) from None
+        return HybridConfig(**kwargs)
+    except HybridConfigError as err:
+        hint = did_you_mean(getattr(m, err.key), err.choices) if err.choices else ""
+        raise ConfigError(f"model.{err.key}", err.detail_for("model.") + hint) from None
 
 
 def _check_tokenizer_file(path: str) -> None:

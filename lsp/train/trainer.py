@@ -19,7 +19,6 @@ from .config import Config, ConfigError, hybrid_config, to_yaml
 from .data import IGNORE_INDEX, Batch, DataLoader, build_token_file, make_tokenizer
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
 from .engine import Engine
-from .faults import maybe_kill, maybe_slow_step, poison_loss
 from .logger import RunLogger, peak_flops, peak_memory_gb
 from .signals import StopRequested, StopSignals, signal_name
 
@@ -130,9 +129,7 @@ class Trainer:
             ids, labels, cu = self.to_local(batch)
             last = i == len(micro) - 1
             with self.engine.sync_context(last):
-                with autocast(self.cfg, self.mesh.device):
-                    out = self.engine.model(ids, labels=labels, sp=self.sp, cu_seqlens=cu)
-                loss = poison_loss(out.loss, self.mesh.rank, self.step + 1)   # test hook, inert by default
+                loss = self.micro_loss(ids, labels, cu)
                 self.engine.backward(loss)
             if not last:
                 self.engine.micro_step()
@@ -150,6 +147,13 @@ class Trainer:
         loss = all_reduce_mean((total / len(micro)).float(), self.mesh).item()
         return {"loss": loss, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps,
                 "stop": stop_request(flags)}
+
+    def micro_loss(self, ids: torch.Tensor, labels: torch.Tensor, cu: Optional[torch.Tensor]) -> torch.Tensor:
+        """The global-mean loss of one micro-batch of step self.step + 1 (the reliability tests wrap this seam to
+        make it NaN on one rank: tests/reliability/faulty_entry.py)."""
+        # ids, labels: [micro_batch, local tokens]; cu: global cu_seqlens or None -> []
+        with autocast(self.cfg, self.mesh.device):
+            return self.engine.model(ids, labels=labels, sp=self.sp, cu_seqlens=cu).loss
 
     def step_flags(self, total_loss: torch.Tensor) -> torch.Tensor:
         """[3, world] per-rank flags summed over all ranks: non-finite loss, non-finite gradients, and the number of
@@ -253,8 +257,6 @@ class Trainer:
                 self.save()
             if stop:
                 return losses, last, stop
-            maybe_kill(self.mesh.rank, self.step, cfg.run_dir)   # test hooks, inert by default
-            maybe_slow_step()
         return losses, last, None
 
     def metrics_row(self, metrics: Dict[str, Any]) -> Dict[str, Any]:

@@ -8,6 +8,15 @@ import time
 
 from tests.train.conftest import REPO, SMALL, TINY, _single_process_env, run_lsp  # noqa: F401  (autouse fixture)
 
+from .faulty_entry import MODULE as FAULTY
+
+
+def run_faulty(*args, timeout=300, env_extra=None):
+    """`lsp ARGS` with the faults of env_extra (LSP_TEST_*: tests/reliability/faulty_entry.py) injected."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", FAULTY, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=REPO)
+
 
 def descendants(pid):
     """Children, grandchildren, ... of a live process (all its threads), from /proc."""
@@ -36,10 +45,11 @@ def logged_steps(run_dir):
 
 
 def signal_mid_run(argv, run_dir, sig, log_dir, after_steps=2, env_extra=None, timeout=120):
-    """Start `python -m lsp.cli ARGV` (or the python ARGV when it starts with "-c") with slowed steps and send SIG to
-    its PID once AFTER_STEPS are logged. Returns (returncode, stdout, stderr, its descendants before the signal)."""
+    """Start `lsp ARGV` (through faulty_entry, or the python ARGV when it starts with "-c") with slowed steps and send
+    SIG to its PID once AFTER_STEPS are logged.
+    Returns (returncode, stdout, stderr, its descendants before the signal)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", LSP_TEST_STEP_SLEEP="0.3", **(env_extra or {}))
-    argv = argv if argv[0] == "-c" else ["-m", "lsp.cli", *argv]
+    argv = argv if argv[0] == "-c" else ["-m", FAULTY, *argv]
     # output to files, not pipes: surviving grandchildren would hold a pipe open and stall the read
     with open(os.path.join(log_dir, "stdout"), "w+") as out, open(os.path.join(log_dir, "stderr"), "w+") as err:
         proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=err, text=True, env=env, cwd=REPO)

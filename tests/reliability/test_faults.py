@@ -16,7 +16,7 @@ from lsp.train.checkpoint import is_complete, latest_checkpoint
 from lsp.train.config import load_config
 from lsp.train.trainer import Trainer
 
-from .conftest import REPO, TINY, run_lsp, signal_mid_run, wait_gone
+from .conftest import FAULTY, REPO, TINY, run_faulty, run_lsp, signal_mid_run, wait_gone
 
 STEPS = 8
 COMMON = [f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "optim.warmup_steps=2",
@@ -45,16 +45,16 @@ def test_rank_killed_torchrun_restarts_and_resumes_bitwise(straight, tmp_path):
     """Rank 1 dies after step 6 (checkpoint at 4); --max-restarts 1 restarts both ranks, they resume from step 4 and
     the losses equal the uninterrupted run bitwise (steps 1-4: a second identical run; 5-8: after the resume)."""
     _, ref = straight
-    proc = run_lsp("launch", "--nproc-per-node", "2", "--max-restarts", "1", TINY, f"out_dir={tmp_path}", *COMMON,
-                   timeout=400, env_extra={"LSP_TEST_KILL_AT_STEP": "1:6"})
+    proc = run_faulty("launch", "--nproc-per-node", "2", "--max-restarts", "1", TINY, f"out_dir={tmp_path}",
+                      *COMMON, timeout=400, env_extra={"LSP_TEST_KILL_AT_STEP": "1:6"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "lsp-test: rank 1 dies after step 6" in proc.stderr
     assert "resumed from" in proc.stdout and "step_00000004 at step 4" in proc.stdout
     losses, _ = losses_of(os.path.join(tmp_path, "tiny-cpu"))
     assert losses == ref                                   # bitwise, 8 rows (rows 5-6 of the dead attempt dropped)
     # control: without --max-restarts the same failure fails the launch
-    proc = run_lsp("launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}/b", *COMMON, timeout=300,
-                   env_extra={"LSP_TEST_KILL_AT_STEP": "1:2"})
+    proc = run_faulty("launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}/b", *COMMON, timeout=300,
+                      env_extra={"LSP_TEST_KILL_AT_STEP": "1:2"})
     assert proc.returncode != 0
 
 
@@ -113,8 +113,8 @@ def test_elastic_resume_at_other_dp_sp(straight, tmp_path):
 def test_nonfinite_on_one_rank_is_skipped_on_every_rank(straight, tmp_path):
     """NaN loss on rank 1 at step 3 of a 2-rank run with on_nonfinite=skip: both ranks report it and skip the update;
     step 4's loss equals that of a model updated at steps 1, 2 only (independent in-process reference)."""
-    proc = run_lsp("launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}", *COMMON, "train.steps=4",
-                   "train.on_nonfinite=skip", timeout=300, env_extra={"LSP_TEST_NONFINITE_AT": "1:3"})
+    proc = run_faulty("launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}", *COMMON, "train.steps=4",
+                      "train.on_nonfinite=skip", timeout=300, env_extra={"LSP_TEST_NONFINITE_AT": "1:3"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         # the loss is bad on rank 1 only; DDP's all-reduce spreads NaN gradients to rank 0
@@ -135,8 +135,8 @@ def test_nonfinite_on_one_rank_is_skipped_on_every_rank(straight, tmp_path):
 
 
 def test_nonfinite_stop_exits_and_keeps_last_checkpoint(tmp_path):
-    proc = run_lsp("train", TINY, f"out_dir={tmp_path}", *COMMON, "parallel.sp=1", "checkpoint.every=2",
-                   timeout=300, env_extra={"LSP_TEST_NONFINITE_AT": "0:3"})
+    proc = run_faulty("train", TINY, f"out_dir={tmp_path}", *COMMON, "parallel.sp=1", "checkpoint.every=2",
+                      timeout=300, env_extra={"LSP_TEST_NONFINITE_AT": "0:3"})
     assert proc.returncode == 3, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     ckpts = os.path.join(tmp_path, "tiny-cpu", "checkpoints")
@@ -154,7 +154,7 @@ def test_sigkill_during_checkpoint_write_keeps_last_good(tmp_path):
     newest complete checkpoint, the restart resumes from it and ends bitwise equal to an uninterrupted run."""
     args = [TINY, f"out_dir={tmp_path}", *COMMON, "parallel.sp=1", "checkpoint.every=2", "train.steps=6"]
     env = dict(os.environ, OMP_NUM_THREADS="1", LSP_TEST_CKPT_SLEEP="4:120")
-    proc = subprocess.Popen([sys.executable, "-m", "lsp.cli", "train", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", FAULTY, "train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO)
     try:
         for line in proc.stdout:
@@ -177,3 +177,18 @@ def test_sigkill_during_checkpoint_write_keeps_last_good(tmp_path):
     ref = Trainer(load_config(TINY, [f"out_dir={tmp_path}/ref", *COMMON, "parallel.sp=1", "checkpoint.every=2",
                                      "train.steps=6"])).fit()
     assert resumed == ref["losses"]                                                   # bitwise
+
+
+def test_production_code_reads_no_test_switches():
+    """The faults above are injected by tests/reliability/faulty_entry.py around the trainer's seams; no module of
+    lsp/ reads an LSP_TEST_* variable. Control: the same scan finds them in the test entry."""
+    def readers(root):
+        found = []
+        for folder, _, files in os.walk(root):
+            for name in files:
+                if name.endswith(".py"):
+                    with open(os.path.join(folder, name)) as f:
+                        found += [name] * ("LSP_TEST_" in f.read())
+        return found
+    assert readers(os.path.join(REPO, "lsp")) == []
+    assert "faulty_entry.py" in readers(os.path.join(REPO, "tests", "reliability"))

@@ -15,6 +15,7 @@ from lsp.train.config import load_config
 from lsp.train.trainer import Trainer
 
 from .conftest import REPO, TINY, run_lsp, signal_mid_run, wait_gone
+from .faulty_entry import worker_command
 
 FAST = ["train.steps=40", "train.log_every=1", "train.eval_every=0", "data.eval_batches=1", "logging.wandb=false",
         "logging.tqdm=false", "logging.plot=false"]
@@ -49,7 +50,7 @@ def test_old_subprocess_wrapper_leaves_orphans(tmp_path):
     """Negative control for the orphan check: the previous `lsp launch` (subprocess.call around torchrun) dies on
     SIGTERM and its ranks live on; the same check must report them (they are killed afterwards)."""
     args = build_parser().parse_args(["launch", "--nproc-per-node", "2", TINY, f"out_dir={tmp_path}", *FAST])
-    wrapper = f"import subprocess, sys; sys.exit(subprocess.call({torchrun_command(args)!r}))"
+    wrapper = f"import subprocess, sys; sys.exit(subprocess.call({worker_command(torchrun_command(args))!r}))"
     code, _, _, procs = signal_mid_run(["-c", wrapper], os.path.join(tmp_path, "tiny-cpu"), signal.SIGTERM,
                                        tmp_path)
     assert code == -signal.SIGTERM

@@ -13,11 +13,11 @@ from .conftest import REPO, TINY, run_lsp
 def test_defaults_yaml_and_overrides():
     assert load_config() == Config()
     cfg = load_config(TINY, ["train.steps=7", "optim.betas=[0.8,0.9]", "parallel.sp_method=ring",
-                             "model.extra.rope_theta=500000.0", "checkpoint.resume=false"])
+                             "model.rope_theta=500000.0", "checkpoint.resume=false"])
     assert cfg.name == "tiny-cpu" and cfg.parallel.sp == 2          # from the YAML
     assert cfg.train.steps == 7 and cfg.optim.betas == [0.8, 0.9]    # overrides win
     assert cfg.parallel.sp_method == "ring" and cfg.checkpoint.resume is False
-    assert cfg.model.extra == {"rope_theta": 500000.0}
+    assert cfg.model.rope_theta == 500000.0
     assert isinstance(cfg.optim.lr, float) and isinstance(cfg.train.steps, int)
     assert cfg.checkpoint_dir.endswith("runs/tiny-cpu/checkpoints")
 
@@ -49,6 +49,11 @@ BAD = [
     ("train", ["model.num_kv_heads=3", "model.num_heads=2"], "model.num_kv_heads: 3 does not divide"),
     ("train", ["model.num_heads=3"], "model.num_heads: 3 does not divide model.hidden_size=64"),
     ("train", ["model.layer_pattern=LXS"], "model.layer_pattern:"),
+    # every HybridConfig field is a model key, checked by HybridConfig itself (tests/train/test_model_schema.py)
+    ("train", ["model.head_dim=15"], "model.head_dim: must be a positive even int (RoPE rotates pairs), got 15"),
+    ("train", ["model.linear_backend=trton"], "model.linear_backend: 'trton' is not one of auto, torch, triton, "
+                                              "naive; did you mean triton?"),
+    ("train", ["model.extra.rope_theta=1"], "model.extra.rope_theta: unknown key; did you mean model.rope_theta?"),
     ("train", ["optim.betas=[0.9]"], "optim.betas:"),
     ("train", ["data.val_fraction=1.5"], "data.val_fraction: 1.5 must be in [0, 1)"),
     ("train", ["parallel.zero=2"], "parallel.zero: 2 needs parallel.engine=fsdp or deepspeed"),

@@ -1,0 +1,130 @@
+"""`HybridConfig`: every hyper-parameter of a hybrid linear/softmax attention LM, validated on construction.
+
+The one model schema: the run config's `model:` section is derived from its fields (lsp/train/config.py), so every
+field below is a config key `model.<field>` and its errors name that key. Torch-free and outside `lsp.models`
+(whose package imports torch) so that a config is checked before torch is imported; `lsp.models.HybridConfig` and
+`lsp.models.config` re-export it.
+"""
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, fields
+
+from lsp.names import KERNEL_BACKENDS as LINEAR_BACKENDS
+from lsp.names import LINEAR_VARIANTS as LINEAR_ATTN
+
+POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ce_chunk_size", "gate_low_rank_dim",
+                 "delta_conv_size")
+POSITIVE_NUMBERS = ("rope_theta", "norm_eps", "gate_logit_normalizer", "initializer_range")
+
+
+class HybridConfigError(ValueError):
+    """A bad HybridConfig value. `key` is the offending field; `detail` writes any other field it names as
+    `{p}name`, so that the run config can say `model.name` (`detail_for("model.")`) and the library says `name`."""
+
+    def __init__(self, key: str, detail: str, choices: tuple = ()):
+        self.key, self.detail, self.choices = key, detail, tuple(choices)
+        sep = " " if detail.startswith("must") else ": "   # "head_dim must be ...", "num_kv_heads: 3 does not ..."
+        super().__init__(f"{key}{sep}{self.detail_for('')}")
+
+    def detail_for(self, prefix: str) -> str:
+        return self.detail.replace("{p}", prefix)
+
+
+def default_intermediate_size(hidden_size: int) -> int:
+    """SwiGLU width: about 8/3 * hidden (same parameter count as a 4x GELU MLP), rounded up to a multiple of 64."""
+    return -(-(8 * hidden_size) // (3 * 64)) * 64
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class HybridConfig:
+    """Shape and training switches of `HybridLM`.
+
+    layer_pattern: letters `L` (linear attention) / `S` (softmax attention), repeated to num_layers.
+    Labels passed to the model are aligned with input_ids (see `HybridLM.forward`).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None          # softmax layers only (GQA); None = num_heads
+    layer_pattern: str = "LLLS"
+    linear_attn: str = "gla"                 # linear | lightning | simple_gla | gla | deltanet | gated_deltanet
+    head_dim: int | None = None              # None = hidden_size // num_heads
+    intermediate_size: int | None = None     # None = default_intermediate_size(hidden_size)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    gate_low_rank_dim: int = 16              # GLA: rank of the per-key decay projection W2 W1
+    gate_logit_normalizer: float = 16.0      # GLA: g = logsigmoid(.) / normalizer
+    delta_conv_size: int = 4                 # deltanet / gated_deltanet: kernel of the short causal conv on q, k, v
+    linear_backend: str = "auto"             # kernel backend of lsp.ops.linear_attention / delta_rule
+    ce_chunk_size: int = 4096                # tokens per cross-entropy chunk
+    activation_checkpointing: bool = False   # recompute each block in backward
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        for name in POSITIVE_INTS:
+            if not _is_int(value := getattr(self, name)) or value <= 0:
+                raise HybridConfigError(name, f"must be a positive int, got {value!r}")
+        for name in POSITIVE_NUMBERS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise HybridConfigError(name, f"must be a positive number, got {value!r}")
+        self._check_names()
+        self._fill_shapes()
+
+    def _check_names(self) -> None:
+        if not isinstance(self.layer_pattern, str) or not self.layer_pattern or set(self.layer_pattern) - {"L", "S"}:
+            raise HybridConfigError("layer_pattern", f"{self.layer_pattern!r} must be a non-empty string of L and S "
+                                    "(L linear, S softmax attention)")
+        for name, choices in (("linear_attn", LINEAR_ATTN), ("linear_backend", LINEAR_BACKENDS)):
+            if (value := getattr(self, name)) not in choices:
+                raise HybridConfigError(name, f"{value!r} is not one of {', '.join(choices)}", choices)
+
+    def _fill_shapes(self) -> None:
+        """Resolve the None defaults (head_dim, num_kv_heads, intermediate_size) and check that the heads fit."""
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise HybridConfigError("num_heads", f"{self.num_heads} does not divide {{p}}hidden_size="
+                                        f"{self.hidden_size}")
+            self.head_dim = self.hidden_size // self.num_heads
+        if not _is_int(self.head_dim) or self.head_dim <= 0 or self.head_dim % 2:
+            raise HybridConfigError("head_dim", f"must be a positive even int (RoPE rotates pairs), got "
+                                    f"{self.head_dim!r}")
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if not _is_int(self.num_kv_heads) or self.num_kv_heads <= 0:
+            raise HybridConfigError("num_kv_heads", f"must be a positive int, got {self.num_kv_heads!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise HybridConfigError("num_kv_heads", f"{self.num_kv_heads} does not divide {{p}}num_heads="
+                                    f"{self.num_heads}")
+        if self.intermediate_size is None:
+            self.intermediate_size = default_intermediate_size(self.hidden_size)
+        if not _is_int(self.intermediate_size) or self.intermediate_size <= 0:
+            raise HybridConfigError("intermediate_size", f"must be a positive int, got {self.intermediate_size!r}")
+
+    @property
+    def layer_types(self) -> str:
+        """The pattern repeated to num_layers, one letter per layer, e.g. 'LLLSLLLS'."""
+        reps = -(-self.num_layers // len(self.layer_pattern))
+        return (self.layer_pattern * reps)[: self.num_layers]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HybridConfig":
+        """Build from a plain dict; unknown keys raise one line naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown HybridConfig key(s): {', '.join(unknown)}")
+        missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
+        if missing:
+            raise ValueError(f"missing HybridConfig key(s): {', '.join(missing)}")
+        return cls(**d)
