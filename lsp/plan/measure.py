@@ -235,7 +235,7 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
     notes = [(f"linear attention measured on the {measured_linear_backend()} path "
               "(Triton once its kernels are registered as custom ops with fake implementations)"),
              f"engine {p.engine} (zero={p.zero}) sharding applied to the tracked parameter list over {gpus} ranks"]
-    if cfg.data.kind == "files":
+    if cfg.data.kind != "mqar":
         notes.append("measured without document boundaries (cu_seqlens): a window inside one document")
     return Measurement(measured, int(flops.get_total_flops()), comm,
                        measured_linear_backend(), time.perf_counter() - start, notes)

@@ -229,7 +229,7 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
         global_batch = cfg.train.micro_batch * cfg.train.grad_accum * config_dp
     params = model_parameters(mcfg)
     sizes = sp_choices or sp_sizes(cluster.gpus, T, p.layout)
-    micro_batches = [1] if cfg.data.kind == "files" else [1, 2, 4, 8, 16, 32, 64]
+    micro_batches = [1] if cfg.data.kind != "mqar" else [1, 2, 4, 8, 16, 32, 64]
     out = []
     for sp in sizes:
         dp = cluster.gpus // sp

@@ -61,11 +61,22 @@ class MQARConfig:
 
 
 @dataclass
+class HFDataConfig:
+    """data.kind=hf: a Hugging Face `datasets` corpus (optional extra: pip install 'lsp[datasets]')."""
+    path: str = ""  # a save_to_disk directory, or a builder (json | csv | parquet | text | arrow) with data_files
+    data_files: List[str] = field(default_factory=list)
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False  # read as an IterableDataset (rank 0 tokenises the stream, the others wait)
+
+
+@dataclass
 class DataConfig:
-    kind: str = "mqar"  # mqar | files
+    kind: str = "mqar"  # mqar | files | hf
     seq_len: int = 128
     mqar: MQARConfig = field(default_factory=MQARConfig)
     files: List[str] = field(default_factory=list)  # .txt / .jsonl (field "text")
+    hf: HFDataConfig = field(default_factory=HFDataConfig)
     tokenizer: str = "byte"  # "byte" or a path to a HF tokenizers JSON file
     cache_dir: str = ".cache/lsp-data"
     val_fraction: float = 0.05
@@ -153,7 +164,7 @@ class Config:
 
 
 CHOICES = {
-    "data.kind": ("mqar", "files"),
+    "data.kind": ("mqar", "files", "hf"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.on_nonfinite": ("stop", "skip"),
@@ -282,11 +293,15 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
             raise ConfigError("data.mqar.num_queries", f"{q.num_kv_pairs} pairs + {q.num_queries} queries need "
                               f"{2 * q.num_kv_pairs + 2 * q.num_queries} tokens > data.seq_len={d.seq_len}")
     else:
-        if not d.files:
+        if d.kind == "files" and not d.files:
             raise ConfigError("data.files", "data.kind=files needs at least one file")
-        for f in d.files if check_files else ():
+        if d.kind == "hf" and not d.hf.path:
+            raise ConfigError("data.hf.path", "data.kind=hf needs a save_to_disk directory or a builder name "
+                              "(json, csv, parquet, text, arrow) with data.hf.data_files")
+        key, files = ("data.files", d.files) if d.kind == "files" else ("data.hf.data_files", d.hf.data_files)
+        for f in files if check_files else ():
             if not os.path.isfile(f):
-                raise ConfigError("data.files", f"file not found: {f}")
+                raise ConfigError(key, f"file not found: {f}")
         if check_files and d.tokenizer != "byte":
             _check_tokenizer_file(d.tokenizer)
     if (name := bad_signal(cfg.checkpoint.save_on_signals)) is not None:

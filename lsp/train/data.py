@@ -1,4 +1,5 @@
-"""Training data: the built-in MQAR task (the default, no files) and packed local text files.
+"""Training data: the built-in MQAR task (the default, no files) and packed text: local files or a Hugging Face
+`datasets` corpus (`hf_data.py`), tokenised once into the same token file.
 
 Both sources are *indexable*: sample i is a pure function of (seed, i), so a batch is fixed by the global step, each
 dp rank reads only its own rows, and resuming needs nothing but the step number (`DataState.step`).
@@ -206,43 +207,79 @@ def _jsonl_text(line: str, path: str, number: int) -> str:
     return text
 
 
-def _cache_key(paths: List[str], tokenizer) -> str:
-    h = hashlib.sha1(tokenizer.name.encode())
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+class FileCorpus:
+    """Local .txt / .jsonl files (`iter_documents`); ranks split them by byte ranges."""
+
+    splittable = True
+
+    def __init__(self, paths: List[str]):
+        self.paths = list(paths)
+        self.size = sum(os.path.getsize(p) for p in self.paths)   # bytes: the progress bar's and workers' measure
+
+    def key(self) -> str:
+        return "".join(f"{os.path.abspath(p)}|{os.stat(p).st_size}|{os.stat(p).st_mtime_ns}" for p in self.paths)
+
+    def names(self) -> List[str]:
+        return self.paths
+
+    def documents(self, rank: int = 0, world: int = 1):
+        # -> (the documents that start in rank's 1/world of the bytes, that share's size)
+        if world == 1:
+            return iter_documents(self.paths), self.size
+        lo, hi = rank_byte_range(self.size, rank, world)
+        return iter_documents(self.paths, (lo, hi)), (self.size if hi is None else hi) - lo
+
+
+def corpus_of(d: DataConfig):
+    """The corpus of a `data` section that is not MQAR: FileCorpus or `hf_data.HFCorpus`."""
+    if d.kind == "hf":
+        from .hf_data import HFCorpus
+        return HFCorpus(d.hf)
+    return FileCorpus(d.files)
 
 
 def build_token_file(paths: List[str], tokenizer, cache_dir: str, workers: Optional[int] = None,
                      progress: Optional[bool] = None, rank: int = 0, world: int = 1) -> str:
-    """Tokenise the documents ONCE into `<cache_dir>/<key>.tokens` (+ `.docs`, `.json`); returns the stem.
+    """`build_corpus_token_file` of local files (`FileCorpus`)."""
+    return build_corpus_token_file(FileCorpus(paths), tokenizer, cache_dir, workers, progress, rank, world)
+
+
+def build_corpus_token_file(corpus, tokenizer, cache_dir: str, workers: Optional[int] = None,
+                            progress: Optional[bool] = None, rank: int = 0, world: int = 1) -> str:
+    """Tokenise the corpus's documents ONCE into `<cache_dir>/<key>.tokens` (+ `.docs`, `.json`); returns the stem.
 
     Files: tokens (uint16 or uint32, every document followed by eos), docs (int64 start offset of each document).
     Written to a temporary name and renamed, so a crash or a concurrent reader never sees a partial file. If the
-    stem already exists it is reused as is (key = file paths, sizes, mtimes and tokenizer).
+    stem already exists it is reused as is (key = the corpus's key, e.g. file paths, sizes and mtimes, and the
+    tokenizer).
     workers: tokenising processes (default: the local cores shared by the local ranks for shares above 8 MB, 1 for
     the byte tokenizer); the file is the same for any number (`lsp.train.tokenizing`). progress: a tqdm bar
     (default: above 64 MB).
-    rank / world: called by every rank, each tokenises the documents that start in its 1/world of the bytes into
-    a part file, rank 0 joins the parts; all of them wait on files, not on a collective with a timeout
-    (`join_rank_parts`).
+    rank / world: called by every rank, each tokenises its share of the documents (`corpus.documents(rank, world)`)
+    into a part file, rank 0 joins the parts; all of them wait on files, not on a collective with a timeout
+    (`join_rank_parts`). A corpus that cannot be split (a stream of unknown length) is tokenised by rank 0 alone.
     """
     os.makedirs(cache_dir, exist_ok=True)
-    stem = os.path.join(cache_dir, _cache_key(paths, tokenizer))
+    stem = os.path.join(cache_dir, hashlib.sha1((tokenizer.name + corpus.key()).encode()).hexdigest()[:16])
     if os.path.exists(stem + ".json") and _token_file_intact(stem):
         return stem
-    total_bytes = sum(os.path.getsize(p) for p in paths)
-    workers = default_workers(total_bytes // world, tokenizer) if workers is None else workers
-    if world == 1:
-        write_token_file(stem, iter_documents(paths), tokenizer, paths, workers, progress_bar(total_bytes, progress))
+    workers = default_workers(corpus.size // world, tokenizer) if workers is None else workers
+    if world == 1 or not corpus.splittable:
+        part0 = rank_part(stem, 0, world)
+        if rank == 0:
+            documents, size = corpus.documents()
+            with errors_shared(part0):
+                write_token_file(stem, documents, tokenizer, corpus.names(), workers, progress_bar(size, progress))
+        else:
+            wait_for(lambda: os.path.exists(stem + ".json") and _token_file_intact(stem), "rank 0 to tokenise the "
+                     "corpus", [part0])
         return stem
-    part, byte_range = rank_part(stem, rank, world), rank_byte_range(total_bytes, rank, world)
+    part = rank_part(stem, rank, world)
     if not _token_file_intact(part):
-        lo, hi = byte_range
-        bar = progress_bar((total_bytes if hi is None else hi) - lo, progress if rank == 0 else False)
+        documents, size = corpus.documents(rank, world)
+        bar = progress_bar(size, progress if rank == 0 else False)
         with errors_shared(part):   # a data error on one rank stops the others instead of leaving them waiting
-            write_token_file(part, iter_documents(paths, byte_range), tokenizer, paths, workers, bar)
+            write_token_file(part, documents, tokenizer, corpus.names(), workers, bar)
     join_rank_parts(stem, rank, world)
     return stem
 
@@ -393,8 +430,8 @@ class DataLoader:
             self.source = MQAR(d, cfg.train.seed)
             self.epoch_len = None
         else:
-            tokenizer = make_tokenizer(d.tokenizer)
-            stem = build_token_file(list(d.files), tokenizer, d.cache_dir)   # no-op once written
+            # the trainer built it already (every rank its share): here a no-op that returns the stem
+            stem = build_corpus_token_file(corpus_of(d), make_tokenizer(d.tokenizer), d.cache_dir)
             self.source = PackedTokens(stem, d.seq_len, d.val_fraction)
             self.epoch_len = self.source.num_train
         self.vocab_size = self.source.vocab_size

@@ -16,7 +16,7 @@ import torch
 
 from .checkpoint import latest_checkpoint
 from .config import Config, ConfigError, hybrid_config, to_yaml
-from .data import IGNORE_INDEX, Batch, DataLoader, build_token_file, make_tokenizer
+from .data import IGNORE_INDEX, Batch, DataLoader, build_corpus_token_file, corpus_of, make_tokenizer
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
 from .engine import Engine
 from .logger import RunLogger, peak_flops, peak_memory_gb
@@ -75,9 +75,9 @@ class Trainer:
         self.cfg = cfg
         self.mesh = mesh = init_mesh(cfg)
         torch.manual_seed(cfg.train.seed)   # same initial weights on every rank
-        if cfg.data.kind == "files":   # every rank tokenises its share; they wait on files, not on a timed collective
-            build_token_file(list(cfg.data.files), make_tokenizer(cfg.data.tokenizer), cfg.data.cache_dir,
-                             rank=mesh.rank, world=mesh.world)
+        if cfg.data.kind != "mqar":   # every rank tokenises its share; they wait on files, not on a timed collective
+            build_corpus_token_file(corpus_of(cfg.data), make_tokenizer(cfg.data.tokenizer), cfg.data.cache_dir,
+                                    rank=mesh.rank, world=mesh.world)
         barrier(mesh)
         self.data = DataLoader(cfg, dp_rank=mesh.dp_rank, dp_size=mesh.dp)
         self.model = build_model(cfg, self.data.vocab_size)
