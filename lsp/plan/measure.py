@@ -5,7 +5,9 @@ AdamW) under `FakeTensorMode` at the config's sequence length, model size and mi
 (`lsp.ops.estimate.gpu_code_paths`, bf16 autocast unless train.precision=fp32), with every SP collective going
 through lsp's comm layer over the `fake` backend (world size = the job's GPUs; collectives return at once). Counted:
 
-* memory: torch's MemTracker peak, by category (parameters, gradients, optimizer state, activations, temporaries).
+* memory: torch's MemTracker peak, by category (parameters, gradients, optimizer state, activations, temporaries),
+  at the instant whose total after the engine's sharding (`shard_states`) is largest: a sharding engine keeps only
+  gradient shards, so its peak is early in backward, not at the end where the unsharded gradients are all alive.
   The optimizer state is created before the tracked step, so the peak is the steady state's.
 * FLOPs: FlopCounterMode, in a second step on a fresh model (its module hooks keep checkpointed blocks'
   recomputed activations alive, which would inflate the memory peak). The CPU flash-attention ops are counted with
@@ -119,28 +121,39 @@ def _flop_formulas() -> dict:
             aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
 
 
-def _peak_tracker():
-    """torch's MemTracker keeping only the global peak: its per-module peaks walk every module at every op, which
-    makes a full-size step quadratic (minutes); the global peak and its categories are all `lsp plan` reports."""
+def _peak_tracker(sharded_total):
+    """torch's MemTracker keeping only the global peak, the instant where `sharded_total(snapshot)` (the bytes per
+    GPU after the engine's sharding) is largest. Its per-module peaks walk every module at every op, which makes a
+    full-size step quadratic (minutes); the global peak and its categories are all `lsp plan` reports. The instant
+    matters: unsharded gradients grow through backward (peak at the first block) while a sharding engine keeps
+    only their shards, so its peak comes early in backward, where every checkpointed block input is alive."""
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 
     class PeakTracker(MemTracker):
+        _peak_sharded = -1.0
+
         def _update_peak_stats(self, peak_state) -> None:
             for dev, snap in self._curr_mem_snap.items():
-                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                total = sharded_total(_categories(snap))
+                if self._peak_sharded < total:
+                    self._peak_sharded = total
                     self._peak_mem[dev] = snap[_TOTAL_KEY]
                     self._peak_mem_snap[dev] = dict(snap)
 
     return PeakTracker()
 
 
-def _peak_categories(tracker) -> dict:
-    # MemTracker's peak snapshot -> our five categories (buffers and the rest count as temporaries)
-    snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+def _categories(snap: dict) -> dict:
+    # a MemTracker snapshot -> our five categories (buffers and the rest count as temporaries)
     by = {str(getattr(k, "value", k)): v for k, v in snap.items()}
     return {"parameters": by.get("Parameter", 0), "gradients": by.get("Gradient", 0),
             "optimizer": by.get("Optstate", 0), "activations": by.get("Activation", 0),
             "temporaries": by.get("Temp", 0) + by.get("Buffer", 0) + by.get("Other", 0)}
+
+
+def _peak_categories(tracker) -> dict:
+    # MemTracker's peak snapshot -> our five categories
+    return _categories(next(iter(tracker.get_tracker_snapshot("peak").values())))
 
 
 def _comm_by_kind(stats: dict) -> dict:
@@ -216,7 +229,7 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
         # memory and bytes: one step under MemTracker
         model, optimizer, sp, ids, labels = build_step(cfg, mcfg, gpus)
         _init_optimizer_state(model, optimizer)
-        tracker = _peak_tracker()
+        tracker = _peak_tracker(lambda c: sum({**c, **shard_states(c, p.engine, p.zero, gpus)}.values()))
         tracker.track_external(model, optimizer)
         reset_comm_stats()
         with tracker:
@@ -267,8 +280,9 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
                                 decay_bytes=b * H * _decay_dims(mcfg) * 4, scan_blocks=p.scan_blocks)
     kv = 2 * local * Hkv * Dh * (2 if t.precision != "fp32" else 4)     # one rank's K|V
     comm = {"sp_exchange": 2 * types.count("L") * per_pass,
-            # gather forward (again in a checkpoint recompute: K, V are not recorded), all-reduce of [W] grads
-            "kv_gather": types.count("S") * (3 + t.activation_checkpointing) * (sp - 1) * kv,
+            # gather forward (again in a checkpoint recompute: K, V are not recorded), reduce-scatter of the
+            # gathered gradients backward ((W-1) slots; NCCL and the fake backend, gloo all-reduces instead)
+            "kv_gather": types.count("S") * (2 + t.activation_checkpointing) * (sp - 1) * kv,
             "dp_reduction": dp_reduction_bytes(4 * params, p.engine, p.zero, gpus, t.precision != "fp32")}
     return Measurement(memory, int(flops), comm, "model", 0.0)
 
