@@ -258,8 +258,11 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     """The planner's analytic figures for the same launch (lsp.plan.planner / costmodel), in Measurement's form:
     memory split into states (parameters + gradients + optimizer) and activations, FLOPs, comm bytes by kind."""
     from .costmodel import exchange_time
+    from lsp.names import DELTA_VARIANTS as DELTA_ATTN
+
     from .planner import (
         _decay_dims,
+        delta_exchange_bytes,
         activation_bytes,
         counted_flops,
         ddp_buckets,
@@ -276,9 +279,13 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
               "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout)}
     flops = counted_flops(mcfg, T, local, b, t.activation_checkpointing, p.layout)
     H, Hkv, Dh, types = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, mcfg.layer_types
-    _, per_pass = exchange_time(p.sp_method, sp, b * H * Dh * Dh * 4, 0.0, layout=p.layout,
-                                decay_bytes=b * H * _decay_dims(mcfg) * 4, scan_blocks=p.scan_blocks)
-    kv = 2 * local * Hkv * Dh * (2 if t.precision != "fp32" else 4)     # one rank's K|V
+    act = 2 if t.precision != "fp32" else 4
+    if mcfg.linear_attn in DELTA_ATTN:
+        per_pass = delta_exchange_bytes(mcfg, sp, b, p.layout, act)
+    else:
+        _, per_pass = exchange_time(p.sp_method, sp, b * H * Dh * Dh * 4, 0.0, layout=p.layout,
+                                    decay_bytes=b * H * _decay_dims(mcfg) * 4, scan_blocks=p.scan_blocks)
+    kv = 2 * local * Hkv * Dh * act                                     # one rank's K|V
     comm = {"sp_exchange": 2 * types.count("L") * per_pass,
             # gather forward (again in a checkpoint recompute: K, V are not recorded), reduce-scatter of the
             # gathered gradients backward ((W-1) slots; NCCL and the fake backend, gloo all-reduces instead)
@@ -297,17 +304,17 @@ def report(name: str, gpus: int, got: Measurement, model: Measurement) -> str:
     lines.append("| quantity | measured | modelled | model vs measured |")
     lines.append("|---|---|---|---|")
     for c in CATEGORIES:
-        lines.append(f"| memory: {c} GB | {got.memory[c] / GB:.3f} | | |")
+        lines.append(f"| memory: {c} GB | {got.memory[c] / GB:.4g} | | |")
     states = sum(got.memory[c] for c in CATEGORIES[:3])
     for label, a, b in (("memory: states (params+grads+optimizer) GB", states, model.memory["states"]),
                         ("memory: activations+temporaries GB", got.peak - states, model.memory["activations"]),
                         ("FLOPs per step (TFLOP)", got.flops / 1e12, model.flops / 1e12)):
-        lines.append(f"| {label} | {a / (GB if 'GB' in label else 1):.3f} | "
-                     f"{b / (GB if 'GB' in label else 1):.3f} | {rel(a, b)} |")
+        lines.append(f"| {label} | {a / (GB if 'GB' in label else 1):.4g} | "
+                     f"{b / (GB if 'GB' in label else 1):.4g} | {rel(a, b)} |")
     for kind in ("sp_exchange", "kv_gather", "dp_reduction"):
         a, b = got.comm[kind], model.comm[kind]
-        lines.append(f"| comm received: {kind} MB | {a / 1e6:.3f} | {b / 1e6:.3f} | {rel(a, b)} |")
+        lines.append(f"| comm received: {kind} MB | {a / 1e6:.6g} | {b / 1e6:.6g} | {rel(a, b)} |")
     peak_model = sum(model.memory.values())
-    lines.append(f"peak memory per GPU: measured {got.peak / GB:.2f} GB, modelled {peak_model / GB:.2f} GB "
+    lines.append(f"peak memory per GPU: measured {got.peak / GB:.4g} GB, modelled {peak_model / GB:.4g} GB "
                  f"({rel(got.peak, peak_model)})")
     return "\n".join(lines)
