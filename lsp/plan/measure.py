@@ -257,15 +257,15 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
 def modelled(cfg, mcfg, gpus: int) -> Measurement:
     """The planner's analytic figures for the same launch (lsp.plan.planner / costmodel), in Measurement's form:
     memory split into states (parameters + gradients + optimizer) and activations, FLOPs, comm bytes by kind."""
-    from .costmodel import exchange_time
     from lsp.names import DELTA_VARIANTS as DELTA_ATTN
 
+    from .costmodel import exchange_time
     from .planner import (
         _decay_dims,
-        delta_exchange_bytes,
         activation_bytes,
         counted_flops,
         ddp_buckets,
+        delta_exchange_bytes,
         model_parameters,
         state_bytes_per_param,
     )
