@@ -9,7 +9,8 @@ through lsp's comm layer over the `fake` backend (world size = the job's GPUs; c
   at the instant whose total after the engine's sharding (`shard_states`) is largest: a sharding engine keeps only
   gradient shards, so its peak is early in backward, not at the end where the unsharded gradients are all alive.
   The optimizer state is created before the tracked step, so the peak is the steady state's.
-* FLOPs: FlopCounterMode, in a second step on a fresh model (its module hooks keep checkpointed blocks'
+* FLOPs: FlopCounterMode, in a second step on a fresh model (the Triton custom ops count with the formulas they
+  register, `lsp.ops.linear.custom_ops.chunk_flops`) (its module hooks keep checkpointed blocks'
   recomputed activations alive, which would inflate the memory peak). The CPU flash-attention ops are counted with
   torch's own SDPA formulas: like torch, the full Tq x Tk score block, causal or not.
 * comm: lsp.parallel.comm_stats() per tag: the linear SP exchange, the softmax K,V gathers; the dp reduction is
@@ -109,6 +110,10 @@ def _flop_formulas() -> dict:
     # the CPU flash kernels have no formula in torch's registry; they do the work of the CUDA ones: torch's counts
     import torch
     from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    from lsp.ops.linear.custom_ops import register_flop_formulas
+
+    register_flop_formulas()     # the Triton custom ops count with their own formulas (registered in torch)
 
     def forward(q, k, v, *args, out_shape=None, **kwargs):
         return sdpa_flop_count(q, k, v)
@@ -245,8 +250,8 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
         with flops:
             train_step(cfg, model, optimizer, sp, ids, labels, bf16)
     measured.update(shard_states(measured, p.engine, p.zero, gpus))
-    notes = [(f"linear attention measured on the {measured_linear_backend()} path "
-              "(Triton once its kernels are registered as custom ops with fake implementations)"),
+    notes = [(f"GLA-family linear attention measured on the {measured_linear_backend()} path (the Triton kernels as "
+              "torch custom ops, lsp/ops/linear/custom_ops.py; delta-rule layers: chunked torch, no kernel yet)"),
              f"engine {p.engine} (zero={p.zero}) sharding applied to the tracked parameter list over {gpus} ranks"]
     if cfg.data.kind == "files":
         notes.append("measured without document boundaries (cu_seqlens): a window inside one document")

@@ -141,7 +141,7 @@ def _layer_weights(mcfg) -> dict:
     return {"S": 2 * D * H * Dh + 2 * D * Hkv * Dh + 3 * D * F, "L": 5 * D * H * Dh + decay + 3 * D * F}
 
 
-def saved_bytes(mcfg, kind: str) -> dict:
+def saved_bytes(mcfg, kind: str, backend: str = "torch") -> dict:
     """Bytes autograd keeps for one layer of `kind` ("L" or "S") under bf16 autocast, split by what they scale
     with; counted tensor by tensor with saved-tensor hooks on fake tensors (module docstring) and written out:
 
@@ -149,7 +149,9 @@ def saved_bytes(mcfg, kind: str) -> dict:
         padded  per padded token   the chunked linear-attention core (each segment padded to whole chunks)
         segment per held segment   (and batch row) of an SP rank: the entering states kept for backward
         keys    per global token   softmax under SP: the all-gathered bf16 K|V buffer
-    (D hidden, F SwiGLU width, H heads of Dh, Hkv key heads, C chunk, r GLA's gate rank; K = V = Dh)."""
+    backend: the linear-attention path of GLA-family layers, "torch" (chunked) or "triton" (the custom ops);
+    delta-rule layers always run the chunked torch path. D hidden, F SwiGLU width, H heads of Dh, Hkv key heads,
+    C chunk, r GLA's gate rank; K = V = Dh."""
     D, F, H, Hkv, Dh = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_kv_heads,
                         mcfg.head_dim)
     C, r = LINEAR_CHUNK, mcfg.gate_low_rank_dim
@@ -162,9 +164,21 @@ def saved_bytes(mcfg, kind: str) -> dict:
                 # UT transform, chunk scan of the augmented state [M | S] (K x (K + V) per chunk), outputs
                 "padded": 52 * H * Dh + 28 * H * C + 16 * H + 4 * H / C + 24 * H * Dh * Dh / C,
                 "segment": 16 * H * Dh * Dh}         # [M | S] maps and entering states of the held segments
-    return {"token": mlp_and_norms + 10 * D + 24 * H * Dh + 4 * H + 2 * r, "keys": 0,   # GLA: decay in fp32
+    own = mlp_and_norms + 10 * D + 24 * H * Dh + 4 * H + 2 * r            # GLA: decay logits in fp32
+    if backend == "triton":     # the op keeps q, k, v (bf16) and the fp32 decay; h is recomputed in backward
+        decay = {"gla": 4 * H * Dh, "simple_gla": 4 * H}.get(mcfg.linear_attn, 0)
+        return {"token": own + 6 * H * Dh + decay, "padded": 0, "segment": 4 * H * Dh * Dh, "keys": 0}
+    return {"token": own, "keys": 0,
             "padded": 50 * H * Dh + 4 * H * C + 4 * H * Dh / C + 8 * H * Dh * Dh / C,   # padded fp32 chunks
             "segment": 4 * H * Dh * Dh, "incoming": 6 * H * Dh}  # + q and o0 of add_incoming_state (SP)
+
+
+def linear_backend(mcfg) -> str:
+    """The path `lsp plan --measure` runs the linear layers on: the GPU's (`lsp.ops.estimate`), Triton for the
+    GLA family once its custom ops are registered; the delta rule has no Triton kernel yet (chunked torch)."""
+    from lsp.ops.estimate import measured_linear_backend
+
+    return "torch" if mcfg.linear_attn in DELTA_ATTN else measured_linear_backend()
 
 
 def local_segments(seq_len: int, local_tokens: int, micro_batch: int, layout: str) -> tuple[int, int]:
@@ -181,7 +195,7 @@ def layer_activation_bytes(mcfg, kind: str, seq_len: int, local_tokens: int, mic
     sp = max(1, micro_batch * seq_len // local_tokens)
     held, Ts = local_segments(seq_len, local_tokens, micro_batch, layout)
     padded = micro_batch * held * -(-Ts // LINEAR_CHUNK) * LINEAR_CHUNK
-    b = saved_bytes(mcfg, kind)
+    b = saved_bytes(mcfg, kind, linear_backend(mcfg))
     sharded = sp > 1
     incoming = b.get("incoming", 0) if sharded and layout == "zigzag" else 0
     return ((b["token"] + incoming) * local_tokens + b["padded"] * padded
@@ -216,12 +230,31 @@ def counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, check
     blocks = sum(weights[t] for t in types)
     recomputed = blocks - len(types) * D * mcfg.intermediate_size   # the recompute stops before down_proj
     matmul = (6 * blocks + 2 * ac * recomputed + 6 * mcfg.vocab_size * D) * local_tokens
-    held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
-    chunks = micro_batch * held * -(-seg // LINEAR_CHUNK)
-    linear = types.count("L") * H * linear_core_flops(mcfg, chunks, micro_batch * held) * (1 + ac / 3)
+    linear = types.count("L") * linear_flops(mcfg, seq_len, local_tokens, micro_batch, ac, layout)
+    _, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
     rows = {1: seq_len * seq_len}.get(sp, seg * seg * (2 * sp + 1 if layout == "zigzag" else 1))
     softmax = types.count("S") * (14 + 4 * ac) * H * Dh * micro_batch * rows
     return matmul + linear + softmax
+
+
+def linear_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str) -> float:
+    """FLOPs FlopCounterMode counts for one linear layer's attention (forward, backward, checkpoint recompute).
+    Torch path: `linear_core_flops`, forward one third. Triton path: the custom ops' formulas
+    (`lsp.ops.linear.custom_ops.chunk_flops`: S states, O output per pass; backward 2x plus a recomputed states
+    scan per piece, two pieces under SP, the whole op without) and, under SP, the incoming-state correction's
+    einsums on the segments that receive a state (2·K·V per token forward, twice that backward)."""
+    H, Dh = mcfg.num_heads, mcfg.head_dim
+    sp = max(1, micro_batch * seq_len // local_tokens)
+    held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
+    if linear_backend(mcfg) == "torch":
+        chunks = micro_batch * held * -(-seg // LINEAR_CHUNK)
+        return H * linear_core_flops(mcfg, chunks, micro_batch * held) * (1 + ac / 3)
+    from lsp.ops.linear.custom_ops import chunk_flops
+
+    c = chunk_flops(micro_batch * held, seg, H, Dh, Dh)
+    S, O = c["states"], c["output"]
+    entering = micro_batch * seg * (held - 1 if layout == "zigzag" else 0) if sp > 1 else 0
+    return (3 + ac) * (S + O) + (2 if sp > 1 else 1) * S + (3 + ac) * 2 * H * Dh * Dh * entering
 
 
 def linear_core_flops(mcfg, chunks: int, segments: int) -> float:

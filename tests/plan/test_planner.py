@@ -68,8 +68,8 @@ def test_allscan_wins_at_scale_and_nothing_fits_is_one_line():
     rows = plan_cluster(cfg, Cluster(gpus=256, memory_gb=141), vocab_size=257, seq_len=8 * M, sp_choices=[best.sp])
     by = {c.method: c.step_s for c in rows if c.checkpointing == best.checkpointing}
     assert by["allscan"] < by["allgather"] < by["ring"]
-    with pytest.raises(ConfigError, match=r"^plan: no candidate fits in 24 GB per GPU; the smallest needs"):
-        recommend(cfg, Cluster(gpus=32, memory_gb=24), vocab_size=257)
+    with pytest.raises(ConfigError, match=r"^plan: no candidate fits in 16 GB per GPU; the smallest needs"):
+        recommend(cfg, Cluster(gpus=32, memory_gb=16), vocab_size=257)
 
 
 def test_plan_command(capsys):
@@ -85,7 +85,7 @@ def test_plan_command(capsys):
     assert main(["plan", MULTINODE, "--gpus", "64", "--seq-len", str(2 * M)]) == 0
     assert "seq_len=2097152, 64 GPUs" in capsys.readouterr().out
     assert main(["plan", MULTINODE, "parallel.sp_method=foo"]) == 2
-    assert main(["plan", MULTINODE, "--gpu-mem-gb", "24"]) == 2
+    assert main(["plan", MULTINODE, "--gpu-mem-gb", "16"]) == 2
     assert main(["plan", MULTINODE, "--gpus", "3", "--world", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and err[1].startswith("config error: plan: no candidate fits")
