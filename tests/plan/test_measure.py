@@ -73,6 +73,22 @@ def test_checkpointing_measures_less_and_comm_is_counted():
     assert ckpt.comm["sp_exchange"] == plain.comm["sp_exchange"]   # the recompute replays, never re-sends
 
 
+def test_peak_is_the_largest_total_after_sharding(monkeypatch):
+    """Unsharded, the gradients pile up to the end of backward and the tracked peak lands there, where the
+    checkpointed block inputs are freed; after FSDP's sharding the larger total is earlier. The measurement takes
+    the instant of the largest sharded total; the control picks the instant by the unsharded total (as before)."""
+    import lsp.plan.measure as m
+
+    cfg, mcfg = _cfg("train.activation_checkpointing=true", "parallel.engine=fsdp", "parallel.zero=2",
+                     "model.num_layers=8", "data.seq_len=512", "train.micro_batch=1", "model.hidden_size=64")
+    chosen = measure(cfg, mcfg, 8)
+    tracker = m._peak_tracker
+    monkeypatch.setattr(m, "_peak_tracker", lambda sharded_total: tracker(lambda c: sum(c.values())))
+    unsharded_instant = measure(cfg, mcfg, 8)
+    assert chosen.peak > unsharded_instant.peak
+    assert chosen.memory["activations"] > unsharded_instant.memory["activations"]
+
+
 def test_measure_cli_last_line_and_exit_2(capsys):
     args = ["plan", "--gpus", "2", "--measure", TINY, *SMALL]
     assert main(args) == 0
