@@ -2,8 +2,9 @@
 GPU step would allocate and compute.
 
 Inside `gpu_code_paths()`, `backend="auto"` resolves to the backend a CUDA device would use, where that backend can
-run on the tensors at hand: Triton once its kernels are registered as torch custom ops with fake implementations
-(the module that registers them calls `register_fake_capable("triton")`), the chunked torch path until then.
+run on the tensors at hand: Triton, whose kernels are torch custom ops with fake implementations
+(`lsp.ops.linear.custom_ops`, imported with `lsp.ops`, calls `register_fake_capable("triton")` when triton is
+installed), else the chunked torch path. On real CPU tensors the Triton path then needs TRITON_INTERPRET=1.
 `measured_linear_backend()` says which one a measurement ran. Softmax layers need no switch: on CPU they run the
 flash kernel (`_scaled_dot_product_flash_attention_for_cpu`), which keeps the tensors CUDA FlashAttention keeps
 (q, k, v, o and the log-sum-exp).

@@ -5,9 +5,12 @@ AdamW) under `FakeTensorMode` at the config's sequence length, model size and mi
 (`lsp.ops.estimate.gpu_code_paths`, bf16 autocast unless train.precision=fp32), with every SP collective going
 through lsp's comm layer over the `fake` backend (world size = the job's GPUs; collectives return at once). Counted:
 
-* memory: torch's MemTracker peak, by category (parameters, gradients, optimizer state, activations, temporaries).
+* memory: torch's MemTracker peak, by category (parameters, gradients, optimizer state, activations, temporaries),
+  at the instant whose total after the engine's sharding (`shard_states`) is largest: a sharding engine keeps only
+  gradient shards, so its peak is early in backward, not at the end where the unsharded gradients are all alive.
   The optimizer state is created before the tracked step, so the peak is the steady state's.
-* FLOPs: FlopCounterMode, in a second step on a fresh model (its module hooks keep checkpointed blocks'
+* FLOPs: FlopCounterMode, in a second step on a fresh model (the Triton custom ops count with the formulas they
+  register, `lsp.ops.linear.custom_ops.chunk_flops`) (its module hooks keep checkpointed blocks'
   recomputed activations alive, which would inflate the memory peak). The CPU flash-attention ops are counted with
   torch's own SDPA formulas: like torch, the full Tq x Tk score block, causal or not.
 * comm: lsp.parallel.comm_stats() per tag: the linear SP exchange, the softmax K,V gathers; the dp reduction is
@@ -108,6 +111,10 @@ def _flop_formulas() -> dict:
     import torch
     from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
+    from lsp.ops.linear.custom_ops import register_flop_formulas
+
+    register_flop_formulas()     # the Triton custom ops count with their own formulas (registered in torch)
+
     def forward(q, k, v, *args, out_shape=None, **kwargs):
         return sdpa_flop_count(q, k, v)
 
@@ -119,28 +126,39 @@ def _flop_formulas() -> dict:
             aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
 
 
-def _peak_tracker():
-    """torch's MemTracker keeping only the global peak: its per-module peaks walk every module at every op, which
-    makes a full-size step quadratic (minutes); the global peak and its categories are all `lsp plan` reports."""
+def _peak_tracker(sharded_total):
+    """torch's MemTracker keeping only the global peak, the instant where `sharded_total(snapshot)` (the bytes per
+    GPU after the engine's sharding) is largest. Its per-module peaks walk every module at every op, which makes a
+    full-size step quadratic (minutes); the global peak and its categories are all `lsp plan` reports. The instant
+    matters: unsharded gradients grow through backward (peak at the first block) while a sharding engine keeps
+    only their shards, so its peak comes early in backward, where every checkpointed block input is alive."""
     from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 
     class PeakTracker(MemTracker):
+        _peak_sharded = -1.0
+
         def _update_peak_stats(self, peak_state) -> None:
             for dev, snap in self._curr_mem_snap.items():
-                if self._peak_mem.get(dev, 0) < snap[_TOTAL_KEY]:
+                total = sharded_total(_categories(snap))
+                if self._peak_sharded < total:
+                    self._peak_sharded = total
                     self._peak_mem[dev] = snap[_TOTAL_KEY]
                     self._peak_mem_snap[dev] = dict(snap)
 
     return PeakTracker()
 
 
-def _peak_categories(tracker) -> dict:
-    # MemTracker's peak snapshot -> our five categories (buffers and the rest count as temporaries)
-    snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+def _categories(snap: dict) -> dict:
+    # a MemTracker snapshot -> our five categories (buffers and the rest count as temporaries)
     by = {str(getattr(k, "value", k)): v for k, v in snap.items()}
     return {"parameters": by.get("Parameter", 0), "gradients": by.get("Gradient", 0),
             "optimizer": by.get("Optstate", 0), "activations": by.get("Activation", 0),
             "temporaries": by.get("Temp", 0) + by.get("Buffer", 0) + by.get("Other", 0)}
+
+
+def _peak_categories(tracker) -> dict:
+    # MemTracker's peak snapshot -> our five categories
+    return _categories(next(iter(tracker.get_tracker_snapshot("peak").values())))
 
 
 def _comm_by_kind(stats: dict) -> dict:
@@ -216,7 +234,7 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
         # memory and bytes: one step under MemTracker
         model, optimizer, sp, ids, labels = build_step(cfg, mcfg, gpus)
         _init_optimizer_state(model, optimizer)
-        tracker = _peak_tracker()
+        tracker = _peak_tracker(lambda c: sum({**c, **shard_states(c, p.engine, p.zero, gpus)}.values()))
         tracker.track_external(model, optimizer)
         reset_comm_stats()
         with tracker:
@@ -232,8 +250,8 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
         with flops:
             train_step(cfg, model, optimizer, sp, ids, labels, bf16)
     measured.update(shard_states(measured, p.engine, p.zero, gpus))
-    notes = [(f"linear attention measured on the {measured_linear_backend()} path "
-              "(Triton once its kernels are registered as custom ops with fake implementations)"),
+    notes = [(f"GLA-family linear attention measured on the {measured_linear_backend()} path (the Triton kernels as "
+              "torch custom ops, lsp/ops/linear/custom_ops.py; delta-rule layers: chunked torch, no kernel yet)"),
              f"engine {p.engine} (zero={p.zero}) sharding applied to the tracked parameter list over {gpus} ranks"]
     if cfg.data.kind != "mqar":
         notes.append("measured without document boundaries (cu_seqlens): a window inside one document")
@@ -244,12 +262,15 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
 def modelled(cfg, mcfg, gpus: int) -> Measurement:
     """The planner's analytic figures for the same launch (lsp.plan.planner / costmodel), in Measurement's form:
     memory split into states (parameters + gradients + optimizer) and activations, FLOPs, comm bytes by kind."""
+    from lsp.names import DELTA_VARIANTS as DELTA_ATTN
+
     from .costmodel import exchange_time
     from .planner import (
         _decay_dims,
         activation_bytes,
         counted_flops,
         ddp_buckets,
+        delta_exchange_bytes,
         model_parameters,
         state_bytes_per_param,
     )
@@ -263,12 +284,17 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
               "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout)}
     flops = counted_flops(mcfg, T, local, b, t.activation_checkpointing, p.layout)
     H, Hkv, Dh, types = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, mcfg.layer_types
-    _, per_pass = exchange_time(p.sp_method, sp, b * H * Dh * Dh * 4, 0.0, layout=p.layout,
-                                decay_bytes=b * H * _decay_dims(mcfg) * 4, scan_blocks=p.scan_blocks)
-    kv = 2 * local * Hkv * Dh * (2 if t.precision != "fp32" else 4)     # one rank's K|V
+    act = 2 if t.precision != "fp32" else 4
+    if mcfg.linear_attn in DELTA_ATTN:
+        per_pass = delta_exchange_bytes(mcfg, sp, b, p.layout, act)
+    else:
+        _, per_pass = exchange_time(p.sp_method, sp, b * H * Dh * Dh * 4, 0.0, layout=p.layout,
+                                    decay_bytes=b * H * _decay_dims(mcfg) * 4, scan_blocks=p.scan_blocks)
+    kv = 2 * local * Hkv * Dh * act                                     # one rank's K|V
     comm = {"sp_exchange": 2 * types.count("L") * per_pass,
-            # gather forward (again in a checkpoint recompute: K, V are not recorded), all-reduce of [W] grads
-            "kv_gather": types.count("S") * (3 + t.activation_checkpointing) * (sp - 1) * kv,
+            # gather forward (again in a checkpoint recompute: K, V are not recorded), reduce-scatter of the
+            # gathered gradients backward ((W-1) slots; NCCL and the fake backend, gloo all-reduces instead)
+            "kv_gather": types.count("S") * (2 + t.activation_checkpointing) * (sp - 1) * kv,
             "dp_reduction": dp_reduction_bytes(4 * params, p.engine, p.zero, gpus, t.precision != "fp32")}
     return Measurement(memory, int(flops), comm, "model", 0.0)
 
@@ -283,17 +309,17 @@ def report(name: str, gpus: int, got: Measurement, model: Measurement) -> str:
     lines.append("| quantity | measured | modelled | model vs measured |")
     lines.append("|---|---|---|---|")
     for c in CATEGORIES:
-        lines.append(f"| memory: {c} GB | {got.memory[c] / GB:.3f} | | |")
+        lines.append(f"| memory: {c} GB | {got.memory[c] / GB:.4g} | | |")
     states = sum(got.memory[c] for c in CATEGORIES[:3])
     for label, a, b in (("memory: states (params+grads+optimizer) GB", states, model.memory["states"]),
                         ("memory: activations+temporaries GB", got.peak - states, model.memory["activations"]),
                         ("FLOPs per step (TFLOP)", got.flops / 1e12, model.flops / 1e12)):
-        lines.append(f"| {label} | {a / (GB if 'GB' in label else 1):.3f} | "
-                     f"{b / (GB if 'GB' in label else 1):.3f} | {rel(a, b)} |")
+        lines.append(f"| {label} | {a / (GB if 'GB' in label else 1):.4g} | "
+                     f"{b / (GB if 'GB' in label else 1):.4g} | {rel(a, b)} |")
     for kind in ("sp_exchange", "kv_gather", "dp_reduction"):
         a, b = got.comm[kind], model.comm[kind]
-        lines.append(f"| comm received: {kind} MB | {a / 1e6:.3f} | {b / 1e6:.3f} | {rel(a, b)} |")
+        lines.append(f"| comm received: {kind} MB | {a / 1e6:.6g} | {b / 1e6:.6g} | {rel(a, b)} |")
     peak_model = sum(model.memory.values())
-    lines.append(f"peak memory per GPU: measured {got.peak / GB:.2f} GB, modelled {peak_model / GB:.2f} GB "
+    lines.append(f"peak memory per GPU: measured {got.peak / GB:.4g} GB, modelled {peak_model / GB:.4g} GB "
                  f"({rel(got.peak, peak_model)})")
     return "\n".join(lines)

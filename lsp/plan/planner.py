@@ -24,17 +24,23 @@ and the network across nodes. Memory per GPU:
                 n = dp·sp ranks (the engines average over the whole world): ddp: 16P + 4P of all-reduce buckets;
                 ZeRO-1: 8P + 8P/n; FSDP2 ZeRO-2: 2P (bf16 weights kept unsharded) + 16P/n; DeepSpeed ZeRO-2:
                 4P + 12P/n; ZeRO-3: 16P/n
-    activations what autograd keeps on rank 0, counted tensor by tensor (saved-tensor hooks, fake tensors, bf16
-                autocast), per local token and layer (D hidden, F SwiGLU width, H heads of Dh, C chunk):
-                  both kinds: 8·F + 8 (SwiGLU in bf16, RMSNorm statistics)
-                  softmax:    28·D + 2·H·Dh + 16·Dh + 4·H (projections, q, RoPE tables, log-sum-exp) and the
-                              keys: k, v with grouped heads repeated to H, 4·H·Dh bytes per key position kept
-                              (no SP: T; zigzag rank 0: (2W+1)·T/2W; contiguous rank 0: T/W)
-                  linear:     42·D + 63·H·Dh + 388·H + 2·r + 4·H·Dh²/C (GLA on the torch chunk path: padded
-                              chunks, sub-block scores, the chunk-entering states)
-                plus a bf16 copy of every weight (autocast) and 12·D + 12 per token for the embedding output,
-                the final norm and the cross-entropy input. With checkpointing only each block's input (4·D per
-                token) is kept, plus one block's full activations while it is recomputed.
+    activations what autograd keeps on rank 0, counted tensor by tensor (saved-tensor hooks on fake tensors, bf16
+                autocast, the chunked torch path of the linear layers) and written out in `saved_bytes`, per layer
+                (D hidden, F SwiGLU width, H heads of Dh, Hkv key heads, C chunk, r GLA's gate rank):
+                  both kinds: 20·D + 8·F + 8 per token (two RMSNorms, SwiGLU in bf16)
+                  softmax:    6·D + 6·H·Dh + 4·Hkv·Dh + 16·Dh + 4·H per token (projection inputs, q, k, v,
+                              o, RoPE tables, log-sum-exp), under SP + the gathered bf16 K|V, 4·Hkv·Dh per
+                              global token
+                  GLA:        10·D + 24·H·Dh + 4·H + 2·r per token (+ 6·H·Dh under zigzag SP: the incoming-
+                              state correction) + 50·H·Dh + 4·H·C + 4·H·Dh/C + 8·H·Dh²/C per padded token
+                              (every segment padded to whole chunks: the fp32 chunk core) + 4·H·Dh² per held
+                              segment under SP
+                  delta rule: 8·D + 66·H·Dh + 30·H + 6 per token + 52·H·Dh + 28·H·C + 16·H + 24·H·Dh²/C per
+                              padded token + 16·H·Dh² per held segment under SP
+                plus a bf16 copy of every weight (autocast), 12·D + 12 per token and 4·vocab·D for the head
+                (embedding ids, final norm, the fused cross-entropy's fp32 gradients). With checkpointing only
+                each block's input (4·D per token) is kept, plus one block's full activations while it is
+                recomputed.
     reserve     `Cluster.reserve_gb` for the CUDA context, NCCL buffers, the cross-entropy chunk and fragmentation.
 """
 from __future__ import annotations
@@ -43,6 +49,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
+from lsp.names import DELTA_VARIANTS as DELTA_ATTN
 from lsp.names import SCAN_BLOCKS, SP_METHODS
 from lsp.train.config import Config, ConfigError, hybrid_config
 
@@ -110,9 +117,12 @@ def state_bytes_per_param(engine: str, zero: int, ranks: int) -> float:
 
 def model_parameters(mcfg) -> int:
     """Every parameter of HybridLM: the matmul weights, the embedding (untied), RMSNorm weights (two per block,
-    the final one, GLA's per-head output norm) and the biases of the decay projections."""
+    the final one, the linear layers' per-head output norm), the biases of the decay projections and the delta
+    layers' short convolution, beta bias and (gated) A_log, dt_bias."""
     D, H, Dh, types = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim, mcfg.layer_types
-    bias = {"linear": 0, "lightning": 0, "simple_gla": H, "gla": H * Dh}[mcfg.linear_attn]
+    conv = 3 * H * Dh * mcfg.delta_conv_size                       # delta layers' short conv (q, k, v channels)
+    bias = {"linear": 0, "lightning": 0, "simple_gla": H, "gla": H * Dh, "deltanet": H + conv,
+            "gated_deltanet": 3 * H + conv}[mcfg.linear_attn]      # + beta bias; gated: A_log, dt_bias
     small = 2 * D * len(types) + D + types.count("L") * (Dh + bias)
     return matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
 
@@ -126,39 +136,80 @@ def _layer_weights(mcfg) -> dict:
     # weights of one layer's matmuls by kind: bf16 autocast keeps a copy of each for backward
     D, F, H, Hkv, Dh = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_kv_heads,
                         mcfg.head_dim)
-    decay = {"linear": 0, "lightning": 0, "simple_gla": D * H,
-             "gla": (D + H * Dh) * mcfg.gate_low_rank_dim}[mcfg.linear_attn]
+    decay = {"linear": 0, "lightning": 0, "simple_gla": D * H, "gla": (D + H * Dh) * mcfg.gate_low_rank_dim,
+             "deltanet": D * H, "gated_deltanet": 2 * D * H}[mcfg.linear_attn]   # delta: beta (+ decay)
     return {"S": 2 * D * H * Dh + 2 * D * Hkv * Dh + 3 * D * F, "L": 5 * D * H * Dh + decay + 3 * D * F}
 
 
-def saved_per_token(mcfg) -> dict:
-    """Bytes autograd keeps per local token and layer, by kind (module docstring); counted with saved-tensor
-    hooks on fake tensors (bf16 autocast, torch chunk path for GLA) and written out per tensor."""
-    D, F, H, Dh, C = mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.head_dim, LINEAR_CHUNK
-    mlp_and_norms = 8 * F + 8
-    softmax = 28 * D + 2 * H * Dh + 16 * Dh + 4 * H                 # + the keys: kv_keys_saved
-    linear = 42 * D + 63 * H * Dh + 388 * H + 2 * mcfg.gate_low_rank_dim + 4 * H * Dh * Dh / C
-    return {"S": softmax + mlp_and_norms, "L": linear + mlp_and_norms}
+def saved_bytes(mcfg, kind: str, backend: str = "torch") -> dict:
+    """Bytes autograd keeps for one layer of `kind` ("L" or "S") under bf16 autocast, split by what they scale
+    with; counted tensor by tensor with saved-tensor hooks on fake tensors (module docstring) and written out:
+
+        token   per local token    norms, bf16 input copies of every projection, SwiGLU, the layer's own tensors
+        padded  per padded token   the chunked linear-attention core (each segment padded to whole chunks)
+        segment per held segment   (and batch row) of an SP rank: the entering states kept for backward
+        keys    per global token   softmax under SP: the all-gathered bf16 K|V buffer
+    backend: the linear-attention path of GLA-family layers, "torch" (chunked) or "triton" (the custom ops);
+    delta-rule layers always run the chunked torch path. D hidden, F SwiGLU width, H heads of Dh, Hkv key heads,
+    C chunk, r GLA's gate rank; K = V = Dh."""
+    D, F, H, Hkv, Dh = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_kv_heads,
+                        mcfg.head_dim)
+    C, r = LINEAR_CHUNK, mcfg.gate_low_rank_dim
+    mlp_and_norms = 20 * D + 8 * F + 8           # two RMSNorms (input, statistics, output), SwiGLU in bf16
+    if kind == "S":                               # q/k/v input copies, RoPE tables, q, k, v, o, o_proj input, lse
+        return {"token": mlp_and_norms + 6 * D + 6 * H * Dh + 4 * Hkv * Dh + 16 * Dh + 4 * H, "padded": 0,
+                "segment": 0, "keys": 4 * Hkv * Dh}
+    if mcfg.linear_attn in DELTA_ATTN:            # conv input/halo rows, silu, L2 norms, beta, decay, gated norm
+        return {"token": mlp_and_norms + 8 * D + 66 * H * Dh + 30 * H + 6, "keys": 0,
+                # UT transform, chunk scan of the augmented state [M | S] (K x (K + V) per chunk), outputs
+                "padded": 52 * H * Dh + 28 * H * C + 16 * H + 4 * H / C + 24 * H * Dh * Dh / C,
+                "segment": 16 * H * Dh * Dh}         # [M | S] maps and entering states of the held segments
+    own = mlp_and_norms + 10 * D + 24 * H * Dh + 4 * H + 2 * r            # GLA: decay logits in fp32
+    if backend == "triton":     # the op keeps q, k, v (bf16) and the fp32 decay; h is recomputed in backward
+        decay = {"gla": 4 * H * Dh, "simple_gla": 4 * H}.get(mcfg.linear_attn, 0)
+        return {"token": own + 6 * H * Dh + decay, "padded": 0, "segment": 4 * H * Dh * Dh, "keys": 0}
+    return {"token": own, "keys": 0,
+            "padded": 50 * H * Dh + 4 * H * C + 4 * H * Dh / C + 8 * H * Dh * Dh / C,   # padded fp32 chunks
+            "segment": 4 * H * Dh * Dh, "incoming": 6 * H * Dh}  # + q and o0 of add_incoming_state (SP)
 
 
-def kv_keys_saved(seq_len: int, local_tokens: int, sp: int, layout: str) -> float:
-    """Key positions rank 0 keeps per softmax layer and sequence: every segment keeps the keys up to its end
-    (zigzag: segments 0 and 2W-1, (2W + 1) T / 2W; contiguous: its own T / W; no SP: T)."""
-    if sp == 1:
-        return seq_len
-    return local_tokens if layout == "contiguous" else (2 * sp + 1) * seq_len / (2 * sp)
+def linear_backend(mcfg) -> str:
+    """The path `lsp plan --measure` runs the linear layers on: the GPU's (`lsp.ops.estimate`), Triton for the
+    GLA family once its custom ops are registered; the delta rule has no Triton kernel yet (chunked torch)."""
+    from lsp.ops.estimate import measured_linear_backend
+
+    return "torch" if mcfg.linear_attn in DELTA_ATTN else measured_linear_backend()
+
+
+def local_segments(seq_len: int, local_tokens: int, micro_batch: int, layout: str) -> tuple[int, int]:
+    """(held segments, tokens of each) of rank 0: zigzag holds 2 under SP, contiguous and no SP one."""
+    sp = max(1, micro_batch * seq_len // local_tokens)
+    held = 2 if layout == "zigzag" and sp > 1 else 1
+    return held, local_tokens // micro_batch // held
+
+
+def layer_activation_bytes(mcfg, kind: str, seq_len: int, local_tokens: int, micro_batch: int,
+                           layout: str = "zigzag") -> float:
+    """Bytes one layer of `kind` keeps for backward on rank 0: `saved_bytes` at the launch's token counts, plus
+    a bf16 copy of each of its weights (autocast)."""
+    sp = max(1, micro_batch * seq_len // local_tokens)
+    held, Ts = local_segments(seq_len, local_tokens, micro_batch, layout)
+    padded = micro_batch * held * -(-Ts // LINEAR_CHUNK) * LINEAR_CHUNK
+    b = saved_bytes(mcfg, kind, linear_backend(mcfg))
+    sharded = sp > 1
+    incoming = b.get("incoming", 0) if sharded and layout == "zigzag" else 0
+    return ((b["token"] + incoming) * local_tokens + b["padded"] * padded
+            + sharded * (b["segment"] * micro_batch * held + b["keys"] * micro_batch * seq_len)
+            + 2 * _layer_weights(mcfg)[kind])
 
 
 def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
                      layout: str = "zigzag") -> float:
     """Bytes of activations kept for backward on rank 0 (module docstring)."""
-    D, H, Dh = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim
-    sp = max(1, micro_batch * seq_len // local_tokens)
-    per_token, weights = saved_per_token(mcfg), _layer_weights(mcfg)
-    keys = micro_batch * kv_keys_saved(seq_len, local_tokens // micro_batch, sp, layout)
-    layer = {t: per_token[t] * local_tokens + 2 * weights[t] + (4 * H * Dh * keys if t == "S" else 0)
-             for t in "LS"}
-    head = (12 * D + 12) * local_tokens                              # embedding output, final norm, CE input
+    D, V = mcfg.hidden_size, mcfg.vocab_size
+    layer = {t: layer_activation_bytes(mcfg, t, seq_len, local_tokens, micro_batch, layout) for t in "LS"}
+    # embedding ids, final norm, the fused cross-entropy's fp32 input gradient and weight gradient
+    head = (12 * D + 12) * local_tokens + 4 * V * D
     types = mcfg.layer_types
     if not checkpointing:
         return head + sum(layer[t] for t in types)
@@ -171,19 +222,65 @@ def counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, check
     reports): 2 per multiply-add of every matmul (6·N_matmul per token; checkpointing recomputes each block's
     forward up to the last tensor backward needs, i.e. all but the MLP's down_proj; the LM head is not
     checkpointed); softmax attention at torch's SDPA formulas, full score blocks (4·H·Dh per scored pair forward,
-    10 backward, causal or not) over the key blocks rank 0 scores; GLA on the chunked torch path (C = 64,
-    sub-blocks of 16): H·(528·Dh + 12·Dh²) per token, forward one third."""
+    10 backward, causal or not) over the key blocks rank 0 scores; linear attention on the chunked torch path
+    (`linear_core_flops`), forward one third."""
     D, H, Dh, types = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim, mcfg.layer_types
     sp, ac = max(1, micro_batch * seq_len // local_tokens), int(checkpointing)
     weights = _layer_weights(mcfg)
     blocks = sum(weights[t] for t in types)
     recomputed = blocks - len(types) * D * mcfg.intermediate_size   # the recompute stops before down_proj
     matmul = (6 * blocks + 2 * ac * recomputed + 6 * mcfg.vocab_size * D) * local_tokens
-    linear = types.count("L") * H * (528 * Dh + 12 * Dh * Dh) * (1 + ac / 3) * local_tokens
-    seg = local_tokens // micro_batch // (2 if layout == "zigzag" and sp > 1 else 1)
+    linear = types.count("L") * linear_flops(mcfg, seq_len, local_tokens, micro_batch, ac, layout)
+    _, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
     rows = {1: seq_len * seq_len}.get(sp, seg * seg * (2 * sp + 1 if layout == "zigzag" else 1))
     softmax = types.count("S") * (14 + 4 * ac) * H * Dh * micro_batch * rows
     return matmul + linear + softmax
+
+
+def linear_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str) -> float:
+    """FLOPs FlopCounterMode counts for one linear layer's attention (forward, backward, checkpoint recompute).
+    Torch path: `linear_core_flops`, forward one third. Triton path: the custom ops' formulas
+    (`lsp.ops.linear.custom_ops.chunk_flops`: S states, O output per pass; backward 2x plus a recomputed states
+    scan per piece, two pieces under SP, the whole op without) and, under SP, the incoming-state correction's
+    einsums on the segments that receive a state (2·K·V per token forward, twice that backward)."""
+    H, Dh = mcfg.num_heads, mcfg.head_dim
+    sp = max(1, micro_batch * seq_len // local_tokens)
+    held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
+    if linear_backend(mcfg) == "torch":
+        chunks = micro_batch * held * -(-seg // LINEAR_CHUNK)
+        return H * linear_core_flops(mcfg, chunks, micro_batch * held) * (1 + ac / 3)
+    from lsp.ops.linear.custom_ops import chunk_flops
+
+    c = chunk_flops(micro_batch * held, seg, H, Dh, Dh)
+    S, O = c["states"], c["output"]
+    entering = micro_batch * seg * (held - 1 if layout == "zigzag" else 0) if sp > 1 else 0
+    return (3 + ac) * (S + O) + (2 if sp > 1 else 1) * S + (3 + ac) * 2 * H * Dh * Dh * entering
+
+
+def linear_core_flops(mcfg, chunks: int, segments: int) -> float:
+    """FlopCounterMode's count of one head of a linear-attention layer's chunk core (forward + backward) over
+    `chunks` padded chunks of C = 64 tokens in `segments` segments, counted on the chunked torch path at head dims
+    32, 64, 128 and one or two chunks per segment and written out (K = V = Dh); the first chunk of a segment
+    enters a zero state, hence the per-segment correction:
+        GLA (sub-blocks of 16)     chunks · C·(528·Dh + 19.25·Dh²)               - segments · 8.5·C·Dh²
+        delta rule (UT transform)  chunks · (C·(1792·Dh + 30·Dh²) + 8·Dh³)      + segments · (5·Dh³ - 4·C·Dh²)"""
+    C, Dh = LINEAR_CHUNK, mcfg.head_dim
+    if mcfg.linear_attn in DELTA_ATTN:
+        return chunks * (C * (1792 * Dh + 30 * Dh * Dh) + 8 * Dh**3) + segments * (5 * Dh**3 - 4 * C * Dh * Dh)
+    return chunks * C * (528 * Dh + 19.25 * Dh * Dh) - segments * 8.5 * C * Dh * Dh
+
+
+def delta_exchange_bytes(mcfg, sp: int, micro_batch: int, layout: str, act_bytes: int = 2) -> float:
+    """Bytes rank 0 receives per delta-rule layer and pass (forward, and again backward): the all-gather of every
+    held segment's fp32 [M | S] maps (K x (K + V) per head; backward gathers the maps again beside the state
+    gradients) and the short conv's halo, the k - 1 last q|k|v rows of each segment in the activation dtype.
+    Exact for the allgather method (the shipped one); ring and allscan send the same states along a chain."""
+    if sp == 1:
+        return 0.0
+    H, Dh = mcfg.num_heads, mcfg.head_dim
+    segments = micro_batch * (2 if layout == "zigzag" else 1)
+    halo = (mcfg.delta_conv_size - 1) * 3 * H * Dh * act_bytes
+    return (sp - 1) * segments * (H * Dh * 2 * Dh * 4 + halo)
 
 
 def _decay_dims(mcfg) -> int:

@@ -4,8 +4,8 @@ backward.
 - Launches: every kernel launch goes through `InterpretedFunction.run` under the interpreter (`JITFunction.run` on
   CUDA); counting them for T = 64 and T = 192 (1 and 3 chunks) and for packed sequences shows the count does not
   grow with T (a loop over chunks on the host would add launches per chunk).
-- Saved bytes: `saved_tensors_hooks` sees every tensor the op keeps for backward. The op keeps q, k, v, g, the
-  initial state (and for packed sequences two [1, NC] int32 chunk tables), and recomputes h in backward, so
+- Saved bytes: `saved_tensors_hooks` sees every tensor the op keeps for backward. The op keeps q, k, v, g and the
+  initial state (packed layouts come from the per-batch cache of `chunk_layout`), and recomputes h in backward, so
   saved / (q, k, v, g bytes) is 1 whatever T (measured 1.000 at T = 64 and 128 for every decay form). The split
   pieces used by SP keep h as well, K·V·2 / 64 bytes per token and head in bf16: +2/3 without decay, +1/2 with
   per-key decay at d=128, which the same measurement must see (the control that it can fail). The per-key case

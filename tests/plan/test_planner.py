@@ -46,11 +46,16 @@ def test_activation_model_counts_the_gathered_kv_of_softmax_layers():
     m = hybrid_config(cfg, 257)
     T = 128 * 1024
     a8, a16 = activation_bytes(m, T, T // 8, 1, False), activation_bytes(m, T, T // 16, 1, False)
-    # the part that does not shrink with sp: every rank keeps the keys of the whole sequence (k, v at H heads,
-    # as attention receives them) and a bf16 copy of every weight
-    weights = 2 * sum(_layer_weights(m)[t] for t in m.layer_types)
-    kv = 2 * T * m.num_heads * m.head_dim * 2 * m.layer_types.count("S") + weights
-    assert a8 - a16 == pytest.approx((a8 - kv) / 2)              # the local part halves, the gathered K,V does not
+    # the part that does not shrink with sp: every rank keeps the gathered bf16 K|V of the whole sequence for its
+    # softmax layers, the entering states of its two zigzag segments for its linear layers, a bf16 copy of every
+    # weight and the fused cross-entropy's fp32 weight gradient
+    types, H, Dh = m.layer_types, m.num_heads, m.head_dim
+    weights = 2 * sum(_layer_weights(m)[t] for t in types)
+    kv = 2 * T * m.num_kv_heads * Dh * 2 * types.count("S")
+    states = 2 * 4 * H * Dh * Dh * types.count("L")
+    fixed = weights + kv + states + 4 * m.vocab_size * m.hidden_size
+    assert a8 - a16 == pytest.approx((a8 - fixed) / 2)             # the local part halves, the rest does not
+    assert a8 - a16 != pytest.approx((a8 - fixed + kv) / 2)         # negative control: K|V counted per local token
     assert activation_bytes(m, T, T // 8, 1, True) < a8 / 4        # checkpointing keeps block inputs + one block
     assert state_bytes_per_param("fsdp", 3, 8) == 2.0 and state_bytes_per_param("ddp", 0, 8) == 16.0
 
@@ -63,8 +68,8 @@ def test_allscan_wins_at_scale_and_nothing_fits_is_one_line():
     rows = plan_cluster(cfg, Cluster(gpus=256, memory_gb=141), vocab_size=257, seq_len=8 * M, sp_choices=[best.sp])
     by = {c.method: c.step_s for c in rows if c.checkpointing == best.checkpointing}
     assert by["allscan"] < by["allgather"] < by["ring"]
-    with pytest.raises(ConfigError, match=r"^plan: no candidate fits in 24 GB per GPU; the smallest needs"):
-        recommend(cfg, Cluster(gpus=32, memory_gb=24), vocab_size=257)
+    with pytest.raises(ConfigError, match=r"^plan: no candidate fits in 16 GB per GPU; the smallest needs"):
+        recommend(cfg, Cluster(gpus=32, memory_gb=16), vocab_size=257)
 
 
 def test_plan_command(capsys):
@@ -80,7 +85,7 @@ def test_plan_command(capsys):
     assert main(["plan", MULTINODE, "--gpus", "64", "--seq-len", str(2 * M)]) == 0
     assert "seq_len=2097152, 64 GPUs" in capsys.readouterr().out
     assert main(["plan", MULTINODE, "parallel.sp_method=foo"]) == 2
-    assert main(["plan", MULTINODE, "--gpu-mem-gb", "24"]) == 2
+    assert main(["plan", MULTINODE, "--gpu-mem-gb", "16"]) == 2
     assert main(["plan", MULTINODE, "--gpus", "3", "--world", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and err[1].startswith("config error: plan: no candidate fits")

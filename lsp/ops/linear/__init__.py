@@ -1,3 +1,4 @@
+from . import custom_ops  # noqa: F401  (registers the Triton pieces as torch custom ops)
 from .api import BACKENDS, linear_attention
 from .local import (
                     LocalPass,

@@ -231,42 +231,28 @@ def _output_bwd(qp, kp, vp, G, h, dop, scale):
     return dq, dk, dv, dh
 
 
-# -- autograd ---------------------------------------------------------------------------------------------------
+# -- forward and backward of the op and its two pieces (torch custom ops with their autograd: custom_ops.py) ----
 
-class _ChunkStates(torch.autograd.Function):
-    """h (state entering every chunk, padded chunk layout) and the final state(s); the reverse scan is the backward."""
+def states_forward(k, v, g4, initial_state, cu_seqlens):
+    # k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K]; initial_state: [n, H, K, V]
+    # -> h: [R, H, NC, K, V] in k's dtype (state entering every chunk), final: [n, H, K, V] fp32
+    layout, n_states, tables, init, G = _prepare(k, g4, initial_state, cu_seqlens)
+    return _states_fwd(*_padded(layout, k, v), G, init, layout, tables, n_states)
 
-    @staticmethod
-    def forward(ctx, k, v, g4, initial_state, cu_seqlens, recompute_h):
-        # k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K]; initial_state: [n, H, K, V]
-        # -> h: [R, H, NC, K, V] in k's dtype, final: [n, H, K, V] fp32
-        ctx.set_materialize_grads(False)
-        layout, n_states, tables, init, G = _prepare(k, g4, initial_state, cu_seqlens)
-        h, final = _states_fwd(*_padded(layout, k, v), G, init, layout, tables, n_states)
-        ctx.save_for_backward(k, v, g4, initial_state if recompute_h else h, *tables)
-        ctx.meta = (layout, n_states, None if initial_state is None else initial_state.dtype, recompute_h)
-        return h, final
 
-    @staticmethod
-    def backward(ctx, dh, dfinal):
-        k, v, g4, h, *tables = ctx.saved_tensors
-        tables = tuple(tables)
-        layout, n_states, init_dtype, recompute_h = ctx.meta
-        if dh is None and dfinal is None:
-            return None, None, None, None, None, None
-        B, T, H, _ = k.shape
-        G = _padded_decay(g4, layout, B, T, H, k.device)
-        if recompute_h:  # h was not kept: one scan from the saved initial state
-            h = _recompute_h(k, v, G, h, layout, tables, n_states)
-        need_dg = g4 is not None and ctx.needs_input_grad[2]
-        kp, vp = _padded(layout, k, v)
-        dk, dv, term, dinit = _states_bwd(kp, vp, G, h, None if dh is None else dh.contiguous(),
-                                          None if dfinal is None else dfinal.float().contiguous(), layout, tables,
-                                          n_states, need_dg)
-        dg = None if term is None else _decay_grad(kp, G.shape[-1], state=term)
-        return (layout.unpad(dk).to(k.dtype), layout.unpad(dv).to(v.dtype),
-                None if dg is None else _to_decay_shape(dg, layout, g4),
-                None if init_dtype is None else dinit.to(init_dtype), None, None)
+def states_backward(k, v, g4, kept, cu_seqlens, recompute_h, dh, dfinal, need_dg, init_dtype):
+    # kept: h, or the initial state (None for zero) when recompute_h (h is rebuilt with one scan)
+    # -> dk, dv in k's / v's dtype, dg in g4's shape (or None), dinit: [n, H, K, V] in init_dtype (or None)
+    layout, n_states, tables, _, G = _prepare(k, g4, None, cu_seqlens)
+    h = _recompute_h(k, v, G, kept, layout, tables, n_states) if recompute_h else kept
+    kp, vp = _padded(layout, k, v)
+    dk, dv, term, dinit = _states_bwd(kp, vp, G, h, None if dh is None else dh.contiguous(),
+                                      None if dfinal is None else dfinal.float().contiguous(), layout, tables,
+                                      n_states, need_dg)
+    dg = None if term is None else _decay_grad(kp, G.shape[-1], state=term)
+    return (layout.unpad(dk).to(k.dtype), layout.unpad(dv).to(v.dtype),
+            None if dg is None else _to_decay_shape(dg, layout, g4),
+            None if init_dtype is None else dinit.to(init_dtype))
 
 
 def _recompute_h(k, v, G, initial_state, layout, tables, n_states):
@@ -275,85 +261,56 @@ def _recompute_h(k, v, G, initial_state, layout, tables, n_states):
     return _states_fwd(*_padded(layout, k, v), G, init, layout, tables, n_states)[0]
 
 
-class _ChunkOutput(torch.autograd.Function):
-    """The output from the entering states h; the backward yields dq, the intra-chunk dk, dv, dg, and dh."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g4, h, scale, cu_seqlens, out_dtype, recompute_from):
-        # q, k: [B, T, H, K]; v: [B, T, H, V]; g4: None or broadcastable to [B, T, H, K]; h: [R, H, NC, K, V]
-        # recompute_from: None (keep h) or (initial_state,): h is rebuilt in backward from k, v, g4 and it
-        # -> o: [B, T, H, V] in out_dtype
-        ctx.set_materialize_grads(False)
-        B, T, H, _ = q.shape
-        layout, _ = _setup(B, T, cu_seqlens, q.device)
-        G = _padded_decay(g4, layout, B, T, H, q.device)
-        o = _output_fwd(*_padded(layout, q, k, v), G, h.contiguous(), scale, out_dtype)
-        ctx.save_for_backward(q, k, v, g4, h if recompute_from is None else recompute_from[0])
-        ctx.meta = (layout, scale, recompute_from is not None, cu_seqlens)
-        return layout.unpad(o)
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, g4, h = ctx.saved_tensors
-        layout, scale, recompute_h, cu_seqlens = ctx.meta
-        if do is None:
-            return (None,) * 9
-        B, T, H, _ = q.shape
-        G = _padded_decay(g4, layout, B, T, H, q.device)
-        if recompute_h:
-            layout, n_states, tables, _, _ = _prepare(k, None, None, cu_seqlens)
-            h = _recompute_h(k, v, G, h, layout, tables, n_states)
-        need_dg = g4 is not None and ctx.needs_input_grad[3]
-        qp, kp, vp = _padded(layout, q, k, v)
-        dq, dk, dv, dh = _output_bwd(qp, kp, vp, G, h.contiguous(), layout.pad(do.to(q.dtype).contiguous()), scale)
-        dg = _decay_grad(kp, G.shape[-1], out=(qp, dq, dk)) if need_dg else None
-        dq, dk, dv = (layout.unpad(x).to(y.dtype) for x, y in ((dq, q), (dk, k), (dv, v)))
-        return dq, dk, dv, None if dg is None else _to_decay_shape(dg, layout, g4), dh, None, None, None, None
+def output_forward(q, k, v, g4, h, scale, cu_seqlens, out_dtype):
+    # q, k: [B, T, H, K]; v: [B, T, H, V]; h: [R, H, NC, K, V] -> o: [B, T, H, V] in out_dtype
+    B, T, H, _ = q.shape
+    layout, _ = _setup(B, T, cu_seqlens, q.device)
+    G = _padded_decay(g4, layout, B, T, H, q.device)
+    return layout.unpad(_output_fwd(*_padded(layout, q, k, v), G, h.contiguous(), scale, out_dtype))
 
 
-class _LinearAttention(torch.autograd.Function):
-    """The whole op: the states then the output, with the same launchers as the pieces; h is recomputed in
-    backward (one scan) instead of saved, so only the inputs are kept."""
+def output_backward(q, k, v, g4, kept, scale, cu_seqlens, recompute_h, do, need_dg):
+    # kept: h, or the initial state h was computed from (None for zero) when recompute_h
+    # -> dq, dk, dv in the inputs' dtypes, dg in g4's shape (or None), dh: [R, H, NC, K, V] in h's dtype
+    layout, n_states, tables, _, G = _prepare(k, g4, None, cu_seqlens)
+    h = _recompute_h(k, v, G, kept, layout, tables, n_states) if recompute_h else kept
+    qp, kp, vp = _padded(layout, q, k, v)
+    dq, dk, dv, dh = _output_bwd(qp, kp, vp, G, h.contiguous(), layout.pad(do.to(q.dtype).contiguous()), scale)
+    dg = _decay_grad(kp, G.shape[-1], out=(qp, dq, dk)) if need_dg else None
+    dq, dk, dv = (layout.unpad(x).to(y.dtype) for x, y in ((dq, q), (dk, k), (dv, v)))
+    return dq, dk, dv, None if dg is None else _to_decay_shape(dg, layout, g4), dh
 
-    @staticmethod
-    def forward(ctx, q, k, v, g4, initial_state, scale, cu_seqlens):
-        ctx.set_materialize_grads(False)
-        layout, n_states, tables, init, G = _prepare(k, g4, initial_state, cu_seqlens)
-        qp, kp, vp = _padded(layout, q, k, v)
-        h, final = _states_fwd(kp, vp, G, init, layout, tables, n_states)
-        o = _output_fwd(qp, kp, vp, G, h, scale, q.dtype)
-        ctx.save_for_backward(q, k, v, g4, initial_state, *tables)
-        ctx.meta = (layout, n_states, scale)
-        return layout.unpad(o), final
 
-    @staticmethod
-    def backward(ctx, do, dfinal):
-        q, k, v, g4, initial_state, *tables = ctx.saved_tensors
-        tables = tuple(tables)
-        layout, n_states, scale = ctx.meta
-        B, T, H, _ = q.shape
-        G = _padded_decay(g4, layout, B, T, H, q.device)
-        qp, kp, vp = _padded(layout, q, k, v)
-        init = None if initial_state is None else initial_state.float().contiguous()
-        h, _ = _states_fwd(kp, vp, G, init, layout, tables, n_states)
-        need_dg = g4 is not None and ctx.needs_input_grad[3]
-        dq = dk_o = dv_o = dh = None
-        if do is not None:
-            dq, dk_o, dv_o, dh = _output_bwd(qp, kp, vp, G, h, layout.pad(do.to(q.dtype).contiguous()), scale)
-        dfinal = None if dfinal is None else dfinal.float().contiguous()
-        # the two pieces' gradients are added inside the kernels: dv in the state dk/dv kernel, dk in the decay
-        # gradient kernel (which reads both dk tiles anyway), or by one in-place add when no decay gradient is needed
-        dk, dv, term, dinit = _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg, dv_o)
-        dg = None
-        if need_dg:
-            dg = _decay_grad(kp, G.shape[-1], None if do is None else (qp, dq, dk_o), term)
-            dk = dk if do is None else dk_o
-        elif do is not None:
-            dk = dk_o.add_(dk)
-        grads = [None if x is None else layout.unpad(x).to(y.dtype) for x, y in ((dq, q), (dk, k), (dv, v))]
-        dg = None if dg is None else _to_decay_shape(dg, layout, g4)
-        dinit = None if initial_state is None else dinit.to(initial_state.dtype)
-        return (*grads, dg, dinit, None, None)
+def op_forward(q, k, v, g4, initial_state, scale, cu_seqlens):
+    # the whole op: the states then the output, with the pieces' launchers -> o [B, T, H, V], final fp32
+    layout, n_states, tables, init, G = _prepare(k, g4, initial_state, cu_seqlens)
+    qp, kp, vp = _padded(layout, q, k, v)
+    h, final = _states_fwd(kp, vp, G, init, layout, tables, n_states)
+    return layout.unpad(_output_fwd(qp, kp, vp, G, h, scale, q.dtype)), final
+
+
+def op_backward(q, k, v, g4, initial_state, scale, cu_seqlens, do, dfinal, need_dg):
+    # h is recomputed (one scan) from the kept inputs -> dq, dk, dv, dg (or None), dinit (or None)
+    layout, n_states, tables, init, G = _prepare(k, g4, initial_state, cu_seqlens)
+    qp, kp, vp = _padded(layout, q, k, v)
+    h, _ = _states_fwd(kp, vp, G, init, layout, tables, n_states)
+    dq = dk_o = dv_o = dh = None
+    if do is not None:
+        dq, dk_o, dv_o, dh = _output_bwd(qp, kp, vp, G, h, layout.pad(do.to(q.dtype).contiguous()), scale)
+    dfinal = None if dfinal is None else dfinal.float().contiguous()
+    # the two pieces' gradients are added inside the kernels: dv in the state dk/dv kernel, dk in the decay
+    # gradient kernel (which reads both dk tiles anyway), or by one in-place add when no decay gradient is needed
+    dk, dv, term, dinit = _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg, dv_o)
+    dg = None
+    if need_dg:
+        dg = _decay_grad(kp, G.shape[-1], None if do is None else (qp, dq, dk_o), term)
+        dk = dk if do is None else dk_o
+    elif do is not None:
+        dk = dk_o.add_(dk)
+    grads = [None if x is None else layout.unpad(x).to(y.dtype) for x, y in ((dq, q), (dk, k), (dv, v))]
+    dg = None if dg is None else _to_decay_shape(dg, layout, g4)
+    dinit = None if initial_state is None else dinit.to(initial_state.dtype)
+    return (*grads, dg, dinit)
 
 
 def _check_dtype(x: torch.Tensor):
@@ -370,8 +327,10 @@ def triton_chunk_states(k, v, g4, initial_state=None, cu_seqlens=None, recompute
     and final: [B or N, H, K, V] fp32. Differentiable in k, v, g4, initial_state (through h and final).
     recompute_h: keep the initial state instead of h for backward and rebuild h there with one scan (as the op
     does), so the two pieces together keep what the op keeps."""
+    from .custom_ops import chunk_states
+
     _check_dtype(k)
-    return _ChunkStates.apply(k, v, g4, initial_state, cu_seqlens, recompute_h)
+    return chunk_states(k, v, g4, initial_state, cu_seqlens, recompute_h)
 
 
 def triton_chunk_output(q, k, v, g4, h, scale, cu_seqlens=None, out_dtype=None, *, recompute_from=None):
@@ -379,8 +338,10 @@ def triton_chunk_output(q, k, v, g4, h, scale, cu_seqlens=None, out_dtype=None, 
     in out_dtype (None: q's dtype); h as returned by `triton_chunk_states`. Differentiable in q, k, v, g4, h.
     recompute_from: None, or (initial_state,) that h was computed from: then h is not kept for backward but
     rebuilt there with one scan (see `triton_chunk_states(recompute_h=True)`)."""
+    from .custom_ops import chunk_output
+
     _check_dtype(q)
-    return _ChunkOutput.apply(q, k, v, g4, h, float(scale), cu_seqlens, out_dtype or q.dtype, recompute_from)
+    return chunk_output(q, k, v, g4, h, float(scale), cu_seqlens, out_dtype or q.dtype, recompute_from)
 
 
 def triton_linear_attention(q, k, v, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -390,5 +351,7 @@ def triton_linear_attention(q, k, v, g, scale, initial_state=None, output_final_
     recomputed in backward. fp64 inputs and empty inputs take the chunked torch path."""
     if q.dtype == torch.float64 or q.shape[1] == 0:
         return chunk_linear_attention(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
-    o, final = _LinearAttention.apply(q, k, v, g, initial_state, float(scale), cu_seqlens)
+    from .custom_ops import linear_attention_op
+
+    o, final = linear_attention_op(q, k, v, g, initial_state, float(scale), cu_seqlens)
     return o, (final if output_final_state else None)
