@@ -1,4 +1,5 @@
-"""The delta rule's Triton chunk scan (backend="triton") against the naive recurrence, every gradient included.
+"""The delta rule on Triton (backend="triton": UT transform, scan and outputs in kernels) against the naive
+recurrence, every gradient included.
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below before the kernels are
 first imported): shapes stay tiny. Tolerances as tests/ops/test_delta.py (fp64 1e-9, fp32 vs fp64 naive 1e-4):
@@ -23,6 +24,7 @@ from lsp.parallel import SPContext  # noqa: E402
 
 from .delta_cases import detached64, make_delta_inputs, run_delta_with_grads  # noqa: E402
 from .linear_cases import assert_close, max_rel_err  # noqa: E402
+from .triton_interp import interpreter_bf16_dot  # noqa: E402,F401 (bf16 dots computed as a GPU does)
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

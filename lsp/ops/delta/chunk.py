@@ -192,7 +192,19 @@ def enter_sequences(chunks: DeltaChunks, entering_aug, final_aug, extra: torch.T
 
 def chunk_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
                      chunk_size: int = CHUNK_SIZE, scan_backend: str = "torch"):
-    """Chunked forward (autograd backward); arguments as `lsp.ops.delta_rule` (already validated)."""
+    """Arguments as `lsp.ops.delta_rule` (already validated). "torch": `chunk_forward`, autograd backward;
+    "triton": the forward in Triton kernels (triton_chunk.py)."""
+    if scan_backend == "triton" and chunk_size == CHUNK_SIZE:
+        from .triton_chunk import triton_delta_rule
+
+        return triton_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+    return chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+                         scan_backend)
+
+
+def chunk_forward(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
+                  chunk_size: int = CHUNK_SIZE, scan_backend: str = "torch"):
+    """Chunked forward in batched torch ops (the scan in Triton with scan_backend="triton"), autograd backward."""
     chunks = prepare_chunks(k, v, beta, g, cu_seqlens, chunk_size, scan_backend)
     init = None if initial_state is None else initial_state.to(chunks.U.dtype)
     entering, final = chunk_scan(chunks, chunks.U, init)
