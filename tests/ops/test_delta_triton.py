@@ -61,6 +61,22 @@ def test_negative_control_kernel_ignoring_decay_is_caught(monkeypatch):
         assert_close(run_delta_with_grads(delta_rule, _on_device(x), backend="triton"), ref, TOL[torch.float64])
 
 
+@pytest.mark.parametrize("wrong", ["output without intra-chunk decay", "UT transform without beta"])
+def test_negative_control_wrong_intra_kernel_is_caught(monkeypatch, wrong):
+    from lsp.ops.delta import triton_chunk
+
+    x = make_delta_inputs(True, T=130, K=16, V=16)
+    ref = _ref(x)
+    if wrong.startswith("output"):
+        out = triton_chunk.output
+        monkeypatch.setattr(triton_chunk, "output", lambda qc, kc, gc, *a: out(qc, kc, None, *a))
+    else:
+        ut = triton_chunk.ut_transform
+        monkeypatch.setattr(triton_chunk, "ut_transform", lambda kc, vc, bc, gc: ut(kc, vc, torch.ones_like(bc), gc))
+    with pytest.raises(AssertionError):
+        assert_close(run_delta_with_grads(delta_rule, _on_device(x), backend="triton"), ref, TOL[torch.float64])
+
+
 def test_sp_with_triton_scan(monkeypatch):
     """sp_delta_rule on the Triton scan (the augmented [M | S] scan included) equals the op, gradients included."""
     from tests.parallel.cases import max_rel_err
