@@ -22,7 +22,15 @@ from lsp.ops.linear.layout import make_layout
 from lsp.ops.linear.triton_chunk import SUB_BLOCK, _block, _precision
 
 from . import chunk as chunk_mod
-from .triton_intra import _out_kernel, _ut_apply_kernel, _ut_inverse_kernel
+from .triton_intra import (
+    _bwd_k_kernel,
+    _bwd_out_kernel,
+    _bwd_w_kernel,
+    _out_kernel,
+    _ut_apply_kernel,
+    _ut_inverse_kernel,
+)
+from .triton_scan import precision, scan_backward
 
 WARPS = 8           # [64, 64] fp32 tiles: with 4 warps the apply and output kernels spill (436, 848 B, sm_90a)
 
@@ -64,25 +72,68 @@ def output(qc, kc, gc, U, Wk, entering, scale: float, out_dtype) -> torch.Tensor
     return o
 
 
-def triton_forward(q, k, v, beta, g, scale, initial_state, cu_seqlens):
-    """(o [B, T, H, V] in q's dtype, final [B or N, H, K, V]); arguments as `lsp.ops.delta_rule`."""
+def _prepare(q, k, v, beta, g, cu_seqlens):
+    # -> layout and the chunked inputs: qc, kc, vc [R, H, NC, C, *] (input dtype), bc, gc [R, H, NC, C] (acc dtype)
     B, T, H, K = k.shape
     dt = acc_dtype(k.dtype)
     layout = make_layout(B, T, seq_bounds(cu_seqlens, B, T), CHUNK_SIZE, k.device)
     qc, kc, vc = (_chunked(x, layout) for x in (q, k.to(q.dtype), v.to(q.dtype)))
     bc = _chunked(beta.to(dt).unsqueeze(-1), layout).squeeze(-1)
     gc = None if g is None else _chunked(g.to(dt).unsqueeze(-1), layout).squeeze(-1)
-    _, U, Wk, Kd = ut_transform(kc, vc, bc, gc)
-    decay = None if gc is None else gc.sum(-1).exp()                          # [R, H, NC] exp(G_C)
-    chunks = chunk_mod.DeltaChunks(layout, kc, None, Kd, Wk, U, decay, "triton", k.dtype)
-    init = None if initial_state is None else initial_state.to(dt)
+    return layout, qc, kc, vc, bc, gc
+
+
+def _states(layout, kc, vc, bc, gc, initial_state):
+    # UT transform and the chunk scan: Tinv, U, Wk, Kd, decay [R, H, NC] or None, entering [R, H, NC, K, V], final
+    Tinv, U, Wk, Kd = ut_transform(kc, vc, bc, gc)
+    decay = None if gc is None else gc.sum(-1).exp()                          # exp(G_C)
+    chunks = chunk_mod.DeltaChunks(layout, kc, None, Kd, Wk, U, decay, "triton", kc.dtype)
+    init = None if initial_state is None else initial_state.to(U.dtype)
     entering, final = chunk_mod._triton_scan(chunks, U, init)
-    o = output(qc, kc, gc, U, Wk, entering.contiguous(), scale, q.dtype)
+    return Tinv, U, Wk, Kd, decay, entering.contiguous(), final
+
+
+def triton_forward(q, k, v, beta, g, scale, initial_state, cu_seqlens):
+    """(o [B, T, H, V] in q's dtype, final [B or N, H, K, V]); arguments as `lsp.ops.delta_rule`."""
+    layout, qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, cu_seqlens)
+    _, U, Wk, _, _, entering, final = _states(layout, kc, vc, bc, gc, initial_state)
+    o = output(qc, kc, gc, U, Wk, entering, scale, q.dtype)
     return chunk_mod._from_chunks(o, layout), final
 
 
+def triton_backward(q, k, v, beta, g, initial_state, scale, cu_seqlens, d_o, d_final):
+    """Gradients (dq, dk, dv, dbeta, dg or None, dinit or None) from the inputs (the forward's states recomputed)."""
+    layout, qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, cu_seqlens)
+    Tinv, U, Wk, Kd, decay, S, _ = _states(layout, kc, vc, bc, gc, initial_state)
+    R, H, NC, C, K = kc.shape
+    V = vc.shape[-1]
+    BK, BV = _block(K), _block(V)
+    dOc = _chunked(d_o.to(q.dtype), layout)
+    g_arg, prec, grid = gc if gc is not None else bc, _precision(qc.dtype), (NC, R * H)
+    dUo, W, dW, dv = (U.new_empty(R, H, NC, C, V) for _ in range(4))
+    dE = U.new_empty(R, H, NC, K, V)
+    _bwd_out_kernel[(triton.cdiv(V, BV), NC, R * H)](qc, kc, g_arg, Wk, dOc, dUo, dE, scale, K, V, C=C, BK=BK, BV=BV,
+                                                     HAS_G=gc is not None, PREC=prec, num_warps=WARPS)
+    reset, end, _ = chunk_mod.scan_tables(layout, U.device)
+    d_next, dinit = scan_backward(Kd, Wk, decay if decay is not None else U, reset, end, dE,
+                                  d_final.to(U.dtype).contiguous(), decay is not None, precision(k.dtype))
+    dT, dP = (U.new_empty(R, H, NC, C, C) for _ in range(2))
+    dbeta, dG = (U.new_empty(R, H, NC, C) for _ in range(2))
+    _bwd_w_kernel[grid](vc, bc, Tinv, U, Wk, Kd, S, dOc, dUo, d_next, W, dW, dv, dT, dP, dbeta, K, V, C=C, BK=BK,
+                        BV=BV, PREC=prec, num_warps=WARPS)
+    ddec = (S * d_next).sum((-1, -2)) if decay is not None else U.new_zeros(R, H, NC)
+    dq, dk = (U.new_empty(R, H, NC, C, K) for _ in range(2))
+    _bwd_k_kernel[grid](qc, kc, bc, g_arg, Tinv, S, dOc, W, dW, d_next, dT, dP, dbeta, ddec.contiguous(), dq, dk, dG,
+                        scale, K, V, C=C, BK=BK, BV=BV, HAS_G=gc is not None, PREC=prec, num_warps=WARPS)
+    dg = dG.flip(-1).cumsum(-1).flip(-1)                                      # G = cumsum(g) within the chunk
+    unchunk = lambda x, like: chunk_mod._from_chunks(x, layout).to(like.dtype)  # noqa: E731
+    per_token = lambda x, like: unchunk(x.unsqueeze(-1), like).squeeze(-1)  # noqa: E731
+    return (unchunk(dq, q), unchunk(dk, k), unchunk(dv, v), per_token(dbeta, beta),
+            None if g is None else per_token(dg, g), None if initial_state is None else dinit)
+
+
 class TritonDeltaRule(torch.autograd.Function):
-    """(o, final) = the delta rule; forward in kernels, backward by recomputing the chunked path (inputs saved)."""
+    """(o, final) = the delta rule in Triton kernels, forward and backward; only the inputs are saved."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, initial_state, scale, cu_seqlens):
@@ -93,13 +144,7 @@ class TritonDeltaRule(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_o, d_final):
         q, k, v, beta, g, init, cu = ctx.saved_tensors
-        xs = [None if x is None else x.detach().requires_grad_(need)
-              for x, need in zip((q, k, v, beta, g, init), ctx.needs_input_grad)]
-        with torch.enable_grad():
-            o, final = chunk_mod.chunk_forward(*xs[:5], ctx.scale, xs[5], True, cu, scan_backend="triton")
-        wanted = [x for x in xs if x is not None and x.requires_grad]
-        grads = iter(torch.autograd.grad((o, final), wanted, (d_o, d_final), allow_unused=True))
-        return (*(next(grads) if x is not None and x.requires_grad else None for x in xs), None, None)
+        return (*triton_backward(q, k, v, beta, g, init, ctx.scale, cu, d_o, d_final), None, None)
 
 
 def triton_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
