@@ -61,7 +61,22 @@ def test_negative_control_kernel_ignoring_decay_is_caught(monkeypatch):
         assert_close(run_delta_with_grads(delta_rule, _on_device(x), backend="triton"), ref, TOL[torch.float64])
 
 
-@pytest.mark.parametrize("wrong", ["output without intra-chunk decay", "UT transform without beta"])
+class _DropArgument:
+    """A kernel launched with its argument `index` zeroed (a backward that forgets one term)."""
+
+    def __init__(self, kernel, index):
+        self.kernel, self.index = kernel, index
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            args = list(args)
+            args[self.index] = torch.zeros_like(args[self.index])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("wrong", ["output without intra-chunk decay", "UT transform without beta",
+                                   "backward without the decay's gradient", "backward without the scores' gradient"])
 def test_negative_control_wrong_intra_kernel_is_caught(monkeypatch, wrong):
     from lsp.ops.delta import triton_chunk
 
@@ -70,9 +85,12 @@ def test_negative_control_wrong_intra_kernel_is_caught(monkeypatch, wrong):
     if wrong.startswith("output"):
         out = triton_chunk.output
         monkeypatch.setattr(triton_chunk, "output", lambda qc, kc, gc, *a: out(qc, kc, None, *a))
-    else:
+    elif wrong.startswith("UT"):
         ut = triton_chunk.ut_transform
         monkeypatch.setattr(triton_chunk, "ut_transform", lambda kc, vc, bc, gc: ut(kc, vc, torch.ones_like(bc), gc))
+    else:                    # the key kernel's input ddec (argument 13) or dP (argument 11) zeroed
+        index = 13 if "decay" in wrong else 11
+        monkeypatch.setattr(triton_chunk, "_bwd_k_kernel", _DropArgument(triton_chunk._bwd_k_kernel, index))
     with pytest.raises(AssertionError):
         assert_close(run_delta_with_grads(delta_rule, _on_device(x), backend="triton"), ref, TOL[torch.float64])
 
