@@ -76,7 +76,7 @@ class _DropArgument:
 
 
 @pytest.mark.parametrize("wrong", ["output without intra-chunk decay", "UT transform without beta",
-                                   "backward without the decay's gradient", "backward without the scores' gradient"])
+                                   "backward without the decay's gradient", "backward without dA's key gradient"])
 def test_negative_control_wrong_intra_kernel_is_caught(monkeypatch, wrong):
     from lsp.ops.delta import triton_chunk
 
@@ -88,8 +88,8 @@ def test_negative_control_wrong_intra_kernel_is_caught(monkeypatch, wrong):
     elif wrong.startswith("UT"):
         ut = triton_chunk.ut_transform
         monkeypatch.setattr(triton_chunk, "ut_transform", lambda kc, vc, bc, gc: ut(kc, vc, torch.ones_like(bc), gc))
-    else:                    # the key kernel's input ddec (argument 13) or dP (argument 11) zeroed
-        index = 13 if "decay" in wrong else 11
+    else:                    # the key kernel's input ddec (argument 11) or dkk (argument 9) zeroed
+        index = 11 if "decay" in wrong else 9
         monkeypatch.setattr(triton_chunk, "_bwd_k_kernel", _DropArgument(triton_chunk._bwd_k_kernel, index))
     with pytest.raises(AssertionError):
         assert_close(run_delta_with_grads(delta_rule, _on_device(x), backend="triton"), ref, TOL[torch.float64])

@@ -23,6 +23,7 @@ from lsp.ops.linear.triton_chunk import SUB_BLOCK, _block, _precision
 
 from . import chunk as chunk_mod
 from .triton_intra import (
+    _bwd_dA_kernel,
     _bwd_k_kernel,
     _bwd_out_kernel,
     _bwd_w_kernel,
@@ -117,14 +118,16 @@ def triton_backward(q, k, v, beta, g, initial_state, scale, cu_seqlens, d_o, d_f
     reset, end, _ = chunk_mod.scan_tables(layout, U.device)
     d_next, dinit = scan_backward(Kd, Wk, decay if decay is not None else U, reset, end, dE,
                                   d_final.to(U.dtype).contiguous(), decay is not None, precision(k.dtype))
-    dT, dP = (U.new_empty(R, H, NC, C, C) for _ in range(2))
+    TdW, dkk = U.new_empty(R, H, NC, C, V), U.new_empty(R, H, NC, C, C)
     dbeta, dG = (U.new_empty(R, H, NC, C) for _ in range(2))
-    _bwd_w_kernel[grid](vc, bc, Tinv, U, Wk, Kd, S, dOc, dUo, d_next, W, dW, dv, dT, dP, dbeta, K, V, C=C, BK=BK,
-                        BV=BV, PREC=prec, num_warps=WARPS)
+    _bwd_w_kernel[grid](vc, bc, Tinv, U, Wk, Kd, S, dUo, d_next, W, dW, TdW, dv, dbeta, K, V, C=C, BK=BK, BV=BV,
+                        PREC=prec, num_warps=WARPS)
+    _bwd_dA_kernel[grid](kc, vc, bc, g_arg, Tinv, S, dW, dkk, dbeta, dG, K, V, C=C, BK=BK, BV=BV,
+                         HAS_G=gc is not None, PREC=prec, num_warps=WARPS)
     ddec = (S * d_next).sum((-1, -2)) if decay is not None else U.new_zeros(R, H, NC)
     dq, dk = (U.new_empty(R, H, NC, C, K) for _ in range(2))
-    _bwd_k_kernel[grid](qc, kc, bc, g_arg, Tinv, S, dOc, W, dW, d_next, dT, dP, dbeta, ddec.contiguous(), dq, dk, dG,
-                        scale, K, V, C=C, BK=BK, BV=BV, HAS_G=gc is not None, PREC=prec, num_warps=WARPS)
+    _bwd_k_kernel[grid](qc, kc, bc, g_arg, S, dOc, W, TdW, d_next, dkk, dbeta, ddec.contiguous(), dq, dk, dG, scale,
+                        K, V, C=C, BK=BK, BV=BV, HAS_G=gc is not None, PREC=prec, num_warps=WARPS)
     dg = dG.flip(-1).cumsum(-1).flip(-1)                                      # G = cumsum(g) within the chunk
     unchunk = lambda x, like: chunk_mod._from_chunks(x, layout).to(like.dtype)  # noqa: E731
     per_token = lambda x, like: unchunk(x.unsqueeze(-1), like).squeeze(-1)  # noqa: E731

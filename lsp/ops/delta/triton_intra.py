@@ -224,18 +224,16 @@ def _bwd_out_kernel(q, k, g, Wk, dO, dUo, dE, scale, K, V, C: tl.constexpr, BK: 
 
 
 @triton.jit
-def _bwd_w_kernel(v, beta, Tinv, U, Wk, Kd, S, dO, dUo, dNext, W, dW, dv, dT, dP, dbeta, K, V,
+def _bwd_w_kernel(v, beta, Tinv, U, Wk, Kd, S, dUo, dNext, W, dW, TdW, dv, dbeta, K, V,
                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     # grid (NC, R * H), over V blocks: W = U − Wk S_c, dW = dUo + Kd dS (dS: the gradient of the state after the
-    # chunk) stored; dv = beta ⊙ Tᵀ dW; accumulated and stored: dT = dW (beta ⊙ V)ᵀ, dP = dO Wᵀ, dbeta = Σ V ⊙ Tᵀ dW
+    # chunk) and Tᵀ dW stored; dv = beta ⊙ Tᵀ dW; dbeta = Σ_V V ⊙ Tᵀ dW (the value part)
     ACC: tl.constexpr = U.dtype.element_ty
     DT: tl.constexpr = v.dtype.element_ty
     chunk = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     cc = tl.arange(0, C)
     T = _rows(Tinv, chunk, C, C, 0, C, C, 0)
     b = tl.load(beta + chunk * C + cc).to(ACC)
-    dt = tl.zeros([C, C], dtype=ACC)
-    dp = tl.zeros([C, C], dtype=ACC)
     db = tl.zeros([C], dtype=ACC)
     for v0 in range(0, V, BV):
         w = _rows(U, chunk, C, V, 0, C, BV, v0).to(ACC)
@@ -246,37 +244,65 @@ def _bwd_w_kernel(v, beta, Tinv, U, Wk, Kd, S, dO, dUo, dNext, W, dW, dv, dT, dP
                        PREC)
         _store_rows(W, w, chunk, C, V, 0, C, BV, v0)
         _store_rows(dW, dw, chunk, C, V, 0, C, BV, v0)
-        vt = _rows(v, chunk, C, V, 0, C, BV, v0).to(ACC)
         tdw = tl.dot(tl.trans(T), dw, out_dtype=ACC, input_precision="ieee")
+        _store_rows(TdW, tdw, chunk, C, V, 0, C, BV, v0)
         _store_rows(dv, b[:, None] * tdw, chunk, C, V, 0, C, BV, v0)
-        db += tl.sum(vt * tdw, 1)
-        dt += tl.dot(dw, tl.trans(b[:, None] * vt), out_dtype=ACC, input_precision="ieee")
-        dp += _dot(_rows(dO, chunk, C, V, 0, C, BV, v0), tl.trans(w), DT, ACC, PREC)
-    _store_rows(dT, dt, chunk, C, C, 0, C, C, 0)
-    _store_rows(dP, dp, chunk, C, C, 0, C, C, 0)
+        db += tl.sum(_rows(v, chunk, C, V, 0, C, BV, v0).to(ACC) * tdw, 1)
     tl.store(dbeta + chunk * C + cc, db)
 
 
 @triton.jit
-def _bwd_dwk(dW, S, chunk, K, V, k0, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-             ACC: tl.constexpr, PREC: tl.constexpr):
-    # [C, BK] dWk = −dW S_cᵀ (key columns k0..), over V blocks
+def _state_product(X, S, chunk, K, V, k0, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                   ACC: tl.constexpr, PREC: tl.constexpr):
+    # [C, BK] X S_cᵀ (key columns k0..) for X: [.., C, V], over V blocks
     acc = tl.zeros([C, BK], dtype=ACC)
     for v0 in range(0, V, BV):
-        acc -= _dot(_rows(dW, chunk, C, V, 0, C, BV, v0), tl.trans(_state_rows(S, chunk, K, V, k0, BK, BV, v0)), DT,
+        acc += _dot(_rows(X, chunk, C, V, 0, C, BV, v0), tl.trans(_state_rows(S, chunk, K, V, k0, BK, BV, v0)), DT,
                     ACC, PREC)
     return acc
 
 
 @triton.jit
-def _bwd_k_kernel(q, k, beta, g, Tinv, S, dO, W, dW, dNext, dT, dP, dbeta, ddec, dq, dk, dG, scale, K, V,
+def _bwd_dA_kernel(k, v, beta, g, Tinv, S, dW, dkk, dbeta, dG, K, V, C: tl.constexpr, BK: tl.constexpr,
+                   BV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
+    # grid (NC, R * H): dT = dW (beta ⊙ V)ᵀ + dWk (beta exp(G) ⊙ K)ᵀ with dWk = −dW S_cᵀ, then
+    #   dA = −Tᵀ dT Tᵀ (strictly lower), A = beta_i D_ij (k_i · k_j): stores dkk = dAk + dAkᵀ (dAk = dA beta_i D_ij,
+    #   the gradient of k kᵀ) and starts dbeta (+= the value part) and dG (= Σ_j (dA ⊙ A)_ij − (dA ⊙ A)_ji)
+    ACC: tl.constexpr = Tinv.dtype.element_ty
+    DT: tl.constexpr = k.dtype.element_ty
+    chunk = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    cc = tl.arange(0, C)
+    G = _cum_decay(g, chunk, C, 0, C, ACC, HAS_G)
+    b = tl.load(beta + chunk * C + cc).to(ACC)
+    dt = tl.zeros([C, C], dtype=ACC)
+    for v0 in range(0, V, BV):
+        bv = b[:, None] * _rows(v, chunk, C, V, 0, C, BV, v0).to(ACC)
+        dt += tl.dot(_rows(dW, chunk, C, V, 0, C, BV, v0), tl.trans(bv), out_dtype=ACC, input_precision="ieee")
+    kk = tl.zeros([C, C], dtype=ACC)
+    for k0 in range(0, K, BK):
+        k_t = _rows(k, chunk, C, K, 0, C, BK, k0)
+        kk += tl.dot(k_t, tl.trans(k_t), out_dtype=ACC, input_precision="ieee")
+        dwk = -_state_product(dW, S, chunk, K, V, k0, C, BK, BV, DT, ACC, PREC)
+        dt += tl.dot(dwk, tl.trans((b * tl.exp(G))[:, None] * k_t.to(ACC)), out_dtype=ACC, input_precision="ieee")
+    T = _rows(Tinv, chunk, C, C, 0, C, C, 0)
+    dA = -tl.dot(tl.trans(T), tl.dot(dt, tl.trans(T), out_dtype=ACC, input_precision="ieee"), out_dtype=ACC,
+                 input_precision="ieee")
+    dAD = dA * _pair_decay(G, C, True)                                        # zero on j >= i
+    N = dAD * kk * b[:, None]                                                 # dA ⊙ A
+    tl.store(dG + chunk * C + cc, tl.sum(N, 1) - tl.sum(N, 0))
+    tl.store(dbeta + chunk * C + cc, tl.load(dbeta + chunk * C + cc) + tl.sum(dAD * kk, 1))
+    dAk = dAD * b[:, None]
+    _store_rows(dkk, dAk + tl.trans(dAk), chunk, C, C, 0, C, C, 0)
+
+
+@triton.jit
+def _bwd_k_kernel(q, k, beta, g, S, dO, W, TdW, dNext, dkk, dbeta, ddec, dq, dk, dG, scale, K, V,
                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, PREC: tl.constexpr):
-    # grid (NC, R * H): dq, dk, dbeta (completing `_bwd_w_kernel`'s) and dG (the gradient of the cumulative decay)
-    # of one chunk. First pass over K: q kᵀ, k kᵀ and dT's key part dWk (beta exp(G) ⊙ K)ᵀ; then
-    #   dA = −Tᵀ dT Tᵀ (strictly lower),  A = beta_i D_ij (k_i · k_j),  P = D_ij (q_i · k_j) (j <= i),
-    #   dPt = scale dO Wᵀ (j <= i); second pass over K: every product into dq, dk, with
-    #   dG_i += Σ_j (dA ⊙ A + dPt ⊙ P)_ij − Σ_j (..)_ji + the exp(G) factors of q, Wk's right side, Kd and the decay
-    ACC: tl.constexpr = dT.dtype.element_ty
+    # grid (NC, R * H): dq, dk; dbeta and dG completed. dPt = scale dO Wᵀ ⊙ D (j <= i), the gradient of q kᵀ;
+    #   dq = scale exp(G) ⊙ dO S_cᵀ + dPt k,   dk = dkk k + dPtᵀ q + beta exp(G) ⊙ Tᵀ dWk + exp(G_C − G) ⊙ W dSᵀ
+    #   with Tᵀ dWk = −(Tᵀ dW) S_cᵀ; dG gets the exp(G) factors of q, Wk's right side, Kd and the decay, and
+    #   Σ_j (dPt ⊙ q kᵀ)_ij − (..)_ji
+    ACC: tl.constexpr = dG.dtype.element_ty
     DT: tl.constexpr = q.dtype.element_ty
     chunk = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     cc = tl.arange(0, C)
@@ -284,54 +310,29 @@ def _bwd_k_kernel(q, k, beta, g, Tinv, S, dO, W, dW, dNext, dT, dP, dbeta, ddec,
     eG = tl.exp(G)
     G_end = tl.sum(tl.where(cc == C - 1, G, 0.0), 0)
     b = tl.load(beta + chunk * C + cc).to(ACC)
-    T = _rows(Tinv, chunk, C, C, 0, C, C, 0)
-    dt = _rows(dT, chunk, C, C, 0, C, C, 0)
-    qk = tl.zeros([C, C], dtype=ACC)
-    kk = tl.zeros([C, C], dtype=ACC)
-    for k0 in range(0, K, BK):
-        q_t = _rows(q, chunk, C, K, 0, C, BK, k0)
-        k_t = _rows(k, chunk, C, K, 0, C, BK, k0)
-        qk += _dot(q_t, tl.trans(k_t), DT, ACC, PREC)
-        kk += tl.dot(k_t, tl.trans(k_t), out_dtype=ACC, input_precision="ieee")
-        dwk = _bwd_dwk(dW, S, chunk, K, V, k0, C, BK, BV, DT, ACC, PREC)
-        dt += tl.dot(dwk, tl.trans((b * eG)[:, None] * k_t.to(ACC)), out_dtype=ACC, input_precision="ieee")
-    Ds = _pair_decay(G, C, True)
-    A = b[:, None] * Ds * kk
-    dA = -tl.dot(tl.trans(T), tl.dot(dt, tl.trans(T), out_dtype=ACC, input_precision="ieee"), out_dtype=ACC,
-                 input_precision="ieee")
-    dA = tl.where(cc[:, None] > cc[None, :], dA, 0.0)
-    D = _pair_decay(G, C, False)
-    dPk = scale * _rows(dP, chunk, C, C, 0, C, C, 0) * D                     # dL/d(q_i·k_j), j <= i
-    dAk = dA * b[:, None] * Ds                                                # dL/d(k_i·k_j), j < i
-    N = dA * A + dPk * qk
-    dg = tl.sum(N, 1) - tl.sum(N, 0)
-    db = tl.load(dbeta + chunk * C + cc) + tl.sum(dA * Ds * kk, 1)
-    dkk = dAk + tl.trans(dAk)
+    dp = tl.zeros([C, C], dtype=ACC)
+    for v0 in range(0, V, BV):
+        dp += _dot(_rows(dO, chunk, C, V, 0, C, BV, v0), tl.trans(_rows(W, chunk, C, V, 0, C, BV, v0)), DT, ACC, PREC)
+    dPk = scale * dp * _pair_decay(G, C, False)
+    N = dPk * _scores_qk(q, k, chunk, K, C, BK, DT, ACC, PREC)
+    dg = tl.load(dG + chunk * C + cc) + tl.sum(N, 1) - tl.sum(N, 0)
+    db = tl.load(dbeta + chunk * C + cc)
+    dkk_c = _rows(dkk, chunk, C, C, 0, C, C, 0)
     end_sum = tl.load(ddec + chunk) * tl.exp(G_end)                           # decay exp(G_C) · its gradient
     for k0 in range(0, K, BK):
         q_t = _rows(q, chunk, C, K, 0, C, BK, k0).to(ACC)
         k_t = _rows(k, chunk, C, K, 0, C, BK, k0).to(ACC)
-        dqs = tl.zeros([C, BK], dtype=ACC)
-        dkd = tl.zeros([C, BK], dtype=ACC)
-        for v0 in range(0, V, BV):
-            dqs += _dot(_rows(dO, chunk, C, V, 0, C, BV, v0), tl.trans(_state_rows(S, chunk, K, V, k0, BK, BV, v0)),
-                        DT, ACC, PREC)
-            dkd += _dot(_rows(W, chunk, C, V, 0, C, BV, v0), tl.trans(_state_rows(dNext, chunk, K, V, k0, BK, BV, v0)),
-                        DT, ACC, PREC)
-        dqs = scale * eG[:, None] * dqs
-        tdwk = tl.dot(tl.trans(T), _bwd_dwk(dW, S, chunk, K, V, k0, C, BK, BV, DT, ACC, PREC), out_dtype=ACC,
-                      input_precision="ieee")
-        dkd = tl.exp(G_end - G)[:, None] * dkd
-        x = tl.sum(k_t * tdwk, 1) * b * eG
-        db += tl.sum(k_t * tdwk, 1) * eG
+        dqs = scale * eG[:, None] * _state_product(dO, S, chunk, K, V, k0, C, BK, BV, DT, ACC, PREC)
+        dkd = tl.exp(G_end - G)[:, None] * _state_product(W, dNext, chunk, K, V, k0, C, BK, BV, DT, ACC, PREC)
+        tdwk = -_state_product(TdW, S, chunk, K, V, k0, C, BK, BV, DT, ACC, PREC)
+        ktd = tl.sum(k_t * tdwk, 1) * eG
         kdx = tl.sum(k_t * dkd, 1)
-        dg += tl.sum(dqs * q_t, 1) + x - kdx
+        db += ktd
+        dg += tl.sum(dqs * q_t, 1) + b * ktd - kdx
         end_sum += tl.sum(kdx, 0)
-        dq_t = dqs + _dot(dPk, k_t, DT, ACC, PREC)
-        dk_t = (b * eG)[:, None] * tdwk + dkd + tl.dot(dkk, k_t, out_dtype=ACC, input_precision="ieee") \
+        _store_rows(dq, dqs + _dot(dPk, k_t, DT, ACC, PREC), chunk, C, K, 0, C, BK, k0)
+        dk_t = (b * eG)[:, None] * tdwk + dkd + tl.dot(dkk_c, k_t, out_dtype=ACC, input_precision="ieee") \
             + _dot(tl.trans(dPk), q_t, DT, ACC, PREC)
-        _store_rows(dq, dq_t, chunk, C, K, 0, C, BK, k0)
         _store_rows(dk, dk_t, chunk, C, K, 0, C, BK, k0)
-    dg += tl.where(cc == C - 1, end_sum, 0.0)
     tl.store(dbeta + chunk * C + cc, db)
-    tl.store(dG + chunk * C + cc, dg)
+    tl.store(dG + chunk * C + cc, dg + tl.where(cc == C - 1, end_sum, 0.0))
