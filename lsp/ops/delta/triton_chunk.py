@@ -34,6 +34,10 @@ from .triton_intra import (
 from .triton_scan import precision, scan_backward
 
 WARPS = 8           # [64, 64] fp32 tiles: with 4 warps the apply and output kernels spill (436, 848 B, sm_90a)
+# the three per-chunk backward kernels (W, dA, keys): K and V blocks of 32, one stage; with blocks of 64 or 2 stages
+# they spill on sm_90a (bf16: 824 / 48 / 720 B per thread at 64, 1 stage; 0 at 32, 1 stage: 248 / 204 / 248 regs)
+BWD_BLOCK = 32
+BWD_STAGES = 1
 
 
 def _chunked(x: torch.Tensor, layout) -> torch.Tensor:
@@ -120,14 +124,14 @@ def triton_backward(q, k, v, beta, g, initial_state, scale, cu_seqlens, d_o, d_f
                                   d_final.to(U.dtype).contiguous(), decay is not None, precision(k.dtype))
     TdW, dkk = U.new_empty(R, H, NC, C, V), U.new_empty(R, H, NC, C, C)
     dbeta, dG = (U.new_empty(R, H, NC, C) for _ in range(2))
-    _bwd_w_kernel[grid](vc, bc, Tinv, U, Wk, Kd, S, dUo, d_next, W, dW, TdW, dv, dbeta, K, V, C=C, BK=BK, BV=BV,
-                        PREC=prec, num_warps=WARPS)
-    _bwd_dA_kernel[grid](kc, vc, bc, g_arg, Tinv, S, dW, dkk, dbeta, dG, K, V, C=C, BK=BK, BV=BV,
-                         HAS_G=gc is not None, PREC=prec, num_warps=WARPS)
+    small = dict(BK=_block(K, BWD_BLOCK), BV=_block(V, BWD_BLOCK), num_warps=WARPS, num_stages=BWD_STAGES)
+    _bwd_w_kernel[grid](vc, bc, Tinv, U, Wk, Kd, S, dUo, d_next, W, dW, TdW, dv, dbeta, K, V, C=C, PREC=prec, **small)
+    _bwd_dA_kernel[grid](kc, vc, bc, g_arg, Tinv, S, dW, dkk, dbeta, dG, K, V, C=C, HAS_G=gc is not None, PREC=prec,
+                         **small)
     ddec = (S * d_next).sum((-1, -2)) if decay is not None else U.new_zeros(R, H, NC)
     dq, dk = (U.new_empty(R, H, NC, C, K) for _ in range(2))
     _bwd_k_kernel[grid](qc, kc, bc, g_arg, S, dOc, W, TdW, d_next, dkk, dbeta, ddec.contiguous(), dq, dk, dG, scale,
-                        K, V, C=C, BK=BK, BV=BV, HAS_G=gc is not None, PREC=prec, num_warps=WARPS)
+                        K, V, C=C, HAS_G=gc is not None, PREC=prec, **small)
     dg = dG.flip(-1).cumsum(-1).flip(-1)                                      # G = cumsum(g) within the chunk
     unchunk = lambda x, like: chunk_mod._from_chunks(x, layout).to(like.dtype)  # noqa: E731
     per_token = lambda x, like: unchunk(x.unsqueeze(-1), like).squeeze(-1)  # noqa: E731

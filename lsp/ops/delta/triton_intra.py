@@ -244,7 +244,7 @@ def _bwd_w_kernel(v, beta, Tinv, U, Wk, Kd, S, dUo, dNext, W, dW, TdW, dv, dbeta
                        PREC)
         _store_rows(W, w, chunk, C, V, 0, C, BV, v0)
         _store_rows(dW, dw, chunk, C, V, 0, C, BV, v0)
-        tdw = tl.dot(tl.trans(T), dw, out_dtype=ACC, input_precision="ieee")
+        tdw = _dot(tl.trans(T), dw, DT, ACC, PREC)
         _store_rows(TdW, tdw, chunk, C, V, 0, C, BV, v0)
         _store_rows(dv, b[:, None] * tdw, chunk, C, V, 0, C, BV, v0)
         db += tl.sum(_rows(v, chunk, C, V, 0, C, BV, v0).to(ACC) * tdw, 1)
@@ -277,16 +277,15 @@ def _bwd_dA_kernel(k, v, beta, g, Tinv, S, dW, dkk, dbeta, dG, K, V, C: tl.const
     dt = tl.zeros([C, C], dtype=ACC)
     for v0 in range(0, V, BV):
         bv = b[:, None] * _rows(v, chunk, C, V, 0, C, BV, v0).to(ACC)
-        dt += tl.dot(_rows(dW, chunk, C, V, 0, C, BV, v0), tl.trans(bv), out_dtype=ACC, input_precision="ieee")
+        dt += _dot(_rows(dW, chunk, C, V, 0, C, BV, v0), tl.trans(bv), DT, ACC, PREC)
     kk = tl.zeros([C, C], dtype=ACC)
     for k0 in range(0, K, BK):
         k_t = _rows(k, chunk, C, K, 0, C, BK, k0)
-        kk += tl.dot(k_t, tl.trans(k_t), out_dtype=ACC, input_precision="ieee")
+        kk += _dot(k_t, tl.trans(k_t), DT, ACC, PREC)
         dwk = -_state_product(dW, S, chunk, K, V, k0, C, BK, BV, DT, ACC, PREC)
-        dt += tl.dot(dwk, tl.trans((b * tl.exp(G))[:, None] * k_t.to(ACC)), out_dtype=ACC, input_precision="ieee")
+        dt += _dot(dwk, tl.trans((b * tl.exp(G))[:, None] * k_t.to(ACC)), DT, ACC, PREC)
     T = _rows(Tinv, chunk, C, C, 0, C, C, 0)
-    dA = -tl.dot(tl.trans(T), tl.dot(dt, tl.trans(T), out_dtype=ACC, input_precision="ieee"), out_dtype=ACC,
-                 input_precision="ieee")
+    dA = -_dot(tl.trans(T), _dot(dt, tl.trans(T), DT, ACC, PREC), DT, ACC, PREC)
     dAD = dA * _pair_decay(G, C, True)                                        # zero on j >= i
     N = dAD * kk * b[:, None]                                                 # dA ⊙ A
     tl.store(dG + chunk * C + cc, tl.sum(N, 1) - tl.sum(N, 0))
@@ -331,7 +330,7 @@ def _bwd_k_kernel(q, k, beta, g, S, dO, W, TdW, dNext, dkk, dbeta, ddec, dq, dk,
         dg += tl.sum(dqs * q_t, 1) + b * ktd - kdx
         end_sum += tl.sum(kdx, 0)
         _store_rows(dq, dqs + _dot(dPk, k_t, DT, ACC, PREC), chunk, C, K, 0, C, BK, k0)
-        dk_t = (b * eG)[:, None] * tdwk + dkd + tl.dot(dkk_c, k_t, out_dtype=ACC, input_precision="ieee") \
+        dk_t = (b * eG)[:, None] * tdwk + dkd + _dot(dkk_c, k_t, DT, ACC, PREC) \
             + _dot(tl.trans(dPk), q_t, DT, ACC, PREC)
         _store_rows(dk, dk_t, chunk, C, K, 0, C, BK, k0)
     tl.store(dbeta + chunk * C + cc, db)
