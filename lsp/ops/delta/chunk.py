@@ -199,7 +199,7 @@ def enter_sequences(chunks: DeltaChunks, entering_aug, final_aug, extra: torch.T
 def chunk_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
                      chunk_size: int = CHUNK_SIZE, scan_backend: str = "torch"):
     """Arguments as `lsp.ops.delta_rule` (already validated). "torch": `chunk_forward`, autograd backward;
-    "triton": the forward in Triton kernels (triton_chunk.py)."""
+    "triton": forward and backward in Triton kernels (triton_chunk.py)."""
     if scan_backend == "triton" and chunk_size == CHUNK_SIZE:
         from .triton_chunk import triton_delta_rule
 

@@ -1,15 +1,20 @@
-r"""The delta rule with backend="triton": the whole chunked forward in Triton kernels, backward by recomputation.
+r"""The delta rule with backend="triton": the chunked algorithm of `chunk.py` in Triton kernels, forward and backward.
 
-Forward, per batch (the math of `chunk.py`; kernels in `triton_intra.py` and `triton_scan.py`), launches
-independent of T:
+Forward (kernels in `triton_intra.py` and `triton_scan.py`), launches independent of T:
 
     T = (I + A)^-1                       `_ut_inverse_kernel`   one program per chunk
     U, Wk, Kd                            `_ut_apply_kernel`     one program per chunk
     S_c (entering states), final states  `_scan_fwd`            one program per (row, head, V block)
     o                                    `_out_kernel`          one program per (chunk, V block)
 
-Backward: only the inputs are saved (q, k, v, beta, g, the initial state: 1x their bytes); the chunked torch path
-(its scan in Triton) is recomputed from them and differentiated by autograd.
+Backward: only the inputs are saved (q, k, v, beta, g, the initial state); T, U, Wk, Kd and S_c are recomputed
+(3 launches), then, with W = U − Wk S_c and dS the gradient of the state after a chunk:
+
+    dUo = scale Pᵀ dO,  dE = scale (q e^G)ᵀ dO − Wkᵀ dUo        `_bwd_out_kernel`  (the output's direct gradients)
+    dS (every chunk), dinit                                     `_scan_bwd`        (the reverse chain)
+    dW = dUo + Kd dS,  dv = beta ⊙ Tᵀ dW,  dbeta (value part)    `_bwd_w_kernel`
+    dT = dW (beta V)ᵀ − dW S_cᵀ (beta e^G K)ᵀ,  dA = −Tᵀ dT Tᵀ     `_bwd_dA_kernel`
+    dq, dk, dbeta, dG (dg = the reverse cumulative sum of dG)   `_bwd_k_kernel`
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-r"""Triton kernels of the delta rule's per-chunk work: the UT transform and the outputs (the chunk scan between them
-is `triton_scan.py`). Tensors are in the padded chunk layout of `chunk.py`: [R, H, NC, C, D] contiguous, C = 64.
+r"""Triton kernels of the delta rule's per-chunk work, forward and backward: the UT transform, the outputs and their
+gradients (the chunk scan between them is `triton_scan.py`; the launches and the backward's order are in
+`triton_chunk.py`). Tensors are in the padded chunk layout of `chunk.py`: [R, H, NC, C, D] contiguous, C = 64.
 
 Per chunk, with G the within-chunk cumulative log-decay (0 without g) and beta the write strengths:
 
@@ -11,7 +12,11 @@ The inverse is formed as fla's solve_tril does: A in 16-row sub-blocks (the 16x1
 diagonal), each diagonal block (I + A_aa) inverted by forward substitution one row at a time, then the blocks below
 the diagonal by the block recurrence T_ab = −T_aa Σ_{b<=m<a} A_am T_mb (m = b uses T_bb). Everything in the inverse
 is fp32 (fp64 for fp64 inputs) with input_precision="ieee": T multiplies every write of the chunk. The chunk-level
-products (U, Wk, o: [64, *] dots) take 16-bit operands as given, accumulating in fp32.
+products ([64, *] dots, forward and backward) take their operands in the inputs' dtype (16-bit as fla does, T and
+the states included), accumulating in fp32; fp32 inputs run them in full precision (PREC).
+
+Backward (the chain rule through the lines above, every exponent <= 0 as in the forward): T's gradient becomes
+dA = −Tᵀ dT Tᵀ; a product x_i · y_j scaled by exp(G_i − G_j) sends Σ_j (dX ⊙ X)_ij − Σ_j (dX ⊙ X)_ji to dG_i.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 r"""Triton kernels of the delta rule's chunk scan (the only sequential part of the chunked path), forward and
-backward, and their autograd.Function. The per-chunk UT transform and the outputs stay batched torch ops.
+backward, and their autograd.Function (used by `delta_rule` with backend="triton" inside `triton_chunk.py`, and by
+the chunked torch path of sequence parallelism, whose UT transform and outputs are batched torch ops).
 
 Per (row, head) and chunk c, with S_c the state entering the chunk (columns D split into blocks, which evolve
 independently):
