@@ -130,10 +130,13 @@ def scan_backward(Kd, Wk, dec, reset, end, d_enter, d_final, has_dec: bool, prec
     R, H, NC, C, K = Kd.shape
     D = d_enter.shape[-1]
     BK, BD = _blocks(K, D)
+    warps = _warps(K)
+    if BK > 64:  # K = 128: 8 warps on columns of 32 spill 4 B per thread without decay (sm_90a, bf16); 4 on 16: none
+        BD, warps = 16, 4
     d_next = torch.empty_like(d_enter)
     dinit = d_final.clone()   # sequences that start nowhere (empty) pass their final-state gradient straight on
     _scan_bwd[(R * H, triton.cdiv(D, BD))](Kd, Wk, dec, reset, end, d_enter, d_final, d_next, dinit, NC, H, K, D,
-                                           C=C, BK=BK, BD=BD, HAS_DEC=has_dec, PREC=prec, num_warps=_warps(K))
+                                           C=C, BK=BK, BD=BD, HAS_DEC=has_dec, PREC=prec, num_warps=warps)
     return d_next, dinit
 
 
