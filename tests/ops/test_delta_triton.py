@@ -61,6 +61,15 @@ def test_negative_control_kernel_ignoring_decay_is_caught(monkeypatch):
         assert_close(run_delta_with_grads(delta_rule, _on_device(x), backend="triton"), ref, TOL[torch.float64])
 
 
+@pytest.mark.parametrize("gated,K,V,T", [(True, 32, 32, 100), (False, 32, 32, 100), (True, 80, 48, 70)])
+def test_triton_matches_naive_wider_heads(gated, K, V, T):
+    """d = 32 at T = 100 (a partial second chunk), and K = 80, V = 48: several K and V blocks with masked tails in
+    every kernel (blocks of 64 forward, 32 in the backward's per-chunk kernels); fp32, initial and final state."""
+    x = make_delta_inputs(gated, B=1, T=T, H=2, K=K, V=V, dtype=torch.float32)
+    res = run_delta_with_grads(delta_rule, _on_device(x), backend="triton")
+    assert_close({n: t.cpu() for n, t in res.items()}, _ref(x), TOL[torch.float32], f"gated={gated} K={K} V={V}")
+
+
 class _DropArgument:
     """A kernel launched with its argument `index` zeroed (a backward that forgets one term)."""
 
