@@ -157,31 +157,6 @@ def _ut_apply_kernel(k, v, beta, g, Tinv, U, Wk, Kd, K, V, C: tl.constexpr, BD: 
 
 
 @triton.jit
-def _out_kernel(q, k, g, U, Wk, S, o, scale, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                HAS_G: tl.constexpr, PREC: tl.constexpr):
-    # grid (cdiv(V, BV), NC, R * H): o = scale [ (q ⊙ exp(G)) S_c + P (U - Wk S_c) ] for one chunk and V block;
-    # S: [R, H, NC, K, V] entering states (fp32), products over K in BK blocks
-    ACC: tl.constexpr = U.dtype.element_ty
-    DT: tl.constexpr = q.dtype.element_ty
-    v0 = tl.program_id(0) * BV
-    chunk = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
-    cc = tl.arange(0, C)
-    G = _cum_decay(g, chunk, C, 0, C, ACC, HAS_G)
-    P = tl.zeros([C, C], dtype=ACC)
-    qS = tl.zeros([C, BV], dtype=ACC)
-    W = _rows(U, chunk, C, V, 0, C, BV, v0).to(ACC)
-    for k0 in range(0, K, BK):
-        q_t = _rows(q, chunk, C, K, 0, C, BK, k0)
-        s_t = _state_rows(S, chunk, K, V, k0, BK, BV, v0).to(DT)
-        P += tl.dot(q_t, tl.trans(_rows(k, chunk, C, K, 0, C, BK, k0)), out_dtype=ACC, input_precision=PREC)
-        qS += tl.dot((q_t.to(ACC) * tl.exp(G)[:, None]).to(DT), s_t, out_dtype=ACC, input_precision=PREC)
-        W -= tl.dot(_rows(Wk, chunk, C, K, 0, C, BK, k0).to(DT), s_t, out_dtype=ACC, input_precision=PREC)
-    P = P * tl.exp(tl.where(cc[:, None] >= cc[None, :], G[:, None] - G[None, :], float("-inf")))
-    out = qS + tl.dot(P.to(DT), W.to(DT), out_dtype=ACC, input_precision=PREC)
-    _store_rows(o, scale * out, chunk, C, V, 0, C, BV, v0)
-
-
-@triton.jit
 def _dot(a, b, DT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     # a chunk-level product: operands in the inputs' dtype (16-bit as given), accumulation in ACC
     return tl.dot(a.to(DT), b.to(DT), out_dtype=ACC, input_precision=PREC)
@@ -193,6 +168,29 @@ def _pair_decay(G, C: tl.constexpr, STRICT: tl.constexpr):
     cc = tl.arange(0, C)
     keep = cc[:, None] > cc[None, :] if STRICT else cc[:, None] >= cc[None, :]
     return tl.exp(tl.where(keep, G[:, None] - G[None, :], float("-inf")))
+
+
+@triton.jit
+def _out_kernel(q, k, g, U, Wk, S, o, scale, K, V, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                HAS_G: tl.constexpr, PREC: tl.constexpr):
+    # grid (cdiv(V, BV), NC, R * H): o = scale [ (q ⊙ exp(G)) S_c + P (U - Wk S_c) ] for one chunk and V block;
+    # S: [R, H, NC, K, V] entering states (fp32), products over K in BK blocks
+    ACC: tl.constexpr = U.dtype.element_ty
+    DT: tl.constexpr = q.dtype.element_ty
+    v0 = tl.program_id(0) * BV
+    chunk = tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)
+    G = _cum_decay(g, chunk, C, 0, C, ACC, HAS_G)
+    P = tl.zeros([C, C], dtype=ACC)
+    qS = tl.zeros([C, BV], dtype=ACC)
+    W = _rows(U, chunk, C, V, 0, C, BV, v0).to(ACC)
+    for k0 in range(0, K, BK):   # one pass over K for P, q S and Wk S (q read once)
+        q_t = _rows(q, chunk, C, K, 0, C, BK, k0)
+        s_t = _state_rows(S, chunk, K, V, k0, BK, BV, v0)
+        P += _dot(q_t, tl.trans(_rows(k, chunk, C, K, 0, C, BK, k0)), DT, ACC, PREC)
+        qS += _dot(q_t.to(ACC) * tl.exp(G)[:, None], s_t, DT, ACC, PREC)
+        W -= _dot(_rows(Wk, chunk, C, K, 0, C, BK, k0), s_t, DT, ACC, PREC)
+    out = qS + _dot(P * _pair_decay(G, C, False), W, DT, ACC, PREC)
+    _store_rows(o, scale * out, chunk, C, V, 0, C, BV, v0)
 
 
 @triton.jit
