@@ -135,11 +135,11 @@ def test_saved_bytes_are_the_inputs(T):
     assert saved == _input_bytes(x) + x["initial_state"].numel() * 4, (saved, _input_bytes(x))
 
 
-def test_saved_bytes_control_torch_path_keeps_more(monkeypatch):
+def test_saved_bytes_control_torch_path_keeps_more():
     # the measurement sees the chunk tensors of the chunked torch path (its scan in Triton): far above 1.5x
-    monkeypatch.setattr(chunk_mod, "CHUNK_SIZE", -1)                          # chunk_delta_rule: not the kernels
     x = _inputs(130, True, dtype=torch.bfloat16, H=2, K=32)
-    saved = saved_bytes(lambda: _forward(x))
+    saved = saved_bytes(lambda: chunk_mod.chunk_forward(x["q"], x["k"], x["v"], x["beta"], x["g"], 32 ** -0.5,
+                                                        x["initial_state"], True, scan_backend="triton"))
     assert saved > 1.5 * _input_bytes(x), saved
 
 
