@@ -52,8 +52,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, output_
         initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens), fp32 (fp64 for fp64 inputs).
         output_final_state: also return the state after the last token (of every packed sequence).
         cu_seqlens: int32 [N + 1] cumulative lengths of packed sequences (B == 1); the state resets at each start.
-        backend: "auto" (= "torch": chunked WY/UT, any device), "torch", "triton" (the same with the chunk scan in
-            one Triton kernel, forward and backward; CUDA or TRITON_INTERPRET=1) or "naive" (the reference).
+        backend: "auto" (= "torch": chunked WY/UT, any device), "torch", "triton" (the same algorithm in Triton
+            kernels, forward and backward; CUDA or TRITON_INTERPRET=1) or "naive" (the reference).
 
     Returns:
         o: [B, T, H, V] in q's dtype; final_state: [B or N, H, K, V] in the accumulation dtype, or None.

@@ -124,10 +124,17 @@ def chunk_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
 
 
 def _triton_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
-    # the same scan in one Triton kernel; reset / end tables [R, NC] say where sequences start and end
+    # the same scan in one Triton kernel
     from .triton_scan import TritonChunkScan, precision
 
-    layout, (R, NC) = chunks.layout, U.shape[:3:2]
+    reset, end, n_seq = scan_tables(chunks.layout, U.device)
+    return TritonChunkScan.apply(chunks.Kd, chunks.Wk, U, chunks.decay, init, reset, end, n_seq,
+                                 precision(chunks.input_dtype))
+
+
+def scan_tables(layout: ChunkLayout, device):
+    """(reset, end, n_seq): int32 [R, NC] tables of the sequence starting / ending at each chunk (-1 elsewhere)."""
+    R, NC = layout.rows, layout.num_chunks
     reset = torch.full((R, NC), -1, dtype=torch.int32)
     end = torch.full((R, NC), -1, dtype=torch.int32)
     if layout.dst is None:
@@ -140,8 +147,7 @@ def _triton_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None
             assert len(ns) == 1, "a chunk ends at most one non-empty sequence"
             end[0, c] = ns[0]
         n_seq = len(layout.resets) + len(layout.empty)
-    return TritonChunkScan.apply(chunks.Kd, chunks.Wk, U, chunks.decay, init, reset.to(U.device), end.to(U.device),
-                                 n_seq, precision(chunks.input_dtype))
+    return reset.to(device), end.to(device), n_seq
 
 
 def chunk_output(q, chunks: DeltaChunks, entering: torch.Tensor, scale: float) -> torch.Tensor:
@@ -192,7 +198,19 @@ def enter_sequences(chunks: DeltaChunks, entering_aug, final_aug, extra: torch.T
 
 def chunk_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
                      chunk_size: int = CHUNK_SIZE, scan_backend: str = "torch"):
-    """Chunked forward (autograd backward); arguments as `lsp.ops.delta_rule` (already validated)."""
+    """Arguments as `lsp.ops.delta_rule` (already validated). "torch": `chunk_forward`, autograd backward;
+    "triton": forward and backward in Triton kernels (triton_chunk.py)."""
+    if scan_backend == "triton" and chunk_size == CHUNK_SIZE:
+        from .triton_chunk import triton_delta_rule
+
+        return triton_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+    return chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
+                         scan_backend)
+
+
+def chunk_forward(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
+                  chunk_size: int = CHUNK_SIZE, scan_backend: str = "torch"):
+    """Chunked forward in batched torch ops (the scan in Triton with scan_backend="triton"), autograd backward."""
     chunks = prepare_chunks(k, v, beta, g, cu_seqlens, chunk_size, scan_backend)
     init = None if initial_state is None else initial_state.to(chunks.U.dtype)
     entering, final = chunk_scan(chunks, chunks.U, init)

@@ -1,5 +1,6 @@
 r"""Triton kernels of the delta rule's chunk scan (the only sequential part of the chunked path), forward and
-backward, and their autograd.Function. The per-chunk UT transform and the outputs stay batched torch ops.
+backward, and their autograd.Function (used by `delta_rule` with backend="triton" inside `triton_chunk.py`, and by
+the chunked torch path of sequence parallelism, whose UT transform and outputs are batched torch ops).
 
 Per (row, head) and chunk c, with S_c the state entering the chunk (columns D split into blocks, which evolve
 independently):
@@ -120,6 +121,25 @@ def precision(input_dtype: torch.dtype) -> str:
     return "ieee" if input_dtype in (torch.float32, torch.float64) else "tf32"
 
 
+def scan_backward(Kd, Wk, dec, reset, end, d_enter, d_final, has_dec: bool, prec: str):
+    """The reverse chain: (d_next [R, H, NC, K, D], the gradient of the state after every chunk; dinit [N, H, K, D]).
+
+    Kd, Wk: [R, H, NC, C, K] contiguous; dec: [R, H, NC] (any when not has_dec); d_enter: [R, H, NC, K, D], the
+    direct gradient of every entering state; d_final: [N, H, K, D].
+    """
+    R, H, NC, C, K = Kd.shape
+    D = d_enter.shape[-1]
+    BK, BD = _blocks(K, D)
+    warps = _warps(K)
+    if BK > 64:  # K = 128: 8 warps on columns of 32 spill 4 B per thread without decay (sm_90a, bf16); 4 on 16: none
+        BD, warps = 16, 4
+    d_next = torch.empty_like(d_enter)
+    dinit = d_final.clone()   # sequences that start nowhere (empty) pass their final-state gradient straight on
+    _scan_bwd[(R * H, triton.cdiv(D, BD))](Kd, Wk, dec, reset, end, d_enter, d_final, d_next, dinit, NC, H, K, D,
+                                           C=C, BK=BK, BD=BD, HAS_DEC=has_dec, PREC=prec, num_warps=warps)
+    return d_next, dinit
+
+
 class TritonChunkScan(torch.autograd.Function):
     """entering [R, H, NC, K, D], final [N, H, K, D] = the chunk scan of `chunk.chunk_scan`, in one kernel."""
 
@@ -150,12 +170,7 @@ class TritonChunkScan(torch.autograd.Function):
         BK, BD = _blocks(K, D)
         d_enter = torch.zeros_like(enter) if d_enter is None else d_enter.contiguous()
         d_final = U.new_zeros(ctx.n_seq, H, K, D) if d_final is None else d_final.contiguous()
-        d_next = torch.empty_like(enter)
-        # sequences that start nowhere (empty) pass their final-state gradient straight to their initial state
-        dinit = d_final.clone()
-        _scan_bwd[(R * H, triton.cdiv(D, BD))](Kd, Wk, dec, reset, end, d_enter, d_final, d_next, dinit, NC, H, K, D,
-                                               C=C, BK=BK, BD=BD, HAS_DEC=ctx.has_dec, PREC=ctx.prec,
-                                               num_warps=_warps(K))
+        d_next, dinit = scan_backward(Kd, Wk, dec, reset, end, d_enter, d_final, ctx.has_dec, ctx.prec)
         dU = Kd @ d_next                                                     # [R, H, NC, C, D]
         dKd = (U - Wk @ enter) @ d_next.transpose(-1, -2)
         dWk = -dU @ enter.transpose(-1, -2)

@@ -1,0 +1,165 @@
+r"""The delta rule with backend="triton": the chunked algorithm of `chunk.py` in Triton kernels, forward and backward.
+
+Forward (kernels in `triton_intra.py` and `triton_scan.py`), launches independent of T:
+
+    T = (I + A)^-1                       `_ut_inverse_kernel`   one program per chunk
+    U, Wk, Kd                            `_ut_apply_kernel`     one program per chunk
+    S_c (entering states), final states  `_scan_fwd`            one program per (row, head, V block)
+    o                                    `_out_kernel`          one program per (chunk, V block)
+
+Backward: only the inputs are saved (q, k, v, beta, g, the initial state); T, U, Wk, Kd and S_c are recomputed
+(3 launches), then, with W = U − Wk S_c and dS the gradient of the state after a chunk:
+
+    dUo = scale Pᵀ dO,  dE = scale (q e^G)ᵀ dO − Wkᵀ dUo        `_bwd_out_kernel`  (the output's direct gradients)
+    dS (every chunk), dinit                                     `_scan_bwd`        (the reverse chain)
+    dW = dUo + Kd dS,  dv = beta ⊙ Tᵀ dW,  dbeta (value part)    `_bwd_w_kernel`
+    dT = dW (beta V)ᵀ − dW S_cᵀ (beta e^G K)ᵀ,  dA = −Tᵀ dT Tᵀ     `_bwd_dA_kernel`
+    dq, dk, dbeta, dG (dg = the reverse cumulative sum of dG)   `_bwd_k_kernel`
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from lsp.names import CHUNK_SIZE
+from lsp.ops.linear.checks import acc_dtype, seq_bounds
+from lsp.ops.linear.layout import make_layout
+from lsp.ops.linear.triton_chunk import SUB_BLOCK, _block, _precision
+
+from . import chunk as chunk_mod
+from .triton_intra import (
+    _bwd_dA_kernel,
+    _bwd_k_kernel,
+    _bwd_out_kernel,
+    _bwd_w_kernel,
+    _out_kernel,
+    _ut_apply_kernel,
+    _ut_inverse_kernel,
+)
+from .triton_scan import precision, scan_backward
+
+WARPS = 8           # [64, 64] fp32 tiles: with 4 warps the apply and output kernels spill (436, 848 B, sm_90a)
+# the three per-chunk backward kernels (W, dA, keys): K and V blocks of 32, one stage; with blocks of 64 or 2 stages
+# they spill on sm_90a (bf16: 824 / 48 / 720 B per thread at 64, 1 stage; 0 at 32, 1 stage: 248 / 204 / 248 regs)
+BWD_BLOCK = 32
+BWD_STAGES = 1
+
+
+def _chunked(x: torch.Tensor, layout) -> torch.Tensor:
+    # [B, T, H, D] -> contiguous [R, H, NC, C, D], zero padded (the kernels' layout)
+    return chunk_mod._to_chunks(x, layout).contiguous()
+
+
+def ut_transform(kc, vc, bc, gc):
+    """Tinv [R, H, NC, C, C], U [.., C, V], Wk, Kd [.., C, K] (accumulation dtype) from chunked inputs.
+
+    kc: [R, H, NC, C, K]; vc: [R, H, NC, C, V]; bc, gc: [R, H, NC, C] (gc None without decay).
+    """
+    R, H, NC, C, K = kc.shape
+    V = vc.shape[-1]
+    dt = acc_dtype(kc.dtype)
+    assert C == 4 * SUB_BLOCK, f"the Triton UT transform works on chunks of {4 * SUB_BLOCK} tokens, got {C}"
+    g_arg = gc if gc is not None else bc
+    Tinv = kc.new_empty(R, H, NC, C, C, dtype=dt)
+    _ut_inverse_kernel[(NC, R * H)](kc, bc, g_arg, Tinv, K, C=C, BS=SUB_BLOCK, BK=_block(K), HAS_G=gc is not None,
+                                    num_warps=WARPS)
+    U = kc.new_empty(R, H, NC, C, V, dtype=dt)
+    Wk, Kd = (kc.new_empty(R, H, NC, C, K, dtype=dt) for _ in range(2))
+    _ut_apply_kernel[(NC, R * H)](kc, vc, bc, g_arg, Tinv, U, Wk, Kd, K, V, C=C, BD=_block(max(K, V)),
+                                  HAS_G=gc is not None, PREC=_precision(kc.dtype), num_warps=WARPS)
+    return Tinv, U, Wk, Kd
+
+
+def output(qc, kc, gc, U, Wk, entering, scale: float, out_dtype) -> torch.Tensor:
+    """o [R, H, NC, C, V] in out_dtype from chunked q, k, g, the UT quantities and the entering states."""
+    R, H, NC, C, K = qc.shape
+    V = U.shape[-1]
+    BV = _block(V)
+    o = U.new_empty(R, H, NC, C, V, dtype=out_dtype)
+    _out_kernel[(triton.cdiv(V, BV), NC, R * H)](qc, kc, gc if gc is not None else U, U, Wk, entering, o, scale, K, V,
+                                                 C=C, BK=_block(K), BV=BV, HAS_G=gc is not None,
+                                                 PREC=_precision(qc.dtype), num_warps=WARPS)
+    return o
+
+
+def _prepare(q, k, v, beta, g, cu_seqlens):
+    # -> layout and the chunked inputs: qc, kc, vc [R, H, NC, C, *] (input dtype), bc, gc [R, H, NC, C] (acc dtype)
+    B, T, H, K = k.shape
+    dt = acc_dtype(k.dtype)
+    layout = make_layout(B, T, seq_bounds(cu_seqlens, B, T), CHUNK_SIZE, k.device)
+    qc, kc, vc = (_chunked(x, layout) for x in (q, k.to(q.dtype), v.to(q.dtype)))
+    bc = _chunked(beta.to(dt).unsqueeze(-1), layout).squeeze(-1)
+    gc = None if g is None else _chunked(g.to(dt).unsqueeze(-1), layout).squeeze(-1)
+    return layout, qc, kc, vc, bc, gc
+
+
+def _states(layout, kc, vc, bc, gc, initial_state):
+    # UT transform and the chunk scan: Tinv, U, Wk, Kd, decay [R, H, NC] or None, entering [R, H, NC, K, V], final
+    Tinv, U, Wk, Kd = ut_transform(kc, vc, bc, gc)
+    decay = None if gc is None else gc.sum(-1).exp()                          # exp(G_C)
+    chunks = chunk_mod.DeltaChunks(layout, kc, None, Kd, Wk, U, decay, "triton", kc.dtype)
+    init = None if initial_state is None else initial_state.to(U.dtype)
+    entering, final = chunk_mod._triton_scan(chunks, U, init)
+    return Tinv, U, Wk, Kd, decay, entering.contiguous(), final
+
+
+def triton_forward(q, k, v, beta, g, scale, initial_state, cu_seqlens):
+    """(o [B, T, H, V] in q's dtype, final [B or N, H, K, V]); arguments as `lsp.ops.delta_rule`."""
+    layout, qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, cu_seqlens)
+    _, U, Wk, _, _, entering, final = _states(layout, kc, vc, bc, gc, initial_state)
+    o = output(qc, kc, gc, U, Wk, entering, scale, q.dtype)
+    return chunk_mod._from_chunks(o, layout), final
+
+
+def triton_backward(q, k, v, beta, g, initial_state, scale, cu_seqlens, d_o, d_final):
+    """Gradients (dq, dk, dv, dbeta, dg or None, dinit or None) from the inputs (the forward's states recomputed)."""
+    layout, qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, cu_seqlens)
+    Tinv, U, Wk, Kd, decay, S, _ = _states(layout, kc, vc, bc, gc, initial_state)
+    R, H, NC, C, K = kc.shape
+    V = vc.shape[-1]
+    BK, BV = _block(K), _block(V)
+    dOc = _chunked(d_o.to(q.dtype), layout)
+    g_arg, prec, grid = gc if gc is not None else bc, _precision(qc.dtype), (NC, R * H)
+    dUo, W, dW, dv = (U.new_empty(R, H, NC, C, V) for _ in range(4))
+    dE = U.new_empty(R, H, NC, K, V)
+    _bwd_out_kernel[(triton.cdiv(V, BV), NC, R * H)](qc, kc, g_arg, Wk, dOc, dUo, dE, scale, K, V, C=C, BK=BK, BV=BV,
+                                                     HAS_G=gc is not None, PREC=prec, num_warps=WARPS)
+    reset, end, _ = chunk_mod.scan_tables(layout, U.device)
+    d_next, dinit = scan_backward(Kd, Wk, decay if decay is not None else U, reset, end, dE,
+                                  d_final.to(U.dtype).contiguous(), decay is not None, precision(k.dtype))
+    TdW, dkk = U.new_empty(R, H, NC, C, V), U.new_empty(R, H, NC, C, C)
+    dbeta, dG = (U.new_empty(R, H, NC, C) for _ in range(2))
+    small = dict(BK=_block(K, BWD_BLOCK), BV=_block(V, BWD_BLOCK), num_warps=WARPS, num_stages=BWD_STAGES)
+    _bwd_w_kernel[grid](vc, bc, Tinv, U, Wk, Kd, S, dUo, d_next, W, dW, TdW, dv, dbeta, K, V, C=C, PREC=prec, **small)
+    _bwd_dA_kernel[grid](kc, vc, bc, g_arg, Tinv, S, dW, dkk, dbeta, dG, K, V, C=C, HAS_G=gc is not None, PREC=prec,
+                         **small)
+    ddec = (S * d_next).sum((-1, -2)) if decay is not None else U.new_zeros(R, H, NC)
+    dq, dk = (U.new_empty(R, H, NC, C, K) for _ in range(2))
+    _bwd_k_kernel[grid](qc, kc, bc, g_arg, S, dOc, W, TdW, d_next, dkk, dbeta, ddec.contiguous(), dq, dk, dG, scale,
+                        K, V, C=C, HAS_G=gc is not None, PREC=prec, **small)
+    dg = dG.flip(-1).cumsum(-1).flip(-1)                                      # G = cumsum(g) within the chunk
+    unchunk = lambda x, like: chunk_mod._from_chunks(x, layout).to(like.dtype)  # noqa: E731
+    per_token = lambda x, like: unchunk(x.unsqueeze(-1), like).squeeze(-1)  # noqa: E731
+    return (unchunk(dq, q), unchunk(dk, k), unchunk(dv, v), per_token(dbeta, beta),
+            None if g is None else per_token(dg, g), None if initial_state is None else dinit)
+
+
+class TritonDeltaRule(torch.autograd.Function):
+    """(o, final) = the delta rule in Triton kernels, forward and backward; only the inputs are saved."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, initial_state, scale, cu_seqlens):
+        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens)
+        ctx.scale = scale
+        return triton_forward(q, k, v, beta, g, scale, initial_state, cu_seqlens)
+
+    @staticmethod
+    def backward(ctx, d_o, d_final):
+        q, k, v, beta, g, init, cu = ctx.saved_tensors
+        return (*triton_backward(q, k, v, beta, g, init, ctx.scale, cu, d_o, d_final), None, None)
+
+
+def triton_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """`lsp.ops.delta_rule` with backend="triton" (arguments already validated)."""
+    o, final = TritonDeltaRule.apply(q, k, v, beta, g, initial_state, scale, cu_seqlens)
+    return o, (final if output_final_state else None)

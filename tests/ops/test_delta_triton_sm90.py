@@ -1,0 +1,58 @@
+"""GPU readiness of the delta rule's Triton kernels without a GPU (the pattern of test_triton_sm90.py): every kernel
+`delta_rule(backend="triton")` launches, forward and backward (with and without decay and initial state, bf16 at
+d = 64 and 128, fp16 at 128), compiled for sm_90a by Triton and ptxas, must use no spill memory, and every kernel
+with chunk-level (64-row) dots must use wgmma; only the 16-row UT inverse (`_ut_inverse_kernel`, 16x16 dots as
+fla's solve_tril) may use mma.sync. Negative control: the key-gradient kernel with K and V blocks of 64 (720 B per
+thread spilled, measured) must be reported as spilling by the same parser.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from lsp.ops import delta_rule  # noqa: E402
+from lsp.ops.delta import triton_intra  # noqa: E402
+
+from .delta_cases import make_delta_inputs  # noqa: E402
+from .sm90_compile import capture_launches, ptxas_path  # noqa: E402
+from .test_triton_sm90 import _compile  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(type(triton_intra._out_kernel).__name__ != "InterpretedFunction",
+                       reason="captures launches under TRITON_INTERPRET=1"),
+    pytest.mark.skipif(ptxas_path() is None, reason="needs ptxas"),
+]
+
+
+def _exercise():
+    for d, dtype in ((64, torch.bfloat16), (128, torch.bfloat16), (128, torch.float16)):
+        for gated, init in ((True, True), (True, False), (False, True), (False, False)):
+            x = make_delta_inputs(gated, B=1, T=64, H=1, K=d, V=d, dtype=dtype, init=init)
+            o, s = delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"],
+                              output_final_state=True, backend="triton")
+            (o.float().sum() + s.sum()).backward()
+
+
+def test_every_delta_kernel_compiles_for_sm90_without_spills(tmp_path):
+    items = capture_launches(_exercise)
+    rows = _compile(items, tmp_path)
+    assert len(rows) == len(items) and {r["name"] for r in rows} >= {
+        "_ut_inverse_kernel", "_ut_apply_kernel", "_scan_fwd", "_out_kernel", "_bwd_out_kernel", "_scan_bwd",
+        "_bwd_w_kernel", "_bwd_dA_kernel", "_bwd_k_kernel"}
+    for r in rows:
+        print(f"{r['name']:20s} warps={r['warps']} regs={r['regs']} spill={r['spill']} "
+              f"{'wgmma' if r['wgmma'] else 'mma.sync' if r['mma'] else 'no-dot'} {r['consts']}")
+    spilling = [r for r in rows if r["spill"] != 0]
+    assert not spilling, spilling
+    no_wgmma = [r for r in rows if r["mma"] and not r["wgmma"] and r["name"] != "_ut_inverse_kernel"]
+    assert not no_wgmma, no_wgmma
+    bad = next(it for it in items if it[1] == "_bwd_k_kernel")
+    bad = [bad[0], bad[1], bad[2], {**bad[3], "BK": 64, "BV": 64}, bad[4], bad[5]]
+    assert _compile([bad], tmp_path)[0]["spill"] > 0
