@@ -133,21 +133,16 @@ def _triton_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None
 
 
 def scan_tables(layout: ChunkLayout, device):
-    """(reset, end, n_seq): int32 [R, NC] tables of the sequence starting / ending at each chunk (-1 elsewhere)."""
+    """(reset, end, n_seq): int32 [R, NC] tables of the sequence starting / ending at each chunk (-1 elsewhere).
+    Packed: the layout's cached device tables (`ChunkLayout.chunk_tables`); unpacked: built on the device (row r
+    is sequence r), so no call copies a table from the host."""
+    if layout.dst is not None:
+        return (*layout.chunk_tables(device), len(layout.resets) + len(layout.empty))
     R, NC = layout.rows, layout.num_chunks
-    reset = torch.full((R, NC), -1, dtype=torch.int32)
-    end = torch.full((R, NC), -1, dtype=torch.int32)
-    if layout.dst is None:
-        reset[:, 0] = end[:, NC - 1] = torch.arange(R, dtype=torch.int32)
-        n_seq = R
-    else:
-        for c, n in layout.resets.items():
-            reset[0, c] = n
-        for c, ns in layout.ends.items():
-            assert len(ns) == 1, "a chunk ends at most one non-empty sequence"
-            end[0, c] = ns[0]
-        n_seq = len(layout.resets) + len(layout.empty)
-    return reset.to(device), end.to(device), n_seq
+    reset = torch.full((R, NC), -1, dtype=torch.int32, device=device)
+    end = torch.full((R, NC), -1, dtype=torch.int32, device=device)
+    reset[:, 0] = end[:, NC - 1] = torch.arange(R, dtype=torch.int32, device=device)
+    return reset, end, R
 
 
 def chunk_output(q, chunks: DeltaChunks, entering: torch.Tensor, scale: float) -> torch.Tensor:

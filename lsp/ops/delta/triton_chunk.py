@@ -22,8 +22,8 @@ import torch
 import triton
 
 from lsp.names import CHUNK_SIZE
-from lsp.ops.linear.checks import acc_dtype, seq_bounds
-from lsp.ops.linear.layout import make_layout
+from lsp.ops.linear.checks import acc_dtype
+from lsp.ops.linear.layout import chunk_layout
 from lsp.ops.linear.triton_chunk import SUB_BLOCK, _block, _precision
 
 from . import chunk as chunk_mod
@@ -86,7 +86,7 @@ def _prepare(q, k, v, beta, g, cu_seqlens):
     # -> layout and the chunked inputs: qc, kc, vc [R, H, NC, C, *] (input dtype), bc, gc [R, H, NC, C] (acc dtype)
     B, T, H, K = k.shape
     dt = acc_dtype(k.dtype)
-    layout = make_layout(B, T, seq_bounds(cu_seqlens, B, T), CHUNK_SIZE, k.device)
+    layout = chunk_layout(B, T, cu_seqlens, CHUNK_SIZE, k.device)
     qc, kc, vc = (_chunked(x, layout) for x in (q, k.to(q.dtype), v.to(q.dtype)))
     bc = _chunked(beta.to(dt).unsqueeze(-1), layout).squeeze(-1)
     gc = None if g is None else _chunked(g.to(dt).unsqueeze(-1), layout).squeeze(-1)
