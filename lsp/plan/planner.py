@@ -11,7 +11,9 @@ Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b ·
     compute = (1 + ac/3) · flops_per_token(cfg, T) · t / F         (activation checkpointing re-runs the forward)
     exchange_L (per pass, forward and backward): lsp.plan.costmodel.exchange_time(method, sp, b·H·K·V·4 bytes,
               t_intra, layout, decay b·H·K_g·4 bytes, scan_blocks) - what the ring / allgather / allscan exchanges
-              send and overlap for the config's layout, with All-Scan's block count chosen by the model
+              send and overlap for the config's layout, with All-Scan's block count chosen by the model; delta-rule
+              layers (deltanet, gated_deltanet): costmodel.delta_exchange_time (the K·(K+V) maps for allgather,
+              nothing overlapped, plus the short-conv halo) and, for sp > 1, delta_sp_flops_per_token more compute
     exchange_S (LASP-2H): all-gather of K,V forward, the reduce of their gradients backward, each
               (sp-1)·(α + kv/β) with kv = 2·t·Hkv·Dh·2 bytes, overlapped with the rank's local diagonal block
     step    = grad_accum · micro + max(0, allreduce_dp - backward of one micro-step)
@@ -43,10 +45,17 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
-from lsp.names import SCAN_BLOCKS, SP_METHODS
+from lsp.names import DELTA_VARIANTS, SCAN_BLOCKS, SP_METHODS
 from lsp.train.config import Config, ConfigError, hybrid_config
 
-from .costmodel import Hardware, best_scan_blocks, exchange_time
+from .costmodel import (
+    Hardware,
+    best_delta_scan_blocks,
+    best_scan_blocks,
+    delta_exchange_time,
+    delta_sp_flops_per_token,
+    exchange_time,
+)
 
 GB = 1e9
 
@@ -112,7 +121,9 @@ def model_parameters(mcfg) -> int:
     """Every parameter of HybridLM: the matmul weights, the embedding (untied), RMSNorm weights (two per block,
     the final one, GLA's per-head output norm) and the biases of the decay projections."""
     D, H, Dh, types = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim, mcfg.layer_types
-    bias = {"linear": 0, "lightning": 0, "simple_gla": H, "gla": H * Dh}[mcfg.linear_attn]
+    # delta: beta bias, conv weight (+ A_log, dt_bias for the gated variant)
+    bias = {"linear": 0, "lightning": 0, "simple_gla": H, "gla": H * Dh, "deltanet": H + 3 * H * Dh *
+            mcfg.delta_conv_size, "gated_deltanet": 3 * H + 3 * H * Dh * mcfg.delta_conv_size}[mcfg.linear_attn]
     small = 2 * D * len(types) + D + types.count("L") * (Dh + bias)
     return matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
 
@@ -127,7 +138,8 @@ def _layer_weights(mcfg) -> dict:
     D, F, H, Hkv, Dh = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_kv_heads,
                         mcfg.head_dim)
     decay = {"linear": 0, "lightning": 0, "simple_gla": D * H,
-             "gla": (D + H * Dh) * mcfg.gate_low_rank_dim}[mcfg.linear_attn]
+             "gla": (D + H * Dh) * mcfg.gate_low_rank_dim, "deltanet": D * H, "gated_deltanet": 2 * D * H}[
+                 mcfg.linear_attn]
     return {"S": 2 * D * H * Dh + 2 * D * Hkv * Dh + 3 * D * F, "L": 5 * D * H * Dh + decay + 3 * D * F}
 
 
@@ -191,19 +203,40 @@ def _decay_dims(mcfg) -> int:
     return {"linear": 0, "gla": mcfg.head_dim}.get(mcfg.linear_attn, 1)
 
 
+def linear_exchange(mcfg, hw: Hardware, sp: int, method: str, b: int, t_intra: float, layout: str,
+                    scan_blocks: Optional[int] = None) -> tuple:
+    """(exposed s, bytes received per GPU, All-Scan blocks) of one linear layer's SP exchange in one pass, for the
+    config's linear kind (delta-rule layers: their maps and conv halo); scan_blocks None: the model's best."""
+    H, Dh = mcfg.num_heads, mcfg.head_dim
+    state = b * H * Dh * Dh * hw.state_bytes
+    if mcfg.linear_attn in DELTA_VARIANTS:
+        blocks = scan_blocks or (best_delta_scan_blocks(sp, state, hw, layout=layout) if sp > 1 else SCAN_BLOCKS)
+        halo = b * (mcfg.delta_conv_size - 1) * 3 * H * Dh * hw.act_bytes
+        return (*delta_exchange_time(method, sp, b * H, Dh, Dh, hw, layout=layout, halo_bytes=halo,
+                                     scan_blocks=blocks), blocks)
+    blocks = scan_blocks or (best_scan_blocks(sp, state, t_intra, hw, layout=layout) if sp > 1 else SCAN_BLOCKS)
+    return (*exchange_time(method, sp, state, t_intra, hw, layout=layout, decay_bytes=b * H * _decay_dims(mcfg) * 4,
+                           scan_blocks=blocks), blocks)
+
+
+def _sp_extra_flops(mcfg, sp: int, seq_len: int) -> float:
+    # training FLOPs per token the SP path adds to the model's own (delta layers: the augmented scan, 3 x forward)
+    if sp == 1 or mcfg.linear_attn not in DELTA_VARIANTS:
+        return 0.0
+    per_head = delta_sp_flops_per_token(mcfg.head_dim, mcfg.head_dim, min(LINEAR_CHUNK, seq_len))
+    return 3 * mcfg.layer_types.count("L") * mcfg.num_heads * per_head
+
+
 def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool, layout: str):
     """(compute s, exposed SP communication s, backward s, All-Scan blocks) of one micro-step."""
     hw = cluster.hardware(sp)
     t = b * seq_len / sp
-    compute_fwd = flops_per_token(mcfg, seq_len) * t / hw.flops / 3
+    compute_fwd = (flops_per_token(mcfg, seq_len) + _sp_extra_flops(mcfg, sp, seq_len)) * t / hw.flops / 3
     compute = compute_fwd * (3 + ac)
     H, Hkv, Dh = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
     C = min(LINEAR_CHUNK, seq_len)
     t_intra = 2 * 2 * C * Dh * H * t / hw.flops                     # Q Kᵀ and P V inside the chunks of one layer
-    state, decay = b * H * Dh * Dh * hw.state_bytes, b * H * _decay_dims(mcfg) * 4
-    blocks = best_scan_blocks(sp, state, t_intra, hw, layout=layout) if sp > 1 else SCAN_BLOCKS
-    exposed_L, _ = exchange_time(method, sp, state, t_intra, hw, layout=layout, decay_bytes=decay,
-                                 scan_blocks=blocks)
+    exposed_L, _, blocks = linear_exchange(mcfg, hw, sp, method, b, t_intra, layout)
     kv = 2 * t * Hkv * Dh * hw.act_bytes
     local_block = 2 * 2 * H * Dh * t * (t / 2) / hw.flops            # causal diagonal block: needs no remote K,V
     exposed_S = max(0.0, (sp - 1) * (hw.latency + kv / hw.bandwidth) - local_block) if sp > 1 else 0.0
