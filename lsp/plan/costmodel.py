@@ -194,9 +194,14 @@ def ratio(slow: str, fast: str, world_size: int, seq_len: int, **kw) -> float:
 #   + the short-conv halo: one all_gather of every held segment's last k-1 inputs (h = b·(k-1)·3·H·Dh activation
 #              bytes), forward and its gradient backward: (W-1)·(α + L·h/β), bytes (W-1)·L·h.
 #
-# FLOPs the SP path adds per token and head (forward; backward about twice, as for every matmul): the chunk scan
-# runs on the augmented state [M | S], K + V columns instead of V (4·K·K more: W = U - Wk S and Kdᵀ W per chunk),
-# and every chunk is entered with S_c + P_c E (2·K·K·V / C); the prefix composition is per segment, not per token.
+# FLOPs per token and head of the chunked delta rule (lsp.ops.delta.chunk), counting its matmuls as FlopCounterMode
+# does (2 per multiply-add; the UT transform's triangular solves, C·(K + V) each way, are not matmuls and are not
+# counted). Forward: K Kᵀ in the UT transform 2CK, the chunk scan (W = U - Wk S, Kdᵀ W) 4KV, the output
+# (q Kᵀ, P U, P Wk, (q - P Wk) E) 4CK + 2CV + 2KV. Backward: both operands of every matmul 2 x that, plus the solve's
+# matrix gradient 2C(K + V), less 10KV/NC at the row's edges (no gradient into the zero first state or out of the
+# unused final state; NC chunks per row). The SP path adds, per token and head: the scan on the augmented state
+# [M | S], K + V columns instead of V (4·K·K forward), and entering every chunk with S_c + P_c E (2·K·K·V / C),
+# backward twice that; per segment (not per token) the prefix composition and the final states, 2·K·K·V each.
 
 
 def delta_exchange_time(method: str, world_size: int, heads: int, key_dim: int, value_dim: int,
@@ -236,6 +241,13 @@ def best_delta_scan_blocks(world_size: int, state_bytes: float, hw: Hardware | N
     return min(nb for nb, t in times.items() if t <= min(times.values()) * (1 + 1e-9))
 
 
+def delta_flops_per_token(chunk_size: int, key_dim: int, value_dim: int, chunks_per_row: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs per token and head of `lsp.ops.delta_rule` on the chunked torch path, as
+    FlopCounterMode counts them, for rows of chunks_per_row whole chunks (formulas above)."""
+    C, K, V = chunk_size, key_dim, value_dim
+    return 6 * C * K + 2 * C * V + 6 * K * V, 14 * C * K + 6 * C * V + 12 * K * V - 10 * K * V / chunks_per_row
+
+
 def delta_sp_flops_per_token(key_dim: int, value_dim: int, chunk_size: int) -> float:
     """Forward FLOPs per token and head that a delta-rule layer's SP path adds to the op's (formulas above)."""
     return 4 * key_dim * key_dim + 2 * key_dim * key_dim * value_dim / chunk_size
@@ -243,4 +255,4 @@ def delta_sp_flops_per_token(key_dim: int, value_dim: int, chunk_size: int) -> f
 
 __all__ = ["ModelSpec", "Hardware", "StepTime", "exchange_time", "best_scan_blocks", "step_time", "plan",
            "format_plan", "ratio", "METHODS", "LABELS", "delta_exchange_time", "best_delta_scan_blocks",
-           "delta_sp_flops_per_token"]
+           "delta_flops_per_token", "delta_sp_flops_per_token"]

@@ -53,6 +53,7 @@ from .costmodel import (
     best_delta_scan_blocks,
     best_scan_blocks,
     delta_exchange_time,
+    delta_flops_per_token,
     delta_sp_flops_per_token,
     exchange_time,
 )
@@ -191,11 +192,26 @@ def counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, check
     blocks = sum(weights[t] for t in types)
     recomputed = blocks - len(types) * D * mcfg.intermediate_size   # the recompute stops before down_proj
     matmul = (6 * blocks + 2 * ac * recomputed + 6 * mcfg.vocab_size * D) * local_tokens
-    linear = types.count("L") * H * (528 * Dh + 12 * Dh * Dh) * (1 + ac / 3) * local_tokens
     seg = local_tokens // micro_batch // (2 if layout == "zigzag" and sp > 1 else 1)
+    if mcfg.linear_attn in DELTA_VARIANTS:
+        linear = types.count("L") * H * _delta_counted_per_token(Dh, seg, sp, ac) * local_tokens
+    else:
+        linear = types.count("L") * H * (528 * Dh + 12 * Dh * Dh) * (1 + ac / 3) * local_tokens
     rows = {1: seq_len * seq_len}.get(sp, seg * seg * (2 * sp + 1 if layout == "zigzag" else 1))
     softmax = types.count("S") * (14 + 4 * ac) * H * Dh * micro_batch * rows
     return matmul + linear + softmax
+
+
+def _delta_counted_per_token(Dh: int, seg: int, sp: int, ac: int) -> float:
+    # counted FLOPs per token and head of a delta layer (costmodel.delta_flops_per_token; checkpointing re-runs the
+    # forward; SP adds the augmented scan), for segments of seg tokens, padded to whole chunks
+    C = LINEAR_CHUNK
+    chunks = -(-seg // C)
+    fwd, bwd = delta_flops_per_token(C, Dh, Dh, chunks)
+    if sp > 1:
+        extra = delta_sp_flops_per_token(Dh, Dh, C)
+        fwd, bwd = fwd + extra, bwd + 10 * Dh * Dh / chunks + 2 * extra
+    return (fwd * (1 + ac) + bwd) * chunks * C / seg
 
 
 def _decay_dims(mcfg) -> int:
