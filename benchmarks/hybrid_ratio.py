@@ -54,17 +54,18 @@ def recall_accuracy(model: HybridLM, task: MQAR, n: int, bs: int) -> float:
 
 def matched_config(pattern: str, vocab_size: int, args) -> HybridConfig:
     """The pattern's config with the MLP width (multiple of 8) that brings its parameter count closest to the
-    all-linear model's (a GLA layer has D² + low-rank-decay weights more than a softmax layer)."""
-    def cfg_for(p, inter=None):
+    all-linear model's (a GLA layer has D² + low-rank-decay weights more than a softmax layer). args.match_kind
+    (optional): the linear kind of that all-linear model, when it is not args.linear_attn."""
+    def cfg_for(p, inter=None, kind=args.linear_attn):
         return HybridConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_layers=args.layers,
-                            num_heads=args.heads, layer_pattern=p, linear_attn=args.linear_attn,
+                            num_heads=args.heads, layer_pattern=p, linear_attn=kind,
                             intermediate_size=inter)
 
     base = cfg_for(pattern)
     if not args.match_params:
         return base
     count = lambda c: num_parameters(HybridLM(c))  # noqa: E731
-    target = count(cfg_for("L"))
+    target = count(cfg_for("L", kind=getattr(args, "match_kind", None) or args.linear_attn))
     best = prev = base
     while count(best) < target:  # parameters grow with the MLP width: stop at the first width past the target
         prev, best = best, cfg_for(pattern, best.intermediate_size + 8)
