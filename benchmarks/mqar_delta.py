@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hybrid_ratio  # noqa: E402
 from common import print_table  # noqa: E402
+from hybrid_ratio import add_study_args  # noqa: E402
 
 KINDS = ("gla", "gated_deltanet")
 PATTERNS = ("L", "LLLS", "LS")
@@ -50,23 +51,14 @@ def plot(rows: list[dict], path: str, title: str, chance: float) -> None:
     reference = [r for r in rows if r["pattern"] == "S"]
     for kind in dict.fromkeys(r["linear_attn"] for r in rows if r["pattern"] != "S"):
         for seed in sorted({r["seed"] for r in rows}):
-            mine = sorted((r for r in rows if r["linear_attn"] == kind and r["seed"] == seed) or [],
+            mine = sorted((r for r in rows if r["linear_attn"] == kind and r["seed"] == seed),
                           key=lambda r: r["softmax_layers"])
             mine += [r for r in reference if r["seed"] == seed]
             ax.plot([r["softmax_layers"] for r in mine], [r["recall_acc"] for r in mine], "o-",
                     label=f"{kind}, seed {seed}")
-    ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance (1/{round(1 / chance)})")
     ticks = sorted({(r["softmax_layers"], r["ratio"]) for r in rows})
-    ax.set_xticks([t[0] for t in ticks], [f"{t[1]}\n({t[0]} S)" for t in ticks], fontsize=8)
-    ax.set_xlabel("layer pattern (linear:softmax) and number of softmax layers")
-    ax.set_ylabel("MQAR recall accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    hybrid_ratio.finish_plot(fig, ax, path, title, chance, [t[0] for t in ticks],
+                             [f"{t[1]}\n({t[0]} S)" for t in ticks], legend_size=7)
 
 
 def main(argv=None) -> list[dict]:
@@ -75,29 +67,12 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--patterns", default=",".join(PATTERNS))
     p.add_argument("--no-softmax-reference", dest="softmax_reference", action="store_false")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--kv-pairs", type=int, default=8)
-    p.add_argument("--queries", type=int, default=8)
-    p.add_argument("--num-keys", type=int, default=32)
-    p.add_argument("--num-values", type=int, default=32)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--eval-samples", type=int, default=256)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--plot", default="docs/img/mqar_delta.png", help="PNG path ('' = no plot)")
-    p.add_argument("--json", default="", help="also write the rows as JSON here")
-    p.add_argument("--from-json", default="", help="no training: table and plot from rows saved by --json")
+    add_study_args(p, "docs/img/mqar_delta.png")
     args = p.parse_args(argv)
     args.match_params = True
     if args.quick:
         args.patterns, args.steps, args.layers, args.seq_len, args.softmax_reference = "LS", 3, 2, 32, False
-        args.kv_pairs = args.queries = 4
-        args.batch, args.eval_samples = 4, 8
+        hybrid_ratio.quick_task(args)
     torch.set_num_threads(args.threads)
     if args.from_json:
         with open(args.from_json) as f:

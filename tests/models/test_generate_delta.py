@@ -95,22 +95,3 @@ def test_delta_decode_cost_does_not_grow_with_the_prefix():
     cfg = model.cfg
     per_layer = cfg.num_heads * cfg.head_dim ** 2 * 4 + (cfg.delta_conv_size - 1) * 3 * cfg.hidden_size * 4
     assert held == cfg.num_layers * per_layer
-
-
-@torch.no_grad()
-def test_hf_export_generates_delta_layers(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    from lsp.export import export_model
-    from lsp.train.data import IdTokenizer
-    model = tiny_model("gated_deltanet", pattern="LLS").float()
-    export_model(model, IdTokenizer(model.cfg.vocab_size), tmp_path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
-    prompt = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(2))
-    assert torch.equal(hf(prompt).logits, model(prompt).logits)
-    fed = []
-    hook = hf.model.register_forward_pre_hook(lambda mod, args, kwargs: fed.append(args[0].shape[1]),
-                                              with_kwargs=True)
-    out = hf.generate(prompt, max_new_tokens=6, do_sample=False)
-    hook.remove()
-    assert torch.equal(out, model.generate(prompt, 6))
-    assert fed == [7, 1, 1, 1, 1, 1]   # prefill once, then one token per step from the DeltaState
