@@ -120,7 +120,8 @@ def state_bytes_per_param(engine: str, zero: int, ranks: int) -> float:
 
 def model_parameters(mcfg) -> int:
     """Every parameter of HybridLM: the matmul weights, the embedding (untied), RMSNorm weights (two per block,
-    the final one, GLA's per-head output norm) and the biases of the decay projections."""
+    the final one, the linear layers' per-head output norm) and the biases of the decay projections (delta
+    layers: beta's bias, the short-conv weights and, gated, A_log and dt_bias)."""
     D, H, Dh, types = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim, mcfg.layer_types
     # delta: beta bias, conv weight (+ A_log, dt_bias for the gated variant)
     bias = {"linear": 0, "lightning": 0, "simple_gla": H, "gla": H * Dh, "deltanet": H + 3 * H * Dh *
