@@ -54,17 +54,18 @@ def recall_accuracy(model: HybridLM, task: MQAR, n: int, bs: int) -> float:
 
 def matched_config(pattern: str, vocab_size: int, args) -> HybridConfig:
     """The pattern's config with the MLP width (multiple of 8) that brings its parameter count closest to the
-    all-linear model's (a GLA layer has D² + low-rank-decay weights more than a softmax layer)."""
-    def cfg_for(p, inter=None):
+    all-linear model's (a GLA layer has D² + low-rank-decay weights more than a softmax layer). args.match_kind
+    (optional): the linear kind of that all-linear model, when it is not args.linear_attn."""
+    def cfg_for(p, inter=None, kind=args.linear_attn):
         return HybridConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_layers=args.layers,
-                            num_heads=args.heads, layer_pattern=p, linear_attn=args.linear_attn,
+                            num_heads=args.heads, layer_pattern=p, linear_attn=kind,
                             intermediate_size=inter)
 
     base = cfg_for(pattern)
     if not args.match_params:
         return base
     count = lambda c: num_parameters(HybridLM(c))  # noqa: E731
-    target = count(cfg_for("L"))
+    target = count(cfg_for("L", kind=getattr(args, "match_kind", None) or args.linear_attn))
     best = prev = base
     while count(best) < target:  # parameters grow with the MLP width: stop at the first width past the target
         prev, best = best, cfg_for(pattern, best.intermediate_size + 8)
@@ -109,48 +110,57 @@ def plot(rows: list[dict], path: str, title: str, chance: float) -> None:
     for seed in sorted({r["seed"] for r in rows}):
         ys = [next(r["recall_acc"] for r in rows if r["pattern"] == p and r["seed"] == seed) for p in order]
         ax.plot(x, ys, "o-", label=f"seed {seed}")
+    finish_plot(fig, ax, path, title, chance, x, [f"{PATTERNS.get(p, p)}\n({n} S)" for p, n in zip(order, x)])
+
+
+def finish_plot(fig, ax, path: str, title: str, chance: float, ticks, labels, legend_size: int = 8) -> None:
+    """Chance line, pattern ticks, labels, legend; save the PNG (shared by the MQAR studies)."""
+    import matplotlib.pyplot as plt
+
     ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance (1/{round(1 / chance)})")
-    ax.set_xticks(x, [f"{PATTERNS.get(p, p)}\n({n} S)" for p, n in zip(order, x)], fontsize=8)
+    ax.set_xticks(ticks, labels, fontsize=8)
     ax.set_xlabel("layer pattern (linear:softmax) and number of softmax layers")
     ax.set_ylabel("MQAR recall accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def add_study_args(p: argparse.ArgumentParser, plot: str) -> None:
+    """The task, model, training and output flags the MQAR studies share (defaults: the documented study)."""
+    p.add_argument("--seeds", default="0")
+    for flag, default in (("--layers", 8), ("--hidden", 64), ("--heads", 2), ("--seq-len", 64), ("--kv-pairs", 8),
+                          ("--queries", 8), ("--num-keys", 32), ("--num-values", 32), ("--steps", 400),
+                          ("--batch", 32), ("--eval-samples", 256), ("--threads", 1)):
+        p.add_argument(flag, type=int, default=default)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--plot", default=plot, help="PNG path ('' = no plot)")
+    p.add_argument("--json", default="", help="also write the rows as JSON here")
+    p.add_argument("--from-json", default="", help="no training: table and plot from rows saved by --json")
+
+
+def quick_task(args) -> None:
+    # the CI smoke's task: 4 pairs, 4 queries, batches of 4, 8 held-out samples
+    args.kv_pairs = args.queries = 4
+    args.batch, args.eval_samples = 4, 8
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CI smoke: 2 patterns, a few steps")
     p.add_argument("--patterns", default=",".join(PATTERNS))
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--heads", type=int, default=2)
     p.add_argument("--linear-attn", default="gla")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--kv-pairs", type=int, default=8)
-    p.add_argument("--queries", type=int, default=8)
-    p.add_argument("--num-keys", type=int, default=32)
-    p.add_argument("--num-values", type=int, default=32)
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--eval-samples", type=int, default=256)
     p.add_argument("--no-match-params", dest="match_params", action="store_false",
                    help="keep the default MLP width (softmax-heavy patterns then have a few %% fewer parameters)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--plot", default="docs/img/hybrid_ratio.png", help="PNG path ('' = no plot)")
-    p.add_argument("--json", default="", help="also write the rows as JSON here")
-    p.add_argument("--from-json", default="", help="no training: table and plot from rows saved by --json")
+    add_study_args(p, "docs/img/hybrid_ratio.png")
     args = p.parse_args(argv)
     if args.quick:
         args.patterns, args.steps, args.layers, args.seq_len = "LLLS,S", 3, 4, 32
-        args.kv_pairs = args.queries = 4
-        args.batch, args.eval_samples = 4, 8
+        quick_task(args)
     torch.set_num_threads(args.threads)
     if args.from_json:
         with open(args.from_json) as f:

@@ -8,10 +8,12 @@ Contract of a per-layer cache (what a new layer kind implements to plug into `Hy
   `c` in place so that the next call continues after them (T = prompt length at prefill, 1 per generated token);
 * `positions` are the global positions of x's tokens (`DecodeCache.seen` + 0..T-1), used by layers with RoPE.
 
-Two kinds here: `RecurrentState` for linear attention (the d_k x d_v state per head, O(1) per token) and `KVCache`
-for softmax attention. A delta-rule layer keeps its state plus the last `kernel_size - 1` inputs of its short
-convolution in a cache of its own with the same contract; it calls `check_decoding(sp, cu_seqlens)` first.
-Below them, `recurrent_step`: one token of the linear recurrence, what a RecurrentState advances by.
+Three kinds here: `RecurrentState` for linear attention (the d_k x d_v state per head, O(1) per token), `KVCache`
+for softmax attention and `DeltaState` for a delta-rule layer (its d_k x d_v state per head plus the last
+`kernel_size - 1` inputs of its short convolution on q, k, v, also O(1) per token). Every layer calls
+`check_decoding(sp, cu_seqlens)` first. Below them, `recurrent_step`: one token of the linear recurrence, what a
+RecurrentState advances by; a DeltaState advances by `lsp.ops.delta.naive.delta_step` (`delta_recurrent_step`) and
+its convolution by `continue_conv`.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
+
+from lsp.ops.delta import short_conv
+from lsp.ops.delta.naive import delta_step
 
 
 @dataclass
@@ -38,6 +43,14 @@ class KVCache:
         self.k = k if self.k is None else torch.cat([self.k, k], dim=1)
         self.v = v if self.v is None else torch.cat([self.v, v], dim=1)
         return self.k, self.v
+
+
+@dataclass
+class DeltaState:
+    """Delta-rule layer: the state after the consumed tokens [B, H, K, V] (accumulation dtype) and the last
+    kernel_size - 1 inputs of the short convolution, conv_tail [B, kernel_size - 1, 3 H Dh] (None: nothing yet)."""
+    state: Optional[torch.Tensor] = None
+    conv_tail: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -70,3 +83,31 @@ def recurrent_step(q, k, v, g, scale, state):
     S = S + k1[..., :, None] * v1[..., None, :]
     o = scale * torch.einsum("bhk,bhkv->bhv", q1, S)
     return o[:, None].to(q.dtype), S
+
+
+def delta_recurrent_step(q, k, v, beta, g, scale, state):
+    """One token of the (gated) delta rule (`delta_step`, the reference's own step) in decoding shapes.
+
+    q, k: [B, 1, H, K]; v: [B, 1, H, V]; beta: [B, 1, H]; g: None | [B, 1, H]; state: [B, H, K, V] or None (zeros).
+    Returns o [B, 1, H, V] in q's dtype and S' in the accumulation dtype (fp64 for fp64, else fp32).
+    """
+    B, _, H, K = q.shape
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=dt) if state is None else state.to(dt)
+    o, S = delta_step(*(x[:, 0].to(dt) for x in (q, k, v, beta)), None if g is None else g[:, 0], scale, S)
+    return o[:, None].to(q.dtype), S
+
+
+def continue_conv(x, weight, tail):
+    """The short causal convolution of T new inputs that follow the consumed ones, whose last k - 1 are `tail`.
+
+    x: [B, T, D]; weight: [D, k]; tail: [B, k - 1, D] or None (nothing consumed: zeros, as before a document start).
+    Returns y [B, T, D] (what `short_conv` gives at these positions of the whole sequence) and the new tail, the
+    last k - 1 inputs of [tail, x] (it still reaches back before x when T < k - 1).
+    """
+    B, T, D = x.shape
+    k = weight.shape[-1]
+    halo = x.new_zeros(B, k - 1, D) if tail is None else tail
+    one_document = torch.zeros(1, k - 1 + T, dtype=torch.long, device=x.device)
+    y = short_conv(x, weight, halo=halo, seq_ids=one_document)
+    return y, torch.cat([halo, x], dim=1)[:, T:]

@@ -17,7 +17,15 @@ from lsp.ops import delta_rule, linear_attention, softmax_attention
 from lsp.ops.delta import short_conv
 from lsp.ops.softmax import causal_suffix_attention
 
-from .cache import KVCache, RecurrentState, check_decoding, recurrent_step
+from .cache import (
+    DeltaState,
+    KVCache,
+    RecurrentState,
+    check_decoding,
+    continue_conv,
+    delta_recurrent_step,
+    recurrent_step,
+)
 from .config import HybridConfig
 
 
@@ -218,7 +226,8 @@ class DeltaNetAttention(nn.Module):
       beta    = sigmoid(b_proj(x))             [B, T, H] write strength
       g       = -exp(A_log) · softplus(a_proj(x) + dt_bias)     [B, T, H], gated_deltanet only (Mamba-2 style)
       o       = o_proj(RMSNorm(delta_rule(q, k, v, beta, g)) * silu(gate_proj(x)))
-    Under SP the conv takes its halo from the previous segment and the delta rule runs `sp_delta_rule`.
+    Under SP the conv takes its halo from the previous segment and the delta rule runs `sp_delta_rule`. Decoding
+    (`cache`, a DeltaState) takes the conv's halo from the cached tail and enters the delta rule with the cached state.
     """
 
     def __init__(self, cfg: HybridConfig, layer_idx: int):
@@ -245,13 +254,19 @@ class DeltaNetAttention(nn.Module):
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         return -self.A_log.to(dtype).exp() * F.softplus(self.a_proj(x).to(dtype) + self.dt_bias.to(dtype))
 
-    def forward(self, x, positions=None, sp=None, cu_seqlens=None):
+    def new_cache(self) -> DeltaState:
+        return DeltaState()
+
+    def forward(self, x, positions=None, sp=None, cu_seqlens=None, cache=None):
         # x: [B, T, D] -> [B, T, D]   (positions unused: the conv and the decay encode order)
         B, T, _ = x.shape
         cfg = self.cfg
         shape = (B, T, cfg.num_heads, cfg.head_dim)
         qkv = self.qkv_proj(x)
-        if sp is None:
+        if cache is not None:
+            check_decoding(sp, cu_seqlens)
+            qkv, cache.conv_tail = continue_conv(qkv, self.conv_weight, cache.conv_tail)
+        elif sp is None:
             qkv = short_conv(qkv, self.conv_weight, cu_seqlens=cu_seqlens)
         else:
             from lsp.parallel import sp_short_conv
@@ -260,13 +275,24 @@ class DeltaNetAttention(nn.Module):
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         beta, g = torch.sigmoid(self.b_proj(x)), self.decay(x)
         kwargs = dict(scale=cfg.head_dim ** -0.5, cu_seqlens=cu_seqlens, backend=cfg.linear_backend)
-        if sp is None:
+        if cache is not None:
+            o = self.continue_from(cache, q, k, v, beta, g, kwargs["scale"])
+        elif sp is None:
             o, _ = delta_rule(q, k, v, beta, g, **kwargs)
         else:
             from lsp.parallel import sp_delta_rule
             o, _ = sp_delta_rule(q, k, v, beta, g, sp=sp, **kwargs)
         o = self.o_norm(o) * F.silu(self.gate_proj(x)).view(shape)
         return self.o_proj(o.reshape(B, T, -1))
+
+    def continue_from(self, cache: DeltaState, q, k, v, beta, g, scale):
+        # q, k, v: [B, T, H, Dh]; beta, g: [B, T, H] -> o [B, T, H, Dh]; cache.state advanced past these T tokens
+        if q.shape[1] == 1:   # one generated token: one step of the recurrence, O(1) whatever came before
+            o, cache.state = delta_recurrent_step(q, k, v, beta, g, scale, cache.state)
+            return o
+        o, cache.state = delta_rule(q, k, v, beta, g, scale=scale, initial_state=cache.state,
+                                    output_final_state=True, backend=self.cfg.linear_backend)
+        return o
 
 
 def linear_layer(cfg: HybridConfig, layer_idx: int) -> nn.Module:

@@ -178,5 +178,81 @@ def ratio(slow: str, fast: str, world_size: int, seq_len: int, **kw) -> float:
     return step_time(slow, world_size, seq_len, **kw).total_s / step_time(fast, world_size, seq_len, **kw).total_s
 
 
+# ------------------------------------------------------------------------------------------- delta-rule layers
+#
+# A delta-rule layer (lsp.parallel.delta) exchanges affine maps, not decayed states, and cannot overlap: its prefix
+# needs the composed map [M_i | S_i] of every earlier segment, which only the whole local chunk scan yields, and its
+# outputs need the entering state. Per layer and pass (forward, and the mirror backward), with s = b·H·K·V·4 the
+# state, m = b·H·K·(K + V)·4 a segment's [M | S] (backward [M | gE], the same size) and n = (W-1)·L chain edges that
+# cross ranks (the zigzag chain visits rank W-1 twice in a row):
+#
+#   allgather  one all_gather of L·m per rank: (W-1)·(α + L·m/β) + the local prefix (3·W·L·m at HBM bandwidth),
+#              bytes (W-1)·L·m                                            = exchange_time("allgather", m, overlap 0)
+#   ring       the chain through all n edges, blocking: as linear ring    = exchange_time("ring", s), bytes n·s/W
+#   allscan    the same chain in n_b blocks along V, each block sent as soon as it is computed:
+#              (n + n_b - 1)·(α + s/(n_b·β)), bytes n·s/W (zigzag: no half chains, no tree, unlike linear All-Scan)
+#   + the short-conv halo: one all_gather of every held segment's last k-1 inputs (h = b·(k-1)·3·H·Dh activation
+#              bytes), forward and its gradient backward: (W-1)·(α + L·h/β), bytes (W-1)·L·h.
+#
+# FLOPs per token and head of the chunked delta rule (lsp.ops.delta.chunk), counting its matmuls as FlopCounterMode
+# does (2 per multiply-add; the UT transform's triangular solves, C·(K + V) each way, are not matmuls and are not
+# counted). Forward: K Kᵀ in the UT transform 2CK, the chunk scan (W = U - Wk S, Kdᵀ W) 4KV, the output
+# (q Kᵀ, P U, P Wk, (q - P Wk) E) 4CK + 2CV + 2KV. Backward: both operands of every matmul 2 x that, plus the solve's
+# matrix gradient 2C(K + V), less 10KV/NC at the row's edges (no gradient into the zero first state or out of the
+# unused final state; NC chunks per row). The SP path adds, per token and head: the scan on the augmented state
+# [M | S], K + V columns instead of V (4·K·K forward), and entering every chunk with S_c + P_c E (2·K·K·V / C),
+# backward twice that; per segment (not per token) the prefix composition and the final states, 2·K·K·V each.
+
+
+def delta_exchange_time(method: str, world_size: int, heads: int, key_dim: int, value_dim: int,
+                        hw: Hardware | None = None, *, layout: str = "contiguous", halo_bytes: float = 0.0,
+                        scan_blocks: int | None = None) -> tuple[float, float]:
+    """(exposed seconds, bytes received per GPU) of one delta-rule layer's exchange in one pass; heads = b·H
+    (batch rows times heads), halo_bytes = one segment's conv halo b·(k-1)·3·H·Dh·act_bytes. Formulas above."""
+    hw, W = hw or Hardware(), world_size
+    if method not in SP_METHODS:
+        raise ValueError(f"method must be one of {SP_METHODS}, got {method!r}")
+    if W == 1:
+        return 0.0, 0.0
+    L = 2 if layout == "zigzag" else 1
+    state = heads * key_dim * value_dim * hw.state_bytes
+    maps = heads * key_dim * (key_dim + value_dim) * hw.state_bytes
+    halo = ((W - 1) * (hw.latency + L * halo_bytes / hw.bandwidth), (W - 1) * L * halo_bytes)
+    if method == "allgather":
+        t, b = exchange_time("allgather", W, maps, 0.0, hw, layout=layout)
+    elif method == "ring":
+        t, b = exchange_time("ring", W, state, 0.0, hw, layout=layout)
+    else:
+        nb = scan_blocks or best_delta_scan_blocks(W, state, hw, layout=layout)
+        t, b = _delta_chain(W, state, hw, L, nb), (W - 1) * L * state / W
+    return t + halo[0], b + halo[1]
+
+
+def _delta_chain(W: int, state: float, hw: Hardware, L: int, nb: int) -> float:
+    # the delta All-Scan chain: (W-1)·L dependent edges pipelined in nb blocks, nothing to hide behind
+    return ((W - 1) * L + nb - 1) * (hw.latency + state / (nb * hw.bandwidth))
+
+
+def best_delta_scan_blocks(world_size: int, state_bytes: float, hw: Hardware | None = None, *,
+                           layout: str = "contiguous") -> int:
+    """The delta All-Scan block count n_b (of BLOCK_CHOICES) with the least time; the smallest on a tie."""
+    hw, L = hw or Hardware(), 2 if layout == "zigzag" else 1
+    times = {nb: _delta_chain(world_size, state_bytes, hw, L, nb) for nb in BLOCK_CHOICES}
+    return min(nb for nb, t in times.items() if t <= min(times.values()) * (1 + 1e-9))
+
+
+def delta_flops_per_token(chunk_size: int, key_dim: int, value_dim: int, chunks_per_row: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs per token and head of `lsp.ops.delta_rule` on the chunked torch path, as
+    FlopCounterMode counts them, for rows of chunks_per_row whole chunks (formulas above)."""
+    C, K, V = chunk_size, key_dim, value_dim
+    return 6 * C * K + 2 * C * V + 6 * K * V, 14 * C * K + 6 * C * V + 12 * K * V - 10 * K * V / chunks_per_row
+
+
+def delta_sp_flops_per_token(key_dim: int, value_dim: int, chunk_size: int) -> float:
+    """Forward FLOPs per token and head that a delta-rule layer's SP path adds to the op's (formulas above)."""
+    return 4 * key_dim * key_dim + 2 * key_dim * key_dim * value_dim / chunk_size
+
+
 __all__ = ["ModelSpec", "Hardware", "StepTime", "exchange_time", "best_scan_blocks", "step_time", "plan",
-           "format_plan", "ratio", "METHODS", "LABELS"]
+           "format_plan", "ratio", "METHODS", "LABELS", "delta_exchange_time", "best_delta_scan_blocks",
+           "delta_flops_per_token", "delta_sp_flops_per_token"]

@@ -262,15 +262,12 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
 def modelled(cfg, mcfg, gpus: int) -> Measurement:
     """The planner's analytic figures for the same launch (lsp.plan.planner / costmodel), in Measurement's form:
     memory split into states (parameters + gradients + optimizer) and activations, FLOPs, comm bytes by kind."""
-    from lsp.names import DELTA_VARIANTS as DELTA_ATTN
-
-    from .costmodel import exchange_time
+    from .costmodel import Hardware
     from .planner import (
-        _decay_dims,
         activation_bytes,
         counted_flops,
         ddp_buckets,
-        delta_exchange_bytes,
+        linear_exchange,
         model_parameters,
         state_bytes_per_param,
     )
@@ -283,14 +280,11 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     memory = {"states": per_param * params,
               "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout)}
     flops = counted_flops(mcfg, T, local, b, t.activation_checkpointing, p.layout)
-    H, Hkv, Dh, types = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, mcfg.layer_types
-    act = 2 if t.precision != "fp32" else 4
-    if mcfg.linear_attn in DELTA_ATTN:
-        per_pass = delta_exchange_bytes(mcfg, sp, b, p.layout, act)
-    else:
-        _, per_pass = exchange_time(p.sp_method, sp, b * H * Dh * Dh * 4, 0.0, layout=p.layout,
-                                    decay_bytes=b * H * _decay_dims(mcfg) * 4, scan_blocks=p.scan_blocks)
-    kv = 2 * local * Hkv * Dh * act                                     # one rank's K|V
+    Hkv, Dh, types = mcfg.num_kv_heads, mcfg.head_dim, mcfg.layer_types
+    act_bytes = 2 if t.precision != "fp32" else 4
+    _, per_pass, _ = linear_exchange(mcfg, Hardware(act_bytes=act_bytes), sp, p.sp_method, b, 0.0, p.layout,
+                                     p.scan_blocks)
+    kv = 2 * local * Hkv * Dh * act_bytes     # one rank's K|V
     comm = {"sp_exchange": 2 * types.count("L") * per_pass,
             # gather forward (again in a checkpoint recompute: K, V are not recorded), reduce-scatter of the
             # gathered gradients backward ((W-1) slots; NCCL and the fake backend, gloo all-reduces instead)

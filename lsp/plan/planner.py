@@ -11,7 +11,9 @@ Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b ·
     compute = (1 + ac/3) · flops_per_token(cfg, T) · t / F         (activation checkpointing re-runs the forward)
     exchange_L (per pass, forward and backward): lsp.plan.costmodel.exchange_time(method, sp, b·H·K·V·4 bytes,
               t_intra, layout, decay b·H·K_g·4 bytes, scan_blocks) - what the ring / allgather / allscan exchanges
-              send and overlap for the config's layout, with All-Scan's block count chosen by the model
+              send and overlap for the config's layout, with All-Scan's block count chosen by the model; delta-rule
+              layers (deltanet, gated_deltanet): costmodel.delta_exchange_time (the K·(K+V) maps for allgather,
+              nothing overlapped, plus the short-conv halo) and, for sp > 1, delta_sp_flops_per_token more compute
     exchange_S (LASP-2H): all-gather of K,V forward, the reduce of their gradients backward, each
               (sp-1)·(α + kv/β) with kv = 2·t·Hkv·Dh·2 bytes, overlapped with the rank's local diagonal block
     step    = grad_accum · micro + max(0, allreduce_dp - backward of one micro-step)
@@ -49,11 +51,18 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
-from lsp.names import DELTA_VARIANTS as DELTA_ATTN
-from lsp.names import SCAN_BLOCKS, SP_METHODS
+from lsp.names import DELTA_VARIANTS, SCAN_BLOCKS, SP_METHODS
 from lsp.train.config import Config, ConfigError, hybrid_config
 
-from .costmodel import Hardware, best_scan_blocks, exchange_time
+from .costmodel import (
+    Hardware,
+    best_delta_scan_blocks,
+    best_scan_blocks,
+    delta_exchange_time,
+    delta_flops_per_token,
+    delta_sp_flops_per_token,
+    exchange_time,
+)
 
 GB = 1e9
 
@@ -159,7 +168,7 @@ def saved_bytes(mcfg, kind: str, backend: str = "torch") -> dict:
     if kind == "S":                               # q/k/v input copies, RoPE tables, q, k, v, o, o_proj input, lse
         return {"token": mlp_and_norms + 6 * D + 6 * H * Dh + 4 * Hkv * Dh + 16 * Dh + 4 * H, "padded": 0,
                 "segment": 0, "keys": 4 * Hkv * Dh}
-    if mcfg.linear_attn in DELTA_ATTN:            # conv input/halo rows, silu, L2 norms, beta, decay, gated norm
+    if mcfg.linear_attn in DELTA_VARIANTS:            # conv input/halo rows, silu, L2 norms, beta, decay, gated norm
         return {"token": mlp_and_norms + 8 * D + 66 * H * Dh + 30 * H + 6, "keys": 0,
                 # UT transform, chunk scan of the augmented state [M | S] (K x (K + V) per chunk), outputs
                 "padded": 52 * H * Dh + 28 * H * C + 16 * H + 4 * H / C + 24 * H * Dh * Dh / C,
@@ -178,7 +187,7 @@ def linear_backend(mcfg) -> str:
     GLA family once its custom ops are registered; the delta rule has no Triton kernel yet (chunked torch)."""
     from lsp.ops.estimate import measured_linear_backend
 
-    return "torch" if mcfg.linear_attn in DELTA_ATTN else measured_linear_backend()
+    return "torch" if mcfg.linear_attn in DELTA_VARIANTS else measured_linear_backend()
 
 
 def local_segments(seq_len: int, local_tokens: int, micro_batch: int, layout: str) -> tuple[int, int]:
@@ -246,6 +255,8 @@ def linear_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: in
     H, Dh = mcfg.num_heads, mcfg.head_dim
     sp = max(1, micro_batch * seq_len // local_tokens)
     held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
+    if mcfg.linear_attn in DELTA_VARIANTS:   # the chunked torch path (no delta custom ops yet)
+        return H * _delta_counted_per_token(Dh, seg, sp, ac) * local_tokens
     if linear_backend(mcfg) == "torch":
         chunks = micro_batch * held * -(-seg // LINEAR_CHUNK)
         return H * linear_core_flops(mcfg, chunks, micro_batch * held) * (1 + ac / 3)
@@ -261,26 +272,22 @@ def linear_core_flops(mcfg, chunks: int, segments: int) -> float:
     """FlopCounterMode's count of one head of a linear-attention layer's chunk core (forward + backward) over
     `chunks` padded chunks of C = 64 tokens in `segments` segments, counted on the chunked torch path at head dims
     32, 64, 128 and one or two chunks per segment and written out (K = V = Dh); the first chunk of a segment
-    enters a zero state, hence the per-segment correction:
-        GLA (sub-blocks of 16)     chunks · C·(528·Dh + 19.25·Dh²)               - segments · 8.5·C·Dh²
-        delta rule (UT transform)  chunks · (C·(1792·Dh + 30·Dh²) + 8·Dh³)      + segments · (5·Dh³ - 4·C·Dh²)"""
+    enters a zero state, hence the per-segment correction (GLA family; the delta rule: `_delta_counted_per_token`):
+        chunks · C·(528·Dh + 19.25·Dh²) - segments · 8.5·C·Dh²"""
     C, Dh = LINEAR_CHUNK, mcfg.head_dim
-    if mcfg.linear_attn in DELTA_ATTN:
-        return chunks * (C * (1792 * Dh + 30 * Dh * Dh) + 8 * Dh**3) + segments * (5 * Dh**3 - 4 * C * Dh * Dh)
     return chunks * C * (528 * Dh + 19.25 * Dh * Dh) - segments * 8.5 * C * Dh * Dh
 
 
-def delta_exchange_bytes(mcfg, sp: int, micro_batch: int, layout: str, act_bytes: int = 2) -> float:
-    """Bytes rank 0 receives per delta-rule layer and pass (forward, and again backward): the all-gather of every
-    held segment's fp32 [M | S] maps (K x (K + V) per head; backward gathers the maps again beside the state
-    gradients) and the short conv's halo, the k - 1 last q|k|v rows of each segment in the activation dtype.
-    Exact for the allgather method (the shipped one); ring and allscan send the same states along a chain."""
-    if sp == 1:
-        return 0.0
-    H, Dh = mcfg.num_heads, mcfg.head_dim
-    segments = micro_batch * (2 if layout == "zigzag" else 1)
-    halo = (mcfg.delta_conv_size - 1) * 3 * H * Dh * act_bytes
-    return (sp - 1) * segments * (H * Dh * 2 * Dh * 4 + halo)
+def _delta_counted_per_token(Dh: int, seg: int, sp: int, ac: int) -> float:
+    # counted FLOPs per token and head of a delta layer (costmodel.delta_flops_per_token, exact on the op;
+    # checkpointing re-runs the forward; SP adds the augmented scan), for segments of seg tokens in whole chunks
+    C = LINEAR_CHUNK
+    chunks = -(-seg // C)
+    fwd, bwd = delta_flops_per_token(C, Dh, Dh, chunks)
+    if sp > 1:
+        extra = delta_sp_flops_per_token(Dh, Dh, C)
+        fwd, bwd = fwd + extra, bwd + 10 * Dh * Dh / chunks + 2 * extra
+    return (fwd * (1 + ac) + bwd) * chunks * C / seg
 
 
 def _decay_dims(mcfg) -> int:
@@ -288,19 +295,40 @@ def _decay_dims(mcfg) -> int:
     return {"linear": 0, "gla": mcfg.head_dim}.get(mcfg.linear_attn, 1)
 
 
+def linear_exchange(mcfg, hw: Hardware, sp: int, method: str, b: int, t_intra: float, layout: str,
+                    scan_blocks: Optional[int] = None) -> tuple:
+    """(exposed s, bytes received per GPU, All-Scan blocks) of one linear layer's SP exchange in one pass, for the
+    config's linear kind (delta-rule layers: their maps and conv halo); scan_blocks None: the model's best."""
+    H, Dh = mcfg.num_heads, mcfg.head_dim
+    state = b * H * Dh * Dh * hw.state_bytes
+    if mcfg.linear_attn in DELTA_VARIANTS:
+        blocks = scan_blocks or (best_delta_scan_blocks(sp, state, hw, layout=layout) if sp > 1 else SCAN_BLOCKS)
+        halo = b * (mcfg.delta_conv_size - 1) * 3 * H * Dh * hw.act_bytes
+        return (*delta_exchange_time(method, sp, b * H, Dh, Dh, hw, layout=layout, halo_bytes=halo,
+                                     scan_blocks=blocks), blocks)
+    blocks = scan_blocks or (best_scan_blocks(sp, state, t_intra, hw, layout=layout) if sp > 1 else SCAN_BLOCKS)
+    return (*exchange_time(method, sp, state, t_intra, hw, layout=layout, decay_bytes=b * H * _decay_dims(mcfg) * 4,
+                           scan_blocks=blocks), blocks)
+
+
+def _sp_extra_flops(mcfg, sp: int, seq_len: int) -> float:
+    # training FLOPs per token the SP path adds to the model's own (delta layers: the augmented scan, 3 x forward)
+    if sp == 1 or mcfg.linear_attn not in DELTA_VARIANTS:
+        return 0.0
+    per_head = delta_sp_flops_per_token(mcfg.head_dim, mcfg.head_dim, min(LINEAR_CHUNK, seq_len))
+    return 3 * mcfg.layer_types.count("L") * mcfg.num_heads * per_head
+
+
 def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool, layout: str):
     """(compute s, exposed SP communication s, backward s, All-Scan blocks) of one micro-step."""
     hw = cluster.hardware(sp)
     t = b * seq_len / sp
-    compute_fwd = flops_per_token(mcfg, seq_len) * t / hw.flops / 3
+    compute_fwd = (flops_per_token(mcfg, seq_len) + _sp_extra_flops(mcfg, sp, seq_len)) * t / hw.flops / 3
     compute = compute_fwd * (3 + ac)
     H, Hkv, Dh = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
     C = min(LINEAR_CHUNK, seq_len)
     t_intra = 2 * 2 * C * Dh * H * t / hw.flops                     # Q Kᵀ and P V inside the chunks of one layer
-    state, decay = b * H * Dh * Dh * hw.state_bytes, b * H * _decay_dims(mcfg) * 4
-    blocks = best_scan_blocks(sp, state, t_intra, hw, layout=layout) if sp > 1 else SCAN_BLOCKS
-    exposed_L, _ = exchange_time(method, sp, state, t_intra, hw, layout=layout, decay_bytes=decay,
-                                 scan_blocks=blocks)
+    exposed_L, _, blocks = linear_exchange(mcfg, hw, sp, method, b, t_intra, layout)
     kv = 2 * t * Hkv * Dh * hw.act_bytes
     local_block = 2 * 2 * H * Dh * t * (t / 2) / hw.flops            # causal diagonal block: needs no remote K,V
     exposed_S = max(0.0, (sp - 1) * (hw.latency + kv / hw.bandwidth) - local_block) if sp > 1 else 0.0

@@ -33,7 +33,8 @@ def load_hf(out_dir):
 
 @torch.no_grad()
 @pytest.mark.parametrize("kind, pattern, tie", [("gla", "LS", False), ("lightning", "LLS", True),
-                                                ("linear", "L", False), ("simple_gla", "SL", False)])
+                                                ("linear", "L", False), ("simple_gla", "SL", False),
+                                                ("gated_deltanet", "LLS", False)])
 @needs_hf
 def test_hf_logits_equal_lsp(tmp_path, kind, pattern, tie):
     model = make_model(kind, pattern, tie)
@@ -48,8 +49,9 @@ def test_hf_logits_equal_lsp(tmp_path, kind, pattern, tie):
 
 @needs_hf
 @torch.no_grad()
-def test_hf_generate_equals_lsp_and_decodes_one_token_per_step(tmp_path):
-    model = make_model("gla", "LLS")
+@pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
+def test_hf_generate_equals_lsp_and_decodes_one_token_per_step(tmp_path, kind):
+    model = make_model(kind, "LLS")
     export_model(model, IdTokenizer(model.cfg.vocab_size), tmp_path)
     hf = load_hf(tmp_path)
     prompt = torch.randint(0, model.cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(2))

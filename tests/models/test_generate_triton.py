@@ -1,5 +1,6 @@
 """Decoding with the Triton prefill (`linear_backend="triton"`): the prompt and a multi-token continuation go through
-the Triton kernels with `initial_state` / `output_final_state`, then single tokens through the recurrence.
+the Triton kernels with `initial_state` / `output_final_state` (for Gated DeltaNet: its Triton chunk scan), then
+single tokens through the recurrence.
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton is imported, as in
 tests/ops/test_triton.py); shapes stay tiny. Reference: the full forward on the chunked torch path. fp32 kernels
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("kind", ["gla", "simple_gla"])
+@pytest.mark.parametrize("kind", ["gla", "simple_gla", "gated_deltanet"])
 def test_triton_prefill_then_recurrence_equals_full_forward(kind):
     torch.manual_seed(0)
     cfg = HybridConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=2, layer_pattern="LS",

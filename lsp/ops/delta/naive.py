@@ -14,6 +14,20 @@ import torch
 from lsp.ops.linear.checks import acc_dtype, seq_bounds
 
 
+def delta_step(q, k, v, beta, g, scale, state):
+    """One token of the recurrence: S' = exp(g) S, S_t = S' + beta k (v - S'ᵀ k)ᵀ, o = scale · q S_t.
+
+    The only definition of the step: the reference loops over it and a decoding model advances its cache by it.
+    """
+    # q, k: [B, H, K]; v: [B, H, V]; beta: [B, H]; g: [B, H] or None; state: [B, H, K, V] (accumulation dtype,
+    # the other inputs already in it) -> o [B, H, V], S_t [B, H, K, V]
+    if g is not None:
+        state = g.to(state.dtype).exp()[..., None, None] * state
+    error = v - torch.einsum("bhk,bhkv->bhv", k, state)                       # what the memory gets wrong
+    state = state + beta[..., None, None] * k[..., :, None] * error[..., None, :]
+    return scale * torch.einsum("bhk,bhkv->bhv", q, state), state
+
+
 def naive_delta_recurrence(q, k, v, beta, g, scale, initial_state):
     # q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g: [B, T, H] or None; initial_state: [B, H, K, V] or None
     B, T, H, K = q.shape
@@ -22,11 +36,8 @@ def naive_delta_recurrence(q, k, v, beta, g, scale, initial_state):
     state = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(dt)
     outs = []
     for t in range(T):
-        if g is not None:
-            state = g[:, t].to(dt).exp()[..., None, None] * state
-        error = v[:, t] - torch.einsum("bhk,bhkv->bhv", k[:, t], state)          # what the memory gets wrong
-        state = state + beta[:, t, :, None, None] * k[:, t, :, :, None] * error[:, :, None, :]
-        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+        o_t, state = delta_step(q[:, t], k[:, t], v[:, t], beta[:, t], None if g is None else g[:, t], scale, state)
+        outs.append(o_t)
     o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, v.shape[-1])
     return o, state
 
