@@ -46,8 +46,6 @@ def resolve_device(cfg: Config) -> torch.device:
 def check_device(cfg: Config, world: int) -> torch.device:
     """The device of this config, after the checks that need torch (also run by `lsp launch` before the ranks)."""
     device = resolve_device(cfg)
-    if world > 1 and cfg.parallel.engine == "fsdp" and device.type != "cuda":
-        raise ConfigError("parallel.engine", "fsdp needs CUDA/nccl (gloo has no reduce_scatter); use ddp on CPU")
     resolve_backend(cfg, device)
     return device
 

@@ -111,7 +111,7 @@ BAD = [
     ("raw", ["train"], "the following arguments are required: config"),
     ("raw", ["trian", "{tiny}"], "error: lsp: unknown command 'trian' (one of train,"),
     # caught by `lsp launch` before any rank starts (it was ~40 lines of torchrun traceback, exit 1)
-    ("launch2", ["train.device=cpu", "parallel.engine=fsdp", "parallel.zero=2"], "parallel.engine: fsdp needs CUDA"),
+    ("launch2", ["data.kind=hf"], "data.hf.path: data.kind=hf needs"),
     ("launch2", ["parallel.backend=nccl", "train.device=cpu"], "parallel.backend: nccl needs CUDA devices"),
 ]
 

@@ -158,12 +158,16 @@ def test_eval_files_cli(text_run, tiny_run, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sp", [2, 1])
-def test_load_run_from_a_two_rank_run(tmp_path, sp):
-    # 2 gloo ranks, DDP: dp x sp = 1 x 2 or 2 x 1 (FSDP needs NCCL; its DCP checkpoint has the same format)
-    run_dir = train_tiny(tmp_path, f"parallel.sp={sp}", launch=2)
+@pytest.mark.parametrize("sp,engine", [(2, "ddp"), (1, "ddp"), (1, "fsdp")])
+def test_load_run_from_a_two_rank_run(tmp_path, sp, engine):
+    # 2 gloo ranks: DDP at dp x sp = 1 x 2 or 2 x 1, and FSDP2 ZeRO-3 (parameters sharded over dp = 2)
+    zero = ["parallel.zero=3"] if engine == "fsdp" else []
+    run_dir = train_tiny(tmp_path, f"parallel.sp={sp}", f"parallel.engine={engine}", *zero, launch=2)
     model, _ = load_run(run_dir)
-    assert eval_loss(model, run_dir, dp=2 // sp) == pytest.approx(logged_eval_loss(run_dir), rel=1e-5)
+    # FSDP: measured 1.8e-5 relative between the run's own eval and the loaded model's (the cause is not pinned
+    # down: FSDP2's sharded eval forward vs one process); a freshly initialised model is off by more than 1e-2
+    rel = 1e-4 if engine == "fsdp" else 1e-5
+    assert eval_loss(model, run_dir, dp=2 // sp) == pytest.approx(logged_eval_loss(run_dir), rel=rel)
 
 
 def deepspeed_layout(tiny_run, tmp_path, files):
