@@ -162,17 +162,24 @@ def main(argv=None) -> list[dict]:
         args.patterns, args.steps, args.layers, args.seq_len = "LLLS,S", 3, 4, 32
         quick_task(args)
     torch.set_num_threads(args.threads)
+    title = (f"MQAR T={args.seq_len}, {args.kv_pairs} kv pairs, {args.layers} layers d={args.hidden} "
+             f"({args.linear_attn}), {args.steps} steps x {args.batch}")
+    return run_study(args, lambda: [train_one(pat, args, int(seed)) for seed in args.seeds.split(",")
+                                    for pat in args.patterns.split(",")], title, plot)
+
+
+def run_study(args, train, title: str, plot_rows) -> list[dict]:
+    """Rows from train() (or --from-json), then the table, the PNG (plot_rows(rows, path, title, chance)) and
+    --json; shared by the MQAR studies."""
     if args.from_json:
         with open(args.from_json) as f:
             rows = json.load(f)
     else:
-        rows = [train_one(pat, args, int(seed)) for seed in args.seeds.split(",") for pat in args.patterns.split(",")]
-    title = (f"MQAR T={args.seq_len}, {args.kv_pairs} kv pairs, {args.layers} layers d={args.hidden} "
-             f"({args.linear_attn}), {args.steps} steps x {args.batch}")
+        rows = train()
     print_table(rows, title)
     if args.plot:
         os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
-        plot(rows, args.plot, title, 1 / args.num_values)
+        plot_rows(rows, args.plot, title, 1 / args.num_values)
         print(f"\nplot: {args.plot}")
     if args.json:
         with open(args.json, "w") as f:

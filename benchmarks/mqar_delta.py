@@ -12,7 +12,6 @@ Writes a Markdown table and a PNG: recall accuracy vs number of softmax layers, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -20,7 +19,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hybrid_ratio  # noqa: E402
-from common import print_table  # noqa: E402
 from hybrid_ratio import add_study_args  # noqa: E402
 
 KINDS = ("gla", "gated_deltanet")
@@ -74,23 +72,9 @@ def main(argv=None) -> list[dict]:
         args.patterns, args.steps, args.layers, args.seq_len, args.softmax_reference = "LS", 3, 2, 32, False
         hybrid_ratio.quick_task(args)
     torch.set_num_threads(args.threads)
-    if args.from_json:
-        with open(args.from_json) as f:
-            rows = json.load(f)
-    else:
-        rows = run(args)
     title = (f"MQAR T={args.seq_len}, {args.kv_pairs} kv pairs, {args.layers} layers d={args.hidden}, "
              f"{args.steps} steps x {args.batch}, params matched to all-GLA")
-    print_table(rows, title)
-    if args.plot:
-        os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
-        plot(rows, args.plot, title, 1 / args.num_values)
-        print(f"\nplot: {args.plot}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return rows
-
+    return hybrid_ratio.run_study(args, lambda: run(args), title, plot)
 
 if __name__ == "__main__":
     main()
