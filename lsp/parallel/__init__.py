@@ -1,12 +1,18 @@
 """Exact sequence parallelism: layouts, SP algorithms, comm accounting, emulation (see docs/sp.md)."""
+from . import allgather, chain  # noqa: F401  (the built-in SP methods register themselves)
 from .collectives import checkpoint_contexts
 from .comm import comm_stats, reset_comm_stats
 from .context import LAYOUTS, SPContext
-from .delta import DELTA_METHODS, sp_delta_rule, sp_short_conv
+from .delta import sp_delta_rule, sp_short_conv
 from .launch import spawn
-from .linear import METHODS, sp_linear_attention
+from .linear import sp_linear_attention
+from .methods import check_registered, register_method, sp_method, sp_methods, unregister_method
 from .softmax import attention_flops_balance, attention_pairs_per_rank, sp_softmax_attention
+
+check_registered()              # every name the config accepts has an implementation and a cost formula
+METHODS = DELTA_METHODS = sp_methods()   # the built-in methods (every linear family runs every one)
 
 __all__ = ["SPContext", "LAYOUTS", "METHODS", "sp_linear_attention", "sp_softmax_attention", "sp_delta_rule",
            "sp_short_conv", "DELTA_METHODS", "comm_stats", "reset_comm_stats", "checkpoint_contexts", "spawn",
-           "attention_pairs_per_rank", "attention_flops_balance"]
+           "attention_pairs_per_rank", "attention_flops_balance", "register_method", "unregister_method",
+           "sp_method", "sp_methods"]

@@ -16,26 +16,26 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lsp.names import LAYOUTS, SCAN_BLOCKS, SP_METHODS
+from lsp.names import LAYOUTS, SCAN_BLOCKS
 
 from .comm import AllReduceIdentity, DistComm, EmuComm, gather_rows
+from .methods import sp_method
 from .segments import SegmentPlan, plan_segments
 
 
 class SPContext:
     """The sequence-parallel context: ranks (real or emulated), layout, and the settings every SP layer shares.
 
-    method / scan_blocks: the linear layers' exchange ("allgather" LASP-2, "allscan" ZeCO All-Scan, "ring" LASP-1)
-    and All-Scan's pipeline blocks. The segment plan of a batch is built once (`segment_plan`) and reused by every
-    layer that sees the same batch.
+    method / scan_blocks: the linear layers' exchange, a registered SP method (lsp.parallel.methods: LASP-2
+    all-gather, ZeCO All-Scan, LASP-1 ring, ...) and All-Scan's pipeline blocks. The segment plan of a batch is
+    built once (`segment_plan`) and reused by every layer that sees the same batch.
     """
 
     def __init__(self, group=None, layout: str = "zigzag", emulate: int | None = None, *,
                  method: str = "allgather", scan_blocks: int = SCAN_BLOCKS):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        if method not in SP_METHODS:
-            raise ValueError(f"method must be one of {SP_METHODS}, got {method!r}")
+        sp_method(method)   # a registry lookup: an unknown name raises
         if not isinstance(scan_blocks, int) or scan_blocks < 1:
             raise ValueError(f"scan_blocks must be a positive int, got {scan_blocks!r}")
         if emulate is not None:

@@ -18,18 +18,13 @@ Backward of step 2 (G_i the total gradient of E_i, gE_i its direct part, X_{i+1}
 
     G_i = gE_i + p_i M_iᵀ X_{i+1},      ∂S_i = X_{i+1},      ∂M_i = p_i X_{i+1} E_iᵀ
 
-Methods differ only in step 2:
+Step 2 is the registered SP method (lsp.parallel.methods) over the dense family of lsp.parallel.affine (A_i =
+p_i M_i, K × K): the same all-gather, All-Scan (blocks along V, half chains and tree broadcast on zigzag) and ring
+that serve the decay-only layers. The all-gather sends [S_i | M_i] (K × (V + K) per head) forward and [gE_i | M_i]
+backward; the chains send the state (and, on All-Scan's second half chain, the composed K × K map).
 
-* allgather: one all_gather of every held segment's [M_i | S_i] (K × (K + V) per head), the prefix composed
-  locally; backward gathers [M_i | gE_i] once (the maps again, so only the held E_i and M_i are kept: nothing
-  O(W) outlives the forward) and runs the suffix locally (the mirror).
-* ring: E walks the chain of segment owners, one whole state per hop (blocking send/recv); backward the reverse
-  chain carries X.
-* allscan: the ring chain with the state cut into `scan_blocks` blocks along V, each sent (isend) as soon as it is
-  computed so hops pipeline. M mixes all K rows, so the columns (V) are what can travel independently.
-
-Every collective is an autograd.Function that takes a join token (lsp.parallel.collectives), so every rank runs
-every backward collective whatever requires grad where; the exchange hands a token to the final-state reduction,
+Every collective takes a join token (lsp.parallel.collectives), so every rank runs every backward collective
+whatever requires grad where; the exchange hands a token to the final-state reduction,
 which fixes their backward order on every rank; a checkpoint recompute replays the exchange and the conv halo.
 State math runs in fp32 (fp64 for fp64 inputs) with autocast disabled.
 """
@@ -37,7 +32,6 @@ from __future__ import annotations
 
 import torch
 
-from lsp.names import SP_METHODS
 from lsp.ops.delta import (
     check_delta_inputs,
     chunk_output,
@@ -50,199 +44,17 @@ from lsp.ops.delta import (
 from lsp.ops.delta.api import resolve_delta_backend
 from lsp.ops.linear.checks import acc_dtype
 
-from .collectives import join_token, replayed, token_like
+from .affine import DENSE
+from .collectives import join_token, replayed
 from .comm import ReplicateSum
 from .context import SPContext
-from .exchange import split_blocks
 from .linear import Shape, _check, _from_seg_rows, _local_initial_states, _to_seg_rows
-
-DELTA_METHODS = SP_METHODS
+from .methods import exchange
 
 
 def _held(sp, per_segment) -> torch.Tensor:
     # [R, L, ...]: per_segment(i) for the segments i held by each rank row, in local order
     return torch.stack([torch.stack([per_segment(i) for i in sp.rank_segments(r)]) for r in sp.comm.ranks])
-
-
-def _advance(M_i, S_i, E_i, p_i: int):
-    # E_{i+1} before the edge factor: p_i M_i E_i + S_i.   M_i: [B, H, K, K]; S_i, E_i: [B, H, K, V]
-    return S_i + M_i @ E_i if p_i else S_i
-
-
-def _retreat(M_i, gE_i, X_next, p_i: int):
-    # G_i = gE_i + p_i M_iᵀ X_{i+1} (X_next None when nothing flows back into segment i)
-    if X_next is None or not p_i:
-        return gE_i
-    return gE_i + M_i.transpose(-1, -2) @ X_next
-
-
-# ---------------------------------------------------------------------------------------------- all-gather
-
-
-def _gather_prefix(M, S, sp, plan):
-    # one all_gather of every segment's [M | S], the prefix composed locally -> E of the held segments [R, L, ...]
-    R, K = M.shape[0], M.shape[-1]
-    gathered = sp.comm.all_gather(torch.cat([M, S], dim=-1).reshape(R, -1), "delta_allgather")
-    gathered = gathered.reshape(sp.world_size, *M.shape[1:-1], -1)
-    M_all, S_all = gathered[..., :K], gathered[..., K:]
-    E = [torch.zeros_like(S_all[0, 0])]
-    for i in range(1, max(i for r in sp.comm.ranks for i in sp.rank_segments(r)) + 1):
-        prev = sp.owner(i - 1)
-        E.append(_advance(M_all[prev], S_all[prev], E[-1], plan.passes[i - 1]) if plan.cont[i] else
-                 torch.zeros_like(E[-1]))
-    return _held(sp, E.__getitem__)
-
-
-class GatherMaps(torch.autograd.Function):
-    """[M_i | S_i] of every segment by one all_gather, prefix composed locally; backward: the mirror, with the maps
-    gathered again beside the state gradients, so that only the held segments' E and M are kept (nothing O(W))."""
-
-    @staticmethod
-    def forward(ctx, token, M, S, sp, plan):
-        # M: [R, L, B, H, K, K]; S: [R, L, B, H, K, V] -> E: [R, L, B, H, K, V] entering the held segments, token
-        ctx.set_materialize_grads(False)
-        held = replayed(lambda: _gather_prefix(M, S, sp, plan))
-        ctx.save_for_backward(held, M)
-        ctx.sp, ctx.plan = sp, plan
-        return held, token_like(held)
-
-    @staticmethod
-    def backward(ctx, gE, _):
-        held, M = ctx.saved_tensors
-        sp, plan, K = ctx.sp, ctx.plan, M.shape[-1]
-        gE = torch.zeros_like(held) if gE is None else gE.contiguous()
-        every = sp.comm.all_gather(torch.cat([M, gE], dim=-1).reshape(M.shape[0], -1), "delta_allgather:bwd")
-        every = every.reshape(sp.world_size, *M.shape[1:-1], -1)
-        M_all, gE_all = every[..., :K], every[..., K:]
-        E = {i: held[sp.comm.row(r), l] for r in sp.comm.ranks for l, i in enumerate(sp.rank_segments(r))}
-        gM, gS, X_next = {}, {}, None  # X_next = c_{i+1} G_{i+1}
-        for i in reversed(range(min(E), sp.num_segments)):
-            r, l = sp.owner(i)
-            if i in E:
-                gS[i] = torch.zeros_like(E[i]) if X_next is None else X_next
-                gM[i] = (torch.zeros_like(M_all[r, l]) if X_next is None or not plan.passes[i]
-                         else X_next @ E[i].transpose(-1, -2))
-            G_i = _retreat(M_all[r, l], gE_all[r, l], X_next, plan.passes[i])
-            X_next = G_i if plan.cont[i] else None
-        return None, _held(sp, gM.__getitem__), _held(sp, gS.__getitem__), None, None
-
-
-# ---------------------------------------------------------------------------------------------- chain
-
-
-class _Hop:
-    """Moves one state along the chain in column blocks: recv block, compute it, send it on (isend if pipelined)."""
-
-    def __init__(self, comm, blocks, pipelined, tag):
-        self.comm, self.blocks, self.pipelined, self.tag = comm, blocks, pipelined, tag
-        self.pending = []
-
-    def receive(self, like, src, dst):
-        # -> a function b -> block b of the incoming state (waits for that block only)
-        works = [self.comm.recv(like[..., b], src, dst, self.tag, async_op=self.pipelined) for b in self.blocks]
-
-        def block(j):
-            work, buf = works[j]
-            if work is not None:
-                work.wait()
-            return buf
-        return block
-
-    def local(self, x):
-        # a state held by this rank, served block by block like a received one
-        return lambda j: x[..., self.blocks[j]]
-
-    def emit(self, compute, me, dst, out):
-        # fill out[..., b] = compute(j, b) block by block, sending each block to dst (None: keep local)
-        for j, b in enumerate(self.blocks):
-            out[..., b] = compute(j, b)
-            if dst is not None:
-                self.pending.append(self.comm.send(out[..., b].contiguous(), me, dst, self.tag,
-                                                   async_op=self.pipelined)[0])
-        return out
-
-    def finish(self):
-        for work in self.pending:
-            if work is not None:
-                work.wait()
-
-
-def _walk_maps(M, S, sp, plan, nb, pipelined, tag):
-    # the forward chain: E [R, L, B, H, K, V] entering the held segments
-    comm, n = sp.comm, sp.num_segments
-    hop = _Hop(comm, split_blocks(S.shape[-1], nb), pipelined, tag)
-    E, out = torch.zeros_like(S), {}
-    for i in range(n):
-        r, l = sp.owner(i)
-        if r not in comm.ranks:
-            continue
-        row, prev_r = comm.row(r), (sp.owner(i - 1)[0] if i > 0 else None)
-        nxt = sp.owner(i + 1)[0] if i + 1 < n and plan.cont[i + 1] else None
-        incoming = None
-        if i > 0 and plan.cont[i]:
-            incoming = hop.receive(E[row, l], prev_r, r) if prev_r != r else hop.local(out[i - 1])
-        M_i, S_i, E_i, p_i = M[row, l], S[row, l], E[row, l], plan.passes[i]
-
-        def compute(j, b):
-            if incoming is not None:
-                E_i[..., b] = incoming(j)
-            return _advance(M_i, S_i[..., b], E_i[..., b], p_i)
-        out[i] = hop.emit(compute, r, nxt if nxt != r else None, torch.empty_like(S_i))
-    hop.finish()
-    return E
-
-
-class ChainMaps(torch.autograd.Function):
-    """Entering states by walking the chain of segment owners (ring: 1 block, blocking; allscan: pipelined)."""
-
-    @staticmethod
-    def forward(ctx, token, M, S, sp, plan, nb, pipelined, tag):
-        # M: [R, L, B, H, K, K]; S: [R, L, B, H, K, V] -> E: [R, L, B, H, K, V], token
-        ctx.set_materialize_grads(False)
-        E = replayed(lambda: _walk_maps(M, S, sp, plan, nb, pipelined, tag))
-        ctx.save_for_backward(M, E)
-        ctx.sp, ctx.plan, ctx.nb, ctx.pipelined, ctx.tag = sp, plan, nb, pipelined, tag
-        return E, token_like(E)
-
-    @staticmethod
-    def backward(ctx, gE, _):
-        M, E = ctx.saved_tensors
-        gE = torch.zeros_like(E) if gE is None else gE
-        sp, plan, comm, n = ctx.sp, ctx.plan, ctx.sp.comm, ctx.sp.num_segments
-        gE = gE.contiguous()
-        hop = _Hop(comm, split_blocks(E.shape[-1], ctx.nb), ctx.pipelined, ctx.tag + ":bwd")
-        gM, gS, X = torch.zeros_like(M), torch.zeros_like(E), {}  # X[i] = c_i G_i, handed to segment i - 1
-        for i in reversed(range(n)):
-            r, l = sp.owner(i)
-            if r not in comm.ranks:
-                continue
-            row = comm.row(r)
-            nxt_r = sp.owner(i + 1)[0] if i + 1 < n and plan.cont[i + 1] else None
-            prev_r = sp.owner(i - 1)[0] if i > 0 and plan.cont[i] else None
-            incoming = None
-            if nxt_r is not None:
-                incoming = hop.receive(gS[row, l], nxt_r, r) if nxt_r != r else hop.local(X[i + 1])
-            M_i, gE_i, gS_i, p_i = M[row, l], gE[row, l], gS[row, l], plan.passes[i]
-
-            def compute(j, b):
-                if incoming is None:
-                    return gE_i[..., b]
-                gS_i[..., b] = incoming(j)
-                return _retreat(M_i, gE_i[..., b], gS_i[..., b], p_i)
-            X[i] = hop.emit(compute, r, prev_r if prev_r != r else None, torch.empty_like(gE_i))
-            if incoming is not None and p_i:
-                gM[row, l] = gS_i @ E[row, l].transpose(-1, -2)
-        hop.finish()
-        return None, gM, gS, None, None, None, None, None
-
-
-def exchange_maps(M, S, sp, plan, method: str, scan_blocks: int):
-    """(E [R, L, B, H, K, V] entering the held segments, token) from their maps M [R, L, B, H, K, K] and states S."""
-    if method == "allgather":
-        return GatherMaps.apply(join_token(), M, S, sp, plan)
-    if method == "allscan":
-        return ChainMaps.apply(join_token(), M, S, sp, plan, scan_blocks, True, "delta_allscan")
-    return ChainMaps.apply(join_token(), M, S, sp, plan, 1, False, "delta_ring")
 
 
 def sp_delta_rule(q, k, v, beta, g=None, *, sp, method=None, scale=None, initial_state=None,
@@ -255,7 +67,8 @@ def sp_delta_rule(q, k, v, beta, g=None, *, sp, method=None, scale=None, initial
     Args:
         q, k: [R·B, T_local, H, K]; v: [R·B, T_local, H, V]; beta, g: [R·B, T_local, H] (g or None): local shards
             from `sp.shard` (R = W emulated, 1 real).
-        sp: the SPContext. method: "allgather", "allscan" (`scan_blocks` blocks along V) or "ring".
+        sp: the SPContext. method: None (the context's) or a registered SP method (`lsp.parallel.sp_methods()`);
+            All-Scan cuts the state into `scan_blocks` blocks along V.
         initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens) on every rank; its gradient lands on the rank
             holding the first token of each sequence.
         output_final_state: the state after the last token of every sequence, on every rank ([B or N, H, K, V];
@@ -271,8 +84,6 @@ def sp_delta_rule(q, k, v, beta, g=None, *, sp, method=None, scale=None, initial
         raise ValueError(f"sp must be an lsp.parallel.SPContext, got {type(sp).__name__}")
     method = sp.method if method is None else method
     scan_blocks = sp.scan_blocks if scan_blocks is None else scan_blocks
-    if method not in DELTA_METHODS:
-        raise ValueError(f"method must be one of {DELTA_METHODS}, got {method!r}")
     if resolve_delta_backend(backend, q.device) == "naive":
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton' under sequence parallelism, got {backend!r}")
     check_delta_inputs(q, k, v, beta, g, None, None)
@@ -309,7 +120,8 @@ def _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_s
     first = [0] + [p + 1 for p in plan.last_piece[:-1]] if packed else list(range(rows))
     last = plan.last_piece if packed else list(range(rows))
     seg = lambda x, idx: x[idx].reshape(R, L, B, H, K, -1)  # noqa: E731
-    E, token = exchange_maps(seg(maps[..., :K], first), seg(maps[..., K:], last), sp, plan, method, scan_blocks)
+    E, token = exchange(seg(maps[..., K:], last), seg(maps[..., :K], first), join_token(), sp, plan, method,
+                        scan_blocks, DENSE, "delta_" + method)()
     E = E.reshape(rows, H, K, V)
     extra = E if not packed else _pieces_entering(E, first, maps.shape[0])
     chunk_states, finals = enter_sequences(chunks, entering_aug, maps, extra)

@@ -1,7 +1,8 @@
 """`sp_linear_attention`: exact sequence-parallel linear attention (LASP-2 all-gather, ZeCO All-Scan, LASP-1 ring).
 
 Every method runs the same local pass (lsp.ops.linear.local, in the backend that runs the op) on the held segments
-and differs only in the exchange step (lsp.parallel.exchange):
+and differs only in the exchange step (lsp.parallel.methods: the registered method over the diagonal family of
+lsp.parallel.affine, A_i = Diag(exp a_i)):
 
     1. h, S_i = local_states(k_i, v_i, g_i)            chunk states and local state of each held segment, once
     2. start the exchange of (S_i, a_i = Σ_{t in i} g_t)   allgather launches its collective here
@@ -22,17 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
-from lsp.names import SP_METHODS
 from lsp.ops.linear import add_incoming_state, local_output, local_states, total_log_decay
 from lsp.ops.linear.checks import acc_dtype, check_linear_inputs, exact_numerics
 
+from .affine import DIAGONAL
 from .collectives import depend, join_token
 from .comm import ReplicateSum
 from .context import SPContext
-from .exchange import exchange
+from .methods import exchange, sp_method
 from .segments import SegmentPlan
-
-METHODS = SP_METHODS
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,7 @@ def _from_seg_rows(y, s: Shape):
 
 
 def _check(q, sp, method, initial_state, cu_seqlens, s: Shape):
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    sp_method(method)   # an unknown name raises here, before any work
     if q.shape[0] % sp.rows:
         raise ValueError(f"q's batch {q.shape[0]} must be a multiple of the {sp.rows} emulated ranks (use sp.shard)")
     if cu_seqlens is not None and s.B != 1:
@@ -87,8 +85,8 @@ def sp_linear_attention(q, k, v, g=None, *, sp, method=None, scale=None, initial
     Args:
         q, k: [R·B, T_local, H, K]; v: [R·B, T_local, H, V] local shards from `sp.shard` (R = W emulated, 1 real).
         g: None, [H], [R·B, T_local, H] or [R·B, T_local, H, K] log-decay (<= 0), sharded like q.
-        sp: the SPContext. method: None (the context's), "allgather" (LASP-2), "allscan" (ZeCO All-Scan,
-            `scan_blocks` blocks along K, default the context's) or "ring" (LASP-1).
+        sp: the SPContext. method: None (the context's) or a registered SP method (`lsp.parallel.sp_methods()`:
+            LASP-2 all-gather, ZeCO All-Scan with `scan_blocks` blocks along V, default the context's, LASP-1 ring).
         initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens) on every rank (one copy in emulation); its
             gradient lands on the rank holding the first token of each sequence (sum over ranks = the gradient).
         output_final_state: return the state after the last token of every sequence on every rank ([B or N, H, K,
@@ -132,7 +130,7 @@ def _forward(q, k, v, g, sp, method, scan_blocks, scale, initial_state, output_f
         lp, S = local_states(k_r, v_r, g_r, initial_state=init, backend=backend)
     a = total_log_decay(g_r, s.rows, s.Ts, s.H, dt)
     finish = exchange(S.reshape(s.R, s.L, s.B, s.H, s.K, s.V), None if a is None else a.reshape(s.R, s.L, s.B,
-                      s.H, -1), token, sp, plan, method, scan_blocks)
+                      s.H, -1), token, sp, plan, method, scan_blocks, DIAGONAL, method)
     o0 = local_output(_packed_row(q_r) if plan.packed else q_r, lp, scale, out_dtype=dt)
     o0 = o0.reshape(s.rows, s.Ts, s.H, s.V)
     E, token = finish()
@@ -202,8 +200,9 @@ def _last_segment_final(S, a, E, sp, s: Shape):
         if r != r_last:
             out.append(torch.zeros_like(S6[row, 0]))
             continue
-        decay = 1.0 if a is None else a.reshape(s.R, s.L, s.B, s.H, -1)[row, l_last].exp()[..., None]
-        out.append(decay * E6[row, l_last] + S6[row, l_last])
+        a_last = None if a is None else a.reshape(s.R, s.L, s.B, s.H, -1)[row, l_last]
+        E_last = E6[row, l_last]
+        out.append(DIAGONAL.apply(DIAGONAL.map(a_last, 1, E_last), E_last) + S6[row, l_last])
     return torch.stack(out)
 
 

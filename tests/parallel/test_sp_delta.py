@@ -4,6 +4,7 @@ import torch
 
 from lsp.ops import delta_rule
 from lsp.parallel import DELTA_METHODS, SPContext, comm_stats, reset_comm_stats, sp_delta_rule
+from lsp.parallel import affine as affine_mod
 from lsp.parallel import delta as delta_mod
 from lsp.parallel.linear import Shape
 
@@ -59,7 +60,8 @@ def test_negative_control_transposed_map_fails(method, monkeypatch):
     """Composing the prefix with M_iᵀ instead of M_i (a wrong prefix) must break the comparison."""
     case = make_delta_case(3, True, False)
     ref = delta_reference(case)
-    monkeypatch.setattr(delta_mod, "_advance", lambda M, S, E, p: S + M.transpose(-1, -2) @ E if p else S)
+    flipped = staticmethod(lambda A, X, transpose=False: (A if transpose else A.transpose(-1, -2)) @ X)
+    monkeypatch.setattr(affine_mod.DenseMaps, "apply", flipped)
     err = max_rel_err(run_sp_delta(case, SPContext(emulate=3, layout="zigzag"), method), ref)
     assert err["o"] > 1e-3
 
@@ -84,17 +86,21 @@ def _bytes_per_rank(W, layout, method, T_per_rank, B=2, H=2, K=8, V=6):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_comm_bytes_match_formula_and_do_not_grow_with_T(layout):
     """allgather: (W-1)·L·B·H·K·(K+V)·4 bytes each way ([M | S] forward, [M | gE] backward: the maps travel again
-    instead of being kept, so nothing O(W) outlives the forward); ring / allscan: one B·H·K·V state per chain edge
-    that crosses ranks, each way."""
+    instead of being kept, so nothing O(W) outlives the forward); ring / contiguous allscan: one B·H·K·V state per
+    chain edge that crosses ranks, each way; zigzag allscan: the two half chains (W-1 states each, the second with
+    its composed K x K map) and the tree broadcast of the midpoint state (W-1 states)."""
     W, B, H, K, V = 4, 2, 2, 8, 6
     L = 2 if layout == "zigzag" else 1
     cross_edges = {"contiguous": W - 1, "zigzag": 2 * W - 2}[layout]  # zigzag: the middle edge stays on rank W-1
     for T_per_rank in (16, 64):
         assert _bytes_per_rank(W, layout, "allgather", T_per_rank) == (
             (W - 1) * L * B * H * K * (K + V) * 4, (W - 1) * L * B * H * K * (K + V) * 4)
+        state, dense_map = B * H * K * V * 4, B * H * K * K * 4
         for method in ("ring", "allscan"):
             fwd, bwd = _bytes_per_rank(W, layout, method, T_per_rank)
-            assert fwd * W == bwd * W == cross_edges * B * H * K * V * 4, (layout, method, fwd, bwd)
+            half_chains = method == "allscan" and layout == "zigzag"
+            want = (W - 1) * (3 * state + dense_map) if half_chains else cross_edges * state
+            assert fwd * W == bwd * W == want, (layout, method, fwd, bwd)
 
 
 def test_numerics_ignore_autocast():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lsp.parallel import SPContext, comm_stats, reset_comm_stats, sp_linear_attention
-from lsp.parallel import exchange as exchange_mod
+from lsp.parallel import affine as affine_mod
 
 from .cases import FORMS, METHODS, make_case, max_rel_err, reference, run_sp
 
@@ -43,8 +43,8 @@ def test_negative_control_dropped_decay_fails(method, monkeypatch):
     """Ignoring the cross-rank decay must break the comparison (the test can fail)."""
     case = make_case(3, "scalar", False)
     ref = reference(case)
-    decay = exchange_mod._decay
-    monkeypatch.setattr(exchange_mod, "_decay", lambda a, p: decay(None if a is None else torch.zeros_like(a), p))
+    decay = affine_mod._decay
+    monkeypatch.setattr(affine_mod, "_decay", lambda a, p: decay(None if a is None else torch.zeros_like(a), p))
     err = max_rel_err(run_sp(case, SPContext(emulate=3, layout="zigzag"), method), ref)
     assert err["o"] > 1e-3
 
@@ -91,12 +91,12 @@ def test_comm_bytes_match_formula_and_do_not_grow_with_T(layout):
 
 
 def test_chain_sends_counted():
-    case = make_case(3, "key", False, dtype=torch.float32)
+    case = make_case(3, "key", False, dtype=torch.float32, V=8)
     reset_comm_stats()
     run_sp(case, SPContext(emulate=3, layout="contiguous"), "allscan", scan_blocks=4)
     run_sp(case, SPContext(emulate=3, layout="contiguous"), "ring")
     st = comm_stats()["by_tag_op"]
-    assert st["allscan/send"]["calls"] == 2 * 4  # 2 rank edges x 4 blocks along K
+    assert st["allscan/send"]["calls"] == 2 * 4  # 2 rank edges x 4 blocks along V
     assert st["ring/send"]["calls"] == 2  # LASP-1: the whole state once per rank edge
     assert st["allscan:bwd/send"]["calls"] == 2 * 4 and st["ring:bwd/send"]["calls"] == 2
 

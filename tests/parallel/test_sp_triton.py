@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 from lsp.ops.linear.api import triton_available  # noqa: E402
 from lsp.parallel import SPContext  # noqa: E402
-from lsp.parallel import exchange as exchange_mod  # noqa: E402
+from lsp.parallel import affine as affine_mod  # noqa: E402
 from tests.ops.test_triton_budget import launches  # noqa: E402,F401
 
 from .cases import METHODS, make_case, max_rel_err, reference, run_sp  # noqa: E402
@@ -58,8 +58,8 @@ def test_sp_triton_matrix(form, varlen):
 
 def test_sp_triton_negative_control(monkeypatch):
     case, ref = _case(2, "key", False)
-    decay = exchange_mod._decay
-    monkeypatch.setattr(exchange_mod, "_decay", lambda a, p: decay(None if a is None else torch.zeros_like(a), p))
+    decay = affine_mod._decay
+    monkeypatch.setattr(affine_mod, "_decay", lambda a, p: decay(None if a is None else torch.zeros_like(a), p))
     got = run_sp(case, SPContext(emulate=2, layout="zigzag"), "allgather", backend="triton")
     assert max_rel_err({"o": got["o"].double()}, {"o": ref["o"]})["o"] > 1e-2
 

@@ -126,7 +126,7 @@ def chain_overlap(rank, world_size):
     it, as before, the wait would time out. Returns the event log."""
     import threading
 
-    import lsp.parallel.exchange as ex
+    import lsp.parallel.chain as ex
     import lsp.parallel.linear as lin
 
     log, started = [], {"fwd": threading.Event(), "bwd": threading.Event()}
