@@ -1,5 +1,4 @@
 """Exact sequence parallelism: layouts, SP algorithms, comm accounting, emulation (see docs/sp.md)."""
-from . import allgather, chain  # noqa: F401  (the built-in SP methods register themselves)
 from .collectives import checkpoint_contexts
 from .comm import comm_stats, reset_comm_stats
 from .context import LAYOUTS, SPContext

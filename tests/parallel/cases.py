@@ -5,10 +5,9 @@ import torch
 import torch.distributed as dist
 
 from lsp.ops import linear_attention
-from lsp.parallel import SPContext, sp_linear_attention
+from lsp.parallel import METHODS, SPContext, sp_linear_attention  # noqa: F401  (METHODS: the registered methods, for the matrices)
 
 FORMS = ("none", "head", "scalar", "key")
-METHODS = ("allgather", "allscan", "ring")
 
 
 def doc_bounds(W: int, T: int) -> list[int]:

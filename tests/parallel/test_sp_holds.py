@@ -204,7 +204,7 @@ def test_allscan_zigzag_hops(W):
     dependent hops in each direction; the ring baseline walks all 2W - 2; contiguous All-Scan W - 1."""
     import math
 
-    from lsp.parallel.chain import chain_hop_depth
+    from lsp.parallel.methods.chain import chain_hop_depth
 
     zig, cont = SPContext(emulate=W, layout="zigzag"), SPContext(emulate=W, layout="contiguous")
     for forward in (True, False):

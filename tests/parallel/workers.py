@@ -126,8 +126,8 @@ def chain_overlap(rank, world_size):
     it, as before, the wait would time out. Returns the event log."""
     import threading
 
-    import lsp.parallel.chain as ex
     import lsp.parallel.linear as lin
+    import lsp.parallel.methods.chain as ex
 
     log, started = [], {"fwd": threading.Event(), "bwd": threading.Event()}
     walk, local_output = ex._Walker.run, lin.local_output

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .methods import register_method
+from . import register_method
 
 
 def split_blocks(D: int, nb: int) -> list[slice]:

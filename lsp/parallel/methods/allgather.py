@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .affine import pack, unpack
-from .methods import register_method
+from ..affine import pack, unpack
+from . import register_method
 
 
 def held_segments(sp) -> list[list[int]]:

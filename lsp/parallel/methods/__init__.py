@@ -1,6 +1,7 @@
 """The SP methods of the linear layers: one registry, and the two autograd nodes every method runs in.
 
-A method is registered once (`register_method`) with
+Each module of this folder is one method (allgather.py: LASP-2; chain.py: ZeCO All-Scan and the LASP-1 ring) and
+registers itself when the folder is imported. A method is registered once (`register_method`) with
 
 * `handle(sp, plan, family, tag, scan_blocks)`: an object with four steps, each over the algebra of
   lsp.parallel.affine (so it serves every linear family):
@@ -24,6 +25,8 @@ recorded result.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,7 +34,7 @@ import torch
 
 from lsp.names import SP_METHODS
 
-from .collectives import replayed, replaying, token_like
+from ..collectives import replayed, replaying, token_like
 
 SCAN_BLOCK_CHOICES = (1, 2, 4, 8, 16, 32, 64)   # the block counts a method's best is chosen among
 
@@ -138,6 +141,10 @@ def exchange(S, P, token, sp, plan, method: str, scan_blocks: int, family, tag: 
     launched = Launch.apply(S, P, token, h)
     return lambda: Finish.apply(launched, P, h)
 
+
+# every module of this folder is a method that registers itself: adding a method is adding its file here
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["SPMethod", "register_method", "unregister_method", "sp_method", "sp_methods", "check_registered",
            "exchange", "SCAN_BLOCK_CHOICES"]
