@@ -196,7 +196,7 @@ def cmd_plan(args) -> int:
     """Recommend sp size, SP method, micro-batch and activation checkpointing for a cluster (lsp.plan)."""
     from lsp.train.config import load_config
     cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
-    from lsp.names import SP_METHODS
+    from lsp.parallel import sp_methods
     from lsp.plan.planner import Cluster, format_candidates, plan_cluster, recommend
     for flag, value in (("--gpus", args.gpus), ("--world", args.world), ("--seq-len", args.seq_len),
                         ("--gpu-mem-gb", args.gpu_mem_gb), ("--tflops", args.tflops),
@@ -221,7 +221,7 @@ def cmd_plan(args) -> int:
     same_sp = [c for c in rows if c.sp == best.sp and c.micro_batch == best.micro_batch
                and c.checkpointing == best.checkpointing]
     print(f"\nSP methods at sp={best.sp}: " + ", ".join(
-        f"{c.method} {c.step_s:.3f} s" for m in SP_METHODS for c in same_sp if c.method == m))
+        f"{c.method} {c.step_s:.3f} s" for m in sp_methods() for c in same_sp if c.method == m))
     print(f"recommended ({best.tokens_per_s_per_gpu:.4g} tokens/s/GPU, {best.memory_gb:.1f} GB/GPU): "
           f"{best.overrides()}")
     return 0

@@ -7,8 +7,9 @@ One training step (forward + backward) of a pure linear-attention LM on W GPUs, 
 
 with s = H·K·V·state_bytes the state of one layer, d = H·K_g·4 its total decay (K_g = K per-key, 1 scalar), β the
 per-GPU bandwidth, α the per-message latency, F the sustained kernel throughput, L the segments per rank (1
-contiguous, 2 zigzag). Per layer and pass (forward, and once more backward), exactly what lsp.parallel.exchange
-does (bytes: the per-rank average that comm_stats() counts):
+contiguous, 2 zigzag). Per layer and pass (forward, and once more backward), exactly what the method does (bytes:
+the per-rank average that comm_stats() counts). Each formula is registered with its method (lsp.parallel.methods,
+`cost`); `exchange_time` looks it up, so a new method is priced by its own formula:
 
 * ring (LASP-1): one chain through all segments, (W-1)·L dependent hops; each hop receives the state, updates it
   and sends it on, blocking, nothing overlaps: (W-1)·L · (α + s/β + t_update + γ), t_update = 3·s / HBM
@@ -16,7 +17,7 @@ does (bytes: the per-rank average that comm_stats() counts):
 * allgather (LASP-2): one all-gather of L·(s + d) per rank (forward: states and decays; backward: gradients and
   decays again), (W-1)·(α + L·(s+d)/β), overlapped with the local intra-chunk compute of that pass, plus the local
   prefix over the W·L segments (3·W·L·s bytes at HBM bandwidth). Bytes (W-1)·L·(s + d).
-* allscan (ZeCO All-Scan), n_b = scan_blocks blocks along K, each hop an elementwise update, overlapped with the
+* allscan (ZeCO All-Scan), n_b = scan_blocks blocks along V, each hop an elementwise update, overlapped with the
   intra-chunk compute: contiguous, the chain pipelined, (W + n_b - 2)·(α + s/(n_b·β)), bytes (W-1)·s/W; zigzag,
   both half chains at once, the second sending its decay product first ((W-1)·α more), then a tree broadcast of
   the midpoint state, ⌈log2 W⌉·(α + s/β); bytes (W-1)·(3s + d)/W. `best_scan_blocks` picks n_b.
@@ -30,15 +31,15 @@ ZeCO / LASP-2 ≈ 1.6× at 8M tokens on 256 GPUs, LASP-2 / LASP-1 ≈ 1.15× at 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
-from lsp.names import SCAN_BLOCKS, SP_METHODS
+from lsp.names import SCAN_BLOCKS
+from lsp.parallel.methods import SCAN_BLOCK_CHOICES, sp_method, sp_methods
 
-METHODS = ("ring", "allgather", "allscan", "ringkv")  # the lsp exchanges + ring-KV for comparison
-LABELS = {"ring": "LASP-1 (ring)", "allgather": "LASP-2 (all-gather)", "allscan": "ZeCO All-Scan",
-          "ringkv": "ring-KV"}
-BLOCK_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+RINGKV = "ringkv"   # ring attention applied to linear layers: priced here for comparison, not an lsp method
+METHODS = (*sp_methods(), RINGKV)   # the registered lsp exchanges + ring-KV
+LABELS = {**{m: sp_method(m).label for m in sp_methods()}, RINGKV: "ring-KV"}
+BLOCK_CHOICES = SCAN_BLOCK_CHOICES
 
 
 @dataclass
@@ -89,43 +90,32 @@ def exchange_time(method: str, world_size: int, state_bytes: float, t_overlap: f
                   hw: Hardware | None = None, *, layout: str = "contiguous", decay_bytes: float = 0.0,
                   scan_blocks: int | None = None) -> tuple[float, float]:
     """(exposed seconds, bytes received per GPU) of one linear layer's state exchange in one pass (forward or
-    backward) for ring / allgather / allscan; state_bytes is the whole [B, H, K, V] state, decay_bytes its total
-    decay [B, H, K_g], t_overlap the local intra-chunk compute an asynchronous exchange hides behind, scan_blocks
-    All-Scan's n_b (None: the best). Formulas: module docstring."""
-    hw, W, s, d = hw or Hardware(), world_size, state_bytes, decay_bytes
-    if method not in SP_METHODS:
-        raise ValueError(f"method must be one of {SP_METHODS}, got {method!r}")
-    if W == 1:
-        return 0.0, 0.0
-    L = 2 if layout == "zigzag" else 1
-    if method == "ring":
-        t_update = 3 * s / hw.hbm
-        return (W - 1) * L * (hw.latency + s / hw.bandwidth + t_update + hw.hop_overhead), (W - 1) * L * s / W
-    if method == "allgather":
-        gather = (W - 1) * (hw.latency + L * (s + d) / hw.bandwidth)
-        return max(0.0, gather - t_overlap) + 3 * W * L * s / hw.hbm, (W - 1) * L * (s + d)
-    nb = scan_blocks or best_scan_blocks(W, s, t_overlap, hw, layout=layout)
-    chain = (W + nb - 2) * (hw.latency + s / (nb * hw.bandwidth))
-    if layout != "zigzag":
-        return max(0.0, chain - t_overlap), (W - 1) * s / W
-    tree = math.ceil(math.log2(W)) * (hw.latency + s / hw.bandwidth)
-    return max(0.0, chain + (W - 1) * hw.latency + tree - t_overlap), (W - 1) * (3 * s + d) / W
+    backward): the registered method's cost formula (lsp.parallel.methods); state_bytes is the whole [B, H, K, V]
+    state, decay_bytes its map as it travels (the total decay [B, H, K_g]; K × K for a dense map), t_overlap the
+    local intra-chunk compute an asynchronous exchange hides behind, scan_blocks the pipeline blocks (None: the
+    method's best). An unknown method raises."""
+    return sp_method(method).cost(world_size, state_bytes, decay_bytes, t_overlap, hw or Hardware(), layout,
+                                  scan_blocks)
 
 
 def best_scan_blocks(world_size: int, state_bytes: float, t_overlap: float, hw: Hardware | None = None, *,
-                     layout: str = "contiguous") -> int:
-    """The All-Scan block count n_b (of BLOCK_CHOICES) with the least exposed time; the smallest on a tie."""
-    times = {nb: exchange_time("allscan", world_size, state_bytes, t_overlap, hw, layout=layout,
-                               scan_blocks=nb)[0] for nb in BLOCK_CHOICES}
-    best = min(times.values())
-    return min(nb for nb, t in times.items() if t <= best * (1 + 1e-9)) if best > 0 else SCAN_BLOCKS
+                     layout: str = "contiguous", method: str | None = None, map_bytes: float = 0.0) -> int:
+    """The pipeline block count (of SCAN_BLOCK_CHOICES) with the least exposed time for `method` (None: the first
+    registered method that has blocks); the smallest on a tie, SCAN_BLOCKS when nothing is exposed."""
+    entry = sp_method(method) if method else next(sp_method(n) for n in sp_methods() if sp_method(n).blocks)
+    hw = hw or Hardware()
+    best = min(entry.cost(world_size, state_bytes, map_bytes, t_overlap, hw, layout, nb)[0]
+               for nb in SCAN_BLOCK_CHOICES)
+    if best <= 0:
+        return SCAN_BLOCKS
+    return entry.best_blocks(world_size, state_bytes, map_bytes, t_overlap, hw, layout)
 
 
 def step_time(method: str, world_size: int, seq_len: int, m: ModelSpec | None = None,
               hw: Hardware | None = None, layout: str = "contiguous") -> StepTime:
     """Modelled fwd+bwd step time of one method; see the module docstring for the formulas."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != RINGKV:
+        sp_method(method)   # an unknown name raises
     m, hw = m or ModelSpec(), hw or Hardware()
     W, T_loc = world_size, seq_len / world_size
     flops_token, intra_token = _flops_fwd_per_token(m)
@@ -135,7 +125,7 @@ def step_time(method: str, world_size: int, seq_len: int, m: ModelSpec | None = 
     s = H * K * K * hw.state_bytes
     if W == 1:
         return StepTime(method, compute, 0.0, 0.0)
-    if method == "ringkv":
+    if method == RINGKV:
         kv = 2 * T_loc * H * K * hw.act_bytes
         block = 2 * 2 * T_loc * H * K * K / hw.flops
         per_pass = (W - 1) * max(0.0, hw.latency + kv / hw.bandwidth - block)
@@ -158,7 +148,7 @@ def plan(world_size: int, seq_len: int, *, model: ModelSpec | None = None, hardw
     rows = [asdict(step_time(mth, world_size, seq_len, model, hardware)) for mth in methods]
     slowest = max(r["total_s"] for r in rows)
     for r in rows:
-        r["label"] = LABELS[r["method"]]
+        r["label"] = LABELS[r["method"]] if r["method"] == RINGKV else sp_method(r["method"]).label
         r["tokens_per_s"] = seq_len / r["total_s"]
         r["speedup_vs_slowest"] = slowest / r["total_s"]
     return sorted(rows, key=lambda r: r["total_s"])
@@ -180,17 +170,15 @@ def ratio(slow: str, fast: str, world_size: int, seq_len: int, **kw) -> float:
 
 # ------------------------------------------------------------------------------------------- delta-rule layers
 #
-# A delta-rule layer (lsp.parallel.delta) exchanges affine maps, not decayed states, and cannot overlap: its prefix
-# needs the composed map [M_i | S_i] of every earlier segment, which only the whole local chunk scan yields, and its
-# outputs need the entering state. Per layer and pass (forward, and the mirror backward), with s = b·H·K·V·4 the
-# state, m = b·H·K·(K + V)·4 a segment's [M | S] (backward [M | gE], the same size) and n = (W-1)·L chain edges that
-# cross ranks (the zigzag chain visits rank W-1 twice in a row):
+# A delta-rule layer (lsp.parallel.delta) runs the same registered methods over dense K × K maps (lsp.parallel.affine)
+# and cannot overlap: its prefix needs the map M_i of every earlier segment, which only the whole local chunk scan
+# yields, and its outputs need the entering state. Per layer and pass (forward, and the mirror backward), with
+# s = b·H·K·V·4 the state and m = b·H·K·K·4 the map as it travels, each method's own cost formula with no overlap:
 #
-#   allgather  one all_gather of L·m per rank: (W-1)·(α + L·m/β) + the local prefix (3·W·L·m at HBM bandwidth),
-#              bytes (W-1)·L·m                                            = exchange_time("allgather", m, overlap 0)
-#   ring       the chain through all n edges, blocking: as linear ring    = exchange_time("ring", s), bytes n·s/W
-#   allscan    the same chain in n_b blocks along V, each block sent as soon as it is computed:
-#              (n + n_b - 1)·(α + s/(n_b·β)), bytes n·s/W (zigzag: no half chains, no tree, unlike linear All-Scan)
+#   allgather  [S | M] forward, [gE | M] backward: bytes (W-1)·L·(s + m)
+#   ring       the state through every chain edge that crosses ranks: bytes (W-1)·L·s/W
+#   allscan    contiguous as the ring, pipelined in n_b blocks along V; zigzag the two half chains (the second also
+#              sending its composed map m) and the tree broadcast: bytes (W-1)·(3s + m)/W
 #   + the short-conv halo: one all_gather of every held segment's last k-1 inputs (h = b·(k-1)·3·H·Dh activation
 #              bytes), forward and its gradient backward: (W-1)·(α + L·h/β), bytes (W-1)·L·h.
 #
@@ -210,35 +198,21 @@ def delta_exchange_time(method: str, world_size: int, heads: int, key_dim: int, 
     """(exposed seconds, bytes received per GPU) of one delta-rule layer's exchange in one pass; heads = b·H
     (batch rows times heads), halo_bytes = one segment's conv halo b·(k-1)·3·H·Dh·act_bytes. Formulas above."""
     hw, W = hw or Hardware(), world_size
-    if method not in SP_METHODS:
-        raise ValueError(f"method must be one of {SP_METHODS}, got {method!r}")
-    if W == 1:
-        return 0.0, 0.0
-    L = 2 if layout == "zigzag" else 1
     state = heads * key_dim * value_dim * hw.state_bytes
-    maps = heads * key_dim * (key_dim + value_dim) * hw.state_bytes
-    halo = ((W - 1) * (hw.latency + L * halo_bytes / hw.bandwidth), (W - 1) * L * halo_bytes)
-    if method == "allgather":
-        t, b = exchange_time("allgather", W, maps, 0.0, hw, layout=layout)
-    elif method == "ring":
-        t, b = exchange_time("ring", W, state, 0.0, hw, layout=layout)
-    else:
-        nb = scan_blocks or best_delta_scan_blocks(W, state, hw, layout=layout)
-        t, b = _delta_chain(W, state, hw, L, nb), (W - 1) * L * state / W
-    return t + halo[0], b + halo[1]
-
-
-def _delta_chain(W: int, state: float, hw: Hardware, L: int, nb: int) -> float:
-    # the delta All-Scan chain: (W-1)·L dependent edges pipelined in nb blocks, nothing to hide behind
-    return ((W - 1) * L + nb - 1) * (hw.latency + state / (nb * hw.bandwidth))
+    dense_map = heads * key_dim * key_dim * hw.state_bytes
+    t, b = exchange_time(method, W, state, 0.0, hw, layout=layout, decay_bytes=dense_map, scan_blocks=scan_blocks)
+    if W == 1:
+        return t, b
+    L = 2 if layout == "zigzag" else 1
+    return t + (W - 1) * (hw.latency + L * halo_bytes / hw.bandwidth), b + (W - 1) * L * halo_bytes
 
 
 def best_delta_scan_blocks(world_size: int, state_bytes: float, hw: Hardware | None = None, *,
-                           layout: str = "contiguous") -> int:
-    """The delta All-Scan block count n_b (of BLOCK_CHOICES) with the least time; the smallest on a tie."""
-    hw, L = hw or Hardware(), 2 if layout == "zigzag" else 1
-    times = {nb: _delta_chain(world_size, state_bytes, hw, L, nb) for nb in BLOCK_CHOICES}
-    return min(nb for nb, t in times.items() if t <= min(times.values()) * (1 + 1e-9))
+                           layout: str = "contiguous", map_bytes: float | None = None) -> int:
+    """The delta All-Scan block count n_b with the least time (nothing to hide behind); the smallest on a tie.
+    map_bytes: the K × K map the zigzag half chain sends (None: K = V, the size of the state)."""
+    return best_scan_blocks(world_size, state_bytes, 0.0, hw, layout=layout,
+                            map_bytes=state_bytes if map_bytes is None else map_bytes)
 
 
 def delta_flops_per_token(chunk_size: int, key_dim: int, value_dim: int, chunks_per_row: int) -> tuple[float, float]:

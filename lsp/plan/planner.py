@@ -10,10 +10,11 @@ Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b ·
     micro   = compute + Σ_L layers exchange_L + Σ_S layers exchange_S
     compute = (1 + ac/3) · flops_per_token(cfg, T) · t / F         (activation checkpointing re-runs the forward)
     exchange_L (per pass, forward and backward): lsp.plan.costmodel.exchange_time(method, sp, b·H·K·V·4 bytes,
-              t_intra, layout, decay b·H·K_g·4 bytes, scan_blocks) - what the ring / allgather / allscan exchanges
-              send and overlap for the config's layout, with All-Scan's block count chosen by the model; delta-rule
-              layers (deltanet, gated_deltanet): costmodel.delta_exchange_time (the K·(K+V) maps for allgather,
-              nothing overlapped, plus the short-conv halo) and, for sp > 1, delta_sp_flops_per_token more compute
+              t_intra, layout, decay b·H·K_g·4 bytes, scan_blocks) - the cost formula registered with each SP
+              method (lsp.parallel.methods; every registered method is a candidate), with the block count of a
+              method that has blocks chosen by the model; delta-rule layers (deltanet, gated_deltanet):
+              costmodel.delta_exchange_time (K x K maps, nothing overlapped, plus the short-conv halo) and, for
+              sp > 1, delta_sp_flops_per_token more compute
     exchange_S (LASP-2H): all-gather of K,V forward, the reduce of their gradients backward, each
               (sp-1)·(α + kv/β) with kv = 2·t·Hkv·Dh·2 bytes, overlapped with the rank's local diagonal block
     step    = grad_accum · micro + max(0, allreduce_dp - backward of one micro-step)
@@ -51,12 +52,12 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
-from lsp.names import DELTA_VARIANTS, SCAN_BLOCKS, SP_METHODS
+from lsp.names import DELTA_VARIANTS, SCAN_BLOCKS
+from lsp.parallel.methods import sp_method, sp_methods
 from lsp.train.config import Config, ConfigError, hybrid_config
 
 from .costmodel import (
     Hardware,
-    best_delta_scan_blocks,
     best_scan_blocks,
     delta_exchange_time,
     delta_flops_per_token,
@@ -101,10 +102,10 @@ class Candidate:
     memory_gb: float
     tokens_per_s_per_gpu: float
     fits: bool
-    scan_blocks: int = SCAN_BLOCKS   # All-Scan pipeline blocks (the model's best, for method allscan)
+    scan_blocks: int = SCAN_BLOCKS   # pipeline blocks (the model's best, for a method that has them: All-Scan)
 
     def overrides(self) -> str:
-        blocks = f" parallel.scan_blocks={self.scan_blocks}" if self.method == "allscan" else ""
+        blocks = f" parallel.scan_blocks={self.scan_blocks}" if sp_method(self.method).blocks else ""
         return (f"parallel.sp={self.sp} parallel.dp={self.dp} parallel.sp_method={self.method}{blocks} "
                 f"train.micro_batch={self.micro_batch} train.grad_accum={self.grad_accum} "
                 f"train.activation_checkpointing={str(self.checkpointing).lower()}")
@@ -301,13 +302,17 @@ def linear_exchange(mcfg, hw: Hardware, sp: int, method: str, b: int, t_intra: f
     config's linear kind (delta-rule layers: their maps and conv halo); scan_blocks None: the model's best."""
     H, Dh = mcfg.num_heads, mcfg.head_dim
     state = b * H * Dh * Dh * hw.state_bytes
-    if mcfg.linear_attn in DELTA_VARIANTS:
-        blocks = scan_blocks or (best_delta_scan_blocks(sp, state, hw, layout=layout) if sp > 1 else SCAN_BLOCKS)
+    delta = mcfg.linear_attn in DELTA_VARIANTS
+    map_bytes = b * H * Dh * Dh * hw.state_bytes if delta else b * H * _decay_dims(mcfg) * 4
+    overlap = 0.0 if delta else t_intra   # a delta layer's output needs its entering state: nothing to hide behind
+    blocks = scan_blocks or SCAN_BLOCKS
+    if not scan_blocks and sp > 1 and sp_method(method).blocks:
+        blocks = best_scan_blocks(sp, state, overlap, hw, layout=layout, method=method, map_bytes=map_bytes)
+    if delta:
         halo = b * (mcfg.delta_conv_size - 1) * 3 * H * Dh * hw.act_bytes
         return (*delta_exchange_time(method, sp, b * H, Dh, Dh, hw, layout=layout, halo_bytes=halo,
                                      scan_blocks=blocks), blocks)
-    blocks = scan_blocks or (best_scan_blocks(sp, state, t_intra, hw, layout=layout) if sp > 1 else SCAN_BLOCKS)
-    return (*exchange_time(method, sp, state, t_intra, hw, layout=layout, decay_bytes=b * H * _decay_dims(mcfg) * 4,
+    return (*exchange_time(method, sp, state, t_intra, hw, layout=layout, decay_bytes=map_bytes,
                            scan_blocks=blocks), blocks)
 
 
@@ -367,7 +372,7 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
             accum = global_batch // (dp * b)
             for ac in (False, True):
                 memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac, p.layout)) / GB + cluster.reserve_gb
-                for method in SP_METHODS if sp > 1 else SP_METHODS[:1]:
+                for method in sp_methods() if sp > 1 else sp_methods()[:1]:
                     compute, comm, backward, blocks = _micro_step(mcfg, cluster, sp, method, b, T, ac, p.layout)
                     step = accum * (compute + comm) + max(0.0, allreduce - backward)
                     out.append(Candidate(sp, dp, method, b, accum, ac, step, accum * compute,
