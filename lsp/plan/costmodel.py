@@ -137,7 +137,7 @@ def step_time(method: str, world_size: int, seq_len: int, m: ModelSpec | None = 
 
 
 def plan(world_size: int, seq_len: int, *, model: ModelSpec | None = None, hardware: Hardware | None = None,
-         methods=METHODS) -> list[dict]:
+         methods=None) -> list[dict]:
     """Modelled step time of every method, fastest first: [{method, label, compute_s, comm_exposed_s,
     comm_bytes_per_gpu, total_s, tokens_per_s, speedup_vs_slowest}].
 
@@ -145,6 +145,7 @@ def plan(world_size: int, seq_len: int, *, model: ModelSpec | None = None, hardw
     """
     if world_size < 1 or seq_len < world_size:
         raise ValueError(f"need world_size >= 1 and seq_len >= world_size, got {world_size}, {seq_len}")
+    methods = (*sp_methods(), RINGKV) if methods is None else methods   # every registered method, read now
     rows = [asdict(step_time(mth, world_size, seq_len, model, hardware)) for mth in methods]
     slowest = max(r["total_s"] for r in rows)
     for r in rows:
