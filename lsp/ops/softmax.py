@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lsp.ops.boundaries import boundaries
+
 
 def document_mask(cu_seqlens: torch.Tensor, T: int, causal: bool, device, q_positions=None, k_positions=None):
     """Boolean [Tq, Tk] mask: True where query i may attend key j (same packed document, j <= i when causal).
@@ -235,7 +237,8 @@ def softmax_attention(q, k, v, *, causal=True, scale=None, cu_seqlens=None):
         return sdpa(q, k, v, causal=causal, scale=scale)
     if q.shape[0] != 1:
         raise ValueError(f"cu_seqlens requires B == 1 (packed sequences), got B={q.shape[0]}")
-    bounds = sorted(set(cu_seqlens.tolist()))                 # an empty document holds no piece
+    host = boundaries(cu_seqlens).host                        # the loader's host copy: no read back
+    bounds = sorted(set(host))                                # an empty document holds no piece
     if bounds[0] != 0 or bounds[-1] != q.shape[1]:
-        raise ValueError(f"cu_seqlens must run from 0 to T={q.shape[1]}, got {cu_seqlens.tolist()}")
+        raise ValueError(f"cu_seqlens must run from 0 to T={q.shape[1]}, got {host}")
     return piecewise_attention(q, k, v, piece_runs(bounds), causal=causal, scale=scale)

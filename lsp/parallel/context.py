@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lsp.names import LAYOUTS, SCAN_BLOCKS
+from lsp.ops.boundaries import boundaries
 
 from .comm import AllReduceIdentity, DistComm, EmuComm, gather_rows
 from .methods import sp_method
@@ -55,10 +56,14 @@ class SPContext:
     # ------------------------------------------------------------------ the batch
     def segment_plan(self, T_local: int, cu_seqlens: torch.Tensor | None = None) -> SegmentPlan:
         """The segment plan of the current batch: built on the first call for (T_local, cu_seqlens), then reused by
-        every layer (cu_seqlens is compared by identity, so the host reads it once per batch)."""
+        every layer. Packed, it lives in the batch's one cache of derived plans (lsp.ops.boundaries, keyed by the
+        cu_seqlens tensor), built from the boundaries' host copy; unpacked, it depends on T_local only."""
+        if cu_seqlens is not None:
+            key = ("segment_plan", self.layout, self.world_size, tuple(self.comm.ranks), T_local)
+            return boundaries(cu_seqlens).derived(key, lambda: plan_segments(self, T_local, cu_seqlens))
         p = self._plan
-        if p is None or p.T_local != T_local or p.cu_seqlens is not cu_seqlens:
-            p = self._plan = plan_segments(self, T_local, cu_seqlens)
+        if p is None or p.T_local != T_local:
+            p = self._plan = plan_segments(self, T_local, None)
         return p
 
     # ------------------------------------------------------------------ topology

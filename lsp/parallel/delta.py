@@ -114,7 +114,7 @@ def _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_s
     if packed:  # held segments end to end in one packed row, cut at segment edges and document starts
         flat = lambda x: None if x is None else x.reshape(1, rows * Ts, *x.shape[2:])  # noqa: E731
         q_r, k_r, v_r, beta_r, g_r = map(flat, (q_r, k_r, v_r, beta_r, g_r))
-    local_cu = plan.tensor("local_cu", "cpu", torch.int32) if packed else None
+    local_cu = plan.local_boundaries() if packed else None
     chunks = prepare_chunks(k_r, v_r, beta_r, g_r, local_cu, scan_backend=scan_backend)
     entering_aug, maps = sequence_maps(chunks, init)            # maps: [rows or pieces, H, K, K + V] = [M | S_loc]
     first = [0] + [p + 1 for p in plan.last_piece[:-1]] if packed else list(range(rows))

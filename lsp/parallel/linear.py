@@ -122,7 +122,7 @@ def _forward(q, k, v, g, sp, method, scan_blocks, scale, initial_state, output_f
     g_r = g if g is None or g.dim() == 1 else _to_seg_rows(g, s)
     init = _local_initial_states(initial_state, sp, plan, s, dt)
     if plan.packed:
-        cu = plan.tensor("local_cu", "cpu", torch.int32)  # host boundaries: the op reads them with no device sync
+        cu = plan.local_boundaries()  # host boundaries with their list recorded: the op reads nothing back
         lp, piece_states = local_states(_packed_row(k_r), _packed_row(v_r), _packed_row(g_r), initial_state=init,
                                         cu_seqlens=cu, backend=backend)
         S = piece_states[plan.tensor("last_piece", q.device)]

@@ -1,7 +1,8 @@
 """The segment plan of one batch: which segment edges a state crosses and how packed documents cut the segments.
 
-Built once per batch on the host (`SPContext.segment_plan`, from the global cu_seqlens read once) and handed to
-every layer through the context; no layer reads cu_seqlens or synchronises with the device again.
+Built once per batch on the host (`SPContext.segment_plan`, from the boundaries' host copy, lsp.ops.boundaries),
+kept in the batch's one cache of derived plans and handed to every layer through the context; no layer reads
+cu_seqlens or synchronises with the device.
 
 The sequence is cut into n ordered segments of Ts tokens (W contiguous, 2W zigzag); rank rows hold L of them. For
 packed documents the held segments are laid end to end in one packed row cut at every segment edge and every
@@ -13,6 +14,8 @@ import bisect
 from dataclasses import dataclass, field
 
 import torch
+
+from lsp.ops.boundaries import boundaries, remember
 
 
 @dataclass
@@ -55,6 +58,11 @@ class SegmentPlan:
             self._derived[key] = build()
         return self._derived[key]
 
+    def local_boundaries(self) -> torch.Tensor:
+        """local_cu as a host int32 tensor with its host list recorded: the local op reads nothing back."""
+        return self.derived("local_cu", lambda: remember(torch.tensor(self.local_cu, dtype=torch.int32),
+                                                         self.local_cu))
+
     def tensor(self, name: str, device, dtype=torch.long) -> torch.Tensor:
         """A list field as a tensor on `device`, built once per plan and device."""
         key = (name, str(device), dtype)
@@ -68,7 +76,7 @@ def plan_segments(sp, T_local: int, cu_seqlens: torch.Tensor | None) -> SegmentP
     n, Ts = sp.num_segments, sp.segment_length(T_local)
     if cu_seqlens is None:
         return SegmentPlan(T_local, Ts, cont=[0] + [1] * (n - 1), passes=[1] * n, bounds=[0, n * Ts])
-    bounds = cu_seqlens.tolist()
+    bounds = boundaries(cu_seqlens).host   # the loader's host copy (or one read, cached with the batch)
     if bounds[0] != 0 or bounds[-1] != n * Ts or any(b <= a for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"cu_seqlens must rise strictly from 0 to the global length {n * Ts} (no empty documents), "
                          f"got {bounds}")

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from lsp.ops.boundaries import device_boundaries
+
 from .checkpoint import latest_checkpoint
 from .config import Config, ConfigError, hybrid_config, to_yaml
 from .data import IGNORE_INDEX, Batch, DataLoader, build_corpus_token_file, corpus_of, make_tokenizer
@@ -115,7 +117,8 @@ class Trainer:
     def to_local(self, batch: Batch):
         """Move to device and keep this rank's SP shard of the tokens (cu_seqlens stay global)."""
         ids, labels = batch.input_ids.to(self.mesh.device), batch.labels.to(self.mesh.device)
-        cu = batch.cu_seqlens.to(self.mesh.device) if batch.cu_seqlens is not None else None
+        # the boundaries' device copy with their host list recorded: no layer reads them back (lsp.ops.boundaries)
+        cu = device_boundaries(batch.cu_seqlens, self.mesh.device) if batch.cu_seqlens is not None else None
         if self.sp is not None:
             ids, labels = self.sp.shard(ids, dim=1), self.sp.shard(labels, dim=1)
         return ids, labels, cu

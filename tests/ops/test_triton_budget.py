@@ -88,10 +88,11 @@ def test_launches_do_not_grow_with_T(launches, form, fwd, total):
 def test_packed_layout_read_once_per_batch(monkeypatch, backend):
     # every linear layer of a model, forward and backward, gets the batch's one cu_seqlens tensor: its host read
     # (a device sync on a GPU) and the copy of the chunk tables happen once for it, not once per layer and pass
+    import lsp.ops.boundaries as boundaries_mod
     import lsp.ops.linear.layout as layout_mod
     reads = []
-    inner = layout_mod.seq_bounds
-    monkeypatch.setattr(layout_mod, "seq_bounds", lambda *a: reads.append(1) or inner(*a))
+    inner = boundaries_mod.remember   # what lsp.ops.boundaries calls after reading a tensor nobody recorded
+    monkeypatch.setattr(boundaries_mod, "remember", lambda *a: reads.append(1) or inner(*a))
     cu = torch.tensor([0, 10, 10, 80, 150, 200], dtype=torch.int32, device=DEVICE)
     q, k, v, g, s0 = make_inputs("scalar", B=1, T=200, H=1, K=16, V=16, dtype=torch.float32, n_seq=5)
     args = [x.to(DEVICE).requires_grad_() for x in (q, k, v, g)]

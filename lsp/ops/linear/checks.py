@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lsp.ops.boundaries import boundaries
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 
@@ -83,7 +85,7 @@ def check_linear_inputs(q, k, v, g, initial_state, cu_seqlens) -> DecayForm:
             raise ValueError("cu_seqlens must be a 1-D int32 tensor [N + 1] of cumulative sequence lengths")
         if B != 1:
             raise ValueError(f"cu_seqlens requires B == 1 (packed sequences), got B={B}")
-        bounds = cu_seqlens.tolist()
+        bounds = boundaries(cu_seqlens).host   # the loader's host copy: no read back from the device
         if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != T or any(b > a for a, b in zip(bounds[1:], bounds)):
             raise ValueError(f"cu_seqlens must rise from 0 to T={T} without decreasing, got {bounds}")
         n_seq = len(bounds) - 1
@@ -113,5 +115,4 @@ def seq_bounds(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[tuple[in
     """Host-side list of (start, end) per packed sequence, or None when there is no packing."""
     if cu_seqlens is None:
         return None
-    b = cu_seqlens.tolist()
-    return list(zip(b[:-1], b[1:]))
+    return boundaries(cu_seqlens).pairs

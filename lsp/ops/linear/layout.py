@@ -5,21 +5,18 @@ to exactly one sequence. Without packing a row is a batch row padded at its end;
 sequence is padded to a whole number of chunks and the sequences are laid end to end in one row. Trailing padding is
 exact: k = v = 0 adds nothing to the state and g = 0 leaves it unchanged.
 
-A packed layout is read from `cu_seqlens` on the host (one device->host copy) and its index tensors are copied back;
-`chunk_layout` does that once per `cu_seqlens` tensor (the batch's), not once per layer and pass: every linear layer
-of a model, forward and backward, receives the same tensor (as fla caches its chunk indices on the last tensor).
+A packed layout is built from the boundaries on the host (lsp.ops.boundaries: the loader's host copy, or one read
+of the tensor) and its index tensors are copied to the device; `chunk_layout` does that once per `cu_seqlens` tensor
+(the batch's), not once per layer and pass: every linear layer of a model, forward and backward, receives the same
+tensor (as fla caches its chunk indices on the last tensor).
 """
 from __future__ import annotations
 
-import threading
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from .checks import seq_bounds
-
-LAYOUT_CACHE_SIZE = 8   # distinct cu_seqlens tensors alive at once: one per batch in flight (SP: + local views)
+from lsp.ops.boundaries import boundaries
 
 
 @dataclass
@@ -71,26 +68,14 @@ class ChunkLayout:
         return self._tables[device]
 
 
-_cache: list = []   # [(weakref to cu_seqlens, its _version, (B, T, C, device), layout)], most recent last
-_cache_lock = threading.Lock()   # the allscan helper thread runs local passes too
-
-
 def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, chunk_size: int, device) -> ChunkLayout:
-    """The layout of a [B, T] batch (packed by cu_seqlens or not); a packed one is built once per cu_seqlens tensor
-    (and rebuilt if that tensor is written in place)."""
+    """The layout of a [B, T] batch (packed by cu_seqlens or not); a packed one is built once per cu_seqlens tensor,
+    in the batch's one cache of derived plans (lsp.ops.boundaries: rebuilt if that tensor is written in place)."""
     if cu_seqlens is None:
         return make_layout(B, T, None, chunk_size, device)
-    key = (B, T, chunk_size, torch.device(device))
-    with _cache_lock:
-        _cache[:] = [e for e in _cache if e[0]() is not None]
-        for ref, version, k, layout in _cache:
-            if ref() is cu_seqlens and version == cu_seqlens._version and k == key:
-                return layout
-    layout = make_layout(B, T, seq_bounds(cu_seqlens, B, T), chunk_size, device)
-    with _cache_lock:
-        _cache.append((weakref.ref(cu_seqlens), cu_seqlens._version, key, layout))
-        del _cache[:-LAYOUT_CACHE_SIZE]
-    return layout
+    b = boundaries(cu_seqlens)
+    key = ("chunk_layout", B, T, chunk_size, torch.device(device))
+    return b.derived(key, lambda: make_layout(B, T, b.pairs, chunk_size, device))
 
 
 def make_layout(B: int, T: int, bounds: list[tuple[int, int]] | None, chunk_size: int, device) -> ChunkLayout:
