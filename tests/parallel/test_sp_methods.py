@@ -166,3 +166,29 @@ def test_half_registered_or_unknown_method_fails_loudly():
     q = torch.randn(4, 8, 2, 4)
     with pytest.raises(ValueError, match="method must be one of"):
         sp_linear_attention(q, q, q, sp=SPContext(emulate=2), method="tree")
+
+
+def test_another_family_registers_its_methods_the_same_way():
+    """The registry is one kind per layer family: a softmax family keeps its methods (LASP-2H, a K/V ring) in its
+    own MethodRegistry with the same rules."""
+    from dataclasses import dataclass
+
+    from lsp.parallel.registry import MethodRegistry
+
+    @dataclass(frozen=True)
+    class SoftmaxMethod:
+        name: str
+        handle: object
+        cost: object
+
+    softmax = MethodRegistry("softmax", ("allgather", "ring"))
+    softmax.register(SoftmaxMethod("allgather", handle=len, cost=len))
+    with pytest.raises(RuntimeError, match="'ring'"):
+        softmax.check_registered()          # a built-in named but not registered
+    with pytest.raises(ValueError, match="cost must be callable"):
+        softmax.register(SoftmaxMethod("ring", handle=len, cost=None))
+    softmax.register(SoftmaxMethod("ring", handle=len, cost=len))
+    softmax.check_registered()
+    assert softmax.names() == ("allgather", "ring") and softmax.get("ring").handle is len
+    with pytest.raises(ValueError, match="method must be one of"):
+        softmax.get("tree")

@@ -35,6 +35,7 @@ import torch
 from lsp.names import SP_METHODS
 
 from ..collectives import replayed, replaying, token_like
+from ..registry import MethodRegistry
 
 SCAN_BLOCK_CHOICES = (1, 2, 4, 8, 16, 32, 64)   # the block counts a method's best is chosen among
 
@@ -55,44 +56,34 @@ class SPMethod:
         return min(nb for nb, t in times.items() if t <= min(times.values()) * (1 + 1e-9))
 
 
-_REGISTRY: dict[str, SPMethod] = {}
+LINEAR = MethodRegistry("linear", SP_METHODS)   # the linear layers' methods (lsp.names.SP_METHODS: the built-ins)
 
 
 def register_method(name: str, *, handle: Callable, cost: Callable, label: str | None = None,
                     blocks: bool = False) -> SPMethod:
     """Register a linear-layer SP method: its implementation and its cost formula (both required)."""
-    if not callable(handle):
-        raise ValueError(f"SP method {name!r}: handle (the implementation) must be callable, got {handle!r}")
-    if not callable(cost):
-        raise ValueError(f"SP method {name!r}: cost (the cost formula) must be callable, got {cost!r}")
-    if name in _REGISTRY:
-        raise ValueError(f"SP method {name!r} is already registered")
-    _REGISTRY[name] = SPMethod(name, label or name, handle, cost, blocks)
-    return _REGISTRY[name]
+    return LINEAR.register(SPMethod(name, label or name, handle, cost, blocks))
 
 
 def unregister_method(name: str) -> None:
     """Remove a registered method (a test's toy method after the test)."""
-    _REGISTRY.pop(name)
+    LINEAR.unregister(name)
 
 
 def sp_method(name: str) -> SPMethod:
     """The registered method `name`; an unknown name raises one line naming the choices."""
-    if name not in _REGISTRY:
-        raise ValueError(f"method must be one of {sp_methods()}, got {name!r}")
-    return _REGISTRY[name]
+    return LINEAR.get(name)
 
 
 def sp_methods() -> tuple[str, ...]:
     """The registered method names (the built-ins first, in `lsp.names.SP_METHODS` order)."""
-    return tuple(sorted(_REGISTRY, key=lambda n: (SP_METHODS.index(n) if n in SP_METHODS else len(SP_METHODS), n)))
+    return LINEAR.names()
 
 
-def check_registered(names=SP_METHODS) -> None:
-    """Every name the config accepts has an implementation and a cost formula, or this raises."""
-    missing = [n for n in names if n not in _REGISTRY]
-    if missing:
-        raise RuntimeError(f"SP methods named in lsp.names.SP_METHODS but never registered: {missing}")
+def check_registered(names=None) -> None:
+    """Every name the config accepts (lsp.names.SP_METHODS) has an implementation and a cost formula, or this
+    raises."""
+    LINEAR.check_registered(names)
 
 
 # ---------------------------------------------------------------------------------------------- the two nodes
@@ -146,5 +137,5 @@ def exchange(S, P, token, sp, plan, method: str, scan_blocks: int, family, tag: 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["SPMethod", "register_method", "unregister_method", "sp_method", "sp_methods", "check_registered",
+__all__ = ["SPMethod", "LINEAR", "register_method", "unregister_method", "sp_method", "sp_methods", "check_registered",
            "exchange", "SCAN_BLOCK_CHOICES"]
