@@ -113,7 +113,7 @@ class ParallelConfig:
     dp: int = 0  # 0 = world_size // sp
     sp: int = 1
     sp_method: str = "allgather"
-    scan_blocks: int = 4  # All-Scan pipeline blocks along K (sp_method=allscan)
+    scan_blocks: int = 4  # All-Scan pipeline blocks along V (sp_method=allscan)
     layout: str = "zigzag"
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     engine: str = "ddp"  # ddp | fsdp | deepspeed
