@@ -27,7 +27,7 @@ class SegmentPlan:
     cont: list[int]                  # per global segment: 1 if the state entering it is carried from the previous one
     passes: list[int]                # per global segment: 1 if no document starts strictly inside it
     bounds: list[int] = field(default_factory=list)  # global document boundaries on the host ([0, T] unpacked)
-    cu_seqlens: torch.Tensor | None = None   # the global boundaries this plan was built from (identity-checked)
+    packed: bool = False             # built from packed boundaries (it lives in their cache: lsp.ops.boundaries)
     num_docs: int = 0
     # packed case only, pieces of the held segments in (row, local segment) order:
     local_cu: list[int] = field(default_factory=list)       # piece boundaries in the packed local row
@@ -42,10 +42,6 @@ class SegmentPlan:
     carried_ends: list[tuple[int, int, int]] = field(default_factory=list)
     _on_device: dict = field(default_factory=dict)
     _derived: dict = field(default_factory=dict)
-
-    @property
-    def packed(self) -> bool:
-        return self.cu_seqlens is not None
 
     @property
     def inner_starts(self) -> bool:
@@ -85,7 +81,7 @@ def plan_segments(sp, T_local: int, cu_seqlens: torch.Tensor | None) -> SegmentP
     inner = _inner_starts(starts, n, Ts)
     plan = SegmentPlan(T_local, Ts, cont=[0] + [0 if i * Ts in start_set else 1 for i in range(1, n)],
                        passes=[0 if inner[i] else 1 for i in range(n)], bounds=bounds,
-                       cu_seqlens=cu_seqlens, num_docs=len(bounds) - 1)
+                       packed=True, num_docs=len(bounds) - 1)
     seg_row = 0
     for rank_row, r in enumerate(sp.comm.ranks):
         for i in sp.rank_segments(r):
