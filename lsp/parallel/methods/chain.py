@@ -184,6 +184,8 @@ class _Walker:
             if i in held:
                 r, l = sp.owner(i)
                 X[comm.row(r), l] += self.family.apply(D[i], start[r])   # D_i is already the (transposed) product
+
+
 class _Inline:
     """The result of a walk run in the calling thread (emulation: every virtual rank is here)."""
 
