@@ -5,8 +5,9 @@ from .context import LAYOUTS, SPContext
 from .delta import DELTA_METHODS, sp_delta_rule, sp_short_conv
 from .launch import spawn
 from .linear import METHODS, sp_linear_attention
-from .softmax import attention_flops_balance, attention_pairs_per_rank, sp_softmax_attention
+from .ring_softmax import ring_softmax_attention  # registers softmax_method="ring" beside LASP-2H
+from .softmax import SOFTMAX_METHODS, attention_flops_balance, attention_pairs_per_rank, sp_softmax_attention
 
 __all__ = ["SPContext", "LAYOUTS", "METHODS", "sp_linear_attention", "sp_softmax_attention", "sp_delta_rule",
-           "sp_short_conv", "DELTA_METHODS", "comm_stats", "reset_comm_stats", "checkpoint_contexts", "spawn",
-           "attention_pairs_per_rank", "attention_flops_balance"]
+           "sp_short_conv", "DELTA_METHODS", "SOFTMAX_METHODS", "ring_softmax_attention", "comm_stats",
+           "reset_comm_stats", "checkpoint_contexts", "spawn", "attention_pairs_per_rank", "attention_flops_balance"]
