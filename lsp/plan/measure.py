@@ -188,7 +188,8 @@ def build_step(cfg, mcfg, gpus: int, fake: bool = True):
     sp = None
     if p.sp > 1:
         group = dist.new_group(list(range(p.sp)))
-        sp = SPContext(group=group, layout=p.layout, method=p.sp_method, scan_blocks=p.scan_blocks)
+        sp = SPContext(group=group, layout=p.layout, method=p.sp_method, scan_blocks=p.scan_blocks,
+                       softmax_method=p.softmax_method)
     T_local = cfg.data.seq_len // p.sp
     ids = torch.randint(0, mcfg.vocab_size, (t.micro_batch, T_local))
     labels = torch.randint(0, mcfg.vocab_size, (t.micro_batch, T_local))
