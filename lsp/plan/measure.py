@@ -279,7 +279,8 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     params = model_parameters(mcfg)
     per_param = state_bytes_per_param(p.engine, p.zero, gpus) + ddp_buckets(p.engine, p.zero, gpus)
     memory = {"states": per_param * params,
-              "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout)}
+              "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout,
+                                                  p.softmax_method)}
     flops = counted_flops(mcfg, T, local, b, t.activation_checkpointing, p.layout)
     Hkv, Dh, types = mcfg.num_kv_heads, mcfg.head_dim, mcfg.layer_types
     act_bytes = 2 if t.precision != "fp32" else 4
