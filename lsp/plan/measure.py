@@ -166,7 +166,8 @@ def _comm_by_kind(stats: dict) -> dict:
     out = {"sp_exchange": 0, "kv_gather": 0, "dp_reduction": 0}
     for key, c in stats["by_tag_op"].items():
         tag = key.split("/")[0].split(":")[0]
-        kind = {"softmax_kv": "kv_gather", "dp": "dp_reduction", "all_reduce_sum": None}.get(tag, "sp_exchange")
+        kind = {"softmax_kv": "kv_gather", "softmax_ring": "kv_gather", "dp": "dp_reduction",
+                "all_reduce_sum": None}.get(tag, "sp_exchange")
         if kind:
             out[kind] += c["bytes_recv"]
     return out
@@ -263,7 +264,7 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
 def modelled(cfg, mcfg, gpus: int) -> Measurement:
     """The planner's analytic figures for the same launch (lsp.plan.planner / costmodel), in Measurement's form:
     memory split into states (parameters + gradients + optimizer) and activations, FLOPs, comm bytes by kind."""
-    from .costmodel import Hardware
+    from .costmodel import Hardware, softmax_exchange_cost
     from .planner import (
         activation_bytes,
         counted_flops,
@@ -287,10 +288,12 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     _, per_pass, _ = linear_exchange(mcfg, Hardware(act_bytes=act_bytes), sp, p.sp_method, b, 0.0, p.layout,
                                      p.scan_blocks)
     kv = 2 * local * Hkv * Dh * act_bytes     # one rank's K|V
+    # softmax K|V traffic (LASP-2H: gather forward, reduce-scatter of the gathered gradients backward, (W-1) slots
+    # each on NCCL and the fake backend, gloo all-reduces instead; ring: costmodel.softmax_exchange_cost), plus
+    # the forward once more in a checkpoint recompute (K, V are not recorded)
+    softmax = softmax_exchange_cost(p.softmax_method, sp, kv, 0.0, 0.0, Hardware(act_bytes=act_bytes)).bytes
     comm = {"sp_exchange": 2 * types.count("L") * per_pass,
-            # gather forward (again in a checkpoint recompute: K, V are not recorded), reduce-scatter of the
-            # gathered gradients backward ((W-1) slots; NCCL and the fake backend, gloo all-reduces instead)
-            "kv_gather": types.count("S") * (2 + t.activation_checkpointing) * (sp - 1) * kv,
+            "kv_gather": types.count("S") * (softmax + t.activation_checkpointing * (sp - 1) * kv),
             "dp_reduction": dp_reduction_bytes(4 * params, p.engine, p.zero, gpus, t.precision != "fp32")}
     return Measurement(memory, int(flops), comm, "model", 0.0)
 
