@@ -415,11 +415,11 @@ def recommend(cfg: Config, cluster: Cluster, rows: Optional[List[Candidate]] = N
 
 
 def format_candidates(rows: List[Candidate], limit: int = 12) -> str:
-    head = ("| sp | dp | method | micro_batch | grad_accum | act. ckpt | step s | exposed comm s | tokens/s/GPU | "
-            "GB/GPU | fits |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| sp | dp | method | softmax | micro_batch | grad_accum | act. ckpt | step s | exposed comm s | "
+            "tokens/s/GPU | GB/GPU | fits |")
+    lines = [head, "|" + "---|" * 12]
     for c in rows[:limit]:
-        lines.append(f"| {c.sp} | {c.dp} | {c.method} | {c.micro_batch} | {c.grad_accum} | "
+        lines.append(f"| {c.sp} | {c.dp} | {c.method} | {c.softmax_method} | {c.micro_batch} | {c.grad_accum} | "
                      f"{'yes' if c.checkpointing else 'no'} | {c.step_s:.4g} | {c.comm_s:.3g} | "
                      f"{c.tokens_per_s_per_gpu:.4g} | {c.memory_gb:.1f} | {'yes' if c.fits else 'no'} |")
     return "\n".join(lines)
