@@ -87,7 +87,9 @@ def probe_run(case: KernelCase, backend: str) -> dict[str, torch.Tensor]:
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     T, H, K, V = PROBE_TOKENS, PROBE_HEADS, case.key_dim, case.value_dim
     acc = torch.promote_types(case.dtype, torch.float32)
-    with torch.enable_grad(), torch.autocast(device_type=torch.device(case.device).type, enabled=False):
+    # the first call may come from inside no_grad / inference_mode (generation) or autocast: the probe needs neither
+    with torch.inference_mode(False), torch.enable_grad(), \
+            torch.autocast(device_type=torch.device(case.device).type, enabled=False):
         x = {n: t.to(case.device, case.dtype).requires_grad_() for n, t in make(rnd, T, H, K, V, case.form).items()}
         h0 = rnd(1, H, K, V).to(case.device, acc).requires_grad_()
         o, final = fn()(*(x.get(n) for n in names), initial_state=h0, output_final_state=True, backend=backend)

@@ -57,6 +57,14 @@ def _scaled_linear(monkeypatch, factor):
     monkeypatch.setattr(triton_chunk, "triton_linear_attention", wrong)
 
 
+def test_first_use_under_inference_mode_still_probes():
+    """Generation runs under inference_mode: the probe must still differentiate (else it would reject good
+    kernels for the whole process)."""
+    with torch.inference_mode():
+        verdict, warned = _probe_warnings(lambda: probe.probed_backend(case()))
+    assert verdict == "triton" and warned == []
+
+
 def test_wrong_linear_kernel_falls_back_with_one_warning(monkeypatch):
     """Outputs 10% off: far outside the fp32 tolerance, so the probe rejects the kernels."""
     _scaled_linear(monkeypatch, 1.1)
