@@ -20,6 +20,10 @@ Grouped-query heads reach the kernel unrepeated. Backward: a rank's K|V gradient
 slot's gradient (`AllGatherRows`: reduce_scatter on NCCL, all_reduce + own slot on gloo). Under the zigzag layout
 every rank holds one early and one late segment, so the causal work per rank is balanced
 (see `attention_pairs_per_rank`).
+
+`sp_softmax_attention` dispatches by name (`SOFTMAX_METHODS`, names in `lsp.names.SOFTMAX_SP_METHODS`): this file
+registers LASP-2H as "allgather"; ring attention ("ring", nothing of the global length kept) registers itself from
+ring_softmax.py. The method comes from the call or the context (`SPContext(softmax_method=...)`).
 """
 from __future__ import annotations
 
