@@ -196,8 +196,10 @@ def cmd_plan(args) -> int:
     """Recommend sp size, SP method, micro-batch and activation checkpointing for a cluster (lsp.plan)."""
     from lsp.train.config import load_config
     cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
+    from lsp.names import SOFTMAX_SP_METHODS
     from lsp.parallel import sp_methods
     from lsp.plan.planner import Cluster, format_candidates, plan_cluster, recommend
+    from lsp.train.config import hybrid_config
     for flag, value in (("--gpus", args.gpus), ("--world", args.world), ("--seq-len", args.seq_len),
                         ("--gpu-mem-gb", args.gpu_mem_gb), ("--tflops", args.tflops),
                         ("--gpus-per-node", args.gpus_per_node), ("--top", args.top)):
@@ -221,7 +223,12 @@ def cmd_plan(args) -> int:
     same_sp = [c for c in rows if c.sp == best.sp and c.micro_batch == best.micro_batch
                and c.checkpointing == best.checkpointing]
     print(f"\nSP methods at sp={best.sp}: " + ", ".join(
-        f"{c.method} {c.step_s:.3f} s" for m in sp_methods() for c in same_sp if c.method == m))
+        f"{c.method} {c.step_s:.3f} s" for m in sp_methods() for c in same_sp
+        if c.method == m and c.softmax_method == best.softmax_method))
+    if "S" in hybrid_config(cfg, kw["vocab_size"]).layer_types and best.sp > 1:
+        print(f"softmax methods at sp={best.sp}: " + ", ".join(
+            f"{c.softmax_method} {c.step_s:.3f} s ({c.memory_gb:.1f} GB)" for m in SOFTMAX_SP_METHODS for c in same_sp
+            if c.softmax_method == m and c.method == best.method))
     print(f"recommended ({best.tokens_per_s_per_gpu:.4g} tokens/s/GPU, {best.memory_gb:.1f} GB/GPU): "
           f"{best.overrides()}")
     return 0

@@ -5,6 +5,7 @@ Every layer imports these instead of spelling them again: config validation, ops
 from __future__ import annotations
 
 SP_METHODS = ("allgather", "allscan", "ring")          # the config's choices: registered in lsp/parallel/methods/
+SOFTMAX_SP_METHODS = ("allgather", "ring")             # softmax layers: LASP-2H (gather K, V), ring attention
 LAYOUTS = ("zigzag", "contiguous")                     # how a sequence is cut over the SP ranks (default first)
 KERNEL_BACKENDS = ("auto", "torch", "triton", "naive")  # linear-attention op backends
 DECAY_VARIANTS = ("linear", "lightning", "simple_gla", "gla")   # decay-only linear attention layers
@@ -14,5 +15,5 @@ CHUNK_SIZE = 64                                        # tokens per chunk of the
 SCAN_BLOCKS = 4                                        # default All-Scan pipeline blocks (along V)
 IGNORE_INDEX = -100                                    # label of a token that carries no loss
 
-__all__ = ["SP_METHODS", "LAYOUTS", "KERNEL_BACKENDS", "DECAY_VARIANTS", "DELTA_VARIANTS", "LINEAR_VARIANTS",
-           "CHUNK_SIZE", "SCAN_BLOCKS", "IGNORE_INDEX"]
+__all__ = ["SP_METHODS", "SOFTMAX_SP_METHODS", "LAYOUTS", "KERNEL_BACKENDS", "DECAY_VARIANTS", "DELTA_VARIANTS",
+           "LINEAR_VARIANTS", "CHUNK_SIZE", "SCAN_BLOCKS", "IGNORE_INDEX"]

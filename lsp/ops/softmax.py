@@ -119,8 +119,9 @@ def _run_blocks(k, v, sources, run: PieceRun, causal: bool):
     return own + [(_source_block(sources, b, 0), _source_block(sources, b, 1), False) for b in run.blocks]
 
 
-def _flash_forward(q, k, v, causal, scale):
-    # q: [N, H, Tq, D]; k, v: [N, Hkv, Tk, D] (strided views; grouped heads unrepeated) -> o, lse [N, H, Tq]
+def flash_block_forward(q, k, v, causal, scale):
+    """One key block by the flash kernel: q [N, H, Tq, D]; k, v [N, Hkv, Tk, D] (strided views; grouped heads
+    unrepeated; causal: top-left aligned, Tq == Tk) -> o [N, H, Tq, D] (q's dtype), lse [N, H, Tq]."""
     if q.device.type == "cpu":
         return _CPU_FLASH(q, k, v, 0.0, causal, attn_mask=None, scale=scale)
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -130,8 +131,9 @@ def _flash_forward(q, k, v, causal, scale):
     return out[0], out[1]
 
 
-def _flash_backward(do, q, k, v, o, lse, causal, scale):
-    # the kernel's own backward with the MERGED o and lse gives this block's exact share of dq and its dk, dv
+def flash_block_backward(do, q, k, v, o, lse, causal, scale):
+    """dq, dk, dv of one key block: the kernel's own backward with the MERGED o and lse (over every block a query
+    attends) gives this block's exact share of dq and its own dk, dv."""
     if q.device.type == "cpu":
         return _CPU_FLASH_BACKWARD(do, q, k, v, o, lse, 0.0, causal, attn_mask=None, scale=scale)
     none = q.new_empty(0, dtype=torch.int64)           # dense (no cumulative lengths), dropout 0 (no philox state)
@@ -139,14 +141,25 @@ def _flash_backward(do, q, k, v, o, lse, causal, scale):
         do, q, k, v, o, lse, none, none, q.shape[2], k.shape[2], 0.0, causal, none, none, scale=scale)
 
 
+def merge_blocks(o, lse, o_b, lse_b):
+    """Online softmax: the attention over the union of two disjoint key sets from each one's output and
+    log-sum-exp, lse = log(e^lse + e^lse_b), o = e^(lse_a - lse)·o_a + e^(lse_b - lse)·o_b (accumulation dtype).
+    o, o_b: [N, H, Tq, D]; lse, lse_b: [N, H, Tq]; lse = -inf (with o = 0) is the empty set."""
+    acc = torch.promote_types(o_b.dtype, torch.float32)
+    lse, lse_b = lse.to(acc), lse_b.to(acc)
+    merged = torch.logaddexp(lse, lse_b)
+    o = torch.exp(lse - merged).unsqueeze(-1) * o.to(acc) + torch.exp(lse_b - merged).unsqueeze(-1) * o_b.to(acc)
+    return o, merged
+
+
 def _merged_forward(q, blocks, scale):
     # q: [N, H, Tq, D] -> o (q's dtype), lse [N, H, Tq]: one softmax over the union of the blocks' keys
-    outs = [_flash_forward(q, k, v, causal, scale) for k, v, causal in blocks]
+    outs = [flash_block_forward(q, k, v, causal, scale) for k, v, causal in blocks]
     if len(outs) == 1:
         return outs[0]
-    acc = torch.promote_types(q.dtype, torch.float32)
-    lse = torch.logsumexp(torch.stack([lse_b.to(acc) for _, lse_b in outs]), dim=0)
-    o = sum(torch.exp(lse_b.to(acc) - lse).unsqueeze(-1) * o_b.to(acc) for o_b, lse_b in outs)
+    o, lse = outs[0]
+    for o_b, lse_b in outs[1:]:
+        o, lse = merge_blocks(o, lse, o_b, lse_b)
     return o.to(q.dtype), lse
 
 
@@ -177,7 +190,7 @@ class _PiecewiseAttention(torch.autograd.Function):
             lse_r = lse_r.contiguous()
             for (k_b, v_b, causal), (dk_b, dv_b, _) in zip(_run_blocks(k, v, sources, run, ctx.causal),
                                                            _run_blocks(dk, dv, dsrc, run, ctx.causal)):
-                g_q, g_k, g_v = _flash_backward(do_r, q_r, k_b, v_b, o_r, lse_r, causal, ctx.scale)
+                g_q, g_k, g_v = flash_block_backward(do_r, q_r, k_b, v_b, o_r, lse_r, causal, ctx.scale)
                 dq_r += g_q
                 dk_b += g_k
                 dv_b += g_v

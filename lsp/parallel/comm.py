@@ -9,8 +9,8 @@ Two backends with the same interface, so the SP algorithms are written once:
 
 Counting: every call records, per virtual or real rank, the bytes it sends and receives (all_gather of n bytes per
 rank: receives (W-1)·n; ring all_reduce of n bytes: sends and receives 2(W-1)/W·n; reduce_scatter of W slots of
-n bytes: sends and receives (W-1)·n). `comm_stats()` sums the records of this process by op, by method tag and by
-rank.
+n bytes: sends and receives (W-1)·n; ring_shift of n bytes: sends n to the next rank and receives n from the
+previous). `comm_stats()` sums the records of this process by op, by method tag and by rank.
 """
 from __future__ import annotations
 
@@ -134,6 +134,29 @@ class DistComm:
         return None, buf
 
 
+    def ring_shift(self, x: torch.Tensor, tag: str):
+        """Send x [1, *S] to rank + 1 and receive rank - 1's (mod W), both at once (one batched isend / irecv,
+        which NCCL needs to pair the two without deadlock). Returns (work, buffer); work.wait() before reading."""
+        x = x.contiguous()
+        W, me = self.world_size, self.rank
+        buf = torch.empty_like(x)
+        record("ring_shift", tag, me, _nbytes(x), _nbytes(buf))
+        ops = [dist.P2POp(dist.isend, x, self._global((me + 1) % W), self.group),
+               dist.P2POp(dist.irecv, buf, self._global((me - 1) % W), self.group)]
+        return _AllDone(dist.batch_isend_irecv(ops), keep=x), buf
+
+
+class _AllDone:
+    # the works of one batched isend / irecv; keeps the sent tensor alive until they complete
+    def __init__(self, works, keep):
+        self.works, self.keep = works, keep
+
+    def wait(self):
+        for w in self.works:
+            w.wait()
+        self.keep = None
+
+
 class EmuComm:
     """W virtual ranks in one process; rank-axis tensors are [W, ...] and row(rank) == rank."""
 
@@ -183,6 +206,14 @@ class EmuComm:
         x = box.pop(0)
         record("recv", tag, dst, 0, _nbytes(x))
         return (_Done() if async_op else None), x
+
+
+    def ring_shift(self, x: torch.Tensor, tag: str):
+        # x: [W, *S] -> [W, *S], row r holds row r - 1 (mod W): every virtual rank sends its row to the next
+        n = _nbytes(x) // self.world_size
+        for r in range(self.world_size):
+            record("ring_shift", tag, r, n, n)
+        return _Done(), torch.roll(x, 1, dims=0)
 
 
 class _Done:

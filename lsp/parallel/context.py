@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from lsp.names import LAYOUTS, SCAN_BLOCKS
+from lsp.names import LAYOUTS, SCAN_BLOCKS, SOFTMAX_SP_METHODS
 from lsp.ops.boundaries import boundaries
 
 from .comm import AllReduceIdentity, DistComm, EmuComm, gather_rows
@@ -28,15 +28,18 @@ class SPContext:
     """The sequence-parallel context: ranks (real or emulated), layout, and the settings every SP layer shares.
 
     method / scan_blocks: the linear layers' exchange, a registered SP method (lsp.parallel.methods: LASP-2
-    all-gather, ZeCO All-Scan, LASP-1 ring, ...) and All-Scan's pipeline blocks. The segment plan of a batch is
-    built once (`segment_plan`) and reused by every layer that sees the same batch.
+    all-gather, ZeCO All-Scan, LASP-1 ring, ...) and All-Scan's pipeline blocks; softmax_method: the softmax
+    layers' ("allgather" LASP-2H, "ring" ring attention). The segment plan of a batch is built once
+    (`segment_plan`) and reused by every layer that sees the same batch.
     """
 
     def __init__(self, group=None, layout: str = "zigzag", emulate: int | None = None, *,
-                 method: str = "allgather", scan_blocks: int = SCAN_BLOCKS):
+                 method: str = "allgather", scan_blocks: int = SCAN_BLOCKS, softmax_method: str = "allgather"):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         sp_method(method)   # a registry lookup: an unknown name raises
+        if softmax_method not in SOFTMAX_SP_METHODS:
+            raise ValueError(f"softmax_method must be one of {SOFTMAX_SP_METHODS}, got {softmax_method!r}")
         if not isinstance(scan_blocks, int) or scan_blocks < 1:
             raise ValueError(f"scan_blocks must be a positive int, got {scan_blocks!r}")
         if emulate is not None:
@@ -51,6 +54,7 @@ class SPContext:
                                  "use emulate=W for one process")
             self.comm = DistComm(group)
         self.layout, self.method, self.scan_blocks = layout, method, scan_blocks
+        self.softmax_method = softmax_method
         self._plan: SegmentPlan | None = None
 
     # ------------------------------------------------------------------ the batch

@@ -43,6 +43,7 @@ from lsp.ops.delta import (
 )
 from lsp.ops.delta.api import resolve_delta_backend
 from lsp.ops.linear.checks import acc_dtype
+from lsp.ops.probe import kernel_case
 
 from .affine import DENSE
 from .collectives import join_token, replayed
@@ -96,7 +97,7 @@ def sp_delta_rule(q, k, v, beta, g=None, *, sp, method=None, scale=None, initial
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
     with torch.autocast(device_type=q.device.type, enabled=False):
         o, final = _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_state, cu_seqlens,
-                             scan_blocks, s, resolve_delta_backend(backend, q.device))
+                             scan_blocks, s, resolve_delta_backend(backend, q.device, kernel_case("delta", k, v, g)))
     return o, final
 
 

@@ -20,6 +20,10 @@ Grouped-query heads reach the kernel unrepeated. Backward: a rank's K|V gradient
 slot's gradient (`AllGatherRows`: reduce_scatter on NCCL, all_reduce + own slot on gloo). Under the zigzag layout
 every rank holds one early and one late segment, so the causal work per rank is balanced
 (see `attention_pairs_per_rank`).
+
+`sp_softmax_attention` dispatches by name (`SOFTMAX_METHODS`, names in `lsp.names.SOFTMAX_SP_METHODS`): this file
+registers LASP-2H as "allgather"; ring attention ("ring", nothing of the global length kept) registers itself from
+ring_softmax.py. The method comes from the call or the context (`SPContext(softmax_method=...)`).
 """
 from __future__ import annotations
 
@@ -27,28 +31,53 @@ from bisect import bisect_left, bisect_right
 
 import torch
 
+from lsp.names import SOFTMAX_SP_METHODS
 from lsp.ops.softmax import check_softmax_inputs, piece_runs, piecewise_attention
 
 from .comm import gather_rows
 from .context import SPContext
 
+# name -> fn(q, k, v, sp, causal, scale, cu_seqlens): the softmax SP methods (ring attention registers itself from
+# ring_softmax.py); their names are lsp.names.SOFTMAX_SP_METHODS, which the config checks
+SOFTMAX_METHODS: dict = {}
 
-def sp_softmax_attention(q, k, v, *, sp, causal=True, scale=None, cu_seqlens=None, method="allgather"):
+
+def register_softmax_method(name: str):
+    """Decorator: register fn as the softmax SP method `name` (one of lsp.names.SOFTMAX_SP_METHODS)."""
+    assert name in SOFTMAX_SP_METHODS, f"softmax method {name!r} is not in lsp.names.SOFTMAX_SP_METHODS"
+
+    def register(fn):
+        SOFTMAX_METHODS[name] = fn
+        return fn
+    return register
+
+
+def sp_softmax_attention(q, k, v, *, sp, causal=True, scale=None, cu_seqlens=None, method=None):
     """Softmax attention of the local queries over the whole sequence; equals `lsp.ops.softmax_attention` on the
     gathered sequence.
 
     q: [R·B, T_local, H, D]; k, v: [R·B, T_local, Hkv, D] (grouped-query when Hkv < H), local shards from
-    `sp.shard`. cu_seqlens: GLOBAL int32 [N + 1] document boundaries (B == 1). Returns [R·B, T_local, H, D].
+    `sp.shard`. cu_seqlens: GLOBAL int32 [N + 1] document boundaries (B == 1). method: "allgather" (LASP-2H) or
+    "ring" (ring attention, lsp.parallel.ring_softmax); None: the context's `softmax_method`.
+    Returns [R·B, T_local, H, D].
     """
     if not isinstance(sp, SPContext):
         raise ValueError(f"sp must be an lsp.parallel.SPContext, got {type(sp).__name__}")
-    if method != "allgather":
-        raise ValueError(f"method must be 'allgather' for softmax layers (LASP-2H), got {method!r}")
+    method = sp.softmax_method if method is None else method
+    if method not in SOFTMAX_METHODS:
+        raise ValueError(f"method must be one of {tuple(SOFTMAX_METHODS)} for softmax layers, got {method!r}")
     check_softmax_inputs(q, k, v)
-    R, T_local = sp.rows, q.shape[1]
-    B = q.shape[0] // R
+    B = q.shape[0] // sp.rows
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens requires B == 1 (packed sequences), got B={B} per rank")
+    return SOFTMAX_METHODS[method](q, k, v, sp, causal, scale, cu_seqlens)
+
+
+@register_softmax_method("allgather")
+def allgather_softmax_attention(q, k, v, sp, causal, scale, cu_seqlens):
+    """LASP-2H (module docstring); inputs checked by `sp_softmax_attention`."""
+    R, T_local = sp.rows, q.shape[1]
+    B = q.shape[0] // R
     batch = sp.segment_plan(T_local, cu_seqlens)   # one host read of cu_seqlens per batch, shared by every layer
     plans = batch.derived(("softmax", causal, B == 1),
                           lambda: softmax_pieces(batch.bounds, sp, T_local, causal, batched=B == 1))
@@ -71,18 +100,24 @@ def softmax_pieces(bounds: list[int], sp: SPContext, T_local: int, causal: bool,
     plans = []
     for rank in sp.comm.ranks:
         cuts, blocks = [], {}
-        for l, seg in enumerate(sp.rank_segments(rank)):
-            g0, g1 = seg * Ts, (seg + 1) * Ts
-            starts = [g0] + bounds[bisect_right(bounds, g0) : bisect_left(bounds, g1)]
-            for a, b in zip(starts, starts[1:] + [g1]):
-                doc_start, doc_end = bounds[bisect_right(bounds, a) - 1], bounds[bisect_left(bounds, b)]
-                visible = [(doc_start, a)] + ([] if causal else [(b, doc_end)])
-                extra = [blk for lo, hi in visible for blk in gathered_blocks(lo, hi, T, sp.segments_per_rank)]
-                if extra:
-                    blocks[len(cuts)] = extra
-                cuts.append(l * Ts + a - g0)
+        for start, a, b, doc_start, doc_end in query_pieces(bounds, sp, rank, Ts):
+            visible = [(doc_start, a)] + ([] if causal else [(b, doc_end)])
+            extra = [blk for lo, hi in visible for blk in gathered_blocks(lo, hi, T, sp.segments_per_rank)]
+            if extra:
+                blocks[len(cuts)] = extra
+            cuts.append(start)
         plans.append(piece_runs(cuts + [T_local], blocks, batched=batched))
     return plans
+
+
+def query_pieces(bounds: list[int], sp: SPContext, rank: int, Ts: int):
+    """The query pieces of `rank`: its held segments cut at every document start, in local order. Yields
+    (local start, global [a, b), its document [d, e)); bounds: sorted global document boundaries [0, ..., T]."""
+    for l, seg in enumerate(sp.rank_segments(rank)):
+        g0, g1 = seg * Ts, (seg + 1) * Ts
+        starts = [g0] + bounds[bisect_right(bounds, g0) : bisect_left(bounds, g1)]
+        for a, b in zip(starts, starts[1:] + [g1]):
+            yield l * Ts + a - g0, a, b, bounds[bisect_right(bounds, a) - 1], bounds[bisect_left(bounds, b)]
 
 
 def gathered_blocks(lo: int, hi: int, T: int, sources: int) -> list[tuple[int, int, int]]:

@@ -169,6 +169,61 @@ def ratio(slow: str, fast: str, world_size: int, seq_len: int, **kw) -> float:
     return step_time(slow, world_size, seq_len, **kw).total_s / step_time(fast, world_size, seq_len, **kw).total_s
 
 
+# ------------------------------------------------------------------------------------------- softmax layers
+#
+# A softmax layer under SP (lsp.parallel.softmax, lsp.parallel.ring_softmax), per layer and training step (forward
+# and backward), with kv = the rank's local K|V in activation bytes (2·b·T_loc·Hkv·Dh·act_bytes), g = the same in
+# fp32 (the dK|dV accumulator), t_attn the rank's forward attention compute (zigzag: every rank and every ring step
+# alike), t_diag the rank's causal diagonal block (needs no remote K|V):
+#
+#   allgather (LASP-2H)  forward all-gather of K|V, backward reduce of their gradients, each (W-1)·(α + kv/β)
+#                        hidden behind t_diag; bytes 2·(W-1)·kv. Kept for backward: the gathered K|V, W·kv; its
+#                        gradient buffer in backward: W·kv more while one layer's backward runs.
+#   ring                 forward W-1 hops of kv, the transfer hidden behind one step's attention t_attn/W; every
+#                        step waits for its block, a dependent hop like LASP-1's, so its latency and
+#                        synchronisation α + γ stay exposed: (W-1)·(α + γ + max(0, kv/β - t_attn/W)); backward the
+#                        same with kv + g behind 2·t_attn/W, plus the last hop of g home, α + γ + g/β; bytes
+#                        (W-1)·kv forward, (W-1)·kv + W·g backward. Kept: nothing beyond the local q, k, v, o, lse;
+#                        working set: two K|V blocks and two dK|dV accumulators, 2·kv + 2·g. (LASP-2H's gather is
+#                        one collective, so it pays α per peer but no per-step synchronisation.)
+
+
+@dataclass(frozen=True)
+class SoftmaxCost:
+    exposed_s: float        # communication not hidden, forward + backward
+    bytes: float            # received per GPU, forward + backward
+    kept: float             # bytes of K|V beyond the local ones kept for backward
+    workspace: float        # transient bytes of one layer's pass (one layer at a time)
+
+
+def _allgather_softmax(W: int, kv: float, g: float, t_attn: float, t_diag: float, hw: Hardware) -> SoftmaxCost:
+    gather = (W - 1) * (hw.latency + kv / hw.bandwidth)
+    return SoftmaxCost(2 * max(0.0, gather - t_diag), 2 * (W - 1) * kv, W * kv, W * kv)
+
+
+def _ring_softmax(W: int, kv: float, g: float, t_attn: float, t_diag: float, hw: Hardware) -> SoftmaxCost:
+    step, hop = t_attn / W, hw.latency + hw.hop_overhead       # every step waits for its block: a dependent hop
+    forward = (W - 1) * (hop + max(0.0, kv / hw.bandwidth - step))
+    backward = (W - 1) * (hop + max(0.0, (kv + g) / hw.bandwidth - 2 * step)) + hop + g / hw.bandwidth
+    return SoftmaxCost(forward + backward, 2 * (W - 1) * kv + W * g, 0.0, 2 * kv + 2 * g)
+
+
+SOFTMAX_COSTS = {"allgather": _allgather_softmax, "ring": _ring_softmax}   # by lsp.names.SOFTMAX_SP_METHODS
+
+
+def softmax_exchange_cost(method: str, world_size: int, kv_bytes: float, t_attention: float, t_diagonal: float,
+                          hw: Hardware | None = None) -> SoftmaxCost:
+    """Communication and K|V memory of one softmax layer's SP method for one training step (formulas above):
+    kv_bytes the rank's local K|V, t_attention its forward attention compute, t_diagonal its causal diagonal."""
+    if method not in SOFTMAX_COSTS:
+        raise ValueError(f"softmax method must be one of {tuple(SOFTMAX_COSTS)}, got {method!r}")
+    hw = hw or Hardware()
+    if world_size == 1:
+        return SoftmaxCost(0.0, 0.0, 0.0, 0.0)
+    g = kv_bytes * 4 / hw.act_bytes
+    return SOFTMAX_COSTS[method](world_size, kv_bytes, g, t_attention, t_diagonal, hw)
+
+
 # ------------------------------------------------------------------------------------------- delta-rule layers
 #
 # A delta-rule layer (lsp.parallel.delta) runs the same registered methods over dense K × K maps (lsp.parallel.affine)
@@ -230,4 +285,5 @@ def delta_sp_flops_per_token(key_dim: int, value_dim: int, chunk_size: int) -> f
 
 __all__ = ["ModelSpec", "Hardware", "StepTime", "exchange_time", "best_scan_blocks", "step_time", "plan",
            "format_plan", "ratio", "METHODS", "LABELS", "delta_exchange_time", "best_delta_scan_blocks",
-           "delta_flops_per_token", "delta_sp_flops_per_token"]
+           "delta_flops_per_token", "delta_sp_flops_per_token", "SoftmaxCost", "SOFTMAX_COSTS",
+           "softmax_exchange_cost"]

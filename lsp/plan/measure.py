@@ -166,7 +166,8 @@ def _comm_by_kind(stats: dict) -> dict:
     out = {"sp_exchange": 0, "kv_gather": 0, "dp_reduction": 0}
     for key, c in stats["by_tag_op"].items():
         tag = key.split("/")[0].split(":")[0]
-        kind = {"softmax_kv": "kv_gather", "dp": "dp_reduction", "all_reduce_sum": None}.get(tag, "sp_exchange")
+        kind = {"softmax_kv": "kv_gather", "softmax_ring": "kv_gather", "dp": "dp_reduction",
+                "all_reduce_sum": None}.get(tag, "sp_exchange")
         if kind:
             out[kind] += c["bytes_recv"]
     return out
@@ -188,7 +189,8 @@ def build_step(cfg, mcfg, gpus: int, fake: bool = True):
     sp = None
     if p.sp > 1:
         group = dist.new_group(list(range(p.sp)))
-        sp = SPContext(group=group, layout=p.layout, method=p.sp_method, scan_blocks=p.scan_blocks)
+        sp = SPContext(group=group, layout=p.layout, method=p.sp_method, scan_blocks=p.scan_blocks,
+                       softmax_method=p.softmax_method)
     T_local = cfg.data.seq_len // p.sp
     ids = torch.randint(0, mcfg.vocab_size, (t.micro_batch, T_local))
     labels = torch.randint(0, mcfg.vocab_size, (t.micro_batch, T_local))
@@ -262,7 +264,7 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
 def modelled(cfg, mcfg, gpus: int) -> Measurement:
     """The planner's analytic figures for the same launch (lsp.plan.planner / costmodel), in Measurement's form:
     memory split into states (parameters + gradients + optimizer) and activations, FLOPs, comm bytes by kind."""
-    from .costmodel import Hardware
+    from .costmodel import Hardware, softmax_exchange_cost
     from .planner import (
         activation_bytes,
         counted_flops,
@@ -278,17 +280,20 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     params = model_parameters(mcfg)
     per_param = state_bytes_per_param(p.engine, p.zero, gpus) + ddp_buckets(p.engine, p.zero, gpus)
     memory = {"states": per_param * params,
-              "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout)}
+              "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout,
+                                                  p.softmax_method)}
     flops = counted_flops(mcfg, T, local, b, t.activation_checkpointing, p.layout)
     Hkv, Dh, types = mcfg.num_kv_heads, mcfg.head_dim, mcfg.layer_types
     act_bytes = 2 if t.precision != "fp32" else 4
     _, per_pass, _ = linear_exchange(mcfg, Hardware(act_bytes=act_bytes), sp, p.sp_method, b, 0.0, p.layout,
                                      p.scan_blocks)
     kv = 2 * local * Hkv * Dh * act_bytes     # one rank's K|V
+    # softmax K|V traffic (LASP-2H: gather forward, reduce-scatter of the gathered gradients backward, (W-1) slots
+    # each on NCCL and the fake backend, gloo all-reduces instead; ring: costmodel.softmax_exchange_cost), plus
+    # the forward once more in a checkpoint recompute (K, V are not recorded)
+    softmax = softmax_exchange_cost(p.softmax_method, sp, kv, 0.0, 0.0, Hardware(act_bytes=act_bytes)).bytes
     comm = {"sp_exchange": 2 * types.count("L") * per_pass,
-            # gather forward (again in a checkpoint recompute: K, V are not recorded), reduce-scatter of the
-            # gathered gradients backward ((W-1) slots; NCCL and the fake backend, gloo all-reduces instead)
-            "kv_gather": types.count("S") * (2 + t.activation_checkpointing) * (sp - 1) * kv,
+            "kv_gather": types.count("S") * (softmax + t.activation_checkpointing * (sp - 1) * kv),
             "dp_reduction": dp_reduction_bytes(4 * params, p.engine, p.zero, gpus, t.precision != "fp32")}
     return Measurement(memory, int(flops), comm, "model", 0.0)
 

@@ -15,8 +15,12 @@ Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b ·
               method that has blocks chosen by the model; delta-rule layers (deltanet, gated_deltanet):
               costmodel.delta_exchange_time (K x K maps, nothing overlapped, plus the short-conv halo) and, for
               sp > 1, delta_sp_flops_per_token more compute
-    exchange_S (LASP-2H): all-gather of K,V forward, the reduce of their gradients backward, each
-              (sp-1)·(α + kv/β) with kv = 2·t·Hkv·Dh·2 bytes, overlapped with the rank's local diagonal block
+    exchange_S (forward + backward): costmodel.softmax_exchange_cost for the softmax method, kv = 2·t·Hkv·Dh·2
+              bytes: LASP-2H all-gathers K,V forward and reduces their gradients backward, each (sp-1)·(α + kv/β)
+              overlapped with the rank's local diagonal block; ring attention passes kv around the ring behind
+              each step's attention (sp - 1 hops, at least α exposed each), backward kv and the fp32 dK|dV. The
+              planner tries both per candidate: LASP-2H keeps the gathered K|V (4·Hkv·Dh bytes per global token
+              per softmax layer), ring none of it, so at long sequences ring fits where LASP-2H does not
     step    = grad_accum · micro + max(0, allreduce_dp - backward of one micro-step)
               (ring all-reduce of the bf16 gradients over dp, 2·(dp-1)/dp · P · 2 bytes, overlapped with backward)
 
@@ -32,8 +36,8 @@ and the network across nodes. Memory per GPU:
                 (D hidden, F SwiGLU width, H heads of Dh, Hkv key heads, C chunk, r GLA's gate rank):
                   both kinds: 20·D + 8·F + 8 per token (two RMSNorms, SwiGLU in bf16)
                   softmax:    6·D + 6·H·Dh + 4·Hkv·Dh + 16·Dh + 4·H per token (projection inputs, q, k, v,
-                              o, RoPE tables, log-sum-exp), under SP + the gathered bf16 K|V, 4·Hkv·Dh per
-                              global token
+                              o, RoPE tables, log-sum-exp), under SP with LASP-2H + the gathered bf16 K|V,
+                              4·Hkv·Dh per global token (ring attention: nothing more)
                   GLA:        10·D + 24·H·Dh + 4·H + 2·r per token (+ 6·H·Dh under zigzag SP: the incoming-
                               state correction) + 50·H·Dh + 4·H·C + 4·H·Dh/C + 8·H·Dh²/C per padded token
                               (every segment padded to whole chunks: the fp32 chunk core) + 4·H·Dh² per held
@@ -49,10 +53,11 @@ and the network across nodes. Memory per GPU:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 from typing import List, Optional
 
 from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
-from lsp.names import DELTA_VARIANTS, SCAN_BLOCKS
+from lsp.names import DELTA_VARIANTS, SCAN_BLOCKS, SOFTMAX_SP_METHODS
 from lsp.parallel.methods import sp_method, sp_methods
 from lsp.train.config import Config, ConfigError, hybrid_config
 
@@ -63,6 +68,7 @@ from .costmodel import (
     delta_flops_per_token,
     delta_sp_flops_per_token,
     exchange_time,
+    softmax_exchange_cost,
 )
 
 GB = 1e9
@@ -103,10 +109,12 @@ class Candidate:
     tokens_per_s_per_gpu: float
     fits: bool
     scan_blocks: int = SCAN_BLOCKS   # pipeline blocks (the model's best, for a method that has them: All-Scan)
+    softmax_method: str = "allgather"  # the softmax layers' SP method (LASP-2H or ring attention)
 
     def overrides(self) -> str:
         blocks = f" parallel.scan_blocks={self.scan_blocks}" if sp_method(self.method).blocks else ""
         return (f"parallel.sp={self.sp} parallel.dp={self.dp} parallel.sp_method={self.method}{blocks} "
+                f"parallel.softmax_method={self.softmax_method} "
                 f"train.micro_batch={self.micro_batch} train.grad_accum={self.grad_accum} "
                 f"train.activation_checkpointing={str(self.checkpointing).lower()}")
 
@@ -199,28 +207,34 @@ def local_segments(seq_len: int, local_tokens: int, micro_batch: int, layout: st
 
 
 def layer_activation_bytes(mcfg, kind: str, seq_len: int, local_tokens: int, micro_batch: int,
-                           layout: str = "zigzag") -> float:
-    """Bytes one layer of `kind` keeps for backward on rank 0: `saved_bytes` at the launch's token counts, plus
-    a bf16 copy of each of its weights (autocast)."""
+                           layout: str = "zigzag", softmax_method: str = "allgather") -> float:
+    """Bytes one layer of `kind` keeps for backward on rank 0: `saved_bytes` at the launch's token counts (the
+    gathered K|V only where the softmax method keeps it: costmodel.softmax_exchange_cost), plus a bf16 copy of
+    each of its weights (autocast)."""
     sp = max(1, micro_batch * seq_len // local_tokens)
     held, Ts = local_segments(seq_len, local_tokens, micro_batch, layout)
     padded = micro_batch * held * -(-Ts // LINEAR_CHUNK) * LINEAR_CHUNK
     b = saved_bytes(mcfg, kind, linear_backend(mcfg))
     sharded = sp > 1
     incoming = b.get("incoming", 0) if sharded and layout == "zigzag" else 0
+    keys = softmax_exchange_cost(softmax_method, sp, b["keys"] * local_tokens, 0.0, 0.0).kept
     return ((b["token"] + incoming) * local_tokens + b["padded"] * padded
-            + sharded * (b["segment"] * micro_batch * held + b["keys"] * micro_batch * seq_len)
-            + 2 * _layer_weights(mcfg)[kind])
+            + sharded * (b["segment"] * micro_batch * held + keys) + 2 * _layer_weights(mcfg)[kind])
 
 
 def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
-                     layout: str = "zigzag") -> float:
-    """Bytes of activations kept for backward on rank 0 (module docstring)."""
+                     layout: str = "zigzag", softmax_method: str = "allgather") -> float:
+    """Bytes of activations kept for backward on rank 0 (module docstring), plus the K|V working set of one
+    softmax layer's SP pass (LASP-2H: the gathered K|V's gradient; ring: two blocks and two dK|dV accumulators)."""
     D, V = mcfg.hidden_size, mcfg.vocab_size
-    layer = {t: layer_activation_bytes(mcfg, t, seq_len, local_tokens, micro_batch, layout) for t in "LS"}
-    # embedding ids, final norm, the fused cross-entropy's fp32 input gradient and weight gradient
-    head = (12 * D + 12) * local_tokens + 4 * V * D
+    layer = {t: layer_activation_bytes(mcfg, t, seq_len, local_tokens, micro_batch, layout, softmax_method)
+             for t in "LS"}
     types = mcfg.layer_types
+    sp = max(1, micro_batch * seq_len // local_tokens)
+    kv_local = 4 * mcfg.num_kv_heads * mcfg.head_dim * local_tokens            # bf16 K and V of the local tokens
+    workspace = softmax_exchange_cost(softmax_method, sp, kv_local, 0.0, 0.0).workspace if "S" in types else 0.0
+    # embedding ids, final norm, the fused cross-entropy's fp32 input gradient and weight gradient
+    head = (12 * D + 12) * local_tokens + 4 * V * D + workspace
     if not checkpointing:
         return head + sum(layer[t] for t in types)
     return head + 4 * D * local_tokens * len(types) + max(layer[t] for t in set(types))
@@ -324,7 +338,8 @@ def _sp_extra_flops(mcfg, sp: int, seq_len: int) -> float:
     return 3 * mcfg.layer_types.count("L") * mcfg.num_heads * per_head
 
 
-def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool, layout: str):
+def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool, layout: str,
+                softmax_method: str = "allgather"):
     """(compute s, exposed SP communication s, backward s, All-Scan blocks) of one micro-step."""
     hw = cluster.hardware(sp)
     t = b * seq_len / sp
@@ -336,9 +351,10 @@ def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: i
     exposed_L, _, blocks = linear_exchange(mcfg, hw, sp, method, b, t_intra, layout)
     kv = 2 * t * Hkv * Dh * hw.act_bytes
     local_block = 2 * 2 * H * Dh * t * (t / 2) / hw.flops            # causal diagonal block: needs no remote K,V
-    exposed_S = max(0.0, (sp - 1) * (hw.latency + kv / hw.bandwidth) - local_block) if sp > 1 else 0.0
+    attention = 2 * 2 * H * Dh * t * (seq_len / 2) / hw.flops         # the rank's causal pairs, zigzag-balanced
+    exposed_S = softmax_exchange_cost(softmax_method, sp, kv, attention, local_block, hw).exposed_s
     types = mcfg.layer_types
-    comm = 2 * (types.count("L") * exposed_L + types.count("S") * exposed_S)
+    comm = 2 * types.count("L") * exposed_L + types.count("S") * exposed_S
     return compute, comm, compute_fwd * 2, blocks
 
 
@@ -360,6 +376,8 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
     params = model_parameters(mcfg)
     sizes = sp_choices or sp_sizes(cluster.gpus, T, p.layout)
     micro_batches = [1] if cfg.data.kind != "mqar" else [1, 2, 4, 8, 16, 32, 64]
+    # the softmax layers' method matters only with softmax layers; LASP-2H first, so an equal step keeps it
+    softmax_methods = SOFTMAX_SP_METHODS if "S" in mcfg.layer_types else (p.softmax_method,)
     out = []
     for sp in sizes:
         dp = cluster.gpus // sp
@@ -370,14 +388,16 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
             if global_batch % (dp * b):
                 continue
             accum = global_batch // (dp * b)
-            for ac in (False, True):
-                memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac, p.layout)) / GB + cluster.reserve_gb
+            for ac, softmax in product((False, True), softmax_methods if sp > 1 else softmax_methods[:1]):
+                memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac, p.layout, softmax)) / GB \
+                    + cluster.reserve_gb
                 for method in sp_methods() if sp > 1 else sp_methods()[:1]:
-                    compute, comm, backward, blocks = _micro_step(mcfg, cluster, sp, method, b, T, ac, p.layout)
+                    compute, comm, backward, blocks = _micro_step(mcfg, cluster, sp, method, b, T, ac, p.layout,
+                                                                  softmax)
                     step = accum * (compute + comm) + max(0.0, allreduce - backward)
                     out.append(Candidate(sp, dp, method, b, accum, ac, step, accum * compute,
                                          step - accum * compute, memory, global_batch * T / step / cluster.gpus,
-                                         memory <= cluster.memory_gb, blocks))
+                                         memory <= cluster.memory_gb, blocks, softmax))
     out.sort(key=lambda c: (not c.fits, -c.tokens_per_s_per_gpu, c.sp, c.checkpointing))
     return out
 
@@ -400,11 +420,11 @@ def recommend(cfg: Config, cluster: Cluster, rows: Optional[List[Candidate]] = N
 
 
 def format_candidates(rows: List[Candidate], limit: int = 12) -> str:
-    head = ("| sp | dp | method | micro_batch | grad_accum | act. ckpt | step s | exposed comm s | tokens/s/GPU | "
-            "GB/GPU | fits |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| sp | dp | method | softmax | micro_batch | grad_accum | act. ckpt | step s | exposed comm s | "
+            "tokens/s/GPU | GB/GPU | fits |")
+    lines = [head, "|" + "---|" * 12]
     for c in rows[:limit]:
-        lines.append(f"| {c.sp} | {c.dp} | {c.method} | {c.micro_batch} | {c.grad_accum} | "
+        lines.append(f"| {c.sp} | {c.dp} | {c.method} | {c.softmax_method} | {c.micro_batch} | {c.grad_accum} | "
                      f"{'yes' if c.checkpointing else 'no'} | {c.step_s:.4g} | {c.comm_s:.3g} | "
                      f"{c.tokens_per_s_per_gpu:.4g} | {c.memory_gb:.1f} | {'yes' if c.fits else 'no'} |")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lsp.hybrid_config import HybridConfig, HybridConfigError
-from lsp.names import LAYOUTS, SP_METHODS
+from lsp.names import LAYOUTS, SOFTMAX_SP_METHODS, SP_METHODS
 
 from .signals import SIGNALS, bad_signal
 
@@ -114,6 +114,7 @@ class ParallelConfig:
     sp: int = 1
     sp_method: str = "allgather"
     scan_blocks: int = 4  # All-Scan pipeline blocks along V (sp_method=allscan)
+    softmax_method: str = "allgather"  # softmax layers: allgather (LASP-2H) | ring (ring attention)
     layout: str = "zigzag"
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     engine: str = "ddp"  # ddp | fsdp | deepspeed
@@ -169,6 +170,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.on_nonfinite": ("stop", "skip"),
     "parallel.sp_method": SP_METHODS,
+    "parallel.softmax_method": SOFTMAX_SP_METHODS,
     "parallel.layout": LAYOUTS,
     "parallel.backend": ("auto", "gloo", "nccl"),
     "parallel.engine": ("ddp", "fsdp", "deepspeed"),

@@ -57,7 +57,8 @@ def build_sp(cfg: Config, mesh: Mesh):
         return None
     from lsp.parallel import SPContext
     p = cfg.parallel
-    return SPContext(group=mesh.sp_group, layout=p.layout, method=p.sp_method, scan_blocks=p.scan_blocks)
+    return SPContext(group=mesh.sp_group, layout=p.layout, method=p.sp_method, scan_blocks=p.scan_blocks,
+                     softmax_method=p.softmax_method)
 
 
 def autocast(cfg: Config, device: torch.device):

@@ -63,7 +63,7 @@ def test_softmax_method_error():
     sp = SPContext(emulate=2)
     q = torch.randn(2, 4, 2, 8)
     with pytest.raises(ValueError, match="method"):
-        sp_softmax_attention(q, q, q, sp=sp, method="ring")
+        sp_softmax_attention(q, q, q, sp=sp, method="lasp2h")
 
 
 def packed_case(W, T_local=24, H=4, Hkv=2, D=8, dtype=torch.float64, seed=5):

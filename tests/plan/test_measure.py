@@ -99,11 +99,11 @@ def test_measure_cli_last_line_and_exit_2(capsys):
     assert len(err) == 1 and "--gpu-mem-gb" in err[0] and "does not fit" in err[0]
 
 
-def _agrees(name, gpus):
+def _agrees(name, gpus, overrides=()):
     # the planner's model against the measurement of a shipped config at its documented launch
     from lsp.plan.measure import modelled
 
-    cfg = load_config(os.path.join(REPO, "configs", f"{name}.yaml"), [], check_files=False)
+    cfg = load_config(os.path.join(REPO, "configs", f"{name}.yaml"), list(overrides), check_files=False)
     mcfg = hybrid_config(cfg, 257)
     got, model = measure(cfg, mcfg, gpus), modelled(cfg, mcfg, gpus)
     assert got.seconds < 300 and got.peak < 80e9
@@ -116,6 +116,11 @@ def _agrees(name, gpus):
 def test_model_agrees_with_the_measurement_of_the_tiny_configs(name):
     """GLA and Gated DeltaNet, segments shorter than a chunk (the padded chunk core dominates): seconds each."""
     _agrees(name, 2)
+
+
+def test_model_agrees_with_the_measurement_of_ring_softmax():
+    """The softmax layers on ring attention: its K|V and dK|dV bytes exact, memory within 15%."""
+    _agrees("tiny-cpu", 2, ["parallel.softmax_method=ring"])
 
 
 SHIPPED = [("hybrid-340m-32k", 8), ("hybrid-1.3b-128k", 8), ("hybrid-gdn-1.3b-128k", 8),

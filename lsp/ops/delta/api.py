@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from lsp.ops import probe
+from lsp.ops.estimate import gpu_code_paths_active
 from lsp.ops.linear.api import triton_available
 from lsp.ops.linear.checks import check_linear_inputs
 
@@ -26,13 +28,18 @@ def check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens) -> None:
         raise ValueError(f"beta is on {beta.device} but q is on {q.device}")
 
 
-def resolve_delta_backend(backend: str, device: torch.device) -> str:
-    """"auto" is the chunked torch path everywhere ("triton" is opt-in until it has been run on a GPU)."""
+def resolve_delta_backend(backend: str, device: torch.device, case=None) -> str:
+    """"auto": the Triton kernels on CUDA once they passed the first-use probe for `case`
+    (`lsp.ops.probe.kernel_case("delta", k, v, g)`; lsp/ops/probe.py), else the chunked torch path."""
     if backend not in DELTA_BACKENDS:
         raise ValueError(f"backend must be one of {DELTA_BACKENDS} for delta_rule, got {backend!r}")
     if backend == "triton" and not triton_available(device):
         raise ValueError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 (inputs are on {device})")
-    return "torch" if backend == "auto" else backend
+    if backend != "auto":
+        return backend
+    if case is None or gpu_code_paths_active() or not probe.kernels_by_default(device):
+        return "torch"                          # fake-tensor measurement: no delta custom ops (fake kernels) yet
+    return probe.probed_backend(case)
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, output_final_state=False,
@@ -52,7 +59,8 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, output_
         initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens), fp32 (fp64 for fp64 inputs).
         output_final_state: also return the state after the last token (of every packed sequence).
         cu_seqlens: int32 [N + 1] cumulative lengths of packed sequences (B == 1); the state resets at each start.
-        backend: "auto" (= "torch": chunked WY/UT, any device), "torch", "triton" (the same algorithm in Triton
+        backend: "auto" (Triton on CUDA once its first-use probe passed, lsp/ops/probe.py; else "torch"),
+            "torch" (chunked WY/UT, any device), "triton" (the same algorithm in Triton
             kernels, forward and backward; CUDA or TRITON_INTERPRET=1) or "naive" (the reference).
 
     Returns:
@@ -61,7 +69,7 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, output_
     """
     check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    name = resolve_delta_backend(backend, q.device)
+    name = resolve_delta_backend(backend, q.device, probe.kernel_case("delta", k, v, g))
     with torch.autocast(device_type=q.device.type, enabled=False):
         if name == "naive":
             return naive_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -7,6 +7,7 @@ import torch
 
 from lsp.names import KERNEL_BACKENDS
 
+from .. import probe
 from ..estimate import gpu_code_paths_active, measured_linear_backend
 from .checks import broadcast_decay, check_linear_inputs, exact_numerics
 from .chunk import chunk_linear_attention
@@ -24,13 +25,17 @@ def triton_available(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, case=None) -> str:
+    """The backend a call runs on. "auto": the Triton kernels on CUDA once they passed the first-use probe for
+    `case` (`lsp.ops.probe.kernel_case` of the call; lsp/ops/probe.py), else the chunked torch path."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto" and gpu_code_paths_active():   # fake-tensor measurement: the GPU's choice
         return measured_linear_backend()
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(device) else "torch"
+        if case is None or not probe.kernels_by_default(device):
+            return "torch"
+        return probe.probed_backend(case)
     if backend == "triton" and not triton_available(device):
         raise ValueError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 (inputs are on {device})")
     return backend
@@ -51,7 +56,8 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None, output_
         initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens), fp32 (fp64 for fp64 inputs).
         output_final_state: also return the state after the last token (of every packed sequence).
         cu_seqlens: int32 [N + 1] cumulative lengths of packed sequences (B == 1); the state resets at each start.
-        backend: "auto" (Triton on CUDA, chunked torch elsewhere), "torch", "triton" or "naive".
+        backend: "auto" (Triton on CUDA once its first-use probe passed, lsp/ops/probe.py; chunked torch
+            elsewhere), "torch", "triton" or "naive".
 
     Returns:
         o: [B, T, H, V] in q's dtype; final_state: [B or N, H, K, V] in the accumulation dtype, or None.
@@ -60,7 +66,7 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None, output_
     if scale is None:
         scale = q.shape[-1] ** -0.5
     g4 = broadcast_decay(g, form)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, probe.kernel_case("linear", k, v, g))
     if name == "naive":
         fn = naive_linear_attention
     elif name == "torch":

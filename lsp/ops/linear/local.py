@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..probe import kernel_case
 from .api import resolve_backend
 from .checks import acc_dtype, broadcast_decay, check_linear_inputs, exact_numerics
 from .chunk import chunk_output, chunk_prepare, chunk_states
@@ -44,7 +45,7 @@ def local_states(k, v, g=None, *, initial_state=None, cu_seqlens=None, backend="
     """
     form = check_linear_inputs(k, k, v, g, initial_state, cu_seqlens)
     g4 = broadcast_decay(g, form)
-    name = resolve_backend(backend, k.device)
+    name = resolve_backend(backend, k.device, kernel_case("linear", k, v, g))
     if name == "naive" or k.dtype == torch.float64:
         name = "torch"  # the local pass is chunked; fp64 runs in torch in every backend
     with exact_numerics(k):
