@@ -42,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_train(args) -> int:
-    from lsp.train.config import load_config
+    from lsp.run_config import load_config
     cfg = load_config(args.config, args.overrides)   # before importing torch: fast failures
     from lsp.train.accelerate_env import apply_accelerate_env
     apply_accelerate_env(cfg)                         # `accelerate launch` flags: honoured or refused, never ignored
@@ -88,12 +88,12 @@ def cmd_launch(args) -> int:
 
 def launch_config(args):
     """Every check that would otherwise fail in N processes at once, before any is started."""
-    from lsp.train.config import ConfigError, load_config, validate
+    from lsp.run_config import ConfigError, check_world, load_config
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise UserError("--nproc-per-node and --nnodes must be >= 1")
     cfg = load_config(args.config, args.overrides)
     world = args.nproc_per_node * args.nnodes
-    validate(cfg, world_size=world)
+    check_world(cfg, world)
     if cfg.parallel.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp[deepspeed]'), "
                           "or use parallel.engine=ddp / fsdp")
@@ -114,8 +114,8 @@ def resolve_checkpoint(path: str) -> str:
 
 def cmd_eval(args) -> int:
     path = resolve_checkpoint(args.checkpoint)
+    from lsp.run_config import load_config
     from lsp.train.checkpoint import load_checkpoint
-    from lsp.train.config import load_config
     from lsp.train.trainer import Trainer
     if args.files:
         return eval_files(path, args.files)
@@ -139,8 +139,8 @@ def eval_files(path: str, files: List[str]) -> int:
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise UserError(f"--files: not found: {missing[0]}")
-    from lsp.models import load_run
-    from lsp.train.config import load_config
+    from lsp.run_config import load_config
+    from lsp.train import load_run
     from lsp.train.load import heldout_perplexity
     seq_len = load_config(os.path.join(path, "config.yaml"), check_files=False).data.seq_len
     try:
@@ -158,8 +158,8 @@ def cmd_generate(args) -> int:
 
     import torch
 
-    from lsp.models import load_run
     from lsp.models.generate import check_sampling
+    from lsp.train import load_run
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         model, tokenizer = load_run(args.run_dir, device=args.device)
@@ -194,7 +194,7 @@ def cmd_export(args) -> int:
 
 def cmd_plan(args) -> int:
     """Recommend sp size, SP method, micro-batch and activation checkpointing for a cluster (lsp.plan)."""
-    from lsp.train.config import load_config
+    from lsp.run_config import load_config
     cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
     from lsp.names import SP_METHODS
     from lsp.plan.planner import Cluster, format_candidates, plan_cluster, recommend
@@ -230,8 +230,8 @@ def cmd_plan(args) -> int:
 def _measure(cfg, gpus: int, gpu_mem_gb: float, vocab_size: int) -> int:
     """`lsp plan --measure`: rank 0 of the configured launch, one step on fake tensors (lsp.plan.measure)."""
     from lsp.plan.measure import GB, measure, modelled, report
-    from lsp.train.config import hybrid_config, validate
-    validate(cfg, world_size=gpus, check_files=False)   # the launch must exist: sp divides the GPUs
+    from lsp.run_config import check_world, hybrid_config
+    check_world(cfg, gpus)   # the launch must exist: sp divides the GPUs
     mcfg = hybrid_config(cfg, vocab_size)
     got = measure(cfg, mcfg, gpus)
     print(report(cfg.name, gpus, got, modelled(cfg, mcfg, gpus)), flush=True)
@@ -314,14 +314,14 @@ def parse_args(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Nam
     if argv and argv[0] in parser.commands:
         return parser.commands[argv[0]].parse_intermixed_args(argv[1:])
     if argv and not argv[0].startswith("-"):
-        from lsp.train.config import did_you_mean
+        from lsp.run_config import did_you_mean
         raise UserError(f"lsp: unknown command {argv[0]!r} (one of {', '.join(parser.commands)})"
                         + did_you_mean(argv[0], parser.commands))
     return parser.parse_args(argv)   # no subcommand, or -h: argparse's own answer
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from lsp.train.config import ConfigError
+    from lsp.run_config import ConfigError
     try:
         args = parse_args(build_parser(), sys.argv[1:] if argv is None else argv)
         return args.func(args)

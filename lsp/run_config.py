@@ -19,9 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lsp.hybrid_config import HybridConfig, HybridConfigError
-from lsp.names import LAYOUTS, SP_METHODS
-
-from .signals import SIGNALS, bad_signal
+from lsp.names import LAYOUTS, SAVE_SIGNALS, SP_METHODS
 
 
 class ConfigError(ValueError):
@@ -304,8 +302,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
                 raise ConfigError(key, f"file not found: {f}")
         if check_files and d.tokenizer != "byte":
             _check_tokenizer_file(d.tokenizer)
-    if (name := bad_signal(cfg.checkpoint.save_on_signals)) is not None:
-        raise ConfigError("checkpoint.save_on_signals", f"{name!r} is not one of {', '.join(SIGNALS)}")
+    if (name := next((n for n in cfg.checkpoint.save_on_signals if n not in SAVE_SIGNALS), None)) is not None:
+        raise ConfigError("checkpoint.save_on_signals", f"{name!r} is not one of {', '.join(SAVE_SIGNALS)}")
     if p.engine == "ddp" and p.zero != 0:
         raise ConfigError("parallel.zero", f"{p.zero} needs parallel.engine=fsdp or deepspeed (ddp is ZeRO-0)")
     if p.engine == "fsdp" and p.zero not in (2, 3):
@@ -313,12 +311,19 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero", f"{p.zero} is not one of 0, 1, 2, 3")
     if world_size is not None:
-        if world_size % p.sp:
-            raise ConfigError("parallel.sp", f"{p.sp} does not divide the world size {world_size} "
-                              f"(start it with: lsp launch --nproc-per-node {p.sp} ...)")
-        dp = p.dp or world_size // p.sp
-        if dp * p.sp != world_size:
-            raise ConfigError("parallel.dp", f"dp={dp} x sp={p.sp} != world size {world_size}")
+        check_world(cfg, world_size)
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """The launch fits the config: sp divides the world and dp x sp is all of it. The rest of the config was
+    validated once, by load_config, in this process; this is what is left to check once the world size is known."""
+    p = cfg.parallel
+    if world_size % p.sp:
+        raise ConfigError("parallel.sp", f"{p.sp} does not divide the world size {world_size} "
+                          f"(start it with: lsp launch --nproc-per-node {p.sp} ...)")
+    dp = p.dp or world_size // p.sp
+    if dp * p.sp != world_size:
+        raise ConfigError("parallel.dp", f"dp={dp} x sp={p.sp} != world size {world_size}")
 
 
 def lift_model_extra(loaded: DictConfig) -> DictConfig:

@@ -178,8 +178,8 @@ def build_step(cfg, mcfg, gpus: int, fake: bool = True):
     import torch.distributed as dist
 
     from lsp.models import HybridLM
+    from lsp.models.build import build_optimizer
     from lsp.parallel import SPContext
-    from lsp.train.engine import build_optimizer
 
     p, t = cfg.parallel, cfg.train
     torch.manual_seed(t.seed)

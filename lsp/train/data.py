@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from lsp.names import IGNORE_INDEX
+from lsp.run_config import Config, ConfigError, DataConfig
 
-from .config import Config, ConfigError, DataConfig
 from .shuffle import shuffled_position
 from .tokenizing import (
     default_workers,

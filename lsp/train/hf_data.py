@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, List
 
-from .config import ConfigError, HFDataConfig
+from lsp.run_config import ConfigError, HFDataConfig
 
 BATCH_ROWS = 1024   # rows per Arrow read
 

@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .config import Config, to_dict
+from lsp.run_config import Config, to_dict
+
 from .files import write_text_atomic
 from .runs import wandb_run_id
 

@@ -14,8 +14,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from lsp.run_config import Config, ConfigError, to_yaml
+
 from .checkpoint import latest_checkpoint
-from .config import Config, ConfigError, hybrid_config, to_yaml
 from .data import IGNORE_INDEX, Batch, DataLoader, build_corpus_token_file, corpus_of, make_tokenizer
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
 from .engine import Engine
@@ -43,11 +44,6 @@ def stop_request(flags: torch.Tensor) -> Optional[str]:
     if not ranks:
         return None
     return f"{signal_name(int(flags[2, ranks[0]]))} on ranks {ranks}"
-
-
-def build_model(cfg: Config, vocab_size: int):
-    from lsp.models import HybridLM
-    return HybridLM(hybrid_config(cfg, vocab_size))
 
 
 def build_sp(cfg: Config, mesh: Mesh):
@@ -80,6 +76,7 @@ class Trainer:
                                     rank=mesh.rank, world=mesh.world)
         barrier(mesh)
         self.data = DataLoader(cfg, dp_rank=mesh.dp_rank, dp_size=mesh.dp)
+        from lsp.models.build import build_model
         self.model = build_model(cfg, self.data.vocab_size)
         if cfg.init_from:   # trained weights to start from (a resumed checkpoint below replaces them)
             from .load import init_weights_from

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from lsp.cli import main  # noqa: E402
 from lsp.ops.estimate import gpu_code_paths  # noqa: E402
 from lsp.plan.measure import _flop_formulas, build_step, fake_process_group, measure, train_step  # noqa: E402
-from lsp.train.config import hybrid_config, load_config  # noqa: E402
+from lsp.run_config import hybrid_config, load_config  # noqa: E402
 
 from .conftest import REPO  # noqa: E402
 

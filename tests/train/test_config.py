@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lsp.train.config import Config, ConfigError, load_config, validate
+from lsp.run_config import Config, ConfigError, load_config, validate
 
 from .conftest import REPO, TINY, run_lsp
 

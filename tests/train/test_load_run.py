@@ -1,4 +1,4 @@
-"""`lsp.models.load_run` and `lsp generate` on runs trained here with `lsp train` / `lsp launch`.
+"""`lsp.train.load_run` and `lsp generate` on runs trained here with `lsp train` / `lsp launch`.
 
 Reference for the loaded weights: the held-out loss the trainer itself logged at its last step (metrics.jsonl),
 recomputed from the loaded model on the same eval batches; same weights and same fp32 computation give it to ~1e-7
@@ -13,8 +13,9 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from lsp.cli import main as lsp_main
-from lsp.models import HybridLM, load_run
-from lsp.train.config import load_config
+from lsp.models import HybridLM
+from lsp.run_config import load_config
+from lsp.train import load_run
 from lsp.train.data import ByteTokenizer, DataLoader
 
 from .conftest import SMALL, TINY, run_lsp
@@ -220,7 +221,7 @@ def test_eval_of_a_zero0_deepspeed_layout(tiny_run, tmp_path, capsys):
 
 def test_init_from_an_export_or_a_run_is_bitwise(tiny_run, tmp_path):
     from lsp.export import export_run
-    from lsp.train.config import ConfigError
+    from lsp.run_config import ConfigError
     from lsp.train.trainer import Trainer
     export_run(tiny_run, str(tmp_path / "hf"))
     trained = load_run(tiny_run)[0].state_dict()

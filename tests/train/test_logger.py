@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from lsp.train.config import load_config
+from lsp.run_config import load_config
 from lsp.train.logger import RunLogger
 
 from .conftest import SMALL
