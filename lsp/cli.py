@@ -136,9 +136,10 @@ def cmd_eval(args) -> int:
 
 def eval_files(path: str, files: List[str]) -> int:
     """`lsp eval RUN_DIR --files ...`: held-out perplexity of the checkpoint at path (lsp.train.load)."""
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise UserError(f"--files: not found: {missing[0]}")
+    from lsp.run_config import file_problem
+    problems = [p for p in map(file_problem, files) if p is not None]
+    if problems:
+        raise UserError(f"--files: {problems[0]}")
     from lsp.run_config import load_config
     from lsp.train import load_run
     from lsp.train.load import heldout_perplexity
@@ -162,6 +163,7 @@ def cmd_generate(args) -> int:
     from lsp.train import load_run
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        check_torch_device(args.device)
         model, tokenizer = load_run(args.run_dir, device=args.device)
         ids = tokenizer.encode(args.prompt)
     except ValueError as err:
@@ -177,6 +179,20 @@ def cmd_generate(args) -> int:
     new = out.shape[1] - len(ids)
     print(f"lsp generate: {len(ids)} prompt + {new} new tokens in {seconds:.2f} s", file=sys.stderr)
     return 0
+
+
+def check_torch_device(name: str) -> None:
+    """--device NAME names a device this torch can use (ValueError in one line otherwise)."""
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a torch device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        built = "built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"--device {name}: this torch {torch.__version__} has no CUDA ({built}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
 def cmd_export(args) -> int:

@@ -30,14 +30,21 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
 
 
 def export_run(run_dir: str, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
-    """Write the newest checkpoint of run_dir as a Hugging Face folder; returns the names of the files written."""
+    """Write the newest checkpoint of run_dir as a Hugging Face folder; returns the names of the files written.
+    A out_dir that cannot be a folder is a ValueError naming it, raised before the run is read."""
+    from lsp.run_config import dir_problem
     from lsp.train.load import load_run
+    if (problem := dir_problem(out_dir)) is not None:
+        raise ValueError(f"out_dir: {problem}")
     return export_model(*load_run(run_dir), out_dir, max_shard_bytes)
 
 
 def export_model(model, tokenizer, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
     """Write a HybridLM (fp32 weights as they are) and its lsp tokenizer as a Hugging Face folder."""
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:   # what dir_problem cannot see beforehand (root on a read-only file system)
+        raise ValueError(f"out_dir: cannot create {out_dir}: {err.strerror}") from None
     for stale in glob.glob(os.path.join(out_dir, "model*.safetensors*")):   # an earlier export's shards
         os.remove(stale)
     written = write_weights(export_state_dict(model), out_dir, max_shard_bytes)

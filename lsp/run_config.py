@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lsp.hybrid_config import HybridConfig, HybridConfigError
@@ -204,8 +204,52 @@ def did_you_mean(word: str, choices) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
+def initials(name: str) -> str:
+    """learning_rate -> lr, weight_decay -> wd: how a key is usually abbreviated."""
+    return "".join(part[:1] for part in name.split("_"))
+
+
+def closest_key(key: str, keys: List[str]) -> Optional[str]:
+    """The schema key a mistyped dotted key most likely meant, or None. Within an existing section the last part is
+    compared with that section's keys alone (an abbreviation either way first, then spelling), so the shared
+    section prefix does not make a poor match look close (optim.learning_rate is optim.lr, not optim.min_lr); a key
+    whose section does not exist is compared whole (trian.steps -> train.steps)."""
+    section, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == section}
+    if section and section not in keys:
+        close = difflib.get_close_matches(key, keys, n=1)
+        return close[0] if close else None
+    by_initials = [full for name, full in siblings.items() if initials(leaf) == name or initials(name) == leaf]
+    if by_initials:
+        return by_initials[0]
+    close = difflib.get_close_matches(leaf, list(siblings), n=1)
+    return siblings[close[0]] if close else None
+
+
 def unknown_key(key: str) -> ConfigError:
-    return ConfigError(key, "unknown key" + did_you_mean(key, schema_keys()))
+    match = closest_key(key, schema_keys())
+    return ConfigError(key, "unknown key" + (f"; did you mean {match}?" if match else ""))
+
+
+def file_problem(path: str) -> Optional[str]:
+    """Why path cannot be read as an input file ("file not found: X", "X is a folder, not a file"), or None."""
+    if os.path.isdir(path):
+        return f"{path} is a folder, not a file (name the files in it)"
+    return None if os.path.isfile(path) else f"file not found: {path}"
+
+
+def dir_problem(path: str) -> Optional[str]:
+    """Why the folder path cannot be created or written, or None; checked before anything is written. (os.access
+    answers yes to root everywhere: what it misses fails at the first write, where the writer names the key.)"""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a folder" if probe == os.path.abspath(path) else \
+            f"cannot create {path}: {probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"cannot write to {path}: {probe} is not writable"
+    return None
 
 
 def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
@@ -213,6 +257,8 @@ def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
     msg = str(getattr(err, "msg", None) or err).strip().splitlines()[0]
     if "not in" in msg and "Key" in msg:
         return unknown_key(key)
+    if key and isinstance(OmegaConf.select(OmegaConf.structured(Config), key), ListConfig):
+        return ConfigError(key, f"must be a list; write {key}=[...] (brackets, items separated by commas)")
     return ConfigError(key or "config", msg)
 
 
@@ -298,10 +344,13 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
                               "(json, csv, parquet, text, arrow) with data.hf.data_files")
         key, files = ("data.files", d.files) if d.kind == "files" else ("data.hf.data_files", d.hf.data_files)
         for f in files if check_files else ():
-            if not os.path.isfile(f):
-                raise ConfigError(key, f"file not found: {f}")
+            if (problem := file_problem(f)) is not None:
+                raise ConfigError(key, problem)
         if check_files and d.tokenizer != "byte":
             _check_tokenizer_file(d.tokenizer)
+    for key, folder in (("out_dir", cfg.run_dir), ("checkpoint.dir", cfg.checkpoint.dir)) if check_files else ():
+        if folder and (problem := dir_problem(folder)) is not None:
+            raise ConfigError(key, problem)
     if (name := next((n for n in cfg.checkpoint.save_on_signals if n not in SAVE_SIGNALS), None)) is not None:
         raise ConfigError("checkpoint.save_on_signals", f"{name!r} is not one of {', '.join(SAVE_SIGNALS)}")
     if p.engine == "ddp" and p.zero != 0:

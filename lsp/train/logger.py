@@ -13,7 +13,7 @@ import torch
 from lsp.run_config import Config, to_dict
 
 from .files import write_text_atomic
-from .runs import wandb_run_id
+from .runs import make_run_dir, wandb_run_id
 
 # dense bf16 peak TFLOP/s per device, for MFU when logging.peak_tflops is 0
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
@@ -71,7 +71,7 @@ class RunLogger:
         self.bar = self.wandb = None
         if not active:
             return
-        os.makedirs(cfg.run_dir, exist_ok=True)
+        make_run_dir(cfg.run_dir)
         path = os.path.join(cfg.run_dir, "metrics.jsonl")
         _drop_rows_after(path, start_step)   # a resumed run re-logs the steps after its checkpoint
         self.jsonl = open(path, "a")

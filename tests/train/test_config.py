@@ -113,6 +113,15 @@ BAD = [
     # caught by `lsp launch` before any rank starts (it was ~40 lines of torchrun traceback, exit 1)
     ("launch2", ["data.kind=hf"], "data.hf.path: data.kind=hf needs"),
     ("launch2", ["parallel.backend=nccl", "train.device=cpu"], "parallel.backend: nccl needs CUDA devices"),
+    # a folder that cannot be made, a list without brackets, a folder as a file, an abbreviated key (issue 23)
+    ("train", ["out_dir={tmp}/doc.txt"], "out_dir: cannot create {tmp}/doc.txt/tiny-cpu: {tmp}/doc.txt is a file"),
+    ("train", ["checkpoint.dir={tmp}/doc.txt/ckpt"], "checkpoint.dir: cannot create {tmp}/doc.txt/ckpt: {tmp}/doc.txt"),
+    ("train", ["data.kind=files", "data.files={tmp}/doc.txt"], "data.files: must be a list; write data.files=[...]"),
+    ("train", ["data.kind=files", "data.files=[{tmp}]", "train.micro_batch=1"], "data.files: {tmp} is a folder, not"),
+    ("train", ["optim.learning_rate=0.1"], "optim.learning_rate: unknown key; did you mean optim.lr?"),
+    *([("train", ["parallel.sp=1", "out_dir=/proc/lsp-nowhere"],   # passes the early check as root: the first write
+        "out_dir: cannot create /proc/lsp-nowhere/tiny-cpu: No such file or directory")]
+      if os.path.isdir("/proc/self") else []),
 ]
 
 

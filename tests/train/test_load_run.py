@@ -100,6 +100,36 @@ def test_generate_cli_missing_run(tmp_path, capsys):
     assert rc == 2 and err.strip() == f"error: run_dir: no complete checkpoint found under {tmp_path}"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the mistake needs a torch without a usable CUDA device")
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "error: --device cuda: this torch "),
+    ("cuda:1", "error: --device cuda:1: this torch "),
+    ("gpu", "error: --device gpu: not a torch device name (cpu, cuda, cuda:1, ...)"),
+])
+def test_generate_on_a_device_torch_lacks_is_one_line(tiny_run, device, message, capsys):
+    # it was a 20-line traceback from torch.Generator / .to(device) (issue 23)
+    rc, out, err = generate_cli(capsys, tiny_run, "--prompt", "1 2", "--device", device)
+    assert rc == 2 and out == "" and err.startswith(message) and len(err.splitlines()) == 1, err
+
+
+def test_export_to_a_file_or_an_unwritable_path_is_one_line(tiny_run, tmp_path, capsys):
+    """`lsp export RUN OUT` where OUT is a file, lies under a file, or cannot be created: one line, exit 2, the
+    file untouched (it was a FileExistsError / NotADirectoryError traceback after the run was loaded)."""
+    blocker = tmp_path / "model.bin"
+    blocker.write_bytes(b"keep me")
+    cases = [(str(blocker), f"error: out_dir: {blocker} is a file, not a folder"),
+             (str(blocker / "hf"), f"error: out_dir: cannot create {blocker / 'hf'}: {blocker} is a file")]
+    if os.path.isdir("/proc/self"):   # passes the permission check as root; the first write names it
+        cases.append(("/proc/lsp-nowhere/hf", "error: out_dir: cannot create /proc/lsp-nowhere/hf: No such file"))
+    for out_dir, message in cases:
+        capsys.readouterr()
+        rc = lsp_main(["export", tiny_run, out_dir])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(message) and len(err.splitlines()) == 1, err
+    assert blocker.read_bytes() == b"keep me" and sorted(os.listdir(tmp_path)) == ["model.bin"]
+    assert lsp_main(["export", tiny_run, str(tmp_path / "hf")]) == 0   # control: a folder that can be made
+
+
 def test_byte_tokenizer_round_trip():
     text = "naïve café — 文字"
     tok = ByteTokenizer()
