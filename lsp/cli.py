@@ -210,29 +210,30 @@ def cmd_export(args) -> int:
 
 def cmd_plan(args) -> int:
     """Recommend sp size, SP method, micro-batch and activation checkpointing for a cluster (lsp.plan)."""
-    from lsp.run_config import load_config
-    cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
-    from lsp.names import SP_METHODS
-    from lsp.plan.planner import Cluster, format_candidates, plan_cluster, recommend
     for flag, value in (("--gpus", args.gpus), ("--world", args.world), ("--seq-len", args.seq_len),
                         ("--gpu-mem-gb", args.gpu_mem_gb), ("--tflops", args.tflops),
                         ("--gpus-per-node", args.gpus_per_node), ("--top", args.top)):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be positive, got {value}")
-    gpus = args.gpus or max(1, cfg.parallel.dp) * (args.world or cfg.parallel.sp)
+    if args.measure:
+        return _measure(args)
+    from lsp.run_config import load_config
+    cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
+    from lsp.names import SP_METHODS
+    from lsp.plan.planner import Cluster, format_candidates, plan_cluster, recommend
+    gpus, source = plan_gpus(args, cfg)
     if args.world and gpus % args.world:
         raise UserError(f"--world {args.world} does not divide --gpus {gpus}")
     cluster = Cluster(gpus=gpus, gpus_per_node=args.gpus_per_node, memory_gb=args.gpu_mem_gb, tflops=args.tflops)
     T = args.seq_len or cfg.data.seq_len
     kw = dict(vocab_size=cfg.model.vocab_size or 257, seq_len=T, sp_choices=[args.world] if args.world else None)
-    if args.measure:
-        return _measure(cfg, gpus, args.gpu_mem_gb, cfg.model.vocab_size or 257)
     rows = plan_cluster(cfg, cluster, **kw)
     best = recommend(cfg, cluster, rows=rows, **kw)   # one line (exit 2) when nothing fits
     batch = best.micro_batch * best.grad_accum * best.dp
     print(f"{cfg.name}: seq_len={T}, {gpus} GPUs x {args.gpu_mem_gb:g} GB, {args.tflops:g} TFLOP/s each, "
           f"global batch {batch} sequences, engine={cfg.parallel.engine} zero={cfg.parallel.zero} "
           "(modelled: lsp/plan/planner.py)")
+    print(f"planned for {gpus} GPUs: {source}")
     print(format_candidates(rows, limit=args.top))
     same_sp = [c for c in rows if c.sp == best.sp and c.micro_batch == best.micro_batch
                and c.checkpointing == best.checkpointing]
@@ -243,16 +244,38 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _measure(cfg, gpus: int, gpu_mem_gb: float, vocab_size: int) -> int:
-    """`lsp plan --measure`: rank 0 of the configured launch, one step on fake tensors (lsp.plan.measure)."""
-    from lsp.plan.measure import GB, measure, modelled, report
-    from lsp.run_config import check_world, hybrid_config
+def plan_gpus(args, cfg):
+    """(GPUs to plan for, where that number came from): --gpus, else the config's own launch dp x sp (dp=0, "as
+    many as the launch gives", counts as 1: the smallest launch of the config)."""
+    if args.gpus:
+        return args.gpus, "--gpus"
+    p, sp = cfg.parallel, args.world or cfg.parallel.sp
+    sp_from = "--world" if args.world else "parallel.sp"
+    if p.dp:
+        return p.dp * sp, f"the config's launch, parallel.dp={p.dp} x {sp_from}={sp} (--gpus N for another)"
+    return sp, (f"the config's smallest launch, {sp_from}={sp} with parallel.dp=0 taken as 1 "
+                "(set parallel.dp or pass --gpus N for a larger job)")
+
+
+def _measure(args) -> int:
+    """`lsp plan --measure`: rank 0 of one launch, one step on fake tensors (lsp.plan.measure). --seq-len and
+    --world are the overrides data.seq_len and parallel.sp, --gpus the world size (dp = GPUs / sp), so the config
+    is validated once with them and the step measured is the one printed."""
+    from lsp.run_config import check_world, hybrid_config, load_config
+    flags = [f"data.seq_len={args.seq_len}"] * bool(args.seq_len) + [f"parallel.sp={args.world}"] * bool(args.world)
+    flags += ["parallel.dp=0"] * bool(args.gpus)   # the GPUs given decide dp
+    cfg = load_config(args.config, args.overrides + flags, check_files=False)
+    gpus, source = plan_gpus(args, cfg)
     check_world(cfg, gpus)   # the launch must exist: sp divides the GPUs
+    from lsp.plan.measure import GB, measure, modelled, report
+    vocab_size = cfg.model.vocab_size or 257
     mcfg = hybrid_config(cfg, vocab_size)
+    print(f"measuring for {gpus} GPUs: {source}", flush=True)
     got = measure(cfg, mcfg, gpus)
-    print(report(cfg.name, gpus, got, modelled(cfg, mcfg, gpus)), flush=True)
-    if got.peak > gpu_mem_gb * GB:
-        raise UserError(f"--gpu-mem-gb {gpu_mem_gb:g}: the measured peak {got.peak / GB:.2f} GB per GPU does not fit")
+    print(report(cfg, gpus, got, modelled(cfg, mcfg, gpus)), flush=True)
+    if got.peak > args.gpu_mem_gb * GB:
+        raise UserError(f"--gpu-mem-gb {args.gpu_mem_gb:g}: the measured peak {got.peak / GB:.2f} GB per GPU "
+                        "does not fit")
     return 0
 
 
