@@ -95,7 +95,7 @@ def launch_config(args):
     world = args.nproc_per_node * args.nnodes
     check_world(cfg, world)
     if cfg.parallel.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp[deepspeed]'), "
+        raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp-hybrid[deepspeed]'), "
                           "or use parallel.engine=ddp / fsdp")
     from lsp.train.dist import check_device
     check_device(cfg, world)

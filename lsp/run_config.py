@@ -60,7 +60,7 @@ class MQARConfig:
 
 @dataclass
 class HFDataConfig:
-    """data.kind=hf: a Hugging Face `datasets` corpus (optional extra: pip install 'lsp[datasets]')."""
+    """data.kind=hf: a Hugging Face `datasets` corpus (optional extra: pip install 'lsp-hybrid[datasets]')."""
     path: str = ""  # a save_to_disk directory, or a builder (json | csv | parquet | text | arrow) with data_files
     data_files: List[str] = field(default_factory=list)
     split: str = "train"
@@ -418,7 +418,7 @@ def _check_tokenizer_file(path: str) -> None:
                           "use data.tokenizer=byte or a tokenizer.json saved by `tokenizers`")
     if importlib.util.find_spec("tokenizers") is None:
         raise ConfigError("data.tokenizer", "a tokenizer JSON needs the `tokenizers` package "
-                          "(pip install 'lsp[tokenizers]'), or use data.tokenizer=byte")
+                          "(pip install 'lsp-hybrid[tokenizers]'), or use data.tokenizer=byte")
 
 
 def to_yaml(cfg: Config) -> str:

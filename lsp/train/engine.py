@@ -72,7 +72,7 @@ class Engine:
         try:
             import deepspeed
         except ImportError:
-            raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp[deepspeed]'), "
+            raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp-hybrid[deepspeed]'), "
                               "or use parallel.engine=ddp / fsdp") from None
         t = self.cfg.train
         ds_config = {

@@ -1,7 +1,8 @@
 """`lsp export`: the Hugging Face folder loads through transformers (remote code) with lsp's logits and generation.
 
 Reference: lsp's own HybridLM on the same weights. The wrapper runs the very same modules, so logits agree
-bitwise; a model with one weight perturbed is the negative control. The transformers tests skip without it (`lsp[hf]`).
+bitwise; a model with one weight perturbed is the negative control. The transformers tests skip without it
+(`lsp-hybrid[hf]`).
 """
 import json
 import os
@@ -17,7 +18,8 @@ try:
     import transformers
 except ImportError:   # the import_hf round trip needs only safetensors and still runs
     transformers = None
-needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install 'lsp[hf]')")
+needs_hf = pytest.mark.skipif(transformers is None,
+                              reason="transformers is not installed (pip install 'lsp-hybrid[hf]')")
 
 
 def make_model(kind="gla", pattern="LS", tie=False, vocab=300):
