@@ -6,6 +6,8 @@ import math
 import os
 import resource
 import sys
+import time
+from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -62,11 +64,20 @@ def start_wandb(cfg: Config):
         return None
 
 
+def duration(seconds: float) -> str:
+    """12s, 3m04s, 2h05m: a console time span."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class RunLogger:
     """Writes only on the main rank; every method is a no-op elsewhere."""
 
     def __init__(self, cfg: Config, active: bool, total_steps: int, start_step: int):
         self.cfg, self.active = cfg, active
+        self.total_steps, self.start_step, self.started = total_steps, start_step, time.monotonic()
         self.history: List[Dict[str, Any]] = []
         self.bar = self.wandb = None
         if not active:
@@ -83,18 +94,27 @@ class RunLogger:
             self.wandb = start_wandb(cfg)
 
     def log(self, metrics: Dict[str, Any]) -> None:
+        """One row: metrics.jsonl (with its wall-clock `time`, UTC, and `elapsed_s` since this process started
+        training), wandb (which keeps its own clock), and the bar or, in a log file, a plain line ending in the
+        elapsed time and an ETA (the remaining steps at this process's mean pace so far)."""
         if not self.active:
             return
-        self.history.append(metrics)
-        self.jsonl.write(json.dumps(json_safe(metrics), allow_nan=False) + "\n")
+        elapsed = time.monotonic() - self.started
+        row = {**metrics, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "elapsed_s": round(elapsed, 3)}
+        self.history.append(row)
+        self.jsonl.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=metrics["step"])
-        if self.bar is not None:
+        if self.bar is not None:   # tqdm shows its own elapsed time and ETA
             self.bar.set_postfix(self.bar_fields(metrics))
         else:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-                  file=sys.stderr, flush=True)
+            fields = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
+            done = metrics["step"] - self.start_step
+            eta = elapsed * (self.total_steps - metrics["step"]) / done if done > 0 else None
+            fields += [f"elapsed={duration(elapsed)}"] + ([f"eta={duration(eta)}"] if eta is not None else [])
+            print(" ".join(fields), file=sys.stderr, flush=True)
 
     def bar_fields(self, metrics: Dict[str, Any]) -> Dict[str, str]:
         """The bar's postfix: latest train loss and tokens/s, and the latest eval results, kept between updates."""

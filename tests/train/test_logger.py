@@ -1,9 +1,12 @@
 """Run logging: the wandb run id lives in the run dir (a resumed job is one wandb run); a progress bar only on a
 terminal, one plain line per logged row otherwise, eval results shown in the bar."""
 import io
+import itertools
+import json
 import re
 import sys
 import types
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -75,6 +78,8 @@ ROWS = [{"step": 2, "loss": 4.25, "tokens_per_s": 1000.0}, {"step": 2, "eval_los
 def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, tty):
     stream = Stream(tty)
     monkeypatch.setattr(sys, "stderr", stream)
+    ticks = itertools.count(0, 10)   # the logger's clock: 0 s at the start, then +10 s per row
+    monkeypatch.setattr("lsp.train.logger.time.monotonic", lambda: next(ticks))
     logger = make_logger(tmp_path, "r", "logging.tqdm=true")
     for row in ROWS:
         logger.log(row)
@@ -85,5 +90,17 @@ def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch, tty):
         assert "\r" in text and "eval_acc=0.1250" in text and "loss=4.0000" in text.split("\r")[-1]
     else:
         assert "\r" not in text
-        assert text.splitlines() == ["step=2 loss=4.25 tokens_per_s=1000", "step=2 eval_loss=4.5 eval_accuracy=0.125",
-                                     "step=4 loss=4 tokens_per_s=1100"]
+        # 10 steps: 2 done after 10 s -> 8 left at 5 s each; an ETA, and time / elapsed_s in every JSONL row
+        assert text.splitlines() == ["step=2 loss=4.25 tokens_per_s=1000 elapsed=10s eta=40s",
+                                     "step=2 eval_loss=4.5 eval_accuracy=0.125 elapsed=20s eta=1m20s",
+                                     "step=4 loss=4 tokens_per_s=1100 elapsed=30s eta=45s"]
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["elapsed_s"] for r in rows] == [10, 20, 30]
+    assert all(abs(datetime.fromisoformat(r["time"]) - datetime.now(timezone.utc)) < timedelta(minutes=5)
+               for r in rows)
+    assert [{k: v for k, v in r.items() if k not in ("time", "elapsed_s")} for r in rows] == ROWS
+
+
+def test_duration_format():
+    from lsp.train.logger import duration
+    assert [duration(s) for s in (0.4, 59.6, 184, 7500)] == ["0s", "1m00s", "3m04s", "2h05m"]
