@@ -279,56 +279,69 @@ def _measure(args) -> int:
     return 0
 
 
+CONFIG_HELP = "a run config YAML (configs/*.yaml; schema: docs/training.md)"
+OVERRIDES_HELP = "key=value overrides of the config, e.g. train.steps=100 parallel.sp=2 (dotted keys)"
+OVERRIDES_EPILOG = ("Every config key can be overridden as key=value after the config file; options may come "
+                    "anywhere after the command. Keys and their meaning: docs/training.md.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lsp", description="Exact sequence-parallel training of hybrid linear/softmax LMs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("train", help="train (one process, or one rank under torchrun)")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", default=[], help="key=value")
+    p = sub.add_parser("train", help="train (one process, or one rank under torchrun)",
+                       description="Train one process, or one rank under torchrun / accelerate launch.",
+                       epilog=OVERRIDES_EPILOG)
+    p.add_argument("config", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("launch", help="start torchrun with `lsp train` on every rank")
-    p.add_argument("--nproc-per-node", type=int, default=1)
-    p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--node-rank", type=int, default=0)
-    p.add_argument("--rdzv-endpoint", default="")
-    p.add_argument("--rdzv-id", default="")
-    p.add_argument("--max-restarts", type=int, default=0)
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", default=[], help="key=value")
+    p = sub.add_parser("launch", help="start torchrun with `lsp train` on every rank",
+                       description="Run torchrun's elastic agent in this process, `lsp train CONFIG` on every rank "
+                                   "(the config is checked once, before any rank starts).", epilog=OVERRIDES_EPILOG)
+    p.add_argument("--nproc-per-node", type=int, default=1, help="ranks (GPUs, or CPU processes) on this node "
+                   "(default 1); dp x sp must equal nproc-per-node x nnodes")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1; > 1 needs --rdzv-endpoint)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1 (multi-node)")
+    p.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the rendezvous on node 0 (multi-node)")
+    p.add_argument("--rdzv-id", default="", help="job id shared by the nodes of one job (multi-node, optional)")
+    p.add_argument("--max-restarts", type=int, default=0, help="restart every rank up to K times when one fails; "
+                   "they resume from the newest checkpoint (default 0)")
+    p.add_argument("config", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_launch)
     p = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy / validation loss, or held-out files)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a run directory, its checkpoints/ folder or one step_N folder")
     p.add_argument("--files", nargs="+", default=None, help="held-out text / .jsonl files: loss and perplexity")
-    p.add_argument("overrides", nargs="*", default=[], help="key=value")
+    p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("generate", help="continue a prompt with a trained run's model")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory (its newest complete checkpoint is used)")
     p.add_argument("--prompt", required=True, help="text (token ids separated by spaces for an MQAR run)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="sample within the top probability mass P (nucleus)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("export", help="write a run's model as a Hugging Face folder")
-    p.add_argument("run_dir")
-    p.add_argument("out_dir")
+    p.add_argument("run_dir", help="a run directory (its newest complete checkpoint is exported)")
+    p.add_argument("out_dir", help="the folder to write (created; an earlier export's weights in it are replaced)")
     p.add_argument("--max-shard-mb", type=float, default=5120.0, help="split the weights above this size")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("plan", help="recommend sp size, SP method, micro-batch for a config on a cluster")
     p.add_argument("--gpus", type=int, default=None,
-                   help="GPUs in the job (default: parallel.dp x (--world or parallel.sp))")
+                   help="GPUs in the job (default: the config's launch, parallel.dp x parallel.sp, dp=0 as 1)")
     p.add_argument("--world", type=int, default=None, help="fix the SP size instead of searching it")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: data.seq_len)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node: NVLink inside, network across "
+                   "(default 8)")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GB (default 80)")
     p.add_argument("--tflops", type=float, default=400.0, help="sustained bf16 TFLOP/s per GPU")
     p.add_argument("--top", type=int, default=10, help="candidates to print")
     p.add_argument("--measure", action="store_true",
-                   help="run one step of the configured launch on fake tensors and compare with the model")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", default=[], help="key=value")
+                   help="run one step of the launch on fake tensors and compare with the model")
+    p.add_argument("config", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_plan)
     parser.commands = sub.choices   # name -> subparser, for parse_args
     return parser

@@ -46,6 +46,19 @@ def stop_request(flags: torch.Tensor) -> Optional[str]:
     return f"{signal_name(int(flags[2, ranks[0]]))} on ranks {ranks}"
 
 
+def corpus_summary(cfg: Config, source, dp: int) -> str:
+    """One line on what a files run trains on: documents, tokens, windows and their train / validation split, and
+    how many epochs the configured steps make. source: the loader's packed token windows (lsp.train.data)."""
+    t = cfg.train
+    windows = source.num_train + source.num_val
+    per_step = dp * t.micro_batch * t.grad_accum
+    epochs = t.steps * per_step / source.num_train
+    return (f"lsp: corpus {len(source.doc_starts) - 1:,} documents, {len(source.tokens):,} tokens (with "
+            f"end-of-document ids) = {windows:,} windows of {source.seq_len} tokens: {source.num_train:,} train, "
+            f"{source.num_val:,} validation (data.val_fraction={cfg.data.val_fraction:g}); {t.steps:,} steps x "
+            f"{per_step:,} windows = {epochs:.3g} epochs")
+
+
 def build_sp(cfg: Config, mesh: Mesh):
     if mesh.sp == 1:
         return None
@@ -231,6 +244,8 @@ class Trainer:
             print(f"lsp: {num_parameters(self.model) / 1e6:.2f}M params, dp={mesh.dp} sp={mesh.sp} "
                   f"engine={cfg.parallel.engine} device={mesh.device.type} "
                   f"precision={precision_name(cfg, mesh.device)}, run dir {cfg.run_dir}", flush=True)
+            if self.data.epoch_len is not None:   # a corpus of files (data.kind files / hf), not MQAR's stream
+                print(corpus_summary(cfg, self.data.source, mesh.dp), flush=True)
 
     def loop(self, logger: RunLogger):
         """Steps until train.steps, or until a stop signal: then that step is logged and saved at once.
