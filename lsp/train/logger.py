@@ -128,16 +128,18 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(n)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Finish the run's outputs. A failing run (exit_code != 0) closes them before its error is printed, so
+        wandb's closing lines never follow the error line or the traceback; it writes no plot."""
         if not self.active:
             return
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()
-        if self.cfg.logging.plot:
+        if self.cfg.logging.plot and exit_code == 0:
             self.plot()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=exit_code)
 
     def plot(self) -> None:
         """loss_curve.png in the run dir from the whole metrics.jsonl (so resumed runs plot the full curve)."""

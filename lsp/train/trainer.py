@@ -227,9 +227,13 @@ class Trainer:
                       "evaluating only. Raise train.steps to continue, or choose another name.", flush=True)
             return {"losses": [], "step": self.step, **self.evaluate()}
         logger = RunLogger(cfg, mesh.is_main, cfg.train.steps, self.step)
-        self.announce()
-        with StopSignals(cfg.checkpoint.save_on_signals) as self.signals:
-            losses, last, stop = self.loop(logger)
+        try:
+            self.announce()
+            with StopSignals(cfg.checkpoint.save_on_signals) as self.signals:
+                losses, last, stop = self.loop(logger)
+        except BaseException:
+            logger.close(exit_code=1)   # wandb says its last lines now, before the error line or traceback
+            raise
         self.signals = None
         logger.close()
         if stop:

@@ -13,7 +13,7 @@ import pytest
 from lsp.run_config import load_config
 from lsp.train.logger import RunLogger
 
-from .conftest import SMALL
+from .conftest import SMALL, TINY
 
 
 class FakeWandb(types.ModuleType):
@@ -21,11 +21,13 @@ class FakeWandb(types.ModuleType):
 
     def __init__(self):
         super().__init__("wandb")
-        self.inits = []
+        self.inits, self.events = [], []
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
-        return types.SimpleNamespace(log=lambda *a, **k: None, finish=lambda: None)
+        self.events.append("init")
+        return types.SimpleNamespace(log=lambda *a, **k: None,
+                                     finish=lambda exit_code=0: self.events.append(f"finish {exit_code}"))
 
 
 def make_logger(tmp_path, name="r", *extra, start=0):
@@ -43,6 +45,33 @@ def test_wandb_run_id_is_kept_in_the_run_dir(tmp_path, monkeypatch):
     assert ids[0] == ids[1] and all(i["resume"] == "allow" for i in fake.inits)     # one wandb run for the job
     assert ids[2] != ids[0]                                                        # control: another run dir
     assert (tmp_path / "r" / "wandb_id").read_text().strip() == ids[0]
+
+
+def test_a_failing_run_finishes_wandb_before_its_error(tmp_path, monkeypatch):
+    """wandb's closing lines came after the traceback (its atexit hook ran last); now a run that fails finishes
+    wandb (exit code 1) before the exception leaves the trainer, so the error is the last thing printed."""
+    from lsp.cli import main as lsp_main
+    from lsp.train.trainer import Trainer
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    real_step = Trainer.train_step
+
+    def step_then_fail(self):
+        if self.step == 1:
+            fake.events.append("error")
+            raise RuntimeError("boom at step 2")
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_fail)
+    args = ["train", TINY, f"out_dir={tmp_path}", "name=f", *SMALL, "parallel.sp=1", "train.steps=3",
+            "logging.wandb=true"]
+    with pytest.raises(RuntimeError, match="boom at step 2"):
+        lsp_main(args)
+    assert fake.events == ["init", "error", "finish 1"]   # before: ["init", "error"], wandb closed at exit
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    fake.events.clear()
+    assert lsp_main([*args, "name=ok"]) == 0
+    assert fake.events == ["init", "finish 0"]   # control: a run that ends well finishes with 0
 
 
 def test_real_offline_wandb_resumes_the_same_run(tmp_path):
