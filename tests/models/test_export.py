@@ -90,6 +90,31 @@ def test_sharded_weights_load(tmp_path):
         assert torch.equal(load_hf(tmp_path)(ids).logits, model(ids).logits)
 
 
+def test_export_readme_says_how_to_load_without_a_prompt(tmp_path):
+    # AutoTokenizer without trust_remote_code waited 15 s at a y/N prompt (transformers >= 5 reads config.json's
+    # remote AutoConfig first); the folder's README names the loader that needs no remote code
+    model = make_model(vocab=257)
+    assert "README.md" in export_model(model, ByteTokenizer(), tmp_path / "text")
+    text = (tmp_path / "text" / "README.md").read_text()
+    assert "PreTrainedTokenizerFast.from_pretrained(OUT_DIR)" in text and "trust_remote_code=True" in text
+    export_model(model, IdTokenizer(model.cfg.vocab_size), tmp_path / "ids")
+    assert "No tokenizer" in (tmp_path / "ids" / "README.md").read_text()   # control: an MQAR run has none
+
+
+@needs_hf
+def test_readme_tokenizer_loads_without_remote_code_or_prompt(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda *prompt: asked.append(prompt) or "n")
+    model, tok = make_model(vocab=257), ByteTokenizer()
+    export_model(model, tok, tmp_path)
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    assert hf_tok("the quick")["input_ids"] == tok.encode("the quick") and hf_tok.eos_token_id == tok.eos_id
+    assert asked == []
+    if int(transformers.__version__.split(".")[0]) >= 5:   # control: the AutoTokenizer path asks (transformers 5.25)
+        transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+        assert len(asked) == 1 and "[y/N]" in asked[0][0]
+
+
 @needs_hf
 def test_byte_tokenizer_files_match_lsp(tmp_path):
     model = make_model(vocab=257)
