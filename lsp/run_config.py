@@ -212,18 +212,18 @@ def initials(name: str) -> str:
 def closest_key(key: str, keys: List[str]) -> Optional[str]:
     """The schema key a mistyped dotted key most likely meant, or None. Within an existing section the last part is
     compared with that section's keys alone (an abbreviation either way first, then spelling), so the shared
-    section prefix does not make a poor match look close (optim.learning_rate is optim.lr, not optim.min_lr); a key
-    whose section does not exist is compared whole (trian.steps -> train.steps)."""
+    section prefix does not make a poor match look close (optim.learning_rate is optim.lr, not optim.min_lr); then
+    the same name in another section (model.sp_method -> parallel.sp_method). A key whose section does not exist
+    is compared whole (trian.steps -> train.steps)."""
     section, _, leaf = key.rpartition(".")
     siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == section}
     if section and section not in keys:
         close = difflib.get_close_matches(key, keys, n=1)
         return close[0] if close else None
     by_initials = [full for name, full in siblings.items() if initials(leaf) == name or initials(name) == leaf]
-    if by_initials:
-        return by_initials[0]
     close = difflib.get_close_matches(leaf, list(siblings), n=1)
-    return siblings[close[0]] if close else None
+    elsewhere = [k for k in keys if k.rpartition(".")[2] == leaf and k != key]
+    return next(iter(by_initials + [siblings[c] for c in close] + elsewhere), None)
 
 
 def unknown_key(key: str) -> ConfigError:

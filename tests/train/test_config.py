@@ -227,3 +227,17 @@ def test_torch_import_check_control():
     code = f"import sys; from lsp.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.stdout.split() == ["2", "True"], out.stderr
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("optim.learning_rate", "optim.lr"),             # an abbreviation; it suggested optim.min_lr (shared prefix)
+    ("optim.wd", "optim.weight_decay"),
+    ("parallel.sp_mehtod", "parallel.sp_method"),    # spelling within the section
+    ("model.sp_method", "parallel.sp_method"),       # the same name in another section
+    ("trian.steps", "train.steps"),                  # no such section: compared whole
+    ("optim.momentum", None),                        # nothing close: no suggestion (control)
+    ("xyzzy", None),
+])
+def test_closest_key(typed, meant):
+    from lsp.run_config import closest_key, schema_keys
+    assert closest_key(typed, schema_keys()) == meant
