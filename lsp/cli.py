@@ -8,7 +8,7 @@
     lsp generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                                                      continue a prompt with the run's model (recurrent decoding)
     lsp export RUN_DIR OUT_DIR [--max-shard-mb M]    Hugging Face folder (config, safetensors, tokenizer, remote code)
-    lsp plan [--gpus N] [--seq-len T] [--measure] CONFIG.yaml [key=value ...]
+    lsp plan [--gpus N] [--world W] [--seq-len T] [--measure] CONFIG.yaml [key=value ...]
                                                      recommended sp, SP method, micro-batch (lsp.plan)
 
 User errors print one line and exit with code 2 (no traceback); a non-finite stop exits 3; a run stopped by a signal

@@ -277,8 +277,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     try:
         merged = schema
         if path is not None:
-            if not os.path.isfile(path):
-                raise ConfigError("config", f"file not found: {path}")
+            if (problem := file_problem(path)) is not None:
+                raise ConfigError("config", problem)
             try:
                 loaded = OmegaConf.load(path)
             except yaml.YAMLError as err:
@@ -405,8 +405,8 @@ def hybrid_config(cfg: Config, vocab_size: int) -> HybridConfig:
 
 def _check_tokenizer_file(path: str) -> None:
     """A tokenizers JSON must exist and parse, checked before anything is started or written."""
-    if not os.path.isfile(path):
-        raise ConfigError("data.tokenizer", f"'byte' or a tokenizers JSON file; not found: {path}")
+    if (problem := file_problem(path)) is not None:
+        raise ConfigError("data.tokenizer", f"'byte' or a tokenizers JSON file; {problem}")
     try:
         with open(path, "rb") as f:
             spec = json.loads(f.read().decode("utf-8"))

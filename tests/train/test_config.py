@@ -63,7 +63,7 @@ BAD = [
      "data.files: file not found: {tmp}/missing.txt"),
     ("train", ["data.eval_batches=0"], "data.eval_batches: must be > 0"),
     ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1", "data.tokenizer={tmp}/no.json"],
-     "data.tokenizer: 'byte' or a tokenizers JSON file; not found"),
+     "data.tokenizer: 'byte' or a tokenizers JSON file; file not found"),
     ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1",
                "data.tokenizer={tmp}/garbage.json"], "data.tokenizer: {tmp}/garbage.json is not a tokenizers JSON"),
     ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1",
@@ -119,6 +119,9 @@ BAD = [
     ("train", ["data.kind=files", "data.files={tmp}/doc.txt"], "data.files: must be a list; write data.files=[...]"),
     ("train", ["data.kind=files", "data.files=[{tmp}]", "train.micro_batch=1"], "data.files: {tmp} is a folder, not"),
     ("train", ["optim.learning_rate=0.1"], "optim.learning_rate: unknown key; did you mean optim.lr?"),
+    ("raw", ["train", "{tmp}"], "config error: config: {tmp} is a folder, not a file"),
+    ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1", "data.tokenizer={tmp}"],
+     "data.tokenizer: 'byte' or a tokenizers JSON file; {tmp} is a folder, not a file"),
     *([("train", ["parallel.sp=1", "out_dir=/proc/lsp-nowhere"],   # passes the early check as root: the first write
         "out_dir: cannot create /proc/lsp-nowhere/tiny-cpu: No such file or directory")]
       if os.path.isdir("/proc/self") else []),
