@@ -17,7 +17,7 @@ import torch
 import torch._dynamo
 
 from lsp.models import HybridLM
-from lsp.train.config import hybrid_config, load_config
+from lsp.run_config import hybrid_config, load_config
 
 
 def step(model, ids, labels):

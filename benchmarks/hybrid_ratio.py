@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table  # noqa: E402
 
 from lsp.models import HybridConfig, HybridLM, num_parameters  # noqa: E402
-from lsp.train.config import DataConfig, MQARConfig  # noqa: E402
+from lsp.run_config import DataConfig, MQARConfig  # noqa: E402
 from lsp.train.data import MQAR  # noqa: E402
 
 PATTERNS = {"L": "all-linear", "LLLLLLLS": "7:1", "LLLS": "3:1", "LS": "1:1", "S": "all-softmax"}

@@ -8,7 +8,7 @@
     lsp generate RUN_DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]
                                                      continue a prompt with the run's model (recurrent decoding)
     lsp export RUN_DIR OUT_DIR [--max-shard-mb M]    Hugging Face folder (config, safetensors, tokenizer, remote code)
-    lsp plan [--gpus N] [--seq-len T] [--measure] CONFIG.yaml [key=value ...]
+    lsp plan [--gpus N] [--world W] [--seq-len T] [--measure] CONFIG.yaml [key=value ...]
                                                      recommended sp, SP method, micro-batch (lsp.plan)
 
 User errors print one line and exit with code 2 (no traceback); a non-finite stop exits 3; a run stopped by a signal
@@ -42,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_train(args) -> int:
-    from lsp.train.config import load_config
+    from lsp.run_config import load_config
     cfg = load_config(args.config, args.overrides)   # before importing torch: fast failures
     from lsp.train.accelerate_env import apply_accelerate_env
     apply_accelerate_env(cfg)                         # `accelerate launch` flags: honoured or refused, never ignored
@@ -88,14 +88,14 @@ def cmd_launch(args) -> int:
 
 def launch_config(args):
     """Every check that would otherwise fail in N processes at once, before any is started."""
-    from lsp.train.config import ConfigError, load_config, validate
+    from lsp.run_config import ConfigError, check_world, load_config
     if args.nproc_per_node < 1 or args.nnodes < 1:
         raise UserError("--nproc-per-node and --nnodes must be >= 1")
     cfg = load_config(args.config, args.overrides)
     world = args.nproc_per_node * args.nnodes
-    validate(cfg, world_size=world)
+    check_world(cfg, world)
     if cfg.parallel.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp[deepspeed]'), "
+        raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp-hybrid[deepspeed]'), "
                           "or use parallel.engine=ddp / fsdp")
     from lsp.train.dist import check_device
     check_device(cfg, world)
@@ -114,8 +114,8 @@ def resolve_checkpoint(path: str) -> str:
 
 def cmd_eval(args) -> int:
     path = resolve_checkpoint(args.checkpoint)
+    from lsp.run_config import load_config
     from lsp.train.checkpoint import load_checkpoint
-    from lsp.train.config import load_config
     from lsp.train.trainer import Trainer
     if args.files:
         return eval_files(path, args.files)
@@ -136,11 +136,12 @@ def cmd_eval(args) -> int:
 
 def eval_files(path: str, files: List[str]) -> int:
     """`lsp eval RUN_DIR --files ...`: held-out perplexity of the checkpoint at path (lsp.train.load)."""
-    missing = [f for f in files if not os.path.isfile(f)]
-    if missing:
-        raise UserError(f"--files: not found: {missing[0]}")
-    from lsp.models import load_run
-    from lsp.train.config import load_config
+    from lsp.run_config import file_problem
+    problems = [p for p in map(file_problem, files) if p is not None]
+    if problems:
+        raise UserError(f"--files: {problems[0]}")
+    from lsp.run_config import load_config
+    from lsp.train import load_run
     from lsp.train.load import heldout_perplexity
     seq_len = load_config(os.path.join(path, "config.yaml"), check_files=False).data.seq_len
     try:
@@ -158,10 +159,11 @@ def cmd_generate(args) -> int:
 
     import torch
 
-    from lsp.models import load_run
     from lsp.models.generate import check_sampling
+    from lsp.train import load_run
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        check_torch_device(args.device)
         model, tokenizer = load_run(args.run_dir, device=args.device)
         ids = tokenizer.encode(args.prompt)
     except ValueError as err:
@@ -179,6 +181,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def check_torch_device(name: str) -> None:
+    """--device NAME names a device this torch can use (ValueError in one line otherwise)."""
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a torch device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        built = "built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"--device {name}: this torch {torch.__version__} has no CUDA ({built}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
 def cmd_export(args) -> int:
     """Write the newest checkpoint of a run as a Hugging Face model folder (lsp.export)."""
     if args.max_shard_mb <= 0:
@@ -194,31 +210,32 @@ def cmd_export(args) -> int:
 
 def cmd_plan(args) -> int:
     """Recommend sp size, SP method, micro-batch and activation checkpointing for a cluster (lsp.plan)."""
-    from lsp.train.config import load_config
-    cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
-    from lsp.names import SOFTMAX_SP_METHODS
-    from lsp.parallel import sp_methods
-    from lsp.plan.planner import Cluster, format_candidates, plan_cluster, recommend
-    from lsp.train.config import hybrid_config
     for flag, value in (("--gpus", args.gpus), ("--world", args.world), ("--seq-len", args.seq_len),
                         ("--gpu-mem-gb", args.gpu_mem_gb), ("--tflops", args.tflops),
                         ("--gpus-per-node", args.gpus_per_node), ("--top", args.top)):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be positive, got {value}")
-    gpus = args.gpus or max(1, cfg.parallel.dp) * (args.world or cfg.parallel.sp)
+    if args.measure:
+        return _measure(args)
+    from lsp.run_config import load_config
+    cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
+    from lsp.names import SOFTMAX_SP_METHODS
+    from lsp.parallel import sp_methods
+    from lsp.plan.planner import Cluster, format_candidates, plan_cluster, recommend
+    from lsp.run_config import hybrid_config
+    gpus, source = plan_gpus(args, cfg)
     if args.world and gpus % args.world:
         raise UserError(f"--world {args.world} does not divide --gpus {gpus}")
     cluster = Cluster(gpus=gpus, gpus_per_node=args.gpus_per_node, memory_gb=args.gpu_mem_gb, tflops=args.tflops)
     T = args.seq_len or cfg.data.seq_len
     kw = dict(vocab_size=cfg.model.vocab_size or 257, seq_len=T, sp_choices=[args.world] if args.world else None)
-    if args.measure:
-        return _measure(cfg, gpus, args.gpu_mem_gb, cfg.model.vocab_size or 257)
     rows = plan_cluster(cfg, cluster, **kw)
     best = recommend(cfg, cluster, rows=rows, **kw)   # one line (exit 2) when nothing fits
     batch = best.micro_batch * best.grad_accum * best.dp
     print(f"{cfg.name}: seq_len={T}, {gpus} GPUs x {args.gpu_mem_gb:g} GB, {args.tflops:g} TFLOP/s each, "
           f"global batch {batch} sequences, engine={cfg.parallel.engine} zero={cfg.parallel.zero} "
           "(modelled: lsp/plan/planner.py)")
+    print(f"planned for {gpus} GPUs: {source}")
     print(format_candidates(rows, limit=args.top))
     same_sp = [c for c in rows if c.sp == best.sp and c.micro_batch == best.micro_batch
                and c.checkpointing == best.checkpointing]
@@ -234,69 +251,104 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _measure(cfg, gpus: int, gpu_mem_gb: float, vocab_size: int) -> int:
-    """`lsp plan --measure`: rank 0 of the configured launch, one step on fake tensors (lsp.plan.measure)."""
+def plan_gpus(args, cfg):
+    """(GPUs to plan for, where that number came from): --gpus, else the config's own launch dp x sp (dp=0, "as
+    many as the launch gives", counts as 1: the smallest launch of the config)."""
+    if args.gpus:
+        return args.gpus, "--gpus"
+    p, sp = cfg.parallel, args.world or cfg.parallel.sp
+    sp_from = "--world" if args.world else "parallel.sp"
+    if p.dp:
+        return p.dp * sp, f"the config's launch, parallel.dp={p.dp} x {sp_from}={sp} (--gpus N for another)"
+    return sp, (f"the config's smallest launch, {sp_from}={sp} with parallel.dp=0 taken as 1 "
+                "(set parallel.dp or pass --gpus N for a larger job)")
+
+
+def _measure(args) -> int:
+    """`lsp plan --measure`: rank 0 of one launch, one step on fake tensors (lsp.plan.measure). --seq-len and
+    --world are the overrides data.seq_len and parallel.sp, --gpus the world size (dp = GPUs / sp), so the config
+    is validated once with them and the step measured is the one printed."""
+    from lsp.run_config import check_world, hybrid_config, load_config
+    flags = [f"data.seq_len={args.seq_len}"] * bool(args.seq_len) + [f"parallel.sp={args.world}"] * bool(args.world)
+    flags += ["parallel.dp=0"] * bool(args.gpus)   # the GPUs given decide dp
+    cfg = load_config(args.config, args.overrides + flags, check_files=False)
+    gpus, source = plan_gpus(args, cfg)
+    check_world(cfg, gpus)   # the launch must exist: sp divides the GPUs
     from lsp.plan.measure import GB, measure, modelled, report
-    from lsp.train.config import hybrid_config, validate
-    validate(cfg, world_size=gpus, check_files=False)   # the launch must exist: sp divides the GPUs
+    vocab_size = cfg.model.vocab_size or 257
     mcfg = hybrid_config(cfg, vocab_size)
+    print(f"measuring for {gpus} GPUs: {source}", flush=True)
     got = measure(cfg, mcfg, gpus)
-    print(report(cfg.name, gpus, got, modelled(cfg, mcfg, gpus)), flush=True)
-    if got.peak > gpu_mem_gb * GB:
-        raise UserError(f"--gpu-mem-gb {gpu_mem_gb:g}: the measured peak {got.peak / GB:.2f} GB per GPU does not fit")
+    print(report(cfg, gpus, got, modelled(cfg, mcfg, gpus)), flush=True)
+    if got.peak > args.gpu_mem_gb * GB:
+        raise UserError(f"--gpu-mem-gb {args.gpu_mem_gb:g}: the measured peak {got.peak / GB:.2f} GB per GPU "
+                        "does not fit")
     return 0
+
+
+CONFIG_HELP = "a run config YAML (configs/*.yaml; schema: docs/training.md)"
+OVERRIDES_HELP = "key=value overrides of the config, e.g. train.steps=100 parallel.sp=2 (dotted keys)"
+OVERRIDES_EPILOG = ("Every config key can be overridden as key=value after the config file; options may come "
+                    "anywhere after the command. Keys and their meaning: docs/training.md.")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lsp", description="Exact sequence-parallel training of hybrid linear/softmax LMs.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("train", help="train (one process, or one rank under torchrun)")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", default=[], help="key=value")
+    p = sub.add_parser("train", help="train (one process, or one rank under torchrun)",
+                       description="Train one process, or one rank under torchrun / accelerate launch.",
+                       epilog=OVERRIDES_EPILOG)
+    p.add_argument("config", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("launch", help="start torchrun with `lsp train` on every rank")
-    p.add_argument("--nproc-per-node", type=int, default=1)
-    p.add_argument("--nnodes", type=int, default=1)
-    p.add_argument("--node-rank", type=int, default=0)
-    p.add_argument("--rdzv-endpoint", default="")
-    p.add_argument("--rdzv-id", default="")
-    p.add_argument("--max-restarts", type=int, default=0)
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", default=[], help="key=value")
+    p = sub.add_parser("launch", help="start torchrun with `lsp train` on every rank",
+                       description="Run torchrun's elastic agent in this process, `lsp train CONFIG` on every rank "
+                                   "(the config is checked once, before any rank starts).", epilog=OVERRIDES_EPILOG)
+    p.add_argument("--nproc-per-node", type=int, default=1, help="ranks (GPUs, or CPU processes) on this node "
+                   "(default 1); dp x sp must equal nproc-per-node x nnodes")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1; > 1 needs --rdzv-endpoint)")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1 (multi-node)")
+    p.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the rendezvous on node 0 (multi-node)")
+    p.add_argument("--rdzv-id", default="", help="job id shared by the nodes of one job (multi-node, optional)")
+    p.add_argument("--max-restarts", type=int, default=0, help="restart every rank up to K times when one fails; "
+                   "they resume from the newest checkpoint (default 0)")
+    p.add_argument("config", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_launch)
     p = sub.add_parser("eval", help="evaluate a checkpoint (MQAR accuracy / validation loss, or held-out files)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a run directory, its checkpoints/ folder or one step_N folder")
     p.add_argument("--files", nargs="+", default=None, help="held-out text / .jsonl files: loss and perplexity")
-    p.add_argument("overrides", nargs="*", default=[], help="key=value")
+    p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_eval)
     p = sub.add_parser("generate", help="continue a prompt with a trained run's model")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory (its newest complete checkpoint is used)")
     p.add_argument("--prompt", required=True, help="text (token ids separated by spaces for an MQAR run)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="sample within the top probability mass P (nucleus)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("export", help="write a run's model as a Hugging Face folder")
-    p.add_argument("run_dir")
-    p.add_argument("out_dir")
+    p.add_argument("run_dir", help="a run directory (its newest complete checkpoint is exported)")
+    p.add_argument("out_dir", help="the folder to write (created; an earlier export's weights in it are replaced)")
     p.add_argument("--max-shard-mb", type=float, default=5120.0, help="split the weights above this size")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("plan", help="recommend sp size, SP method, micro-batch for a config on a cluster")
     p.add_argument("--gpus", type=int, default=None,
-                   help="GPUs in the job (default: parallel.dp x (--world or parallel.sp))")
+                   help="GPUs in the job (default: the config's launch, parallel.dp x parallel.sp, dp=0 as 1)")
     p.add_argument("--world", type=int, default=None, help="fix the SP size instead of searching it")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: data.seq_len)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node: NVLink inside, network across "
+                   "(default 8)")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GB (default 80)")
     p.add_argument("--tflops", type=float, default=400.0, help="sustained bf16 TFLOP/s per GPU")
     p.add_argument("--top", type=int, default=10, help="candidates to print")
     p.add_argument("--measure", action="store_true",
-                   help="run one step of the configured launch on fake tensors and compare with the model")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*", default=[], help="key=value")
+                   help="run one step of the launch on fake tensors and compare with the model")
+    p.add_argument("config", help=CONFIG_HELP)
+    p.add_argument("overrides", nargs="*", default=[], help=OVERRIDES_HELP)
     p.set_defaults(func=cmd_plan)
     parser.commands = sub.choices   # name -> subparser, for parse_args
     return parser
@@ -321,14 +373,14 @@ def parse_args(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Nam
     if argv and argv[0] in parser.commands:
         return parser.commands[argv[0]].parse_intermixed_args(argv[1:])
     if argv and not argv[0].startswith("-"):
-        from lsp.train.config import did_you_mean
+        from lsp.run_config import did_you_mean
         raise UserError(f"lsp: unknown command {argv[0]!r} (one of {', '.join(parser.commands)})"
                         + did_you_mean(argv[0], parser.commands))
     return parser.parse_args(argv)   # no subcommand, or -h: argparse's own answer
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from lsp.train.config import ConfigError
+    from lsp.run_config import ConfigError
     try:
         args = parse_args(build_parser(), sys.argv[1:] if argv is None else argv)
         return args.func(args)

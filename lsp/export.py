@@ -4,6 +4,7 @@
     OUT_DIR/modeling_lsp.py          remote code (lsp/models/hf/modeling_lsp.py): HybridLM behind PreTrainedModel
     OUT_DIR/model.safetensors        fp32 weights, lsp's names under "model."; above max_shard_bytes split into
                                      model-0000i-of-0000n.safetensors + model.safetensors.index.json
+    OUT_DIR/README.md                how to load it (the tokenizer without remote code: PreTrainedTokenizerFast)
     OUT_DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json
                                      the run's tokenizer as a `tokenizers` file with lsp's end-of-document id as
                                      the eos token (the byte tokenizer as a byte-level BPE without merges, whose id of
@@ -11,7 +12,7 @@
 
 Reading any checkpoint kind goes through `lsp.train.load.load_run`, so DDP / FSDP / DeepSpeed runs at any dp x sp
 export the same model. Writing needs only safetensors (a dependency of accelerate); loading the folder needs
-transformers and lsp (`pip install 'lsp[hf]'`).
+transformers and lsp (`pip install 'lsp-hybrid[hf]'`).
 """
 from __future__ import annotations
 
@@ -30,21 +31,51 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
 
 
 def export_run(run_dir: str, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
-    """Write the newest checkpoint of run_dir as a Hugging Face folder; returns the names of the files written."""
+    """Write the newest checkpoint of run_dir as a Hugging Face folder; returns the names of the files written.
+    A out_dir that cannot be a folder is a ValueError naming it, raised before the run is read."""
+    from lsp.run_config import dir_problem
     from lsp.train.load import load_run
+    if (problem := dir_problem(out_dir)) is not None:
+        raise ValueError(f"out_dir: {problem}")
     return export_model(*load_run(run_dir), out_dir, max_shard_bytes)
 
 
 def export_model(model, tokenizer, out_dir: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
     """Write a HybridLM (fp32 weights as they are) and its lsp tokenizer as a Hugging Face folder."""
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:   # what dir_problem cannot see beforehand (root on a read-only file system)
+        raise ValueError(f"out_dir: cannot create {out_dir}: {err.strerror}") from None
     for stale in glob.glob(os.path.join(out_dir, "model*.safetensors*")):   # an earlier export's shards
         os.remove(stale)
     written = write_weights(export_state_dict(model), out_dir, max_shard_bytes)
     write_json(os.path.join(out_dir, "config.json"), hf_config(model, tokenizer))
     shutil.copyfile(MODELING_FILE, os.path.join(out_dir, "modeling_lsp.py"))
     written += ["config.json", "modeling_lsp.py"] + write_tokenizer(tokenizer, out_dir)
-    return written
+    return written + write_readme(out_dir, has_tokenizer="tokenizer.json" in written)
+
+
+def write_readme(out_dir: str, has_tokenizer: bool) -> List[str]:
+    """OUT_DIR/README.md: how to load the folder. The model is remote code (trust_remote_code=True); the tokenizer
+    is a plain `tokenizers` file, but transformers >= 5's AutoTokenizer reads config.json first, whose AutoConfig is
+    that remote code, so without trust_remote_code it asks y/N (15 s on a terminal): the README says so and names
+    the class that reads the tokenizer without any remote code."""
+    lines = ["# An lsp hybrid linear/softmax attention model (`lsp export`)", "",
+             "Needs `lsp` and `transformers` where it is loaded (`pip install 'lsp-hybrid[hf]'`).", "",
+             "```python", "from transformers import AutoModelForCausalLM",
+             "model = AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)   # modeling_lsp.py"]
+    if has_tokenizer:
+        lines += ["from transformers import PreTrainedTokenizerFast",
+                  "tokenizer = PreTrainedTokenizerFast.from_pretrained(OUT_DIR)   # tokenizer.json: no remote code",
+                  "```", "",
+                  "`AutoTokenizer.from_pretrained(OUT_DIR, trust_remote_code=True)` gives the same tokenizer. Without",
+                  "`trust_remote_code`, transformers >= 5 asks y/N first (it reads config.json, whose `AutoConfig` is",
+                  "the remote code of `modeling_lsp.py`): use `PreTrainedTokenizerFast` as above to avoid the prompt."]
+    else:
+        lines += ["```", "", "No tokenizer: this run's tokens are ids (the built-in MQAR task)."]
+    with open(os.path.join(out_dir, "README.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return ["README.md"]
 
 
 def import_hf(hf_dir: str):

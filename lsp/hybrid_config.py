@@ -1,6 +1,6 @@
 """`HybridConfig`: every hyper-parameter of a hybrid linear/softmax attention LM, validated on construction.
 
-The one model schema: the run config's `model:` section is derived from its fields (lsp/train/config.py), so every
+The one model schema: the run config's `model:` section is derived from its fields (lsp/run_config.py), so every
 field below is a config key `model.<field>` and its errors name that key. Torch-free and outside `lsp.models`
 (whose package imports torch) so that a config is checked before torch is imported; `lsp.models.HybridConfig` and
 `lsp.models.config` re-export it.

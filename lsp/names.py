@@ -14,6 +14,8 @@ LINEAR_VARIANTS = DECAY_VARIANTS + DELTA_VARIANTS               # every `L` laye
 CHUNK_SIZE = 64                                        # tokens per chunk of the chunked linear-attention paths
 SCAN_BLOCKS = 4                                        # default All-Scan pipeline blocks (along V)
 IGNORE_INDEX = -100                                    # label of a token that carries no loss
+# checkpoint.save_on_signals choices: the signals a scheduler or an operator sends (lsp/train/signals.py)
+SAVE_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
 
 __all__ = ["SP_METHODS", "SOFTMAX_SP_METHODS", "LAYOUTS", "KERNEL_BACKENDS", "DECAY_VARIANTS", "DELTA_VARIANTS",
-           "LINEAR_VARIANTS", "CHUNK_SIZE", "SCAN_BLOCKS", "IGNORE_INDEX"]
+           "LINEAR_VARIANTS", "CHUNK_SIZE", "SCAN_BLOCKS", "IGNORE_INDEX", "SAVE_SIGNALS"]

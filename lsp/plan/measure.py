@@ -179,8 +179,8 @@ def build_step(cfg, mcfg, gpus: int, fake: bool = True):
     import torch.distributed as dist
 
     from lsp.models import HybridLM
+    from lsp.models.build import build_optimizer
     from lsp.parallel import SPContext
-    from lsp.train.engine import build_optimizer
 
     p, t = cfg.parallel, cfg.train
     torch.manual_seed(t.seed)
@@ -298,12 +298,16 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     return Measurement(memory, int(flops), comm, "model", 0.0)
 
 
-def report(name: str, gpus: int, got: Measurement, model: Measurement) -> str:
-    """The table `lsp plan --measure` prints; its last line: peak memory per GPU, measured vs modelled."""
+def report(cfg, gpus: int, got: Measurement, model: Measurement) -> str:
+    """The table `lsp plan --measure` prints, headed by the step it measured (sequence length, dp x sp, micro-batch);
+    its last line: peak memory per GPU, measured vs modelled."""
     def rel(a, b):
         return f"{(b - a) / a * 100:+.1f}%" if a else "n/a"
 
-    lines = [f"{name} on {gpus} GPUs, rank 0, one step on fake tensors ({got.seconds:.0f} s):"]
+    p = cfg.parallel
+    lines = [f"{cfg.name} on {gpus} GPUs (dp={gpus // p.sp} x sp={p.sp}), seq_len={cfg.data.seq_len} "
+             f"({cfg.data.seq_len // p.sp} tokens per rank), micro_batch={cfg.train.micro_batch}, rank 0, one step "
+             f"on fake tensors ({got.seconds:.0f} s):"]
     lines += [f"  note: {n}" for n in got.notes]
     lines.append("| quantity | measured | modelled | model vs measured |")
     lines.append("|---|---|---|---|")

@@ -59,7 +59,7 @@ from typing import List, Optional
 from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
 from lsp.names import DELTA_VARIANTS, SCAN_BLOCKS, SOFTMAX_SP_METHODS
 from lsp.parallel.methods import sp_method, sp_methods
-from lsp.train.config import Config, ConfigError, hybrid_config
+from lsp.run_config import Config, ConfigError, hybrid_config
 
 from .costmodel import (
     Hardware,

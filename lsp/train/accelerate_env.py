@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Mapping, Optional
 
-from .config import Config, ConfigError, validate
+from lsp.run_config import Config, ConfigError
 
 
 def _on(env: Mapping[str, str], name: str) -> bool:
@@ -38,7 +38,6 @@ def apply_accelerate_env(cfg: Config, env: Optional[Mapping[str, str]] = None) -
     if env.get("ACCELERATE_DYNAMO_BACKEND", "no").strip().lower() not in ("no", ""):
         raise ConfigError("train", f"accelerate launch --dynamo_backend {env['ACCELERATE_DYNAMO_BACKEND']}: lsp does "
                           "not torch.compile the model; drop the flag")
-    validate(cfg)
 
 
 def _precision(cfg: Config, mixed: str) -> None:

@@ -139,7 +139,7 @@ def deepspeed_model_state(path: str) -> Dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError:
         raise ValueError(f"{path} is a DeepSpeed ZeRO checkpoint; merging its partitions needs deepspeed "
-                         "(pip install 'lsp[deepspeed]')") from None
+                         "(pip install 'lsp-hybrid[deepspeed]')") from None
     return get_fp32_state_dict_from_zero_checkpoint(path, tag="deepspeed")
 
 

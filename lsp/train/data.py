@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from lsp.names import IGNORE_INDEX
+from lsp.run_config import Config, ConfigError, DataConfig
 
-from .config import Config, ConfigError, DataConfig
 from .shuffle import shuffled_position
 from .tokenizing import (
     default_workers,
@@ -99,7 +99,7 @@ class HFTokenizer:
             from tokenizers import Tokenizer
         except ImportError:
             raise ConfigError("data.tokenizer", "a tokenizer JSON needs the `tokenizers` package "
-                              "(pip install 'lsp[tokenizers]'), or use data.tokenizer=byte") from None
+                              "(pip install 'lsp-hybrid[tokenizers]'), or use data.tokenizer=byte") from None
         try:
             self.tok = Tokenizer.from_file(path)
         except Exception as err:   # tokenizers raises its own Exception type

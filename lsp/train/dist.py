@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .config import Config, ConfigError, validate
+from lsp.run_config import Config, ConfigError, check_world
 
 
 @dataclass
@@ -63,7 +63,7 @@ def init_mesh(cfg: Config) -> Mesh:
     """Start torch.distributed when launched by torchrun (WORLD_SIZE set) and build the SP groups."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    validate(cfg, world_size=world)
+    check_world(cfg, world)   # the rest was validated once, when this process loaded the config
     sp = cfg.parallel.sp
     dp = world // sp
     device = check_device(cfg, world)

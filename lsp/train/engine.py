@@ -15,22 +15,14 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .config import Config, ConfigError
+from lsp.models.build import build_optimizer
+from lsp.run_config import Config, ConfigError
+
 from .dist import Mesh
 
 
 def loss_scale(mesh: Mesh) -> float:
     return float(mesh.sp)
-
-
-def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on 1-D parameters (norm weights, biases, gates)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    o = cfg.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                             foreach=False)   # the per-parameter loop is bitwise reproducible across resumes
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -80,7 +72,7 @@ class Engine:
         try:
             import deepspeed
         except ImportError:
-            raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp[deepspeed]'), "
+            raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp-hybrid[deepspeed]'), "
                               "or use parallel.engine=ddp / fsdp") from None
         t = self.cfg.train
         ds_config = {

@@ -6,7 +6,7 @@
       hf: {path: json, data_files: [a.jsonl, b.jsonl]}             # a builder over local files (json, csv, parquet,
                                                                    # text, arrow); streaming: true reads it lazily
 
-The `datasets` package is an optional extra (pip install 'lsp[datasets]'); without hub access only local data
+The `datasets` package is an optional extra (pip install 'lsp-hybrid[datasets]'); without hub access only local data
 works. A map-style dataset is split between ranks by rows (rank r tokenises rows [n r / W, n (r + 1) / W)), so the
 joined token file equals one process's; a stream (streaming: true) has no length, so rank 0 tokenises it while the
 others wait on the file. The cache key is the dataset's fingerprint (map-style) or the data files' paths, sizes and
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, List
 
-from .config import ConfigError, HFDataConfig
+from lsp.run_config import ConfigError, HFDataConfig
 
 BATCH_ROWS = 1024   # rows per Arrow read
 
@@ -26,7 +26,7 @@ def _datasets():
     try:
         import datasets
     except ImportError:
-        raise ConfigError("data.kind", "hf needs the `datasets` package: pip install 'lsp[datasets]'") from None
+        raise ConfigError("data.kind", "hf needs the `datasets` package: pip install 'lsp-hybrid[datasets]'") from None
     datasets.disable_progress_bars()
     return datasets
 

@@ -15,8 +15,9 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from lsp.run_config import Config, ConfigError, load_config
+
 from .checkpoint import find_checkpoint, load_model_state
-from .config import Config, ConfigError, load_config
 from .data import MQAR, IdTokenizer, iter_documents, make_tokenizer
 
 
@@ -30,7 +31,7 @@ def run_tokenizer(cfg: Config):
 def load_run(run_dir: str, device="cpu", dtype: torch.dtype = torch.float32) -> Tuple[torch.nn.Module, object]:
     """(HybridLM in eval mode on `device`, tokenizer) of the newest complete checkpoint under run_dir (a run
     directory, its checkpoints/ folder or one step_N folder). Raises ValueError naming run_dir when none exists."""
-    from .trainer import build_model
+    from lsp.models.build import build_model
     path = find_checkpoint(run_dir) if os.path.isdir(run_dir) else None
     if path is None:
         raise ValueError(f"run_dir: no complete checkpoint found under {run_dir}")

@@ -6,13 +6,16 @@ import math
 import os
 import resource
 import sys
+import time
+from datetime import datetime, timezone
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from .config import Config, to_dict
+from lsp.run_config import Config, to_dict
+
 from .files import write_text_atomic
-from .runs import wandb_run_id
+from .runs import make_run_dir, wandb_run_id
 
 # dense bf16 peak TFLOP/s per device, for MFU when logging.peak_tflops is 0
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "4090": 165.0}
@@ -61,16 +64,25 @@ def start_wandb(cfg: Config):
         return None
 
 
+def duration(seconds: float) -> str:
+    """12s, 3m04s, 2h05m: a console time span."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class RunLogger:
     """Writes only on the main rank; every method is a no-op elsewhere."""
 
     def __init__(self, cfg: Config, active: bool, total_steps: int, start_step: int):
         self.cfg, self.active = cfg, active
+        self.total_steps, self.start_step, self.started = total_steps, start_step, time.monotonic()
         self.history: List[Dict[str, Any]] = []
         self.bar = self.wandb = None
         if not active:
             return
-        os.makedirs(cfg.run_dir, exist_ok=True)
+        make_run_dir(cfg.run_dir)
         path = os.path.join(cfg.run_dir, "metrics.jsonl")
         _drop_rows_after(path, start_step)   # a resumed run re-logs the steps after its checkpoint
         self.jsonl = open(path, "a")
@@ -82,18 +94,27 @@ class RunLogger:
             self.wandb = start_wandb(cfg)
 
     def log(self, metrics: Dict[str, Any]) -> None:
+        """One row: metrics.jsonl (with its wall-clock `time`, UTC, and `elapsed_s` since this process started
+        training), wandb (which keeps its own clock), and the bar or, in a log file, a plain line ending in the
+        elapsed time and an ETA (the remaining steps at this process's mean pace so far)."""
         if not self.active:
             return
-        self.history.append(metrics)
-        self.jsonl.write(json.dumps(json_safe(metrics), allow_nan=False) + "\n")
+        elapsed = time.monotonic() - self.started
+        row = {**metrics, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "elapsed_s": round(elapsed, 3)}
+        self.history.append(row)
+        self.jsonl.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         self.jsonl.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=metrics["step"])
-        if self.bar is not None:
+        if self.bar is not None:   # tqdm shows its own elapsed time and ETA
             self.bar.set_postfix(self.bar_fields(metrics))
         else:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
-                  file=sys.stderr, flush=True)
+            fields = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()]
+            done = metrics["step"] - self.start_step
+            eta = elapsed * (self.total_steps - metrics["step"]) / done if done > 0 else None
+            fields += [f"elapsed={duration(elapsed)}"] + ([f"eta={duration(eta)}"] if eta is not None else [])
+            print(" ".join(fields), file=sys.stderr, flush=True)
 
     def bar_fields(self, metrics: Dict[str, Any]) -> Dict[str, str]:
         """The bar's postfix: latest train loss and tokens/s, and the latest eval results, kept between updates."""
@@ -107,16 +128,18 @@ class RunLogger:
         if self.bar is not None:
             self.bar.update(n)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """Finish the run's outputs. A failing run (exit_code != 0) closes them before its error is printed, so
+        wandb's closing lines never follow the error line or the traceback; it writes no plot."""
         if not self.active:
             return
         if self.bar is not None:
             self.bar.close()
         self.jsonl.close()
-        if self.cfg.logging.plot:
+        if self.cfg.logging.plot and exit_code == 0:
             self.plot()
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=exit_code)
 
     def plot(self) -> None:
         """loss_curve.png in the run dir from the whole metrics.jsonl (so resumed runs plot the full curve)."""

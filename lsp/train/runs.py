@@ -12,6 +12,8 @@ import re
 import secrets
 from typing import Optional
 
+from lsp.run_config import ConfigError
+
 from .files import write_text_atomic
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -63,6 +65,15 @@ def wandb_run_id(run_dir: str) -> str:
             if (saved := f.read().strip()):
                 return saved
     new_id = secrets.token_hex(4)
-    os.makedirs(run_dir, exist_ok=True)
+    make_run_dir(run_dir)
     write_text_atomic(path, new_id + "\n")
     return new_id
+
+
+def make_run_dir(run_dir: str) -> None:
+    """Create the run directory, or one line naming out_dir (ConfigError) when the system refuses: what
+    lsp.run_config.dir_problem cannot see beforehand (root on a read-only or virtual file system)."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        raise ConfigError("out_dir", f"cannot create {run_dir}: {err.strerror}") from None

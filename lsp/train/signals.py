@@ -12,10 +12,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 STOPPED_EXIT = 75
-SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")   # the ones a scheduler or an operator sends
 TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")     # torchrun's own default list
 
 
@@ -53,10 +52,6 @@ def signal_name(number: int) -> str:
 def torchrun_signals(names: List[str]) -> str:
     """The `--signals-to-handle` list for torchrun: its defaults plus the configured save signals."""
     return ",".join(dict.fromkeys([*TORCHRUN_SIGNALS, *names]))
-
-
-def bad_signal(names: List[str]) -> Optional[str]:
-    return next((name for name in names if name not in SIGNALS), None)
 
 
 def die_with_launcher() -> None:

@@ -119,7 +119,7 @@ def rank_part(stem: str, rank: int, world: int) -> str:
 def errors_shared(part: str):
     """A data error (ConfigError) while writing this rank's part is also left in `<part>.error`, where the ranks
     waiting for the part read it and stop with the same line (the corpus bytes decide it, so it never goes stale)."""
-    from .config import ConfigError
+    from lsp.run_config import ConfigError
     try:
         yield
     except ConfigError as err:
@@ -132,7 +132,7 @@ def errors_shared(part: str):
 def wait_for(ready: Callable[[], bool], what: str, parts: List[str], poll_s: float = 0.2) -> None:
     """Poll the file system until ready(); no timeout (a rank that dies ends the launch through torchrun), a line
     every minute, and the error of a rank that failed on the data."""
-    from .config import ConfigError
+    from lsp.run_config import ConfigError
     start = last = time.monotonic()
     while not ready():
         for part in parts:

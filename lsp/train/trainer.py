@@ -15,9 +15,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from lsp.ops.boundaries import device_boundaries
+from lsp.run_config import Config, ConfigError, to_yaml
 
 from .checkpoint import latest_checkpoint
-from .config import Config, ConfigError, hybrid_config, to_yaml
 from .data import IGNORE_INDEX, Batch, DataLoader, build_corpus_token_file, corpus_of, make_tokenizer
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
 from .engine import Engine
@@ -47,9 +47,17 @@ def stop_request(flags: torch.Tensor) -> Optional[str]:
     return f"{signal_name(int(flags[2, ranks[0]]))} on ranks {ranks}"
 
 
-def build_model(cfg: Config, vocab_size: int):
-    from lsp.models import HybridLM
-    return HybridLM(hybrid_config(cfg, vocab_size))
+def corpus_summary(cfg: Config, source, dp: int) -> str:
+    """One line on what a files run trains on: documents, tokens, windows and their train / validation split, and
+    how many epochs the configured steps make. source: the loader's packed token windows (lsp.train.data)."""
+    t = cfg.train
+    windows = source.num_train + source.num_val
+    per_step = dp * t.micro_batch * t.grad_accum
+    epochs = t.steps * per_step / source.num_train
+    return (f"lsp: corpus {len(source.doc_starts) - 1:,} documents, {len(source.tokens):,} tokens (with "
+            f"end-of-document ids) = {windows:,} windows of {source.seq_len} tokens: {source.num_train:,} train, "
+            f"{source.num_val:,} validation (data.val_fraction={cfg.data.val_fraction:g}); {t.steps:,} steps x "
+            f"{per_step:,} windows = {epochs:.3g} epochs")
 
 
 def build_sp(cfg: Config, mesh: Mesh):
@@ -83,6 +91,7 @@ class Trainer:
                                     rank=mesh.rank, world=mesh.world)
         barrier(mesh)
         self.data = DataLoader(cfg, dp_rank=mesh.dp_rank, dp_size=mesh.dp)
+        from lsp.models.build import build_model
         self.model = build_model(cfg, self.data.vocab_size)
         if cfg.init_from:   # trained weights to start from (a resumed checkpoint below replaces them)
             from .load import init_weights_from
@@ -221,9 +230,13 @@ class Trainer:
                       "evaluating only. Raise train.steps to continue, or choose another name.", flush=True)
             return {"losses": [], "step": self.step, **self.evaluate()}
         logger = RunLogger(cfg, mesh.is_main, cfg.train.steps, self.step)
-        self.announce()
-        with StopSignals(cfg.checkpoint.save_on_signals) as self.signals:
-            losses, last, stop = self.loop(logger)
+        try:
+            self.announce()
+            with StopSignals(cfg.checkpoint.save_on_signals) as self.signals:
+                losses, last, stop = self.loop(logger)
+        except BaseException:
+            logger.close(exit_code=1)   # wandb says its last lines now, before the error line or traceback
+            raise
         self.signals = None
         logger.close()
         if stop:
@@ -238,6 +251,8 @@ class Trainer:
             print(f"lsp: {num_parameters(self.model) / 1e6:.2f}M params, dp={mesh.dp} sp={mesh.sp} "
                   f"engine={cfg.parallel.engine} device={mesh.device.type} "
                   f"precision={precision_name(cfg, mesh.device)}, run dir {cfg.run_dir}", flush=True)
+            if self.data.epoch_len is not None:   # a corpus of files (data.kind files / hf), not MQAR's stream
+                print(corpus_summary(cfg, self.data.source, mesh.dp), flush=True)
 
     def loop(self, logger: RunLogger):
         """Steps until train.steps, or until a stop signal: then that step is logged and saved at once.

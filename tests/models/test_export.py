@@ -1,7 +1,8 @@
 """`lsp export`: the Hugging Face folder loads through transformers (remote code) with lsp's logits and generation.
 
 Reference: lsp's own HybridLM on the same weights. The wrapper runs the very same modules, so logits agree
-bitwise; a model with one weight perturbed is the negative control. The transformers tests skip without it (`lsp[hf]`).
+bitwise; a model with one weight perturbed is the negative control. The transformers tests skip without it
+(`lsp-hybrid[hf]`).
 """
 import json
 import os
@@ -17,7 +18,8 @@ try:
     import transformers
 except ImportError:   # the import_hf round trip needs only safetensors and still runs
     transformers = None
-needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed (pip install 'lsp[hf]')")
+needs_hf = pytest.mark.skipif(transformers is None,
+                              reason="transformers is not installed (pip install 'lsp-hybrid[hf]')")
 
 
 def make_model(kind="gla", pattern="LS", tie=False, vocab=300):
@@ -86,6 +88,31 @@ def test_sharded_weights_load(tmp_path):
     ids = torch.randint(0, model.cfg.vocab_size, (1, 12))
     with torch.no_grad():
         assert torch.equal(load_hf(tmp_path)(ids).logits, model(ids).logits)
+
+
+def test_export_readme_says_how_to_load_without_a_prompt(tmp_path):
+    # AutoTokenizer without trust_remote_code waited 15 s at a y/N prompt (transformers >= 5 reads config.json's
+    # remote AutoConfig first); the folder's README names the loader that needs no remote code
+    model = make_model(vocab=257)
+    assert "README.md" in export_model(model, ByteTokenizer(), tmp_path / "text")
+    text = (tmp_path / "text" / "README.md").read_text()
+    assert "PreTrainedTokenizerFast.from_pretrained(OUT_DIR)" in text and "trust_remote_code=True" in text
+    export_model(model, IdTokenizer(model.cfg.vocab_size), tmp_path / "ids")
+    assert "No tokenizer" in (tmp_path / "ids" / "README.md").read_text()   # control: an MQAR run has none
+
+
+@needs_hf
+def test_readme_tokenizer_loads_without_remote_code_or_prompt(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda *prompt: asked.append(prompt) or "n")
+    model, tok = make_model(vocab=257), ByteTokenizer()
+    export_model(model, tok, tmp_path)
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    assert hf_tok("the quick")["input_ids"] == tok.encode("the quick") and hf_tok.eos_token_id == tok.eos_id
+    assert asked == []
+    if int(transformers.__version__.split(".")[0]) >= 5:   # control: the AutoTokenizer path asks (transformers 5.25)
+        transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+        assert len(asked) == 1 and "[y/N]" in asked[0][0]
 
 
 @needs_hf

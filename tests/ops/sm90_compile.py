@@ -3,7 +3,7 @@
     capture_launches(fn)          # run fn under TRITON_INTERPRET=1, record every distinct kernel launch
     python -m tests.ops.sm90_compile kernels.json    # child process without the interpreter: one JSON line each
 
-Used by tests/ops/test_triton_sm90.py (the same logic as /work/shared/tools/sm90_report.py, kept in the repo).
+Used by tests/ops/test_triton_sm90.py (the same logic as the developers' sm90_report.py, kept in the repo).
 """
 from __future__ import annotations
 

@@ -124,7 +124,7 @@ def test_config_selects_ring_and_unknown_names_raise():
     q = torch.randn(2, 4, 2, 8)
     with pytest.raises(ValueError, match="method must be one of"):
         sp_softmax_attention(q, q, q, sp=SPContext(emulate=2), method="bogus")
-    from lsp.train.config import ConfigError, load_config
+    from lsp.run_config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="parallel.softmax_method"):
         load_config(None, ["parallel.softmax_method=rign"])

@@ -118,7 +118,7 @@ def test_delta_fake_pg_measure_equals_the_model(W, method):
     import os
 
     from lsp.plan.measure import measure, modelled
-    from lsp.train.config import hybrid_config, load_config
+    from lsp.run_config import hybrid_config, load_config
 
     from .conftest import REPO
 
@@ -135,7 +135,7 @@ def test_plan_knows_delta_payload_and_picks_the_chain_at_sp8():
     import os
 
     from lsp.plan.planner import Cluster, plan_cluster
-    from lsp.train.config import load_config
+    from lsp.run_config import load_config
 
     from .conftest import REPO
 
@@ -187,7 +187,7 @@ def test_delta_counted_flops_agree_with_the_fake_step(extra):
     import os
 
     from lsp.plan.measure import measure, modelled
-    from lsp.train.config import hybrid_config, load_config
+    from lsp.run_config import hybrid_config, load_config
 
     from .conftest import REPO
 

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from lsp.cli import main  # noqa: E402
 from lsp.ops.estimate import gpu_code_paths  # noqa: E402
 from lsp.plan.measure import _flop_formulas, build_step, fake_process_group, measure, train_step  # noqa: E402
-from lsp.train.config import hybrid_config, load_config  # noqa: E402
+from lsp.run_config import hybrid_config, load_config  # noqa: E402
 
 from .conftest import REPO  # noqa: E402
 
@@ -97,6 +97,39 @@ def test_measure_cli_last_line_and_exit_2(capsys):
     assert main(args[:4] + ["--gpu-mem-gb", "0.0001"] + args[4:]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--gpu-mem-gb" in err[0] and "does not fit" in err[0]
+
+
+def test_measure_honours_seq_len_world_and_gpus(capsys):
+    """--seq-len, --world and --gpus decide the step measured, and its header says which (issue 23: they were
+    ignored, the config's own launch was measured and printed "on 256 GPUs" over it)."""
+    def run(*flags):
+        assert main(["plan", "--measure", *flags, TINY, *SMALL]) == 0
+        out = capsys.readouterr().out.splitlines()
+        flops = next(line for line in out if line.startswith("| FLOPs per step"))
+        return out[0], out[1], float(flops.split("|")[2])
+
+    source, header, flops = run("--gpus", "8", "--world", "4", "--seq-len", "256")
+    assert source == "measuring for 8 GPUs: --gpus"
+    assert header.startswith("tiny-cpu on 8 GPUs (dp=2 x sp=4), seq_len=256 (64 tokens per rank), micro_batch=2")
+    _, header2, flops2 = run("--gpus", "8", "--world", "4", "--seq-len", "512")
+    assert "seq_len=512 (128 tokens per rank)" in header2
+    assert flops2 > 1.9 * flops   # the longer sequence was measured, not the config's 128 tokens
+    source, header, _ = run()
+    assert source.startswith("measuring for 2 GPUs: the config's smallest launch, parallel.sp=2 with parallel.dp=0")
+    assert header.startswith("tiny-cpu on 2 GPUs (dp=1 x sp=2), seq_len=128 (64 tokens per rank)")
+    assert main(["plan", "--measure", "--gpus", "6", "--world", "4", TINY, *SMALL]) == 2   # 4 does not divide 6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "parallel.sp: 4 does not divide the world size 6" in err[0]
+
+
+def test_plan_without_gpus_plans_the_configs_launch_and_says_so(capsys):
+    # hybrid-340m-32k's header launches 8 GPUs (dp 4 x sp 2); it used to be planned for 2 (dp=0 read as 1)
+    assert main(["plan", os.path.join(REPO, "configs", "hybrid-340m-32k.yaml"), "--top", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert ", 8 GPUs x 80 GB" in out[0]
+    assert out[1] == "planned for 8 GPUs: the config's launch, parallel.dp=4 x parallel.sp=2 (--gpus N for another)"
+    assert main(["plan", os.path.join(REPO, "configs", "hybrid-340m-32k.yaml"), "--top", "1", "--gpus", "16"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "planned for 16 GPUs: --gpus"
 
 
 def _agrees(name, gpus, overrides=()):

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from lsp.plan.planner import Cluster, _layer_weights, activation_bytes, plan_cluster, recommend, state_bytes_per_param
-from lsp.train.config import ConfigError, hybrid_config, load_config
+from lsp.run_config import ConfigError, hybrid_config, load_config
 
 from .conftest import REPO
 

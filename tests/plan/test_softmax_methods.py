@@ -11,7 +11,7 @@ from lsp.names import SOFTMAX_SP_METHODS
 from lsp.parallel import SPContext, comm_stats, reset_comm_stats
 from lsp.plan.costmodel import SOFTMAX_COSTS, Hardware, softmax_exchange_cost
 from lsp.plan.planner import Cluster, activation_bytes, plan_cluster, recommend
-from lsp.train.config import hybrid_config, load_config
+from lsp.run_config import hybrid_config, load_config
 
 from ..parallel.cases import make_softmax_case, run_sp_softmax
 from .conftest import REPO

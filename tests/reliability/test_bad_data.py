@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from lsp.train.config import ConfigError
+from lsp.run_config import ConfigError
 from lsp.train.data import IGNORE_INDEX, PackedTokens, build_token_file, iter_documents, make_tokenizer
 
 from .conftest import run_lsp

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
+from lsp.run_config import load_config
 from lsp.train.checkpoint import is_complete, latest_checkpoint
-from lsp.train.config import load_config
 from lsp.train.trainer import Trainer
 
 from .conftest import FAULTY, REPO, TINY, run_faulty, run_lsp, signal_mid_run, wait_gone

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from lsp.cli import STOPPED_EXIT, build_parser, torchrun_command
+from lsp.run_config import load_config
 from lsp.train.checkpoint import latest_checkpoint
-from lsp.train.config import load_config
 from lsp.train.trainer import Trainer
 
 from .conftest import REPO, TINY, run_lsp, signal_mid_run, wait_gone

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from lsp.run_config import ConfigError, load_config
 from lsp.train.accelerate_env import apply_accelerate_env
-from lsp.train.config import ConfigError, load_config
 
 from .conftest import REPO, TINY
 

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
+from lsp.run_config import ConfigError, load_config
 from lsp.train import checkpoint as ckpt
-from lsp.train.config import ConfigError, load_config
 from lsp.train.trainer import Trainer
 
 from .conftest import SMALL, TINY, run_lsp

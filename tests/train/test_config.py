@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lsp.train.config import Config, ConfigError, load_config, validate
+from lsp.run_config import Config, ConfigError, load_config, validate
 
 from .conftest import REPO, TINY, run_lsp
 
@@ -63,7 +63,7 @@ BAD = [
      "data.files: file not found: {tmp}/missing.txt"),
     ("train", ["data.eval_batches=0"], "data.eval_batches: must be > 0"),
     ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1", "data.tokenizer={tmp}/no.json"],
-     "data.tokenizer: 'byte' or a tokenizers JSON file; not found"),
+     "data.tokenizer: 'byte' or a tokenizers JSON file; file not found"),
     ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1",
                "data.tokenizer={tmp}/garbage.json"], "data.tokenizer: {tmp}/garbage.json is not a tokenizers JSON"),
     ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1",
@@ -113,6 +113,18 @@ BAD = [
     # caught by `lsp launch` before any rank starts (it was ~40 lines of torchrun traceback, exit 1)
     ("launch2", ["data.kind=hf"], "data.hf.path: data.kind=hf needs"),
     ("launch2", ["parallel.backend=nccl", "train.device=cpu"], "parallel.backend: nccl needs CUDA devices"),
+    # a folder that cannot be made, a list without brackets, a folder as a file, an abbreviated key (issue 23)
+    ("train", ["out_dir={tmp}/doc.txt"], "out_dir: cannot create {tmp}/doc.txt/tiny-cpu: {tmp}/doc.txt is a file"),
+    ("train", ["checkpoint.dir={tmp}/doc.txt/ckpt"], "checkpoint.dir: cannot create {tmp}/doc.txt/ckpt: {tmp}/doc.txt"),
+    ("train", ["data.kind=files", "data.files={tmp}/doc.txt"], "data.files: must be a list; write data.files=[...]"),
+    ("train", ["data.kind=files", "data.files=[{tmp}]", "train.micro_batch=1"], "data.files: {tmp} is a folder, not"),
+    ("train", ["optim.learning_rate=0.1"], "optim.learning_rate: unknown key; did you mean optim.lr?"),
+    ("raw", ["train", "{tmp}"], "config error: config: {tmp} is a folder, not a file"),
+    ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1", "data.tokenizer={tmp}"],
+     "data.tokenizer: 'byte' or a tokenizers JSON file; {tmp} is a folder, not a file"),
+    *([("train", ["parallel.sp=1", "out_dir=/proc/lsp-nowhere"],   # passes the early check as root: the first write
+        "out_dir: cannot create /proc/lsp-nowhere/tiny-cpu: No such file or directory")]
+      if os.path.isdir("/proc/self") else []),
 ]
 
 
@@ -218,3 +230,17 @@ def test_torch_import_check_control():
     code = f"import sys; from lsp.cli import main; rc = main({argv!r}); print(rc, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.stdout.split() == ["2", "True"], out.stderr
+
+
+@pytest.mark.parametrize("typed, meant", [
+    ("optim.learning_rate", "optim.lr"),             # an abbreviation; it suggested optim.min_lr (shared prefix)
+    ("optim.wd", "optim.weight_decay"),
+    ("parallel.sp_mehtod", "parallel.sp_method"),    # spelling within the section
+    ("model.sp_method", "parallel.sp_method"),       # the same name in another section
+    ("trian.steps", "train.steps"),                  # no such section: compared whole
+    ("optim.momentum", None),                        # nothing close: no suggestion (control)
+    ("xyzzy", None),
+])
+def test_closest_key(typed, meant):
+    from lsp.run_config import closest_key, schema_keys
+    assert closest_key(typed, schema_keys()) == meant

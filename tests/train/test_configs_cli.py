@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from lsp.cli import UserError, build_parser, torchrun_command
-from lsp.train.config import ConfigError, load_config, validate
+from lsp.run_config import ConfigError, load_config, validate
 
 from .conftest import REPO
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from lsp.run_config import load_config
 from lsp.train import data as data_mod
-from lsp.train.config import load_config
 from lsp.train.data import IGNORE_INDEX, MQAR, DataLoader, PackedTokens, build_token_file, make_tokenizer
 
 from .conftest import SMALL

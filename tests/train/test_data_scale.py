@@ -152,7 +152,7 @@ def test_token_file_built_by_ranks_equals_one_process(mixed_corpus, tmp_path, wo
 
 
 def test_data_error_on_one_rank_stops_every_rank(mixed_corpus, tmp_path):
-    from lsp.train.config import ConfigError
+    from lsp.run_config import ConfigError
     with open(mixed_corpus[3], "a") as f:   # the second jsonl file: near the end, on the last rank
         f.write("not json\n")
     line = sum(1 for _ in open(mixed_corpus[3]))
@@ -200,7 +200,7 @@ sys.addaudithook(_audit)   # idle (one list check per audited event) unless a te
 def test_rank_error_file_appears_whole(tmp_path):
     # the ranks waiting on a part poll for `<part>.error` and json.load it: the name must never be opened for
     # writing (a poller would read an empty or half-written file), only renamed onto (flaked once in CI before)
-    from lsp.train.config import ConfigError
+    from lsp.run_config import ConfigError
     part = str(tmp_path / "x.part1of3")
     _WATCHED.append((".error", []))
     try:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import lsp.train.trainer as trainer_module
+from lsp.run_config import load_config
 from lsp.train.checkpoint import load_checkpoint, save_checkpoint
-from lsp.train.config import load_config
 from lsp.train.data import DataLoader
 from lsp.train.engine import Engine
 

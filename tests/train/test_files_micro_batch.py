@@ -5,9 +5,9 @@ import json
 import numpy as np
 import torch
 
-from lsp.train.config import load_config
+from lsp.models.build import build_model
+from lsp.run_config import load_config
 from lsp.train.data import IGNORE_INDEX, DataLoader
-from lsp.train.trainer import build_model
 
 from .conftest import SMALL
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from lsp.train.config import ConfigError, HFDataConfig, load_config
+from lsp.run_config import ConfigError, HFDataConfig, load_config
 from lsp.train.data import build_corpus_token_file, build_token_file, make_tokenizer
 
 from .conftest import SMALL

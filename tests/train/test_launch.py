@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from lsp.train.config import load_config
+from lsp.run_config import load_config
 from lsp.train.trainer import Trainer
 
 from .conftest import TINY, run_lsp

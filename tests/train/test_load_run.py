@@ -1,4 +1,4 @@
-"""`lsp.models.load_run` and `lsp generate` on runs trained here with `lsp train` / `lsp launch`.
+"""`lsp.train.load_run` and `lsp generate` on runs trained here with `lsp train` / `lsp launch`.
 
 Reference for the loaded weights: the held-out loss the trainer itself logged at its last step (metrics.jsonl),
 recomputed from the loaded model on the same eval batches; same weights and same fp32 computation give it to ~1e-7
@@ -13,8 +13,9 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from lsp.cli import main as lsp_main
-from lsp.models import HybridLM, load_run
-from lsp.train.config import load_config
+from lsp.models import HybridLM
+from lsp.run_config import load_config
+from lsp.train import load_run
 from lsp.train.data import ByteTokenizer, DataLoader
 
 from .conftest import SMALL, TINY, run_lsp
@@ -97,6 +98,36 @@ def test_generate_cli_errors_are_one_line(tiny_run, args, message, capsys):
 def test_generate_cli_missing_run(tmp_path, capsys):
     rc, _, err = generate_cli(capsys, str(tmp_path), "--prompt", "1")
     assert rc == 2 and err.strip() == f"error: run_dir: no complete checkpoint found under {tmp_path}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the mistake needs a torch without a usable CUDA device")
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "error: --device cuda: this torch "),
+    ("cuda:1", "error: --device cuda:1: this torch "),
+    ("gpu", "error: --device gpu: not a torch device name (cpu, cuda, cuda:1, ...)"),
+])
+def test_generate_on_a_device_torch_lacks_is_one_line(tiny_run, device, message, capsys):
+    # it was a 20-line traceback from torch.Generator / .to(device) (issue 23)
+    rc, out, err = generate_cli(capsys, tiny_run, "--prompt", "1 2", "--device", device)
+    assert rc == 2 and out == "" and err.startswith(message) and len(err.splitlines()) == 1, err
+
+
+def test_export_to_a_file_or_an_unwritable_path_is_one_line(tiny_run, tmp_path, capsys):
+    """`lsp export RUN OUT` where OUT is a file, lies under a file, or cannot be created: one line, exit 2, the
+    file untouched (it was a FileExistsError / NotADirectoryError traceback after the run was loaded)."""
+    blocker = tmp_path / "model.bin"
+    blocker.write_bytes(b"keep me")
+    cases = [(str(blocker), f"error: out_dir: {blocker} is a file, not a folder"),
+             (str(blocker / "hf"), f"error: out_dir: cannot create {blocker / 'hf'}: {blocker} is a file")]
+    if os.path.isdir("/proc/self"):   # passes the permission check as root; the first write names it
+        cases.append(("/proc/lsp-nowhere/hf", "error: out_dir: cannot create /proc/lsp-nowhere/hf: No such file"))
+    for out_dir, message in cases:
+        capsys.readouterr()
+        rc = lsp_main(["export", tiny_run, out_dir])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(message) and len(err.splitlines()) == 1, err
+    assert blocker.read_bytes() == b"keep me" and sorted(os.listdir(tmp_path)) == ["model.bin"]
+    assert lsp_main(["export", tiny_run, str(tmp_path / "hf")]) == 0   # control: a folder that can be made
 
 
 def test_byte_tokenizer_round_trip():
@@ -220,7 +251,7 @@ def test_eval_of_a_zero0_deepspeed_layout(tiny_run, tmp_path, capsys):
 
 def test_init_from_an_export_or_a_run_is_bitwise(tiny_run, tmp_path):
     from lsp.export import export_run
-    from lsp.train.config import ConfigError
+    from lsp.run_config import ConfigError
     from lsp.train.trainer import Trainer
     export_run(tiny_run, str(tmp_path / "hf"))
     trained = load_run(tiny_run)[0].state_dict()

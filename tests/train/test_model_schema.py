@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 
-from lsp.models import HybridConfig, load_run
-from lsp.train.config import RUN_MODEL_DEFAULTS, SET_ELSEWHERE, ConfigError, ModelConfig, hybrid_config, load_config
+from lsp.models import HybridConfig
+from lsp.run_config import RUN_MODEL_DEFAULTS, SET_ELSEWHERE, ConfigError, ModelConfig, hybrid_config, load_config
+from lsp.train import load_run
 from lsp.train.trainer import Trainer
 
 from .conftest import SMALL, TINY

@@ -15,13 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lsp.hybrid_config import HybridConfig, HybridConfigError
-from lsp.names import LAYOUTS, SOFTMAX_SP_METHODS, SP_METHODS
-
-from .signals import SIGNALS, bad_signal
+from lsp.names import LAYOUTS, SAVE_SIGNALS, SOFTMAX_SP_METHODS, SP_METHODS
 
 
 class ConfigError(ValueError):
@@ -62,7 +60,7 @@ class MQARConfig:
 
 @dataclass
 class HFDataConfig:
-    """data.kind=hf: a Hugging Face `datasets` corpus (optional extra: pip install 'lsp[datasets]')."""
+    """data.kind=hf: a Hugging Face `datasets` corpus (optional extra: pip install 'lsp-hybrid[datasets]')."""
     path: str = ""  # a save_to_disk directory, or a builder (json | csv | parquet | text | arrow) with data_files
     data_files: List[str] = field(default_factory=list)
     split: str = "train"
@@ -208,8 +206,52 @@ def did_you_mean(word: str, choices) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
+def initials(name: str) -> str:
+    """learning_rate -> lr, weight_decay -> wd: how a key is usually abbreviated."""
+    return "".join(part[:1] for part in name.split("_"))
+
+
+def closest_key(key: str, keys: List[str]) -> Optional[str]:
+    """The schema key a mistyped dotted key most likely meant, or None. Within an existing section the last part is
+    compared with that section's keys alone (an abbreviation either way first, then spelling), so the shared
+    section prefix does not make a poor match look close (optim.learning_rate is optim.lr, not optim.min_lr); then
+    the same name in another section (model.sp_method -> parallel.sp_method). A key whose section does not exist
+    is compared whole (trian.steps -> train.steps)."""
+    section, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == section}
+    if section and section not in keys:
+        close = difflib.get_close_matches(key, keys, n=1)
+        return close[0] if close else None
+    by_initials = [full for name, full in siblings.items() if initials(leaf) == name or initials(name) == leaf]
+    close = difflib.get_close_matches(leaf, list(siblings), n=1)
+    elsewhere = [k for k in keys if k.rpartition(".")[2] == leaf and k != key]
+    return next(iter(by_initials + [siblings[c] for c in close] + elsewhere), None)
+
+
 def unknown_key(key: str) -> ConfigError:
-    return ConfigError(key, "unknown key" + did_you_mean(key, schema_keys()))
+    match = closest_key(key, schema_keys())
+    return ConfigError(key, "unknown key" + (f"; did you mean {match}?" if match else ""))
+
+
+def file_problem(path: str) -> Optional[str]:
+    """Why path cannot be read as an input file ("file not found: X", "X is a folder, not a file"), or None."""
+    if os.path.isdir(path):
+        return f"{path} is a folder, not a file (name the files in it)"
+    return None if os.path.isfile(path) else f"file not found: {path}"
+
+
+def dir_problem(path: str) -> Optional[str]:
+    """Why the folder path cannot be created or written, or None; checked before anything is written. (os.access
+    answers yes to root everywhere: what it misses fails at the first write, where the writer names the key.)"""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a folder" if probe == os.path.abspath(path) else \
+            f"cannot create {path}: {probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"cannot write to {path}: {probe} is not writable"
+    return None
 
 
 def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
@@ -217,6 +259,8 @@ def _omegaconf_error(err: OmegaConfBaseException) -> ConfigError:
     msg = str(getattr(err, "msg", None) or err).strip().splitlines()[0]
     if "not in" in msg and "Key" in msg:
         return unknown_key(key)
+    if key and isinstance(OmegaConf.select(OmegaConf.structured(Config), key), ListConfig):
+        return ConfigError(key, f"must be a list; write {key}=[...] (brackets, items separated by commas)")
     return ConfigError(key or "config", msg)
 
 
@@ -235,8 +279,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     try:
         merged = schema
         if path is not None:
-            if not os.path.isfile(path):
-                raise ConfigError("config", f"file not found: {path}")
+            if (problem := file_problem(path)) is not None:
+                raise ConfigError("config", problem)
             try:
                 loaded = OmegaConf.load(path)
             except yaml.YAMLError as err:
@@ -302,12 +346,15 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
                               "(json, csv, parquet, text, arrow) with data.hf.data_files")
         key, files = ("data.files", d.files) if d.kind == "files" else ("data.hf.data_files", d.hf.data_files)
         for f in files if check_files else ():
-            if not os.path.isfile(f):
-                raise ConfigError(key, f"file not found: {f}")
+            if (problem := file_problem(f)) is not None:
+                raise ConfigError(key, problem)
         if check_files and d.tokenizer != "byte":
             _check_tokenizer_file(d.tokenizer)
-    if (name := bad_signal(cfg.checkpoint.save_on_signals)) is not None:
-        raise ConfigError("checkpoint.save_on_signals", f"{name!r} is not one of {', '.join(SIGNALS)}")
+    for key, folder in (("out_dir", cfg.run_dir), ("checkpoint.dir", cfg.checkpoint.dir)) if check_files else ():
+        if folder and (problem := dir_problem(folder)) is not None:
+            raise ConfigError(key, problem)
+    if (name := next((n for n in cfg.checkpoint.save_on_signals if n not in SAVE_SIGNALS), None)) is not None:
+        raise ConfigError("checkpoint.save_on_signals", f"{name!r} is not one of {', '.join(SAVE_SIGNALS)}")
     if p.engine == "ddp" and p.zero != 0:
         raise ConfigError("parallel.zero", f"{p.zero} needs parallel.engine=fsdp or deepspeed (ddp is ZeRO-0)")
     if p.engine == "fsdp" and p.zero not in (2, 3):
@@ -315,12 +362,19 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero", f"{p.zero} is not one of 0, 1, 2, 3")
     if world_size is not None:
-        if world_size % p.sp:
-            raise ConfigError("parallel.sp", f"{p.sp} does not divide the world size {world_size} "
-                              f"(start it with: lsp launch --nproc-per-node {p.sp} ...)")
-        dp = p.dp or world_size // p.sp
-        if dp * p.sp != world_size:
-            raise ConfigError("parallel.dp", f"dp={dp} x sp={p.sp} != world size {world_size}")
+        check_world(cfg, world_size)
+
+
+def check_world(cfg: Config, world_size: int) -> None:
+    """The launch fits the config: sp divides the world and dp x sp is all of it. The rest of the config was
+    validated once, by load_config, in this process; this is what is left to check once the world size is known."""
+    p = cfg.parallel
+    if world_size % p.sp:
+        raise ConfigError("parallel.sp", f"{p.sp} does not divide the world size {world_size} "
+                          f"(start it with: lsp launch --nproc-per-node {p.sp} ...)")
+    dp = p.dp or world_size // p.sp
+    if dp * p.sp != world_size:
+        raise ConfigError("parallel.dp", f"dp={dp} x sp={p.sp} != world size {world_size}")
 
 
 def lift_model_extra(loaded: DictConfig) -> DictConfig:
@@ -353,8 +407,8 @@ def hybrid_config(cfg: Config, vocab_size: int) -> HybridConfig:
 
 def _check_tokenizer_file(path: str) -> None:
     """A tokenizers JSON must exist and parse, checked before anything is started or written."""
-    if not os.path.isfile(path):
-        raise ConfigError("data.tokenizer", f"'byte' or a tokenizers JSON file; not found: {path}")
+    if (problem := file_problem(path)) is not None:
+        raise ConfigError("data.tokenizer", f"'byte' or a tokenizers JSON file; {problem}")
     try:
         with open(path, "rb") as f:
             spec = json.loads(f.read().decode("utf-8"))
@@ -366,7 +420,7 @@ def _check_tokenizer_file(path: str) -> None:
                           "use data.tokenizer=byte or a tokenizer.json saved by `tokenizers`")
     if importlib.util.find_spec("tokenizers") is None:
         raise ConfigError("data.tokenizer", "a tokenizer JSON needs the `tokenizers` package "
-                          "(pip install 'lsp[tokenizers]'), or use data.tokenizer=byte")
+                          "(pip install 'lsp-hybrid[tokenizers]'), or use data.tokenizer=byte")
 
 
 def to_yaml(cfg: Config) -> str:
