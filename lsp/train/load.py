@@ -17,7 +17,9 @@ import torch
 
 from .checkpoint import find_checkpoint, load_model_state
 from .config import Config, ConfigError, load_config
-from .data import MQAR, IdTokenizer, iter_documents, make_tokenizer
+from .documents import iter_documents
+from .mqar import MQAR
+from .tokenizer import IdTokenizer, make_tokenizer
 
 
 def run_tokenizer(cfg: Config):

@@ -14,13 +14,18 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from lsp.names import IGNORE_INDEX
+
 from .checkpoint import latest_checkpoint
 from .config import Config, ConfigError, hybrid_config, to_yaml
-from .data import IGNORE_INDEX, Batch, DataLoader, build_corpus_token_file, corpus_of, make_tokenizer
+from .data import Batch, DataLoader
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
+from .documents import corpus_of
 from .engine import Engine
 from .logger import RunLogger, peak_flops, peak_memory_gb
 from .signals import StopRequested, StopSignals, signal_name
+from .token_file import build_corpus_token_file
+from .tokenizer import make_tokenizer
 
 
 class NonFiniteError(RuntimeError):

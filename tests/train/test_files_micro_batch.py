@@ -5,8 +5,9 @@ import json
 import numpy as np
 import torch
 
+from lsp.names import IGNORE_INDEX
 from lsp.train.config import load_config
-from lsp.train.data import IGNORE_INDEX, DataLoader
+from lsp.train.data import DataLoader
 from lsp.train.trainer import build_model
 
 from .conftest import SMALL

@@ -15,7 +15,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from lsp.cli import main as lsp_main
 from lsp.models import HybridLM, load_run
 from lsp.train.config import load_config
-from lsp.train.data import ByteTokenizer, DataLoader
+from lsp.train.data import DataLoader
+from lsp.train.tokenizer import ByteTokenizer
 
 from .conftest import SMALL, TINY, run_lsp
 
