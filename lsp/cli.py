@@ -124,6 +124,9 @@ def cmd_eval(args) -> int:
     cfg = load_config(os.path.join(path, "config.yaml"), single + args.overrides)
     cfg.init_from = ""   # the checkpoint's weights are loaded below; the run's starting point may be gone
     trainer = Trainer(cfg)
+    if not trainer.data.has_validation:
+        raise UserError(f"{path}: the run has no validation windows (data.val_fraction={cfg.data.val_fraction}); "
+                        f"measure held-out text with: lsp eval {args.checkpoint} --files FILE ...")
     try:
         state = load_checkpoint(path, trainer.model)
     except ValueError as err:   # a DeepSpeed ZeRO checkpoint without deepspeed installed

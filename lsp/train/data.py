@@ -9,7 +9,7 @@ Each rank then keeps only its sequence-parallel shard of the tokens (`sp.shard(x
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -93,8 +93,23 @@ class DataLoader:
             out.append(self._collate([self.source.sample(self._row(first + j)) for j in range(t.micro_batch)]))
         return out
 
-    def eval_batches(self) -> List[Batch]:
-        """Held-out batches (MQAR: fresh samples from the eval stream), split over dp ranks."""
-        t, n = self.cfg.train, self.cfg.data.eval_batches
-        return [self._collate([self.source.sample((b * self.dp_size + self.dp_rank) * t.micro_batch + j, "val")
-                               for j in range(t.micro_batch)]) for b in range(n)]
+    @property
+    def has_validation(self) -> bool:
+        """False when the validation split of a text corpus rounds to zero windows (data.val_fraction=0, or a
+        corpus of fewer than 1 / val_fraction windows): the run then trains without evaluation."""
+        return getattr(self.source, "num_val", 1) > 0   # MQAR draws fresh held-out samples
+
+    def eval_batch(self, b: int) -> Batch:
+        """Held-out batch b: samples [b * micro_batch, (b + 1) * micro_batch) of the eval stream (MQAR) or of the
+        validation windows (text)."""
+        mb = self.cfg.train.micro_batch
+        return self._collate([self.source.sample(b * mb + j, "val") for j in range(mb)])
+
+    def eval_batches(self) -> List[Tuple[Batch, bool]]:
+        """This dp rank's share of the held-out set, (batch, counts) pairs. The set is data.eval_batches batches
+        whatever dp is, so `lsp eval` (dp=1) reproduces the logged eval loss of any run; rank r takes batches r,
+        r + dp, ... Every rank runs the same number of forwards (FSDP and DeepSpeed gather weights in each), so a
+        rank with one batch fewer repeats batch 0, which does not count."""
+        n, dp = self.cfg.data.eval_batches, self.dp_size
+        mine = [i * dp + self.dp_rank for i in range(-(-n // dp))]   # ceil(n / dp) slots
+        return [(self.eval_batch(b if b < n else 0), b < n) for b in mine]

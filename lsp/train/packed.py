@@ -50,4 +50,5 @@ class PackedTokens:
     def sample(self, index: int, split: str = "train"):
         if split == "train":
             return self.window(index % self.num_train)
-        return self.window(self.num_train + index % max(self.num_val, 1))
+        assert self.num_val > 0, "no validation windows: callers check DataLoader.has_validation"
+        return self.window(self.num_train + index % self.num_val)

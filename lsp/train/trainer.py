@@ -17,7 +17,7 @@ import torch
 from lsp.names import IGNORE_INDEX
 
 from .checkpoint import latest_checkpoint
-from .config import Config, ConfigError, hybrid_config, to_yaml
+from .config import Config, ConfigError, hybrid_config, to_yaml, with_absolute_paths
 from .data import Batch, DataLoader
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
 from .documents import corpus_of
@@ -114,7 +114,8 @@ class Trainer:
     def save(self) -> Optional[str]:
         state = {"step": self.step, "data": {"step": self.data.state.step},
                  "world": {"dp": self.mesh.dp, "sp": self.mesh.sp}}
-        return self.engine.save(self.ckpt_dir, self.step, state, to_yaml(self.cfg), self.cfg.checkpoint.keep)
+        return self.engine.save(self.ckpt_dir, self.step, state, to_yaml(with_absolute_paths(self.cfg)),
+                               self.cfg.checkpoint.keep)
 
     # ------------------------------------------------------------------------------------------------ data
     def to_local(self, batch: Batch):
@@ -189,24 +190,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Mean held-out loss and, for MQAR, recall accuracy on the answer positions (argmax == value)."""
+        """Mean held-out loss and, for MQAR, recall accuracy on the answer positions (argmax == value); {} for a run
+        without validation windows (announced at its start)."""
+        if not self.data.has_validation:
+            return {}
         model = self.engine.eval_model()
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, device=self.mesh.device, dtype=torch.float64)   # loss, correct, answers
-        batches = self.data.eval_batches()
-        for batch in batches:
+        for batch, counts in self.data.eval_batches():
             ids, labels, cu = self.to_local(batch)
             with autocast(self.cfg, self.mesh.device):
                 out = model(ids, labels=labels, sp=self.sp, cu_seqlens=cu, return_logits=True)
-            mask = labels != IGNORE_INDEX
-            sums[0] += out.loss.double()
-            sums[1] += ((out.logits.argmax(-1) == labels) & mask).sum()
-            sums[2] += mask.sum()
+            if counts:
+                mask = labels != IGNORE_INDEX
+                sums[0] += out.loss.double()
+                sums[1] += ((out.logits.argmax(-1) == labels) & mask).sum()
+                sums[2] += mask.sum()
         model.train(was_training)
         sums[0] /= self.mesh.sp   # the loss is already global over the SP group: count it once per SP group
         sums = all_reduce_sum(sums, self.mesh)
-        metrics = {"eval_loss": sums[0].item() / (len(batches) * self.mesh.dp)}
+        metrics = {"eval_loss": sums[0].item() / self.cfg.data.eval_batches}
         if self.cfg.data.kind == "mqar":
             metrics["eval_accuracy"] = sums[1].item() / max(sums[2].item(), 1)
         return metrics
@@ -239,6 +243,11 @@ class Trainer:
             print(f"lsp: {num_parameters(self.model) / 1e6:.2f}M params, dp={mesh.dp} sp={mesh.sp} "
                   f"engine={cfg.parallel.engine} device={mesh.device.type} "
                   f"precision={precision_name(cfg, mesh.device)}, run dir {cfg.run_dir}", flush=True)
+        if mesh.is_main and not self.data.has_validation:
+            source = self.data.source
+            print(f"lsp: data.val_fraction={cfg.data.val_fraction} of {source.num_train + source.num_val} windows "
+                  "leaves no validation window: training without evaluation (lsp eval RUN_DIR --files F measures "
+                  "held-out files)", flush=True)
 
     def loop(self, logger: RunLogger):
         """Steps until train.steps, or until a stop signal: then that step is logged and saved at once.
@@ -255,7 +264,8 @@ class Trainer:
             stop = None if at_end else metrics["stop"]   # a signal during the last step changes nothing
             if self.step % cfg.train.log_every == 0 or at_end or stop:
                 logger.log(self.metrics_row(metrics))
-            if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or at_end:
+            if self.data.has_validation and ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
+                                             or at_end):
                 last = {"step": self.step, **self.evaluate()}
                 logger.log(last)
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or at_end or stop:

@@ -50,9 +50,9 @@ def logged_eval_loss(run_dir):
 
 @torch.no_grad()
 def eval_loss(model, run_dir, dp=1):
-    # the trainer's held-out loss: each of the dp replicas evaluates its own rows, the mean is over all batches
+    # the trainer's held-out loss: each of the dp replicas evaluates its share, the mean is over all batches
     cfg = load_config(os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}", "config.yaml"), check_files=False)
-    batches = [b for r in range(dp) for b in DataLoader(cfg, dp_rank=r, dp_size=dp).eval_batches()]
+    batches = [b for r in range(dp) for b, counts in DataLoader(cfg, dp_rank=r, dp_size=dp).eval_batches() if counts]
     return sum(model(b.input_ids, labels=b.labels).loss.item() for b in batches) / len(batches)
 
 
