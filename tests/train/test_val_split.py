@@ -37,13 +37,26 @@ def lsp(*args, cwd, timeout=300):
                           env=env, cwd=cwd)
 
 
-def train_files(tmp, corpus, *extra, launch=None, cwd=None, name="r"):
-    start = ["train", TINY] if launch is None else ["launch", "--nproc-per-node", str(launch), TINY]
-    proc = lsp(*start, *SMALL, f"out_dir={tmp}", f"name={name}", "parallel.sp=1", "data.kind=files",
-               f"data.files=[{corpus}]", f"data.cache_dir={tmp}/cache", "train.micro_batch=1",
-               f"train.steps={STEPS}", "train.eval_every=2", *extra, cwd=cwd or str(tmp))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc, os.path.join(tmp, name)
+def train(tmp, capsys, monkeypatch, *args, launch=None, cwd=None):
+    """`lsp train` in this process (torch is imported already: seconds saved per run), or `lsp launch` with
+    `launch` ranks in a subprocess; run from cwd (default tmp) -> stdout."""
+    if launch is not None:
+        proc = lsp("launch", "--nproc-per-node", str(launch), TINY, *args, cwd=str(cwd or tmp))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+    monkeypatch.chdir(cwd or tmp)
+    capsys.readouterr()
+    rc = lsp_main(["train", TINY, *args])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    return out
+
+
+def train_files(tmp, capsys, monkeypatch, corpus, *extra, launch=None):
+    out = train(tmp, capsys, monkeypatch, *SMALL, f"out_dir={tmp}", "name=r", "parallel.sp=1", "data.kind=files",
+                f"data.files=[{corpus}]", f"data.cache_dir={tmp}/cache", "train.micro_batch=1",
+                f"train.steps={STEPS}", "train.eval_every=2", *extra, launch=launch)
+    return out, os.path.join(tmp, "r")
 
 
 def eval_rows(run_dir):
@@ -58,11 +71,10 @@ def eval_cli(capsys, *args):
     return rc, out, err
 
 
-def assert_trains_without_evaluation(proc, run_dir, capsys):
-    assert [line for line in proc.stdout.splitlines() if NO_EVAL in line] != []
-    assert len([line for line in proc.stdout.splitlines() if NO_EVAL in line]) == 1
+def assert_trains_without_evaluation(out, run_dir, capsys):
+    assert len([line for line in out.splitlines() if NO_EVAL in line]) == 1
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}", "trainer.pt"))
-    assert eval_rows(run_dir) == [] and "final " in proc.stdout
+    assert eval_rows(run_dir) == [] and "final " in out
     rc, _, err = eval_cli(capsys, run_dir)
     assert rc == 2 and len(err.splitlines()) == 1 and "the run has no validation windows" in err
 
@@ -71,26 +83,27 @@ CASES = {"val_fraction=0": (40, ["data.val_fraction=0"]), "tiny corpus": (10, []
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_no_validation_windows_trains_and_saves(tmp_path, capsys, case):
+def test_no_validation_windows_trains_and_saves(tmp_path, capsys, monkeypatch, case):
     windows, extra = CASES[case]
     corpus = write_corpus(tmp_path / "corpus.txt", windows)
-    proc, run_dir = train_files(tmp_path, corpus, *extra)
-    assert_trains_without_evaluation(proc, run_dir, capsys)
+    out, run_dir = train_files(tmp_path, capsys, monkeypatch, corpus, *extra)
+    assert_trains_without_evaluation(out, run_dir, capsys)
 
 
-@pytest.mark.parametrize("case", [pytest.param("val_fraction=0", marks=pytest.mark.slow), "tiny corpus"])
-def test_no_validation_windows_two_ranks(tmp_path, capsys, case):
+@pytest.mark.slow   # two `lsp launch` runs of 2 ranks, ~30 s each here; the single-process test above is the fast one
+@pytest.mark.parametrize("case", CASES)
+def test_no_validation_windows_two_ranks(tmp_path, capsys, monkeypatch, case):
     windows, extra = CASES[case]
     corpus = write_corpus(tmp_path / "corpus.txt", windows)
-    proc, run_dir = train_files(tmp_path, corpus, *extra, launch=2)
-    assert_trains_without_evaluation(proc, run_dir, capsys)
+    out, run_dir = train_files(tmp_path, capsys, monkeypatch, corpus, *extra, launch=2)
+    assert_trains_without_evaluation(out, run_dir, capsys)
 
 
-def test_a_corpus_with_validation_windows_still_evaluates(tmp_path):
+def test_a_corpus_with_validation_windows_still_evaluates(tmp_path, capsys, monkeypatch):
     # control for the two tests above: 20 windows at the default 0.05 keep one validation window
     corpus = write_corpus(tmp_path / "corpus.txt", 20)
-    proc, run_dir = train_files(tmp_path, corpus)
-    assert NO_EVAL not in proc.stdout and [row["step"] for row in eval_rows(run_dir)] == [2, 4]
+    out, run_dir = train_files(tmp_path, capsys, monkeypatch, corpus)
+    assert NO_EVAL not in out and [row["step"] for row in eval_rows(run_dir)] == [2, 4]
 
 
 @pytest.mark.parametrize("kind", ["mqar", "files"])
@@ -113,33 +126,27 @@ def test_eval_set_is_the_same_at_every_dp_size(tmp_path, kind):
         assert len(got) == 5 and all(torch.equal(a, b) for a, b in zip(got, one))
 
 
-def test_dp2_eval_loss_equals_dp1_and_lsp_eval(tmp_path, capsys):
-    # the same global batch (dp x micro_batch x grad_accum = 2) at dp=2 and dp=1: the same data, weights equal to
-    # fp32 rounding of the gradient sums; before the fix the dp=2 eval set had twice the batches (0.3% apart)
-    base = ["parallel.sp=1", "train.micro_batch=2", "train.eval_every=0", f"train.steps={STEPS}"]
-    dp2 = launch_mqar(tmp_path, "dp2", *base, launch=2)
-    dp1 = launch_mqar(tmp_path, "dp1", *base, "train.grad_accum=2")
+@pytest.mark.slow   # a 2-rank `lsp launch` (~30 s here); test_eval_set_is_the_same_at_every_dp_size is the fast one
+def test_dp2_eval_loss_equals_dp1_and_lsp_eval(tmp_path, capsys, monkeypatch):
+    # the same global batch (dp x micro_batch x grad_accum = 4) at dp=2 and dp=1: the same data, weights equal up
+    # to fp32 rounding of the gradient sums; before the fix the dp=2 eval set had twice the batches (0.3% apart)
+    base = [*SMALL, f"out_dir={tmp_path}", "parallel.sp=1", "train.micro_batch=2", f"train.steps={STEPS}"]
+    train(tmp_path, capsys, monkeypatch, *base, "name=dp2", launch=2)
+    train(tmp_path, capsys, monkeypatch, *base, "name=dp1", "train.grad_accum=2")
+    dp2, dp1 = str(tmp_path / "dp2"), str(tmp_path / "dp1")
     logged2, logged1 = eval_rows(dp2)[-1]["eval_loss"], eval_rows(dp1)[-1]["eval_loss"]
     assert logged2 == pytest.approx(logged1, rel=2e-5)
     rc, out, _ = eval_cli(capsys, dp2)
     assert rc == 0 and json.loads(out.splitlines()[-1])["eval_loss"] == pytest.approx(logged2, rel=1e-6)
 
 
-def launch_mqar(tmp, name, *extra, launch=None):
-    start = ["train", TINY] if launch is None else ["launch", "--nproc-per-node", str(launch), TINY]
-    proc = lsp(*start, *SMALL, f"out_dir={tmp}", f"name={name}", *extra, cwd=str(tmp))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return os.path.join(tmp, name)
-
-
 def test_eval_from_another_directory_with_relative_data_files(tmp_path, capsys, monkeypatch):
     origin, elsewhere = tmp_path / "origin", tmp_path / "elsewhere"
     origin.mkdir(), elsewhere.mkdir()
     write_corpus(origin / "corpus.txt", 40)
-    proc = lsp("train", TINY, *SMALL, "out_dir=runs", "name=rel", "parallel.sp=1", "data.kind=files",
-               "data.files=[corpus.txt]", "data.cache_dir=cache", "data.val_fraction=0.1", "train.micro_batch=1",
-               f"train.steps={STEPS}", cwd=str(origin))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(tmp_path, capsys, monkeypatch, *SMALL, "out_dir=runs", "name=rel", "parallel.sp=1", "data.kind=files",
+          "data.files=[corpus.txt]", "data.cache_dir=cache", "data.val_fraction=0.1", "train.micro_batch=1",
+          f"train.steps={STEPS}", cwd=origin)
     run_dir = str(origin / "runs" / "rel")
     saved = load_config(os.path.join(run_dir, "checkpoints", f"step_{STEPS:08d}", "config.yaml"), check_files=False)
     assert saved.data.files == [str(origin / "corpus.txt")] and saved.data.cache_dir == str(origin / "cache")
