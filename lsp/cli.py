@@ -105,10 +105,14 @@ def launch_config(args):
 
 
 def resolve_checkpoint(path: str) -> str:
-    from lsp.train.runs import find_checkpoint  # torch-free: a wrong path is answered before torch is imported
+    from lsp.train.runs import find_checkpoint, require_intact  # torch-free: answered before torch is imported
     found = find_checkpoint(path)
     if found is None:
         raise UserError(f"no complete checkpoint found under {path}")
+    try:
+        require_intact(found)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     return found
 
 

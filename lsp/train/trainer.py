@@ -23,6 +23,7 @@ from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
 from .documents import corpus_of
 from .engine import Engine
 from .logger import RunLogger, peak_flops, peak_memory_gb
+from .runs import set_aside_damaged
 from .signals import StopRequested, StopSignals, signal_name
 from .token_file import build_corpus_token_file
 from .tokenizer import make_tokenizer
@@ -96,10 +97,25 @@ class Trainer:
         self.skipped_steps = 0   # updates skipped for non-finite loss/grads (train.on_nonfinite=skip)
         self.signals: Optional[StopSignals] = None   # set while fit() runs the loop
         self.ckpt_dir = cfg.checkpoint_dir
-        if cfg.checkpoint.resume and (path := latest_checkpoint(self.ckpt_dir)) is not None:
+        if cfg.checkpoint.resume and (path := self.resume_point()) is not None:
             self.resume(path)
 
     # ------------------------------------------------------------------------------------------ checkpoint
+    def resume_point(self) -> Optional[str]:
+        """The newest intact checkpoint: rank 0 checks the manifests and sets newer damaged ones aside, one line each
+        (runs.set_aside_damaged), while the others wait; then every rank reads the same folder."""
+        error = ""
+        if self.mesh.is_main:
+            try:
+                for note in set_aside_damaged(self.ckpt_dir)[1]:
+                    print(note, flush=True)
+            except ValueError as err:
+                error = str(err)
+        failed = all_reduce_sum(torch.tensor([float(bool(error))], device=self.mesh.device), self.mesh)
+        if failed.item():
+            raise ConfigError("checkpoint.resume", error or "rank 0 found every checkpoint damaged")
+        return latest_checkpoint(self.ckpt_dir)
+
     def resume(self, path: str) -> None:
         try:
             state = self.engine.load(path)
