@@ -250,7 +250,7 @@ class Trainer:
         if stop:
             raise StopRequested(f"{stop}: stopped after step {self.step}, checkpoint "
                                 f"{latest_checkpoint(self.ckpt_dir)} written; run the same command again to resume")
-        return {"losses": losses, **last}
+        return {"losses": losses, "step": self.step, **last}
 
     def announce(self) -> None:
         from lsp.models import num_parameters
