@@ -97,7 +97,7 @@ class DataLoader:
     def has_validation(self) -> bool:
         """False when the validation split of a text corpus rounds to zero windows (data.val_fraction=0, or a
         corpus of fewer than 1 / val_fraction windows): the run then trains without evaluation."""
-        return getattr(self.source, "num_val", 1) > 0   # MQAR draws fresh held-out samples
+        return self.source.has_validation
 
     def eval_batch(self, b: int) -> Batch:
         """Held-out batch b: samples [b * micro_batch, (b + 1) * micro_batch) of the eval stream (MQAR) or of the

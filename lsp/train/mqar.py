@@ -19,6 +19,8 @@ class MQAR:
     that key), everything else is IGNORE_INDEX, so the loss and the accuracy are measured on recall only.
     """
 
+    has_validation = True   # held-out samples are drawn fresh from their own stream
+
     def __init__(self, cfg: DataConfig, seed: int):
         self.cfg, self.q, self.seed = cfg, cfg.mqar, seed
         self.vocab_size = 1 + self.q.num_keys + self.q.num_values

@@ -35,6 +35,10 @@ class PackedTokens:
         if self.num_train < 1:
             raise ConfigError("data.val_fraction", "leaves no training sequence")
 
+    @property
+    def has_validation(self) -> bool:
+        return self.num_val > 0
+
     def window(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         # -> tokens [T], labels [T], cu_seqlens [N + 1]
         T, lo = self.seq_len, i * self.seq_len
@@ -50,5 +54,5 @@ class PackedTokens:
     def sample(self, index: int, split: str = "train"):
         if split == "train":
             return self.window(index % self.num_train)
-        assert self.num_val > 0, "no validation windows: callers check DataLoader.has_validation"
+        assert self.has_validation, "no validation windows: callers check DataLoader.has_validation"
         return self.window(self.num_train + index % self.num_val)
