@@ -370,8 +370,8 @@ def _check_tokenizer_file(path: str) -> None:
 
 def with_absolute_paths(cfg: Config) -> Config:
     """A copy of cfg whose local paths are absolute (data files, token cache, tokenizer JSON, a local `datasets`
-    folder or its files, init_from): what a run saves with its checkpoints, so `lsp eval`, `lsp export` and a resume
-    read the same data from any working directory. A builder name (data.hf.path=json) is left as it is."""
+    folder or its files, init_from): what a run saves with its checkpoints, so `lsp eval` / `generate` / `export`
+    read the same data and tokenizer from any working directory. A builder name (data.hf.path=json) stays as it is."""
     out = copy.deepcopy(cfg)
     d = out.data
     d.files = [os.path.abspath(f) for f in d.files]

@@ -156,3 +156,21 @@ def test_eval_from_another_directory_with_relative_data_files(tmp_path, capsys, 
     assert json.loads(out.splitlines()[-1])["eval_loss"] == pytest.approx(eval_rows(run_dir)[-1]["eval_loss"],
                                                                           rel=1e-6)
     assert os.listdir(elsewhere) == []   # the run's token cache was reused, nothing written here
+
+
+def test_saved_config_paths_are_absolute(tmp_path, monkeypatch):
+    # relative paths resolve against the directory the run started in; names that are not paths stay as they are
+    from lsp.train.config import with_absolute_paths
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds").mkdir()
+    cfg = load_config(None, ["data.files=[a.txt]", "data.cache_dir=c", "data.tokenizer=tok.json", "init_from=prev",
+                             "data.hf.path=ds", "data.hf.data_files=[x.jsonl]"], check_files=False)
+    (tmp_path / "x.jsonl").write_text("")
+    out = with_absolute_paths(cfg)
+    assert (out.data.files, out.data.cache_dir, out.data.tokenizer, out.init_from, out.data.hf.path) == (
+        [str(tmp_path / "a.txt")], str(tmp_path / "c"), str(tmp_path / "tok.json"), str(tmp_path / "prev"),
+        str(tmp_path / "ds"))
+    assert out.data.hf.data_files == [str(tmp_path / "x.jsonl")] and cfg.data.files == ["a.txt"]   # cfg untouched
+    byte = with_absolute_paths(load_config(None, ["data.hf.path=json", "data.hf.data_files=[nowhere.jsonl]"]))
+    assert (byte.data.tokenizer, byte.init_from, byte.data.hf.path, byte.data.hf.data_files) == (
+        "byte", "", "json", ["nowhere.jsonl"])
