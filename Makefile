@@ -10,7 +10,7 @@ $(BIN)/lsp:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e .[dev]
+	$(BIN)/pip install -q -e .[dev,accelerate]   # accelerate: tests/train/test_accelerate.py launches through it
 
 install: $(BIN)/lsp
 

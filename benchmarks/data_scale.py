@@ -23,8 +23,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table  # noqa: E402
 
-from lsp.train.data import build_token_file, make_tokenizer  # noqa: E402
 from lsp.train.shuffle import shuffled_position  # noqa: E402
+from lsp.train.token_file import build_token_file  # noqa: E402
+from lsp.train.tokenizer import make_tokenizer  # noqa: E402
 
 WORDS = ("the of and to in is was for on that with as by at from language model sequence parallel attention "
          "state decay chunk token naïve café 文字 über").split()

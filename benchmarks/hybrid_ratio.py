@@ -5,7 +5,7 @@
 
 Every pattern trains the same 8-layer HybridLM (only the attention kind per layer differs; a softmax layer has
 4 D² attention weights, a GLA layer 5 D² + the low-rank decay, so the totals differ by a few percent and are
-printed) on the built-in MQAR task (lsp.train.data.MQAR) with the same data order, optimiser and steps, then
+printed) on the built-in MQAR task (lsp.train.mqar.MQAR) with the same data order, optimiser and steps, then
 measures recall accuracy (argmax at the queried-key positions) on held-out samples. Writes a Markdown table and a
 PNG (accuracy vs number of softmax layers).
 """
@@ -26,7 +26,7 @@ from common import print_table  # noqa: E402
 
 from lsp.models import HybridConfig, HybridLM, num_parameters  # noqa: E402
 from lsp.run_config import DataConfig, MQARConfig  # noqa: E402
-from lsp.train.data import MQAR  # noqa: E402
+from lsp.train.mqar import MQAR  # noqa: E402
 
 PATTERNS = {"L": "all-linear", "LLLLLLLS": "7:1", "LLLS": "3:1", "LS": "1:1", "S": "all-softmax"}
 

@@ -105,10 +105,14 @@ def launch_config(args):
 
 
 def resolve_checkpoint(path: str) -> str:
-    from lsp.train.runs import find_checkpoint  # torch-free: a wrong path is answered before torch is imported
+    from lsp.train.runs import find_checkpoint, require_intact  # torch-free: answered before torch is imported
     found = find_checkpoint(path)
     if found is None:
         raise UserError(f"no complete checkpoint found under {path}")
+    try:
+        require_intact(found)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     return found
 
 
@@ -124,6 +128,9 @@ def cmd_eval(args) -> int:
     cfg = load_config(os.path.join(path, "config.yaml"), single + args.overrides)
     cfg.init_from = ""   # the checkpoint's weights are loaded below; the run's starting point may be gone
     trainer = Trainer(cfg)
+    if not trainer.data.has_validation:
+        raise UserError(f"{path}: the run has no validation windows (data.val_fraction={cfg.data.val_fraction}); "
+                        f"measure held-out text with: lsp eval {args.checkpoint} --files FILE ...")
     try:
         state = load_checkpoint(path, trainer.model)
     except ValueError as err:   # a DeepSpeed ZeRO checkpoint without deepspeed installed

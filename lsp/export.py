@@ -11,7 +11,7 @@
                                      byte b is b); none for MQAR runs (their tokens are ids)
 
 Reading any checkpoint kind goes through `lsp.train.load.load_run`, so DDP / FSDP / DeepSpeed runs at any dp x sp
-export the same model. Writing needs only safetensors (a dependency of accelerate); loading the folder needs
+export the same model. Writing needs only safetensors (a base dependency); loading the folder needs
 transformers and lsp (`pip install 'lsp-hybrid[hf]'`).
 """
 from __future__ import annotations

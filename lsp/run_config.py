@@ -5,6 +5,7 @@ with one line that names the key; the CLI prints it and exits with code 2.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -421,6 +422,24 @@ def _check_tokenizer_file(path: str) -> None:
     if importlib.util.find_spec("tokenizers") is None:
         raise ConfigError("data.tokenizer", "a tokenizer JSON needs the `tokenizers` package "
                           "(pip install 'lsp-hybrid[tokenizers]'), or use data.tokenizer=byte")
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy of cfg whose local paths are absolute (data files, token cache, tokenizer JSON, a local `datasets`
+    folder or its files, init_from): what a run saves with its checkpoints, so `lsp eval` / `generate` / `export`
+    read the same data and tokenizer from any working directory. A builder name (data.hf.path=json) stays as it is."""
+    out = copy.deepcopy(cfg)
+    d = out.data
+    d.files = [os.path.abspath(f) for f in d.files]
+    d.cache_dir = os.path.abspath(d.cache_dir)
+    if d.tokenizer != "byte":
+        d.tokenizer = os.path.abspath(d.tokenizer)
+    if os.path.isdir(d.hf.path):
+        d.hf.path = os.path.abspath(d.hf.path)
+    d.hf.data_files = [os.path.abspath(f) if os.path.exists(f) else f for f in d.hf.data_files]
+    if out.init_from:
+        out.init_from = os.path.abspath(out.init_from)
+    return out
 
 
 def to_yaml(cfg: Config) -> str:

@@ -5,12 +5,15 @@ Layout of `<dir>`:
         trainer.pt            step, scheduler, data position (rank 0)
         rng_<rank>.pt         per-rank RNG states
         config.yaml           the resolved run config (what `lsp eval` rebuilds the model from)
+        manifest.json         size and SHA-256 of every file above (lsp/train/manifest.py), checked before reading
     step_00000200.tmp/        being written; never read
     latest                    one line, the name of the newest complete checkpoint
 
 Atomicity: everything is written into `step_N.tmp`, all ranks meet at a barrier, rank 0 renames the folder to
 `step_N` (atomic on POSIX) and only then replaces `latest` (tmp file + os.replace). A crash at any moment leaves the
-previous complete checkpoint and `latest` intact; an existing complete checkpoint is never overwritten.
+previous complete checkpoint and `latest` intact; an existing complete checkpoint is never overwritten. A checkpoint
+damaged later (a truncated or corrupted file) fails its manifest: a resume falls back to the newest intact one
+(lsp/train/runs.py:set_aside_damaged), `lsp eval` / `generate` / `export` name it in one line.
 DCP stores parameters by fully-qualified name with their global shapes, so a checkpoint saved at one dp/sp size (or
 FSDP sharding) loads at another.
 """
@@ -30,6 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .files import write_text_atomic
+from .manifest import write_manifest
 from .runs import STEP_DIR, find_checkpoint, is_complete, latest_checkpoint, step_dir  # noqa: F401 (torch-free)
 
 
@@ -86,6 +90,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[
     _write_trainer_state(tmp, trainer_state, config_yaml)
     _barrier()
     if _rank() == 0:
+        write_manifest(tmp)   # every rank's files are in: their sizes and checksums, before the folder is published
         _publish(tmp, final)
         write_text_atomic(os.path.join(root, "latest"), os.path.basename(final) + "\n", sync=True)
         _prune(root, keep)

@@ -60,7 +60,7 @@ def open_dataset(h: HFDataConfig):
 
 
 class HFCorpus:
-    """The corpus interface of `lsp.train.data.FileCorpus` (key, names, documents, size, splittable) over a
+    """The corpus interface of `lsp.train.documents.FileCorpus` (key, names, documents, size, splittable) over a
     `datasets` split."""
 
     def __init__(self, h: HFDataConfig):

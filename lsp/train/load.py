@@ -18,7 +18,10 @@ import torch
 from lsp.run_config import Config, ConfigError, load_config
 
 from .checkpoint import find_checkpoint, load_model_state
-from .data import MQAR, IdTokenizer, iter_documents, make_tokenizer
+from .documents import iter_documents
+from .mqar import MQAR
+from .runs import require_intact
+from .tokenizer import IdTokenizer, make_tokenizer
 
 
 def run_tokenizer(cfg: Config):
@@ -35,6 +38,7 @@ def load_run(run_dir: str, device="cpu", dtype: torch.dtype = torch.float32) -> 
     path = find_checkpoint(run_dir) if os.path.isdir(run_dir) else None
     if path is None:
         raise ValueError(f"run_dir: no complete checkpoint found under {run_dir}")
+    require_intact(path)   # one line naming the damaged file, not a loader's traceback
     # the run's data files need not exist any more: only the model shape and the tokenizer are read
     cfg = load_config(os.path.join(path, "config.yaml"), check_files=False)
     tokenizer = run_tokenizer(cfg)
@@ -86,7 +90,10 @@ def init_weights_from(model, path: str) -> None:
             raise ConfigError("init_from", str(err)) from None
         saved_cfg = HybridConfig.from_dict(config)
     elif os.path.isdir(path) and find_checkpoint(path) is not None:
-        saved = load_run(path)[0]
+        try:
+            saved = load_run(path)[0]
+        except ValueError as err:   # a damaged checkpoint
+            raise ConfigError("init_from", str(err)) from None
         saved_cfg, tensors = saved.cfg, saved.state_dict()
     else:
         raise ConfigError("init_from", f"{path} is neither an `lsp export` folder nor a run with a complete checkpoint")

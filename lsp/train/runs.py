@@ -1,7 +1,8 @@
 """What a run directory holds, readable without torch (so `lsp eval` / `lsp launch` answer before importing it).
 
     <out_dir>/<name>/                run dir
-        checkpoints/step_00000100/   complete checkpoint (trainer.pt + DCP .metadata, or deepspeed/)
+        checkpoints/step_00000100/   complete checkpoint (trainer.pt + DCP .metadata, or deepspeed/; manifest.json)
+        checkpoints/step_00000200.damaged/   a checkpoint that failed its manifest, set aside by a resume
         checkpoints/latest           one line, the name of the newest complete checkpoint
         wandb_id                     the wandb run id, so a resumed job logs into the same wandb run
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from lsp.run_config import ConfigError
 
 from .files import write_text_atomic
+from .manifest import manifest_problem
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -54,6 +56,60 @@ def find_checkpoint(path: str) -> Optional[str]:
         if found:
             return found
     return None
+
+
+def complete_checkpoints(root: str) -> List[str]:
+    """The complete step_N folders under root, newest first."""
+    if not os.path.isdir(root):
+        return []
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := STEP_DIR.match(name)))
+    return [os.path.join(root, name) for _, name in reversed(steps) if is_complete(os.path.join(root, name))]
+
+
+def require_intact(path: str) -> None:
+    """ValueError (one line) when the checkpoint at path does not match its manifest, naming it, the damaged file
+    and the newest intact checkpoint beside it (what `lsp eval` / `generate` / `export` can be given instead)."""
+    problem = manifest_problem(path)
+    if problem is None:
+        return
+    intact = next((p for p in complete_checkpoints(os.path.dirname(path)) if manifest_problem(p) is None), None)
+    hint = f"; the newest intact one is {intact}" if intact else "; no intact checkpoint is beside it"
+    raise ValueError(f"checkpoint {path} is damaged: {problem}{hint}")
+
+
+def set_aside_damaged(root: str) -> Tuple[Optional[str], List[str]]:
+    """What a resume starts from: (the newest complete checkpoint under root that matches its manifest, one line for
+    each newer damaged one). Each damaged one is renamed to `step_N.damaged` (never deleted or overwritten: kept
+    for inspection, and out of the way of the step that training will save again) and `latest` names the intact one.
+    ValueError when checkpoints exist and every one is damaged (nothing is renamed then)."""
+    damaged = []
+    for path in complete_checkpoints(root):
+        problem = manifest_problem(path)
+        if problem is None:
+            break
+        damaged.append((path, problem))
+    else:
+        if damaged:
+            raise ValueError(f"every checkpoint under {root} is damaged (the newest, {damaged[0][0]}: "
+                             f"{damaged[0][1]}); move them away to start over, or choose another name=")
+        return None, []
+    notes = []
+    for bad, problem in damaged:
+        aside = _free_name(bad + ".damaged")
+        os.rename(bad, aside)
+        notes.append(f"lsp: checkpoint {bad} is damaged: {problem}; moved it to {aside}, resuming from {path}")
+    if damaged:
+        write_text_atomic(os.path.join(root, "latest"), os.path.basename(path) + "\n", sync=True)
+    return path, notes
+
+
+def _free_name(path: str) -> str:
+    # path, else path.1, path.2, ...: a name that nothing holds yet
+    candidate, n = path, 0
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}.{n}"
+    return candidate
 
 
 def wandb_run_id(run_dir: str) -> str:

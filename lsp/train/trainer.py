@@ -14,15 +14,20 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from lsp.names import IGNORE_INDEX
 from lsp.ops.boundaries import device_boundaries
-from lsp.run_config import Config, ConfigError, to_yaml
+from lsp.run_config import Config, ConfigError, to_yaml, with_absolute_paths
 
 from .checkpoint import latest_checkpoint
-from .data import IGNORE_INDEX, Batch, DataLoader, build_corpus_token_file, corpus_of, make_tokenizer
+from .data import Batch, DataLoader
 from .dist import Mesh, all_reduce_mean, all_reduce_sum, barrier, init_mesh
+from .documents import corpus_of
 from .engine import Engine
 from .logger import RunLogger, peak_flops, peak_memory_gb
+from .runs import set_aside_damaged
 from .signals import StopRequested, StopSignals, signal_name
+from .token_file import build_corpus_token_file
+from .tokenizer import make_tokenizer
 
 
 class NonFiniteError(RuntimeError):
@@ -103,10 +108,25 @@ class Trainer:
         self.skipped_steps = 0   # updates skipped for non-finite loss/grads (train.on_nonfinite=skip)
         self.signals: Optional[StopSignals] = None   # set while fit() runs the loop
         self.ckpt_dir = cfg.checkpoint_dir
-        if cfg.checkpoint.resume and (path := latest_checkpoint(self.ckpt_dir)) is not None:
+        if cfg.checkpoint.resume and (path := self.resume_point()) is not None:
             self.resume(path)
 
     # ------------------------------------------------------------------------------------------ checkpoint
+    def resume_point(self) -> Optional[str]:
+        """The newest intact checkpoint: rank 0 checks the manifests and sets newer damaged ones aside, one line each
+        (runs.set_aside_damaged), while the others wait; then every rank reads the same folder."""
+        error = ""
+        if self.mesh.is_main:
+            try:
+                for note in set_aside_damaged(self.ckpt_dir)[1]:
+                    print(note, flush=True)
+            except ValueError as err:
+                error = str(err)
+        failed = all_reduce_sum(torch.tensor([float(bool(error))], device=self.mesh.device), self.mesh)
+        if failed.item():
+            raise ConfigError("checkpoint.resume", error or "rank 0 found every checkpoint damaged")
+        return latest_checkpoint(self.ckpt_dir)
+
     def resume(self, path: str) -> None:
         try:
             state = self.engine.load(path)
@@ -121,7 +141,8 @@ class Trainer:
     def save(self) -> Optional[str]:
         state = {"step": self.step, "data": {"step": self.data.state.step},
                  "world": {"dp": self.mesh.dp, "sp": self.mesh.sp}}
-        return self.engine.save(self.ckpt_dir, self.step, state, to_yaml(self.cfg), self.cfg.checkpoint.keep)
+        return self.engine.save(self.ckpt_dir, self.step, state, to_yaml(with_absolute_paths(self.cfg)),
+                               self.cfg.checkpoint.keep)
 
     # ------------------------------------------------------------------------------------------------ data
     def to_local(self, batch: Batch):
@@ -197,24 +218,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Mean held-out loss and, for MQAR, recall accuracy on the answer positions (argmax == value)."""
+        """Mean held-out loss and, for MQAR, recall accuracy on the answer positions (argmax == value); {} for a run
+        without validation windows (announced at its start)."""
+        if not self.data.has_validation:
+            return {}
         model = self.engine.eval_model()
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, device=self.mesh.device, dtype=torch.float64)   # loss, correct, answers
-        batches = self.data.eval_batches()
-        for batch in batches:
+        for batch, counts in self.data.eval_batches():
             ids, labels, cu = self.to_local(batch)
             with autocast(self.cfg, self.mesh.device):
                 out = model(ids, labels=labels, sp=self.sp, cu_seqlens=cu, return_logits=True)
-            mask = labels != IGNORE_INDEX
-            sums[0] += out.loss.double()
-            sums[1] += ((out.logits.argmax(-1) == labels) & mask).sum()
-            sums[2] += mask.sum()
+            if counts:
+                mask = labels != IGNORE_INDEX
+                sums[0] += out.loss.double()
+                sums[1] += ((out.logits.argmax(-1) == labels) & mask).sum()
+                sums[2] += mask.sum()
         model.train(was_training)
         sums[0] /= self.mesh.sp   # the loss is already global over the SP group: count it once per SP group
         sums = all_reduce_sum(sums, self.mesh)
-        metrics = {"eval_loss": sums[0].item() / (len(batches) * self.mesh.dp)}
+        metrics = {"eval_loss": sums[0].item() / self.cfg.data.eval_batches}
         if self.cfg.data.kind == "mqar":
             metrics["eval_accuracy"] = sums[1].item() / max(sums[2].item(), 1)
         return metrics
@@ -242,7 +266,7 @@ class Trainer:
         if stop:
             raise StopRequested(f"{stop}: stopped after step {self.step}, checkpoint "
                                 f"{latest_checkpoint(self.ckpt_dir)} written; run the same command again to resume")
-        return {"losses": losses, **last}
+        return {"losses": losses, "step": self.step, **last}
 
     def announce(self) -> None:
         from lsp.models import num_parameters
@@ -253,6 +277,11 @@ class Trainer:
                   f"precision={precision_name(cfg, mesh.device)}, run dir {cfg.run_dir}", flush=True)
             if self.data.epoch_len is not None:   # a corpus of files (data.kind files / hf), not MQAR's stream
                 print(corpus_summary(cfg, self.data.source, mesh.dp), flush=True)
+        if mesh.is_main and not self.data.has_validation:
+            source = self.data.source
+            print(f"lsp: data.val_fraction={cfg.data.val_fraction} of {source.num_train + source.num_val} windows "
+                  "leaves no validation window: training without evaluation (lsp eval RUN_DIR --files F measures "
+                  "held-out files)", flush=True)
 
     def loop(self, logger: RunLogger):
         """Steps until train.steps, or until a stop signal: then that step is logged and saved at once.
@@ -269,7 +298,8 @@ class Trainer:
             stop = None if at_end else metrics["stop"]   # a signal during the last step changes nothing
             if self.step % cfg.train.log_every == 0 or at_end or stop:
                 logger.log(self.metrics_row(metrics))
-            if (cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or at_end:
+            if self.data.has_validation and ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0)
+                                             or at_end):
                 last = {"step": self.step, **self.evaluate()}
                 logger.log(last)
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or at_end or stop:

@@ -12,7 +12,7 @@ import torch
 
 from lsp.export import export_model
 from lsp.models import HybridConfig, HybridLM
-from lsp.train.data import ByteTokenizer, IdTokenizer
+from lsp.train.tokenizer import ByteTokenizer, IdTokenizer
 
 try:
     import transformers
@@ -169,7 +169,7 @@ def test_import_hf_round_trip_is_bitwise(tmp_path, shard_bytes):
 def test_tokenizers_json_export_keeps_ids_and_adds_eos(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from lsp.train.data import HFTokenizer
+    from lsp.train.tokenizer import HFTokenizer
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 50,

@@ -6,8 +6,12 @@ import os
 import numpy as np
 import pytest
 
+from lsp.names import IGNORE_INDEX
 from lsp.run_config import ConfigError
-from lsp.train.data import IGNORE_INDEX, PackedTokens, build_token_file, iter_documents, make_tokenizer
+from lsp.train.documents import iter_documents
+from lsp.train.packed import PackedTokens
+from lsp.train.token_file import build_token_file
+from lsp.train.tokenizer import make_tokenizer
 
 from .conftest import run_lsp
 

@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from lsp.names import IGNORE_INDEX
 from lsp.run_config import load_config
-from lsp.train import data as data_mod
-from lsp.train.data import IGNORE_INDEX, MQAR, DataLoader, PackedTokens, build_token_file, make_tokenizer
+from lsp.train import documents
+from lsp.train.data import DataLoader
+from lsp.train.mqar import MQAR
+from lsp.train.packed import PackedTokens
+from lsp.train.token_file import build_token_file
+from lsp.train.tokenizer import make_tokenizer
 
 from .conftest import SMALL
 
@@ -102,7 +107,7 @@ def test_token_file_written_once(corpus, tmp_path, monkeypatch):
 
     def boom(paths):
         raise AssertionError("re-tokenised")
-    monkeypatch.setattr(data_mod, "iter_documents", boom)
+    monkeypatch.setattr(documents, "iter_documents", boom)
     assert build_token_file([path], make_tokenizer("byte"), cache) == stem
     assert os.stat(stem + ".tokens").st_mtime_ns == mtime
     # a changed corpus gets a new token file (so the cache can never serve stale tokens)

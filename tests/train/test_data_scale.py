@@ -8,7 +8,8 @@ import pytest
 
 import lsp.train.shuffle as shuffle
 import lsp.train.tokenizing as tokenizing
-from lsp.train.data import build_token_file, make_tokenizer
+from lsp.train.token_file import build_token_file
+from lsp.train.tokenizer import make_tokenizer
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 17, 64, 1000, 4097])
@@ -117,7 +118,7 @@ def mixed_corpus(tmp_path):
 
 @pytest.mark.parametrize("world", [2, 3, 5, 64])
 def test_rank_byte_ranges_split_documents_exactly_once(mixed_corpus, world):
-    from lsp.train.data import iter_documents
+    from lsp.train.documents import iter_documents
     from lsp.train.tokenizing import rank_byte_range
     total = sum(os.path.getsize(p) for p in mixed_corpus)
     whole = list(iter_documents(mixed_corpus))
@@ -175,7 +176,7 @@ def test_two_rank_launch_tokenises_like_one_process(mixed_corpus, tmp_path):
 
 
 def test_default_workers(monkeypatch):
-    from lsp.train.data import ByteTokenizer
+    from lsp.train.tokenizer import ByteTokenizer
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     big = 1 << 30
     assert tokenizing.default_workers(1 << 20) == 1                      # small: a pool costs more than it saves

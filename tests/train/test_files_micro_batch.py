@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from lsp.models.build import build_model
+from lsp.names import IGNORE_INDEX
 from lsp.run_config import load_config
-from lsp.train.data import IGNORE_INDEX, DataLoader
+from lsp.train.data import DataLoader
 
 from .conftest import SMALL
 

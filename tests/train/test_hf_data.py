@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from lsp.run_config import ConfigError, HFDataConfig, load_config
-from lsp.train.data import build_corpus_token_file, build_token_file, make_tokenizer
+from lsp.train.token_file import build_corpus_token_file, build_token_file
+from lsp.train.tokenizer import make_tokenizer
 
 from .conftest import SMALL
 from .test_data_scale import read_token_file
