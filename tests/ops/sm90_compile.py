@@ -1,7 +1,8 @@
-"""Compile Triton kernels for sm_90a (H100) without a GPU and read ptxas's report: registers, spill bytes, wgmma.
+"""Compile Triton kernels for sm_90a (H100) or sm_80 (A100) without a GPU and read ptxas's report: registers, spill
+bytes, wgmma.
 
     capture_launches(fn)          # run fn under TRITON_INTERPRET=1, record every distinct kernel launch
-    python -m tests.ops.sm90_compile kernels.json    # child process without the interpreter: one JSON line each
+    python -m tests.ops.sm90_compile kernels.json [80|90]   # child process without the interpreter: a JSON line each
 
 Used by tests/ops/test_triton_sm90.py (the same logic as the developers' sm90_report.py, kept in the repo).
 """
@@ -75,8 +76,9 @@ def capture_launches(fn) -> list:
     return list(seen.values())
 
 
-def compile_report(items: list, ptxas: str) -> list[dict]:
-    """Compile each captured kernel for sm_90a (no interpreter in this process) and parse ptxas -v."""
+def compile_report(items: list, ptxas: str, arch: int = 90) -> list[dict]:
+    """Compile each captured kernel for sm_90a (arch 90) or sm_80 (no interpreter in this process) and parse
+    ptxas -v."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -84,13 +86,14 @@ def compile_report(items: list, ptxas: str) -> list[dict]:
     out, tmp = [], tempfile.mkdtemp()
     for i, (module, name, sig, consts, warps, stages) in enumerate(items):
         jit_fn = getattr(importlib.import_module(module), name)
-        compiled = triton.compile(ASTSource(jit_fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+        compiled = triton.compile(ASTSource(jit_fn, sig, consts), target=GPUTarget("cuda", arch, 32),
                                   options=dict(num_warps=warps, num_stages=stages))
         ptx = compiled.asm["ptx"]
         path = os.path.join(tmp, f"k{i}.ptx")
         with open(path, "w") as f:
             f.write(ptx)
-        log = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True,
+        target = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"   # sm_90a: wgmma and the bulk copies
+        log = subprocess.run([ptxas, f"-arch={target}", "-v", path, "-o", os.devnull], capture_output=True,
                              text=True).stderr
         regs = re.search(r"Used (\d+) registers", log)
         spill = re.search(r"(\d+) bytes spill stores", log)
@@ -102,5 +105,5 @@ def compile_report(items: list, ptxas: str) -> list[dict]:
 
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
-        for row in compile_report(json.load(f), ptxas_path()):
+        for row in compile_report(json.load(f), ptxas_path(), int(sys.argv[2]) if len(sys.argv) > 2 else 90):
             print(json.dumps(row))

@@ -1,7 +1,9 @@
 """GPU readiness of the Triton kernels without a GPU: every kernel the op launches (forward and backward, every decay
-form, bf16 and fp16, head dims 64, 128 and 256) is compiled for sm_90a (H100) by Triton's compiler and ptxas, and
-must use no spill memory; every kernel with chunk-level (64-row) dots must use wgmma. Only the per-key kernels that
-work on 16-row sub-blocks by design (as fla's intra-chunk kernels) may use mma.sync.
+form, bf16 and fp16, head dims 64, 128 and 256, and a value head narrower than the key head) is compiled for sm_90a
+(H100) and sm_80 (A100) by Triton's compiler and ptxas, and must use no spill memory; on sm_90a every kernel with
+chunk-level (64-row) dots must use wgmma. Only the per-key kernels that work on 16-row sub-blocks by design (as fla's
+intra-chunk kernels) may use mma.sync. The default suite compiles the two kernels whose defaults spilled on sm_80
+(192 B and 40-60 B per thread) and the K != V case that did not compile at all.
 
 The kernels are captured under the interpreter (tests/ops/sm90_compile.py) and compiled in a child process without
 it. Negative control: a config known to spill (the 16-row per-key dq/dk kernel with K blocks of 64 and 4 warps,
@@ -34,36 +36,59 @@ from .sm90_compile import capture_launches, ptxas_path  # noqa: E402
 SUB_BLOCK_KERNELS = {"_intra_scores_kernel", "_intra_dqk_kernel"}
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.skipif(type(kern._fwd_state_kernel).__name__ != "InterpretedFunction",
                        reason="captures launches under TRITON_INTERPRET=1"),
     pytest.mark.skipif(ptxas_path() is None, reason="needs ptxas"),
 ]
 
 
+def _run(form, K, V, dtype=torch.bfloat16, inits=(True, False)):
+    q, k, v, g, s0 = make_inputs(form, B=1, T=64, H=1, K=K, V=V, dtype=dtype)
+    for init in inits:   # with and without an initial state: they compile to different kernels
+        o, s = linear_attention(q, k, v, g, initial_state=s0 if init else None, output_final_state=True,
+                                backend="triton")
+        (o.float().sum() + s.sum()).backward()
+
+
 def _exercise():
-    for d, dtype in ((64, torch.bfloat16), (128, torch.bfloat16), (256, torch.bfloat16), (128, torch.float16)):
+    shapes = ((64, 64, torch.bfloat16), (128, 128, torch.bfloat16), (256, 256, torch.bfloat16),
+              (128, 128, torch.float16), (64, 16, torch.bfloat16))
+    for K, V, dtype in shapes:
         for form in ("none", "scalar", "key"):
-            q, k, v, g, s0 = make_inputs(form, B=1, T=64, H=1, K=d, V=d, dtype=dtype)
-            for init in (s0, None):   # with and without an initial state: they compile to different kernels
-                o, s = linear_attention(q, k, v, g, initial_state=init, output_final_state=True, backend="triton")
-                (o.float().sum() + s.sum()).backward()
+            _run(form, K, V, dtype)
 
 
-def _compile(items, tmp_path):
+def _compile(items, tmp_path, arch=90):
     path = tmp_path / "kernels.json"
     path.write_text(json.dumps(items))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-m", "tests.ops.sm90_compile", str(path)], env=env, cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "tests.ops.sm90_compile", str(path), str(arch)], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
+def test_sm80_defaults_of_the_kernels_that_spilled_there(tmp_path):
+    """Small version for the default suite: the default configs of _out_kernel (scalar decay) and
+    _state_dkdv_kernel (per-key decay, and a value head of 16 beside a key head of 64: blocks of different sizes)
+    compile for sm_80 without spills."""
+    def exercise():
+        _run("scalar", 64, 64, inits=(False,))
+        _run("key", 64, 64, inits=(False,))
+        _run("key", 64, 16, inits=(False,))
+    wanted = {"_out_kernel", "_state_dkdv_kernel"}
+    items = [it for it in capture_launches(exercise) if it[1] in wanted]
+    rows = _compile(items, tmp_path, arch=80)
+    assert len(rows) == len(items) >= 4 and {r["name"] for r in rows} == wanted
+    assert [r for r in rows if r["spill"] != 0] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [90, 80])
+def test_every_kernel_compiles_without_spills(tmp_path, arch):
     items = capture_launches(_exercise)
-    rows = _compile(items, tmp_path)
+    rows = _compile(items, tmp_path, arch)
     assert len(rows) == len(items) and {r["name"] for r in rows} >= {"_fwd_state_kernel", "_out_kernel",
                                                                      "_intra_dqk_kernel", "_state_dkdv_kernel"}
     for r in rows:
@@ -71,9 +96,10 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
               f"{'wgmma' if r['wgmma'] else 'mma.sync' if r['mma'] else 'no-dot'} {r['consts']}")
     spilling = [r for r in rows if r["spill"] != 0]
     assert not spilling, spilling
-    no_wgmma = [r for r in rows if r["mma"] and not r["wgmma"] and r["name"] not in SUB_BLOCK_KERNELS]
-    assert not no_wgmma, no_wgmma
+    if arch == 90:
+        no_wgmma = [r for r in rows if r["mma"] and not r["wgmma"] and r["name"] not in SUB_BLOCK_KERNELS]
+        assert not no_wgmma, no_wgmma
     # negative control: the parser sees spills when there are some
     bad = next(it for it in items if it[1] == "_intra_dqk_kernel")
     bad = [bad[0], bad[1], bad[2], {**bad[3], "BK": 64}, 4, bad[5]]
-    assert _compile([bad], tmp_path)[0]["spill"] > 0
+    assert _compile([bad], tmp_path, arch)[0]["spill"] > 0

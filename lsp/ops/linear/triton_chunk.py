@@ -160,10 +160,11 @@ def _states_bwd(kp, vp, G, h, dh, dfinal, layout, tables, n_states, need_dg, dv_
             dinit[n] = dfinal[n]
     dk = torch.empty(kp.shape, dtype=torch.float32, device=kp.device)
     dv = torch.empty(vp.shape, dtype=torch.float32, device=kp.device)
-    tune.launch(kern._state_dkdv_kernel, "_state_dkdv_kernel", lambda cfg: (nkb + nvb, NC, R * H),
+    tune.launch(kern._state_dkdv_kernel, "_state_dkdv_kernel",
+                lambda cfg: (triton.cdiv(K, cfg["BK"]) + triton.cdiv(V, cfg["BV"]), NC, R * H),
                 (kp, vp, G, dhn, dk, dv, dv if dv_base is None else dv_base, Tp, H, K, V, NC, Kg),
-                dict(C=CHUNK_SIZE, BK=BK, BV=BV, KEY=Kg > 1, PREC=_precision(kp.dtype), HAS_BASE=dv_base is not None),
-                _tune_key(kp, V, Kg))
+                dict(C=CHUNK_SIZE, KEY=Kg > 1, PREC=_precision(kp.dtype), HAS_BASE=dv_base is not None),
+                _tune_key(kp, V, Kg), dict(BK=BK, BV=BV))
     return dk, dv, ((dk, dgc, NB) if need_dg else None), dinit
 
 

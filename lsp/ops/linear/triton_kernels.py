@@ -259,31 +259,32 @@ def _state_dkdv_kernel(k, v, G, dhn, dk, dv, dv_base, Tp, H, K, V, NC, Kg,
     #   dk_j = exp(G_C - G_j) ⊙ (v_j dAᵀ)  (first cdiv(K, BK) programs, a K block each, looping over V blocks)
     #   dv_j = (k_j ⊙ exp(G_C - G_j)) dA   (the others, a V block each, looping over K blocks)
     # HAS_BASE: dv = dv_base + that (the output piece's dv added here, not in a pass of its own; dv_base is only
-    # read, so a re-run (autotuning) gives the same result)
+    # read, so a re-run (autotuning) gives the same result). The two branches' accumulators have their own names:
+    # one name of shapes [C, BK] and [C, BV] fails to compile when BK != BV
     blk, c, rh, r, hh = _chunk_ids(H)
     nkb = tl.cdiv(K, BK)
     t0 = c * C
     if blk < nkb:
         k0 = blk * BK
-        acc = tl.zeros([C, BK], dtype=tl.float32)
+        acc_k = tl.zeros([C, BK], dtype=tl.float32)
         for vb in range(tl.cdiv(V, BV)):
             v_c = _load_raw(v, r, t0, hh, Tp, H, V, C, BV, vb * BV)
             dA = _load_state(dhn, rh, c, NC, K, V, k0, vb * BV, BK, BV).to(v_c.dtype)
-            acc += tl.dot(v_c, tl.trans(dA), input_precision=PREC)
+            acc_k += tl.dot(v_c, tl.trans(dA), input_precision=PREC)
         G_c, G_last = _chunk_decays(G, r, t0, hh, Tp, H, Kg, K, k0, C, BK, KEY)
-        _store_tile(dk, acc * _decay_to(G_c, G_last, KEY), r, t0, hh, Tp, H, K, C, BK, k0)
+        _store_tile(dk, acc_k * _decay_to(G_c, G_last, KEY), r, t0, hh, Tp, H, K, C, BK, k0)
     else:
         v0 = (blk - nkb) * BV
-        acc = tl.zeros([C, BV], dtype=tl.float32)
+        acc_v = tl.zeros([C, BV], dtype=tl.float32)
         for kb in range(nkb):
             k_c = _load_raw(k, r, t0, hh, Tp, H, K, C, BK, kb * BK)
             G_c, G_last = _chunk_decays(G, r, t0, hh, Tp, H, Kg, K, kb * BK, C, BK, KEY)
             k_dec = (k_c.to(tl.float32) * _decay_to(G_c, G_last, KEY)).to(k_c.dtype)
             dA = _load_state(dhn, rh, c, NC, K, V, kb * BK, v0, BK, BV).to(k_c.dtype)
-            acc += tl.dot(k_dec, dA, input_precision=PREC)
+            acc_v += tl.dot(k_dec, dA, input_precision=PREC)
         if HAS_BASE:
-            acc += _load_tile(dv_base, r, t0, hh, Tp, H, V, C, BV, v0)
-        _store_tile(dv, acc, r, t0, hh, Tp, H, V, C, BV, v0)
+            acc_v += _load_tile(dv_base, r, t0, hh, Tp, H, V, C, BV, v0)
+        _store_tile(dv, acc_v, r, t0, hh, Tp, H, V, C, BV, v0)
 
 
 @triton.jit
