@@ -3,6 +3,7 @@ from .cache import DecodeCache, KVCache, RecurrentState
 from .config import HybridConfig
 from .flops import flops_per_token, matmul_parameters, num_parameters
 from .generate import generate
+from .linear_kind import LinearKind, Recurrence, layer_kind, layer_kinds, register_kind
 from .loss import chunked_cross_entropy
 from .model import HybridLM, LMOutput
 
@@ -16,6 +17,6 @@ def load_run(run_dir, device="cpu", dtype=None):
     return _load_run(run_dir, device=device, dtype=dtype or torch.float32)
 
 
-__all__ = ["DecodeCache", "HybridConfig", "HybridLM", "KVCache", "LMOutput", "RecurrentState",
-           "chunked_cross_entropy", "flops_per_token", "generate", "load_run", "matmul_parameters",
-           "num_parameters"]
+__all__ = ["DecodeCache", "HybridConfig", "HybridLM", "KVCache", "LMOutput", "LinearKind", "RecurrentState",
+           "Recurrence", "chunked_cross_entropy", "flops_per_token", "generate", "layer_kind", "layer_kinds",
+           "load_run", "matmul_parameters", "num_parameters", "register_kind"]
