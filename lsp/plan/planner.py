@@ -293,12 +293,23 @@ def linear_exchange(mcfg, hw: Hardware, sp: int, method: str, b: int, t_intra: f
     return op_family(mcfg).exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, payload)
 
 
+def _conv_halo(sp: int, halo_bytes: float, hw: Hardware, layout: str) -> tuple[float, float]:
+    # a decay kind's short convolutions (`sp_short_conv`), priced as costmodel.delta_exchange_time prices the delta
+    # rule's: one all_gather of every held segment's last k-1 inputs per pass, not overlapped; none without a conv
+    if not halo_bytes:
+        return 0.0, 0.0
+    L = 2 if layout == "zigzag" else 1
+    return (sp - 1) * (hw.latency + L * halo_bytes / hw.bandwidth), (sp - 1) * L * halo_bytes
+
+
 def _decayed_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, payload) -> tuple:
     # states and total decays (a vector per head), overlapped with the intra-chunk compute
     state = b * mcfg.num_heads * mcfg.head_dim * mcfg.head_dim * hw.state_bytes
     blocks = scan_blocks or (best_scan_blocks(sp, state, t_intra, hw, layout=layout) if sp > 1 else SCAN_BLOCKS)
-    return (*exchange_time(method, sp, state, t_intra, hw, layout=layout, decay_bytes=payload["decay_bytes"],
-                           scan_blocks=blocks), blocks)
+    exposed, nbytes = exchange_time(method, sp, state, t_intra, hw, layout=layout,
+                                    decay_bytes=payload["decay_bytes"], scan_blocks=blocks)
+    halo_s, halo_bytes = _conv_halo(sp, payload["halo_bytes"], hw, layout)
+    return exposed + halo_s, nbytes + halo_bytes, blocks
 
 
 def _affine_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, payload) -> tuple:
