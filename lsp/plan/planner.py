@@ -297,7 +297,7 @@ def _conv_halo(sp: int, halo_bytes: float, hw: Hardware, layout: str) -> tuple[f
     # a decay kind's short convolutions (`sp_short_conv`), priced as costmodel.delta_exchange_time prices the delta
     # rule's: one all_gather of every held segment's last k-1 inputs per pass, not overlapped; none without a conv
     if not halo_bytes:
-        return 0.0, 0.0
+        return 0, 0
     L = 2 if layout == "zigzag" else 1
     return (sp - 1) * (hw.latency + L * halo_bytes / hw.bandwidth), (sp - 1) * L * halo_bytes
 

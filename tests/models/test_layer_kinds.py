@@ -121,3 +121,25 @@ if other == "something": pass
 '''
     hits = name_comparisons(source, set(layer_kinds()) | set(SP_METHODS))
     assert [h.split(":")[0] for h in hits] == ["2", "3", "4", "5", "7", "8"]
+
+
+def test_reset_buffers_restores_what_a_meta_load_leaves_uninitialised():
+    """What the Hugging Face load (`LspHybridForCausalLM.restore_buffers`) calls on every linear kind: Lightning's
+    decays, derived from the config and not saved, come back; a kind without such buffers is left as it is."""
+    import torch
+
+    from lsp.models import HybridLM
+
+    cfg = HybridConfig(vocab_size=8, hidden_size=16, num_layers=3, num_heads=2, layer_pattern="LLS",
+                       linear_attn="lightning")
+    model = HybridLM(cfg)
+    fresh = [b.attn.log_decay.clone() for b in model.layers[:2]]
+    for block in model.layers[:2]:
+        block.attn.log_decay.fill_(float("nan"))
+    assert "log_decay" not in "".join(model.state_dict())                 # why it must be recomputed
+    for module in model.modules():
+        if isinstance(module, LinearKind):
+            module.reset_buffers()
+    for block, want in zip(model.layers[:2], fresh):
+        torch.testing.assert_close(block.attn.log_decay, want)
+    assert not torch.equal(fresh[0], fresh[1])                            # per layer: the depth factor differs
