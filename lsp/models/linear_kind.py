@@ -161,6 +161,9 @@ def layer_kind(name: str) -> type:
     """The class of kind `name`; a built-in kind's file is imported on first use. Unknown name: ValueError."""
     if kind_registry.registered(name) is None and name in kind_registry.builtin_kind_names():
         importlib.import_module(f"{kind_registry.KINDS_PACKAGE}.{name}")
+        if kind_registry.registered(name) is None:
+            raise ValueError(f"lsp/models/kinds/{name}.py registers no kind named {name!r} (@register_kind with "
+                             f"name = {name!r})")
     cls = kind_registry.registered(name)
     if cls is None:
         raise ValueError(f"unknown linear layer kind {name!r}; registered: {', '.join(layer_kinds())}")

@@ -71,9 +71,10 @@ class ToyGate(DecayKind):
 
 
 @pytest.fixture
-def toy(monkeypatch):
-    monkeypatch.setattr(lsp.kinds, "_REGISTERED", dict(lsp.kinds._REGISTERED))   # unregistered after the test
-    return register_kind(ToyGate)
+def toy():
+    register_kind(ToyGate)
+    yield ToyGate
+    lsp.kinds._REGISTERED.pop(ToyGate.name)     # the built-in kinds registered meanwhile stay
 
 
 def toy_reference(layer, x, drop_gate=False):

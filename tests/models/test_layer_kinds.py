@@ -31,9 +31,7 @@ def test_unknown_kind_raises_one_line_naming_the_choices():
     assert set(err.value.choices) == BUILTIN
 
 
-def test_a_taken_name_or_a_non_kind_cannot_be_registered(monkeypatch):
-    monkeypatch.setattr(lsp.kinds, "_REGISTERED", dict(lsp.kinds._REGISTERED))
-
+def test_a_taken_name_or_a_non_kind_cannot_be_registered():
     class Impostor(layer_kind("gla")):
         name = "gla"
 
