@@ -32,8 +32,8 @@ from common import print_table  # noqa: E402
 
 import lsp.ops.linear.api as lin_api  # noqa: E402
 import lsp.ops.linear.local as lin_local  # noqa: E402
-from lsp.models import HybridConfig, HybridLM  # noqa: E402
-from lsp.models.layers import LinearAttention, RMSNorm, SoftmaxAttention, SwiGLU  # noqa: E402
+from lsp.models import HybridConfig, HybridLM, LinearKind  # noqa: E402
+from lsp.models.layers import RMSNorm, SoftmaxAttention, SwiGLU  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"}
 COMM_WORDS = ("gloo", "c10d", "all_gather", "allgather", "all_reduce", "allreduce", "send", "recv", "broadcast")
@@ -42,7 +42,7 @@ COMM_WORDS = ("gloo", "c10d", "all_gather", "allgather", "all_reduce", "allreduc
 def label_modules(model: torch.nn.Module) -> None:
     """Wrap every attention / MLP / norm module's forward in a record_function range named after its kind."""
     def name_of(m):
-        if isinstance(m, LinearAttention):
+        if isinstance(m, LinearKind):
             return "lsp.attn.L"
         if isinstance(m, SoftmaxAttention):
             return "lsp.attn.S"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, fields
 
+from lsp.kinds import kind_names
 from lsp.names import KERNEL_BACKENDS as LINEAR_BACKENDS
-from lsp.names import LINEAR_VARIANTS as LINEAR_ATTN
 
 POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ce_chunk_size", "gate_low_rank_dim",
                  "delta_conv_size")
@@ -53,7 +53,7 @@ class HybridConfig:
     num_heads: int
     num_kv_heads: int | None = None          # softmax layers only (GQA); None = num_heads
     layer_pattern: str = "LLLS"
-    linear_attn: str = "gla"                 # linear | lightning | simple_gla | gla | deltanet | gated_deltanet
+    linear_attn: str = "gla"                 # a registered kind: lsp.models.layer_kinds() (lsp/models/kinds/)
     head_dim: int | None = None              # None = hidden_size // num_heads
     intermediate_size: int | None = None     # None = default_intermediate_size(hidden_size)
     rope_theta: float = 10000.0
@@ -82,7 +82,7 @@ class HybridConfig:
         if not isinstance(self.layer_pattern, str) or not self.layer_pattern or set(self.layer_pattern) - {"L", "S"}:
             raise HybridConfigError("layer_pattern", f"{self.layer_pattern!r} must be a non-empty string of L and S "
                                     "(L linear, S softmax attention)")
-        for name, choices in (("linear_attn", LINEAR_ATTN), ("linear_backend", LINEAR_BACKENDS)):
+        for name, choices in (("linear_attn", kind_names()), ("linear_backend", LINEAR_BACKENDS)):
             if (value := getattr(self, name)) not in choices:
                 raise HybridConfigError(name, f"{value!r} is not one of {', '.join(choices)}", choices)
 

@@ -8,14 +8,11 @@ SP_METHODS = ("allgather", "allscan", "ring")          # the config's choices: r
 SOFTMAX_SP_METHODS = ("allgather", "ring")             # softmax layers: LASP-2H (gather K, V), ring attention
 LAYOUTS = ("zigzag", "contiguous")                     # how a sequence is cut over the SP ranks (default first)
 KERNEL_BACKENDS = ("auto", "torch", "triton", "naive")  # linear-attention op backends
-DECAY_VARIANTS = ("linear", "lightning", "simple_gla", "gla")   # decay-only linear attention layers
-DELTA_VARIANTS = ("deltanet", "gated_deltanet")                 # delta-rule layers
-LINEAR_VARIANTS = DECAY_VARIANTS + DELTA_VARIANTS               # every `L` layer kind (model.linear_attn)
 CHUNK_SIZE = 64                                        # tokens per chunk of the chunked linear-attention paths
 SCAN_BLOCKS = 4                                        # default All-Scan pipeline blocks (along V)
 IGNORE_INDEX = -100                                    # label of a token that carries no loss
 # checkpoint.save_on_signals choices: the signals a scheduler or an operator sends (lsp/train/signals.py)
 SAVE_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
 
-__all__ = ["SP_METHODS", "SOFTMAX_SP_METHODS", "LAYOUTS", "KERNEL_BACKENDS", "DECAY_VARIANTS", "DELTA_VARIANTS",
-           "LINEAR_VARIANTS", "CHUNK_SIZE", "SCAN_BLOCKS", "IGNORE_INDEX", "SAVE_SIGNALS"]
+__all__ = ["SP_METHODS", "SOFTMAX_SP_METHODS", "LAYOUTS", "KERNEL_BACKENDS", "CHUNK_SIZE", "SCAN_BLOCKS",
+           "IGNORE_INDEX", "SAVE_SIGNALS"]

@@ -1,22 +1,20 @@
 """Parameter and FLOP counts for MFU.
 
-flops_per_token(cfg, T) = 6 · N_matmul + Σ_softmax layers 6 · H · Dh · T + Σ_linear layers 6 · H · (C (K + V) + 2 K V)
+flops_per_token(cfg, T) = 6 · N_matmul + Σ_softmax layers 6 · H · Dh · T + Σ_linear layers (the kind's recurrence)
 
 * 6 · N_matmul: forward 2 and backward 4 FLOPs per weight of every matmul a token goes through (all projections,
   the MLP, the LM head; the embedding lookup and norms are free).
 * Softmax attention (causal, average context T / 2): forward QKᵀ and AV cost 2 · 2 · Dh · T/2 per head, times 3
   for forward + backward: 6 · H · Dh · T (the causal half of PaLM's 12 · H · Dh · T).
-* Chunked linear attention with chunk C = min(64, T), K = V = Dh, per head and token, forward: intra-chunk scores
-  2 C K and their product with V 2 C V (the full C × C block is computed, then masked), read-out q S 2 K V, state
-  update kᵀ v 2 K V; times 3 for forward + backward.
+* A linear layer: its kind's `attention_flops_per_token` (by default the chunked path, 6 · H · (C (K + V) + 2 K V)
+  with chunk C = min(64, T), K = V = Dh: see `LinearKind`); its weights are the kind's `matmul_weights`.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
-from lsp.names import CHUNK_SIZE as LINEAR_CHUNK  # chunk size of lsp.ops' chunked linear-attention paths
-
 from .config import HybridConfig
+from .linear_kind import layer_kind
 
 
 def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
@@ -37,19 +35,14 @@ def matmul_parameters(cfg: HybridConfig) -> int:
     D, H, Hkv, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     mlp = 3 * D * cfg.intermediate_size
     softmax = 2 * D * H * Dh + 2 * D * Hkv * Dh
-    decay = {"linear": 0, "lightning": 0, "simple_gla": D * H,
-             "gla": D * cfg.gate_low_rank_dim + cfg.gate_low_rank_dim * H * Dh,
-             "deltanet": D * H, "gated_deltanet": 2 * D * H}[cfg.linear_attn]  # delta: beta (+ decay) projections
-    linear = 5 * D * H * Dh + decay                        # q, k, v, output gate, o_proj + decay projection
+    linear = layer_kind(cfg.linear_attn).matmul_weights(cfg)
     types = cfg.layer_types
     return types.count("S") * (softmax + mlp) + types.count("L") * (linear + mlp) + cfg.vocab_size * D
 
 
 def flops_per_token(cfg: HybridConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token at sequence length seq_len; see the module docstring."""
-    H, Dh = cfg.num_heads, cfg.head_dim
-    C = min(LINEAR_CHUNK, seq_len)
-    softmax_attn = 6 * H * Dh * seq_len
-    linear_attn = 6 * H * (C * (Dh + Dh) + 2 * Dh * Dh)
+    softmax_attn = 6 * cfg.num_heads * cfg.head_dim * seq_len
+    linear_attn = layer_kind(cfg.linear_attn).attention_flops_per_token(cfg, seq_len)
     types = cfg.layer_types
     return 6 * matmul_parameters(cfg) + types.count("S") * softmax_attn + types.count("L") * linear_attn

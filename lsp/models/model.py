@@ -12,7 +12,8 @@ from lsp.parallel import checkpoint_contexts
 
 from .cache import DecodeCache
 from .config import HybridConfig
-from .layers import RMSNorm, SoftmaxAttention, SwiGLU, linear_layer
+from .layers import RMSNorm, SoftmaxAttention, SwiGLU
+from .linear_kind import linear_layer
 from .loss import IGNORE_INDEX, chunked_cross_entropy
 
 

@@ -12,9 +12,10 @@ Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b ·
     exchange_L (per pass, forward and backward): lsp.plan.costmodel.exchange_time(method, sp, b·H·K·V·4 bytes,
               t_intra, layout, decay b·H·K_g·4 bytes, scan_blocks) - the cost formula registered with each SP
               method (lsp.parallel.methods; every registered method is a candidate), with the block count of a
-              method that has blocks chosen by the model; delta-rule layers (deltanet, gated_deltanet):
+              method that has blocks chosen by the model; kinds whose segment map A is dense (the delta rule):
               costmodel.delta_exchange_time (K x K maps, nothing overlapped, plus the short-conv halo) and, for
-              sp > 1, delta_sp_flops_per_token more compute
+              sp > 1, delta_sp_flops_per_token more compute. The kind (`lsp.models.layer_kind`) gives its payload
+              and the form of A (`OP_FAMILIES`)
     exchange_S (forward + backward): costmodel.softmax_exchange_cost for the softmax method, kv = 2·t·Hkv·Dh·2
               bytes: LASP-2H all-gathers K,V forward and reduces their gradients backward, each (sp-1)·(α + kv/β)
               overlapped with the rank's local diagonal block; ring attention passes kv around the ring behind
@@ -33,7 +34,8 @@ and the network across nodes. Memory per GPU:
                 4P + 12P/n; ZeRO-3: 16P/n
     activations what autograd keeps on rank 0, counted tensor by tensor (saved-tensor hooks on fake tensors, bf16
                 autocast, the chunked torch path of the linear layers) and written out in `saved_bytes`, per layer
-                (D hidden, F SwiGLU width, H heads of Dh, Hkv key heads, C chunk, r GLA's gate rank):
+                (D hidden, F SwiGLU width, H heads of Dh, Hkv key heads, C chunk, r GLA's gate rank; a linear
+                layer's own terms are its kind's `saved_bytes`):
                   both kinds: 20·D + 8·F + 8 per token (two RMSNorms, SwiGLU in bf16)
                   softmax:    6·D + 6·H·Dh + 4·Hkv·Dh + 16·Dh + 4·H per token (projection inputs, q, k, v,
                               o, RoPE tables, log-sum-exp), under SP with LASP-2H + the gathered bf16 K|V,
@@ -54,10 +56,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import product
-from typing import List, Optional
+from typing import Callable, List, Optional
 
-from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
-from lsp.names import DELTA_VARIANTS, SCAN_BLOCKS, SOFTMAX_SP_METHODS
+from lsp.models import layer_kind
+from lsp.models.flops import flops_per_token, matmul_parameters
+from lsp.names import CHUNK_SIZE as LINEAR_CHUNK
+from lsp.names import SCAN_BLOCKS, SOFTMAX_SP_METHODS
 from lsp.parallel.methods import sp_method, sp_methods
 from lsp.run_config import Config, ConfigError, hybrid_config
 
@@ -135,13 +139,10 @@ def state_bytes_per_param(engine: str, zero: int, ranks: int) -> float:
 
 def model_parameters(mcfg) -> int:
     """Every parameter of HybridLM: the matmul weights, the embedding (untied), RMSNorm weights (two per block,
-    the final one, the linear layers' per-head output norm), the biases of the decay projections and the delta
-    layers' short convolution, beta bias and (gated) A_log, dt_bias."""
-    D, H, Dh, types = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim, mcfg.layer_types
-    conv = 3 * H * Dh * mcfg.delta_conv_size                       # delta layers' short conv (q, k, v channels)
-    bias = {"linear": 0, "lightning": 0, "simple_gla": H, "gla": H * Dh, "deltanet": H + conv,
-            "gated_deltanet": 3 * H + conv}[mcfg.linear_attn]      # + beta bias; gated: A_log, dt_bias
-    small = 2 * D * len(types) + D + types.count("L") * (Dh + bias)
+    the final one) and each linear layer's other parameters (its kind's `other_parameters`: output norm, biases,
+    short convolutions, per-head constants)."""
+    D, types = mcfg.hidden_size, mcfg.layer_types
+    small = 2 * D * len(types) + D + types.count("L") * layer_kind(mcfg.linear_attn).other_parameters(mcfg)
     return matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
 
 
@@ -154,9 +155,8 @@ def _layer_weights(mcfg) -> dict:
     # weights of one layer's matmuls by kind: bf16 autocast keeps a copy of each for backward
     D, F, H, Hkv, Dh = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_kv_heads,
                         mcfg.head_dim)
-    decay = {"linear": 0, "lightning": 0, "simple_gla": D * H, "gla": (D + H * Dh) * mcfg.gate_low_rank_dim,
-             "deltanet": D * H, "gated_deltanet": 2 * D * H}[mcfg.linear_attn]   # delta: beta (+ decay)
-    return {"S": 2 * D * H * Dh + 2 * D * Hkv * Dh + 3 * D * F, "L": 5 * D * H * Dh + decay + 3 * D * F}
+    return {"S": 2 * D * H * Dh + 2 * D * Hkv * Dh + 3 * D * F,
+            "L": layer_kind(mcfg.linear_attn).matmul_weights(mcfg) + 3 * D * F}
 
 
 def saved_bytes(mcfg, kind: str, backend: str = "torch") -> dict:
@@ -167,36 +167,21 @@ def saved_bytes(mcfg, kind: str, backend: str = "torch") -> dict:
         padded  per padded token   the chunked linear-attention core (each segment padded to whole chunks)
         segment per held segment   (and batch row) of an SP rank: the entering states kept for backward
         keys    per global token   softmax under SP: the all-gathered bf16 K|V buffer
-    backend: the linear-attention path of GLA-family layers, "torch" (chunked) or "triton" (the custom ops);
-    delta-rule layers always run the chunked torch path. D hidden, F SwiGLU width, H heads of Dh, Hkv key heads,
-    C chunk, r GLA's gate rank; K = V = Dh."""
+    backend: the path of the linear layers' recurrence, "torch" (chunked) or "triton" (the custom ops); a linear
+    layer's own terms are its kind's `saved_bytes`. D hidden, F SwiGLU width, H heads of Dh, Hkv key heads."""
     D, F, H, Hkv, Dh = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_kv_heads,
                         mcfg.head_dim)
-    C, r = LINEAR_CHUNK, mcfg.gate_low_rank_dim
     mlp_and_norms = 20 * D + 8 * F + 8           # two RMSNorms (input, statistics, output), SwiGLU in bf16
     if kind == "S":                               # q/k/v input copies, RoPE tables, q, k, v, o, o_proj input, lse
         return {"token": mlp_and_norms + 6 * D + 6 * H * Dh + 4 * Hkv * Dh + 16 * Dh + 4 * H, "padded": 0,
                 "segment": 0, "keys": 4 * Hkv * Dh}
-    if mcfg.linear_attn in DELTA_VARIANTS:            # conv input/halo rows, silu, L2 norms, beta, decay, gated norm
-        return {"token": mlp_and_norms + 8 * D + 66 * H * Dh + 30 * H + 6, "keys": 0,
-                # UT transform, chunk scan of the augmented state [M | S] (K x (K + V) per chunk), outputs
-                "padded": 52 * H * Dh + 28 * H * C + 16 * H + 4 * H / C + 24 * H * Dh * Dh / C,
-                "segment": 16 * H * Dh * Dh}         # [M | S] maps and entering states of the held segments
-    own = mlp_and_norms + 10 * D + 24 * H * Dh + 4 * H + 2 * r            # GLA: decay logits in fp32
-    if backend == "triton":     # the op keeps q, k, v (bf16) and the fp32 decay; h is recomputed in backward
-        decay = {"gla": 4 * H * Dh, "simple_gla": 4 * H}.get(mcfg.linear_attn, 0)
-        return {"token": own + 6 * H * Dh + decay, "padded": 0, "segment": 4 * H * Dh * Dh, "keys": 0}
-    return {"token": own, "keys": 0,
-            "padded": 50 * H * Dh + 4 * H * C + 4 * H * Dh / C + 8 * H * Dh * Dh / C,   # padded fp32 chunks
-            "segment": 4 * H * Dh * Dh, "incoming": 6 * H * Dh}  # + q and o0 of add_incoming_state (SP)
+    own = layer_kind(mcfg.linear_attn).saved_bytes(mcfg, backend)
+    return {**own, "token": mlp_and_norms + own["token"]}
 
 
 def linear_backend(mcfg) -> str:
-    """The path `lsp plan --measure` runs the linear layers on: the GPU's (`lsp.ops.estimate`), Triton for the
-    GLA family once its custom ops are registered; the delta rule has no Triton kernel yet (chunked torch)."""
-    from lsp.ops.estimate import measured_linear_backend
-
-    return "torch" if mcfg.linear_attn in DELTA_VARIANTS else measured_linear_backend()
+    """The path `lsp plan --measure` runs the linear layers on (the recurrence family's `backend`)."""
+    return op_family(mcfg).backend()
 
 
 def local_segments(seq_len: int, local_tokens: int, micro_batch: int, layout: str) -> tuple[int, int]:
@@ -267,11 +252,14 @@ def linear_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: in
     (`lsp.ops.linear.custom_ops.chunk_flops`: S states, O output per pass; backward 2x plus a recomputed states
     scan per piece, two pieces under SP, the whole op without) and, under SP, the incoming-state correction's
     einsums on the segments that receive a state (2·K·V per token forward, twice that backward)."""
+    return op_family(mcfg).counted_flops(mcfg, seq_len, local_tokens, micro_batch, ac, layout)
+
+
+def _decayed_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str) -> float:
+    # linear_flops of a kind whose segment map is a scalar / diagonal decay (the linear_attention op)
     H, Dh = mcfg.num_heads, mcfg.head_dim
     sp = max(1, micro_batch * seq_len // local_tokens)
     held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
-    if mcfg.linear_attn in DELTA_VARIANTS:   # the chunked torch path (no delta custom ops yet)
-        return H * _delta_counted_per_token(Dh, seg, sp, ac) * local_tokens
     if linear_backend(mcfg) == "torch":
         chunks = micro_batch * held * -(-seg // LINEAR_CHUNK)
         return H * linear_core_flops(mcfg, chunks, micro_batch * held) * (1 + ac / 3)
@@ -293,6 +281,13 @@ def linear_core_flops(mcfg, chunks: int, segments: int) -> float:
     return chunks * C * (528 * Dh + 19.25 * Dh * Dh) - segments * 8.5 * C * Dh * Dh
 
 
+def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str) -> float:
+    # linear_flops of a kind whose segment map is dense (the delta rule, chunked torch path: no delta custom ops yet)
+    sp = max(1, micro_batch * seq_len // local_tokens)
+    _, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
+    return mcfg.num_heads * _delta_counted_per_token(mcfg.head_dim, seg, sp, ac) * local_tokens
+
+
 def _delta_counted_per_token(Dh: int, seg: int, sp: int, ac: int) -> float:
     # counted FLOPs per token and head of a delta layer (costmodel.delta_flops_per_token, exact on the op;
     # checkpointing re-runs the forward; SP adds the augmented scan), for segments of seg tokens in whole chunks
@@ -305,37 +300,88 @@ def _delta_counted_per_token(Dh: int, seg: int, sp: int, ac: int) -> float:
     return (fwd * (1 + ac) + bwd) * chunks * C / seg
 
 
-def _decay_dims(mcfg) -> int:
-    # K_g of the linear layers' decay: per key (GLA), one per head (Lightning, simple GLA), none (linear)
-    return {"linear": 0, "gla": mcfg.head_dim}.get(mcfg.linear_attn, 1)
-
-
 def linear_exchange(mcfg, hw: Hardware, sp: int, method: str, b: int, t_intra: float, layout: str,
                     scan_blocks: Optional[int] = None) -> tuple:
     """(exposed s, bytes received per GPU, All-Scan blocks) of one linear layer's SP exchange in one pass, for the
-    config's linear kind (delta-rule layers: their maps and conv halo); scan_blocks None: the model's best."""
-    H, Dh = mcfg.num_heads, mcfg.head_dim
-    state = b * H * Dh * Dh * hw.state_bytes
-    delta = mcfg.linear_attn in DELTA_VARIANTS
-    map_bytes = b * H * Dh * Dh * hw.state_bytes if delta else b * H * _decay_dims(mcfg) * 4
-    overlap = 0.0 if delta else t_intra   # a delta layer's output needs its entering state: nothing to hide behind
+    config's linear kind (what it sends: its `exchange_payload`); scan_blocks None: the model's best."""
+    payload = layer_kind(mcfg.linear_attn).exchange_payload(mcfg, b, hw.act_bytes)
+    return op_family(mcfg).exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, payload)
+
+
+def _conv_halo(sp: int, halo_bytes: float, hw: Hardware, layout: str) -> tuple[float, float]:
+    # a decay kind's short convolutions (`sp_short_conv`), priced as costmodel.delta_exchange_time prices the delta
+    # rule's: one all_gather of every held segment's last k-1 inputs per pass, not overlapped; none without a conv
+    if not halo_bytes:
+        return 0, 0
+    L = 2 if layout == "zigzag" else 1
+    return (sp - 1) * (hw.latency + L * halo_bytes / hw.bandwidth), (sp - 1) * L * halo_bytes
+
+
+def _decayed_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, payload) -> tuple:
+    # states and total decays (a vector per head), overlapped with the intra-chunk compute
+    state = b * mcfg.num_heads * mcfg.head_dim * mcfg.head_dim * hw.state_bytes
     blocks = scan_blocks or SCAN_BLOCKS
     if not scan_blocks and sp > 1 and sp_method(method).blocks:
-        blocks = best_scan_blocks(sp, state, overlap, hw, layout=layout, method=method, map_bytes=map_bytes)
-    if delta:
-        halo = b * (mcfg.delta_conv_size - 1) * 3 * H * Dh * hw.act_bytes
-        return (*delta_exchange_time(method, sp, b * H, Dh, Dh, hw, layout=layout, halo_bytes=halo,
-                                     scan_blocks=blocks), blocks)
-    return (*exchange_time(method, sp, state, t_intra, hw, layout=layout, decay_bytes=map_bytes,
-                           scan_blocks=blocks), blocks)
+        blocks = best_scan_blocks(sp, state, t_intra, hw, layout=layout, method=method,
+                                  map_bytes=payload["decay_bytes"])
+    exposed, nbytes = exchange_time(method, sp, state, t_intra, hw, layout=layout,
+                                    decay_bytes=payload["decay_bytes"], scan_blocks=blocks)
+    halo_s, halo_bytes = _conv_halo(sp, payload["halo_bytes"], hw, layout)
+    return exposed + halo_s, nbytes + halo_bytes, blocks
+
+
+def _affine_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, payload) -> tuple:
+    # dense maps [M | S] (allgather) or states along the chain, nothing overlapped, plus the conv halo
+    H, Dh = mcfg.num_heads, mcfg.head_dim
+    state = b * H * Dh * Dh * hw.state_bytes
+    blocks = scan_blocks or SCAN_BLOCKS
+    if not scan_blocks and sp > 1 and sp_method(method).blocks:   # nothing to hide behind: the output needs S
+        blocks = best_scan_blocks(sp, state, 0.0, hw, layout=layout, method=method, map_bytes=state)
+    return (*delta_exchange_time(method, sp, b * H, Dh, Dh, hw, layout=layout, halo_bytes=payload["halo_bytes"],
+                                 scan_blocks=blocks), blocks)
+
+
+def _affine_sp_flops(mcfg, seq_len: int) -> float:
+    # forward FLOPs per token and linear layer that the delta rule's SP path adds (the augmented scan)
+    return mcfg.num_heads * delta_sp_flops_per_token(mcfg.head_dim, mcfg.head_dim, min(LINEAR_CHUNK, seq_len))
+
+
+def _measured_backend() -> str:
+    from lsp.ops.estimate import measured_linear_backend
+
+    return measured_linear_backend()
+
+
+@dataclass(frozen=True)
+class OpFamily:
+    """What the planner models of the recurrence behind a form of the segment map A (a kind's `state_map`): the
+    backend `lsp plan --measure` runs it on, its counted FLOPs per layer (`linear_flops`), the forward FLOPs per
+    token and layer its SP path adds, and its exchange (`linear_exchange`)."""
+    backend: Callable[[], str]
+    counted_flops: Callable[..., float]
+    sp_flops: Callable[..., float]
+    exchange: Callable[..., tuple]
+
+
+_DECAYED = OpFamily(_measured_backend, _decayed_counted_flops, lambda mcfg, seq_len: 0.0, _decayed_exchange)
+_AFFINE = OpFamily(lambda: "torch", _affine_counted_flops, _affine_sp_flops, _affine_exchange)  # no delta kernels
+OP_FAMILIES = {"identity": _DECAYED, "scalar": _DECAYED, "diagonal": _DECAYED, "dense": _AFFINE}
+
+
+def op_family(mcfg) -> OpFamily:
+    """The planner's model of the config's linear kind's recurrence; a form of A it does not model raises."""
+    kind = layer_kind(mcfg.linear_attn)
+    if kind.state_map not in OP_FAMILIES:
+        raise ValueError(f"linear kind {kind.name!r}: the planner models no segment map of form {kind.state_map!r} "
+                         f"(known: {', '.join(OP_FAMILIES)})")
+    return OP_FAMILIES[kind.state_map]
 
 
 def _sp_extra_flops(mcfg, sp: int, seq_len: int) -> float:
-    # training FLOPs per token the SP path adds to the model's own (delta layers: the augmented scan, 3 x forward)
-    if sp == 1 or mcfg.linear_attn not in DELTA_VARIANTS:
+    # training FLOPs per token the SP path adds to the model's own (3 x forward)
+    if sp == 1:
         return 0.0
-    per_head = delta_sp_flops_per_token(mcfg.head_dim, mcfg.head_dim, min(LINEAR_CHUNK, seq_len))
-    return 3 * mcfg.layer_types.count("L") * mcfg.num_heads * per_head
+    return 3 * mcfg.layer_types.count("L") * op_family(mcfg).sp_flops(mcfg, seq_len)
 
 
 def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool, layout: str,

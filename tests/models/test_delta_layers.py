@@ -3,8 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lsp.models import HybridConfig, HybridLM
-from lsp.models.layers import DeltaNetAttention
+from lsp.models import HybridConfig, HybridLM, layer_kind
 from lsp.ops.delta.naive import naive_delta_recurrence
 
 from .sp_workers import CFG, loss_and_grads, make_batch
@@ -41,7 +40,7 @@ def reference_layer(layer, x):
 @pytest.mark.parametrize("kind", KINDS)
 def test_layer_matches_reference(kind):
     torch.manual_seed(0)
-    layer = DeltaNetAttention(delta_cfg(kind), layer_idx=0).double()
+    layer = layer_kind(kind)(delta_cfg(kind), layer_idx=0).double()
     x = torch.randn(2, 70, CFG["hidden_size"], dtype=torch.float64, requires_grad=True)
     y, ref = layer(x), reference_layer(layer, x)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
@@ -57,7 +56,7 @@ def test_layer_matches_reference(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_packed_documents_equal_separate_runs(kind):
     torch.manual_seed(0)
-    layer = DeltaNetAttention(delta_cfg(kind), layer_idx=0).double()
+    layer = layer_kind(kind)(delta_cfg(kind), layer_idx=0).double()
     x = torch.randn(1, 50, CFG["hidden_size"], dtype=torch.float64)
     cu = [0, 2, 21, 50]  # a document shorter than the conv kernel
     y = layer(x, cu_seqlens=torch.tensor(cu, dtype=torch.int32))

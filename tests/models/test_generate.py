@@ -7,12 +7,14 @@ one query against the KV cache). In fp64 the two differ only by summation order:
 1e-10 leaves six orders of margin while the negative controls below miss by more than 1e-6
 (a small-init model: a one-position RoPE error moves the logits by ~5e-5).
 """
+import dataclasses
+
 import pytest
 import torch
 
-import lsp.models.layers as layers
 from lsp.models import HybridConfig, HybridLM
 from lsp.models.generate import filter_logits
+from lsp.models.kinds._decay import DecayKind
 
 LINEAR_KINDS = ("linear", "lightning", "simple_gla", "gla")
 T = 80          # > one 64-token chunk
@@ -57,8 +59,10 @@ def test_negative_control_forgotten_decay(monkeypatch):
     model = tiny_model("gla")
     ids = torch.randint(0, 40, (2, T), generator=torch.Generator().manual_seed(1))
     full = model(ids).logits
-    step = layers.recurrent_step
-    monkeypatch.setattr(layers, "recurrent_step", lambda q, k, v, g, scale, state: step(q, k, v, None, scale, state))
+    step = DecayKind.recurrence.step
+    forgetful = dataclasses.replace(DecayKind.recurrence, step=lambda q, k, v, g, scale, state: step(q, k, v, None,
+                                                                                                       scale, state))
+    monkeypatch.setattr(DecayKind, "recurrence", forgetful)
     assert (decoded_logits(model, ids, (37,)) - full).abs().max() > 1e-6
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lsp.models.layers import LinearAttention, SoftmaxAttention, apply_rope
+from lsp.models import layer_kind
+from lsp.models.layers import SoftmaxAttention, apply_rope
 
 
 def rope_complex(x, pos, theta):
@@ -85,7 +86,7 @@ def reference_linear_layer(layer, x):
 
 @pytest.mark.parametrize("kind", ["linear", "lightning", "simple_gla", "gla"])
 def test_linear_layer_matches_recurrence(tiny_cfg, kind):
-    layer = LinearAttention(tiny_cfg(linear_attn=kind), layer_idx=1).double()
+    layer = layer_kind(kind)(tiny_cfg(linear_attn=kind), layer_idx=1).double()
     torch.nn.init.normal_(layer.o_norm.weight, 1.0, 0.1)
     x = torch.randn(2, 20, 64, dtype=torch.float64)
     out = layer(x)
@@ -98,7 +99,7 @@ def test_linear_layer_matches_recurrence(tiny_cfg, kind):
 
 
 def test_lightning_decay_is_fixed_alibi_slopes(tiny_cfg):
-    layer = LinearAttention(tiny_cfg(linear_attn="lightning", num_layers=3), layer_idx=0)
+    layer = layer_kind("lightning")(tiny_cfg(linear_attn="lightning", num_layers=3), layer_idx=0)
     # H = 4: ALiBi slopes 2^-2, 2^-4, 2^-6, 2^-8 at the first layer (depth factor 1 + 1e-5)
     torch.testing.assert_close(layer.log_decay, -torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8]) * (1 + 1e-5))
     assert not any(n == "log_decay" for n, _ in layer.named_parameters())

@@ -15,8 +15,7 @@ import torch
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lsp.models import HybridConfig, HybridLM
-from lsp.models.layers import lightning_log_decay
+from lsp.models import HybridConfig, HybridLM, LinearKind
 from lsp.models.loss import IGNORE_INDEX
 
 
@@ -50,11 +49,11 @@ class LspHybridForCausalLM(PreTrainedModel, GenerationMixin):
         return model
 
     def restore_buffers(self) -> None:
-        """Buffers that are derived from the config and not saved (Lightning's decays) come out of transformers'
-        meta-device loading uninitialised: compute them again."""
-        for i, block in enumerate(self.model.layers):
-            if hasattr(block.attn, "log_decay"):
-                block.attn.log_decay = lightning_log_decay(self.model.cfg, i).to(block.attn.log_decay.device)
+        """Buffers that are derived from the config and not saved (e.g. Lightning's decays) come out of
+        transformers' meta-device loading uninitialised: each linear kind computes its own again."""
+        for module in self.model.modules():
+            if isinstance(module, LinearKind):
+                module.reset_buffers()
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
