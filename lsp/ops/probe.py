@@ -30,7 +30,7 @@ PROBE_HEADS = 2
 @dataclass(frozen=True)
 class KernelCase:
     """What a probe verdict holds for: an op's kernels on one device, dtype, head sizes and decay form."""
-    op: str                 # "linear" | "delta"
+    op: str                 # the public op: "linear_attention" | "delta_rule"
     device: str
     dtype: torch.dtype
     key_dim: int
@@ -125,7 +125,7 @@ def _delta_op():
 
 
 # op -> (the public op, its positional inputs in order, the probe input builder)
-_INPUTS = {"linear": (_linear_op, ("q", "k", "v", "g"), _linear_inputs),
-           "delta": (_delta_op, ("q", "k", "v", "beta", "g"), _delta_inputs)}
+_INPUTS = {"linear_attention": (_linear_op, ("q", "k", "v", "g"), _linear_inputs),
+           "delta_rule": (_delta_op, ("q", "k", "v", "beta", "g"), _delta_inputs)}
 
 __all__ = ["KernelCase", "kernel_case", "kernels_by_default", "probed_backend", "probe_run", "TOLERANCE"]

@@ -96,8 +96,9 @@ def sp_delta_rule(q, k, v, beta, g=None, *, sp, method=None, scale=None, initial
         return delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
     with torch.autocast(device_type=q.device.type, enabled=False):
+        backend = resolve_delta_backend(backend, q.device, kernel_case("delta_rule", k, v, g))
         o, final = _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_state, cu_seqlens,
-                             scan_blocks, s, resolve_delta_backend(backend, q.device, kernel_case("delta", k, v, g)))
+                             scan_blocks, s, backend)
     return o, final
 
 

@@ -137,7 +137,7 @@ def test_planner_prices_the_toy_kind(toy):
     from lsp.parallel import SPContext, comm_stats, reset_comm_stats
     from lsp.plan.costmodel import Hardware
     from lsp.plan.planner import Cluster, linear_exchange, model_parameters, plan_cluster
-    from lsp.train.config import load_config
+    from lsp.run_config import load_config
 
     cfg = HybridConfig(**{**CFG, "linear_attn": "toy_gate", "layer_pattern": "L", "num_layers": 2})
     torch.manual_seed(0)

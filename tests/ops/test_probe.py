@@ -29,7 +29,7 @@ def fresh_verdicts(monkeypatch):
     monkeypatch.setattr(probe, "kernels_by_default", lambda device: True)
 
 
-def case(op="linear", form="scalar", dtype=torch.float32):
+def case(op="linear_attention", form="scalar", dtype=torch.float32):
     return probe.KernelCase(op, DEVICE, dtype, 16, 16, form)
 
 
@@ -41,8 +41,9 @@ def _probe_warnings(fn):
 
 
 # the per-key decay and the ungated delta rule take ~20 s / ~10 s under the interpreter: slow
-@pytest.mark.parametrize("op,form", [pytest.param("linear", "key", marks=pytest.mark.slow), ("linear", "scalar"),
-                                     ("delta", "scalar"), pytest.param("delta", "none", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("op,form", [pytest.param("linear_attention", "key", marks=pytest.mark.slow),
+                                     ("linear_attention", "scalar"), ("delta_rule", "scalar"),
+                                     pytest.param("delta_rule", "none", marks=pytest.mark.slow)])
 def test_good_kernels_are_chosen_without_a_warning(op, form):
     verdict, warned = _probe_warnings(lambda: probe.probed_backend(case(op, form)))
     assert verdict == "triton" and warned == []
@@ -70,7 +71,7 @@ def test_wrong_linear_kernel_falls_back_with_one_warning(monkeypatch):
     _scaled_linear(monkeypatch, 1.1)
     verdict, warned = _probe_warnings(lambda: probe.probed_backend(case()))
     assert verdict == "torch" and len(warned) == 1
-    assert "linear Triton kernels" in warned[0] and "differs from the chunked torch path by" in warned[0]
+    assert "linear_attention Triton kernels" in warned[0] and "differs from the chunked torch path by" in warned[0]
     assert "\n" not in warned[0]
 
 
@@ -87,8 +88,8 @@ def test_delta_kernel_ignoring_the_decay_falls_back(monkeypatch):
     scan = delta_chunk._triton_scan
     monkeypatch.setattr(delta_chunk, "_triton_scan",
                         lambda ch, U, init: scan(dataclasses.replace(ch, decay=None), U, init))
-    verdict, warned = _probe_warnings(lambda: probe.probed_backend(case("delta", "scalar")))
-    assert verdict == "torch" and len(warned) == 1 and "delta Triton kernels" in warned[0]
+    verdict, warned = _probe_warnings(lambda: probe.probed_backend(case("delta_rule", "scalar")))
+    assert verdict == "torch" and len(warned) == 1 and "delta_rule Triton kernels" in warned[0]
 
 
 def test_compile_failure_falls_back_naming_the_error(monkeypatch):
@@ -130,7 +131,7 @@ def test_auto_delta_rule_goes_through_the_probe():
     k = torch.nn.functional.normalize(torch.randn(1, 80, 2, 16, generator=gen), dim=-1).to(DEVICE)
     beta = torch.rand(1, 80, 2, generator=gen).to(DEVICE)
     delta_rule(q, k, v, beta)
-    assert probe._VERDICTS == {probe.KernelCase("delta", DEVICE, torch.float32, 16, 16, "none"): "triton"}
+    assert probe._VERDICTS == {probe.KernelCase("delta_rule", DEVICE, torch.float32, 16, 16, "none"): "triton"}
 
 
 def test_forcing_a_backend_skips_the_probe(monkeypatch):

@@ -30,7 +30,7 @@ def check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens) -> None:
 
 def resolve_delta_backend(backend: str, device: torch.device, case=None) -> str:
     """"auto": the Triton kernels on CUDA once they passed the first-use probe for `case`
-    (`lsp.ops.probe.kernel_case("delta", k, v, g)`; lsp/ops/probe.py), else the chunked torch path."""
+    (`lsp.ops.probe.kernel_case("delta_rule", k, v, g)`; lsp/ops/probe.py), else the chunked torch path."""
     if backend not in DELTA_BACKENDS:
         raise ValueError(f"backend must be one of {DELTA_BACKENDS} for delta_rule, got {backend!r}")
     if backend == "triton" and not triton_available(device):
@@ -69,7 +69,7 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, output_
     """
     check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    name = resolve_delta_backend(backend, q.device, probe.kernel_case("delta", k, v, g))
+    name = resolve_delta_backend(backend, q.device, probe.kernel_case("delta_rule", k, v, g))
     with torch.autocast(device_type=q.device.type, enabled=False):
         if name == "naive":
             return naive_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -66,7 +66,7 @@ def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None, output_
     if scale is None:
         scale = q.shape[-1] ** -0.5
     g4 = broadcast_decay(g, form)
-    name = resolve_backend(backend, q.device, probe.kernel_case("linear", k, v, g))
+    name = resolve_backend(backend, q.device, probe.kernel_case("linear_attention", k, v, g))
     if name == "naive":
         fn = naive_linear_attention
     elif name == "torch":

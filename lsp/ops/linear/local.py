@@ -45,7 +45,7 @@ def local_states(k, v, g=None, *, initial_state=None, cu_seqlens=None, backend="
     """
     form = check_linear_inputs(k, k, v, g, initial_state, cu_seqlens)
     g4 = broadcast_decay(g, form)
-    name = resolve_backend(backend, k.device, kernel_case("linear", k, v, g))
+    name = resolve_backend(backend, k.device, kernel_case("linear_attention", k, v, g))
     if name == "naive" or k.dtype == torch.float64:
         name = "torch"  # the local pass is chunked; fp64 runs in torch in every backend
     with exact_numerics(k):
