@@ -13,6 +13,7 @@ LINEAR_VARIANTS = DECAY_VARIANTS + DELTA_VARIANTS               # every `L` laye
 CHUNK_SIZE = 64                                        # tokens per chunk of the chunked linear-attention paths
 SCAN_BLOCKS = 4                                        # default All-Scan pipeline blocks (along K)
 IGNORE_INDEX = -100                                    # label of a token that carries no loss
+MOE_ROUTERS = ("softmax", "sigmoid")                   # MoE gate: softmax (Mixtral, Qwen-MoE) | sigmoid (DeepSeek-V3)
 
 __all__ = ["SP_METHODS", "LAYOUTS", "KERNEL_BACKENDS", "DECAY_VARIANTS", "DELTA_VARIANTS", "LINEAR_VARIANTS",
-           "CHUNK_SIZE", "SCAN_BLOCKS", "IGNORE_INDEX"]
+           "CHUNK_SIZE", "SCAN_BLOCKS", "IGNORE_INDEX", "MOE_ROUTERS"]
