@@ -86,7 +86,11 @@ class Trainer:
             init_weights_from(self.model, cfg.init_from)
         self.model = self.model.to(mesh.device)
         self.sp = build_sp(cfg, mesh)
-        self.engine = Engine(cfg, mesh, self.model)
+        self.experts = None
+        if cfg.parallel.ep > 1:
+            from .expert_parallel import ExpertParallel
+            self.experts = ExpertParallel(mesh, cfg.parallel.ep, self.model)
+        self.engine = Engine(cfg, mesh, self.model, experts=self.experts)
         self.step = 0
         self.skipped_steps = 0   # updates skipped for non-finite loss/grads (train.on_nonfinite=skip)
         self.signals: Optional[StopSignals] = None   # set while fit() runs the loop
@@ -141,12 +145,19 @@ class Trainer:
             grad_norm = None
         else:
             grad_norm = self.engine.step()
+            self.balance_experts()
         self.step += 1
         self.data.state.step = self.step
         # every SP rank holds the same global loss: averaging over all ranks = averaging over dp
         loss = all_reduce_mean((total / len(micro)).float(), self.mesh).item()
         return {"loss": loss, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps,
                 "stop": stop_request(flags)}
+
+    def balance_experts(self) -> None:
+        """Aux-loss-free MoE balancing after the update: the expert bias moves by the load summed over all ranks."""
+        if self.model.cfg.moe_experts:
+            from lsp.models.moe import update_expert_bias
+            update_expert_bias(self.model, all_reduce_sum=lambda t: all_reduce_sum(t, self.mesh))
 
     def micro_loss(self, ids: torch.Tensor, labels: torch.Tensor, cu: Optional[torch.Tensor]) -> torch.Tensor:
         """The global-mean loss of one micro-batch of step self.step + 1 (the reliability tests wrap this seam to
