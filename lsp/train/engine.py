@@ -49,17 +49,20 @@ def build_scheduler(cfg: Config, optimizer) -> torch.optim.lr_scheduler.LambdaLR
 class Engine:
     """Wraps the model for data parallelism and owns backward / step, so the train loop is engine-agnostic."""
 
-    def __init__(self, cfg: Config, mesh: Mesh, model: nn.Module, experts=None):
+    def __init__(self, cfg: Config, mesh: Mesh, model: nn.Module):
         self.cfg, self.mesh, self.raw_model = cfg, mesh, model
         self.kind = cfg.parallel.engine
         self.deepspeed = None
-        self.experts = experts   # ExpertParallel (parallel.ep > 1): expert grads reduced over their replicas only
+        self.experts = None   # parallel.ep > 1: experts split over EP ranks, grads reduced over their replicas only
+        if cfg.parallel.ep > 1:
+            from .expert_parallel import ExpertParallel
+            self.experts = ExpertParallel(mesh, cfg.parallel.ep, model)
         if self.kind == "fsdp" and mesh.world > 1:
             self.model = self._fsdp(model)
         elif mesh.world > 1 and self.kind == "ddp":
-            if experts is not None:
+            if self.experts is not None:
                 torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    model, experts.names)
+                    model, self.experts.names)
             self.model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[mesh.device.index] if mesh.device.type == "cuda" else None)
         else:

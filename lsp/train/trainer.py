@@ -86,11 +86,7 @@ class Trainer:
             init_weights_from(self.model, cfg.init_from)
         self.model = self.model.to(mesh.device)
         self.sp = build_sp(cfg, mesh)
-        self.experts = None
-        if cfg.parallel.ep > 1:
-            from .expert_parallel import ExpertParallel
-            self.experts = ExpertParallel(mesh, cfg.parallel.ep, self.model)
-        self.engine = Engine(cfg, mesh, self.model, experts=self.experts)
+        self.engine = Engine(cfg, mesh, self.model)
         self.step = 0
         self.skipped_steps = 0   # updates skipped for non-finite loss/grads (train.on_nonfinite=skip)
         self.signals: Optional[StopSignals] = None   # set while fit() runs the loop
