@@ -52,6 +52,7 @@ class MoE(nn.Module):
         self.shared = SwiGLU(D, I * cfg.moe_shared_experts) if cfg.moe_shared_experts else None
         self.register_buffer("expert_bias", torch.zeros(E))           # aux-loss-free selection bias (checkpointed)
         self.register_buffer("load", torch.zeros(E), persistent=False)  # assignments since the last bias update
+        self.dropped = 0                                               # dropped assignments since then
         self.ep: EPContext | None = None                               # set by `use_expert_parallel`
         self.stats: dict = {}                                          # of the last forward, for logging
 
@@ -83,6 +84,8 @@ class MoE(nn.Module):
             outs = run_experts(xs, torch.stack([p.counts for p in plans]), self.ep,
                                lambda x, counts, rank: self.experts(x, counts, self.ep.expert_rows(rank, E)))
         self.stats["dropped"] = sum(p.dropped for p in plans)
+        if self.training:
+            self.dropped += self.stats["dropped"]
         return torch.cat([self._combine(h[:N], p, routing.weights[r * N:(r + 1) * N], out)
                           for r, (p, out) in enumerate(zip(plans, outs))])
 
@@ -136,25 +139,35 @@ def use_expert_parallel(model: nn.Module, ep: EPContext) -> nn.Module:
 
 
 @torch.no_grad()
-def update_expert_bias(model: nn.Module, all_reduce_sum=None) -> None:
-    """Aux-loss-free balancing step (after the optimizer step): b_e += rate · sign(mean load - load_e), the load
-    summed over all ranks by `all_reduce_sum` (every rank then moves its replica of b alike); resets the load."""
-    layers = [m for _, m in moe_layers(model)]
-    if not layers or not layers[0].cfg.moe_bias_update_rate:
-        for m in layers:
-            m.load.zero_()
-        return
-    loads = torch.stack([m.load for m in layers])
+def update_expert_bias(model: nn.Module, all_reduce_sum=None) -> dict:
+    """After an optimizer step: the aux-loss-free balancing step b_e += rate · sign(mean load - load_e) (when
+    moe_bias_update_rate > 0), with the load since the last call summed over all ranks by `all_reduce_sum` (every
+    rank then moves its replica of b alike); resets the counts. Returns the step's metrics per MoE layer: the global
+    expert load max / mean (1 = balanced) and dropped assignments, and this rank's last balancing loss."""
+    layers = moe_layers(model)
+    if not layers:
+        return {}
+    counts = torch.stack([torch.cat([m.load, m.load.new_tensor([m.dropped])]) for _, m in layers])
     if all_reduce_sum is not None:
-        loads = all_reduce_sum(loads)
-    for m, load in zip(layers, loads):
-        m.expert_bias += m.cfg.moe_bias_update_rate * torch.sign(load.mean() - load)
+        counts = all_reduce_sum(counts)
+    metrics = {}
+    for (name, m), row in zip(layers, counts):
+        load, layer = row[:-1], name.split(".")[1] if name.startswith("layers.") else name
+        if m.cfg.moe_bias_update_rate:
+            m.expert_bias += m.cfg.moe_bias_update_rate * torch.sign(load.mean() - load).to(m.expert_bias.dtype)
+        if load.sum() > 0:
+            metrics[f"moe/{layer}/load_max_over_mean"] = float(load.max() / load.mean())
+            metrics[f"moe/{layer}/dropped"] = int(row[-1])
+        if "aux_loss" in m.stats:
+            metrics[f"moe/{layer}/aux_loss"] = m.stats["aux_loss"]
         m.load.zero_()
+        m.dropped = 0
+    return metrics
 
 
 def moe_stats(model: nn.Module) -> dict:
-    """Per MoE layer of the last forward: expert load max / mean (1 = balanced), balancing loss, dropped
-    assignments. Keys `moe/<layer>/<stat>`."""
+    """Per MoE layer of the last forward (this process's tokens): expert load max / mean (1 = balanced), balancing
+    loss, dropped assignments. Keys `moe/<layer>/<stat>`."""
     out = {}
     for name, m in moe_layers(model):
         layer = name.split(".")[1] if name.startswith("layers.") else name

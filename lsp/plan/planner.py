@@ -133,7 +133,8 @@ def model_parameters(mcfg) -> int:
     bias = {"linear": 0, "lightning": 0, "simple_gla": H, "gla": H * Dh, "deltanet": H + conv,
             "gated_deltanet": 3 * H + conv}[mcfg.linear_attn]      # + beta bias; gated: A_log, dt_bias
     small = 2 * D * len(types) + D + types.count("L") * (Dh + bias)
-    return matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
+    # every MoE expert (active=False): memory holds all of them, a token uses top-k
+    return matmul_parameters(mcfg, active=False) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
 
 
 def ddp_buckets(engine: str, zero: int, ranks: int) -> float:

@@ -126,25 +126,31 @@ def test_capacity_drops_match_reference(cf):
         assert (y - y_free).abs().max() > 1e-3                          # control: the drops change the output
 
 
-def test_bias_changes_selection_not_weights_and_update_balances():
-    moe = make_moe(moe_bias_update_rate=0.05)
+def test_bias_update_step_and_balance():
+    moe = make_moe(moe_bias_update_rate=0.05, moe_capacity_factor=1.0)
     moe.expert_bias.zero_()
     moe.train()
     x = torch.randn(200, 16, dtype=torch.float64) + 2.0                 # a shifted input: unbalanced routing
     with torch.no_grad():
         moe(x[None])
-    load0 = moe.load.clone()
+    load0, dropped0 = moe.load.clone(), moe.dropped
     spread0 = load0.max() - load0.min()
-    assert spread0 > 0
-    update_expert_bias(moe)
-    expect = 0.05 * torch.sign(load0.mean() - load0)
-    torch.testing.assert_close(moe.expert_bias, expect)
-    assert moe.load.sum() == 0                                          # reset after the update
+    assert spread0 > 0 and dropped0 > 0
+    metrics = update_expert_bias(moe)
+    torch.testing.assert_close(moe.expert_bias, 0.05 * torch.sign(load0.mean() - load0))
+    assert metrics["moe//load_max_over_mean"] == pytest.approx(float(load0.max() / load0.mean()))
+    assert metrics["moe//dropped"] == dropped0
+    assert moe.load.sum() == 0 and moe.dropped == 0                     # reset after the update
     for _ in range(60):
         with torch.no_grad():
             moe(x[None])
         update_expert_bias(moe)
     assert moe.stats["load"].max() - moe.stats["load"].min() < spread0  # the bias spread the load
+    # control: without the bias step the load stays as unbalanced as at first
+    moe.expert_bias.zero_()
+    with torch.no_grad():
+        moe(x[None])
+    assert moe.stats["load"].max() - moe.stats["load"].min() == spread0
 
 
 def test_hybrid_lm_with_moe_trains_and_logs():
@@ -168,3 +174,19 @@ def test_hybrid_lm_with_moe_trains_and_logs():
 def test_bad_moe_values_name_the_key(kw, key):
     with pytest.raises(ValueError, match=rf"^{key}[ :]"):
         moe_cfg(**kw)
+
+
+@torch.no_grad()
+def test_moe_decoding_equals_full_forward():
+    # the MoE feed-forward is per token, so decoding from the caches gives the full forward's logits
+    torch.manual_seed(0)
+    model = HybridLM(moe_cfg(num_layers=3, layer_pattern="LSL", moe_shared_experts=1,
+                             moe_router="sigmoid")).double().eval()
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(1))
+    full = model(ids).logits
+    cache = model.new_cache()
+    parts = [model(ids[:, :7], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits
+                                                       for t in range(7, 20)]
+    assert (torch.cat(parts, 1) - full).abs().max() < 1e-10
+    out = model.generate(ids[:, :5], 4)
+    assert out.shape == (2, 9) and torch.equal(out[:, :5], ids[:, :5])

@@ -6,7 +6,9 @@ import os
 import shutil
 
 import pytest
+import torch
 
+from lsp.models import load_run
 from lsp.train.config import ConfigError, load_config
 from lsp.train.trainer import Trainer
 
@@ -15,7 +17,7 @@ from .conftest import REPO, run_lsp
 MOE = os.path.join(REPO, "configs", "tiny-moe-cpu.yaml")
 STEPS = 6
 COMMON = [f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "optim.warmup_steps=2",
-          "data.eval_batches=2", "logging.tqdm=false", "logging.plot=false", "checkpoint.every=3",
+          "data.eval_batches=2", "logging.tqdm=false", "checkpoint.every=3",
           "train.micro_batch=8"]
 
 
@@ -43,6 +45,14 @@ def test_ep2_and_ep1_training_match(ep2_run, tmp_path):
         # the expert gradients' reduction: a missing / 2 (mean instead of sum over the EP group) changes the norm
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert abs(ref[-1]["loss"] - ref[0]["loss"]) > 1e-3   # control: the tolerance resolves one step
+    # per MoE layer metrics (global load over both ranks) and the load plot
+    assert {"moe/0/load_max_over_mean", "moe/1/aux_loss", "moe/1/dropped"} <= set(rows[0])
+    assert rows[0]["moe/0/load_max_over_mean"] >= 1.0 and rows[0]["moe/0/dropped"] == 0
+    assert os.path.isfile(os.path.join(run_dir, "moe_load.png"))
+    # the checkpoint holds whole experts: one process loads it as a plain model (lsp eval / generate / export)
+    model, _ = load_run(run_dir)
+    assert model.layers[0].mlp.experts.gate.shape[0] == 4
+    assert model.generate(torch.tensor([[1, 2, 3]]), 3).shape == (1, 6)
 
 
 @pytest.mark.slow   # two more 2-rank runs
