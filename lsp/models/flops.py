@@ -59,6 +59,12 @@ def mlp_parameters(cfg: HybridConfig, layer_idx: int, active: bool = True) -> in
     return D * cfg.moe_experts + (routed + cfg.moe_shared_experts) * 3 * D * cfg.moe_intermediate_size
 
 
+def expert_parameters(cfg: HybridConfig) -> int:
+    """Weights of the routed experts (what expert parallelism splits over ep ranks): Σ_MoE blocks E · 3 · D · I_moe."""
+    layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    return layers * cfg.moe_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+
+
 def total_matmul_parameters(cfg: HybridConfig) -> int:
     """`matmul_parameters` with every expert counted (what memory and checkpoints hold)."""
     return matmul_parameters(cfg, active=False)

@@ -50,7 +50,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
+from lsp.models.flops import LINEAR_CHUNK, expert_parameters, flops_per_token, matmul_parameters
 from lsp.names import DELTA_VARIANTS, SCAN_BLOCKS, SP_METHODS
 from lsp.train.config import Config, ConfigError, hybrid_config
 
@@ -354,14 +354,16 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
         config_dp = p.dp or max(1, cluster.gpus // p.sp)
         global_batch = cfg.train.micro_batch * cfg.train.grad_accum * config_dp
     params = model_parameters(mcfg)
+    experts = expert_parameters(mcfg)             # split over parallel.ep ranks, reduced apart from DDP (docs/moe.md)
+    per_gpu = params - experts + experts / p.ep
     sizes = sp_choices or sp_sizes(cluster.gpus, T, p.layout)
     micro_batches = [1] if cfg.data.kind != "mqar" else [1, 2, 4, 8, 16, 32, 64]
     out = []
     for sp in sizes:
         dp = cluster.gpus // sp
-        allreduce = 2 * (dp - 1) / dp * params * 2 / (cluster.dp_gbps * GB) if dp > 1 else 0.0
-        states = (state_bytes_per_param(p.engine, p.zero, cluster.gpus)
-                  + ddp_buckets(p.engine, p.zero, cluster.gpus)) * params
+        allreduce = 2 * (dp - 1) / dp * per_gpu * 2 / (cluster.dp_gbps * GB) if dp > 1 else 0.0
+        states = (state_bytes_per_param(p.engine, p.zero, cluster.gpus) * per_gpu
+                  + ddp_buckets(p.engine, p.zero, cluster.gpus) * (params - experts))
         for b in micro_batches:
             if global_batch % (dp * b):
                 continue
