@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lsp.ops.moe import assign, aux_loss_terms, balancing_losses, capacity, expert_ffn, route
+from lsp.parallel.collectives import replaying
 from lsp.parallel.ep import EPContext, run_experts
 
 from .config import HybridConfig
@@ -84,7 +85,7 @@ class MoE(nn.Module):
             outs = run_experts(xs, torch.stack([p.counts for p in plans]), self.ep,
                                lambda x, counts, rank: self.experts(x, counts, self.ep.expert_rows(rank, E)))
         self.stats["dropped"] = sum(p.dropped for p in plans)
-        if self.training:
+        if self.training and not replaying():
             self.dropped += self.stats["dropped"]
         return torch.cat([self._combine(h[:N], p, routing.weights[r * N:(r + 1) * N], out)
                           for r, (p, out) in enumerate(zip(plans, outs))])
@@ -96,11 +97,11 @@ class MoE(nn.Module):
         return torch.zeros_like(like).index_add(0, plan.token, out * w[:, None])
 
     def _count(self, experts: torch.Tensor) -> None:
-        """Record the expert load: of this forward (logging) and, in training, since the last bias update. A
-        checkpoint recompute counts a layer's tokens twice, which leaves sign(mean - load) unchanged."""
+        """Record the expert load: of this forward (logging) and, in training, since the last bias update (not again
+        in an activation-checkpoint recompute, which routes the same tokens a second time)."""
         load = torch.bincount(experts.reshape(-1), minlength=self.cfg.moe_experts).to(self.load.dtype)
         self.stats["load"] = load
-        if self.training:
+        if self.training and not replaying():
             self.load += load
 
     def _balancing(self, routing, logits: torch.Tensor, sp) -> torch.Tensor | None:

@@ -86,12 +86,15 @@ def test_emulated_ep_dispatch_bytes():
     assert stats["ep_combine/all_to_all"]["bytes_sent"] == leaving * 16 * 8
 
 
-@pytest.mark.parametrize("W", [2, 4])
-def test_emulated_sp_and_ep_hybrid_equals_single_device(W):
-    # SP and EP on the same (virtual) ranks: the EP group dispatches the tokens of all SP shards
-    model = hybrid()
+@pytest.mark.parametrize("W,checkpointing", [(2, False), (4, False), (2, True)])
+def test_emulated_sp_and_ep_hybrid_equals_single_device(W, checkpointing):
+    # SP and EP on the same (virtual) ranks: the EP group dispatches the tokens of all SP shards; with activation
+    # checkpointing the recompute dispatches again, and the load is still counted once
+    model = hybrid(activation_checkpointing=checkpointing)
     ids, labels = lm_batch()
     ref_loss, ref_grads = lm_loss_and_grads(model, ids, labels)
+    ref_load = model.layers[1].mlp.load.clone()
+    model.layers[1].mlp.load.zero_()
     sp = SPContext(emulate=W)
     use_expert_parallel(model, EPContext(emulate=W))
     loss, grads = lm_loss_and_grads(model, sp.shard(ids, 1), sp.shard(labels, 1), sp=sp)
@@ -99,6 +102,7 @@ def test_emulated_sp_and_ep_hybrid_equals_single_device(W):
     bad = {n: max_err(grads[n], g) for n, g in ref_grads.items() if not max_err(grads[n], g) < TOL}
     assert not bad, bad
     assert ref_grads["layers.1.mlp.router.weight"].abs().max() > 0
+    assert torch.equal(model.layers[1].mlp.load, ref_load) and ref_load.sum() == 64 * 2
 
 
 @pytest.mark.parametrize("W", [2, pytest.param(4, marks=pytest.mark.slow)])   # about 25 s and 40 s on 2 cores
