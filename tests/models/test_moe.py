@@ -190,3 +190,21 @@ def test_moe_decoding_equals_full_forward():
     assert (torch.cat(parts, 1) - full).abs().max() < 1e-10
     out = model.generate(ids[:, :5], 4)
     assert out.shape == (2, 9) and torch.equal(out[:, :5], ids[:, :5])
+
+
+@torch.no_grad()
+def test_moe_export_round_trip_is_bitwise(tmp_path):
+    # the exported folder (weights + the expert bias buffer + the moe_* config keys) rebuilds the same model
+    from lsp.export import export_model, import_hf
+    from lsp.train.data import IdTokenizer
+    torch.manual_seed(0)
+    model = HybridLM(moe_cfg(moe_shared_experts=1, moe_router="sigmoid", moe_bias_update_rate=0.01)).eval()
+    model.layers[1].mlp.expert_bias.copy_(torch.randn(6))
+    export_model(model, IdTokenizer(64), tmp_path)
+    back = import_hf(str(tmp_path)).eval()
+    assert back.cfg == model.cfg and back.cfg.moe_router == "sigmoid"
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(back(ids).logits, model(ids).logits)
+    back.layers[1].mlp.expert_bias.zero_()   # control: the routing bias is part of what must round-trip
+    assert not torch.equal(back(ids).logits, model(ids).logits)
