@@ -2,7 +2,7 @@
 
 The math (routers, capacity, losses) is in `lsp.ops.moe`; expert parallelism (experts split over ranks, tokens moved
 by all-to-all) in `lsp.parallel.ep`. Here: the parameters, one forward that is the same with and without EP, and the
-model-level helpers (`use_expert_parallel`, `update_expert_bias`, `moe_stats`).
+model-level helpers (`use_expert_parallel`, `update_expert_bias`).
 
 Balancing, per layer (docs/moe.md): the auxiliary loss and the z-loss are returned with the output and added to the
 training loss by `HybridLM`; the aux-loss-free bias b (`expert_bias`, a buffer) moves outside autograd after each
@@ -61,8 +61,9 @@ class MoE(nn.Module):
         # x: [B, T, D] (the local shard under SP) -> y [B, T, D], balancing loss [] (None when both coefs are 0)
         B, T, D = x.shape
         h = x.reshape(B * T, D)
-        dtype = torch.promote_types(x.dtype, torch.float32)            # routing in fp32 at least
-        logits = F.linear(h.to(dtype), self.router.weight.to(dtype))   # [N, E]
+        dtype = torch.promote_types(x.dtype, torch.float32)            # routing in fp32 at least, autocast or not
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(h.to(dtype), self.router.weight.to(dtype))   # [N, E]
         routing = route(logits, self.cfg.moe_router, self.cfg.moe_top_k, self.expert_bias)
         y = self._routed(h, routing)
         if self.shared is not None:
@@ -78,7 +79,9 @@ class MoE(nn.Module):
         assert N * R == h.shape[0], f"{h.shape[0]} tokens do not split over {R} emulated EP ranks"
         slots = capacity(N, k, E, self.cfg.moe_capacity_factor)
         plans = [assign(routing.experts[r * N:(r + 1) * N], E, slots) for r in range(R)]
-        xs = [h[r * N:(r + 1) * N][p.token] for r, p in enumerate(plans)]
+        device = h.device.type   # under autocast the experts compute in its dtype: dispatch the rows in it
+        rows = h.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else h
+        xs = [rows[r * N:(r + 1) * N][p.token] for r, p in enumerate(plans)]
         if self.ep is None:
             outs = [self.experts(xs[0], plans[0].counts.tolist())]
         else:
@@ -92,9 +95,10 @@ class MoE(nn.Module):
 
     @staticmethod
     def _combine(like: torch.Tensor, plan, weights: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        # out: [M, D] expert outputs of the kept assignments -> [N, D] their weighted sum per token
-        w = plan.weights(weights).to(out.dtype)
-        return torch.zeros_like(like).index_add(0, plan.token, out * w[:, None])
+        # out: [M, D] expert outputs of the kept assignments -> [N, D] their weighted sum per token, in like's
+        # dtype (under autocast the experts' outputs are bf16, the residual stream is not)
+        w = plan.weights(weights).to(like.dtype)
+        return torch.zeros_like(like).index_add(0, plan.token, out.to(like.dtype) * w[:, None])
 
     def _count(self, experts: torch.Tensor) -> None:
         """Record the expert load: of this forward (logging) and, in training, since the last bias update (not again
@@ -153,7 +157,7 @@ def update_expert_bias(model: nn.Module, all_reduce_sum=None) -> dict:
         counts = all_reduce_sum(counts)
     metrics = {}
     for (name, m), row in zip(layers, counts):
-        load, layer = row[:-1], name.split(".")[1] if name.startswith("layers.") else name
+        load, layer = row[:-1], name.removeprefix("layers.").split(".")[0]
         if m.cfg.moe_bias_update_rate:
             m.expert_bias += m.cfg.moe_bias_update_rate * torch.sign(load.mean() - load).to(m.expert_bias.dtype)
         if load.sum() > 0:
@@ -165,17 +169,3 @@ def update_expert_bias(model: nn.Module, all_reduce_sum=None) -> dict:
         m.dropped = 0
     return metrics
 
-
-def moe_stats(model: nn.Module) -> dict:
-    """Per MoE layer of the last forward (this process's tokens): expert load max / mean (1 = balanced), balancing
-    loss, dropped assignments. Keys `moe/<layer>/<stat>`."""
-    out = {}
-    for name, m in moe_layers(model):
-        layer = name.split(".")[1] if name.startswith("layers.") else name
-        if "load" in m.stats:
-            load = m.stats["load"]
-            out[f"moe/{layer}/load_max_over_mean"] = float(load.max() / load.mean().clamp(min=1e-9))
-        for key in ("aux_loss", "dropped"):
-            if key in m.stats:
-                out[f"moe/{layer}/{key}"] = float(m.stats[key])
-    return out

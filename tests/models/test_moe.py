@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lsp.models import HybridConfig, HybridLM
-from lsp.models.moe import MoE, moe_stats, update_expert_bias
+from lsp.models.moe import MoE, update_expert_bias
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -163,9 +163,26 @@ def test_hybrid_lm_with_moe_trains_and_logs():
     assert out.aux_loss is not None and out.aux_loss > 0
     out.loss.backward()
     assert model.layers[1].mlp.experts.gate.grad.abs().sum() > 0
-    stats = moe_stats(model)
+    stats = update_expert_bias(model)
     assert set(stats) == {f"moe/{i}/{s}" for i in (1, 2) for s in ("load_max_over_mean", "aux_loss", "dropped")}
-    assert stats["moe/1/load_max_over_mean"] >= 1.0
+    assert stats["moe/1/load_max_over_mean"] >= 1.0 and stats["moe/1/dropped"] == 0
+    assert stats["moe/1/aux_loss"] + stats["moe/2/aux_loss"] == pytest.approx(out.aux_loss.item())
+
+
+def test_moe_under_autocast_routes_in_fp32(monkeypatch):
+    import lsp.models.moe as moe_module
+    moe = make_moe(moe_shared_experts=1).float()
+    x = torch.randn(1, 8, 16)
+    seen = []
+    route = moe_module.route
+    monkeypatch.setattr(moe_module, "route", lambda logits, *a: seen.append(logits.dtype) or route(logits, *a))
+    with torch.no_grad():
+        ref, _ = moe(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = moe(x)
+    assert seen == [torch.float32, torch.float32]   # the router's logits, with and without autocast
+    # the experts run in bf16 (errors ~1e-2) and their sum comes back in the residual stream's dtype
+    assert y.dtype == torch.float32 and (y - ref).abs().max() < 0.1
 
 
 @pytest.mark.parametrize("kw,key", [(dict(moe_top_k=7), "moe_top_k"), (dict(moe_capacity_factor=0.0),
