@@ -105,7 +105,7 @@ def test_emulated_sp_and_ep_hybrid_equals_single_device(W, checkpointing):
     assert torch.equal(model.layers[1].mlp.load, ref_load) and ref_load.sum() == 64 * 2
 
 
-@pytest.mark.parametrize("W", [2, pytest.param(4, marks=pytest.mark.slow)])   # about 25 s and 40 s on 2 cores
+@pytest.mark.parametrize("W", [2, pytest.param(4, marks=pytest.mark.slow)])   # W=2: 9 s on 2 shared cores
 def test_gloo_ep_equals_single_device(W):
     for errors in spawn(ep_cases.ep_module_and_model, W, timeout_s=240):
         bad = {k: e for k, e in errors.items() if not e < TOL}
