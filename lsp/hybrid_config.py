@@ -11,6 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, fields
 
 from lsp.kinds import kind_names
 from lsp.names import KERNEL_BACKENDS as LINEAR_BACKENDS
+from lsp.names import MOE_ROUTERS
 
 POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ce_chunk_size", "gate_low_rank_dim",
                  "delta_conv_size")
@@ -66,6 +67,17 @@ class HybridConfig:
     ce_chunk_size: int = 4096                # tokens per cross-entropy chunk
     activation_checkpointing: bool = False   # recompute each block in backward
     initializer_range: float = 0.02
+    # mixture of experts (docs/moe.md); moe_experts 0 = dense SwiGLU feed-forwards everywhere
+    moe_experts: int = 0                     # routed experts per MoE block
+    moe_top_k: int = 2                       # experts per token
+    moe_shared_experts: int = 0              # always-on experts (one SwiGLU of moe_shared_experts x the expert width)
+    moe_intermediate_size: int | None = None  # width of one expert; None = intermediate_size
+    moe_first_dense: int = 0                 # dense blocks before the first MoE block
+    moe_router: str = "softmax"              # softmax | sigmoid (DeepSeek-V3); top-k weights normalised to sum 1
+    moe_aux_loss_coef: float = 0.0           # load-balancing loss E * sum_e f_e P_e (Switch / GShard)
+    moe_bias_update_rate: float = 0.0        # aux-loss-free balancing: per-expert selection bias step (DeepSeek-V3)
+    moe_z_loss_coef: float = 0.0             # router z-loss mean(logsumexp(logits)^2) (ST-MoE)
+    moe_capacity_factor: float | None = None  # None = dropless; else slots per expert = ceil(cf * N * k / E)
 
     def __post_init__(self):
         for name in POSITIVE_INTS:
@@ -77,6 +89,7 @@ class HybridConfig:
                 raise HybridConfigError(name, f"must be a positive number, got {value!r}")
         self._check_names()
         self._fill_shapes()
+        self._check_moe()
 
     def _check_names(self) -> None:
         if not isinstance(self.layer_pattern, str) or not self.layer_pattern or set(self.layer_pattern) - {"L", "S"}:
@@ -107,6 +120,38 @@ class HybridConfig:
             self.intermediate_size = default_intermediate_size(self.hidden_size)
         if not _is_int(self.intermediate_size) or self.intermediate_size <= 0:
             raise HybridConfigError("intermediate_size", f"must be a positive int, got {self.intermediate_size!r}")
+
+    def _check_moe(self) -> None:
+        if not _is_int(self.moe_experts) or self.moe_experts < 0:
+            raise HybridConfigError("moe_experts", f"must be an int >= 0 (0 = dense), got {self.moe_experts!r}")
+        for name in ("moe_shared_experts", "moe_first_dense"):
+            if not _is_int(value := getattr(self, name)) or value < 0:
+                raise HybridConfigError(name, f"must be an int >= 0, got {value!r}")
+        for name in ("moe_aux_loss_coef", "moe_bias_update_rate", "moe_z_loss_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise HybridConfigError(name, f"must be a number >= 0, got {value!r}")
+        if self.moe_router not in MOE_ROUTERS:
+            raise HybridConfigError("moe_router", f"{self.moe_router!r} is not one of {', '.join(MOE_ROUTERS)}",
+                                    MOE_ROUTERS)
+        cf = self.moe_capacity_factor
+        if cf is not None and (not isinstance(cf, (int, float)) or isinstance(cf, bool) or cf <= 0):
+            raise HybridConfigError("moe_capacity_factor", f"must be > 0 (or null for dropless), got {cf!r}")
+        if not _is_int(self.moe_top_k) or self.moe_top_k <= 0:
+            raise HybridConfigError("moe_top_k", f"must be a positive int, got {self.moe_top_k!r}")
+        if self.moe_experts and self.moe_top_k > self.moe_experts:
+            raise HybridConfigError("moe_top_k", f"{self.moe_top_k} > {{p}}moe_experts={self.moe_experts}")
+        if self.moe_first_dense > self.num_layers:
+            raise HybridConfigError("moe_first_dense", f"{self.moe_first_dense} > {{p}}num_layers={self.num_layers}")
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = self.intermediate_size
+        if not _is_int(self.moe_intermediate_size) or self.moe_intermediate_size <= 0:
+            raise HybridConfigError("moe_intermediate_size", f"must be a positive int, got "
+                                    f"{self.moe_intermediate_size!r}")
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether block `layer_idx` has a mixture-of-experts feed-forward (after moe_first_dense dense blocks)."""
+        return self.moe_experts > 0 and layer_idx >= self.moe_first_dense
 
     @property
     def layer_types(self) -> str:

@@ -11,8 +11,9 @@ KERNEL_BACKENDS = ("auto", "torch", "triton", "naive")  # linear-attention op ba
 CHUNK_SIZE = 64                                        # tokens per chunk of the chunked linear-attention paths
 SCAN_BLOCKS = 4                                        # default All-Scan pipeline blocks (along V)
 IGNORE_INDEX = -100                                    # label of a token that carries no loss
+MOE_ROUTERS = ("softmax", "sigmoid")                   # MoE gate: softmax (Mixtral, Qwen-MoE) | sigmoid (DeepSeek-V3)
 # checkpoint.save_on_signals choices: the signals a scheduler or an operator sends (lsp/train/signals.py)
 SAVE_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
 
 __all__ = ["SP_METHODS", "SOFTMAX_SP_METHODS", "LAYOUTS", "KERNEL_BACKENDS", "CHUNK_SIZE", "SCAN_BLOCKS",
-           "IGNORE_INDEX", "SAVE_SIGNALS"]
+           "IGNORE_INDEX", "SAVE_SIGNALS", "MOE_ROUTERS"]

@@ -118,6 +118,7 @@ class ParallelConfig:
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     engine: str = "ddp"  # ddp | fsdp | deepspeed
     zero: int = 0  # ZeRO stage 0-3 (ddp: 0; fsdp: 2 or 3; deepspeed: 0-3)
+    ep: int = 1  # expert parallelism: MoE experts split over groups of ep ranks of the dp x sp mesh (docs/moe.md)
 
 
 @dataclass
@@ -177,8 +178,8 @@ CHOICES = {
 }
 POSITIVE = ("data.seq_len", "data.mqar.num_kv_pairs", "data.mqar.num_queries", "data.mqar.num_keys",
             "data.mqar.num_values", "data.eval_batches", "optim.lr", "train.steps", "train.micro_batch",
-            "train.grad_accum", "train.log_every", "parallel.sp", "parallel.scan_blocks", "checkpoint.keep",
-            "checkpoint.save_timeout_s")
+            "train.grad_accum", "train.log_every", "parallel.sp", "parallel.scan_blocks", "parallel.ep",
+            "checkpoint.keep", "checkpoint.save_timeout_s")
 NON_NEGATIVE = ("model.vocab_size", "optim.min_lr", "optim.eps", "optim.weight_decay", "optim.warmup_steps",
                 "train.grad_clip", "train.seed", "train.eval_every", "parallel.dp", "checkpoint.every",
                 "logging.peak_tflops")
@@ -362,6 +363,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         raise ConfigError("parallel.zero", f"{p.zero} with engine=fsdp; FSDP2 shards grads (2) or params too (3)")
     if p.zero not in (0, 1, 2, 3):
         raise ConfigError("parallel.zero", f"{p.zero} is not one of 0, 1, 2, 3")
+    _check_ep(cfg)
     if world_size is not None:
         check_world(cfg, world_size)
 
@@ -376,6 +378,21 @@ def check_world(cfg: Config, world_size: int) -> None:
     dp = p.dp or world_size // p.sp
     if dp * p.sp != world_size:
         raise ConfigError("parallel.dp", f"dp={dp} x sp={p.sp} != world size {world_size}")
+    if world_size % p.ep:   # the EP groups are carved from the dp x sp ranks
+        raise ConfigError("parallel.ep", f"{p.ep} does not divide the dp x sp ranks ({world_size})")
+
+
+def _check_ep(cfg: Config) -> None:
+    p, experts = cfg.parallel, cfg.model.moe_experts
+    if p.ep == 1:
+        return
+    if not experts:
+        raise ConfigError("parallel.ep", f"{p.ep} needs a mixture-of-experts model (model.moe_experts > 0)")
+    if experts % p.ep:
+        raise ConfigError("parallel.ep", f"{p.ep} does not divide model.moe_experts={experts}")
+    if p.engine != "ddp":
+        raise ConfigError("parallel.ep", f"{p.ep} needs parallel.engine=ddp (expert parallelism with "
+                          f"{p.engine} is not implemented)")
 
 
 def lift_model_extra(loaded: DictConfig) -> DictConfig:

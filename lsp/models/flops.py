@@ -8,6 +8,9 @@ flops_per_token(cfg, T) = 6 · N_matmul + Σ_softmax layers 6 · H · Dh · T + 
   for forward + backward: 6 · H · Dh · T (the causal half of PaLM's 12 · H · Dh · T).
 * A linear layer: its kind's `attention_flops_per_token` (by default the chunked path, 6 · H · (C (K + V) + 2 K V)
   with chunk C = min(64, T), K = V = Dh: see `LinearKind`); its weights are the kind's `matmul_weights`.
+* Mixture of experts (docs/moe.md): a token passes through the router (D·E), its top-k routed experts and the
+  shared experts (3·D·I_moe each), so N_matmul counts the active weights; `total_matmul_parameters` counts every
+  expert (memory, checkpoints).
 """
 from __future__ import annotations
 
@@ -30,14 +33,36 @@ def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
     return total
 
 
-def matmul_parameters(cfg: HybridConfig) -> int:
-    """Weights of every matmul one token passes through (LM head included, counted once even when tied)."""
+def matmul_parameters(cfg: HybridConfig, active: bool = True) -> int:
+    """Weights of every matmul one token passes through (LM head included, counted once even when tied); with
+    active=False every MoE expert is counted, not only the top-k a token uses (the model's total)."""
     D, H, Hkv, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    mlp = 3 * D * cfg.intermediate_size
     softmax = 2 * D * H * Dh + 2 * D * Hkv * Dh
     linear = layer_kind(cfg.linear_attn).matmul_weights(cfg)
     types = cfg.layer_types
-    return types.count("S") * (softmax + mlp) + types.count("L") * (linear + mlp) + cfg.vocab_size * D
+    mlps = sum(mlp_parameters(cfg, i, active) for i in range(cfg.num_layers))
+    return types.count("S") * softmax + types.count("L") * linear + mlps + cfg.vocab_size * D
+
+
+def mlp_parameters(cfg: HybridConfig, layer_idx: int, active: bool = True) -> int:
+    """Feed-forward weights of block layer_idx: SwiGLU 3·D·I, or an MoE's router D·E + (k or E routed + shared)
+    experts of 3·D·I_moe."""
+    D = cfg.hidden_size
+    if not cfg.is_moe_layer(layer_idx):
+        return 3 * D * cfg.intermediate_size
+    routed = cfg.moe_top_k if active else cfg.moe_experts
+    return D * cfg.moe_experts + (routed + cfg.moe_shared_experts) * 3 * D * cfg.moe_intermediate_size
+
+
+def expert_parameters(cfg: HybridConfig) -> int:
+    """Weights of the routed experts (what expert parallelism splits over ep ranks): Σ_MoE blocks E · 3 · D · I_moe."""
+    layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+    return layers * cfg.moe_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+
+
+def total_matmul_parameters(cfg: HybridConfig) -> int:
+    """`matmul_parameters` with every expert counted (what memory and checkpoints hold)."""
+    return matmul_parameters(cfg, active=False)
 
 
 def flops_per_token(cfg: HybridConfig, seq_len: int) -> float:

@@ -15,6 +15,7 @@ from .config import HybridConfig
 from .layers import RMSNorm, SoftmaxAttention, SwiGLU
 from .linear_kind import linear_layer
 from .loss import IGNORE_INDEX, chunked_cross_entropy
+from .moe import MoE
 
 
 @dataclass
@@ -22,6 +23,7 @@ class LMOutput:
     logits: torch.Tensor | None        # [B, T, vocab] (local shard under SP), or None when only the loss was asked
     loss: torch.Tensor | None          # [] mean over the non-ignored tokens of the GLOBAL sequence
     num_tokens: torch.Tensor | None    # [] global count of non-ignored tokens behind `loss`
+    aux_loss: torch.Tensor | None = None  # [] MoE balancing losses (aux + z), already included in `loss`
 
 
 class Block(nn.Module):
@@ -33,13 +35,17 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.attn = linear_layer(cfg, layer_idx) if self.kind == "L" else SoftmaxAttention(cfg)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, positions, sp=None, cu_seqlens=None, cache=None):
-        # x: [B, T, D]; positions: [B, T] long -> [B, T, D]; cache: this layer's decoding state (see cache.py)
+        # x: [B, T, D]; positions: [B, T] long -> ([B, T, D], MoE balancing loss [] or None);
+        # cache: this layer's decoding state (see cache.py)
         attn_kw = {} if cache is None else {"cache": cache}   # layers without a decode path keep their signature
         x = x + self.attn(self.attn_norm(x), positions, sp=sp, cu_seqlens=cu_seqlens, **attn_kw)
-        return x + self.mlp(self.mlp_norm(x))
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(self.mlp_norm(x), sp=sp)
+            return x + y, aux
+        return x + self.mlp(self.mlp_norm(x)), None
 
 
 def token_positions(B: int, T: int, device, sp=None) -> torch.Tensor:
@@ -104,6 +110,8 @@ class HybridLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, MoE):
+                module.experts.reset_parameters(std, std / math.sqrt(2 * self.cfg.num_layers))
 
     def new_cache(self) -> DecodeCache:
         """An empty decoding state: one cache per layer (the layer's own `new_cache()`), nothing consumed yet."""
@@ -115,6 +123,10 @@ class HybridLM(nn.Module):
 
     def hidden_states(self, input_ids, sp=None, cu_seqlens=None, cache=None) -> torch.Tensor:
         # input_ids: [B, T] -> final-norm hidden states [B, T, D]
+        return self._run_blocks(input_ids, sp, cu_seqlens, cache)[0]
+
+    def _run_blocks(self, input_ids, sp=None, cu_seqlens=None, cache=None):
+        # input_ids: [B, T] -> (final-norm hidden states [B, T, D], Σ MoE balancing losses [] or None)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -122,19 +134,21 @@ class HybridLM(nn.Module):
             positions = token_positions(B, T, input_ids.device, sp)
         else:
             positions = torch.arange(cache.seen, cache.seen + T, device=input_ids.device).expand(B, T)
-        x = self.embed(input_ids)
+        x, aux_total = self.embed(input_ids), None
         for i, block in enumerate(self.layers):
             if cache is not None:
-                x = block(x, positions, sp=sp, cu_seqlens=cu_seqlens, cache=cache.layers[i])
+                x, aux = block(x, positions, sp=sp, cu_seqlens=cu_seqlens, cache=cache.layers[i])
             elif self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 # the recompute replays the SP exchanges of the forward instead of communicating again
-                x = checkpoint(block, x, positions, sp, cu_seqlens, use_reentrant=False,
-                               context_fn=checkpoint_contexts)
+                x, aux = checkpoint(block, x, positions, sp, cu_seqlens, use_reentrant=False,
+                                    context_fn=checkpoint_contexts)
             else:
-                x = block(x, positions, sp=sp, cu_seqlens=cu_seqlens)
+                x, aux = block(x, positions, sp=sp, cu_seqlens=cu_seqlens)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
         if cache is not None:
             cache.seen += T
-        return self.norm(x)
+        return self.norm(x), aux_total
 
     def generate(self, input_ids, max_new_tokens, **sampling) -> torch.Tensor:
         """input_ids [B, T] -> [B, T + max_new_tokens]: the prompt with its continuation (see `lsp.models.generate`;
@@ -144,10 +158,10 @@ class HybridLM(nn.Module):
 
     def forward(self, input_ids, labels=None, sp=None, cu_seqlens=None, return_logits=False,
                 cache=None) -> LMOutput:
-        h = self.hidden_states(input_ids, sp=sp, cu_seqlens=cu_seqlens, cache=cache)
+        h, aux = self._run_blocks(input_ids, sp=sp, cu_seqlens=cu_seqlens, cache=cache)
         logits = h @ self.head_weight.t() if labels is None or return_logits else None
         if labels is None:
-            return LMOutput(logits=logits, loss=None, num_tokens=None)
+            return LMOutput(logits=logits, loss=None, num_tokens=None, aux_loss=aux)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)} "
                              f"(aligned targets), got {tuple(labels.shape)}")
@@ -158,4 +172,6 @@ class HybridLM(nn.Module):
             # sum over ranks, identity backward: each rank's gradient is its own tokens' share of the global mean
             totals = sp.all_reduce_sum(totals)
         loss = totals[0] / totals[1].clamp(min=1)
-        return LMOutput(logits=logits, loss=loss, num_tokens=totals[1].detach().long())
+        if aux is not None:   # MoE balancing losses: global over the sequence, like the cross-entropy
+            loss = loss + aux
+        return LMOutput(logits=logits, loss=loss, num_tokens=totals[1].detach().long(), aux_loss=aux)

@@ -14,6 +14,7 @@ previous). `comm_stats()` sums the records of this process by op, by method tag 
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -117,6 +118,17 @@ class DistComm:
         _reduce_scatter_fn()(out.view(-1), x.view(-1), group=self.group)     # flat: gloo accepts only this form
         return out.unsqueeze(0)
 
+    def all_to_all(self, x: torch.Tensor, send: list, recv: list, tag: str) -> torch.Tensor:
+        """Rows of x [n, *S] to every rank: send[0][d] rows (in order) to rank d; returns the rows received,
+        recv[0][s] from rank s, in rank order. send / recv: [1][W] ints (this rank's row of the split matrices)."""
+        x = x.contiguous()
+        row = x.element_size() * math.prod(x.shape[1:])
+        me = self.rank
+        record("all_to_all", tag, me, (sum(send[0]) - send[0][me]) * row, (sum(recv[0]) - recv[0][me]) * row)
+        out = x.new_empty(sum(recv[0]), *x.shape[1:])
+        dist.all_to_all_single(out, x, recv[0], send[0], group=self.group)
+        return out
+
     def send(self, x: torch.Tensor, src: int, dst: int, tag: str, async_op: bool = False):
         x = x.contiguous()
         record("send", tag, src, _nbytes(x), 0)
@@ -194,6 +206,18 @@ class EmuComm:
         for r in range(W):
             record("reduce_scatter", tag, r, slot * (W - 1), slot * (W - 1))
         return x.sum(0)
+
+    def all_to_all(self, x: torch.Tensor, send: list, recv: list, tag: str) -> torch.Tensor:
+        """x: the held ranks' send buffers one after another (rank s's rows for rank 0, then for rank 1, ...;
+        send[s][d] rows each) -> the receive buffers one after another (rank d's rows from rank 0, 1, ...).
+        A reindexing, so autograd differentiates it; recv is implied by send (recv[d][s] == send[s][d])."""
+        W = self.world_size
+        row = x.element_size() * math.prod(x.shape[1:])
+        for r in range(W):
+            record("all_to_all", tag, r, (sum(send[r]) - send[r][r]) * row,
+                   (sum(send[s][r] for s in range(W)) - send[r][r]) * row)
+        blocks = x.split([n for per_rank in send for n in per_rank])
+        return torch.cat([blocks[s * W + d] for d in range(W) for s in range(W)])
 
     def send(self, x: torch.Tensor, src: int, dst: int, tag: str, async_op: bool = False):
         record("send", tag, src, _nbytes(x), 0)

@@ -59,7 +59,7 @@ from itertools import product
 from typing import Callable, List, Optional
 
 from lsp.models import layer_kind
-from lsp.models.flops import flops_per_token, matmul_parameters
+from lsp.models.flops import expert_parameters, flops_per_token, matmul_parameters
 from lsp.names import CHUNK_SIZE as LINEAR_CHUNK
 from lsp.names import SCAN_BLOCKS, SOFTMAX_SP_METHODS
 from lsp.parallel.methods import sp_method, sp_methods
@@ -143,7 +143,8 @@ def model_parameters(mcfg) -> int:
     short convolutions, per-head constants)."""
     D, types = mcfg.hidden_size, mcfg.layer_types
     small = 2 * D * len(types) + D + types.count("L") * layer_kind(mcfg.linear_attn).other_parameters(mcfg)
-    return matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
+    # every MoE expert (active=False): memory holds all of them, a token uses top-k
+    return matmul_parameters(mcfg, active=False) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
 
 
 def ddp_buckets(engine: str, zero: int, ranks: int) -> float:
@@ -420,6 +421,8 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
         config_dp = p.dp or max(1, cluster.gpus // p.sp)
         global_batch = cfg.train.micro_batch * cfg.train.grad_accum * config_dp
     params = model_parameters(mcfg)
+    experts = expert_parameters(mcfg)             # split over parallel.ep ranks, reduced apart from DDP (docs/moe.md)
+    per_gpu = params - experts + experts / p.ep
     sizes = sp_choices or sp_sizes(cluster.gpus, T, p.layout)
     micro_batches = [1] if cfg.data.kind != "mqar" else [1, 2, 4, 8, 16, 32, 64]
     # the softmax layers' method matters only with softmax layers; LASP-2H first, so an equal step keeps it
@@ -427,9 +430,9 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
     out = []
     for sp in sizes:
         dp = cluster.gpus // sp
-        allreduce = 2 * (dp - 1) / dp * params * 2 / (cluster.dp_gbps * GB) if dp > 1 else 0.0
-        states = (state_bytes_per_param(p.engine, p.zero, cluster.gpus)
-                  + ddp_buckets(p.engine, p.zero, cluster.gpus)) * params
+        allreduce = 2 * (dp - 1) / dp * per_gpu * 2 / (cluster.dp_gbps * GB) if dp > 1 else 0.0
+        states = (state_bytes_per_param(p.engine, p.zero, cluster.gpus) * per_gpu
+                  + ddp_buckets(p.engine, p.zero, cluster.gpus) * (params - experts))
         for b in micro_batches:
             if global_batch % (dp * b):
                 continue

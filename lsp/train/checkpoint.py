@@ -69,8 +69,9 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[str, Any], config_yaml: str,
-                    keep: int = 2, deepspeed_engine=None) -> Optional[str]:
-    """Collective: every rank calls it. Returns the final path (None if that step was already saved)."""
+                    keep: int = 2, deepspeed_engine=None, experts=None) -> Optional[str]:
+    """Collective: every rank calls it. Returns the final path (None if that step was already saved).
+    experts: the run's `ExpertParallel` (parallel.ep > 1): whole expert weights are saved, as at ep = 1."""
     final = step_dir(root, step)
     tmp = final + ".tmp"
     exists = os.path.isdir(final)
@@ -84,6 +85,8 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[
         deepspeed_engine.save_checkpoint(tmp, tag="deepspeed")
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        if experts is not None:
+            experts.to_full(model_sd, optim_sd)
         with _quiet_single_process():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(rng_state(), os.path.join(tmp, f"rng_{_rank()}.pt"))
@@ -119,12 +122,15 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def model_mismatch(path: str, model) -> Optional[str]:
+def model_mismatch(path: str, model, experts=None) -> Optional[str]:
     """None when the DCP checkpoint at path holds exactly this model's parameters (names and global shapes), else
     the first difference, e.g. "model.embed.weight is [81, 64] there, [81, 32] here" (read from .metadata only)."""
     saved = {k: list(v.size) for k, v in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items()
              if k.startswith("model.") and hasattr(v, "size")}
-    here = {f"model.{k}": list(v.shape) for k, v in get_state_dict(model, [])[0].items()}
+    here_sd = get_state_dict(model, [])[0]
+    if experts is not None:
+        experts.full_templates(here_sd, {})
+    here = {f"model.{k}": list(v.shape) for k, v in here_sd.items()}
     for name in sorted(saved.keys() | here.keys()):
         if saved.get(name) != here.get(name):
             return (f"{name} is {saved.get(name, 'absent')} there, {here.get(name, 'absent')} here").replace("'", "")
@@ -160,17 +166,22 @@ def load_model_state(path: str, model) -> None:
     set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
 
 
-def load_checkpoint(path: str, model, optimizer=None, deepspeed_engine=None) -> Dict[str, Any]:
-    """Collective: load model (+ optimizer) in place; returns the trainer state saved by rank 0."""
+def load_checkpoint(path: str, model, optimizer=None, deepspeed_engine=None, experts=None) -> Dict[str, Any]:
+    """Collective: load model (+ optimizer) in place; returns the trainer state saved by rank 0. experts: as in
+    `save_checkpoint` (whole expert weights are read, this rank keeps its rows: any ep size loads)."""
     if deepspeed_engine is not None:
         deepspeed_engine.load_checkpoint(path, tag="deepspeed")
     elif optimizer is None:
         load_model_state(path, model)
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        if experts is not None:
+            experts.full_templates(model_sd, optim_sd)
         state = {"model": model_sd, "optim": optim_sd}
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path)
+        if experts is not None:
+            experts.to_local(state["model"], state["optim"])
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = os.path.join(path, f"rng_{_rank()}.pt")
     if os.path.isfile(rng_file):   # absent when resuming at a larger world size: keep the seeded state

@@ -45,9 +45,16 @@ class Engine:
         self.cfg, self.mesh, self.raw_model = cfg, mesh, model
         self.kind = cfg.parallel.engine
         self.deepspeed = None
+        self.experts = None   # parallel.ep > 1: experts split over EP ranks, grads reduced over their replicas only
+        if cfg.parallel.ep > 1:
+            from .expert_parallel import ExpertParallel
+            self.experts = ExpertParallel(mesh, cfg.parallel.ep, model)
         if self.kind == "fsdp" and mesh.world > 1:
             self.model = self._fsdp(model)
         elif mesh.world > 1 and self.kind == "ddp":
+            if self.experts is not None:
+                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                    model, self.experts.names)
             self.model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[mesh.device.index] if mesh.device.type == "cuda" else None)
         else:
@@ -114,8 +121,11 @@ class Engine:
             norm = self.deepspeed.get_global_grad_norm()
             return None if norm is None else float(norm)
         norm = None
+        if self.experts is not None:
+            self.experts.reduce_grads()
         if self.cfg.train.grad_clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip))
+            clip = torch.nn.utils.clip_grad_norm_ if self.experts is None else self.experts.clip_grad_norm
+            norm = float(clip(list(self.model.parameters()), self.cfg.train.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -163,16 +173,17 @@ class Engine:
 
         state = {**state, "scheduler": self.scheduler.state_dict() if self.deepspeed is None else None}
         return save_checkpoint(ckpt_dir, step, self.model, self.optimizer, state, config_yaml, keep=keep,
-                               deepspeed_engine=self.deepspeed)
+                               deepspeed_engine=self.deepspeed, experts=self.experts)
 
     def load(self, path: str) -> dict:
         """Collective: load model, optimizer and schedule in place; returns the trainer state. A checkpoint of
         another model is refused with one line naming the first mismatching parameter (ValueError)."""
         from .checkpoint import load_checkpoint, model_mismatch
 
-        if self.deepspeed is None and (diff := model_mismatch(path, self.model)):
+        if self.deepspeed is None and (diff := model_mismatch(path, self.model, self.experts)):
             raise ValueError(f"{path} holds another model ({diff})")
-        state = load_checkpoint(path, self.model, self.optimizer, deepspeed_engine=self.deepspeed)
+        state = load_checkpoint(path, self.model, self.optimizer, deepspeed_engine=self.deepspeed,
+                                experts=self.experts)
         if self.deepspeed is None:
             self.scheduler.load_state_dict(state["scheduler"])
         return state

@@ -162,3 +162,21 @@ class RunLogger:
         fig.tight_layout()
         fig.savefig(os.path.join(self.cfg.run_dir, "loss_curve.png"), dpi=100)
         plt.close(fig)
+        self.plot_moe_load(rows, plt)
+
+    def plot_moe_load(self, rows, plt) -> None:
+        """moe_load.png: per MoE layer, the expert load max / mean over the steps (1 = perfectly balanced)."""
+        keys = sorted({k for r in rows for k in r if k.startswith("moe/") and k.endswith("/load_max_over_mean")},
+                      key=lambda k: int(k.split("/")[1]) if k.split("/")[1].isdigit() else 0)
+        if not keys:
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in keys:
+            ax.plot(*zip(*[(r["step"], r[key]) for r in rows if key in r]), label=f"layer {key.split('/')[1]}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert load max / mean")
+        ax.set_title(f"{self.cfg.name}: MoE load balance")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.cfg.run_dir, "moe_load.png"), dpi=100)
+        plt.close(fig)

@@ -175,12 +175,21 @@ class Trainer:
             grad_norm = None
         else:
             grad_norm = self.engine.step()
+        moe = self.balance_experts()
         self.step += 1
         self.data.state.step = self.step
         # every SP rank holds the same global loss: averaging over all ranks = averaging over dp
         loss = all_reduce_mean((total / len(micro)).float(), self.mesh).item()
         return {"loss": loss, "grad_norm": grad_norm, "skipped_steps": self.skipped_steps,
-                "stop": stop_request(flags)}
+                "stop": stop_request(flags), **moe}
+
+    def balance_experts(self) -> Dict[str, float]:
+        """MoE models: the aux-loss-free bias step after the update (load summed over all ranks; also after a skipped
+        update, so the counts restart every step) and the step's per-layer MoE metrics."""
+        if not self.model.cfg.moe_experts:
+            return {}
+        from lsp.models.moe import update_expert_bias
+        return update_expert_bias(self.model, all_reduce_sum=lambda t: all_reduce_sum(t, self.mesh))
 
     def micro_loss(self, ids: torch.Tensor, labels: torch.Tensor, cu: Optional[torch.Tensor]) -> torch.Tensor:
         """The global-mean loss of one micro-batch of step self.step + 1 (the reliability tests wrap this seam to
@@ -319,6 +328,7 @@ class Trainer:
         row = {"step": self.step, "loss": metrics["loss"], "lr": self.engine.lr,
                "grad_norm": metrics["grad_norm"], "tokens_per_s": tok_s,
                "peak_mem_gb": peak_memory_gb(mesh.device), "skipped_steps": self.skipped_steps}
+        row.update({k: v for k, v in metrics.items() if k.startswith("moe/")})   # per MoE layer: load, aux, drops
         if (peak := peak_flops(cfg, mesh.device)):
             row["mfu"] = flops_per_token(self.model.cfg, cfg.data.seq_len) * tok_s / (peak * mesh.world)
         return row

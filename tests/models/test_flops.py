@@ -30,3 +30,18 @@ def test_tied_counts_once(tiny_cfg):
     model = HybridLM(tiny_cfg(tie_embeddings=True))
     assert num_parameters(model) == sum(p.numel() for p in model.parameters())
     assert num_parameters(model, exclude_embeddings=True) == num_parameters(model) - 128 * 64
+
+
+def test_moe_active_and_total_counts(tiny_cfg):
+    # D=64; blocks 1..3 are MoE (first dense 1): router 64·8, top-2 of 8 experts + 1 shared of width 32
+    cfg = tiny_cfg(moe_experts=8, moe_top_k=2, moe_shared_experts=1, moe_intermediate_size=32, moe_first_dense=1)
+    dense = tiny_cfg()
+    dense_mlp, expert = 3 * 64 * 192, 3 * 64 * 32
+    active = matmul_parameters(dense) - 3 * dense_mlp + 3 * (64 * 8 + 3 * expert)
+    total = matmul_parameters(dense) - 3 * dense_mlp + 3 * (64 * 8 + 9 * expert)
+    assert matmul_parameters(cfg) == active and matmul_parameters(cfg, active=False) == total
+    model = HybridLM(cfg)
+    built = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    built += sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert built == total   # the analytic total matches the built model (router, shared, routed experts)
+    assert flops_per_token(cfg, 128) - flops_per_token(dense, 128) == 6 * (active - matmul_parameters(dense))
