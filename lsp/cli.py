@@ -257,7 +257,6 @@ def cmd_plan(args) -> int:
           f"{best.overrides()}")
     if cfg.model.moe_experts:   # the MoE figures at the config's ep and layout (lsp/plan/moe.py)
         from lsp.plan.moe import format_moe, moe_figures
-        from lsp.train.config import hybrid_config
         p, t = cfg.parallel, cfg.train
         figures = moe_figures(hybrid_config(cfg, kw["vocab_size"]), ep=p.ep, sp=p.sp, micro_batch=t.micro_batch,
                               grad_accum=t.grad_accum, seq_len=T, checkpointing=t.activation_checkpointing)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from lsp.models import load_run
+from lsp.train import load_run
 from lsp.run_config import ConfigError, load_config
 from lsp.train.trainer import Trainer
 
