@@ -23,9 +23,7 @@ Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b ·
 and the network across nodes. Memory per GPU:
 
     states      16 bytes/parameter (fp32 weight, gradient, AdamW m and v), sharded by the engine over all
-                n = dp·sp ranks (the engines average over the whole world): ddp: 16P + 4P of all-reduce buckets;
-                ZeRO-1: 8P + 8P/n; FSDP2 ZeRO-2: 2P (bf16 weights kept unsharded) + 16P/n; DeepSpeed ZeRO-2:
-                4P + 12P/n; ZeRO-3: 16P/n
+                n = dp·sp ranks: the engine class's `state_bytes_per_param` (lsp/engines.py, which tabulates them)
     activations what autograd keeps on rank 0, counted tensor by tensor (saved-tensor hooks on fake tensors, bf16
                 autocast, the chunked torch path of the linear layers) and written out in `saved_bytes`, per layer
                 (D hidden, F SwiGLU width, H heads of Dh, Hkv key heads, C chunk, r GLA's gate rank):
@@ -50,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+from lsp.engines import engine_spec
 from lsp.models.flops import LINEAR_CHUNK, flops_per_token, matmul_parameters
 from lsp.names import DELTA_VARIANTS, SCAN_BLOCKS, SP_METHODS
 from lsp.train.config import Config, ConfigError, hybrid_config
@@ -110,20 +109,6 @@ class Candidate:
                 f"train.activation_checkpointing={str(self.checkpointing).lower()}")
 
 
-def state_bytes_per_param(engine: str, zero: int, ranks: int) -> float:
-    """fp32 weight + gradient + AdamW (m, v) bytes per parameter on one GPU, after the engine's sharding over
-    `ranks` (the engines shard and average over all dp x sp ranks). DDP adds its gradient buckets (`ddp_buckets`);
-    FSDP2 shards the fp32 weights at every stage and, with ZeRO-2 (no reshard after forward), keeps the bf16
-    unsharded weights from forward to backward: 2 + 16/ranks."""
-    if engine == "ddp" or zero == 0:
-        return 16.0
-    if zero == 1:
-        return 8.0 + 8.0 / ranks
-    if zero == 2:
-        return 2.0 + 16.0 / ranks if engine == "fsdp" else 4.0 + 12.0 / ranks
-    return 16.0 / ranks
-
-
 def model_parameters(mcfg) -> int:
     """Every parameter of HybridLM: the matmul weights, the embedding (untied), RMSNorm weights (two per block,
     the final one, the linear layers' per-head output norm), the biases of the decay projections and the delta
@@ -134,11 +119,6 @@ def model_parameters(mcfg) -> int:
             "gated_deltanet": 3 * H + conv}[mcfg.linear_attn]      # + beta bias; gated: A_log, dt_bias
     small = 2 * D * len(types) + D + types.count("L") * (Dh + bias)
     return matmul_parameters(mcfg) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
-
-
-def ddp_buckets(engine: str, zero: int, ranks: int) -> float:
-    """Bytes per parameter of DDP's all-reduce buckets (fp32, allocated once, beside the gradients)."""
-    return 4.0 if ranks > 1 and (engine == "ddp" or zero == 0) else 0.0
 
 
 def _layer_weights(mcfg) -> dict:
@@ -359,8 +339,7 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
     for sp in sizes:
         dp = cluster.gpus // sp
         allreduce = 2 * (dp - 1) / dp * params * 2 / (cluster.dp_gbps * GB) if dp > 1 else 0.0
-        states = (state_bytes_per_param(p.engine, p.zero, cluster.gpus)
-                  + ddp_buckets(p.engine, p.zero, cluster.gpus)) * params
+        states = engine_spec(p.engine).state_bytes_per_param(p.zero, cluster.gpus) * params
         for b in micro_batches:
             if global_batch % (dp * b):
                 continue

@@ -18,6 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lsp.engines import engine_names, engine_spec
 from lsp.hybrid_config import HybridConfig, HybridConfigError
 from lsp.names import LAYOUTS, SP_METHODS
 
@@ -116,7 +117,7 @@ class ParallelConfig:
     scan_blocks: int = 4  # All-Scan pipeline blocks along K (sp_method=allscan)
     layout: str = "zigzag"
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
-    engine: str = "ddp"  # ddp | fsdp | deepspeed
+    engine: str = "ddp"  # a name of lsp.engines.engine_names(): ddp | fsdp | deepspeed
     zero: int = 0  # ZeRO stage 0-3 (ddp: 0; fsdp: 2 or 3; deepspeed: 0-3)
 
 
@@ -171,7 +172,7 @@ CHOICES = {
     "parallel.sp_method": SP_METHODS,
     "parallel.layout": LAYOUTS,
     "parallel.backend": ("auto", "gloo", "nccl"),
-    "parallel.engine": ("ddp", "fsdp", "deepspeed"),
+    "parallel.engine": engine_names(),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
 POSITIVE = ("data.seq_len", "data.mqar.num_kv_pairs", "data.mqar.num_queries", "data.mqar.num_keys",
@@ -306,12 +307,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
             _check_tokenizer_file(d.tokenizer)
     if (name := bad_signal(cfg.checkpoint.save_on_signals)) is not None:
         raise ConfigError("checkpoint.save_on_signals", f"{name!r} is not one of {', '.join(SIGNALS)}")
-    if p.engine == "ddp" and p.zero != 0:
-        raise ConfigError("parallel.zero", f"{p.zero} needs parallel.engine=fsdp or deepspeed (ddp is ZeRO-0)")
-    if p.engine == "fsdp" and p.zero not in (2, 3):
-        raise ConfigError("parallel.zero", f"{p.zero} with engine=fsdp; FSDP2 shards grads (2) or params too (3)")
-    if p.zero not in (0, 1, 2, 3):
-        raise ConfigError("parallel.zero", f"{p.zero} is not one of 0, 1, 2, 3")
+    if (problem := engine_spec(p.engine).zero_problem(p.zero)) is not None:
+        raise ConfigError("parallel.zero", problem)
     if world_size is not None:
         if world_size % p.sp:
             raise ConfigError("parallel.sp", f"{p.sp} does not divide the world size {world_size} "
