@@ -44,7 +44,7 @@ class EngineSpec:
     @classmethod
     def _other_stage(cls, zero: int) -> str:
         others = " or ".join(n for n, spec in ENGINES.items() if zero in spec.zero_stages)
-        return f"{zero} needs parallel.engine={others} ({cls.name} has ZeRO {cls.zero_stages})"
+        return f"{zero} needs parallel.engine={others} ({cls.name} has ZeRO {', '.join(map(str, cls.zero_stages))})"
 
     @classmethod
     def missing_package(cls) -> Optional[str]:

@@ -80,7 +80,7 @@ def test_engine_builds_the_class_named_in_the_config():
 
 def test_zero_stages_are_checked_by_the_engine_class():
     assert [engine_spec("fsdp").zero_problem(z) is None for z in range(4)] == [False, False, True, True]
-    assert engine_spec("ddp").zero_problem(2) == "2 needs parallel.engine=fsdp or deepspeed (ddp has ZeRO (0,))"
+    assert engine_spec("ddp").zero_problem(2) == "2 needs parallel.engine=fsdp or deepspeed (ddp has ZeRO 0)"
     assert engine_spec("deepspeed").zero_problem(5) == "5 is not one of 0, 1, 2, 3"
 
 
