@@ -4,6 +4,7 @@ name raises everywhere (config, spec, runtime); the planner's memory model of ea
 Reference for the formulas: the bytes-per-parameter table in lsp/engines.py's docstring, written out by hand below
 at n = 8 ranks. The "comes from the class" test patches one class's formula and sees exactly that change in the
 plan; patching every other engine's class is the control that must leave it unchanged."""
+import json
 import os
 
 import pytest
@@ -19,6 +20,7 @@ from lsp.train.dist import Mesh
 from lsp.train.engine import DDPEngine, Engine, TrainEngine, engine_class
 
 from .conftest import REPO, SMALL, TINY
+from .test_load_run import STEPS, train_tiny
 
 ONE_NODE = os.path.join(REPO, "configs", "hybrid-1.3b-128k.yaml")
 GB = 1e9
@@ -102,3 +104,23 @@ def test_planner_memory_model_comes_from_the_engine_class(monkeypatch, name, zer
     monkeypatch.setattr(engine_spec(name), "state_bytes_per_param", classmethod(lambda cls, z, n: BY_HAND[name, z] + 1))
     assert plan() == pytest.approx([m + params / GB for m in before], rel=1e-12)
     assert states() == before_states + params
+
+
+def logged(run_dir, key):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [row[key] for row in map(json.loads, f) if key in row]
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_trains_as_ddp(tmp_path):
+    """2 gloo ranks, dp = 2: DeepSpeed ZeRO-3 (weights, gradients and AdamW state partitioned; the head's loss in
+    its own module, see lsp/models/loss.py:LMHead) logs DDP's step losses and eval loss. Tolerance 1e-6 relative:
+    the same fp32 math, reduced in another order (reduce-scatter vs all-reduce; measured ~5e-8). Control: the same
+    comparison between consecutive steps fails, so the tolerance is far below what one step changes."""
+    pytest.importorskip("deepspeed")
+    ddp = train_tiny(tmp_path / "ddp", "parallel.sp=1", launch=2)
+    zero3 = train_tiny(tmp_path / "z3", "parallel.sp=1", "parallel.engine=deepspeed", "parallel.zero=3", launch=2)
+    losses, reference = logged(zero3, "loss"), logged(ddp, "loss")
+    assert len(losses) == STEPS and losses == pytest.approx(reference, rel=1e-6)
+    assert logged(zero3, "eval_loss") == pytest.approx(logged(ddp, "eval_loss"), rel=1e-6)
+    assert losses[1:] != pytest.approx(reference[:-1], rel=1e-6)   # control
