@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTEST_ARGS ?= -m "not slow and not gpu" -q
 
-.PHONY: install lint test test-slow test-gpu run bench clean
+.PHONY: install install-extras lint test test-slow test-gpu run bench clean
 
 $(BIN)/lsp:
 	$(PY) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(BIN)/lsp:
 	$(BIN)/pip install -q -e .[dev,accelerate]   # accelerate: tests/train/test_accelerate.py launches through it
 
 install: $(BIN)/lsp
+
+EXTRAS ?= dev,hf,deepspeed,datasets,tokenizers,eval
+install-extras: install   # the optional extras, so that their tests run instead of skipping (CI does this)
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 
 $(BIN)/ruff: | $(BIN)/lsp
 	$(BIN)/pip install -q "ruff>=0.6"

@@ -17,7 +17,6 @@ after saving its checkpoint exits 75 (run the same command again to resume).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -94,9 +93,9 @@ def launch_config(args):
     cfg = load_config(args.config, args.overrides)
     world = args.nproc_per_node * args.nnodes
     check_world(cfg, world)
-    if cfg.parallel.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("parallel.engine", "deepspeed is not installed (pip install 'lsp-hybrid[deepspeed]'), "
-                          "or use parallel.engine=ddp / fsdp")
+    from lsp.engines import engine_spec
+    if (missing := engine_spec(cfg.parallel.engine).missing_package()) is not None:
+        raise ConfigError("parallel.engine", missing)
     from lsp.train.dist import check_device
     check_device(cfg, world)
     if "OMP_NUM_THREADS" not in os.environ:   # torchrun would force 1; share the cores between the local ranks

@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lsp.engines import engine_names, engine_spec
 from lsp.hybrid_config import HybridConfig, HybridConfigError
 from lsp.names import LAYOUTS, SAVE_SIGNALS, SOFTMAX_SP_METHODS, SP_METHODS
 
@@ -116,7 +117,7 @@ class ParallelConfig:
     softmax_method: str = "allgather"  # softmax layers: allgather (LASP-2H) | ring (ring attention)
     layout: str = "zigzag"
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
-    engine: str = "ddp"  # ddp | fsdp | deepspeed
+    engine: str = "ddp"  # a name of lsp.engines.engine_names(): ddp | fsdp | deepspeed
     zero: int = 0  # ZeRO stage 0-3 (ddp: 0; fsdp: 2 or 3; deepspeed: 0-3)
     ep: int = 1  # expert parallelism: MoE experts split over groups of ep ranks of the dp x sp mesh (docs/moe.md)
 
@@ -173,7 +174,7 @@ CHOICES = {
     "parallel.softmax_method": SOFTMAX_SP_METHODS,
     "parallel.layout": LAYOUTS,
     "parallel.backend": ("auto", "gloo", "nccl"),
-    "parallel.engine": ("ddp", "fsdp", "deepspeed"),
+    "parallel.engine": engine_names(),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
 POSITIVE = ("data.seq_len", "data.mqar.num_kv_pairs", "data.mqar.num_queries", "data.mqar.num_keys",
@@ -357,12 +358,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
             raise ConfigError(key, problem)
     if (name := next((n for n in cfg.checkpoint.save_on_signals if n not in SAVE_SIGNALS), None)) is not None:
         raise ConfigError("checkpoint.save_on_signals", f"{name!r} is not one of {', '.join(SAVE_SIGNALS)}")
-    if p.engine == "ddp" and p.zero != 0:
-        raise ConfigError("parallel.zero", f"{p.zero} needs parallel.engine=fsdp or deepspeed (ddp is ZeRO-0)")
-    if p.engine == "fsdp" and p.zero not in (2, 3):
-        raise ConfigError("parallel.zero", f"{p.zero} with engine=fsdp; FSDP2 shards grads (2) or params too (3)")
-    if p.zero not in (0, 1, 2, 3):
-        raise ConfigError("parallel.zero", f"{p.zero} is not one of 0, 1, 2, 3")
+    if (problem := engine_spec(p.engine).zero_problem(p.zero)) is not None:
+        raise ConfigError("parallel.zero", problem)
     _check_ep(cfg)
     if world_size is not None:
         check_world(cfg, world_size)
@@ -390,8 +387,9 @@ def _check_ep(cfg: Config) -> None:
         raise ConfigError("parallel.ep", f"{p.ep} needs a mixture-of-experts model (model.moe_experts > 0)")
     if experts % p.ep:
         raise ConfigError("parallel.ep", f"{p.ep} does not divide model.moe_experts={experts}")
-    if p.engine != "ddp":
-        raise ConfigError("parallel.ep", f"{p.ep} needs parallel.engine=ddp (expert parallelism with "
+    if not engine_spec(p.engine).expert_parallel:
+        with_ep = ", ".join(n for n in engine_names() if engine_spec(n).expert_parallel)
+        raise ConfigError("parallel.ep", f"{p.ep} needs parallel.engine={with_ep} (expert parallelism with "
                           f"{p.engine} is not implemented)")
 
 

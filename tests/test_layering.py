@@ -1,6 +1,7 @@
 """The layering of lsp holds: no module imports a layer above its own (docs/architecture.md, "Layers").
 
-    names, kinds, hybrid_config, run_config  <-  ops  <-  parallel  <-  models  <-  train | plan  <-  cli, export
+    names, kinds, engines, hybrid_config,
+    run_config  <-  ops  <-  parallel  <-  models  <-  train | plan  <-  cli, export
 
 Every module under lsp/ is parsed (ast, nothing imported), every `import lsp...` / `from lsp... import` /
 relative import in it, lazy ones inside functions included, is resolved to its target module and the target's layer
@@ -18,8 +19,9 @@ import lsp
 
 ROOT = Path(lsp.__file__).parent
 # module prefix -> layer; the longest matching prefix decides
-LAYERS = {"lsp": 0, "lsp.names": 0, "lsp.kinds": 0, "lsp.hybrid_config": 0, "lsp.run_config": 0, "lsp.ops": 1,
-          "lsp.parallel": 2, "lsp.models": 3, "lsp.train": 4, "lsp.plan": 4, "lsp.cli": 5, "lsp.export": 5}
+LAYERS = {"lsp": 0, "lsp.names": 0, "lsp.kinds": 0, "lsp.engines": 0, "lsp.hybrid_config": 0, "lsp.run_config": 0,
+          "lsp.ops": 1, "lsp.parallel": 2, "lsp.models": 3, "lsp.train": 4, "lsp.plan": 4, "lsp.cli": 5,
+          "lsp.export": 5}
 SIDE_BY_SIDE = {("lsp.train", "lsp.plan"), ("lsp.plan", "lsp.train")}
 
 

@@ -15,6 +15,7 @@ memory is one [C, V] block plus dh, dW (the size of h and W). This is the "fused
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from lsp.names import IGNORE_INDEX
 
@@ -72,3 +73,28 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.T
     h2, y = h.reshape(-1, h.shape[-1]), labels.reshape(-1).long()
     loss_sum = _ChunkedLinearCrossEntropy.apply(h2, weight, y, chunk_size, ignore_index, torch.is_grad_enabled())
     return loss_sum, (y != ignore_index).sum()
+
+
+def head_output(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None = None, *, chunk_size: int):
+    """The output head on final hidden states: logits h @ weightᵀ [..., V] when labels is None, else the chunked
+    (loss_sum, count) of `chunked_cross_entropy`. h: [..., D]; weight: [V, D]; labels: [...] long or None."""
+    if labels is None:
+        return h @ weight.t()
+    return chunked_cross_entropy(h, weight, labels, chunk_size=chunk_size, ignore_index=IGNORE_INDEX)
+
+
+class LMHead(nn.Linear):
+    """The untied output projection (weight [vocab, D], no bias) that also computes the loss in its own forward.
+
+    Every use of the weight, logits and the fused cross-entropy alike, happens inside this module's forward and the
+    backward of what it returns, which is where an engine that gathers a module's sharded weights around its forward
+    and backward (DeepSpeed ZeRO-3) makes the weight whole. Used from the root module's forward, the weight stayed
+    partitioned when the cross-entropy's gradient reached it (a shape error in the first backward)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, chunk_size: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+        self.chunk_size = chunk_size
+
+    def forward(self, h, labels=None):
+        # h: [..., D]; labels: [...] long or None -> logits [..., vocab] or (loss_sum [], count [])
+        return head_output(h, self.weight, labels, chunk_size=self.chunk_size)

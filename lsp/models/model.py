@@ -14,7 +14,7 @@ from .cache import DecodeCache
 from .config import HybridConfig
 from .layers import RMSNorm, SoftmaxAttention, SwiGLU
 from .linear_kind import linear_layer
-from .loss import IGNORE_INDEX, chunked_cross_entropy
+from .loss import LMHead, head_output
 from .moe import MoE
 
 
@@ -90,7 +90,7 @@ class HybridLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.hidden_size, cfg.vocab_size, cfg.ce_chunk_size)
         self.reset_parameters()
 
     @property
@@ -150,6 +150,13 @@ class HybridLM(nn.Module):
             cache.seen += T
         return self.norm(x), aux_total
 
+    def head(self, h, labels=None):
+        """Logits [B, T, vocab], or with labels the chunked (loss_sum, count): in `lm_head`'s own forward when the
+        head is untied (see `LMHead`: ZeRO-3 gathers its weight there); tied, with the embedding's weight."""
+        if self.lm_head is not None:
+            return self.lm_head(h, labels)
+        return head_output(h, self.embed.weight, labels, chunk_size=self.cfg.ce_chunk_size)
+
     def generate(self, input_ids, max_new_tokens, **sampling) -> torch.Tensor:
         """input_ids [B, T] -> [B, T + max_new_tokens]: the prompt with its continuation (see `lsp.models.generate`;
         sampling: temperature=0 greedy, top_k, top_p, generator, eos_id)."""
@@ -159,14 +166,13 @@ class HybridLM(nn.Module):
     def forward(self, input_ids, labels=None, sp=None, cu_seqlens=None, return_logits=False,
                 cache=None) -> LMOutput:
         h, aux = self._run_blocks(input_ids, sp=sp, cu_seqlens=cu_seqlens, cache=cache)
-        logits = h @ self.head_weight.t() if labels is None or return_logits else None
+        logits = self.head(h) if labels is None or return_logits else None
         if labels is None:
             return LMOutput(logits=logits, loss=None, num_tokens=None, aux_loss=aux)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)} "
                              f"(aligned targets), got {tuple(labels.shape)}")
-        loss_sum, count = chunked_cross_entropy(h, self.head_weight, labels, chunk_size=self.cfg.ce_chunk_size,
-                                                ignore_index=IGNORE_INDEX)
+        loss_sum, count = self.head(h, labels)
         totals = torch.stack([loss_sum, count.to(loss_sum.dtype)])
         if sp is not None:
             # sum over ranks, identity backward: each rank's gradient is its own tokens' share of the global mean

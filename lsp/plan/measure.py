@@ -18,7 +18,8 @@ through lsp's comm layer over the `fake` backend (world size = the job's GPUs; c
 
 Engine sharding: DDP and FSDP2 do not run on fake CPU tensors (DDP's reducer reads storage, FSDP2's fully_shard
 fails), so the step runs on the unwrapped model and the parameter / gradient / optimizer categories are then sharded
-exactly as the engine shards them (`shard_states`), over all dp x sp ranks (the engines average over the whole world).
+exactly as the engine shards them (its class's `shard_states`, lsp/engines.py), over all dp x sp ranks (the engines
+average over the whole world).
 Differences from a real GPU allocation: no caching-allocator rounding or fragmentation, no CUDA context / NCCL
 buffers / kernel workspace (the planner's `reserve_gb`).
 """
@@ -27,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+
+from lsp.engines import engine_spec
 
 GB = 1e9
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries")
@@ -76,34 +79,6 @@ def fake_process_group(world: int):
         yield
     finally:
         dist.destroy_process_group()
-
-
-def shard_states(unsharded: dict, engine: str, zero: int, world: int) -> dict:
-    """Per-GPU bytes of (parameters, gradients, optimizer) after the engine's sharding over `world` ranks, from the
-    unsharded fp32 bytes the tracked step held. DDP keeps all-reduce buckets the size of the parameters;
-    FSDP2 keeps fp32 shards, and with ZeRO-2 (no reshard after forward) the bf16 unsharded parameters too."""
-    p, g, o = unsharded["parameters"], unsharded["gradients"], unsharded["optimizer"]
-    if world == 1:
-        return {"parameters": p, "gradients": g, "optimizer": o}
-    if engine == "ddp" or zero == 0:   # the buckets: fp32, the size of the parameters, allocated once
-        return {"parameters": p, "gradients": g + p, "optimizer": o}
-    if engine == "deepspeed" and zero in (1, 2):
-        return {"parameters": p, "gradients": g if zero == 1 else g / world, "optimizer": o / world}
-    kept_bf16 = p / 2 if zero == 2 else 0.0
-    return {"parameters": p / world + kept_bf16, "gradients": g / world, "optimizer": o / world}
-
-
-def dp_reduction_bytes(param_bytes: float, engine: str, zero: int, world: int, bf16: bool) -> float:
-    """Bytes rank 0 receives per step reducing gradients over the world: ring all-reduce 2(W-1)/W of the fp32
-    gradients (DDP, ZeRO-0/1); FSDP2 / ZeRO-2/3: reduce-scatter (W-1)/W of them plus the all-gathers of the
-    parameters (bf16 under mixed precision) before forward and, resharded (ZeRO-3), again before backward."""
-    W = world
-    if W == 1:
-        return 0.0
-    if engine == "ddp" or zero < 2:
-        return 2 * (W - 1) / W * param_bytes
-    gathers = 2 if zero == 3 else 1
-    return (W - 1) / W * param_bytes * (1 + gathers * (0.5 if bf16 else 1.0))
 
 
 def _flop_formulas() -> dict:
@@ -230,20 +205,21 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
     from lsp.parallel.comm import record
 
     p = cfg.parallel
+    engine = engine_spec(p.engine)
     bf16 = cfg.train.precision != "fp32"    # auto = bf16 autocast on the GPU
     start = time.perf_counter()
     with fake_process_group(gpus), FakeTensorMode(), gpu_code_paths():
         # memory and bytes: one step under MemTracker
         model, optimizer, sp, ids, labels = build_step(cfg, mcfg, gpus)
         _init_optimizer_state(model, optimizer)
-        tracker = _peak_tracker(lambda c: sum({**c, **shard_states(c, p.engine, p.zero, gpus)}.values()))
+        tracker = _peak_tracker(lambda c: sum({**c, **engine.shard_states(c, p.zero, gpus)}.values()))
         tracker.track_external(model, optimizer)
         reset_comm_stats()
         with tracker:
             train_step(cfg, model, optimizer, sp, ids, labels, bf16)
         measured = _peak_categories(tracker)
         param_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
-        record("all_reduce", "dp", 0, 0, dp_reduction_bytes(param_bytes, p.engine, p.zero, gpus, bf16))
+        record("all_reduce", "dp", 0, 0, engine.dp_reduction_bytes(param_bytes, p.zero, gpus, bf16))
         comm = _comm_by_kind(comm_stats())
         # FLOPs: another step on a fresh model; FlopCounterMode's module hooks keep the recomputed activations of
         # checkpointed blocks alive until the end of backward, so it must not run beside MemTracker
@@ -251,7 +227,7 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
         flops = FlopCounterMode(display=False, custom_mapping=_flop_formulas())
         with flops:
             train_step(cfg, model, optimizer, sp, ids, labels, bf16)
-    measured.update(shard_states(measured, p.engine, p.zero, gpus))
+    measured.update(engine.shard_states(measured, p.zero, gpus))
     notes = [(f"GLA-family linear attention measured on the {measured_linear_backend()} path (the Triton kernels as "
               "torch custom ops, lsp/ops/linear/custom_ops.py; delta-rule layers: chunked torch, no kernel yet)"),
              f"engine {p.engine} (zero={p.zero}) sharding applied to the tracked parameter list over {gpus} ranks"]
@@ -268,18 +244,16 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     from .planner import (
         activation_bytes,
         counted_flops,
-        ddp_buckets,
         linear_exchange,
         model_parameters,
-        state_bytes_per_param,
     )
 
     p, t = cfg.parallel, cfg.train
     T, b, sp = cfg.data.seq_len, t.micro_batch, p.sp
     local = b * T // sp
     params = model_parameters(mcfg)
-    per_param = state_bytes_per_param(p.engine, p.zero, gpus) + ddp_buckets(p.engine, p.zero, gpus)
-    memory = {"states": per_param * params,
+    engine = engine_spec(p.engine)
+    memory = {"states": engine.state_bytes_per_param(p.zero, gpus) * params,
               "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout,
                                                   p.softmax_method)}
     flops = counted_flops(mcfg, T, local, b, t.activation_checkpointing, p.layout)
@@ -294,7 +268,7 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     softmax = softmax_exchange_cost(p.softmax_method, sp, kv, 0.0, 0.0, Hardware(act_bytes=act_bytes)).bytes
     comm = {"sp_exchange": 2 * types.count("L") * per_pass,
             "kv_gather": types.count("S") * (softmax + t.activation_checkpointing * (sp - 1) * kv),
-            "dp_reduction": dp_reduction_bytes(4 * params, p.engine, p.zero, gpus, t.precision != "fp32")}
+            "dp_reduction": engine.dp_reduction_bytes(4 * params, p.zero, gpus, t.precision != "fp32")}
     return Measurement(memory, int(flops), comm, "model", 0.0)
 
 

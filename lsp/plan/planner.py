@@ -29,9 +29,7 @@ Step time of one optimizer step, per GPU (T = seq_len, b = micro_batch, t = b ·
 and the network across nodes. Memory per GPU:
 
     states      16 bytes/parameter (fp32 weight, gradient, AdamW m and v), sharded by the engine over all
-                n = dp·sp ranks (the engines average over the whole world): ddp: 16P + 4P of all-reduce buckets;
-                ZeRO-1: 8P + 8P/n; FSDP2 ZeRO-2: 2P (bf16 weights kept unsharded) + 16P/n; DeepSpeed ZeRO-2:
-                4P + 12P/n; ZeRO-3: 16P/n
+                n = dp·sp ranks: the engine class's `state_bytes_per_param` (lsp/engines.py, which tabulates them)
     activations what autograd keeps on rank 0, counted tensor by tensor (saved-tensor hooks on fake tensors, bf16
                 autocast, the chunked torch path of the linear layers) and written out in `saved_bytes`, per layer
                 (D hidden, F SwiGLU width, H heads of Dh, Hkv key heads, C chunk, r GLA's gate rank; a linear
@@ -58,6 +56,7 @@ from dataclasses import dataclass
 from itertools import product
 from typing import Callable, List, Optional
 
+from lsp.engines import engine_spec
 from lsp.models import layer_kind
 from lsp.models.flops import expert_parameters, flops_per_token, matmul_parameters
 from lsp.names import CHUNK_SIZE as LINEAR_CHUNK
@@ -123,20 +122,6 @@ class Candidate:
                 f"train.activation_checkpointing={str(self.checkpointing).lower()}")
 
 
-def state_bytes_per_param(engine: str, zero: int, ranks: int) -> float:
-    """fp32 weight + gradient + AdamW (m, v) bytes per parameter on one GPU, after the engine's sharding over
-    `ranks` (the engines shard and average over all dp x sp ranks). DDP adds its gradient buckets (`ddp_buckets`);
-    FSDP2 shards the fp32 weights at every stage and, with ZeRO-2 (no reshard after forward), keeps the bf16
-    unsharded weights from forward to backward: 2 + 16/ranks."""
-    if engine == "ddp" or zero == 0:
-        return 16.0
-    if zero == 1:
-        return 8.0 + 8.0 / ranks
-    if zero == 2:
-        return 2.0 + 16.0 / ranks if engine == "fsdp" else 4.0 + 12.0 / ranks
-    return 16.0 / ranks
-
-
 def model_parameters(mcfg) -> int:
     """Every parameter of HybridLM: the matmul weights, the embedding (untied), RMSNorm weights (two per block,
     the final one) and each linear layer's other parameters (its kind's `other_parameters`: output norm, biases,
@@ -145,11 +130,6 @@ def model_parameters(mcfg) -> int:
     small = 2 * D * len(types) + D + types.count("L") * layer_kind(mcfg.linear_attn).other_parameters(mcfg)
     # every MoE expert (active=False): memory holds all of them, a token uses top-k
     return matmul_parameters(mcfg, active=False) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
-
-
-def ddp_buckets(engine: str, zero: int, ranks: int) -> float:
-    """Bytes per parameter of DDP's all-reduce buckets (fp32, allocated once, beside the gradients)."""
-    return 4.0 if ranks > 1 and (engine == "ddp" or zero == 0) else 0.0
 
 
 def _layer_weights(mcfg) -> dict:
@@ -423,6 +403,7 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
     params = model_parameters(mcfg)
     experts = expert_parameters(mcfg)             # split over parallel.ep ranks, reduced apart from DDP (docs/moe.md)
     per_gpu = params - experts + experts / p.ep
+    engine = engine_spec(p.engine)
     sizes = sp_choices or sp_sizes(cluster.gpus, T, p.layout)
     micro_batches = [1] if cfg.data.kind != "mqar" else [1, 2, 4, 8, 16, 32, 64]
     # the softmax layers' method matters only with softmax layers; LASP-2H first, so an equal step keeps it
@@ -431,8 +412,9 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
     for sp in sizes:
         dp = cluster.gpus // sp
         allreduce = 2 * (dp - 1) / dp * per_gpu * 2 / (cluster.dp_gbps * GB) if dp > 1 else 0.0
-        states = (state_bytes_per_param(p.engine, p.zero, cluster.gpus) * per_gpu
-                  + ddp_buckets(p.engine, p.zero, cluster.gpus) * (params - experts))
+        # expert parameters are reduced apart from DDP's buckets (docs/moe.md)
+        states = (engine.state_bytes_per_param(p.zero, cluster.gpus) * per_gpu
+                  - engine.bucket_bytes_per_param(p.zero, cluster.gpus) * experts / p.ep)
         for b in micro_batches:
             if global_batch % (dp * b):
                 continue

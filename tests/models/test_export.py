@@ -5,6 +5,7 @@ bitwise; a model with one weight perturbed is the negative control. The transfor
 (`lsp-hybrid[hf]`).
 """
 import json
+import logging
 import os
 
 import pytest
@@ -31,6 +32,20 @@ def make_model(kind="gla", pattern="LS", tie=False, vocab=300):
 
 def load_hf(out_dir):
     return transformers.AutoModelForCausalLM.from_pretrained(str(out_dir), trust_remote_code=True).eval()
+
+
+def logged_by_transformers(fn):
+    """(fn(), the messages transformers logged meanwhile); warning_once's memory is cleared first, so a warning an
+    earlier test already triggered is seen again."""
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    transformers.utils.logging.warning_once.cache_clear()
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    try:
+        return fn(), [r.getMessage() for r in records]
+    finally:
+        root.removeHandler(handler)
 
 
 @torch.no_grad()
@@ -60,10 +75,11 @@ def test_hf_generate_equals_lsp_and_decodes_one_token_per_step(tmp_path, kind):
     fed = []
     hook = hf.model.register_forward_pre_hook(lambda mod, args, kwargs: fed.append(args[0].shape[1]),
                                               with_kwargs=True)
-    out = hf.generate(prompt, max_new_tokens=6, do_sample=False)
+    out, logged = logged_by_transformers(lambda: hf.generate(prompt, max_new_tokens=6, do_sample=False))
     hook.remove()
     assert torch.equal(out, model.generate(prompt, 6))
     assert fed == [7, 1, 1, 1, 1, 1]   # prefill once, then the cached state: no prefix is recomputed
+    assert not [m for m in logged if "deprecated" in m], logged   # the cache goes by the installed version's name
 
 
 @needs_hf

@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from lsp.plan.planner import Cluster, _layer_weights, activation_bytes, plan_cluster, recommend, state_bytes_per_param
+from lsp.engines import engine_spec
+from lsp.plan.planner import Cluster, _layer_weights, activation_bytes, plan_cluster, recommend
 from lsp.run_config import ConfigError, hybrid_config, load_config
 
 from .conftest import REPO
@@ -59,7 +60,8 @@ def test_activation_model_counts_the_gathered_kv_of_softmax_layers():
     assert a8 - a16 == pytest.approx((a8 - fixed) / 2)             # the local part halves, the rest does not
     assert a8 - a16 != pytest.approx((a8 - fixed + kv) / 2)         # negative control: K|V counted per local token
     assert activation_bytes(m, T, T // 8, 1, True) < a8 / 4        # checkpointing keeps block inputs + one block
-    assert state_bytes_per_param("fsdp", 3, 8) == 2.0 and state_bytes_per_param("ddp", 0, 8) == 16.0
+    assert engine_spec("fsdp").state_bytes_per_param(3, 8) == 2.0
+    assert engine_spec("ddp").state_bytes_per_param(0, 8) == 16.0 + 4.0   # + the all-reduce buckets
 
 
 def test_allscan_wins_at_scale_and_nothing_fits_is_one_line():

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from lsp.cli import main as lsp_main
 from lsp.run_config import Config, ConfigError, load_config, validate
 
 from .conftest import REPO, TINY, run_lsp
@@ -203,15 +204,12 @@ def test_good_config_is_accepted_control():
     load_config(TINY, ["train.steps=1"])
 
 
-def test_missing_deepspeed_is_one_line():
-    try:
-        import deepspeed  # noqa: F401
-        pytest.skip("deepspeed is installed")
-    except ImportError:
-        pass
-    proc = run_lsp("train", TINY, "parallel.engine=deepspeed", "parallel.sp=1", "logging.wandb=false", timeout=120)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert proc.stderr.startswith("config error: parallel.engine: deepspeed is not installed")
+def test_missing_deepspeed_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "deepspeed", None)   # absent here whether or not it is installed
+    assert lsp_main(["train", TINY, "parallel.engine=deepspeed", "parallel.sp=1", "logging.wandb=false"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("config error: parallel.engine: deepspeed is not installed")
 
 
 @pytest.mark.parametrize("argv", [["eval", "/nonexistent"], ["train", TINY, "trian.steps=1"],

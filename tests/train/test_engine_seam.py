@@ -16,7 +16,7 @@ import lsp.train.trainer as trainer_module
 from lsp.run_config import load_config
 from lsp.train.checkpoint import load_checkpoint, save_checkpoint
 from lsp.train.data import DataLoader
-from lsp.train.engine import Engine
+from lsp.train.engine import Engine, TrainEngine
 
 from .conftest import SMALL, TINY
 
@@ -109,6 +109,7 @@ def by_hand(model, cfg, steps):
 def test_fourth_engine_trains_through_the_unchanged_trainer(engine, matches, monkeypatch, tmp_path):
     trainer = trainer_with(engine, monkeypatch, config(tmp_path, "sgd"))
     assert type(trainer.engine) is engine and not isinstance(trainer.engine, Engine)   # not the production one
+    assert isinstance(trainer.engine, TrainEngine)   # what it implements is the protocol the trainer states
     start = copy.deepcopy(trainer.model)
     losses = trainer.fit()["losses"]
     assert len(losses) == STEPS

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from lsp.train import load_run
 from lsp.run_config import ConfigError, load_config
+from lsp.train import load_run
 from lsp.train.trainer import Trainer
 
 from .conftest import REPO, run_lsp

@@ -5,8 +5,11 @@
     model.generate(input_ids, max_new_tokens=N)  # recurrent decoding through lsp's per-layer caches
 
 The weights are lsp's own parameter names under the prefix `model.`; the config keeps lsp's `HybridConfig` as the
-dict `lsp`. Decoding state is lsp's `DecodeCache` (linear states + KV caches), carried as `past_key_values`;
-unpadded prompts only (an attention_mask with zeros is refused), greedy or sampled decoding (no beam search).
+dict `lsp`. Decoding state is lsp's `DecodeCache` (linear states + KV caches), made in forward (transformers' route for
+a model that keeps its own recurrent state: no `Cache` is built for it) and carried under the name the installed
+transformers uses, `CACHE_NAME`: `cache` in current 5.x, `past_key_values` before (under 5.25 the old name was never
+passed back in, so every step re-fed the whole prefix, and it warned). Unpadded prompts only (an attention_mask with
+zeros is refused), greedy or sampled decoding (no beam search).
 `labels` follow the transformers convention (the model shifts them).
 """
 from __future__ import annotations
@@ -17,6 +20,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lsp.models import HybridConfig, HybridLM, LinearKind
 from lsp.models.loss import IGNORE_INDEX
+
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class LspHybridConfig(PretrainedConfig):
@@ -65,23 +70,24 @@ class LspHybridForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.model.embed
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, labels=None, use_cache=None,
-                **kwargs) -> CausalLMOutputWithPast:
-        # input_ids: [B, T] (the tokens after past_key_values.seen when a cache is given) -> logits [B, T, vocab]
+    def forward(self, input_ids=None, attention_mask=None, cache=None, labels=None, use_cache=None,
+                past_key_values=None, **kwargs) -> CausalLMOutputWithPast:
+        # input_ids: [B, T] (the tokens after cache.seen when a cache is given) -> logits [B, T, vocab]
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("attention_mask: padded batches are not supported; pass prompts of equal length")
-        cache = past_key_values
+        cache = cache if cache is not None else past_key_values   # either name, whichever transformers passes
         if cache is None and use_cache:
             cache = self.model.new_cache()
         aligned = None
         if labels is not None:   # transformers labels are the inputs; lsp's are the next tokens, aligned
             aligned = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
         out = self.model(input_ids, labels=aligned, return_logits=True, cache=cache)
-        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, past_key_values=cache)
+        return CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{CACHE_NAME: cache})
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
+                                      **kwargs):
         # feed only the tokens the cache has not consumed: the whole prompt first, then one token per step
-        if past_key_values is not None:
-            input_ids = input_ids[:, past_key_values.seen:]
-        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
-                "use_cache": True}
+        cache = cache if cache is not None else past_key_values
+        if cache is not None:
+            input_ids = input_ids[:, cache.seen:]
+        return {"input_ids": input_ids, CACHE_NAME: cache, "attention_mask": attention_mask, "use_cache": True}
