@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lsp.export import export_model  # noqa: E402
 from lsp.models import HybridLM  # noqa: E402
 from lsp.run_config import hybrid_config, load_config  # noqa: E402
-from lsp.train.data import ByteTokenizer  # noqa: E402
+from lsp.train.tokenizer import ByteTokenizer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml"
 
