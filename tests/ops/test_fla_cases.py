@@ -225,11 +225,12 @@ def test_gdn_chunk_varlen(H, D, cu, scale, mask_p):
 
 
 def test_negative_control_key_decay_averaged_fails_fla_tolerance(monkeypatch):
-    """fla's ratios are loose (5e-3); a chunk scan that decays the state by the mean of the key channels' decays
-    still fails them, so the cases above can catch a wrong per-key gate."""
+    """fla's ratios are loose (5e-3); pair products that decay by the mean of the key channels' log-decays (a gate
+    per head in place of the per-key one) still fail them, so the cases above can catch a wrong per-key gate."""
     from lsp.ops.delta import chunk as chunk_mod
 
-    monkeypatch.setattr(chunk_mod, "_as_state_factor",
-                        lambda d: d[..., None, None] if d.dim() == 3 else d.mean(-1, keepdim=True)[..., None])
+    exact = chunk_mod.pair_products
+    monkeypatch.setattr(chunk_mod, "pair_products", lambda x, y, G, strict: exact(
+        x, y, None if G is None else G.mean(-1, keepdim=True), strict))
     with pytest.raises(AssertionError):
         test_kda_chunk(*_cut(KDA_CHUNK[1]))
