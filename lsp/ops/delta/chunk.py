@@ -82,7 +82,7 @@ def pair_products(x: torch.Tensor, y: torch.Tensor, G: torch.Tensor | None, stri
     be pulled out of the dot product, and exp(G_i) · exp(-G_j) overflows fp32 once a chunk decays past e^-88, so
     the pairs go through sub-blocks of `SUB_CHUNK` tokens: a pair (i in block a, j before block a) factors through
     the log-decay R_a reached just before block a, exp(G_i - R_a) · exp(R_a - G_j), both exponents <= 0; a pair inside
-    one block takes exp(G_i - G_j) per channel ([.., C, SUB_CHUNK, K] of memory, not [.., C, C, K]).
+    one block takes exp(G_i - G_j) per channel, one lag i - j at a time (never a [.., C, C, K] tensor).
     """
     C = x.shape[-2]
     if G is None or G.shape[-1] == 1:
@@ -95,12 +95,20 @@ def pair_products(x: torch.Tensor, y: torch.Tensor, G: torch.Tensor | None, stri
     y_out = y[..., None, :, :] * (ref - G[..., None, :, :]).clamp(max=0).exp()  # [.., n, C, K] (exact for j < a·c)
     earlier = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)      # block b before block a
     across = (x_in @ y_out.transpose(-1, -2)).reshape(*lead, n, c, n, c) * earlier[:, None, :, None]
-    mask = torch.ones(c, c, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
-    diff = torch.where(mask[..., None], Gb[..., :, None, :] - Gb[..., None, :, :], float("-inf"))  # [.., n, c, c, K]
-    inside = torch.einsum("...id,...jd,...ijd->...ij", x.reshape(*lead, n, c, K), y.reshape(*lead, n, c, K),
-                          diff.exp())                                         # [.., n, c, c]
+    inside = _pairs_inside_blocks(x.reshape(*lead, n, c, K), y.reshape(*lead, n, c, K), Gb, strict)
     same = torch.eye(n, dtype=x.dtype, device=x.device)[:, None, :, None]    # [n, 1, n, 1]
     return (across + inside[..., :, :, None, :] * same).reshape(*lead, C, C)
+
+
+def _pairs_inside_blocks(x, y, G, strict: bool) -> torch.Tensor:
+    # x, y, G: [.., n, c, K] -> [.., n, c, c]: the pairs of `pair_products` inside each sub-block, one lag (i - j) at
+    # a time, so that no [c, c, K] tensor (nor a masked exp of a positive exponent) is ever formed
+    c = x.shape[-2]
+    out = x.new_zeros(*x.shape[:-1], c)
+    for lag in range(1 if strict else 0, c):
+        near = (x[..., lag:, :] * y[..., : c - lag, :] * (G[..., lag:, :] - G[..., : c - lag, :]).exp()).sum(-1)
+        out = out + torch.diag_embed(near, offset=-lag)                       # pairs (j + lag, j)
+    return out
 
 
 def prepare_chunks(k, v, beta, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE,
