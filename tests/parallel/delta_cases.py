@@ -70,8 +70,9 @@ def run_sp_delta(c, sp: SPContext, method: str, scan_blocks: int = 3, frozen=(),
 
 
 def gloo_delta(rank, world_size):
-    """On real ranks: every method x layout x (gated, packed) case's worst error, the conv halo's, the allgather
-    byte counts, and `gloo_frozen`'s errors."""
+    """On real ranks: every method x layout x (gated, packed) case's worst error, a KDA case's (a gate per key,
+    grouped value heads, packed; against the naive recurrence), the conv halo's, the allgather byte counts, and
+    `gloo_frozen`'s errors."""
     errors = {}
     for layout in ("contiguous", "zigzag"):
         for gated, varlen in ((False, False), (True, True), (True, False)):
@@ -80,6 +81,12 @@ def gloo_delta(rank, world_size):
             for method in DELTA_METHODS:
                 errors[(layout, gated, varlen, method)] = max(
                     max_rel_err(run_sp_delta(case, SPContext(layout=layout), method), ref).values())
+    kda = make_delta_case(world_size, True, True, per_key=True, groups=2)   # a gate per key, HV = 2·H, packed
+    kda_ref = delta_reference(kda, backend="naive")
+    for layout in ("contiguous", "zigzag"):
+        for method in DELTA_METHODS:
+            errors[("kda", layout, method)] = max(
+                max_rel_err(run_sp_delta(kda, SPContext(layout=layout), method), kda_ref).values())
     for layout in ("contiguous", "zigzag"):
         c = conv_case(world_size, True)
         err = max_rel_err(run_sp_conv(c, SPContext(layout=layout)), conv_reference(c))
