@@ -1,7 +1,8 @@
 r"""`sp_delta_rule`: exact sequence-parallel (gated) delta rule.
 
-The delta rule's state map over a segment is affine, S ↦ M S + S_loc, with M = Π exp(g_t)(I − β_t k_t k_tᵀ)
-(K × K) and S_loc the state the segment reaches from a zero entering state. Every rank
+The delta rule's state map over a segment is affine, S ↦ M S + S_loc, with M = Π (I − β_t k_t k_tᵀ) Diag(exp g_t)
+(K × K; a gate per head or per key channel, KDA, only changes the local pass) and S_loc the state the segment
+reaches from a zero entering state. Every rank
 
     1. chunks its held segments once (UT transform, `prepare_chunks`) and composes their maps [M_i | S_i]
        (`sequence_maps`: the chunk scan on the augmented state [I | init]),
@@ -38,6 +39,7 @@ from lsp.ops.delta import (
     delta_rule,
     enter_sequences,
     prepare_chunks,
+    repeat_heads,
     sequence_maps,
     short_conv,
 )
@@ -62,39 +64,42 @@ def sp_delta_rule(q, k, v, beta, g=None, *, sp, method=None, scale=None, initial
                   output_final_state=False, cu_seqlens=None, backend="auto", scan_blocks=None):
     r"""Sequence-parallel (gated) delta rule; equals `lsp.ops.delta_rule` on the gathered sequence.
 
-    Recurrence (per batch row / document and head): S_t = exp(g_t)(I − β_t k_tᵀ k_t) S_{t−1} + β_t k_tᵀ v_t,
-    o_t = scale · q_t S_t.
+    Recurrence (per batch row / document and value head): S_t = (I − β_t k_t k_tᵀ) Diag(exp g_t) S_{t−1}
+    + β_t k_t v_tᵀ, o_t = scale · q_t S_t; value head j reads q/k head j // G.
 
     Args:
-        q, k: [R·B, T_local, H, K]; v: [R·B, T_local, H, V]; beta, g: [R·B, T_local, H] (g or None): local shards
+        q, k: [R·B, T_local, H, K]; v: [R·B, T_local, HV, V] (HV = G·H); beta: [R·B, T_local, HV]; g: None,
+            [R·B, T_local, HV] (a gate per head) or [R·B, T_local, HV, K] (per key channel, KDA): local shards
             from `sp.shard` (R = W emulated, 1 real).
         sp: the SPContext. method: None (the context's) or a registered SP method (`lsp.parallel.sp_methods()`);
             All-Scan cuts the state into `scan_blocks` blocks along V.
-        initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens) on every rank; its gradient lands on the rank
+        initial_state: [B, HV, K, V] ([N, HV, K, V] with cu_seqlens) on every rank; its gradient lands on the rank
             holding the first token of each sequence.
-        output_final_state: the state after the last token of every sequence, on every rank ([B or N, H, K, V];
-            emulated [R·(B or N), H, K, V]). Use it in the loss on every rank or on none (its backward is a
+        output_final_state: the state after the last token of every sequence, on every rank ([B or N, HV, K, V];
+            emulated [R·(B or N), HV, K, V]). Use it in the loss on every rank or on none (its backward is a
             collective).
         cu_seqlens: GLOBAL int32 [N + 1] boundaries of packed documents (B == 1).
-        backend: "auto" / "torch" (the chunked path) or "triton" (its chunk scan in Triton); not "naive".
+        backend: "auto" / "torch" (the chunked path) or "triton" (its chunk scan in Triton: g None or one gate per
+            head); not "naive".
 
     Returns:
-        o_local [R·B, T_local, H, V] in q's dtype, final_state or None.
+        o_local [R·B, T_local, HV, V] in q's dtype, final_state or None.
     """
     if not isinstance(sp, SPContext):
         raise ValueError(f"sp must be an lsp.parallel.SPContext, got {type(sp).__name__}")
     method = sp.method if method is None else method
     scan_blocks = sp.scan_blocks if scan_blocks is None else scan_blocks
+    groups = check_delta_inputs(q, k, v, beta, g, None, None)
     if resolve_delta_backend(backend, q.device) == "naive":
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton' under sequence parallelism, got {backend!r}")
-    check_delta_inputs(q, k, v, beta, g, None, None)
     R, L = sp.rows, sp.segments_per_rank
-    s = Shape(R, L, q.shape[0] // R, sp.segment_length(q.shape[1]), q.shape[2], q.shape[3], v.shape[-1])
+    s = Shape(R, L, q.shape[0] // R, sp.segment_length(q.shape[1]), v.shape[2], q.shape[3], v.shape[-1])
     _check(q, sp, method, initial_state, cu_seqlens, s)
     scale = s.K ** -0.5 if scale is None else scale
     if sp.world_size == 1:  # both layouts hold the whole sequence in order: the op itself, no map to compose
         return delta_rule(q, k, v, beta, g, scale=scale, initial_state=initial_state,
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens, backend=backend)
+    q, k = repeat_heads(q, groups), repeat_heads(k, groups)  # value head j reads q/k head j // G
     with torch.autocast(device_type=q.device.type, enabled=False):
         backend = resolve_delta_backend(backend, q.device, kernel_case("delta_rule", k, v, g))
         o, final = _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_state, cu_seqlens,

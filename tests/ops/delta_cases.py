@@ -10,15 +10,18 @@ NAMES = ("q", "k", "v", "beta", "g", "initial_state")
 
 
 def make_delta_inputs(gated=True, B=2, T=45, H=2, K=8, V=6, dtype=torch.float64, seed=0, init=True, n_seq=None,
-                      strength=1.0, requires_grad=True):
+                      strength=1.0, requires_grad=True, per_key=False, groups=1):
     """dict of q, k, v, beta, g (None when not gated) and initial_state (n_seq rows when given, else B; None when
-    not init)."""
+    not init). g is one log-decay per head, or per key channel with `per_key` (KDA); with `groups` G, q and k have
+    H heads and v, beta, g and the state HV = G·H (grouped value heads)."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
-    x = {"q": rnd(B, T, H, K), "k": F.normalize(rnd(B, T, H, K), dim=-1), "v": rnd(B, T, H, V),
-         "beta": 2 * torch.sigmoid(rnd(B, T, H)),
-         "g": strength * F.logsigmoid(rnd(B, T, H) + 2.0) if gated else None,
-         "initial_state": rnd(n_seq or B, H, K, V) if init else None}
+    HV = H * groups
+    gate_shape = (B, T, HV, K) if per_key else (B, T, HV)
+    x = {"q": rnd(B, T, H, K), "k": F.normalize(rnd(B, T, H, K), dim=-1), "v": rnd(B, T, HV, V),
+         "beta": 2 * torch.sigmoid(rnd(B, T, HV)),
+         "g": strength * F.logsigmoid(rnd(*gate_shape) + 2.0) if gated else None,
+         "initial_state": rnd(n_seq or B, HV, K, V) if init else None}
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x = {n: None if t is None else t.to(acc if n == "initial_state" else dtype) for n, t in x.items()}
     for t in x.values():

@@ -132,7 +132,9 @@ def test_bf16_inputs():
 
 @pytest.mark.parametrize("bad,match", [
     ({"beta": torch.zeros(2, 45, 3)}, "beta must be"),
-    ({"g": torch.zeros(2, 45, 2, 8)}, "g \\(log-decay\\) must be None or \\[B, T, H\\]"),
+    ({"g": torch.zeros(2, 45, 2, 5)}, r"g \(log-decay\) must be None, \[B, T, HV\]=\[2, 45, 2\] or \[B, T, HV, K\]"),
+    ({"v": torch.zeros(2, 45, 3, 6)}, r"v's heads HV=3 must be a multiple G·H of the H=2 heads of q and k"),
+    ({"beta": torch.zeros(2, 45, 2, 1)}, r"beta must be a floating tensor \[B, T, HV\]"),
     ({"g": torch.zeros(2)}, "g \\(log-decay\\)"),
     ({"initial_state": torch.zeros(2, 2, 8, 5)}, "initial_state must have shape"),
 ])

@@ -51,6 +51,14 @@ def test_triton_matches_naive(gated, init, varlen, dtype):
     assert_close({n: t.cpu() for n, t in res.items()}, ref, TOL[dtype], f"gated={gated} varlen={varlen}")
 
 
+def test_grouped_value_heads():
+    """HV = 2·H value heads on the kernels (q and k repeated per value head before them); gradients of q and k
+    summed over each group."""
+    x = make_delta_inputs(True, B=1, T=40, H=1, K=16, V=16, groups=2)
+    res = run_delta_with_grads(delta_rule, _on_device(x), backend="triton")
+    assert_close({n: t.cpu() for n, t in res.items()}, _ref(x), TOL[torch.float64], "grouped value heads")
+
+
 def test_negative_control_kernel_ignoring_decay_is_caught(monkeypatch):
     x = make_delta_inputs(True, T=130, K=16, V=16)
     ref = _ref(x)

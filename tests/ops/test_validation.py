@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lsp.ops import linear_attention, softmax_attention
+from lsp.ops import delta_rule, linear_attention, softmax_attention
 
 q = torch.randn(2, 8, 2, 4)
 v = torch.randn(2, 8, 2, 3)
@@ -53,3 +53,26 @@ def test_softmax_attention_errors():
     with pytest.raises(ValueError, match="cu_seqlens requires B == 1"):
         softmax_attention(torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8),
                           cu_seqlens=torch.tensor([0, 4], dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(v=torch.randn(2, 8, 3, 3)), r"v's heads HV=3 must be a multiple G·H of the H=2 heads of q and k "
+                                          r"\(grouped value heads\): q \(2, 8, 2, 4\), v \(2, 8, 3, 3\)"),
+        (dict(g=torch.randn(2, 8, 2)), r"g \(log-decay\) must be None, \[B, T, HV\]=\[2, 8, 4\] or "
+                                       r"\[B, T, HV, K\]=\[2, 8, 4, 4\] for the delta rule, got \(2, 8, 2\)"),
+        (dict(g=torch.randn(2, 8, 4, 3)), r"g \(log-decay\) must be None, .* got \(2, 8, 4, 3\)"),
+        (dict(g=torch.randn(4)), r"g \(log-decay\) must be None, .* got \(4,\)"),
+        (dict(beta=torch.rand(2, 8, 2)), r"beta must be a floating tensor \[B, T, HV\]=\[2, 8, 4\]"),
+        (dict(initial_state=torch.randn(2, 2, 4, 3)), r"initial_state must have shape \[B, H, K, V\]=\[2, 4, 4, 3\]"),
+        (dict(k=torch.randn(2, 8, 4, 4)), r"k must have the shape of q"),
+    ],
+)
+def test_delta_rule_errors(kwargs, match):
+    """Grouped value heads (q, k: H = 2 heads; v, beta, g, the state: HV = 4): one line naming the shapes."""
+    args = dict(q=q, k=q.clone(), v=torch.randn(2, 8, 4, 3), beta=torch.rand(2, 8, 4), g=-torch.rand(2, 8, 4, 4),
+                initial_state=None)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        delta_rule(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("beta"), args.pop("g"), **args)

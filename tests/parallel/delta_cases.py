@@ -15,13 +15,17 @@ from .cases import doc_bounds, make_case, max_rel_err
 NAMES = ("q", "k", "v", "beta", "g", "h0")
 
 
-def make_delta_case(W, gated, varlen, dtype=torch.float64, seed=0, T_per_rank=32, H=2, K=8, V=6):
-    """make_case's q, v, h0, cu, loss weights, with unit-norm keys, beta in (0, 2) and g <= 0 (or None)."""
-    c = make_case(W, "scalar" if gated else "none", varlen, dtype=dtype, seed=seed, T_per_rank=T_per_rank, H=H, K=K,
-                  V=V)
+def make_delta_case(W, gated, varlen, dtype=torch.float64, seed=0, T_per_rank=32, H=2, K=8, V=6, per_key=False,
+                    groups=1):
+    """make_case's q, v, h0, cu, loss weights, with unit-norm keys, beta in (0, 2) and g <= 0 (or None): one gate
+    per head, or per key channel with `per_key` (KDA). With `groups` G, q and k keep H heads and v, beta, g, h0 and
+    the loss weights get HV = G·H (grouped value heads)."""
+    form = ("key" if per_key else "scalar") if gated else "none"
+    c = make_case(W, form, varlen, dtype=dtype, seed=seed, T_per_rank=T_per_rank, H=H * groups, K=K, V=V)
+    c["q"], c["k"] = c["q"][:, :, ::groups].contiguous(), c["k"][:, :, ::groups].contiguous()
     gen = torch.Generator().manual_seed(seed + 100)
     c["k"] = F.normalize(c["k"].double(), dim=-1).to(dtype)
-    c["beta"] = 2 * torch.sigmoid(torch.randn(c["q"].shape[:3], generator=gen, dtype=torch.float64)).to(dtype)
+    c["beta"] = 2 * torch.sigmoid(torch.randn(c["v"].shape[:3], generator=gen, dtype=torch.float64)).to(dtype)
     return c
 
 
@@ -29,11 +33,12 @@ def _leaves(c):
     return {n: c[n].clone().requires_grad_() for n in NAMES if c[n] is not None}
 
 
-def delta_reference(c):
-    """Outputs and gradients of the single-device op on the full sequence (loss = Σ o·wo + Σ final·wf)."""
+def delta_reference(c, backend="auto"):
+    """Outputs and gradients of the single-device op on the full sequence (loss = Σ o·wo + Σ final·wf); backend
+    "naive" is the step-by-step recurrence."""
     x = _leaves(c)
     o, f = delta_rule(x["q"], x["k"], x["v"], x["beta"], x.get("g"), initial_state=x["h0"], output_final_state=True,
-                      cu_seqlens=c["cu"])
+                      cu_seqlens=c["cu"], backend=backend)
     ((o * c["wo"]).sum() + (f * c["wf"]).sum()).backward()
     return {"o": o.detach(), "final": f.detach(), **{n: t.grad for n, t in x.items()}}
 
@@ -65,8 +70,9 @@ def run_sp_delta(c, sp: SPContext, method: str, scan_blocks: int = 3, frozen=(),
 
 
 def gloo_delta(rank, world_size):
-    """On real ranks: every method x layout x (gated, packed) case's worst error, the conv halo's, the allgather
-    byte counts, and `gloo_frozen`'s errors."""
+    """On real ranks: every method x layout x (gated, packed) case's worst error, a KDA case's (a gate per key,
+    grouped value heads, packed; against the naive recurrence), the conv halo's, the allgather byte counts, and
+    `gloo_frozen`'s errors."""
     errors = {}
     for layout in ("contiguous", "zigzag"):
         for gated, varlen in ((False, False), (True, True), (True, False)):
@@ -75,6 +81,12 @@ def gloo_delta(rank, world_size):
             for method in DELTA_METHODS:
                 errors[(layout, gated, varlen, method)] = max(
                     max_rel_err(run_sp_delta(case, SPContext(layout=layout), method), ref).values())
+    kda = make_delta_case(world_size, True, True, per_key=True, groups=2)   # a gate per key, HV = 2·H, packed
+    kda_ref = delta_reference(kda, backend="naive")
+    for layout in ("contiguous", "zigzag"):
+        for method in DELTA_METHODS:
+            errors[("kda", layout, method)] = max(
+                max_rel_err(run_sp_delta(kda, SPContext(layout=layout), method), kda_ref).values())
     for layout in ("contiguous", "zigzag"):
         c = conv_case(world_size, True)
         err = max_rel_err(run_sp_conv(c, SPContext(layout=layout)), conv_reference(c))

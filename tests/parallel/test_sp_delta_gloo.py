@@ -1,5 +1,6 @@
-"""sp_delta_rule on real gloo ranks: exact for every method and layout, packed documents crossing ranks, frozen
-ranks still join the backward collectives, and the all-gather moves exactly the counted bytes."""
+"""sp_delta_rule on real gloo ranks: exact for every method and layout (KDA with grouped value heads included),
+packed documents crossing ranks, frozen ranks still join the backward collectives, and the all-gather moves
+exactly the counted bytes."""
 import pytest
 
 from lsp.parallel import spawn

@@ -1,26 +1,31 @@
 r"""The (gated) delta rule in chunks of C tokens: the WY / UT representation, plain PyTorch, autograd backward.
 
-Write the step as S_t = a_t S_{t-1} + k_t w_tᵀ with a_t = exp(g_t) and w_t = beta_t (v_t - a_t S_{t-1}ᵀ k_t).
-Inside a chunk entered with state S, let G_i be the within-chunk cumulative log-decay (G_i <= 0, non-increasing):
+Write the step as S_t = D_t S_{t-1} + k_t w_tᵀ with D_t = Diag(exp g_t) and w_t = beta_t (v_t - (D_t S_{t-1})ᵀ k_t);
+g_t is one log-decay per head (D_t = exp(g_t) I) or one per key channel (Kimi Delta Attention). Inside a chunk
+entered with state S, let G_i be the within-chunk cumulative log-decay (G_i <= 0 per channel, non-increasing) and
+x ⊙ e^{G_i - G_j} y = Σ_d x_d y_d exp(G_id - G_jd) the decayed dot product (a plain product times exp(G_i - G_j) for
+a gate per head):
 
-    S_i = exp(G_i) S + Σ_{j<=i} exp(G_i - G_j) k_j w_jᵀ
-    w_i = beta_i v_i - beta_i exp(G_i) Sᵀ k_i - Σ_{j<i} beta_i exp(G_i - G_j) (k_i · k_j) w_j
+    S_i = Diag(exp G_i) S + Σ_{j<=i} (exp(G_i - G_j) ⊙ k_j) w_jᵀ
+    w_i = beta_i v_i - beta_i Sᵀ (exp(G_i) ⊙ k_i) - Σ_{j<i} beta_i (k_i ⊙ e^{G_i - G_j} k_j) w_j
 
-so (I + A) W = diag(beta) V - diag(beta exp(G)) K S with A_ij = beta_i exp(G_i - G_j) (k_i · k_j), j < i, unit lower
+so (I + A) W = diag(beta) V - (beta exp(G) ⊙ K) S with A_ij = beta_i (k_i ⊙ e^{G_i - G_j} k_j), j < i, unit lower
 triangular on the left. One triangular solve per chunk (the UT transform, T = (I + A)^-1) gives
 
     U = T (beta ⊙ V)  [C, V],   Wk = T (beta exp(G) ⊙ K)  [C, K],   W = U - Wk S
-    S_next = exp(G_C) S + Kdᵀ (U - Wk S),            Kd_j = exp(G_C - G_j) k_j
-    o_i    = scale · [ (q_i exp(G_i)) S + Σ_{j<=i} exp(G_i - G_j) (q_i · k_j) W_j ]
+    S_next = Diag(exp G_C) S + Kdᵀ (U - Wk S),            Kd_j = exp(G_C - G_j) ⊙ k_j
+    o_i    = scale · [ (q_i ⊙ exp(G_i)) S + Σ_{j<=i} (q_i ⊙ e^{G_i - G_j} k_j) W_j ]
 
-Every exponent is <= 0, so nothing overflows whatever the decay. The chunk's map S -> M_c S + B_c is affine,
-M_c = exp(G_C) I - Kdᵀ Wk and B_c = Kdᵀ U; `sequence_maps` composes it over a whole sequence (and every chunk
+Every exponent is <= 0, so nothing overflows whatever the decay (for a gate per key the pair products go through
+sub-blocks, `pair_products`). The chunk's map S -> M_c S + B_c is affine, M_c = Diag(exp G_C) - Kdᵀ Wk and
+B_c = Kdᵀ U; `sequence_maps` composes it over a whole sequence (and every chunk
 prefix) by running the same scan on the augmented state [M | S] (entered as [I | S_0], with U padded by K zero
 columns). Sequence parallelism exchanges the sequences' [M | S] and then enters each chunk with S_c + P_c E in one
 batched product (`enter_sequences`), without a second scan.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +34,8 @@ from lsp.names import CHUNK_SIZE
 from lsp.ops.linear.checks import acc_dtype
 from lsp.ops.linear.layout import ChunkLayout, chunk_layout
 
+SUB_CHUNK = 16  # tokens per sub-block of the per-key pair products (`pair_products`)
+
 
 @dataclass
 class DeltaChunks:
@@ -36,11 +43,11 @@ class DeltaChunks:
 
     layout: ChunkLayout
     k: torch.Tensor                # [R, H, NC, C, K] keys
-    G: torch.Tensor | None         # [R, H, NC, C, 1] within-chunk cumulative log-decay
+    G: torch.Tensor | None         # [R, H, NC, C, 1] (gate per head) or [.., C, K] (per key) cumulative log-decay
     Kd: torch.Tensor               # [R, H, NC, C, K] keys decayed to the chunk end
     Wk: torch.Tensor               # [R, H, NC, C, K] T (beta exp(G) ⊙ K)
     U: torch.Tensor                # [R, H, NC, C, V] T (beta ⊙ V)
-    decay: torch.Tensor | None     # [R, H, NC] exp(G_C), the chunk's total decay
+    decay: torch.Tensor | None     # [R, H, NC] (per head) or [R, H, NC, K] (per key) exp(G_C), the chunk's decay
     scan_backend: str = "torch"    # "triton": the chunk scan runs in one kernel (triton_scan.py)
     input_dtype: torch.dtype = torch.float32  # dtype of k, v (decides the Triton scan's product precision)
 
@@ -68,9 +75,46 @@ def _pair_decay(G: torch.Tensor | None, C: int, strict: bool, dtype, device) -> 
     return torch.where(mask, diff, float("-inf")).exp()
 
 
+def pair_products(x: torch.Tensor, y: torch.Tensor, G: torch.Tensor | None, strict: bool) -> torch.Tensor:
+    """P_ij = Σ_d x_id y_jd exp(G_id - G_jd) on the causal pairs (j < i if strict, else j <= i), zero elsewhere.
+
+    x, y: [.., C, K]; G: [.., C, 1] (gate per head), [.., C, K] (per key) or None -> [.., C, C]. A gate per key cannot
+    be pulled out of the dot product, and exp(G_i) · exp(-G_j) overflows fp32 once a chunk decays past e^-88, so
+    the pairs go through sub-blocks of `SUB_CHUNK` tokens: a pair (i in block a, j before block a) factors through
+    the log-decay R_a reached just before block a, exp(G_i - R_a) · exp(R_a - G_j), both exponents <= 0; a pair inside
+    one block takes exp(G_i - G_j) per channel, one lag i - j at a time (never a [.., C, C, K] tensor).
+    """
+    C = x.shape[-2]
+    if G is None or G.shape[-1] == 1:
+        return (x @ y.transpose(-1, -2)) * _pair_decay(G, C, strict, x.dtype, x.device)
+    c = math.gcd(C, SUB_CHUNK)
+    n, lead, K = C // c, x.shape[:-2], x.shape[-1]
+    Gb = G.reshape(*lead, n, c, K)
+    ref = torch.cat([G.new_zeros(*lead, 1, K), G[..., c - 1 : C - 1 : c, :]], dim=-2)[..., None, :]  # [.., n, 1, K]
+    x_in = x.reshape(*lead, n, c, K) * (Gb - ref).exp()                      # [.., n, c, K]
+    y_out = y[..., None, :, :] * (ref - G[..., None, :, :]).clamp(max=0).exp()  # [.., n, C, K] (exact for j < a·c)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=x.device).tril(-1)      # block b before block a
+    across = (x_in @ y_out.transpose(-1, -2)).reshape(*lead, n, c, n, c) * earlier[:, None, :, None]
+    inside = _pairs_inside_blocks(x.reshape(*lead, n, c, K), y.reshape(*lead, n, c, K), Gb, strict)
+    same = torch.eye(n, dtype=x.dtype, device=x.device)[:, None, :, None]    # [n, 1, n, 1]
+    return (across + inside[..., :, :, None, :] * same).reshape(*lead, C, C)
+
+
+def _pairs_inside_blocks(x, y, G, strict: bool) -> torch.Tensor:
+    # x, y, G: [.., n, c, K] -> [.., n, c, c]: the pairs of `pair_products` inside each sub-block, one lag (i - j) at
+    # a time, so that no [c, c, K] tensor (nor a masked exp of a positive exponent) is ever formed
+    c = x.shape[-2]
+    out = x.new_zeros(*x.shape[:-1], c)
+    for lag in range(1 if strict else 0, c):
+        near = (x[..., lag:, :] * y[..., : c - lag, :] * (G[..., lag:, :] - G[..., : c - lag, :]).exp()).sum(-1)
+        out = out + torch.diag_embed(near, offset=-lag)                       # pairs (j + lag, j)
+    return out
+
+
 def prepare_chunks(k, v, beta, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE,
                    scan_backend: str = "torch") -> DeltaChunks:
-    """Chunk the inputs and run the UT transform; k: [B, T, H, K], v: [B, T, H, V], beta, g: [B, T, H] (g or None).
+    """Chunk the inputs and run the UT transform; k: [B, T, H, K], v: [B, T, H, V], beta: [B, T, H], g: None,
+    [B, T, H] (a gate per head) or [B, T, H, K] (a gate per key channel).
 
     Padding (to whole chunks per packed sequence) is exact: k = v = beta = 0 and g = 0 make a token the identity map.
     """
@@ -79,14 +123,14 @@ def prepare_chunks(k, v, beta, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE,
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
     kc, vc = _to_chunks(k.to(dt), layout), _to_chunks(v.to(dt), layout)
     bc = _to_chunks(beta.to(dt).unsqueeze(-1), layout)                        # [R, H, NC, C, 1]
-    G = None if g is None else _to_chunks(g.to(dt).unsqueeze(-1), layout).cumsum(dim=3)
-    strict = _pair_decay(G, chunk_size, True, dt, k.device)
-    A = bc * (kc @ kc.transpose(-1, -2)) * strict                             # strictly lower [.., C, C]
+    per_head = g is not None and g.dim() == 3
+    G = None if g is None else _to_chunks(g.to(dt).unsqueeze(-1) if per_head else g.to(dt), layout).cumsum(dim=3)
+    A = bc * pair_products(kc, kc, G, strict=True)                            # strictly lower [.., C, C]
     rhs = torch.cat([bc * vc, bc * kc * (1.0 if G is None else G.exp())], dim=-1)
     sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
     U, Wk = sol[..., : v.shape[-1]], sol[..., v.shape[-1]:]
     Kd = kc if G is None else kc * (G[..., -1:, :] - G).exp()
-    decay = None if G is None else G[..., -1, 0].exp()
+    decay = None if G is None else (G[..., -1, 0] if per_head else G[..., -1, :]).exp()
     return DeltaChunks(layout, kc, G, Kd, Wk, U, decay, scan_backend, k.dtype)
 
 
@@ -105,7 +149,7 @@ def chunk_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
     zero = U.new_zeros(R, H, K, D)
     # unbind once: autograd through per-chunk slices would allocate a zero-filled full-size gradient per slice
     Us, Wks, Kds = U.unbind(2), chunks.Wk.unbind(2), chunks.Kd.transpose(-1, -2).unbind(2)
-    decays = None if chunks.decay is None else chunks.decay[..., None, None].unbind(2)
+    decays = None if chunks.decay is None else _as_state_factor(chunks.decay).unbind(2)
     finals, entering, state = {}, [], zero
     for c in range(NC):
         if c in layout.resets:
@@ -123,8 +167,14 @@ def chunk_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
     return torch.stack(entering, dim=2), torch.cat([finals[n] for n in sorted(finals)], dim=0)
 
 
+def _as_state_factor(decay: torch.Tensor) -> torch.Tensor:
+    # the chunks' decay as a factor of states [.., K, D]: [R, H, NC] -> [R, H, NC, 1, 1]; [R, H, NC, K] -> [.., K, 1]
+    return decay[..., None, None] if decay.dim() == 3 else decay[..., None]
+
+
 def _triton_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
-    # the same scan in one Triton kernel
+    # the same scan in one Triton kernel (one decay per head: `resolve_delta_backend` sends a gate per key to torch)
+    assert chunks.decay is None or chunks.decay.dim() == 3, "the Triton chunk scan takes one decay per head"
     from .triton_scan import TritonChunkScan, precision
 
     reset, end, n_seq = scan_tables(chunks.layout, U.device)
@@ -146,12 +196,12 @@ def scan_tables(layout: ChunkLayout, device):
 
 
 def chunk_output(q, chunks: DeltaChunks, entering: torch.Tensor, scale: float) -> torch.Tensor:
-    """o = scale · [(q exp(G) - P Wk) E_c + P U] per chunk, P_ij = exp(G_i - G_j)(q_i · k_j) on j <= i.
+    """o = scale · [(q ⊙ exp(G) - P Wk) E_c + P U] per chunk, P_ij = q_i ⊙ e^{G_i - G_j} k_j on j <= i.
 
     q: [B, T, H, K]; entering: [R, H, NC, K, V] -> o [B, T, H, V] in the accumulation dtype.
     """
     qc = _to_chunks(q.to(chunks.k.dtype), chunks.layout)
-    P = (qc @ chunks.k.transpose(-1, -2)) * _pair_decay(chunks.G, qc.shape[-2], False, qc.dtype, q.device)
+    P = pair_products(qc, chunks.k, chunks.G, strict=False)
     q_state = qc if chunks.G is None else qc * chunks.G.exp()
     o = scale * (P @ chunks.U + (q_state - P @ chunks.Wk) @ entering)
     return _from_chunks(o, chunks.layout)

@@ -1,11 +1,13 @@
 """The trusted reference: the (gated) delta rule written step by step.
 
     S_0 = initial_state (or 0)
-    S_t = exp(g_t) (I - beta_t k_t k_tᵀ) S_{t-1} + beta_t k_t v_tᵀ      # [K, V]
-        = S' + beta_t k_t (v_t - S'ᵀ k_t)ᵀ   with S' = exp(g_t) S_{t-1}  (the form computed below)
+    S_t = (I - beta_t k_t k_tᵀ) Diag(exp g_t) S_{t-1} + beta_t k_t v_tᵀ          # [K, V]
+        = S' + beta_t k_t (v_t - S'ᵀ k_t)ᵀ   with S' = Diag(exp g_t) S_{t-1}    (the form computed below)
     o_t = scale * q_t S_t                                                # the current token is included
 
-Slow (a Python loop over T) and differentiable by autograd; every faster path is tested against it.
+g_t is one log-decay per head (Gated DeltaNet: Diag(exp g_t) = exp(g_t) I) or one per key channel (Kimi Delta
+Attention); the gate acts before the erase. Slow (a Python loop over T) and differentiable by autograd; every
+faster path is tested against it.
 """
 from __future__ import annotations
 
@@ -15,21 +17,23 @@ from lsp.ops.linear.checks import acc_dtype, seq_bounds
 
 
 def delta_step(q, k, v, beta, g, scale, state):
-    """One token of the recurrence: S' = exp(g) S, S_t = S' + beta k (v - S'ᵀ k)ᵀ, o = scale · q S_t.
+    """One token of the recurrence: S' = Diag(exp g) S, S_t = S' + beta k (v - S'ᵀ k)ᵀ, o = scale · q S_t.
 
     The only definition of the step: the reference loops over it and a decoding model advances its cache by it.
     """
-    # q, k: [B, H, K]; v: [B, H, V]; beta: [B, H]; g: [B, H] or None; state: [B, H, K, V] (accumulation dtype,
-    # the other inputs already in it) -> o [B, H, V], S_t [B, H, K, V]
+    # q, k: [B, H, K]; v: [B, H, V]; beta: [B, H]; g: [B, H], [B, H, K] or None; state: [B, H, K, V]
+    # (accumulation dtype, the other inputs already in it) -> o [B, H, V], S_t [B, H, K, V]
     if g is not None:
-        state = g.to(state.dtype).exp()[..., None, None] * state
+        decay = g.to(state.dtype).exp()
+        state = (decay[..., None] if decay.dim() == k.dim() else decay[..., None, None]) * state
     error = v - torch.einsum("bhk,bhkv->bhv", k, state)                       # what the memory gets wrong
     state = state + beta[..., None, None] * k[..., :, None] * error[..., None, :]
     return scale * torch.einsum("bhk,bhkv->bhv", q, state), state
 
 
 def naive_delta_recurrence(q, k, v, beta, g, scale, initial_state):
-    # q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g: [B, T, H] or None; initial_state: [B, H, K, V] or None
+    # q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g: [B, T, H], [B, T, H, K] or None;
+    # initial_state: [B, H, K, V] or None
     B, T, H, K = q.shape
     dt = acc_dtype(q.dtype)
     q, k, v, beta = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
