@@ -225,8 +225,7 @@ def cmd_plan(args) -> int:
         return _measure(args)
     from lsp.run_config import load_config
     cfg = load_config(args.config, args.overrides, check_files=False)   # planning needs no data
-    from lsp.names import SOFTMAX_SP_METHODS
-    from lsp.parallel import sp_methods
+    from lsp.parallel import softmax_methods, sp_methods
     from lsp.plan.planner import Cluster, format_candidates, plan_cluster, recommend
     from lsp.run_config import hybrid_config
     gpus, source = plan_gpus(args, cfg)
@@ -250,7 +249,7 @@ def cmd_plan(args) -> int:
         if c.method == m and c.softmax_method == best.softmax_method))
     if "S" in hybrid_config(cfg, kw["vocab_size"]).layer_types and best.sp > 1:
         print(f"softmax methods at sp={best.sp}: " + ", ".join(
-            f"{c.softmax_method} {c.step_s:.3f} s ({c.memory_gb:.1f} GB)" for m in SOFTMAX_SP_METHODS for c in same_sp
+            f"{c.softmax_method} {c.step_s:.3f} s ({c.memory_gb:.1f} GB)" for m in softmax_methods() for c in same_sp
             if c.softmax_method == m and c.method == best.method))
     print(f"recommended ({best.tokens_per_s_per_gpu:.4g} tokens/s/GPU, {best.memory_gb:.1f} GB/GPU): "
           f"{best.overrides()}")

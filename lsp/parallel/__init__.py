@@ -7,12 +7,22 @@ from .launch import spawn
 from .linear import sp_linear_attention
 from .methods import check_registered, register_method, sp_method, sp_methods, unregister_method
 from .ring_softmax import ring_softmax_attention  # registers softmax_method="ring" beside LASP-2H
-from .softmax import SOFTMAX_METHODS, attention_flops_balance, attention_pairs_per_rank, sp_softmax_attention
+from .softmax import (
+    SOFTMAX,
+    attention_flops_balance,
+    attention_pairs_per_rank,
+    register_softmax_method,
+    softmax_method,
+    softmax_methods,
+    sp_softmax_attention,
+)
 
 check_registered()              # every name the config accepts has an implementation and a cost formula
+SOFTMAX.check_registered()      # likewise for the softmax layers' methods (lsp.names.SOFTMAX_SP_METHODS)
 METHODS = DELTA_METHODS = sp_methods()   # the built-in methods (every linear family runs every one)
 
 __all__ = ["SPContext", "LAYOUTS", "METHODS", "sp_linear_attention", "sp_softmax_attention", "sp_delta_rule",
-           "sp_short_conv", "DELTA_METHODS", "SOFTMAX_METHODS", "ring_softmax_attention", "comm_stats",
-           "reset_comm_stats", "checkpoint_contexts", "spawn", "attention_pairs_per_rank", "attention_flops_balance",
-           "register_method", "unregister_method", "sp_method", "sp_methods"]
+           "sp_short_conv", "DELTA_METHODS", "softmax_method", "softmax_methods", "register_softmax_method",
+           "ring_softmax_attention", "comm_stats", "reset_comm_stats", "checkpoint_contexts", "spawn",
+           "attention_pairs_per_rank", "attention_flops_balance", "register_method", "unregister_method", "sp_method",
+           "sp_methods", "SOFTMAX"]

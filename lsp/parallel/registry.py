@@ -31,7 +31,7 @@ class MethodRegistry:
     def get(self, name: str):
         """The entry of `name`; an unknown name raises one line naming the choices."""
         if name not in self._entries:
-            raise ValueError(f"method must be one of {self.names()}, got {name!r}")
+            raise ValueError(f"{self.family} method must be one of {self.names()}, got {name!r}")
         return self._entries[name]
 
     def names(self) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ from lsp.ops.softmax import flash_block_backward, flash_block_forward, merge_blo
 
 from .collectives import join_token
 from .context import SPContext
-from .softmax import query_pieces, register_softmax_method
+from .softmax import SoftmaxCost, query_pieces, register_softmax_method
 
 TAG = "softmax_ring"
 
@@ -47,7 +47,16 @@ class RingBlock:
     count: int = 1
 
 
-@register_softmax_method("ring")
+def ring_cost(W: int, kv: float, g: float, t_attn: float, t_diag: float, hw) -> SoftmaxCost:
+    # every step waits for its block (a dependent hop: α + γ exposed), the transfer hides behind the step's attention;
+    # backward carries K|V and the fp32 dK|dV, which returns to its owner after the last hop
+    step, hop = t_attn / W, hw.latency + hw.hop_overhead
+    forward = (W - 1) * (hop + max(0.0, kv / hw.bandwidth - step))
+    backward = (W - 1) * (hop + max(0.0, (kv + g) / hw.bandwidth - 2 * step)) + hop + g / hw.bandwidth
+    return SoftmaxCost(forward + backward, 2 * (W - 1) * kv + W * g, 0.0, 2 * kv + 2 * g)
+
+
+@register_softmax_method("ring", cost=ring_cost, label="ring attention (K|V around the ring)")
 def ring_softmax_attention(q, k, v, sp: SPContext, causal, scale, cu_seqlens):
     """Ring attention (module docstring). q: [R·B, T_local, H, D]; k, v: [R·B, T_local, Hkv, D] local shards;
     cu_seqlens: GLOBAL document boundaries (B == 1). Returns [R·B, T_local, H, D]."""

@@ -21,13 +21,27 @@ slot's gradient (`AllGatherRows`: reduce_scatter on NCCL, all_reduce + own slot 
 every rank holds one early and one late segment, so the causal work per rank is balanced
 (see `attention_pairs_per_rank`).
 
-`sp_softmax_attention` dispatches by name (`SOFTMAX_METHODS`, names in `lsp.names.SOFTMAX_SP_METHODS`): this file
-registers LASP-2H as "allgather"; ring attention ("ring", nothing of the global length kept) registers itself from
-ring_softmax.py. The method comes from the call or the context (`SPContext(softmax_method=...)`).
+`sp_softmax_attention` dispatches by name through the softmax family's method registry (`SOFTMAX`, a
+`lsp.parallel.registry.MethodRegistry` like the linear layers' `lsp.parallel.methods.LINEAR`): a method is
+registered once with its implementation and its cost formula (`register_softmax_method`), which
+`lsp.plan.costmodel.softmax_exchange_cost` and the planner read. This file registers LASP-2H as "allgather"; ring
+attention ("ring", nothing of the global length kept) registers itself from ring_softmax.py. The names the config
+accepts are `lsp.names.SOFTMAX_SP_METHODS`; `check_registered` raises at import if one has no method. The method
+comes from the call or the context (`SPContext(softmax_method=...)`).
+
+Cost of one softmax layer and training step (what the planner prices; kv the rank's local K|V bytes, g = its fp32
+gradient, t_attention the local forward attention, t_diagonal its causal diagonal block, hw the cost model's
+Hardware: latency α, bandwidth β, hop overhead γ):
+    allgather  gather (W-1)·(α + kv/β) forward and the gradient reduce backward, each hidden behind the diagonal
+               block; keeps the gathered K|V of the whole sequence (W·kv) for backward
+    ring       W-1 dependent hops each way (α + γ exposed per hop), the transfer hidden behind each step's
+               attention; backward carries kv and the fp32 dK|dV; keeps nothing of the global length
 """
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -36,20 +50,50 @@ from lsp.ops.softmax import check_softmax_inputs, piece_runs, piecewise_attentio
 
 from .comm import gather_rows
 from .context import SPContext
-
-# name -> fn(q, k, v, sp, causal, scale, cu_seqlens): the softmax SP methods (ring attention registers itself from
-# ring_softmax.py); their names are lsp.names.SOFTMAX_SP_METHODS, which the config checks
-SOFTMAX_METHODS: dict = {}
+from .registry import MethodRegistry
 
 
-def register_softmax_method(name: str):
-    """Decorator: register fn as the softmax SP method `name` (one of lsp.names.SOFTMAX_SP_METHODS)."""
-    assert name in SOFTMAX_SP_METHODS, f"softmax method {name!r} is not in lsp.names.SOFTMAX_SP_METHODS"
+@dataclass(frozen=True)
+class SoftmaxCost:
+    exposed_s: float        # communication not hidden, forward + backward
+    bytes: float            # received per GPU, forward + backward
+    kept: float             # bytes of K|V beyond the local ones kept for backward
+    workspace: float        # transient bytes of one layer's pass (one layer at a time)
 
+
+@dataclass(frozen=True)
+class SoftmaxMethod:
+    name: str
+    label: str
+    handle: Callable        # fn(q, k, v, sp, causal, scale, cu_seqlens) -> o, inputs checked by sp_softmax_attention
+    cost: Callable          # cost(W, kv, g, t_attention, t_diagonal, hw) -> SoftmaxCost (module docstring)
+
+
+SOFTMAX = MethodRegistry("softmax", SOFTMAX_SP_METHODS)   # the softmax layers' methods
+
+
+def register_softmax_method(name: str, *, cost: Callable, label: str | None = None):
+    """Decorator: register fn as the softmax SP method `name` with its cost formula (both required)."""
     def register(fn):
-        SOFTMAX_METHODS[name] = fn
+        SOFTMAX.register(SoftmaxMethod(name, label or name, fn, cost))
         return fn
     return register
+
+
+def softmax_method(name: str) -> SoftmaxMethod:
+    """The registered softmax method `name`; an unknown name raises one line naming the choices."""
+    return SOFTMAX.get(name)
+
+
+def softmax_methods() -> tuple[str, ...]:
+    """The registered softmax method names (the built-ins first, in `lsp.names.SOFTMAX_SP_METHODS` order)."""
+    return SOFTMAX.names()
+
+
+def allgather_cost(W: int, kv: float, g: float, t_attn: float, t_diag: float, hw) -> SoftmaxCost:
+    # LASP-2H (module docstring): both collectives hidden behind the causal diagonal block
+    gather = (W - 1) * (hw.latency + kv / hw.bandwidth)
+    return SoftmaxCost(2 * max(0.0, gather - t_diag), 2 * (W - 1) * kv, W * kv, W * kv)
 
 
 def sp_softmax_attention(q, k, v, *, sp, causal=True, scale=None, cu_seqlens=None, method=None):
@@ -63,17 +107,15 @@ def sp_softmax_attention(q, k, v, *, sp, causal=True, scale=None, cu_seqlens=Non
     """
     if not isinstance(sp, SPContext):
         raise ValueError(f"sp must be an lsp.parallel.SPContext, got {type(sp).__name__}")
-    method = sp.softmax_method if method is None else method
-    if method not in SOFTMAX_METHODS:
-        raise ValueError(f"method must be one of {tuple(SOFTMAX_METHODS)} for softmax layers, got {method!r}")
+    entry = softmax_method(sp.softmax_method if method is None else method)   # an unknown name raises
     check_softmax_inputs(q, k, v)
     B = q.shape[0] // sp.rows
     if cu_seqlens is not None and B != 1:
         raise ValueError(f"cu_seqlens requires B == 1 (packed sequences), got B={B} per rank")
-    return SOFTMAX_METHODS[method](q, k, v, sp, causal, scale, cu_seqlens)
+    return entry.handle(q, k, v, sp, causal, scale, cu_seqlens)
 
 
-@register_softmax_method("allgather")
+@register_softmax_method("allgather", cost=allgather_cost, label="LASP-2H (all-gather K|V)")
 def allgather_softmax_attention(q, k, v, sp, causal, scale, cu_seqlens):
     """LASP-2H (module docstring); inputs checked by `sp_softmax_attention`."""
     R, T_local = sp.rows, q.shape[1]

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 from lsp.names import SCAN_BLOCKS
 from lsp.parallel.methods import SCAN_BLOCK_CHOICES, sp_method, sp_methods
+from lsp.parallel.softmax import SoftmaxCost, softmax_method
 
 RINGKV = "ringkv"   # ring attention applied to linear layers: priced here for comparison, not an lsp method
 METHODS = (*sp_methods(), RINGKV)   # the registered lsp exchanges + ring-KV
@@ -188,40 +189,16 @@ def ratio(slow: str, fast: str, world_size: int, seq_len: int, **kw) -> float:
 #                        one collective, so it pays α per peer but no per-step synchronisation.)
 
 
-@dataclass(frozen=True)
-class SoftmaxCost:
-    exposed_s: float        # communication not hidden, forward + backward
-    bytes: float            # received per GPU, forward + backward
-    kept: float             # bytes of K|V beyond the local ones kept for backward
-    workspace: float        # transient bytes of one layer's pass (one layer at a time)
-
-
-def _allgather_softmax(W: int, kv: float, g: float, t_attn: float, t_diag: float, hw: Hardware) -> SoftmaxCost:
-    gather = (W - 1) * (hw.latency + kv / hw.bandwidth)
-    return SoftmaxCost(2 * max(0.0, gather - t_diag), 2 * (W - 1) * kv, W * kv, W * kv)
-
-
-def _ring_softmax(W: int, kv: float, g: float, t_attn: float, t_diag: float, hw: Hardware) -> SoftmaxCost:
-    step, hop = t_attn / W, hw.latency + hw.hop_overhead       # every step waits for its block: a dependent hop
-    forward = (W - 1) * (hop + max(0.0, kv / hw.bandwidth - step))
-    backward = (W - 1) * (hop + max(0.0, (kv + g) / hw.bandwidth - 2 * step)) + hop + g / hw.bandwidth
-    return SoftmaxCost(forward + backward, 2 * (W - 1) * kv + W * g, 0.0, 2 * kv + 2 * g)
-
-
-SOFTMAX_COSTS = {"allgather": _allgather_softmax, "ring": _ring_softmax}   # by lsp.names.SOFTMAX_SP_METHODS
-
-
 def softmax_exchange_cost(method: str, world_size: int, kv_bytes: float, t_attention: float, t_diagonal: float,
                           hw: Hardware | None = None) -> SoftmaxCost:
     """Communication and K|V memory of one softmax layer's SP method for one training step (formulas above):
     kv_bytes the rank's local K|V, t_attention its forward attention compute, t_diagonal its causal diagonal."""
-    if method not in SOFTMAX_COSTS:
-        raise ValueError(f"softmax method must be one of {tuple(SOFTMAX_COSTS)}, got {method!r}")
+    entry = softmax_method(method)   # the formula registered with the method; an unknown name raises
     hw = hw or Hardware()
     if world_size == 1:
         return SoftmaxCost(0.0, 0.0, 0.0, 0.0)
     g = kv_bytes * 4 / hw.act_bytes
-    return SOFTMAX_COSTS[method](world_size, kv_bytes, g, t_attention, t_diagonal, hw)
+    return entry.cost(world_size, kv_bytes, g, t_attention, t_diagonal, hw)
 
 
 # ------------------------------------------------------------------------------------------- delta-rule layers
@@ -285,5 +262,5 @@ def delta_sp_flops_per_token(key_dim: int, value_dim: int, chunk_size: int) -> f
 
 __all__ = ["ModelSpec", "Hardware", "StepTime", "exchange_time", "best_scan_blocks", "step_time", "plan",
            "format_plan", "ratio", "METHODS", "LABELS", "delta_exchange_time", "best_delta_scan_blocks",
-           "delta_flops_per_token", "delta_sp_flops_per_token", "SoftmaxCost", "SOFTMAX_COSTS",
+           "delta_flops_per_token", "delta_sp_flops_per_token", "SoftmaxCost",
            "softmax_exchange_cost"]

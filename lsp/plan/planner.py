@@ -60,8 +60,9 @@ from lsp.engines import engine_spec
 from lsp.models import layer_kind
 from lsp.models.flops import expert_parameters, flops_per_token, matmul_parameters
 from lsp.names import CHUNK_SIZE as LINEAR_CHUNK
-from lsp.names import SCAN_BLOCKS, SOFTMAX_SP_METHODS
+from lsp.names import SCAN_BLOCKS
 from lsp.parallel.methods import sp_method, sp_methods
+from lsp.parallel.softmax import softmax_methods as registered_softmax_methods
 from lsp.run_config import Config, ConfigError, hybrid_config
 
 from .costmodel import (
@@ -407,7 +408,7 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
     sizes = sp_choices or sp_sizes(cluster.gpus, T, p.layout)
     micro_batches = [1] if cfg.data.kind != "mqar" else [1, 2, 4, 8, 16, 32, 64]
     # the softmax layers' method matters only with softmax layers; LASP-2H first, so an equal step keeps it
-    softmax_methods = SOFTMAX_SP_METHODS if "S" in mcfg.layer_types else (p.softmax_method,)
+    softmax_methods = registered_softmax_methods() if "S" in mcfg.layer_types else (p.softmax_method,)
     out = []
     for sp in sizes:
         dp = cluster.gpus // sp

@@ -10,7 +10,7 @@ import pytest
 import lsp.kinds
 from lsp.hybrid_config import HybridConfig, HybridConfigError
 from lsp.models import LinearKind, layer_kind, layer_kinds, register_kind
-from lsp.names import SP_METHODS
+from lsp.names import SOFTMAX_SP_METHODS, SP_METHODS
 
 LSP_DIR = os.path.dirname(lsp.kinds.__file__)
 BUILTIN = {"linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet"}
@@ -99,11 +99,12 @@ def test_nothing_in_lsp_branches_on_a_kind_name():
     assert sum(len(h) for h in found.values()) == 0, found
 
 
-def test_sp_method_name_comparisons_do_not_grow():
-    """SP methods are the method registry's (issue 19 item 2): its branch brings this to <= 2; until then the
-    count may only fall (13 at f4fa11f: lsp/parallel 6, lsp/plan/costmodel.py 6, planner.py 1)."""
-    found = comparisons_in_lsp(set(SP_METHODS) | {"ringkv"})
-    assert sum(len(h) for h in found.values()) <= 13, found
+def test_nothing_in_lsp_branches_on_an_sp_method_name():
+    """SP methods, the linear layers' and the softmax layers', are their registries' (lsp/parallel/methods/,
+    lsp/parallel/softmax.py): 13 comparisons / tables at f4fa11f (lsp/parallel 6, lsp/plan/costmodel.py 6,
+    planner.py 1), none now; the issue allowed 2."""
+    found = comparisons_in_lsp(set(SP_METHODS) | set(SOFTMAX_SP_METHODS) | {"ringkv"})
+    assert sum(len(h) for h in found.values()) == 0, found
 
 
 def test_negative_control_the_counter_sees_each_form():

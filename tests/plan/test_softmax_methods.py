@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lsp.names import SOFTMAX_SP_METHODS
-from lsp.parallel import SPContext, comm_stats, reset_comm_stats
-from lsp.plan.costmodel import SOFTMAX_COSTS, Hardware, softmax_exchange_cost
+from lsp.parallel import SPContext, comm_stats, reset_comm_stats, softmax_methods
+from lsp.plan.costmodel import Hardware, softmax_exchange_cost
 from lsp.plan.planner import Cluster, activation_bytes, plan_cluster, recommend
 from lsp.run_config import hybrid_config, load_config
 
@@ -85,6 +85,15 @@ def test_modelled_ring_bytes_are_what_the_code_sends():
 
 
 def test_cost_registry_matches_the_method_names():
-    assert tuple(SOFTMAX_COSTS) == SOFTMAX_SP_METHODS
+    assert softmax_methods() == SOFTMAX_SP_METHODS
     with pytest.raises(ValueError, match="softmax method must be one of"):
         softmax_exchange_cost("lasp2h", 4, 1.0, 1.0, 0.0)
+
+
+def test_a_softmax_method_without_its_cost_formula_is_refused():
+    """The softmax family's registry takes a method only with its cost formula (what the planner prices it by)."""
+    from lsp.parallel import register_softmax_method
+
+    with pytest.raises(ValueError, match="softmax SP method 'toy': cost must be callable"):
+        register_softmax_method("toy", cost=None)(lambda q, k, v, sp, causal, scale, cu_seqlens: q)
+    assert "toy" not in softmax_methods()
