@@ -22,6 +22,7 @@ import torch
 import triton
 
 from lsp.names import CHUNK_SIZE
+from lsp.ops.linear import triton_tune as tune
 from lsp.ops.linear.checks import acc_dtype
 from lsp.ops.linear.layout import chunk_layout
 from lsp.ops.linear.triton_chunk import SUB_BLOCK, _block, _precision
@@ -43,6 +44,17 @@ WARPS = 8           # [64, 64] fp32 tiles: with 4 warps the apply and output ker
 # they spill on sm_90a (bf16: 824 / 48 / 720 B per thread at 64, 1 stage; 0 at 32, 1 stage: 248 / 204 / 248 regs)
 BWD_BLOCK = 32
 BWD_STAGES = 1
+# ... and on sm_80 (A100) the W and dA kernels spill 8 / 68 B at V blocks of 32: their V block is 16 (220 / 255
+# registers on sm_80, 170 / 152 on sm_90a, no spill; TRITON_INTERPRET=1 python sm90_report.py --op delta --arch 80)
+BWD_V_BLOCK = 16
+# the output kernel's K / V blocks go through the tuner (lsp/ops/linear/triton_tune.py; it writes o whole): the
+# default must not spill on sm_80 (64 x 64 spills 844 B there, 64 x 32 200 B; 16 x 32: 236 registers, none, and
+# 140 on sm_90a); the 64-blocks stay candidates that a GPU keeps where they compile without spills
+OUT_CANDIDATES = {"delta_out_kernel": [dict(BK=16, BV=32, num_warps=WARPS, num_stages=3),
+                                       dict(BK=64, BV=64, num_warps=WARPS, num_stages=3),
+                                       dict(BK=64, BV=32, num_warps=WARPS, num_stages=3),
+                                       dict(BK=32, BV=16, num_warps=WARPS, num_stages=3)]}
+OUT_TUNER = tune.Tuner(OUT_CANDIDATES)
 
 
 def _chunked(x: torch.Tensor, layout) -> torch.Tensor:
@@ -74,11 +86,11 @@ def output(qc, kc, gc, U, Wk, entering, scale: float, out_dtype) -> torch.Tensor
     """o [R, H, NC, C, V] in out_dtype from chunked q, k, g, the UT quantities and the entering states."""
     R, H, NC, C, K = qc.shape
     V = U.shape[-1]
-    BV = _block(V)
     o = U.new_empty(R, H, NC, C, V, dtype=out_dtype)
-    _out_kernel[(triton.cdiv(V, BV), NC, R * H)](qc, kc, gc if gc is not None else U, U, Wk, entering, o, scale, K, V,
-                                                 C=C, BK=_block(K), BV=BV, HAS_G=gc is not None,
-                                                 PREC=_precision(qc.dtype), num_warps=WARPS)
+    tune.launch(_out_kernel, "delta_out_kernel", lambda cfg: (triton.cdiv(V, cfg["BV"]), NC, R * H),
+                (qc, kc, gc if gc is not None else U, U, Wk, entering, o, scale, K, V),
+                dict(C=C, HAS_G=gc is not None, PREC=_precision(qc.dtype)), (K, V, gc is not None, qc.dtype, qc.device),
+                dict(BK=_block(K), BV=_block(V)), tuner=OUT_TUNER)
     return o
 
 
@@ -130,9 +142,10 @@ def triton_backward(q, k, v, beta, g, initial_state, scale, cu_seqlens, d_o, d_f
     TdW, dkk = U.new_empty(R, H, NC, C, V), U.new_empty(R, H, NC, C, C)
     dbeta, dG = (U.new_empty(R, H, NC, C) for _ in range(2))
     small = dict(BK=_block(K, BWD_BLOCK), BV=_block(V, BWD_BLOCK), num_warps=WARPS, num_stages=BWD_STAGES)
-    _bwd_w_kernel[grid](vc, bc, Tinv, U, Wk, Kd, S, dUo, d_next, W, dW, TdW, dv, dbeta, K, V, C=C, PREC=prec, **small)
+    narrow = {**small, "BV": _block(V, BWD_V_BLOCK)}
+    _bwd_w_kernel[grid](vc, bc, Tinv, U, Wk, Kd, S, dUo, d_next, W, dW, TdW, dv, dbeta, K, V, C=C, PREC=prec, **narrow)
     _bwd_dA_kernel[grid](kc, vc, bc, g_arg, Tinv, S, dW, dkk, dbeta, dG, K, V, C=C, HAS_G=gc is not None, PREC=prec,
-                         **small)
+                         **narrow)
     ddec = (S * d_next).sum((-1, -2)) if decay is not None else U.new_zeros(R, H, NC)
     dq, dk = (U.new_empty(R, H, NC, C, K) for _ in range(2))
     _bwd_k_kernel[grid](qc, kc, bc, g_arg, S, dOc, W, TdW, d_next, dkk, dbeta, ddec.contiguous(), dq, dk, dG, scale,

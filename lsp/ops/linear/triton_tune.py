@@ -65,7 +65,7 @@ TUNER = Tuner(CANDIDATES)
 
 
 def launch(kernel, name: str, grid_of: Callable[[dict], tuple], args: tuple, fixed: dict, key: tuple,
-           caps: dict | None = None) -> None:
+           caps: dict | None = None, tuner: Tuner | None = None) -> None:
     """Launch kernel[grid_of(cfg)](*args, **fixed, **cfg) with cfg tuned for key on CUDA (first candidate
     elsewhere); caps bound block sizes (a 64-wide block for a 16-wide head dim only wastes work)."""
     caps = caps or {}
@@ -84,5 +84,6 @@ def launch(kernel, name: str, grid_of: Callable[[dict], tuple], args: tuple, fix
             cfg = {k: min(v, caps[k]) if k in caps else v for k, v in cfg.items()}
             return triton.testing.do_bench(lambda: kernel[grid_of(cfg)](*args, **fixed, **cfg), warmup=5, rep=20)
 
-    cfg = {k: min(v, caps[k]) if k in caps else v for k, v in TUNER.pick(name, key, spills, timing).items()}
+    chosen = (tuner or TUNER).pick(name, key, spills, timing)   # another op family passes its own tuner
+    cfg = {k: min(v, caps[k]) if k in caps else v for k, v in chosen.items()}
     kernel[grid_of(cfg)](*args, **fixed, **cfg)
