@@ -14,7 +14,7 @@ from lsp.names import KERNEL_BACKENDS as LINEAR_BACKENDS
 from lsp.names import MOE_ROUTERS
 
 POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ce_chunk_size", "gate_low_rank_dim",
-                 "delta_conv_size")
+                 "delta_conv_size", "ssm_state_size", "ssm_groups")
 POSITIVE_NUMBERS = ("rope_theta", "norm_eps", "gate_logit_normalizer", "initializer_range")
 
 
@@ -63,6 +63,8 @@ class HybridConfig:
     gate_low_rank_dim: int = 16              # GLA: rank of the per-key decay projection W2 W1
     gate_logit_normalizer: float = 16.0      # GLA: g = logsigmoid(.) / normalizer
     delta_conv_size: int = 4                 # deltanet / gated_deltanet: kernel of the short causal conv on q, k, v
+    ssm_state_size: int = 64                 # mamba2: state size N per head (the key dim of its recurrence)
+    ssm_groups: int = 1                      # mamba2: groups of heads sharing B and C (divides num_heads)
     linear_backend: str = "auto"             # kernel backend of lsp.ops.linear_attention / delta_rule
     ce_chunk_size: int = 4096                # tokens per cross-entropy chunk
     activation_checkpointing: bool = False   # recompute each block in backward
@@ -116,6 +118,8 @@ class HybridConfig:
         if self.num_heads % self.num_kv_heads:
             raise HybridConfigError("num_kv_heads", f"{self.num_kv_heads} does not divide {{p}}num_heads="
                                     f"{self.num_heads}")
+        if self.num_heads % self.ssm_groups:
+            raise HybridConfigError("ssm_groups", f"{self.ssm_groups} does not divide {{p}}num_heads={self.num_heads}")
         if self.intermediate_size is None:
             self.intermediate_size = default_intermediate_size(self.hidden_size)
         if not _is_int(self.intermediate_size) or self.intermediate_size <= 0:

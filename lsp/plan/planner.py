@@ -300,7 +300,8 @@ def _conv_halo(sp: int, halo_bytes: float, hw: Hardware, layout: str) -> tuple[f
 
 def _decayed_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, payload) -> tuple:
     # states and total decays (a vector per head), overlapped with the intra-chunk compute
-    state = b * mcfg.num_heads * mcfg.head_dim * mcfg.head_dim * hw.state_bytes
+    K, V = layer_kind(mcfg.linear_attn).state_dims(mcfg)
+    state = b * mcfg.num_heads * K * V * hw.state_bytes
     blocks = scan_blocks or SCAN_BLOCKS
     if not scan_blocks and sp > 1 and sp_method(method).blocks:
         blocks = best_scan_blocks(sp, state, t_intra, hw, layout=layout, method=method,
