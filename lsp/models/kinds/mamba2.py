@@ -73,7 +73,8 @@ class Mamba2(LinearKind):
         xBC = F.silu(causal_conv(xBC, self.conv_weight, sp=sp, cu_seqlens=cu_seqlens, cache=cache) + self.conv_bias)
         xs, Bm, Cm = xBC.split([inner, G * N, G * N], dim=-1)
         xs = xs.view(Bsz, T, H, P)
-        Bm, Cm = (t.view(Bsz, T, G, N).repeat_interleave(H // G, dim=2) for t in (Bm, Cm))   # head h reads group h // (H/G)
+        # head h reads group h // (H / G), as Mamba-2's grouped B, C
+        Bm, Cm = (t.view(Bsz, T, G, N).repeat_interleave(H // G, dim=2) for t in (Bm, Cm))
         dtype = accumulation_dtype(x)
         dt = F.softplus(dt.to(dtype) + self.dt_bias.to(dtype))
         g = -self.A_log.to(dtype).exp() * dt
