@@ -181,5 +181,5 @@ def layer_kinds() -> tuple:
 
 
 def linear_layer(cfg: HybridConfig, layer_idx: int) -> LinearKind:
-    """The `L` layer of `cfg.linear_attn` at depth layer_idx."""
-    return layer_kind(cfg.linear_attn)(cfg, layer_idx)
+    """The linear layer at depth layer_idx, of the kind layer_pattern names there (`L`: cfg.linear_attn)."""
+    return layer_kind(cfg.position_kinds[layer_idx])(cfg, layer_idx)

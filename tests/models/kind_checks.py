@@ -28,8 +28,9 @@ def check_decodes_as_full_forward(**overrides):
 
 
 def check_planner_prices(halo_per_row_token: float, **overrides):
-    """model_parameters equals the built model's count; the planner's exchange bytes per pass (states, total
-    decays, conv halo of halo_per_row_token bytes per row and halo token) equal what one emulated step sends."""
+    """model_parameters equals the built model's count; the planner's exchange bytes per pass of every linear
+    layer (states, total decays, conv halo: halo_per_row_token bytes per row and halo token summed over the layers)
+    equal what one emulated step sends."""
     cfg = HybridConfig(**{**CFG, "layer_pattern": "L", "num_layers": 2, **overrides})
     torch.manual_seed(0)
     model = HybridLM(cfg)
@@ -42,8 +43,9 @@ def check_planner_prices(halo_per_row_token: float, **overrides):
         model(sp.shard(ids, 1), labels=sp.shard(ids, 1), sp=sp).loss.backward()
         sent = sum(v["bytes_recv"] for k, v in comm_stats()["by_tag_op"].items()
                    if not k.startswith("all_reduce_sum")) / W
-        _, per_pass, _ = linear_exchange(cfg, Hardware(act_bytes=4), W, "allgather", B, 0.0, layout)
-        assert sent == pytest.approx(2 * cfg.num_layers * per_pass, rel=1e-12), (layout, sent, per_pass)
+        per_pass = sum(n * linear_exchange(cfg, Hardware(act_bytes=4), W, "allgather", B, 0.0, layout, kind=kind)[1]
+                       for kind, n in cfg.linear_kind_counts().items())      # summed over the layers' kinds
+        assert sent == pytest.approx(2 * per_pass, rel=1e-12), (layout, sent, per_pass)
         if halo_per_row_token:                                          # control: the halo is counted
             halo = (W - 1) * (2 if layout == "zigzag" else 1) * B * halo_per_row_token
-            assert sent != pytest.approx(2 * cfg.num_layers * (per_pass - halo), rel=1e-3)
+            assert sent != pytest.approx(2 * (per_pass - halo), rel=1e-3)

@@ -51,7 +51,8 @@ def logged_by_transformers(fn):
 @torch.no_grad()
 @pytest.mark.parametrize("kind, pattern, tie", [("gla", "LS", False), ("lightning", "LLS", True),
                                                 ("linear", "L", False), ("simple_gla", "SL", False),
-                                                ("gated_deltanet", "LLS", False)])
+                                                ("gated_deltanet", "LLS", False), ("mamba2", "LLS", False),
+                                                ("hgrn2", "LLS", False)])
 @needs_hf
 def test_hf_logits_equal_lsp(tmp_path, kind, pattern, tie):
     model = make_model(kind, pattern, tie)
@@ -66,7 +67,7 @@ def test_hf_logits_equal_lsp(tmp_path, kind, pattern, tie):
 
 @needs_hf
 @torch.no_grad()
-@pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
+@pytest.mark.parametrize("kind", ["gla", "gated_deltanet", "mamba2", "hgrn2"])
 def test_hf_generate_equals_lsp_and_decodes_one_token_per_step(tmp_path, kind):
     model = make_model(kind, "LLS")
     export_model(model, IdTokenizer(model.cfg.vocab_size), tmp_path)
