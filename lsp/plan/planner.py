@@ -251,36 +251,39 @@ def linear_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: in
     (`lsp.ops.linear.custom_ops.chunk_flops`: S states, O output per pass; backward 2x plus a recomputed states
     scan per piece, two pieces under SP, the whole op without) and, under SP, the incoming-state correction's
     einsums on the segments that receive a state (2·K·V per token forward, twice that backward)."""
-    return op_family(mcfg, kind).counted_flops(mcfg, seq_len, local_tokens, micro_batch, ac, layout)
+    return op_family(mcfg, kind).counted_flops(mcfg, seq_len, local_tokens, micro_batch, ac, layout, kind)
 
 
-def _decayed_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str) -> float:
-    # linear_flops of a kind whose segment map is a scalar / diagonal decay (the linear_attention op)
-    H, Dh = mcfg.num_heads, mcfg.head_dim
+def _decayed_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str,
+                           kind: Optional[str] = None) -> float:
+    # linear_flops of a kind whose segment map is a scalar / diagonal decay (the linear_attention op), K x V states
+    H, (K, V) = mcfg.num_heads, layer_kind(kind or mcfg.linear_attn).state_dims(mcfg)
     sp = max(1, micro_batch * seq_len // local_tokens)
     held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
     if _measured_backend() == "torch":
         chunks = micro_batch * held * -(-seg // LINEAR_CHUNK)
-        return H * linear_core_flops(mcfg, chunks, micro_batch * held) * (1 + ac / 3)
+        return H * linear_core_flops(mcfg, chunks, micro_batch * held, kind) * (1 + ac / 3)
     from lsp.ops.linear.custom_ops import chunk_flops
 
-    c = chunk_flops(micro_batch * held, seg, H, Dh, Dh)
+    c = chunk_flops(micro_batch * held, seg, H, K, V)
     S, O = c["states"], c["output"]
     entering = micro_batch * seg * (held - 1 if layout == "zigzag" else 0) if sp > 1 else 0
-    return (3 + ac) * (S + O) + (2 if sp > 1 else 1) * S + (3 + ac) * 2 * H * Dh * Dh * entering
+    return (3 + ac) * (S + O) + (2 if sp > 1 else 1) * S + (3 + ac) * 2 * H * K * V * entering
 
 
-def linear_core_flops(mcfg, chunks: int, segments: int) -> float:
+def linear_core_flops(mcfg, chunks: int, segments: int, kind: Optional[str] = None) -> float:
     """FlopCounterMode's count of one head of a linear-attention layer's chunk core (forward + backward) over
     `chunks` padded chunks of C = 64 tokens in `segments` segments, counted on the chunked torch path at head dims
     32, 64, 128 and one or two chunks per segment and written out (K = V = Dh); the first chunk of a segment
     enters a zero state, hence the per-segment correction (GLA family; the delta rule: `_delta_counted_per_token`):
-        chunks · C·(528·Dh + 19.25·Dh²) - segments · 8.5·C·Dh²"""
-    C, Dh = LINEAR_CHUNK, mcfg.head_dim
-    return chunks * C * (528 * Dh + 19.25 * Dh * Dh) - segments * 8.5 * C * Dh * Dh
+        chunks · C·(528·Dh + 19.25·Dh²) - segments · 8.5·C·Dh²
+    For a kind whose state is K x V (`state_dims`: Mamba-2's N x P) Dh is read as (K + V) / 2 and Dh² as K·V."""
+    C, (K, V) = LINEAR_CHUNK, layer_kind(kind or mcfg.linear_attn).state_dims(mcfg)
+    return chunks * C * (264 * (K + V) + 19.25 * K * V) - segments * 8.5 * C * K * V
 
 
-def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str) -> float:
+def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str,
+                          kind: Optional[str] = None) -> float:
     # linear_flops of a kind whose segment map is dense (the delta rule, chunked torch path: no delta custom ops yet)
     sp = max(1, micro_batch * seq_len // local_tokens)
     _, seg = local_segments(seq_len, local_tokens, micro_batch, layout)

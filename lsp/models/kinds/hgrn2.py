@@ -60,7 +60,7 @@ class HGRN2(LinearKind):
         shape = (*x.shape[:2], self.cfg.num_heads, self.cfg.head_dim)
         g = self.forget_log(x)
         q = F.silu(self.q_proj(x)).view(shape)
-        return q, (-torch.expm1(g)).to(x.dtype), self.i_proj(x).view(shape), g
+        return q, (-torch.expm1(g)).to(q.dtype), self.i_proj(x).view(shape), g     # q's: bf16 under autocast
 
     def output(self, o, x):
         # o: [B, T, H, K]; x: [B, T, D] -> [B, T, D]

@@ -70,7 +70,8 @@ class Mamba2(LinearKind):
         H, P, N, G = cfg.num_heads, cfg.head_dim, cfg.ssm_state_size, cfg.ssm_groups
         inner, conv = self.widths(cfg)
         z, xBC, dt = self.in_proj(x).split([inner, conv, H], dim=-1)
-        xBC = F.silu(causal_conv(xBC, self.conv_weight, sp=sp, cu_seqlens=cu_seqlens, cache=cache) + self.conv_bias)
+        xBC = causal_conv(xBC, self.conv_weight, sp=sp, cu_seqlens=cu_seqlens, cache=cache)
+        xBC = F.silu(xBC + self.conv_bias.to(xBC.dtype))              # the projection's dtype (bf16 under autocast)
         xs, Bm, Cm = xBC.split([inner, G * N, G * N], dim=-1)
         xs = xs.view(Bsz, T, H, P)
         # head h reads group h // (H / G), as Mamba-2's grouped B, C
