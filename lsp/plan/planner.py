@@ -277,7 +277,8 @@ def linear_core_flops(mcfg, chunks: int, segments: int, kind: Optional[str] = No
     32, 64, 128 and one or two chunks per segment and written out (K = V = Dh); the first chunk of a segment
     enters a zero state, hence the per-segment correction (GLA family; the delta rule: `_delta_counted_per_token`):
         chunks · C·(528·Dh + 19.25·Dh²) - segments · 8.5·C·Dh²
-    For a kind whose state is K x V (`state_dims`: Mamba-2's N x P) Dh is read as (K + V) / 2 and Dh² as K·V."""
+    For a kind whose state is K x V (`state_dims`: Mamba-2's N x P) Dh is read as (K + V) / 2 and Dh² as K·V: the
+    quadratic terms are K·V matmuls; the linear term's split between K and V is not counted (an approximation)."""
     C, (K, V) = LINEAR_CHUNK, layer_kind(kind or mcfg.linear_attn).state_dims(mcfg)
     return chunks * C * (264 * (K + V) + 19.25 * K * V) - segments * 8.5 * C * K * V
 

@@ -78,3 +78,16 @@ def test_decodes_as_the_full_forward():
 
 def test_planner_prices_hgrn2():
     check_planner_prices(0, linear_attn="hgrn2")
+
+
+def test_bf16_autocast_trains_and_follows_fp32():
+    """Under bf16 autocast q, k, v reach the op in one dtype (k = 1 - f once came out fp32 beside bf16 q, v and the
+    op refused the mix); the output follows the fp32 layer to bf16 precision."""
+    torch.manual_seed(0)
+    layer = HybridLM(HybridConfig(**{**CFG, "linear_attn": "hgrn2"})).layers[2].attn
+    x = torch.randn(2, 40, CFG["hidden_size"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and layer.f_proj.weight.grad is not None
+    torch.testing.assert_close(out.float(), layer(x), rtol=0.05, atol=0.05)

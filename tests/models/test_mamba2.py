@@ -97,3 +97,14 @@ def test_planner_prices_mamba2():
 def test_groups_that_do_not_divide_the_heads_are_one_line():
     with pytest.raises(HybridConfigError, match=r"^ssm_groups: 3 does not divide num_heads=4$"):
         HybridConfig(**{**CFG, **SSM, "ssm_groups": 3})
+
+
+def test_bf16_autocast_trains_and_follows_fp32():
+    torch.manual_seed(0)
+    layer = HybridLM(HybridConfig(**{**CFG, **SSM})).layers[0].attn
+    x = torch.randn(2, 40, CFG["hidden_size"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and layer.A_log.grad is not None
+    torch.testing.assert_close(out.float(), layer(x), rtol=0.05, atol=0.05)

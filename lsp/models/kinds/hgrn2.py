@@ -82,7 +82,9 @@ class HGRN2(LinearKind):
     @classmethod
     def saved_bytes(cls, cfg, backend: str) -> dict:
         """Estimated from the GLA family's hook-counted terms (`DecayKind.saved_bytes`, gate_low_rank_dim 0):
-        HGRN2 has no output gate (-4·H·Dh per token) and derives k from its fp32 forget logits (+4·H·Dh)."""
+        HGRN2 has no output gate (-4·H·Dh per token) and derives k from its fp32 forget logits (+4·H·Dh). Checked
+        through the peak it feeds: `lsp plan --measure` on configs/tiny-hgrn2-cpu.yaml models 1.002 of the measured
+        peak (tests/plan/test_measure.py, within 15%)."""
         D, H, Dh, C = cfg.hidden_size, cfg.num_heads, cfg.head_dim, CHUNK_SIZE
         own = 10 * D + 24 * H * Dh + 4 * H
         if backend == "triton":
