@@ -76,6 +76,17 @@ def test_sp_equals_single_device(W, layout, method):
     check_emulated(W, layout, method=method, **SSM)
 
 
+def test_negative_control_sp_without_the_conv_halo_is_caught(monkeypatch):
+    """Each rank convolving its own segment alone (zeros before it instead of the previous segment's inputs)
+    must fail the SP comparison above."""
+    import lsp.models.linear_kind as linear_kind
+    from lsp.ops.delta import short_conv
+
+    monkeypatch.setattr(linear_kind, "sp_short_conv", lambda x, weight, sp, cu_seqlens: short_conv(x, weight))
+    with pytest.raises(AssertionError):
+        check_emulated(2, "contiguous", **SSM)
+
+
 def test_sp_packed_documents():
     check_emulated(2, "zigzag", B=1, cu_seqlens=torch.tensor([0, 13, 40, 64], dtype=torch.int32), **SSM)
 
