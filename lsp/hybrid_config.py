@@ -13,8 +13,10 @@ from lsp.kinds import kind_names
 from lsp.names import KERNEL_BACKENDS as LINEAR_BACKENDS
 from lsp.names import MOE_ROUTERS
 
+SOFTMAX = "softmax"   # the layer_pattern entry of a softmax layer, beside the letter S
+
 POSITIVE_INTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ce_chunk_size", "gate_low_rank_dim",
-                 "delta_conv_size")
+                 "delta_conv_size", "ssm_state_size", "ssm_groups")
 POSITIVE_NUMBERS = ("rope_theta", "norm_eps", "gate_logit_normalizer", "initializer_range")
 
 
@@ -44,7 +46,9 @@ def _is_int(value) -> bool:
 class HybridConfig:
     """Shape and training switches of `HybridLM`.
 
-    layer_pattern: letters `L` (linear attention) / `S` (softmax attention), repeated to num_layers.
+    layer_pattern: letters `L` (linear attention of kind `linear_attn`) / `S` (softmax attention), e.g. `LLLS`, or a
+    comma-separated list whose entries are `L`, `S` / `softmax` or a registered linear kind, e.g. `kda,kda,kda,S`
+    or `mamba2,gla,softmax` (a mix of kinds); repeated to num_layers.
     Labels passed to the model are aligned with input_ids (see `HybridLM.forward`).
     """
 
@@ -63,6 +67,8 @@ class HybridConfig:
     gate_low_rank_dim: int = 16              # GLA: rank of the per-key decay projection W2 W1
     gate_logit_normalizer: float = 16.0      # GLA: g = logsigmoid(.) / normalizer
     delta_conv_size: int = 4                 # deltanet / gated_deltanet: kernel of the short causal conv on q, k, v
+    ssm_state_size: int = 64                 # mamba2: state size N per head (the key dim of its recurrence)
+    ssm_groups: int = 1                      # mamba2: groups of heads sharing B and C (divides num_heads)
     linear_backend: str = "auto"             # kernel backend of lsp.ops.linear_attention / delta_rule
     ce_chunk_size: int = 4096                # tokens per cross-entropy chunk
     activation_checkpointing: bool = False   # recompute each block in backward
@@ -92,12 +98,23 @@ class HybridConfig:
         self._check_moe()
 
     def _check_names(self) -> None:
-        if not isinstance(self.layer_pattern, str) or not self.layer_pattern or set(self.layer_pattern) - {"L", "S"}:
-            raise HybridConfigError("layer_pattern", f"{self.layer_pattern!r} must be a non-empty string of L and S "
-                                    "(L linear, S softmax attention)")
         for name, choices in (("linear_attn", kind_names()), ("linear_backend", LINEAR_BACKENDS)):
             if (value := getattr(self, name)) not in choices:
                 raise HybridConfigError(name, f"{value!r} is not one of {', '.join(choices)}", choices)
+        choices = ("L", "S", SOFTMAX) + kind_names()
+        if not isinstance(self.layer_pattern, str) or not self.layer_pattern.strip(" ,"):
+            raise HybridConfigError("layer_pattern", f"{self.layer_pattern!r} must be a non-empty string of L and S "
+                                    "(L linear, S softmax attention) or a comma-separated list of kinds", choices)
+        for i, entry in enumerate(self.pattern_entries()):
+            if entry not in choices:
+                raise HybridConfigError("layer_pattern", f"{entry!r} (entry {i} of {self.layer_pattern!r}) is not one "
+                                        f"of {', '.join(choices)}", choices)
+
+    def pattern_entries(self) -> list:
+        """The entries of layer_pattern: its letters (`LLLS`) or its comma-separated names (`kda,kda,S`)."""
+        if "," in self.layer_pattern or self.layer_pattern in (SOFTMAX, *kind_names()):
+            return [e.strip() for e in self.layer_pattern.split(",")]
+        return list(self.layer_pattern)
 
     def _fill_shapes(self) -> None:
         """Resolve the None defaults (head_dim, num_kv_heads, intermediate_size) and check that the heads fit."""
@@ -116,6 +133,8 @@ class HybridConfig:
         if self.num_heads % self.num_kv_heads:
             raise HybridConfigError("num_kv_heads", f"{self.num_kv_heads} does not divide {{p}}num_heads="
                                     f"{self.num_heads}")
+        if self.num_heads % self.ssm_groups:
+            raise HybridConfigError("ssm_groups", f"{self.ssm_groups} does not divide {{p}}num_heads={self.num_heads}")
         if self.intermediate_size is None:
             self.intermediate_size = default_intermediate_size(self.hidden_size)
         if not _is_int(self.intermediate_size) or self.intermediate_size <= 0:
@@ -154,10 +173,26 @@ class HybridConfig:
         return self.moe_experts > 0 and layer_idx >= self.moe_first_dense
 
     @property
+    def position_kinds(self) -> tuple:
+        """The pattern repeated to num_layers, one entry per layer: a linear kind's name (`L` resolved to
+        linear_attn) or None for a softmax layer, e.g. ('gla', 'gla', 'gla', None)."""
+        entries = self.pattern_entries()
+        reps = -(-self.num_layers // len(entries))
+        resolve = {"L": self.linear_attn, "S": None, SOFTMAX: None}
+        return tuple(resolve.get(e, e) for e in (entries * reps)[: self.num_layers])
+
+    @property
     def layer_types(self) -> str:
-        """The pattern repeated to num_layers, one letter per layer, e.g. 'LLLSLLLS'."""
-        reps = -(-self.num_layers // len(self.layer_pattern))
-        return (self.layer_pattern * reps)[: self.num_layers]
+        """One letter per layer, L linear (of any kind) or S softmax, e.g. 'LLLSLLLS'."""
+        return "".join("S" if kind is None else "L" for kind in self.position_kinds)
+
+    def linear_kind_counts(self) -> dict:
+        """{linear kind: number of layers of it}, in order of first appearance (what the formulas sum over)."""
+        counts: dict = {}
+        for kind in self.position_kinds:
+            if kind is not None:
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -38,10 +38,9 @@ def matmul_parameters(cfg: HybridConfig, active: bool = True) -> int:
     active=False every MoE expert is counted, not only the top-k a token uses (the model's total)."""
     D, H, Hkv, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     softmax = 2 * D * H * Dh + 2 * D * Hkv * Dh
-    linear = layer_kind(cfg.linear_attn).matmul_weights(cfg)
-    types = cfg.layer_types
+    linear = sum(n * layer_kind(kind).matmul_weights(cfg) for kind, n in cfg.linear_kind_counts().items())
     mlps = sum(mlp_parameters(cfg, i, active) for i in range(cfg.num_layers))
-    return types.count("S") * softmax + types.count("L") * linear + mlps + cfg.vocab_size * D
+    return cfg.layer_types.count("S") * softmax + linear + mlps + cfg.vocab_size * D
 
 
 def mlp_parameters(cfg: HybridConfig, layer_idx: int, active: bool = True) -> int:
@@ -68,6 +67,6 @@ def total_matmul_parameters(cfg: HybridConfig) -> int:
 def flops_per_token(cfg: HybridConfig, seq_len: int) -> float:
     """Training FLOPs (forward + backward) per token at sequence length seq_len; see the module docstring."""
     softmax_attn = 6 * cfg.num_heads * cfg.head_dim * seq_len
-    linear_attn = layer_kind(cfg.linear_attn).attention_flops_per_token(cfg, seq_len)
-    types = cfg.layer_types
-    return 6 * matmul_parameters(cfg) + types.count("S") * softmax_attn + types.count("L") * linear_attn
+    linear_attn = sum(n * layer_kind(kind).attention_flops_per_token(cfg, seq_len)
+                      for kind, n in cfg.linear_kind_counts().items())
+    return 6 * matmul_parameters(cfg) + cfg.layer_types.count("S") * softmax_attn + linear_attn

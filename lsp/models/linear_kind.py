@@ -127,6 +127,11 @@ class LinearKind(nn.Module):
         raise NotImplementedError(f"{cls.__name__} must define other_parameters")
 
     @classmethod
+    def state_dims(cls, cfg: HybridConfig) -> tuple[int, int]:
+        """(K, V) of the recurrence's state per head, what an SP exchange sends per head: head_dim x head_dim."""
+        return cfg.head_dim, cfg.head_dim
+
+    @classmethod
     def attention_flops_per_token(cls, cfg: HybridConfig, seq_len: int) -> float:
         """Training FLOPs per token of the recurrence (for MFU). Default, the chunked path with chunk
         C = min(64, T) and K = V = Dh, per head: intra-chunk scores 2CK and their product with V 2CV (the full
@@ -176,5 +181,5 @@ def layer_kinds() -> tuple:
 
 
 def linear_layer(cfg: HybridConfig, layer_idx: int) -> LinearKind:
-    """The `L` layer of `cfg.linear_attn` at depth layer_idx."""
-    return layer_kind(cfg.linear_attn)(cfg, layer_idx)
+    """The linear layer at depth layer_idx, of the kind layer_pattern names there (`L`: cfg.linear_attn)."""
+    return layer_kind(cfg.position_kinds[layer_idx])(cfg, layer_idx)

@@ -259,14 +259,14 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     flops = counted_flops(mcfg, T, local, b, t.activation_checkpointing, p.layout)
     Hkv, Dh, types = mcfg.num_kv_heads, mcfg.head_dim, mcfg.layer_types
     act_bytes = 2 if t.precision != "fp32" else 4
-    _, per_pass, _ = linear_exchange(mcfg, Hardware(act_bytes=act_bytes), sp, p.sp_method, b, 0.0, p.layout,
-                                     p.scan_blocks)
+    per_pass = sum(n * linear_exchange(mcfg, Hardware(act_bytes=act_bytes), sp, p.sp_method, b, 0.0, p.layout,
+                                       p.scan_blocks, kind)[1] for kind, n in mcfg.linear_kind_counts().items())
     kv = 2 * local * Hkv * Dh * act_bytes     # one rank's K|V
     # softmax K|V traffic (LASP-2H: gather forward, reduce-scatter of the gathered gradients backward, (W-1) slots
     # each on NCCL and the fake backend, gloo all-reduces instead; ring: costmodel.softmax_exchange_cost), plus
     # the forward once more in a checkpoint recompute (K, V are not recorded)
     softmax = softmax_exchange_cost(p.softmax_method, sp, kv, 0.0, 0.0, Hardware(act_bytes=act_bytes)).bytes
-    comm = {"sp_exchange": 2 * types.count("L") * per_pass,
+    comm = {"sp_exchange": 2 * per_pass,
             "kv_gather": types.count("S") * (softmax + t.activation_checkpointing * (sp - 1) * kv),
             "dp_reduction": engine.dp_reduction_bytes(4 * params, p.zero, gpus, t.precision != "fp32")}
     return Measurement(memory, int(flops), comm, "model", 0.0)

@@ -128,22 +128,36 @@ def model_parameters(mcfg) -> int:
     the final one) and each linear layer's other parameters (its kind's `other_parameters`: output norm, biases,
     short convolutions, per-head constants)."""
     D, types = mcfg.hidden_size, mcfg.layer_types
-    small = 2 * D * len(types) + D + types.count("L") * layer_kind(mcfg.linear_attn).other_parameters(mcfg)
+    linear = sum(n * layer_kind(kind).other_parameters(mcfg) for kind, n in mcfg.linear_kind_counts().items())
+    small = 2 * D * len(types) + D + linear
     # every MoE expert (active=False): memory holds all of them, a token uses top-k
     return matmul_parameters(mcfg, active=False) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
 
 
-def _layer_weights(mcfg) -> dict:
-    # weights of one layer's matmuls by kind: bf16 autocast keeps a copy of each for backward
+def layer_keys(mcfg) -> list:
+    """One key per layer, what the per-layer formulas are looked up by: "S" (softmax) or its linear kind's name
+    (`HybridConfig.position_kinds`: layer_pattern may mix kinds)."""
+    return ["S" if kind is None else kind for kind in mcfg.position_kinds]
+
+
+def _linear_kind(mcfg, key: str) -> str:
+    # a layer key of a linear layer -> its kind; "L" is the shorthand for the config's linear_attn
+    return mcfg.linear_attn if key == "L" else key
+
+
+def _layer_weights(mcfg, key: str) -> int:
+    # weights of one layer's matmuls (key "S" or a linear kind / "L"): bf16 autocast keeps a copy of each
     D, F, H, Hkv, Dh = (mcfg.hidden_size, mcfg.intermediate_size, mcfg.num_heads, mcfg.num_kv_heads,
                         mcfg.head_dim)
-    return {"S": 2 * D * H * Dh + 2 * D * Hkv * Dh + 3 * D * F,
-            "L": layer_kind(mcfg.linear_attn).matmul_weights(mcfg) + 3 * D * F}
+    if key == "S":
+        return 2 * D * H * Dh + 2 * D * Hkv * Dh + 3 * D * F
+    return layer_kind(_linear_kind(mcfg, key)).matmul_weights(mcfg) + 3 * D * F
 
 
 def saved_bytes(mcfg, kind: str, backend: str = "torch") -> dict:
-    """Bytes autograd keeps for one layer of `kind` ("L" or "S") under bf16 autocast, split by what they scale
-    with; counted tensor by tensor with saved-tensor hooks on fake tensors (module docstring) and written out:
+    """Bytes autograd keeps for one layer of `kind` ("S", a linear kind's name, or "L": linear_attn) under bf16
+    autocast, split by what they scale with; counted tensor by tensor with saved-tensor hooks on fake tensors
+    (module docstring) and written out:
 
         token   per local token    norms, bf16 input copies of every projection, SwiGLU, the layer's own tensors
         padded  per padded token   the chunked linear-attention core (each segment padded to whole chunks)
@@ -157,13 +171,14 @@ def saved_bytes(mcfg, kind: str, backend: str = "torch") -> dict:
     if kind == "S":                               # q/k/v input copies, RoPE tables, q, k, v, o, o_proj input, lse
         return {"token": mlp_and_norms + 6 * D + 6 * H * Dh + 4 * Hkv * Dh + 16 * Dh + 4 * H, "padded": 0,
                 "segment": 0, "keys": 4 * Hkv * Dh}
-    own = layer_kind(mcfg.linear_attn).saved_bytes(mcfg, backend)
+    own = layer_kind(_linear_kind(mcfg, kind)).saved_bytes(mcfg, backend)
     return {**own, "token": mlp_and_norms + own["token"]}
 
 
-def linear_backend(mcfg) -> str:
-    """The path `lsp plan --measure` runs the linear layers on (the recurrence family's `backend`)."""
-    return op_family(mcfg).backend()
+def linear_backend(mcfg, kind: Optional[str] = None) -> str:
+    """The path `lsp plan --measure` runs a linear layer of `kind` (None: linear_attn) on (its recurrence family's
+    `backend`)."""
+    return op_family(mcfg, kind).backend()
 
 
 def local_segments(seq_len: int, local_tokens: int, micro_batch: int, layout: str) -> tuple[int, int]:
@@ -181,12 +196,12 @@ def layer_activation_bytes(mcfg, kind: str, seq_len: int, local_tokens: int, mic
     sp = max(1, micro_batch * seq_len // local_tokens)
     held, Ts = local_segments(seq_len, local_tokens, micro_batch, layout)
     padded = micro_batch * held * -(-Ts // LINEAR_CHUNK) * LINEAR_CHUNK
-    b = saved_bytes(mcfg, kind, linear_backend(mcfg))
+    b = saved_bytes(mcfg, kind, linear_backend(mcfg, None if kind == "S" else _linear_kind(mcfg, kind)))
     sharded = sp > 1
     incoming = b.get("incoming", 0) if sharded and layout == "zigzag" else 0
     keys = softmax_exchange_cost(softmax_method, sp, b["keys"] * local_tokens, 0.0, 0.0).kept
     return ((b["token"] + incoming) * local_tokens + b["padded"] * padded
-            + sharded * (b["segment"] * micro_batch * held + keys) + 2 * _layer_weights(mcfg)[kind])
+            + sharded * (b["segment"] * micro_batch * held + keys) + 2 * _layer_weights(mcfg, kind))
 
 
 def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
@@ -194,8 +209,9 @@ def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ch
     """Bytes of activations kept for backward on rank 0 (module docstring), plus the K|V working set of one
     softmax layer's SP pass (LASP-2H: the gathered K|V's gradient; ring: two blocks and two dK|dV accumulators)."""
     D, V = mcfg.hidden_size, mcfg.vocab_size
-    layer = {t: layer_activation_bytes(mcfg, t, seq_len, local_tokens, micro_batch, layout, softmax_method)
-             for t in "LS"}
+    keys = layer_keys(mcfg)
+    layer = {key: layer_activation_bytes(mcfg, key, seq_len, local_tokens, micro_batch, layout, softmax_method)
+             for key in set(keys)}
     types = mcfg.layer_types
     sp = max(1, micro_batch * seq_len // local_tokens)
     kv_local = 4 * mcfg.num_kv_heads * mcfg.head_dim * local_tokens            # bf16 K and V of the local tokens
@@ -203,8 +219,8 @@ def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ch
     # embedding ids, final norm, the fused cross-entropy's fp32 input gradient and weight gradient
     head = (12 * D + 12) * local_tokens + 4 * V * D + workspace
     if not checkpointing:
-        return head + sum(layer[t] for t in types)
-    return head + 4 * D * local_tokens * len(types) + max(layer[t] for t in set(types))
+        return head + sum(layer[key] for key in keys)
+    return head + 4 * D * local_tokens * len(types) + max(layer.values())
 
 
 def counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
@@ -217,53 +233,59 @@ def counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, check
     (`linear_core_flops`), forward one third."""
     D, H, Dh, types = mcfg.hidden_size, mcfg.num_heads, mcfg.head_dim, mcfg.layer_types
     sp, ac = max(1, micro_batch * seq_len // local_tokens), int(checkpointing)
-    weights = _layer_weights(mcfg)
-    blocks = sum(weights[t] for t in types)
+    blocks = sum(_layer_weights(mcfg, key) for key in layer_keys(mcfg))
     recomputed = blocks - len(types) * D * mcfg.intermediate_size   # the recompute stops before down_proj
     matmul = (6 * blocks + 2 * ac * recomputed + 6 * mcfg.vocab_size * D) * local_tokens
-    linear = types.count("L") * linear_flops(mcfg, seq_len, local_tokens, micro_batch, ac, layout)
+    linear = sum(n * linear_flops(mcfg, seq_len, local_tokens, micro_batch, ac, layout, kind)
+                 for kind, n in mcfg.linear_kind_counts().items())
     _, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
     rows = {1: seq_len * seq_len}.get(sp, seg * seg * (2 * sp + 1 if layout == "zigzag" else 1))
     softmax = types.count("S") * (14 + 4 * ac) * H * Dh * micro_batch * rows
     return matmul + linear + softmax
 
 
-def linear_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str) -> float:
-    """FLOPs FlopCounterMode counts for one linear layer's attention (forward, backward, checkpoint recompute).
+def linear_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str,
+                 kind: Optional[str] = None) -> float:
+    """FLOPs FlopCounterMode counts for one linear layer's attention (forward, backward, checkpoint recompute), of
+    `kind` (None: linear_attn).
     Torch path: `linear_core_flops`, forward one third. Triton path: the custom ops' formulas
     (`lsp.ops.linear.custom_ops.chunk_flops`: S states, O output per pass; backward 2x plus a recomputed states
     scan per piece, two pieces under SP, the whole op without) and, under SP, the incoming-state correction's
     einsums on the segments that receive a state (2·K·V per token forward, twice that backward)."""
-    return op_family(mcfg).counted_flops(mcfg, seq_len, local_tokens, micro_batch, ac, layout)
+    return op_family(mcfg, kind).counted_flops(mcfg, seq_len, local_tokens, micro_batch, ac, layout, kind)
 
 
-def _decayed_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str) -> float:
-    # linear_flops of a kind whose segment map is a scalar / diagonal decay (the linear_attention op)
-    H, Dh = mcfg.num_heads, mcfg.head_dim
+def _decayed_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str,
+                           kind: Optional[str] = None) -> float:
+    # linear_flops of a kind whose segment map is a scalar / diagonal decay (the linear_attention op), K x V states
+    H, (K, V) = mcfg.num_heads, layer_kind(kind or mcfg.linear_attn).state_dims(mcfg)
     sp = max(1, micro_batch * seq_len // local_tokens)
     held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
-    if linear_backend(mcfg) == "torch":
+    if _measured_backend() == "torch":
         chunks = micro_batch * held * -(-seg // LINEAR_CHUNK)
-        return H * linear_core_flops(mcfg, chunks, micro_batch * held) * (1 + ac / 3)
+        return H * linear_core_flops(mcfg, chunks, micro_batch * held, kind) * (1 + ac / 3)
     from lsp.ops.linear.custom_ops import chunk_flops
 
-    c = chunk_flops(micro_batch * held, seg, H, Dh, Dh)
+    c = chunk_flops(micro_batch * held, seg, H, K, V)
     S, O = c["states"], c["output"]
     entering = micro_batch * seg * (held - 1 if layout == "zigzag" else 0) if sp > 1 else 0
-    return (3 + ac) * (S + O) + (2 if sp > 1 else 1) * S + (3 + ac) * 2 * H * Dh * Dh * entering
+    return (3 + ac) * (S + O) + (2 if sp > 1 else 1) * S + (3 + ac) * 2 * H * K * V * entering
 
 
-def linear_core_flops(mcfg, chunks: int, segments: int) -> float:
+def linear_core_flops(mcfg, chunks: int, segments: int, kind: Optional[str] = None) -> float:
     """FlopCounterMode's count of one head of a linear-attention layer's chunk core (forward + backward) over
     `chunks` padded chunks of C = 64 tokens in `segments` segments, counted on the chunked torch path at head dims
     32, 64, 128 and one or two chunks per segment and written out (K = V = Dh); the first chunk of a segment
     enters a zero state, hence the per-segment correction (GLA family; the delta rule: `_delta_counted_per_token`):
-        chunks · C·(528·Dh + 19.25·Dh²) - segments · 8.5·C·Dh²"""
-    C, Dh = LINEAR_CHUNK, mcfg.head_dim
-    return chunks * C * (528 * Dh + 19.25 * Dh * Dh) - segments * 8.5 * C * Dh * Dh
+        chunks · C·(528·Dh + 19.25·Dh²) - segments · 8.5·C·Dh²
+    For a kind whose state is K x V (`state_dims`: Mamba-2's N x P) Dh is read as (K + V) / 2 and Dh² as K·V: the
+    quadratic terms are K·V matmuls; the linear term's split between K and V is not counted (an approximation)."""
+    C, (K, V) = LINEAR_CHUNK, layer_kind(kind or mcfg.linear_attn).state_dims(mcfg)
+    return chunks * C * (264 * (K + V) + 19.25 * K * V) - segments * 8.5 * C * K * V
 
 
-def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str) -> float:
+def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str,
+                          kind: Optional[str] = None) -> float:
     # linear_flops of a kind whose segment map is dense (the delta rule, chunked torch path: no delta custom ops yet)
     sp = max(1, micro_batch * seq_len // local_tokens)
     _, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
@@ -283,11 +305,12 @@ def _delta_counted_per_token(Dh: int, seg: int, sp: int, ac: int) -> float:
 
 
 def linear_exchange(mcfg, hw: Hardware, sp: int, method: str, b: int, t_intra: float, layout: str,
-                    scan_blocks: Optional[int] = None) -> tuple:
-    """(exposed s, bytes received per GPU, All-Scan blocks) of one linear layer's SP exchange in one pass, for the
-    config's linear kind (what it sends: its `exchange_payload`); scan_blocks None: the model's best."""
-    payload = layer_kind(mcfg.linear_attn).exchange_payload(mcfg, b, hw.act_bytes)
-    return op_family(mcfg).exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, payload)
+                    scan_blocks: Optional[int] = None, kind: Optional[str] = None) -> tuple:
+    """(exposed s, bytes received per GPU, All-Scan blocks) of one linear layer's SP exchange in one pass, for a
+    layer of `kind` (None: linear_attn; what it sends: its `state_dims` states and `exchange_payload`);
+    scan_blocks None: the model's best."""
+    cls = layer_kind(kind or mcfg.linear_attn)
+    return op_family(mcfg, kind).exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, cls)
 
 
 def _conv_halo(sp: int, halo_bytes: float, hw: Hardware, layout: str) -> tuple[float, float]:
@@ -299,9 +322,10 @@ def _conv_halo(sp: int, halo_bytes: float, hw: Hardware, layout: str) -> tuple[f
     return (sp - 1) * (hw.latency + L * halo_bytes / hw.bandwidth), (sp - 1) * L * halo_bytes
 
 
-def _decayed_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, payload) -> tuple:
+def _decayed_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, kind) -> tuple:
     # states and total decays (a vector per head), overlapped with the intra-chunk compute
-    state = b * mcfg.num_heads * mcfg.head_dim * mcfg.head_dim * hw.state_bytes
+    payload, (K, V) = kind.exchange_payload(mcfg, b, hw.act_bytes), kind.state_dims(mcfg)
+    state = b * mcfg.num_heads * K * V * hw.state_bytes
     blocks = scan_blocks or SCAN_BLOCKS
     if not scan_blocks and sp > 1 and sp_method(method).blocks:
         blocks = best_scan_blocks(sp, state, t_intra, hw, layout=layout, method=method,
@@ -312,8 +336,9 @@ def _decayed_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, pay
     return exposed + halo_s, nbytes + halo_bytes, blocks
 
 
-def _affine_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, payload) -> tuple:
+def _affine_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, kind) -> tuple:
     # dense maps [M | S] (allgather) or states along the chain, nothing overlapped, plus the conv halo
+    payload = kind.exchange_payload(mcfg, b, hw.act_bytes)
     H, Dh = mcfg.num_heads, mcfg.head_dim
     state = b * H * Dh * Dh * hw.state_bytes
     blocks = scan_blocks or SCAN_BLOCKS
@@ -350,9 +375,10 @@ _AFFINE = OpFamily(lambda: "torch", _affine_counted_flops, _affine_sp_flops, _af
 OP_FAMILIES = {"identity": _DECAYED, "scalar": _DECAYED, "diagonal": _DECAYED, "dense": _AFFINE}
 
 
-def op_family(mcfg) -> OpFamily:
-    """The planner's model of the config's linear kind's recurrence; a form of A it does not model raises."""
-    kind = layer_kind(mcfg.linear_attn)
+def op_family(mcfg, kind: Optional[str] = None) -> OpFamily:
+    """The planner's model of a linear kind's recurrence (None: linear_attn); a form of A it does not model
+    raises."""
+    kind = layer_kind(kind or mcfg.linear_attn)
     if kind.state_map not in OP_FAMILIES:
         raise ValueError(f"linear kind {kind.name!r}: the planner models no segment map of form {kind.state_map!r} "
                          f"(known: {', '.join(OP_FAMILIES)})")
@@ -363,7 +389,7 @@ def _sp_extra_flops(mcfg, sp: int, seq_len: int) -> float:
     # training FLOPs per token the SP path adds to the model's own (3 x forward)
     if sp == 1:
         return 0.0
-    return 3 * mcfg.layer_types.count("L") * op_family(mcfg).sp_flops(mcfg, seq_len)
+    return 3 * sum(n * op_family(mcfg, kind).sp_flops(mcfg, seq_len) for kind, n in mcfg.linear_kind_counts().items())
 
 
 def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool, layout: str,
@@ -376,13 +402,15 @@ def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: i
     H, Hkv, Dh = mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim
     C = min(LINEAR_CHUNK, seq_len)
     t_intra = 2 * 2 * C * Dh * H * t / hw.flops                     # Q Kᵀ and P V inside the chunks of one layer
-    exposed_L, _, blocks = linear_exchange(mcfg, hw, sp, method, b, t_intra, layout)
+    # per linear kind of the model; the All-Scan block count reported is the first kind's (one launch key)
+    counts = mcfg.linear_kind_counts() or {mcfg.linear_attn: 0}
+    exchanges = {kind: linear_exchange(mcfg, hw, sp, method, b, t_intra, layout, kind=kind) for kind in counts}
+    blocks = next(iter(exchanges.values()))[2]
     kv = 2 * t * Hkv * Dh * hw.act_bytes
     local_block = 2 * 2 * H * Dh * t * (t / 2) / hw.flops            # causal diagonal block: needs no remote K,V
     attention = 2 * 2 * H * Dh * t * (seq_len / 2) / hw.flops         # the rank's causal pairs, zigzag-balanced
     exposed_S = softmax_exchange_cost(softmax_method, sp, kv, attention, local_block, hw).exposed_s
-    types = mcfg.layer_types
-    comm = 2 * types.count("L") * exposed_L + types.count("S") * exposed_S
+    comm = 2 * sum(n * exchanges[kind][0] for kind, n in counts.items()) + mcfg.layer_types.count("S") * exposed_S
     return compute, comm, compute_fwd * 2, blocks
 
 

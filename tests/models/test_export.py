@@ -51,7 +51,8 @@ def logged_by_transformers(fn):
 @torch.no_grad()
 @pytest.mark.parametrize("kind, pattern, tie", [("gla", "LS", False), ("lightning", "LLS", True),
                                                 ("linear", "L", False), ("simple_gla", "SL", False),
-                                                ("gated_deltanet", "LLS", False)])
+                                                ("gated_deltanet", "LLS", False), ("mamba2", "LLS", False),
+                                                ("hgrn2", "LLS", False)])
 @needs_hf
 def test_hf_logits_equal_lsp(tmp_path, kind, pattern, tie):
     model = make_model(kind, pattern, tie)
@@ -66,7 +67,23 @@ def test_hf_logits_equal_lsp(tmp_path, kind, pattern, tie):
 
 @needs_hf
 @torch.no_grad()
-@pytest.mark.parametrize("kind", ["gla", "gated_deltanet"])
+def test_hf_export_of_a_kind_mix(tmp_path):
+    """A layer_pattern naming a kind per position round-trips through config.json: logits and decoding equal lsp."""
+    cfg = HybridConfig(vocab_size=300, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                       layer_pattern="mamba2,hgrn2,S", ssm_state_size=8)
+    torch.manual_seed(0)
+    model = HybridLM(cfg).eval()
+    export_model(model, IdTokenizer(300), tmp_path)
+    hf = load_hf(tmp_path)
+    assert [type(b.attn).__name__ for b in hf.model.layers] == ["Mamba2", "HGRN2", "SoftmaxAttention"]
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(hf(ids).logits, model(ids).logits)
+    assert torch.equal(hf.generate(ids[:, :7], max_new_tokens=5, do_sample=False), model.generate(ids[:, :7], 5))
+
+
+@needs_hf
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["gla", "gated_deltanet", "mamba2", "hgrn2"])
 def test_hf_generate_equals_lsp_and_decodes_one_token_per_step(tmp_path, kind):
     model = make_model(kind, "LLS")
     export_model(model, IdTokenizer(model.cfg.vocab_size), tmp_path)

@@ -145,9 +145,10 @@ def _agrees(name, gpus, overrides=()):
     assert model.peak == pytest.approx(got.peak, rel=0.15)
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu", "tiny-gdn-cpu"])
+@pytest.mark.parametrize("name", ["tiny-cpu", "tiny-gdn-cpu", "tiny-mamba2-cpu", "tiny-hgrn2-cpu"])
 def test_model_agrees_with_the_measurement_of_the_tiny_configs(name):
-    """GLA and Gated DeltaNet, segments shorter than a chunk (the padded chunk core dominates): seconds each."""
+    """GLA, Gated DeltaNet, Mamba-2 (N != head_dim) and HGRN2, segments shorter than a chunk (the padded chunk core
+    dominates): seconds each."""
     _agrees(name, 2)
 
 

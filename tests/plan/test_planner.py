@@ -52,7 +52,7 @@ def test_activation_model_counts_the_gathered_kv_of_softmax_layers():
     # weight and the fused cross-entropy's fp32 weight gradient; plus, while one softmax layer runs its backward,
     # the gradient of its gathered K|V (the working set of LASP-2H)
     types, H, Dh = m.layer_types, m.num_heads, m.head_dim
-    weights = 2 * sum(_layer_weights(m)[t] for t in types)
+    weights = 2 * sum(_layer_weights(m, t) for t in types)
     kv = 2 * T * m.num_kv_heads * Dh * 2 * types.count("S")
     states = 2 * 4 * H * Dh * Dh * types.count("L")
     workspace = 2 * T * m.num_kv_heads * Dh * 2

@@ -272,3 +272,8 @@ def test_init_from_an_export_or_a_run_is_bitwise(tiny_run, tmp_path):
     with pytest.raises(ConfigError, match="^init_from: .* holds a model with hidden_size=32; this config builds "
                                           "hidden_size=48"):
         start("other", f"init_from={tmp_path / 'hf'}", "model.hidden_size=48")
+    # a kind named per position: layer_types (LS) and linear_attn (gla) equal the run's, the layer's kind does not
+    # (this used to pass the check and fail inside load_state_dict)
+    with pytest.raises(ConfigError, match=r"^init_from: .* holds a model with position_kinds=\('gla', None\); this "
+                                          r"config builds position_kinds=\('lightning', None\)"):
+        start("mixed", f"init_from={tiny_run}", "model.layer_pattern=lightning,S")

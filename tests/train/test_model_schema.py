@@ -42,10 +42,11 @@ class OldModelConfig:   # the hand-written copy this schema replaced (negative c
 def test_model_section_is_hybrid_config():
     assert schema_drift(ModelConfig) == []
     assert set(SET_ELSEWHERE) <= {f.name for f in dataclasses.fields(HybridConfig)}
-    # control: the old copy drifts (an `extra` key, 11 HybridConfig keys missing, and the 10 MoE keys since)
+    # control: the old copy drifts (an `extra` key, 11 HybridConfig keys missing, the 10 MoE keys and the 2 mamba2
+    # keys ssm_state_size, ssm_groups since)
     drift = schema_drift(OldModelConfig)
     assert [d for d in drift if d.startswith("extra: ") and d.endswith(" here, absent in HybridConfig")], drift
-    assert len(drift) == 22
+    assert len(drift) == 24
 
 
 # per key: (a good value that must reach HybridConfig, a bad value that must be rejected naming the key)
@@ -59,6 +60,7 @@ CASES = {
     "moe_experts": (4, -1), "moe_top_k": (1, 0), "moe_shared_experts": (1, -1), "moe_intermediate_size": (32, 0),
     "moe_first_dense": (1, -1), "moe_router": ("sigmoid", "relu"), "moe_aux_loss_coef": (0.01, -1.0),
     "moe_bias_update_rate": (0.001, -0.1), "moe_z_loss_coef": (0.001, -1.0), "moe_capacity_factor": (1.25, 0.0),
+    "ssm_state_size": (32, 0), "ssm_groups": (2, 3),
 }
 
 
