@@ -17,8 +17,9 @@ U0 = (I - A_ab)^-1 A_ak V and W = (I - A_ab)^-1 (a ⊙ exp G⁻); with Bd_j, Kd_
 This is the delta rule's chunk form (lsp/ops/delta/chunk.py) with 2C rows: Kd' = [Bd; Kd], Wk' = [-W; 0],
 U' = [U0; V], P' = [P_qb | P_qk] and a decay per key channel, so its chunk scan, the augmented-state maps that
 sequence parallelism composes (`sequence_maps`) and the entering product (`enter_sequences`) serve it unchanged.
-Every pair decay is formed as exp of a difference that is <= 0 ([.., C, C, K], C·C·K per chunk and head), so nothing
-overflows whatever the gates; the price is that memory, which the specialised ops avoid (docs/ops.md).
+The pair sums are per-key-decay scores, built as GLA's are (`lsp.ops.linear.chunk.intra_scores_key`: sub-blocks of
+16 tokens, exact on the diagonal blocks, factorised about a block start off it), so every exponent is <= 0 and
+nothing overflows whatever the gates; A_ab, A_ak are those scores of a shifted one token up, moved down one row.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch
 from lsp.names import CHUNK_SIZE
 from lsp.ops.delta.chunk import DeltaChunks, chunk_readout, chunk_scan, to_chunks
 from lsp.ops.linear.checks import acc_dtype
+from lsp.ops.linear.chunk import intra_scores_key
 from lsp.ops.linear.layout import chunk_layout
 
 
@@ -40,16 +42,12 @@ class DplrChunks(DeltaChunks):
     b: torch.Tensor                # [R, H, NC, C, K]
 
 
-def _pair_decay(G_row: torch.Tensor, G_col: torch.Tensor, strict: bool) -> torch.Tensor:
-    # G_row, G_col: [.., C, K] -> exp(G_row_i - G_col_j) [.., C, C, K] on j < i (strict) or j <= i, zero elsewhere
-    C = G_row.shape[-2]
-    mask = torch.ones(C, C, dtype=torch.bool, device=G_row.device).tril(-1 if strict else 0)[..., None]
-    return torch.where(mask, G_row[..., :, None, :] - G_col[..., None, :, :], float("-inf")).exp()
-
-
-def _pair_sum(x: torch.Tensor, decay: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # x, y: [.., C, K]; decay: [.., C, C, K] -> Σ_c x_i[c] decay[i, j, c] y_j[c]  [.., C, C]
-    return torch.einsum("...ik,...ijk,...jk->...ij", x, decay, y)
+def _strict_scores(x, y, G):
+    # x, y, G: [.., C, K] -> Σ_c x_i[c] exp(G_{i-1}[c] - G_j[c]) y_j[c] on j < i  [.., C, C]: row i of the
+    # inclusive scores of x shifted up one token (x_{i+1} against G_i), moved down one row
+    shifted = torch.cat([x[..., 1:, :], torch.zeros_like(x[..., :1, :])], dim=-2)
+    scores = intra_scores_key(shifted, y, G)
+    return torch.cat([torch.zeros_like(scores[..., :1, :]), scores[..., :-1, :]], dim=-2)
 
 
 def prepare_dplr_chunks(k, v, a, b, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE) -> DplrChunks:
@@ -63,8 +61,7 @@ def prepare_dplr_chunks(k, v, a, b, g, cu_seqlens=None, chunk_size: int = CHUNK_
     kc, vc, ac, bc, gc = (to_chunks(x.to(dt), layout) for x in (k, v, a, b, g))
     G = gc.cumsum(dim=3)                                                  # [R, H, NC, C, K] inclusive
     G_ex = G - gc                                                         # before token i's own decay
-    before = _pair_decay(G_ex, G, strict=True)
-    A_ab, A_ak = _pair_sum(ac, before, bc), _pair_sum(ac, before, kc)     # strictly lower [.., C, C]
+    A_ab, A_ak = _strict_scores(ac, bc, G), _strict_scores(ac, kc, G)     # strictly lower [.., C, C]
     rhs = torch.cat([A_ak @ vc, ac * G_ex.exp()], dim=-1)
     # unitriangular ignores the (zero) diagonal of -A_ab: this solves (I - A_ab) X = rhs
     sol = torch.linalg.solve_triangular(-A_ab, rhs, upper=False, unitriangular=True)
@@ -81,8 +78,7 @@ def dplr_chunk_output(q, chunks: DplrChunks, entering: torch.Tensor, scale: floa
     """o per chunk from the entering states; q: [B, T, H, K], entering: [R, H, NC, K, V] -> o [B, T, H, V]
     (accumulation dtype)."""
     qc = to_chunks(q.to(chunks.k.dtype), chunks.layout)
-    upto = _pair_decay(chunks.G, chunks.G, strict=False)
-    P = torch.cat([_pair_sum(qc, upto, chunks.b), _pair_sum(qc, upto, chunks.k)], dim=-1)     # [.., C, 2C]
+    P = torch.cat([intra_scores_key(qc, chunks.b, chunks.G), intra_scores_key(qc, chunks.k, chunks.G)], dim=-1)
     return chunk_readout(qc * chunks.G.exp(), P, chunks, entering, scale)
 
 
