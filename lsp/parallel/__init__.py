@@ -14,6 +14,6 @@ check_registered()              # every name the config accepts has an implement
 METHODS = DELTA_METHODS = sp_methods()   # the built-in methods (every linear family runs every one)
 
 __all__ = ["SPContext", "LAYOUTS", "METHODS", "sp_linear_attention", "sp_softmax_attention", "sp_delta_rule",
-           "sp_dplr_delta_rule", "sp_short_conv", "DELTA_METHODS", "SOFTMAX_METHODS", "ring_softmax_attention", "comm_stats",
-           "reset_comm_stats", "checkpoint_contexts", "spawn", "attention_pairs_per_rank", "attention_flops_balance",
-           "register_method", "unregister_method", "sp_method", "sp_methods"]
+           "sp_dplr_delta_rule", "sp_short_conv", "DELTA_METHODS", "SOFTMAX_METHODS", "ring_softmax_attention",
+           "comm_stats", "reset_comm_stats", "checkpoint_contexts", "spawn", "attention_pairs_per_rank",
+           "attention_flops_balance", "register_method", "unregister_method", "sp_method", "sp_methods"]

@@ -3,7 +3,7 @@ fp64 DPLR recurrence in outputs, final states and the gradients of every input."
 import pytest
 import torch
 
-from lsp.parallel import DELTA_METHODS, SPContext, spawn, sp_dplr_delta_rule
+from lsp.parallel import DELTA_METHODS, SPContext, sp_dplr_delta_rule, spawn
 from lsp.parallel import affine as affine_mod
 
 from . import dplr_cases
