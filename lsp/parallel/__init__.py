@@ -3,6 +3,7 @@ from .collectives import checkpoint_contexts
 from .comm import comm_stats, reset_comm_stats
 from .context import LAYOUTS, SPContext
 from .delta import sp_delta_rule, sp_short_conv
+from .dplr import sp_dplr_delta_rule
 from .launch import spawn
 from .linear import sp_linear_attention
 from .methods import check_registered, register_method, sp_method, sp_methods, unregister_method
@@ -22,7 +23,7 @@ SOFTMAX.check_registered()      # likewise for the softmax layers' methods (lsp.
 METHODS = DELTA_METHODS = sp_methods()   # the built-in methods (every linear family runs every one)
 
 __all__ = ["SPContext", "LAYOUTS", "METHODS", "sp_linear_attention", "sp_softmax_attention", "sp_delta_rule",
-           "sp_short_conv", "DELTA_METHODS", "softmax_method", "softmax_methods", "register_softmax_method",
-           "ring_softmax_attention", "comm_stats", "reset_comm_stats", "checkpoint_contexts", "spawn",
-           "attention_pairs_per_rank", "attention_flops_balance", "register_method", "unregister_method", "sp_method",
-           "sp_methods", "SOFTMAX"]
+           "sp_dplr_delta_rule", "sp_short_conv", "DELTA_METHODS", "softmax_method", "softmax_methods",
+           "register_softmax_method", "ring_softmax_attention", "comm_stats", "reset_comm_stats",
+           "checkpoint_contexts", "spawn", "attention_pairs_per_rank", "attention_flops_balance", "register_method",
+           "unregister_method", "sp_method", "sp_methods", "SOFTMAX"]

@@ -109,35 +109,46 @@ def sp_delta_rule(q, k, v, beta, g=None, *, sp, method=None, scale=None, initial
 
 def _sp_delta(q, k, v, beta, g, sp, method, scale, initial_state, output_final_state, cu_seqlens, scan_blocks,
               s: Shape, scan_backend="torch"):
-    # the three steps of the module docstring on the held segments as rows [R·L·B, Ts, ...]
+    prepare = lambda rows, cu: prepare_chunks(*rows, cu, scan_backend=scan_backend)  # noqa: E731
+    return sp_chunked_rule(q, (k, v, beta, g), prepare, chunk_output, "delta", sp, method, scale, initial_state,
+                           output_final_state, cu_seqlens, scan_blocks, s)
+
+
+def sp_chunked_rule(q, per_token, prepare, output, family_tag, sp, method, scale, initial_state, output_final_state,
+                    cu_seqlens, scan_blocks, s: Shape):
+    """The three steps of the module docstring for any rule in the delta rule's chunk form (DeltaChunks), on the
+    held segments as rows [R·L·B, Ts, ...].
+
+    per_token: the local shards besides q (each [R·B, T_local, H, ...] or None); prepare(rows, local_cu) -> chunks;
+    output(q_rows, chunks, entering, scale) -> o rows; family_tag names the comm-accounting tags ("delta_ring", ..).
+    """
     R, L, B, Ts, H, K, V = s.R, s.L, s.B, s.Ts, s.H, s.K, s.V
     plan = sp.segment_plan(q.shape[1], cu_seqlens)
     packed = plan.packed
     rows_of = lambda x: None if x is None else _to_seg_rows(x, s)  # noqa: E731
-    q_r, k_r, v_r, beta_r, g_r = map(rows_of, (q, k, v, beta, g))
+    q_r, *token_rows = map(rows_of, (q, *per_token))
     rows = s.rows
-    dt = acc_dtype(q.dtype)
-    init = _local_initial_states(initial_state, sp, plan, s, dt)
+    init = _local_initial_states(initial_state, sp, plan, s, acc_dtype(q.dtype))
     if packed:  # held segments end to end in one packed row, cut at segment edges and document starts
         flat = lambda x: None if x is None else x.reshape(1, rows * Ts, *x.shape[2:])  # noqa: E731
-        q_r, k_r, v_r, beta_r, g_r = map(flat, (q_r, k_r, v_r, beta_r, g_r))
+        q_r, *token_rows = map(flat, (q_r, *token_rows))
     local_cu = plan.local_boundaries() if packed else None
-    chunks = prepare_chunks(k_r, v_r, beta_r, g_r, local_cu, scan_backend=scan_backend)
+    chunks = prepare(token_rows, local_cu)
     entering_aug, maps = sequence_maps(chunks, init)            # maps: [rows or pieces, H, K, K + V] = [M | S_loc]
     first = [0] + [p + 1 for p in plan.last_piece[:-1]] if packed else list(range(rows))
     last = plan.last_piece if packed else list(range(rows))
     seg = lambda x, idx: x[idx].reshape(R, L, B, H, K, -1)  # noqa: E731
     E, token = exchange(seg(maps[..., K:], last), seg(maps[..., :K], first), join_token(), sp, plan, method,
-                        scan_blocks, DENSE, "delta_" + method)()
+                        scan_blocks, DENSE, f"{family_tag}_{method}")()
     E = E.reshape(rows, H, K, V)
     extra = E if not packed else _pieces_entering(E, first, maps.shape[0])
     chunk_states, finals = enter_sequences(chunks, entering_aug, maps, extra)
-    o = chunk_output(q_r, chunks, chunk_states, scale).to(q.dtype)
+    o = output(q_r, chunks, chunk_states, scale).to(q.dtype)
     o = _from_seg_rows(o.reshape(rows, Ts, H, V), s)
     if not output_final_state:
         return o, None
     final = _owned_finals(finals, sp, plan, s)
-    final = ReplicateSum.apply(final.contiguous(), token, sp.comm, "delta_final_state")
+    final = ReplicateSum.apply(final.contiguous(), token, sp.comm, f"{family_tag}_final_state")
     return o, (final[0] if not sp.emulated else final.reshape(-1, *final.shape[2:]))
 
 

@@ -52,7 +52,7 @@ class DeltaChunks:
     input_dtype: torch.dtype = torch.float32  # dtype of k, v (decides the Triton scan's product precision)
 
 
-def _to_chunks(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+def to_chunks(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     # [B, T, H, D] -> [R, H, NC, C, D], zero padded
     x = layout.pad(x)
     R, Tp, H, D = x.shape
@@ -60,7 +60,7 @@ def _to_chunks(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     return x.view(R, Tp // C, C, H, D).permute(0, 3, 1, 2, 4)
 
 
-def _from_chunks(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+def from_chunks(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     # [R, H, NC, C, D] -> [B, T, H, D]
     R, H, NC, C, D = x.shape
     return layout.unpad(x.permute(0, 2, 3, 1, 4).reshape(R, NC * C, H, D))
@@ -121,10 +121,10 @@ def prepare_chunks(k, v, beta, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE,
     B, T, H, K = k.shape
     dt = acc_dtype(k.dtype)
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
-    kc, vc = _to_chunks(k.to(dt), layout), _to_chunks(v.to(dt), layout)
-    bc = _to_chunks(beta.to(dt).unsqueeze(-1), layout)                        # [R, H, NC, C, 1]
+    kc, vc = to_chunks(k.to(dt), layout), to_chunks(v.to(dt), layout)
+    bc = to_chunks(beta.to(dt).unsqueeze(-1), layout)                        # [R, H, NC, C, 1]
     per_head = g is not None and g.dim() == 3
-    G = None if g is None else _to_chunks(g.to(dt).unsqueeze(-1) if per_head else g.to(dt), layout).cumsum(dim=3)
+    G = None if g is None else to_chunks(g.to(dt).unsqueeze(-1) if per_head else g.to(dt), layout).cumsum(dim=3)
     A = bc * pair_products(kc, kc, G, strict=True)                            # strictly lower [.., C, C]
     rhs = torch.cat([bc * vc, bc * kc * (1.0 if G is None else G.exp())], dim=-1)
     sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
@@ -149,6 +149,7 @@ def chunk_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
     zero = U.new_zeros(R, H, K, D)
     # unbind once: autograd through per-chunk slices would allocate a zero-filled full-size gradient per slice
     Us, Wks, Kds = U.unbind(2), chunks.Wk.unbind(2), chunks.Kd.transpose(-1, -2).unbind(2)
+    # a scalar decay [R, H, NC] or one per key channel [R, H, NC, K] (KDA, the DPLR chunks) scales the state's rows
     decays = None if chunks.decay is None else _as_state_factor(chunks.decay).unbind(2)
     finals, entering, state = {}, [], zero
     for c in range(NC):
@@ -200,11 +201,20 @@ def chunk_output(q, chunks: DeltaChunks, entering: torch.Tensor, scale: float) -
 
     q: [B, T, H, K]; entering: [R, H, NC, K, V] -> o [B, T, H, V] in the accumulation dtype.
     """
-    qc = _to_chunks(q.to(chunks.k.dtype), chunks.layout)
+    qc = to_chunks(q.to(chunks.k.dtype), chunks.layout)
     P = pair_products(qc, chunks.k, chunks.G, strict=False)
     q_state = qc if chunks.G is None else qc * chunks.G.exp()
+    return chunk_readout(q_state, P, chunks, entering, scale)
+
+
+def chunk_readout(q_state, P, chunks: DeltaChunks, entering: torch.Tensor, scale: float) -> torch.Tensor:
+    """o = scale · [(q_state - P Wk) E_c + P U]: the output of any chunk map in this form, whatever made P.
+
+    q_state: [R, H, NC, C, K] queries decayed from the chunk start; P: [R, H, NC, C, C'] (C' = U's rows);
+    entering: [R, H, NC, K, V] -> o [B, T, H, V] in the accumulation dtype.
+    """
     o = scale * (P @ chunks.U + (q_state - P @ chunks.Wk) @ entering)
-    return _from_chunks(o, chunks.layout)
+    return from_chunks(o, chunks.layout)
 
 
 def sequence_maps(chunks: DeltaChunks, init: torch.Tensor | None = None):
@@ -214,7 +224,8 @@ def sequence_maps(chunks: DeltaChunks, init: torch.Tensor | None = None):
     entering [R, H, NC, K, K + V] (per chunk: [P_c | S_c], the chunk is entered with S_c + P_c X when the sequence
     is entered with init + X) and final [R or N, H, K, K + V] = [M | S_loc] per sequence. Differentiable.
     """
-    R, H, NC, C, K = chunks.k.shape
+    R, H, NC, C, _ = chunks.U.shape          # C: U's rows (twice the chunk for DPLR: its low-rank and kv terms)
+    K = chunks.k.shape[-1]
     U_aug = torch.cat([chunks.U.new_zeros(R, H, NC, C, K), chunks.U], dim=-1)
     n_seq = R if chunks.layout.dst is None else len(chunks.layout.resets) + len(chunks.layout.empty)
     eye = torch.eye(K, dtype=U_aug.dtype, device=U_aug.device).expand(n_seq, H, K, K)

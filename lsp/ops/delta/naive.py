@@ -48,12 +48,20 @@ def naive_delta_recurrence(q, k, v, beta, g, scale, initial_state):
 
 def naive_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
     """Step-by-step reference; arguments as `lsp.ops.delta_rule` (already validated)."""
+    return per_sequence(naive_delta_recurrence, (q, k, v, beta, g), scale, initial_state, output_final_state,
+                        cu_seqlens)
+
+
+def per_sequence(recurrence, inputs, scale, initial_state, output_final_state, cu_seqlens):
+    """Run `recurrence(*inputs, scale, init) -> (o, state)` on every packed sequence (or on the whole batch) and
+    join the outputs; inputs: [B, T, ...] tensors or None, the first of them q. Returns (o, final states or None)."""
+    q = inputs[0]
     bounds = seq_bounds(cu_seqlens, q.shape[0], q.shape[1]) or [(0, q.shape[1])]
     part = lambda x, s, e: None if x is None else x[:, s:e]  # noqa: E731
     outs, states = [], []
     for n, (s, e) in enumerate(bounds):
         init = initial_state if cu_seqlens is None or initial_state is None else initial_state[n : n + 1]
-        o, state = naive_delta_recurrence(*(part(x, s, e) for x in (q, k, v, beta, g)), scale, init)
+        o, state = recurrence(*(part(x, s, e) for x in inputs), scale, init)
         outs.append(o)
         states.append(state)
     o = torch.cat(outs, dim=1).to(q.dtype)

@@ -59,7 +59,7 @@ OUT_TUNER = tune.Tuner(OUT_CANDIDATES)
 
 def _chunked(x: torch.Tensor, layout) -> torch.Tensor:
     # [B, T, H, D] -> contiguous [R, H, NC, C, D], zero padded (the kernels' layout)
-    return chunk_mod._to_chunks(x, layout).contiguous()
+    return chunk_mod.to_chunks(x, layout).contiguous()
 
 
 def ut_transform(kc, vc, bc, gc):
@@ -120,7 +120,7 @@ def triton_forward(q, k, v, beta, g, scale, initial_state, cu_seqlens):
     layout, qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, cu_seqlens)
     _, U, Wk, _, _, entering, final = _states(layout, kc, vc, bc, gc, initial_state)
     o = output(qc, kc, gc, U, Wk, entering, scale, q.dtype)
-    return chunk_mod._from_chunks(o, layout), final
+    return chunk_mod.from_chunks(o, layout), final
 
 
 def triton_backward(q, k, v, beta, g, initial_state, scale, cu_seqlens, d_o, d_final):
@@ -151,7 +151,7 @@ def triton_backward(q, k, v, beta, g, initial_state, scale, cu_seqlens, d_o, d_f
     _bwd_k_kernel[grid](qc, kc, bc, g_arg, S, dOc, W, TdW, d_next, dkk, dbeta, ddec.contiguous(), dq, dk, dG, scale,
                         K, V, C=C, HAS_G=gc is not None, PREC=prec, **small)
     dg = dG.flip(-1).cumsum(-1).flip(-1)                                      # G = cumsum(g) within the chunk
-    unchunk = lambda x, like: chunk_mod._from_chunks(x, layout).to(like.dtype)  # noqa: E731
+    unchunk = lambda x, like: chunk_mod.from_chunks(x, layout).to(like.dtype)  # noqa: E731
     per_token = lambda x, like: unchunk(x.unsqueeze(-1), like).squeeze(-1)  # noqa: E731
     return (unchunk(dq, q), unchunk(dk, k), unchunk(dv, v), per_token(dbeta, beta),
             None if g is None else per_token(dg, g), None if initial_state is None else dinit)

@@ -51,8 +51,11 @@ def _intra_scores_scalar(q, k, G):
     return (q @ k.transpose(-1, -2)) * decay
 
 
-def _intra_scores_key(q, k, G, sub: int = SUB_BLOCK):
-    # q, k, G: [R, H, NC, C, K] -> scores [R, H, NC, C, C]; see the module docstring for the sub-block scheme
+def intra_scores_key(q, k, G, sub: int = SUB_BLOCK):
+    """Σ_d q_id k_jd exp(G_id - G_jd) on j <= i, without overflow (the module docstring's sub-block scheme).
+
+    q, k, G: [R, H, NC, C, K] (C a multiple of `sub`, or <= it) -> scores [R, H, NC, C, C]. Also the DPLR's pair
+    sums (lsp/ops/dplr/chunk.py)."""
     R, H, NC, C, K = q.shape
     sub = min(sub, C)
     nb = C // sub
@@ -190,7 +193,7 @@ def chunk_output(q, prep: ChunkInputs, h, scale, out_dtype=None):
         scores = (qc @ kc.transpose(-1, -2)).masked_fill(~_causal_mask(C, q.device), 0.0)
         q_inter = qc
     else:
-        scores = _intra_scores_scalar(qc, kc, G) if G.shape[-1] == 1 else _intra_scores_key(qc, kc, G)
+        scores = _intra_scores_scalar(qc, kc, G) if G.shape[-1] == 1 else intra_scores_key(qc, kc, G)
         q_inter = qc * G.exp()
     o = scale * (scores @ vc + q_inter @ h.to(qc.dtype))
     return prep.layout.unpad(_from_chunks(o)).to(out_dtype or q.dtype)
