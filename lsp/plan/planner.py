@@ -272,16 +272,19 @@ def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: in
     H, Dh = mcfg.num_heads, mcfg.head_dim
     sp = max(1, micro_batch * seq_len // local_tokens)
     held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
+    chunks = -(-seg // LINEAR_CHUNK)
     if _affine_backend() == "triton" and sp == 1:
         from lsp.ops.delta.custom_ops import delta_chunk_flops
 
         c = delta_chunk_flops(Dh, Dh, LINEAR_CHUNK)
-        chunks = micro_batch * held * -(-seg // LINEAR_CHUNK)
-        return H * chunks * ((1 + ac) * (c["ut"] + c["scan"] + c["output"]) + c["ut"] + c["scan"] + c["grads"])
+        return H * micro_batch * held * chunks * ((1 + ac) * (c["ut"] + c["scan"] + c["output"]) + c["ut"]
+                                                  + c["scan"] + c["grads"])
     per_token = _delta_counted_per_token(Dh, seg, sp, ac)
     if _affine_backend() == "triton":
-        C, KD = LINEAR_CHUNK, Dh * 2 * Dh
-        per_token += (4 * KD * -(-seg // C) * C + 2 * C * KD) / seg
+        from lsp.ops.delta.custom_ops import delta_scan_flops
+
+        fwd, bwd = delta_scan_flops(Dh, 2 * Dh, LINEAR_CHUNK)      # per chunk; autograd's: 2·fwd, less fwd / 2
+        per_token += (chunks * (bwd - 2 * fwd) + fwd / 2) / seg
     return H * per_token * local_tokens
 
 
