@@ -86,9 +86,11 @@ def _flop_formulas() -> dict:
     import torch
     from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
+    from lsp.ops.delta.custom_ops import register_flop_formulas as delta_formulas
     from lsp.ops.linear.custom_ops import register_flop_formulas
 
     register_flop_formulas()     # the Triton custom ops count with their own formulas (registered in torch)
+    delta_formulas()
 
     def forward(q, k, v, *args, out_shape=None, **kwargs):
         return sdpa_flop_count(q, k, v)
@@ -200,7 +202,7 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lsp.ops.estimate import gpu_code_paths, measured_linear_backend
+    from lsp.ops.estimate import gpu_code_paths, measured_backend, measured_linear_backend
     from lsp.parallel import comm_stats, reset_comm_stats
     from lsp.parallel.comm import record
 
@@ -228,8 +230,9 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
         with flops:
             train_step(cfg, model, optimizer, sp, ids, labels, bf16)
     measured.update(engine.shard_states(measured, p.zero, gpus))
-    notes = [(f"GLA-family linear attention measured on the {measured_linear_backend()} path (the Triton kernels as "
-              "torch custom ops, lsp/ops/linear/custom_ops.py; delta-rule layers: chunked torch, no kernel yet)"),
+    notes = [(f"GLA-family linear attention measured on the {measured_linear_backend()} path, delta-rule layers on "
+              f"the {measured_backend('delta_rule')} path (the Triton kernels as torch custom ops, "
+              "lsp/ops/linear/custom_ops.py, lsp/ops/delta/custom_ops.py)"),
              f"engine {p.engine} (zero={p.zero}) sharding applied to the tracked parameter list over {gpus} ranks"]
     if cfg.data.kind != "mqar":
         notes.append("measured without document boundaries (cu_seqlens): a window inside one document")

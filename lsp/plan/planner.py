@@ -286,10 +286,29 @@ def linear_core_flops(mcfg, chunks: int, segments: int, kind: Optional[str] = No
 
 def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str,
                           kind: Optional[str] = None) -> float:
-    # linear_flops of a kind whose segment map is dense (the delta rule, chunked torch path: no delta custom ops yet)
+    # linear_flops of a kind whose segment map is dense (the delta rule). Torch path: `_delta_counted_per_token`.
+    # Triton path (`lsp.ops.delta.custom_ops`): without SP the whole op, its formulas per padded chunk (forward
+    # ut + scan + output, backward ut + scan + grads); under SP the chunked torch pieces around the scan op, i.e.
+    # the torch count with the augmented scan's backward at the op's 12·K·D per padded token instead of autograd's
+    # 8·K·D, which also skips the gradient of the first chunk's entering state [I | S_0] (2·C·K·D per segment);
+    # D = K + V, forward 4·K·D either way
+    H, Dh = mcfg.num_heads, mcfg.head_dim
     sp = max(1, micro_batch * seq_len // local_tokens)
-    _, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
-    return mcfg.num_heads * _delta_counted_per_token(mcfg.head_dim, seg, sp, ac) * local_tokens
+    held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
+    chunks = -(-seg // LINEAR_CHUNK)
+    if _affine_backend() == "triton" and sp == 1:
+        from lsp.ops.delta.custom_ops import delta_chunk_flops
+
+        c = delta_chunk_flops(Dh, Dh, LINEAR_CHUNK)
+        return H * micro_batch * held * chunks * ((1 + ac) * (c["ut"] + c["scan"] + c["output"]) + c["ut"]
+                                                  + c["scan"] + c["grads"])
+    per_token = _delta_counted_per_token(Dh, seg, sp, ac)
+    if _affine_backend() == "triton":
+        from lsp.ops.delta.custom_ops import delta_scan_flops
+
+        fwd, bwd = delta_scan_flops(Dh, 2 * Dh, LINEAR_CHUNK)      # per chunk; autograd's: 2·fwd, less fwd / 2
+        per_token += (chunks * (bwd - 2 * fwd) + fwd / 2) / seg
+    return H * per_token * local_tokens
 
 
 def _delta_counted_per_token(Dh: int, seg: int, sp: int, ac: int) -> float:
@@ -371,7 +390,13 @@ class OpFamily:
 
 
 _DECAYED = OpFamily(_measured_backend, _decayed_counted_flops, lambda mcfg, seq_len: 0.0, _decayed_exchange)
-_AFFINE = OpFamily(lambda: "torch", _affine_counted_flops, _affine_sp_flops, _affine_exchange)  # no delta kernels
+def _affine_backend() -> str:
+    from lsp.ops.estimate import measured_backend
+
+    return measured_backend("delta_rule")
+
+
+_AFFINE = OpFamily(_affine_backend, _affine_counted_flops, _affine_sp_flops, _affine_exchange)
 OP_FAMILIES = {"identity": _DECAYED, "scalar": _DECAYED, "diagonal": _DECAYED, "dense": _AFFINE}
 
 

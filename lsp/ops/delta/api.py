@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from lsp.ops import probe
-from lsp.ops.estimate import gpu_code_paths_active
+from lsp.ops.estimate import gpu_code_paths_active, measured_backend
 from lsp.ops.linear.api import triton_available
 from lsp.ops.linear.checks import check_linear_inputs
 
@@ -53,7 +53,8 @@ def check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens) -> int:
 
 def resolve_delta_backend(backend: str, device: torch.device, case=None) -> str:
     """"auto": the Triton kernels on CUDA once they passed the first-use probe for `case`
-    (`lsp.ops.probe.kernel_case("delta_rule", k, v, g)`; lsp/ops/probe.py), else the chunked torch path. The
+    (`lsp.ops.probe.kernel_case("delta_rule", k, v, g)`; lsp/ops/probe.py), else the chunked torch path; under
+    `lsp.ops.estimate.gpu_code_paths()` the kernels' custom ops (custom_ops.py), which run on fake tensors. The
     Triton kernels take g None or one gate per head: a gate per key channel (KDA, `case.form == "key"`) runs on
     the chunked torch path."""
     if backend not in DELTA_BACKENDS:
@@ -66,8 +67,12 @@ def resolve_delta_backend(backend: str, device: torch.device, case=None) -> str:
                          "([B, T, HV, K]) runs on backend='torch'")
     if backend != "auto":
         return backend
-    if case is None or per_key or gpu_code_paths_active() or not probe.kernels_by_default(device):
-        return "torch"                          # fake-tensor measurement: no delta custom ops (fake kernels) yet
+    if per_key:
+        return "torch"
+    if gpu_code_paths_active():                 # fake-tensor measurement: the GPU's choice (lsp/ops/estimate.py)
+        return measured_backend("delta_rule")
+    if case is None or not probe.kernels_by_default(device):
+        return "torch"
     return probe.probed_backend(case)
 
 

@@ -176,11 +176,12 @@ def _as_state_factor(decay: torch.Tensor) -> torch.Tensor:
 def _triton_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
     # the same scan in one Triton kernel (one decay per head: `resolve_delta_backend` sends a gate per key to torch)
     assert chunks.decay is None or chunks.decay.dim() == 3, "the Triton chunk scan takes one decay per head"
-    from .triton_scan import TritonChunkScan, precision
+    from .custom_ops import delta_chunk_scan
+    from .triton_scan import precision
 
     reset, end, n_seq = scan_tables(chunks.layout, U.device)
-    return TritonChunkScan.apply(chunks.Kd, chunks.Wk, U, chunks.decay, init, reset, end, n_seq,
-                                 precision(chunks.input_dtype))
+    return delta_chunk_scan(chunks.Kd, chunks.Wk, U, chunks.decay, init, reset, end, n_seq,
+                            precision(chunks.input_dtype))
 
 
 def scan_tables(layout: ChunkLayout, device):

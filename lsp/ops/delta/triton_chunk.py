@@ -157,22 +157,10 @@ def triton_backward(q, k, v, beta, g, initial_state, scale, cu_seqlens, d_o, d_f
             None if g is None else per_token(dg, g), None if initial_state is None else dinit)
 
 
-class TritonDeltaRule(torch.autograd.Function):
-    """(o, final) = the delta rule in Triton kernels, forward and backward; only the inputs are saved."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, beta, g, initial_state, scale, cu_seqlens):
-        ctx.save_for_backward(q, k, v, beta, g, initial_state, cu_seqlens)
-        ctx.scale = scale
-        return triton_forward(q, k, v, beta, g, scale, initial_state, cu_seqlens)
-
-    @staticmethod
-    def backward(ctx, d_o, d_final):
-        q, k, v, beta, g, init, cu = ctx.saved_tensors
-        return (*triton_backward(q, k, v, beta, g, init, ctx.scale, cu, d_o, d_final), None, None)
-
-
 def triton_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """`lsp.ops.delta_rule` with backend="triton" (arguments already validated)."""
-    o, final = TritonDeltaRule.apply(q, k, v, beta, g, initial_state, scale, cu_seqlens)
+    """`lsp.ops.delta_rule` with backend="triton" (arguments already validated): the torch custom op
+    `lsp::delta_rule` (custom_ops.py), whose autograd keeps only the inputs."""
+    from .custom_ops import delta_rule_op
+
+    o, final = delta_rule_op(q, k, v, beta, g, initial_state, scale, cu_seqlens)
     return o, (final if output_final_state else None)

@@ -1,6 +1,7 @@
 r"""Triton kernels of the delta rule's chunk scan (the only sequential part of the chunked path), forward and
-backward, and their autograd.Function (used by `delta_rule` with backend="triton" inside `triton_chunk.py`, and by
-the chunked torch path of sequence parallelism, whose UT transform and outputs are batched torch ops).
+backward, and their launchers (the torch custom op `lsp::delta_chunk_scan`, custom_ops.py: used by `delta_rule`
+with backend="triton" inside `triton_chunk.py`, and by the chunked torch path of sequence parallelism, whose UT
+transform and outputs are batched torch ops).
 
 Per (row, head) and chunk c, with S_c the state entering the chunk (columns D split into blocks, which evolve
 independently):
@@ -140,39 +141,35 @@ def scan_backward(Kd, Wk, dec, reset, end, d_enter, d_final, has_dec: bool, prec
     return d_next, dinit
 
 
-class TritonChunkScan(torch.autograd.Function):
-    """entering [R, H, NC, K, D], final [N, H, K, D] = the chunk scan of `chunk.chunk_scan`, in one kernel."""
+def scan_forward(Kd, Wk, U, decay, init, reset, end, n_seq: int, prec: str):
+    """entering [R, H, NC, K, D], final [N, H, K, D] = the chunk scan of `chunk.chunk_scan`, in one kernel.
 
-    @staticmethod
-    def forward(ctx, Kd, Wk, U, decay, init, reset, end, n_seq, prec):
-        # Kd, Wk: [R, H, NC, C, K]; U: [R, H, NC, C, D]; decay: [R, H, NC] or None; init: [N, H, K, D] or None
-        R, H, NC, C, K = Kd.shape
-        D = U.shape[-1]
-        Kd, Wk, U = Kd.contiguous(), Wk.contiguous(), U.contiguous()
-        dec = decay.contiguous() if decay is not None else U.new_empty(0)
-        init_c = init.contiguous() if init is not None else U.new_empty(0)
-        enter = U.new_empty(R, H, NC, K, D)
-        final = init_c.clone() if init is not None else U.new_zeros(n_seq, H, K, D)   # empty sequences keep init
-        BK, BD = _blocks(K, D)
-        grid = (R * H, triton.cdiv(D, BD))
-        _scan_fwd[grid](Kd, Wk, U, dec, init_c, reset, end, enter, final, NC, H, K, D, C=C, BK=BK, BD=BD,
-                        HAS_DEC=decay is not None, HAS_INIT=init is not None,
-                        PREC=prec, num_warps=_warps(K))
-        ctx.save_for_backward(Kd, Wk, U, dec, enter, reset, end)
-        ctx.has_dec, ctx.has_init, ctx.n_seq, ctx.prec = decay is not None, init is not None, n_seq, prec
-        return enter, final
+    Kd, Wk: [R, H, NC, C, K]; U: [R, H, NC, C, D]; decay: [R, H, NC] or None; init: [N, H, K, D] or None.
+    """
+    R, H, NC, C, K = Kd.shape
+    D = U.shape[-1]
+    Kd, Wk, U = Kd.contiguous(), Wk.contiguous(), U.contiguous()
+    dec = decay.contiguous() if decay is not None else U.new_empty(0)
+    init_c = init.contiguous() if init is not None else U.new_empty(0)
+    enter = U.new_empty(R, H, NC, K, D)
+    final = init_c.clone() if init is not None else U.new_zeros(n_seq, H, K, D)   # empty sequences keep init
+    BK, BD = _blocks(K, D)
+    _scan_fwd[(R * H, triton.cdiv(D, BD))](Kd, Wk, U, dec, init_c, reset, end, enter, final, NC, H, K, D, C=C,
+                                           BK=BK, BD=BD, HAS_DEC=decay is not None, HAS_INIT=init is not None,
+                                           PREC=prec, num_warps=_warps(K))
+    return enter, final
 
-    @staticmethod
-    def backward(ctx, d_enter, d_final):
-        Kd, Wk, U, dec, enter, reset, end = ctx.saved_tensors
-        R, H, NC, C, K = Kd.shape
-        D = U.shape[-1]
-        BK, BD = _blocks(K, D)
-        d_enter = torch.zeros_like(enter) if d_enter is None else d_enter.contiguous()
-        d_final = U.new_zeros(ctx.n_seq, H, K, D) if d_final is None else d_final.contiguous()
-        d_next, dinit = scan_backward(Kd, Wk, dec, reset, end, d_enter, d_final, ctx.has_dec, ctx.prec)
-        dU = Kd @ d_next                                                     # [R, H, NC, C, D]
-        dKd = (U - Wk @ enter) @ d_next.transpose(-1, -2)
-        dWk = -dU @ enter.transpose(-1, -2)
-        ddec = (enter * d_next).sum((-1, -2)) if ctx.has_dec else None
-        return dKd, dWk, dU, ddec, (dinit if ctx.has_init else None), None, None, None, None
+
+def scan_grads(Kd, Wk, U, decay, enter, reset, end, d_enter, d_final, prec: str):
+    """(dKd, dWk, dU, ddecay or None, dinit [N, H, K, D]) of `scan_forward` from what it keeps (its inputs and the
+    entering states; d_enter, d_final None: zero): the reverse chain in one kernel, the products it feeds batched."""
+    Kd, Wk, U = Kd.contiguous(), Wk.contiguous(), U.contiguous()
+    dec = decay.contiguous() if decay is not None else U.new_empty(0)
+    d_enter = torch.zeros_like(enter) if d_enter is None else d_enter.contiguous()
+    d_final = d_final.contiguous()
+    d_next, dinit = scan_backward(Kd, Wk, dec, reset, end, d_enter, d_final, decay is not None, prec)
+    dU = Kd @ d_next                                                     # [R, H, NC, C, D]
+    dKd = (U - Wk @ enter) @ d_next.transpose(-1, -2)
+    dWk = -dU @ enter.transpose(-1, -2)
+    ddec = (enter * d_next).sum((-1, -2)) if decay is not None else None
+    return dKd, dWk, dU, ddec, dinit
