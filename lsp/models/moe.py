@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lsp.ops.moe import assign, aux_loss_terms, balancing_losses, capacity, expert_ffn, route
+from lsp.ops.moe import assign, aux_loss_terms, balancing_losses, capacity, expert_counts, expert_ffn, route
 from lsp.parallel.collectives import replaying
 from lsp.parallel.ep import EPContext, run_experts
 
@@ -85,7 +85,7 @@ class MoE(nn.Module):
         if self.ep is None:
             outs = [self.experts(xs[0], plans[0].counts.tolist())]
         else:
-            outs = run_experts(xs, torch.stack([p.counts for p in plans]), self.ep,
+            outs = run_experts(xs, [p.counts for p in plans], self.ep,
                                lambda x, counts, rank: self.experts(x, counts, self.ep.expert_rows(rank, E)))
         self.stats["dropped"] = sum(p.dropped for p in plans)
         if self.training and not replaying():
@@ -103,7 +103,7 @@ class MoE(nn.Module):
     def _count(self, experts: torch.Tensor) -> None:
         """Record the expert load: of this forward (logging) and, in training, since the last bias update (not again
         in an activation-checkpoint recompute, which routes the same tokens a second time)."""
-        load = torch.bincount(experts.reshape(-1), minlength=self.cfg.moe_experts).to(self.load.dtype)
+        load = expert_counts(experts, self.cfg.moe_experts).to(self.load.dtype)
         self.stats["load"] = load
         if self.training and not replaying():
             self.load += load
@@ -116,7 +116,7 @@ class MoE(nn.Module):
         if sp is not None:   # global counts and sums over the sequence; identity backward (each rank's share)
             terms = sp.all_reduce_sum(terms)
         loss = balancing_losses(terms, c.moe_top_k, c.moe_aux_loss_coef, c.moe_z_loss_coef)
-        self.stats["aux_loss"] = float(loss.detach())
+        self.stats["aux_loss"] = loss.detach()   # read at logging (`update_expert_bias`): no host sync here
         return loss
 
 
@@ -164,7 +164,7 @@ def update_expert_bias(model: nn.Module, all_reduce_sum=None) -> dict:
             metrics[f"moe/{layer}/load_max_over_mean"] = float(load.max() / load.mean())
             metrics[f"moe/{layer}/dropped"] = int(row[-1])
         if "aux_loss" in m.stats:
-            metrics[f"moe/{layer}/aux_loss"] = m.stats["aux_loss"]
+            metrics[f"moe/{layer}/aux_loss"] = float(m.stats["aux_loss"])
         m.load.zero_()
         m.dropped = 0
     return metrics

@@ -189,21 +189,26 @@ def layer_activation_bytes(mcfg, kind: str, seq_len: int, local_tokens: int, mic
 
 
 def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
-                     layout: str = "zigzag", softmax_method: str = "allgather") -> float:
+                     layout: str = "zigzag", softmax_method: str = "allgather", ep: int = 1) -> float:
     """Bytes of activations kept for backward on rank 0 (module docstring), plus the K|V working set of one
-    softmax layer's SP pass (LASP-2H: the gathered K|V's gradient; ring: two blocks and two dK|dV accumulators)."""
+    softmax layer's SP pass (LASP-2H: the gathered K|V's gradient; ring: two blocks and two dK|dV accumulators).
+    An MoE block's feed-forward replaces the dense SwiGLU's terms (lsp.plan.moe: experts split over ep ranks)."""
+    from .moe import moe_saved_per_token, moe_weight_copies
+
     D, V = mcfg.hidden_size, mcfg.vocab_size
-    layer = {t: layer_activation_bytes(mcfg, t, seq_len, local_tokens, micro_batch, layout, softmax_method)
-             for t in "LS"}
+    by_kind = {t: layer_activation_bytes(mcfg, t, seq_len, local_tokens, micro_batch, layout, softmax_method)
+               for t in "LS"}
     types = mcfg.layer_types
+    moe = moe_saved_per_token(mcfg) * local_tokens + moe_weight_copies(mcfg, ep) if mcfg.moe_experts else 0.0
+    layers = [by_kind[t] + (moe if mcfg.is_moe_layer(i) else 0.0) for i, t in enumerate(types)]
     sp = max(1, micro_batch * seq_len // local_tokens)
     kv_local = 4 * mcfg.num_kv_heads * mcfg.head_dim * local_tokens            # bf16 K and V of the local tokens
     workspace = softmax_exchange_cost(softmax_method, sp, kv_local, 0.0, 0.0).workspace if "S" in types else 0.0
     # embedding ids, final norm, the fused cross-entropy's fp32 input gradient and weight gradient
     head = (12 * D + 12) * local_tokens + 4 * V * D + workspace
     if not checkpointing:
-        return head + sum(layer[t] for t in types)
-    return head + 4 * D * local_tokens * len(types) + max(layer[t] for t in set(types))
+        return head + sum(layers)
+    return head + 4 * D * local_tokens * len(types) + max(layers)
 
 
 def counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
@@ -220,6 +225,10 @@ def counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, check
     blocks = sum(weights[t] for t in types)
     recomputed = blocks - len(types) * D * mcfg.intermediate_size   # the recompute stops before down_proj
     matmul = (6 * blocks + 2 * ac * recomputed + 6 * mcfg.vocab_size * D) * local_tokens
+    if mcfg.moe_experts:   # MoE blocks: router, top-k and shared experts instead of the dense SwiGLU
+        from .moe import moe_flops_per_token, moe_layer_count
+
+        matmul += moe_layer_count(mcfg) * moe_flops_per_token(mcfg, checkpointing) * local_tokens
     linear = types.count("L") * linear_flops(mcfg, seq_len, local_tokens, micro_batch, ac, layout)
     _, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
     rows = {1: seq_len * seq_len}.get(sp, seg * seg * (2 * sp + 1 if layout == "zigzag" else 1))
@@ -420,7 +429,7 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
                 continue
             accum = global_batch // (dp * b)
             for ac, softmax in product((False, True), softmax_methods if sp > 1 else softmax_methods[:1]):
-                memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac, p.layout, softmax)) / GB \
+                memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac, p.layout, softmax, p.ep)) / GB \
                     + cluster.reserve_gb
                 for method in sp_methods() if sp > 1 else sp_methods()[:1]:
                     compute, comm, backward, blocks = _micro_step(mcfg, cluster, sp, method, b, T, ac, p.layout,
