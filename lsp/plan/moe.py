@@ -11,6 +11,8 @@ Per GPU with expert parallelism ep (experts split over ep ranks, everything else
                      local tokens, uniform routing), D values of act_bytes each, sent to the experts and back
                      (dispatch + combine), forward and backward: 4 · t·k·(ep-1)/ep · D · act_bytes, and once more
                      forward with activation checkpointing (the recompute dispatches again)
+    all-to-all time  the bytes rank 0 receives (`all_to_all_bytes`, exact for uniform routing) over the EP group's
+                     bandwidth, exposed (nothing overlaps it), in the planner's step time
     active FLOPs     flops_per_token: 6 · (weights a token passes through: router, top-k and shared experts)
 """
 from __future__ import annotations
@@ -125,6 +127,18 @@ def all_to_all_bytes(mcfg, local_tokens: int, ep: int, checkpointing: bool, act_
     return moe_layer_count(mcfg) * (forwards * (rows + (ep - 1) * n * 8) + rows)
 
 
+def all_to_all_seconds(mcfg, local_tokens: int, ep: int, checkpointing: bool, hw) -> float:
+    """Time of a micro-step's EP all-to-alls, exposed: the experts wait for the dispatch and the block's output
+    for the combine, so nothing hides them. Received bytes over the per-GPU bandwidth of the EP group (hw: its
+    `Hardware`, NVLink inside a node), plus one latency per message (ep - 1 per all-to-all, 3 all-to-alls per
+    block forward, 2 backward)."""
+    if ep == 1 or not mcfg.moe_experts:
+        return 0.0
+    messages = moe_layer_count(mcfg) * (ep - 1) * (3 * (1 + int(checkpointing)) + 2)
+    return all_to_all_bytes(mcfg, local_tokens, ep, checkpointing, hw.act_bytes) / hw.bandwidth \
+        + messages * hw.latency
+
+
 def expert_reduction_bytes(expert_param_bytes: float, world: int, ep: int) -> float:
     """Bytes rank 0 receives all-reducing its expert gradients over their world / ep replicas (ring all-reduce)."""
     replicas = world // ep
@@ -132,4 +146,4 @@ def expert_reduction_bytes(expert_param_bytes: float, world: int, ep: int) -> fl
 
 
 __all__ = ["MoEFigures", "moe_figures", "format_moe", "moe_saved_per_token", "moe_weight_copies",
-           "moe_flops_per_token", "all_to_all_bytes", "expert_reduction_bytes"]
+           "moe_flops_per_token", "all_to_all_bytes", "all_to_all_seconds", "expert_reduction_bytes"]

@@ -375,8 +375,10 @@ def _sp_extra_flops(mcfg, sp: int, seq_len: int) -> float:
 
 
 def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool, layout: str,
-                softmax_method: str = "allgather"):
-    """(compute s, exposed SP communication s, backward s, All-Scan blocks) of one micro-step."""
+                softmax_method: str = "allgather", ep: int = 1):
+    """(compute s, exposed SP + EP communication s, backward s, All-Scan blocks) of one micro-step."""
+    from .moe import all_to_all_seconds
+
     hw = cluster.hardware(sp)
     t = b * seq_len / sp
     compute_fwd = (flops_per_token(mcfg, seq_len) + _sp_extra_flops(mcfg, sp, seq_len)) * t / hw.flops / 3
@@ -391,6 +393,7 @@ def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: i
     exposed_S = softmax_exchange_cost(softmax_method, sp, kv, attention, local_block, hw).exposed_s
     types = mcfg.layer_types
     comm = 2 * types.count("L") * exposed_L + types.count("S") * exposed_S
+    comm += all_to_all_seconds(mcfg, int(t), ep, ac, cluster.hardware(ep))
     return compute, comm, compute_fwd * 2, blocks
 
 
@@ -433,7 +436,7 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
                     + cluster.reserve_gb
                 for method in sp_methods() if sp > 1 else sp_methods()[:1]:
                     compute, comm, backward, blocks = _micro_step(mcfg, cluster, sp, method, b, T, ac, p.layout,
-                                                                  softmax)
+                                                                  softmax, p.ep)
                     step = accum * (compute + comm) + max(0.0, allreduce - backward)
                     out.append(Candidate(sp, dp, method, b, accum, ac, step, accum * compute,
                                          step - accum * compute, memory, global_batch * T / step / cluster.gpus,

@@ -114,3 +114,26 @@ def test_measure_of_the_7b_moe_config_fits_80gb_and_agrees():
     assert model.flops == pytest.approx(got.flops, rel=0.05)
     assert model.comm == got.comm
     assert model.peak == pytest.approx(got.peak, rel=0.15)
+
+
+def test_planner_step_time_has_the_all_to_all():
+    """ep = 2 adds to every sp = 2 candidate's exposed communication exactly grad_accum × the all-to-all time (dp = 1:
+    no gradient all-reduce, whose size ep changes too): the bytes rank 0 receives over the EP group's bandwidth
+    plus a latency per message (by hand)."""
+    from lsp.plan.moe import all_to_all_bytes, all_to_all_seconds
+
+    rows = {}
+    for ep in (1, 2):
+        cfg = load_config(MOE, [f"parallel.ep={ep}"])
+        rows[ep] = {(c.sp, c.micro_batch, c.checkpointing, c.method, c.softmax_method): c
+                    for c in plan_cluster(cfg, Cluster(gpus=2), vocab_size=81) if c.sp == 2}
+    mcfg = hybrid_config(load_config(MOE), 81)
+    hw = Cluster(gpus=2).hardware(2)
+    assert rows[2] and rows[2].keys() == rows[1].keys()
+    for key, c in rows[2].items():
+        sp, b, ac = key[:3]
+        a2a = all_to_all_seconds(mcfg, b * 64 // sp, 2, ac, hw)
+        assert c.comm_s - rows[1][key].comm_s == pytest.approx(c.grad_accum * a2a, rel=1e-9, abs=1e-15)
+    bytes_ = all_to_all_bytes(mcfg, 512, 2, False, 2)
+    assert all_to_all_seconds(mcfg, 512, 2, False, hw) == pytest.approx(bytes_ / hw.bandwidth + 2 * 5 * hw.latency)
+    assert bytes_ > 0 and all_to_all_seconds(mcfg, 512, 1, False, hw) == 0.0
