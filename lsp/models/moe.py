@@ -129,6 +129,21 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
     return [f"{name}.experts.{p}" for name, _ in moe_layers(model) for p in ("gate", "up", "down")]
 
 
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, active) parameters of the whole model, whatever share of the experts this rank holds: each MoE
+    block's experts count E times one expert's weights (a rank keeps E / ep of them under expert parallelism), and
+    a token uses top_k of the E (active). Without MoE both are `num_parameters(model)`."""
+    from .flops import num_parameters
+
+    total = active = num_parameters(model)
+    for _, m in moe_layers(model):
+        one = sum(w[0].numel() for w in (m.experts.gate, m.experts.up, m.experts.down))
+        held = m.experts.gate.shape[0]
+        total += (m.cfg.moe_experts - held) * one
+        active += (m.cfg.moe_top_k - held) * one
+    return total, active
+
+
 def use_expert_parallel(model: nn.Module, ep: EPContext) -> nn.Module:
     """Run every MoE layer of `model` expert-parallel over `ep`. With real ranks each layer keeps only this rank's
     experts (rows `ep.expert_range(E)` of the full weights, so an ep > 1 model starts from the ep = 1 one)."""
