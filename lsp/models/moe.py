@@ -37,8 +37,9 @@ class Experts(nn.Module):
         nn.init.normal_(self.down, 0.0, residual_std)
 
     def forward(self, x: torch.Tensor, counts: list[int], rows: slice = slice(None)) -> torch.Tensor:
-        # x: [M, D] grouped by expert (counts[e] rows for the e-th expert of `rows`) -> [M, D]
-        return expert_ffn(x, counts, self.gate[rows], self.up[rows], self.down[rows])
+        # x: [M, D] grouped by expert (counts[e] rows for the e-th expert of `rows`) -> [M, D]; the weights in x's
+        # dtype, as autocast would cast them, and as FSDP2's bf16 policy does not (the experts stay outside it)
+        return expert_ffn(x, counts, *(w[rows].to(x.dtype) for w in (self.gate, self.up, self.down)))
 
 
 class MoE(nn.Module):
