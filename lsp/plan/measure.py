@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from lsp.engines import engine_spec
 
-from .moe import all_to_all_bytes, expert_reduction_bytes
+from .moe import all_to_all_bytes, expert_reduction_bytes, state_bytes
 
 GB = 1e9
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries")
@@ -162,11 +162,15 @@ def _expert_params(model) -> list:
 
 
 def _sharded(engine, unsharded: dict, zero: int, gpus: int, expert_bytes: float) -> dict:
-    """The five categories after the engine's sharding (`shard_states`); the expert parameters (expert_bytes of
-    fp32) get no gradient buckets of the engine, which reduces them apart (lsp.train.expert_parallel)."""
-    out = {**unsharded, **engine.shard_states(unsharded, zero, gpus)}
-    out["gradients"] -= engine.bucket_bytes_per_param(zero, gpus) * expert_bytes / 4
-    return out
+    """The five categories after the engine's sharding (`shard_states`) of the dense parameters' states; the
+    experts' (expert_bytes of fp32 weights, their gradients in proportion, AdamW m and v) stay whole on the rank:
+    every engine leaves them to lsp.train.expert_parallel (no sharding, no gradient buckets)."""
+    p = unsharded["parameters"]
+    experts = {"parameters": expert_bytes, "optimizer": 2 * expert_bytes,
+               "gradients": unsharded["gradients"] * expert_bytes / p if p else 0.0}
+    dense = {k: unsharded[k] - experts[k] for k in experts}
+    out = {**unsharded, **engine.shard_states(dense, zero, gpus)}
+    return {k: v + experts.get(k, 0.0) for k, v in out.items()}
 
 
 def build_step(cfg, mcfg, gpus: int, fake: bool = True):
@@ -284,8 +288,7 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     experts = expert_parameters(mcfg) // p.ep        # this rank's shard of the routed experts (docs/moe.md)
     dense = params - expert_parameters(mcfg)
     engine = engine_spec(p.engine)
-    memory = {"states": engine.state_bytes_per_param(p.zero, gpus) * (dense + experts)
-              - engine.bucket_bytes_per_param(p.zero, gpus) * experts,
+    memory = {"states": state_bytes(engine, p.zero, gpus, dense, experts),
               "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout,
                                               p.softmax_method, p.ep)}
     flops = counted_flops(mcfg, T, local, b, t.activation_checkpointing, p.layout)

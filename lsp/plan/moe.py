@@ -139,6 +139,12 @@ def all_to_all_seconds(mcfg, local_tokens: int, ep: int, checkpointing: bool, hw
         + messages * hw.latency
 
 
+def state_bytes(engine, zero: int, gpus: int, dense: float, experts_local: float) -> float:
+    """Weight + gradient + AdamW bytes per GPU: the dense parameters as the engine keeps them (its sharding and
+    buckets), the rank's experts whole at 16 B each (every engine leaves them to lsp.train.expert_parallel)."""
+    return engine.state_bytes_per_param(zero, gpus) * dense + 16 * experts_local
+
+
 def expert_reduction_bytes(expert_param_bytes: float, world: int, ep: int) -> float:
     """Bytes rank 0 receives all-reducing its expert gradients over their world / ep replicas (ring all-reduce)."""
     replicas = world // ep
@@ -146,4 +152,5 @@ def expert_reduction_bytes(expert_param_bytes: float, world: int, ep: int) -> fl
 
 
 __all__ = ["MoEFigures", "moe_figures", "format_moe", "moe_saved_per_token", "moe_weight_copies",
-           "moe_flops_per_token", "all_to_all_bytes", "all_to_all_seconds", "expert_reduction_bytes"]
+           "moe_flops_per_token", "all_to_all_bytes", "all_to_all_seconds", "state_bytes",
+           "expert_reduction_bytes"]

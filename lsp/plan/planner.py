@@ -406,6 +406,7 @@ def sp_sizes(gpus: int, seq_len: int, layout: str) -> List[int]:
 def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Optional[int] = None,
                  global_batch: Optional[int] = None, sp_choices: Optional[List[int]] = None) -> List[Candidate]:
     """Every candidate for `cluster`, best first (fitting ones first, then by tokens/s per GPU)."""
+    from .moe import state_bytes
     mcfg = hybrid_config(cfg, vocab_size)
     T = seq_len or cfg.data.seq_len
     p = cfg.parallel
@@ -424,9 +425,8 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
     for sp in sizes:
         dp = cluster.gpus // sp
         allreduce = 2 * (dp - 1) / dp * per_gpu * 2 / (cluster.dp_gbps * GB) if dp > 1 else 0.0
-        # expert parameters are reduced apart from DDP's buckets (docs/moe.md)
-        states = (engine.state_bytes_per_param(p.zero, cluster.gpus) * per_gpu
-                  - engine.bucket_bytes_per_param(p.zero, cluster.gpus) * experts / p.ep)
+        # expert parameters stay outside the engine's sharding and buckets (docs/moe.md)
+        states = state_bytes(engine, p.zero, cluster.gpus, params - experts, experts / p.ep)
         for b in micro_batches:
             if global_batch % (dp * b):
                 continue

@@ -84,15 +84,17 @@ def test_moe_saved_bytes_per_token():
         assert slope == moe_saved_per_token(mcfg) + dense, (router, k, shared)
 
 
-@pytest.mark.parametrize("ep", [pytest.param(1, marks=pytest.mark.slow), 2])
-def test_measure_of_tiny_moe_agrees_with_the_model(ep):
+@pytest.mark.parametrize("ep,engine", [pytest.param(1, "ddp", marks=pytest.mark.slow), (2, "ddp"),
+                                       pytest.param(2, "fsdp", marks=pytest.mark.slow)])
+def test_measure_of_tiny_moe_agrees_with_the_model(ep, engine):
     """`lsp plan --measure` runs the MoE model (ep = 2: the all-to-alls on the fake process group, uniform
     routing) and the planner's model agrees: FLOPs within 5% (measured: exact), every comm kind exact (the EP
-    all-to-alls included), peak memory within 15% (measured: 0.1%). Control: the all-to-all bytes are there at
-    ep = 2 and absent at ep = 1."""
+    all-to-alls included), peak memory within 15% (measured: 0.1%); FSDP2 (ZeRO-3) shards the dense states, the
+    experts stay whole. Control: the all-to-all bytes are there at ep = 2 and absent at ep = 1."""
     from lsp.plan.measure import measure, modelled
 
-    cfg = load_config(MOE, [f"parallel.ep={ep}"])
+    zero = 3 if engine == "fsdp" else 0
+    cfg = load_config(MOE, [f"parallel.ep={ep}", f"parallel.engine={engine}", f"parallel.zero={zero}"])
     mcfg = hybrid_config(cfg, 81)
     got, model = measure(cfg, mcfg, 2), modelled(cfg, mcfg, 2)
     assert model.flops == pytest.approx(got.flops, rel=0.05)
