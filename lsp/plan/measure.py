@@ -13,8 +13,13 @@ through lsp's comm layer over the `fake` backend (world size = the job's GPUs; c
   register, `lsp.ops.linear.custom_ops.chunk_flops`) (its module hooks keep checkpointed blocks'
   recomputed activations alive, which would inflate the memory peak). The CPU flash-attention ops are counted with
   torch's own SDPA formulas: like torch, the full Tq x Tk score block, causal or not.
-* comm: lsp.parallel.comm_stats() per tag: the linear SP exchange, the softmax K,V gathers; the dp reduction is
-  recorded here from the parameter list (see below).
+* comm: lsp.parallel.comm_stats() per tag: the linear SP exchange, the softmax K,V gathers, the MoE all-to-alls
+  (`ep_all_to_all`); the dp reduction is recorded here from the parameter list (see below), the routed experts'
+  over their world / ep replicas.
+* MoE: routing is data, which fake tensors lack, so the router's choices count as uniform (`lsp.ops.moe.
+  uniform_counts`) and, with parallel.ep > 1, every other rank of the fake process group as routing alike
+  (`lsp.parallel.ep.exchange_counts`): the planner's assumption. Rank 0 keeps E / ep experts of each block, outside
+  the engine's sharding (`_sharded`).
 
 Engine sharding: DDP and FSDP2 do not run on fake CPU tensors (DDP's reducer reads storage, FSDP2's fully_shard
 fails), so the step runs on the unwrapped model and the parameter / gradient / optimizer categories are then sharded
