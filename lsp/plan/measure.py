@@ -192,7 +192,6 @@ def build_step(cfg, mcfg, gpus: int, fake: bool = True):
     p, t = cfg.parallel, cfg.train
     torch.manual_seed(t.seed)
     model = HybridLM(mcfg)
-    optimizer = build_optimizer(cfg, model)
     sp = None
     if p.sp > 1:
         group = dist.new_group(list(range(p.sp)))
@@ -200,6 +199,7 @@ def build_step(cfg, mcfg, gpus: int, fake: bool = True):
                        softmax_method=p.softmax_method)
     if p.ep > 1:   # rank 0's EP group, the first ep ranks (lsp.train.expert_parallel): it keeps E / ep experts
         use_expert_parallel(model, EPContext(group=dist.new_group(list(range(p.ep)))))
+    optimizer = build_optimizer(cfg, model)   # after EP replaced the experts by this rank's rows
     T_local = cfg.data.seq_len // p.sp
     ids = torch.randint(0, mcfg.vocab_size, (t.micro_batch, T_local))
     labels = torch.randint(0, mcfg.vocab_size, (t.micro_batch, T_local))

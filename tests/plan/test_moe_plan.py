@@ -100,6 +100,8 @@ def test_measure_of_tiny_moe_agrees_with_the_model(ep, engine):
     assert model.flops == pytest.approx(got.flops, rel=0.05)
     assert model.comm == got.comm
     assert (got.comm["ep_all_to_all"] > 0) == (ep > 1)
+    if engine == "ddp":   # AdamW's m and v for every parameter the rank holds, its expert rows included
+        assert got.memory["optimizer"] == pytest.approx(2 * got.memory["parameters"], rel=1e-3)   # + step counts
     assert model.peak == pytest.approx(got.peak, rel=0.15)
 
 
