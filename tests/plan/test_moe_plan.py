@@ -89,8 +89,8 @@ def test_moe_saved_bytes_per_token():
 def test_measure_of_tiny_moe_agrees_with_the_model(ep, engine):
     """`lsp plan --measure` runs the MoE model (ep = 2: the all-to-alls on the fake process group, uniform
     routing) and the planner's model agrees: FLOPs within 5% (measured: exact), every comm kind exact (the EP
-    all-to-alls included), peak memory within 15% (measured: 1.7% at ep = 2); FSDP2 (ZeRO-3) shards the dense states, the
-    experts stay whole. Control: the all-to-all bytes are there at ep = 2 and absent at ep = 1."""
+    all-to-alls included), peak memory within 15% (measured: 1.7% at ep = 2); FSDP2 (ZeRO-3) shards the dense
+    states, the experts stay whole. Control: the all-to-all bytes are there at ep = 2 and absent at ep = 1."""
     from lsp.plan.measure import measure, modelled
 
     zero = 3 if engine == "fsdp" else 0
