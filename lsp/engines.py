@@ -153,6 +153,7 @@ class FSDP(EngineSpec):
     bf16 unsharded weights stay from forward to backward."""
 
     name, zero_stages = "fsdp", (2, 3)
+    expert_parallel = True   # experts outside fully_shard, reduced over their own replicas (lsp/train/engine.py)
 
     @classmethod
     def _other_stage(cls, zero):

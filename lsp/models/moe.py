@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lsp.ops.moe import assign, aux_loss_terms, balancing_losses, capacity, expert_ffn, route
+from lsp.ops.moe import assign, aux_loss_terms, balancing_losses, capacity, expert_counts, expert_ffn, route
 from lsp.parallel.collectives import replaying
 from lsp.parallel.ep import EPContext, run_experts
 
@@ -37,8 +37,9 @@ class Experts(nn.Module):
         nn.init.normal_(self.down, 0.0, residual_std)
 
     def forward(self, x: torch.Tensor, counts: list[int], rows: slice = slice(None)) -> torch.Tensor:
-        # x: [M, D] grouped by expert (counts[e] rows for the e-th expert of `rows`) -> [M, D]
-        return expert_ffn(x, counts, self.gate[rows], self.up[rows], self.down[rows])
+        # x: [M, D] grouped by expert (counts[e] rows for the e-th expert of `rows`) -> [M, D]; the weights in x's
+        # dtype, as autocast would cast them, and as FSDP2's bf16 policy does not (the experts stay outside it)
+        return expert_ffn(x, counts, *(w[rows].to(x.dtype) for w in (self.gate, self.up, self.down)))
 
 
 class MoE(nn.Module):
@@ -85,7 +86,7 @@ class MoE(nn.Module):
         if self.ep is None:
             outs = [self.experts(xs[0], plans[0].counts.tolist())]
         else:
-            outs = run_experts(xs, torch.stack([p.counts for p in plans]), self.ep,
+            outs = run_experts(xs, [p.counts for p in plans], self.ep,
                                lambda x, counts, rank: self.experts(x, counts, self.ep.expert_rows(rank, E)))
         self.stats["dropped"] = sum(p.dropped for p in plans)
         if self.training and not replaying():
@@ -103,7 +104,7 @@ class MoE(nn.Module):
     def _count(self, experts: torch.Tensor) -> None:
         """Record the expert load: of this forward (logging) and, in training, since the last bias update (not again
         in an activation-checkpoint recompute, which routes the same tokens a second time)."""
-        load = torch.bincount(experts.reshape(-1), minlength=self.cfg.moe_experts).to(self.load.dtype)
+        load = expert_counts(experts, self.cfg.moe_experts).to(self.load.dtype)
         self.stats["load"] = load
         if self.training and not replaying():
             self.load += load
@@ -116,7 +117,7 @@ class MoE(nn.Module):
         if sp is not None:   # global counts and sums over the sequence; identity backward (each rank's share)
             terms = sp.all_reduce_sum(terms)
         loss = balancing_losses(terms, c.moe_top_k, c.moe_aux_loss_coef, c.moe_z_loss_coef)
-        self.stats["aux_loss"] = float(loss.detach())
+        self.stats["aux_loss"] = loss.detach()   # read at logging (`update_expert_bias`): no host sync here
         return loss
 
 
@@ -127,6 +128,21 @@ def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
 def expert_parameter_names(model: nn.Module) -> list[str]:
     """Names of the routed experts' parameters (split over EP ranks; reduced over their own replicas only)."""
     return [f"{name}.experts.{p}" for name, _ in moe_layers(model) for p in ("gate", "up", "down")]
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(total, active) parameters of the whole model, whatever share of the experts this rank holds: each MoE
+    block's experts count E times one expert's weights (a rank keeps E / ep of them under expert parallelism), and
+    a token uses top_k of the E (active). Without MoE both are `num_parameters(model)`."""
+    from .flops import num_parameters
+
+    total = active = num_parameters(model)
+    for _, m in moe_layers(model):
+        one = sum(w[0].numel() for w in (m.experts.gate, m.experts.up, m.experts.down))
+        held = m.experts.gate.shape[0]
+        total += (m.cfg.moe_experts - held) * one
+        active += (m.cfg.moe_top_k - held) * one
+    return total, active
 
 
 def use_expert_parallel(model: nn.Module, ep: EPContext) -> nn.Module:
@@ -164,7 +180,7 @@ def update_expert_bias(model: nn.Module, all_reduce_sum=None) -> dict:
             metrics[f"moe/{layer}/load_max_over_mean"] = float(load.max() / load.mean())
             metrics[f"moe/{layer}/dropped"] = int(row[-1])
         if "aux_loss" in m.stats:
-            metrics[f"moe/{layer}/aux_loss"] = m.stats["aux_loss"]
+            metrics[f"moe/{layer}/aux_loss"] = float(m.stats["aux_loss"])
         m.load.zero_()
         m.dropped = 0
     return metrics

@@ -15,6 +15,10 @@ Losses (N tokens; under SP N, the counts and the score sums are global):
 Capacity (optional): expert e accepts at most C = ceil(cf · N_g · k / E) of the N_g tokens of a dispatch group (the
 tokens one rank holds); assignments are served first-choices-first (all top-1 picks before any top-2), then in token
 order, and the rest are dropped (they add nothing; counted). Dropless when cf is None.
+
+On fake tensors (`lsp plan --measure`) the routing has no values, so the counts that size the dispatch cannot be
+read: there every expert is taken to get an equal share of the assignments (`uniform_counts`), the planner's
+assumption, so the measured step moves and computes what the model counts.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 
 from lsp.names import MOE_ROUTERS
 
@@ -88,9 +93,30 @@ class Assignment:
         return weights.t().reshape(-1)[self.order]
 
 
+def uniform_counts(assignments: int, num_experts: int) -> torch.Tensor:
+    """[E] long on the host, real even under FakeTensorMode: `assignments` spread evenly over the experts (the
+    first ones take the remainder). What fake-tensor routing is taken to give (module docstring)."""
+    with unset_fake_temporarily():
+        return torch.full((num_experts,), assignments // num_experts) + (
+            torch.arange(num_experts) < assignments % num_experts)
+
+
+def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert [E] of experts [N, k], on experts' device (uniform on fake tensors)."""
+    if is_fake(experts):
+        return experts.new_tensor(uniform_counts(experts.numel(), num_experts).tolist())
+    return torch.bincount(experts.reshape(-1), minlength=num_experts)
+
+
 def assign(experts: torch.Tensor, num_experts: int, slots: int | None) -> Assignment:
     """Sort the assignments of experts [N, k] by expert and drop those beyond `slots` per expert."""
     N = experts.shape[0]
+    if is_fake(experts):   # real uniform counts (they size the dispatch); the order only needs its length
+        with unset_fake_temporarily():
+            counts = uniform_counts(experts.numel(), num_experts)
+            kept = counts if slots is None else counts.clamp(max=slots)
+            M, dropped = int(kept.sum()), int((counts - kept).sum())
+        return Assignment(order=torch.arange(M, device=experts.device), counts=kept, dropped=dropped, num_tokens=N)
     flat = experts.t().reshape(-1)                                     # slot-major: all first choices first
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts)
@@ -129,7 +155,7 @@ def aux_loss_terms(scores: torch.Tensor, experts: torch.Tensor, logits: torch.Te
     normalised scores per expert, Σ_t logsumexp(z_t)² and N.
     """
     E = scores.shape[-1]
-    counts = torch.bincount(experts.reshape(-1), minlength=E).to(scores.dtype)
+    counts = expert_counts(experts, E).to(scores.dtype)
     probs = (scores / scores.sum(-1, keepdim=True)).sum(0)
     z = logits.logsumexp(-1).pow(2).sum()
     return torch.cat([counts, probs, z.view(1), z.new_tensor([float(scores.shape[0])])])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .collectives import join_token
 from .comm import DistComm, EmuComm
@@ -36,10 +37,13 @@ class EPContext:
             if not isinstance(emulate, int) or emulate < 1:
                 raise ValueError(f"emulate must be a positive int (number of virtual ranks), got {emulate!r}")
             self.comm = EmuComm(emulate)
+            self.fake = False
         else:
             if not dist.is_available() or not dist.is_initialized():
                 raise ValueError("EPContext(group=...) needs torch.distributed initialised; use emulate=W")
             self.comm = DistComm(group)
+            # the fake process group of `lsp plan --measure`: collectives return at once, no other rank routes
+            self.fake = dist.get_backend(group) == "fake"
 
     @property
     def world_size(self) -> int:
@@ -107,27 +111,44 @@ def _expert_major(blocks: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key, stable=True)
 
 
-def run_experts(xs: list[torch.Tensor], counts: torch.Tensor, ep: EPContext, ffn) -> list[torch.Tensor]:
+def exchange_counts(counts: list[torch.Tensor], ep: EPContext) -> tuple:
+    """Step 1. counts: per held rank [E] rows per global expert -> rows sent [R][W], rows received [R][W], rows
+    received per local expert [R][E_local] (host ints) and the received counts [R, W, n] ([dst, src, e]; None on
+    the fake process group).
+
+    On the fake process group (`lsp plan --measure`) the exchange is counted but brings nothing, and the counts are
+    the real uniform ones of `lsp.ops.moe.uniform_counts`: every source then sends this rank what it sends itself."""
+    R, E, W = len(counts), counts[0].numel(), ep.world_size
+    n = ep.local_experts(E)
+    split = [[n] * W for _ in range(R)]
+    if not ep.fake:
+        sent = torch.stack(counts).view(R, W, n)
+        got = ep.comm.all_to_all(sent.reshape(-1), split, split, "ep_counts").view(R, W, n)   # [dst, src, e]
+        return sent.sum(-1).tolist(), got.sum(-1).tolist(), got.sum(1).tolist(), got
+    ep.comm.all_to_all(torch.zeros(R * E, dtype=torch.long), split, split, "ep_counts")
+    with unset_fake_temporarily():
+        sent = torch.stack(counts).view(R, W, n)
+        got = sent[:, ep.rank:ep.rank + 1].expand(R, W, n)
+        return sent.sum(-1).tolist(), got.sum(-1).tolist(), got.sum(1).tolist(), None
+
+
+def run_experts(xs: list[torch.Tensor], counts: list[torch.Tensor], ep: EPContext, ffn) -> list[torch.Tensor]:
     """The experts' outputs for each held rank's sorted rows, computed where the experts live.
 
-    xs: per held rank row r, its kept assignments' inputs sorted by global expert, [M_r, D]; counts: [R, E] rows
-    per expert; ffn(x [M, D], counts per local expert (list), rank) runs `rank`'s experts on expert-major rows.
-    Returns per held row the outputs [M_r, D] in the order of xs.
+    xs: per held rank r, its kept assignments' inputs sorted by global expert, [M_r, D]; counts: per held rank
+    [E] rows per expert; ffn(x [M, D], counts per local expert (list), rank) runs `rank`'s experts on expert-major
+    rows. Returns per held rank the outputs [M_r, D] in the order of xs.
     """
-    R, E = counts.shape
-    W, n = ep.world_size, ep.local_experts(E)
-    split = [[n] * W for _ in range(R)]
-    got = ep.comm.all_to_all(counts.reshape(-1), split, split, "ep_counts").view(R, W, n)   # [dst, src, e]
-    send = counts.view(R, W, n).sum(-1).tolist()
-    recv = got.sum(-1).tolist()
+    send, recv, per_expert, got = exchange_counts(counts, ep)
     arrived = all_to_all(torch.cat(xs), send, recv, ep.comm, "ep_dispatch").split([sum(r) for r in recv])
     outs = []
-    for r, (rows, blocks) in enumerate(zip(arrived, got)):
-        perm = _expert_major(blocks)
-        out = ffn(rows[perm], blocks.sum(0).tolist(), ep.ranks[r])
+    for r, rows in enumerate(arrived):
+        # (source, expert) -> (expert, source) order; on the fake process group only its length matters
+        perm = torch.arange(rows.shape[0], device=rows.device) if got is None else _expert_major(got[r])
+        out = ffn(rows[perm], per_expert[r], ep.ranks[r])
         outs.append(out[torch.argsort(perm)])
     back = all_to_all(torch.cat(outs), recv, send, ep.comm, "ep_combine")
     return list(back.split([sum(s) for s in send]))
 
 
-__all__ = ["EPContext", "all_to_all", "run_experts"]
+__all__ = ["EPContext", "all_to_all", "exchange_counts", "run_experts"]

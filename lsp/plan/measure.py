@@ -13,8 +13,13 @@ through lsp's comm layer over the `fake` backend (world size = the job's GPUs; c
   register, `lsp.ops.linear.custom_ops.chunk_flops`) (its module hooks keep checkpointed blocks'
   recomputed activations alive, which would inflate the memory peak). The CPU flash-attention ops are counted with
   torch's own SDPA formulas: like torch, the full Tq x Tk score block, causal or not.
-* comm: lsp.parallel.comm_stats() per tag: the linear SP exchange, the softmax K,V gathers; the dp reduction is
-  recorded here from the parameter list (see below).
+* comm: lsp.parallel.comm_stats() per tag: the linear SP exchange, the softmax K,V gathers, the MoE all-to-alls
+  (`ep_all_to_all`); the dp reduction is recorded here from the parameter list (see below), the routed experts'
+  over their world / ep replicas.
+* MoE: routing is data, which fake tensors lack, so the router's choices count as uniform (`lsp.ops.moe.
+  uniform_counts`) and, with parallel.ep > 1, every other rank of the fake process group as routing alike
+  (`lsp.parallel.ep.exchange_counts`): the planner's assumption. Rank 0 keeps E / ep experts of each block, outside
+  the engine's sharding (`_sharded`).
 
 Engine sharding: DDP and FSDP2 do not run on fake CPU tensors (DDP's reducer reads storage, FSDP2's fully_shard
 fails), so the step runs on the unwrapped model and the parameter / gradient / optimizer categories are then sharded
@@ -31,15 +36,18 @@ from dataclasses import dataclass, field
 
 from lsp.engines import engine_spec
 
+from .moe import all_to_all_bytes, expert_reduction_bytes, state_bytes
+
 GB = 1e9
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "temporaries")
+COMM_KINDS = ("sp_exchange", "kv_gather", "ep_all_to_all", "dp_reduction")
 
 
 @dataclass
 class Measurement:
     memory: dict          # category -> bytes per GPU at the peak (after the engine's sharding)
     flops: int            # one step (forward + backward), FlopCounterMode
-    comm: dict            # "sp_exchange" | "kv_gather" | "dp_reduction" -> bytes received per step on rank 0
+    comm: dict            # COMM_KINDS -> bytes received per step on rank 0
     linear_backend: str   # the linear-attention path that ran
     seconds: float
     notes: list = field(default_factory=list)
@@ -139,15 +147,37 @@ def _peak_categories(tracker) -> dict:
 
 
 def _comm_by_kind(stats: dict) -> dict:
-    # comm_stats() tags -> the three kinds the planner models (bytes received by rank 0)
-    out = {"sp_exchange": 0, "kv_gather": 0, "dp_reduction": 0}
+    # comm_stats() tags -> the kinds the planner models (bytes received by rank 0); all_reduce_sum: the MoE
+    # balancing loss's sums under SP (2E + 2 values, not modelled)
+    out = dict.fromkeys(COMM_KINDS, 0)
     for key, c in stats["by_tag_op"].items():
         tag = key.split("/")[0].split(":")[0]
         kind = {"softmax_kv": "kv_gather", "softmax_ring": "kv_gather", "dp": "dp_reduction",
+                "ep_counts": "ep_all_to_all", "ep_dispatch": "ep_all_to_all", "ep_combine": "ep_all_to_all",
                 "all_reduce_sum": None}.get(tag, "sp_exchange")
         if kind:
             out[kind] += c["bytes_recv"]
     return out
+
+
+def _expert_params(model) -> list:
+    # the routed experts' parameters: reduced over their own replicas, outside the engine (docs/moe.md)
+    from lsp.models.moe import expert_parameter_names
+
+    params = dict(model.named_parameters())
+    return [params[n] for n in expert_parameter_names(model)]
+
+
+def _sharded(engine, unsharded: dict, zero: int, gpus: int, expert_bytes: float) -> dict:
+    """The five categories after the engine's sharding (`shard_states`) of the dense parameters' states; the
+    experts' (expert_bytes of fp32 weights, their gradients in proportion, AdamW m and v) stay whole on the rank:
+    every engine leaves them to lsp.train.expert_parallel (no sharding, no gradient buckets)."""
+    p = unsharded["parameters"]
+    experts = {"parameters": expert_bytes, "optimizer": 2 * expert_bytes,
+               "gradients": unsharded["gradients"] * expert_bytes / p if p else 0.0}
+    dense = {k: unsharded[k] - experts[k] for k in experts}
+    out = {**unsharded, **engine.shard_states(dense, zero, gpus)}
+    return {k: v + experts.get(k, 0.0) for k, v in out.items()}
 
 
 def build_step(cfg, mcfg, gpus: int, fake: bool = True):
@@ -157,17 +187,21 @@ def build_step(cfg, mcfg, gpus: int, fake: bool = True):
 
     from lsp.models import HybridLM
     from lsp.models.build import build_optimizer
+    from lsp.models.moe import use_expert_parallel
     from lsp.parallel import SPContext
+    from lsp.parallel.ep import EPContext
 
     p, t = cfg.parallel, cfg.train
     torch.manual_seed(t.seed)
     model = HybridLM(mcfg)
-    optimizer = build_optimizer(cfg, model)
     sp = None
     if p.sp > 1:
         group = dist.new_group(list(range(p.sp)))
         sp = SPContext(group=group, layout=p.layout, method=p.sp_method, scan_blocks=p.scan_blocks,
                        softmax_method=p.softmax_method)
+    if p.ep > 1:   # rank 0's EP group, the first ep ranks (lsp.train.expert_parallel): it keeps E / ep experts
+        use_expert_parallel(model, EPContext(group=dist.new_group(list(range(p.ep)))))
+    optimizer = build_optimizer(cfg, model)   # after EP replaced the experts by this rank's rows
     T_local = cfg.data.seq_len // p.sp
     ids = torch.randint(0, mcfg.vocab_size, (t.micro_batch, T_local))
     labels = torch.randint(0, mcfg.vocab_size, (t.micro_batch, T_local))
@@ -214,14 +248,16 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
         # memory and bytes: one step under MemTracker
         model, optimizer, sp, ids, labels = build_step(cfg, mcfg, gpus)
         _init_optimizer_state(model, optimizer)
-        tracker = _peak_tracker(lambda c: sum({**c, **engine.shard_states(c, p.zero, gpus)}.values()))
+        expert_bytes = sum(q.numel() * q.element_size() for q in _expert_params(model))
+        tracker = _peak_tracker(lambda c: sum(_sharded(engine, c, p.zero, gpus, expert_bytes).values()))
         tracker.track_external(model, optimizer)
         reset_comm_stats()
         with tracker:
             train_step(cfg, model, optimizer, sp, ids, labels, bf16)
         measured = _peak_categories(tracker)
         param_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
-        record("all_reduce", "dp", 0, 0, engine.dp_reduction_bytes(param_bytes, p.zero, gpus, bf16))
+        record("all_reduce", "dp", 0, 0, engine.dp_reduction_bytes(param_bytes - expert_bytes, p.zero, gpus, bf16)
+               + expert_reduction_bytes(expert_bytes, gpus, p.ep))
         comm = _comm_by_kind(comm_stats())
         # FLOPs: another step on a fresh model; FlopCounterMode's module hooks keep the recomputed activations of
         # checkpointed blocks alive until the end of backward, so it must not run beside MemTracker
@@ -229,7 +265,7 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
         flops = FlopCounterMode(display=False, custom_mapping=_flop_formulas())
         with flops:
             train_step(cfg, model, optimizer, sp, ids, labels, bf16)
-    measured.update(engine.shard_states(measured, p.zero, gpus))
+    measured = _sharded(engine, measured, p.zero, gpus, expert_bytes)
     notes = [(f"GLA-family linear attention measured on the {measured_linear_backend()} path, delta-rule layers on "
               f"the {measured_backend('delta_rule')} path (the Triton kernels as torch custom ops, "
               "lsp/ops/linear/custom_ops.py, lsp/ops/delta/custom_ops.py)"),
@@ -243,6 +279,8 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
 def modelled(cfg, mcfg, gpus: int) -> Measurement:
     """The planner's analytic figures for the same launch (lsp.plan.planner / costmodel), in Measurement's form:
     memory split into states (parameters + gradients + optimizer) and activations, FLOPs, comm bytes by kind."""
+    from lsp.models.flops import expert_parameters
+
     from .costmodel import Hardware, softmax_exchange_cost
     from .planner import (
         activation_bytes,
@@ -255,10 +293,12 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     T, b, sp = cfg.data.seq_len, t.micro_batch, p.sp
     local = b * T // sp
     params = model_parameters(mcfg)
+    experts = expert_parameters(mcfg) // p.ep        # this rank's shard of the routed experts (docs/moe.md)
+    dense = params - expert_parameters(mcfg)
     engine = engine_spec(p.engine)
-    memory = {"states": engine.state_bytes_per_param(p.zero, gpus) * params,
+    memory = {"states": state_bytes(engine, p.zero, gpus, dense, experts),
               "activations": activation_bytes(mcfg, T, local, b, t.activation_checkpointing, p.layout,
-                                                  p.softmax_method)}
+                                              p.softmax_method, p.ep)}
     flops = counted_flops(mcfg, T, local, b, t.activation_checkpointing, p.layout)
     Hkv, Dh, types = mcfg.num_kv_heads, mcfg.head_dim, mcfg.layer_types
     act_bytes = 2 if t.precision != "fp32" else 4
@@ -271,7 +311,9 @@ def modelled(cfg, mcfg, gpus: int) -> Measurement:
     softmax = softmax_exchange_cost(p.softmax_method, sp, kv, 0.0, 0.0, Hardware(act_bytes=act_bytes)).bytes
     comm = {"sp_exchange": 2 * per_pass,
             "kv_gather": types.count("S") * (softmax + t.activation_checkpointing * (sp - 1) * kv),
-            "dp_reduction": engine.dp_reduction_bytes(4 * params, p.zero, gpus, t.precision != "fp32")}
+            "ep_all_to_all": all_to_all_bytes(mcfg, local, p.ep, t.activation_checkpointing, act_bytes),
+            "dp_reduction": engine.dp_reduction_bytes(4 * dense, p.zero, gpus, t.precision != "fp32")
+            + expert_reduction_bytes(4 * experts, gpus, p.ep)}
     return Measurement(memory, int(flops), comm, "model", 0.0)
 
 
@@ -296,7 +338,7 @@ def report(cfg, gpus: int, got: Measurement, model: Measurement) -> str:
                         ("FLOPs per step (TFLOP)", got.flops / 1e12, model.flops / 1e12)):
         lines.append(f"| {label} | {a / (GB if 'GB' in label else 1):.4g} | "
                      f"{b / (GB if 'GB' in label else 1):.4g} | {rel(a, b)} |")
-    for kind in ("sp_exchange", "kv_gather", "dp_reduction"):
+    for kind in COMM_KINDS:
         a, b = got.comm[kind], model.comm[kind]
         lines.append(f"| comm received: {kind} MB | {a / 1e6:.6g} | {b / 1e6:.6g} | {rel(a, b)} |")
     peak_model = sum(model.memory.values())

@@ -205,22 +205,27 @@ def layer_activation_bytes(mcfg, kind: str, seq_len: int, local_tokens: int, mic
 
 
 def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
-                     layout: str = "zigzag", softmax_method: str = "allgather") -> float:
+                     layout: str = "zigzag", softmax_method: str = "allgather", ep: int = 1) -> float:
     """Bytes of activations kept for backward on rank 0 (module docstring), plus the K|V working set of one
-    softmax layer's SP pass (LASP-2H: the gathered K|V's gradient; ring: two blocks and two dK|dV accumulators)."""
+    softmax layer's SP pass (LASP-2H: the gathered K|V's gradient; ring: two blocks and two dK|dV accumulators).
+    An MoE block's feed-forward replaces the dense SwiGLU's terms (lsp.plan.moe: experts split over ep ranks)."""
+    from .moe import moe_saved_per_token, moe_weight_copies
+
     D, V = mcfg.hidden_size, mcfg.vocab_size
     keys = layer_keys(mcfg)
     layer = {key: layer_activation_bytes(mcfg, key, seq_len, local_tokens, micro_batch, layout, softmax_method)
              for key in set(keys)}
     types = mcfg.layer_types
+    moe = moe_saved_per_token(mcfg) * local_tokens + moe_weight_copies(mcfg, ep) if mcfg.moe_experts else 0.0
+    layers = [layer[key] + (moe if mcfg.is_moe_layer(i) else 0.0) for i, key in enumerate(keys)]
     sp = max(1, micro_batch * seq_len // local_tokens)
     kv_local = 4 * mcfg.num_kv_heads * mcfg.head_dim * local_tokens            # bf16 K and V of the local tokens
     workspace = softmax_exchange_cost(softmax_method, sp, kv_local, 0.0, 0.0).workspace if "S" in types else 0.0
     # embedding ids, final norm, the fused cross-entropy's fp32 input gradient and weight gradient
     head = (12 * D + 12) * local_tokens + 4 * V * D + workspace
     if not checkpointing:
-        return head + sum(layer[key] for key in keys)
-    return head + 4 * D * local_tokens * len(types) + max(layer.values())
+        return head + sum(layers)
+    return head + 4 * D * local_tokens * len(types) + max(layers)
 
 
 def counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
@@ -236,6 +241,10 @@ def counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, check
     blocks = sum(_layer_weights(mcfg, key) for key in layer_keys(mcfg))
     recomputed = blocks - len(types) * D * mcfg.intermediate_size   # the recompute stops before down_proj
     matmul = (6 * blocks + 2 * ac * recomputed + 6 * mcfg.vocab_size * D) * local_tokens
+    if mcfg.moe_experts:   # MoE blocks: router, top-k and shared experts instead of the dense SwiGLU
+        from .moe import moe_flops_per_token, moe_layer_count
+
+        matmul += moe_layer_count(mcfg) * moe_flops_per_token(mcfg, checkpointing) * local_tokens
     linear = sum(n * linear_flops(mcfg, seq_len, local_tokens, micro_batch, ac, layout, kind)
                  for kind, n in mcfg.linear_kind_counts().items())
     _, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
@@ -418,8 +427,10 @@ def _sp_extra_flops(mcfg, sp: int, seq_len: int) -> float:
 
 
 def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool, layout: str,
-                softmax_method: str = "allgather"):
-    """(compute s, exposed SP communication s, backward s, All-Scan blocks) of one micro-step."""
+                softmax_method: str = "allgather", ep: int = 1):
+    """(compute s, exposed SP + EP communication s, backward s, All-Scan blocks) of one micro-step."""
+    from .moe import all_to_all_seconds
+
     hw = cluster.hardware(sp)
     t = b * seq_len / sp
     compute_fwd = (flops_per_token(mcfg, seq_len) + _sp_extra_flops(mcfg, sp, seq_len)) * t / hw.flops / 3
@@ -436,6 +447,7 @@ def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: i
     attention = 2 * 2 * H * Dh * t * (seq_len / 2) / hw.flops         # the rank's causal pairs, zigzag-balanced
     exposed_S = softmax_exchange_cost(softmax_method, sp, kv, attention, local_block, hw).exposed_s
     comm = 2 * sum(n * exchanges[kind][0] for kind, n in counts.items()) + mcfg.layer_types.count("S") * exposed_S
+    comm += all_to_all_seconds(mcfg, int(t), ep, ac, cluster.hardware(ep))
     return compute, comm, compute_fwd * 2, blocks
 
 
@@ -448,6 +460,7 @@ def sp_sizes(gpus: int, seq_len: int, layout: str) -> List[int]:
 def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Optional[int] = None,
                  global_batch: Optional[int] = None, sp_choices: Optional[List[int]] = None) -> List[Candidate]:
     """Every candidate for `cluster`, best first (fitting ones first, then by tokens/s per GPU)."""
+    from .moe import state_bytes
     mcfg = hybrid_config(cfg, vocab_size)
     T = seq_len or cfg.data.seq_len
     p = cfg.parallel
@@ -466,19 +479,18 @@ def plan_cluster(cfg: Config, cluster: Cluster, *, vocab_size: int, seq_len: Opt
     for sp in sizes:
         dp = cluster.gpus // sp
         allreduce = 2 * (dp - 1) / dp * per_gpu * 2 / (cluster.dp_gbps * GB) if dp > 1 else 0.0
-        # expert parameters are reduced apart from DDP's buckets (docs/moe.md)
-        states = (engine.state_bytes_per_param(p.zero, cluster.gpus) * per_gpu
-                  - engine.bucket_bytes_per_param(p.zero, cluster.gpus) * experts / p.ep)
+        # expert parameters stay outside the engine's sharding and buckets (docs/moe.md)
+        states = state_bytes(engine, p.zero, cluster.gpus, params - experts, experts / p.ep)
         for b in micro_batches:
             if global_batch % (dp * b):
                 continue
             accum = global_batch // (dp * b)
             for ac, softmax in product((False, True), softmax_methods if sp > 1 else softmax_methods[:1]):
-                memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac, p.layout, softmax)) / GB \
+                memory = (states + activation_bytes(mcfg, T, b * T // sp, b, ac, p.layout, softmax, p.ep)) / GB \
                     + cluster.reserve_gb
                 for method in sp_methods() if sp > 1 else sp_methods()[:1]:
                     compute, comm, backward, blocks = _micro_step(mcfg, cluster, sp, method, b, T, ac, p.layout,
-                                                                  softmax)
+                                                                  softmax, p.ep)
                     step = accum * (compute + comm) + max(0.0, allreduce - backward)
                     out.append(Candidate(sp, dp, method, b, accum, ac, step, accum * compute,
                                          step - accum * compute, memory, global_batch * T / step / cluster.gpus,

@@ -198,7 +198,8 @@ class DDPEngine(Engine, DDP):
 @runtime_engine
 class FSDPEngine(Engine, FSDP):
     """FSDP2: `fully_shard` per block and on the root; ZeRO-3 reshards after forward, ZeRO-2 keeps the gathered
-    weights until backward."""
+    weights until backward. Under parallel.ep > 1 the routed experts stay out of fully_shard (`ignored_params`):
+    already split over the EP group, they are kept whole and reduced over their own replicas, as under DDP."""
 
     def wrap(self, model):
         from torch.distributed.device_mesh import init_device_mesh
@@ -207,9 +208,11 @@ class FSDPEngine(Engine, FSDP):
         bf16 = self.cfg.train.precision != "fp32"
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
         reshard = self.cfg.parallel.zero == 3
+        ignored = set(self.experts.params) if self.experts is not None else None
         for block in model.layers:
-            fully_shard(block, mesh=device_mesh, reshard_after_forward=reshard, mp_policy=mp)
-        return fully_shard(model, mesh=device_mesh, reshard_after_forward=reshard, mp_policy=mp)
+            fully_shard(block, mesh=device_mesh, reshard_after_forward=reshard, mp_policy=mp, ignored_params=ignored)
+        return fully_shard(model, mesh=device_mesh, reshard_after_forward=reshard, mp_policy=mp,
+                           ignored_params=ignored)
 
     def _no_sync(self):
         self.model.set_requires_gradient_sync(False)

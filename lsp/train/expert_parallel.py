@@ -27,6 +27,10 @@ def _strip(name: str) -> str:
     return name.removeprefix("module.")
 
 
+def _sum_sq(grads) -> torch.Tensor:
+    return sum((g.double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64))
+
+
 class ExpertParallel:
     """This rank's EP group and replica group, and the expert parameters the engine must not reduce itself."""
 
@@ -62,13 +66,16 @@ class ExpertParallel:
         experts = {id(p) for p in self.params}
         grads = [p.grad for p in params if p.grad is not None]
         dense = [g for p, g in zip([p for p in params if p.grad is not None], grads) if id(p) not in experts]
-        expert_sq = sum((p.grad.double().pow(2).sum() for p in self.params), torch.zeros((), dtype=torch.float64))
+        expert_sq = _sum_sq(p.grad for p in self.params)
         dist.all_reduce(expert_sq, group=self.group)
-        dense_sq = sum((g.double().pow(2).sum() for g in dense), torch.zeros((), dtype=torch.float64))
-        norm = (dense_sq + expert_sq).sqrt()
+        # FSDP2's dense gradients are shards (DTensors) over the whole world: their squares sum over it
+        sharded_sq = _sum_sq(g.to_local() for g in dense if hasattr(g, "to_local"))
+        if any(hasattr(g, "to_local") for g in dense):
+            dist.all_reduce(sharded_sq)
+        norm = (_sum_sq(g for g in dense if not hasattr(g, "to_local")) + sharded_sq + expert_sq).sqrt()
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:
-            g.mul_(coef.to(g.dtype))
+            g.mul_(coef.item() if hasattr(g, "to_local") else coef.to(g.dtype))
         return norm
 
     # ------------------------------------------------------------------------------------------ checkpoints

@@ -278,10 +278,12 @@ class Trainer:
         return {"losses": losses, "step": self.step, **last}
 
     def announce(self) -> None:
-        from lsp.models import num_parameters
+        from lsp.models.moe import parameter_counts
         mesh, cfg = self.mesh, self.cfg
+        total, active = parameter_counts(self.model)   # the whole model's, not this rank's expert shard
+        params = f"{total / 1e6:.2f}M params" + (f" ({active / 1e6:.2f}M active)" if active != total else "")
         if mesh.is_main:
-            print(f"lsp: {num_parameters(self.model) / 1e6:.2f}M params, dp={mesh.dp} sp={mesh.sp} "
+            print(f"lsp: {params}, dp={mesh.dp} sp={mesh.sp} "
                   f"engine={cfg.parallel.engine} device={mesh.device.type} "
                   f"precision={precision_name(cfg, mesh.device)}, run dir {cfg.run_dir}", flush=True)
             if self.data.epoch_len is not None:   # a corpus of files (data.kind files / hf), not MQAR's stream

@@ -225,3 +225,27 @@ def test_moe_export_round_trip_is_bitwise(tmp_path):
     assert torch.equal(back(ids).logits, model(ids).logits)
     back.layers[1].mlp.expert_bias.zero_()   # control: the routing bias is part of what must round-trip
     assert not torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_parameter_counts_are_the_whole_models_under_ep():
+    """`lsp train`'s startup line: total and active parameters of the whole model, the same at ep = 2 (this rank
+    keeps 2 of the 4 experts of each MoE block; the fake process group stands in for the other rank) as at
+    ep = 1, and equal to the planner's count; control: the rank's own parameters are fewer."""
+    from lsp.models.flops import matmul_parameters, num_parameters
+    from lsp.models.moe import parameter_counts, use_expert_parallel
+    from lsp.parallel.ep import EPContext
+    from lsp.plan.measure import fake_process_group
+    from lsp.plan.planner import model_parameters
+
+    cfg = moe_cfg(num_layers=3, moe_first_dense=1, moe_shared_experts=1)
+    total, active = parameter_counts(HybridLM(cfg))
+    assert total == model_parameters(cfg) == num_parameters(HybridLM(cfg))
+    assert total - active == matmul_parameters(cfg, active=False) - matmul_parameters(cfg)
+    with fake_process_group(2):
+        import torch.distributed as dist
+
+        model = use_expert_parallel(HybridLM(cfg), EPContext(group=dist.new_group([0, 1])))
+        assert model.layers[1].mlp.experts.gate.shape[0] == cfg.moe_experts // 2
+        assert parameter_counts(model) == (total, active)
+        assert num_parameters(model) < total
+    assert parameter_counts(HybridLM(moe_cfg(moe_experts=0))) == (num_parameters(HybridLM(moe_cfg(moe_experts=0))),) * 2

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from lsp.models.moe import parameter_counts
 from lsp.run_config import ConfigError, load_config
 from lsp.train import load_run
 from lsp.train.trainer import Trainer
@@ -36,7 +37,7 @@ def ep2_run(tmp_path_factory):
 
 @pytest.mark.slow   # ~40 s on 2 shared cores
 def test_ep2_and_ep1_training_match(ep2_run, tmp_path):
-    run_dir, _ = ep2_run
+    run_dir, proc = ep2_run
     rows = read_losses(run_dir)
     trainer = Trainer(load_config(MOE, [f"out_dir={tmp_path}", "parallel.sp=1", "parallel.ep=1", *COMMON]))
     ref = [trainer.train_step() for _ in range(STEPS)]
@@ -45,6 +46,9 @@ def test_ep2_and_ep1_training_match(ep2_run, tmp_path):
         # the expert gradients' reduction: a missing / 2 (mean instead of sum over the EP group) changes the norm
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     assert abs(ref[-1]["loss"] - ref[0]["loss"]) > 1e-3   # control: the tolerance resolves one step
+    # the startup line counts the whole model (ep = 1's), not rank 0's expert shard
+    total, active = parameter_counts(trainer.model)
+    assert f"lsp: {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), " in proc.stdout
     # per MoE layer metrics (global load over both ranks) and the load plot
     assert {"moe/0/load_max_over_mean", "moe/1/aux_loss", "moe/1/dropped"} <= set(rows[0])
     assert rows[0]["moe/0/load_max_over_mean"] >= 1.0 and rows[0]["moe/0/dropped"] == 0
@@ -53,6 +57,30 @@ def test_ep2_and_ep1_training_match(ep2_run, tmp_path):
     model, _ = load_run(run_dir)
     assert model.layers[0].mlp.experts.gate.shape[0] == 4
     assert model.generate(torch.tensor([[1, 2, 3]]), 3).shape == (1, 6)
+
+
+@pytest.mark.slow   # a 2-rank run (~40 s on 2 shared cores)
+@pytest.mark.parametrize("zero", [2, 3])
+def test_fsdp_with_ep2_equals_ep1(tmp_path, zero):
+    """FSDP2 (ZeRO-2, 3) with parallel.ep=2 on 2 gloo ranks (sp = ep = 2): the experts stay out of fully_shard and are
+    reduced over their replicas; dense parameters are sharded by FSDP. Losses and grad norms equal the one-process
+    ep = 1 run step by step (fp32; the gradient norm sums the FSDP shards and the expert shards); the checkpoint
+    written at step 3 holds whole experts and loads as a plain model."""
+    args = [*COMMON, "train.precision=fp32"]
+    proc = run_lsp("launch", "--nproc-per-node", "2", MOE, f"out_dir={tmp_path}", *args, "parallel.engine=fsdp",
+                   f"parallel.zero={zero}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = os.path.join(tmp_path, "tiny-moe-cpu")
+    rows = read_losses(run_dir)
+    trainer = Trainer(load_config(MOE, [f"out_dir={tmp_path}/ref", "parallel.sp=1", "parallel.ep=1", *args]))
+    ref = [trainer.train_step() for _ in range(STEPS)]
+    assert len(rows) == STEPS
+    for a, b in zip(ref, rows):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert abs(ref[-1]["loss"] - ref[0]["loss"]) > 1e-3   # control: the tolerance resolves one step
+    model, _ = load_run(run_dir)
+    assert model.layers[0].mlp.experts.gate.shape[0] == 4
 
 
 @pytest.mark.slow   # two more 2-rank runs
