@@ -156,6 +156,13 @@ def test_model_agrees_with_the_measurement_of_ring_softmax():
     _agrees("tiny-cpu", 2, ["parallel.softmax_method=ring"])
 
 
+def test_allscan_delta_layers_are_measured_on_fake_tensors():
+    """All-Scan walks the chain on a helper thread on real ranks; FakeTensorMode is thread-local and not
+    thread-safe, so under `--measure` the walk must run inline (before: a real tensor met a fake one). sp=4: rank
+    0's bytes (2s + m a pass) equal the per-rank average (W-1)·(3s + m)/W the cost formula gives when m = s."""
+    _agrees("tiny-gdn-cpu", 4, ["parallel.sp=4", "parallel.sp_method=allscan"])
+
+
 SHIPPED = [("hybrid-340m-32k", 8), ("hybrid-1.3b-128k", 8), ("hybrid-gdn-1.3b-128k", 8),
            ("hybrid-1.3b-1m-multinode", 32)]
 
