@@ -74,7 +74,8 @@ def modelled_row(name: str, overrides: list, W: int, per_rank: int) -> dict:
     linear = 2 * linear_exchange(mcfg, hw, W, p.sp_method, b, 0.0, p.layout, p.scan_blocks)[1]
     softmax = softmax_exchange_cost(p.softmax_method, W, 2 * t * Hkv * Dh * 2, 0.0, 0.0, hw).bytes
     return {**_figures(modelled(cfg, mcfg, W)), "tokens_per_s_per_gpu": best.tokens_per_s_per_gpu,
-            "method": p.sp_method, "softmax_method": p.softmax_method, "checkpointing": best.checkpointing,
+            "method": p.sp_method, "softmax_method": p.softmax_method if "S" in mcfg.layer_types else "—",
+            "checkpointing": best.checkpointing,
             "fits": best.fits, "layer_mb": {"lsp linear": linear / 1e6, "lsp softmax": softmax / 1e6,
                                             "fla CP": fla_cp_bytes(W, b * H, Dh, Dh) / 1e6,
                                             "Megatron a2a": megatron_a2a_bytes(W, t, H, Dh, Dh) / 1e6,
