@@ -63,12 +63,6 @@ class EngineSpec:
         raise NotImplementedError(f"engine {cls.name!r} has no state_bytes_per_param")
 
     @classmethod
-    def bucket_bytes_per_param(cls, zero: int, ranks: int) -> float:
-        """The part of `state_bytes_per_param` that is gradient all-reduce buckets (fp32, allocated once beside
-        the gradients); parameters reduced outside the engine (MoE experts) have none."""
-        return 0.0
-
-    @classmethod
     def shard_states(cls, unsharded: Dict[str, float], zero: int, world: int) -> Dict[str, float]:
         """Per-GPU bytes of (parameters, gradients, optimizer) after sharding over `world` ranks, from the
         unsharded fp32 bytes one step held (`lsp plan --measure`)."""
@@ -101,12 +95,8 @@ def engine_names() -> Tuple[str, ...]:
     return tuple(ENGINES)
 
 
-def _bucket_bytes_per_param(ranks: int) -> float:
-    return 4.0 if ranks > 1 else 0.0   # the all-reduce buckets: fp32, allocated once
-
-
 def _replicated_bytes_per_param(ranks: int) -> float:
-    return 16.0 + _bucket_bytes_per_param(ranks)
+    return 16.0 + (4.0 if ranks > 1 else 0.0)   # + the all-reduce buckets: fp32, allocated once
 
 
 def _replicated(unsharded: Dict[str, float], world: int) -> Dict[str, float]:
@@ -133,10 +123,6 @@ class DDP(EngineSpec):
     @classmethod
     def state_bytes_per_param(cls, zero, ranks):
         return _replicated_bytes_per_param(ranks)
-
-    @classmethod
-    def bucket_bytes_per_param(cls, zero, ranks):
-        return _bucket_bytes_per_param(ranks)
 
     @classmethod
     def shard_states(cls, unsharded, zero, world):
@@ -179,10 +165,6 @@ class DeepSpeed(EngineSpec):
     """DeepSpeed ZeRO 0-3: stage 1 shards the optimizer state, 2 the gradients too, 3 the parameters too."""
 
     name, zero_stages, package = "deepspeed", ZERO_STAGES, "deepspeed"
-
-    @classmethod
-    def bucket_bytes_per_param(cls, zero, ranks):
-        return _bucket_bytes_per_param(ranks) if zero == 0 else 0.0
 
     @classmethod
     def state_bytes_per_param(cls, zero, ranks):

@@ -260,7 +260,35 @@ def delta_sp_flops_per_token(key_dim: int, value_dim: int, chunk_size: int) -> f
     return 4 * key_dim * key_dim + 2 * key_dim * key_dim * value_dim / chunk_size
 
 
+# ------------------------------------------------------------------------------ baselines outside lsp (bytes only)
+#
+# Bytes received per rank for one linear layer and one training step (forward + backward), by the accounting of
+# `exchange_time` (what arrives at a rank), for two SP designs lsp does not run (docs/benchmarks_scale.md):
+#
+#   fla context parallelism    every rank all-gathers the others' K × (K + V) per head ([M | S]: the segment map
+#                              and state; the backward gathers the same again): 2·(W-1)·b·H·K·(K+V)·state_bytes
+#   Megatron head all-to-all   (DeepSpeed-Ulysses / Megatron's a2a context parallel) the layer's inputs leave in
+#                              token shards and arrive in head shards, its output goes back: every rank receives
+#                              (W-1)/W of its local q, k, v, o, 2·(W-1)/W·t·H·(3·K + V)·act_bytes a step (backward:
+#                              their gradients the same way); gates and β add at most H·K per token more (left
+#                              out). Needs W <= H: heads are what it splits.
+
+
+def fla_cp_bytes(world_size: int, heads: int, key_dim: int, value_dim: int, state_bytes: int = 4) -> float:
+    """Bytes one rank receives for one linear layer, forward + backward, under fla's context parallelism: an
+    all-gather of every rank's K·(K+V) per head (heads = b·H), 2·(W-1)·heads·K·(K+V)·state_bytes."""
+    return 2 * (world_size - 1) * heads * key_dim * (key_dim + value_dim) * state_bytes
+
+
+def megatron_a2a_bytes(world_size: int, local_tokens: int, heads: int, key_dim: int, value_dim: int,
+                       act_bytes: int = 2) -> float:
+    """Bytes one rank receives for one layer, forward + backward, under Megatron's head all-to-all (Ulysses):
+    (W-1)/W of its local q, k, v and o each way, 2·(W-1)/W·t·H·(3·K + V)·act_bytes (W <= H)."""
+    W = world_size
+    return 2 * (W - 1) / W * local_tokens * heads * (3 * key_dim + value_dim) * act_bytes
+
+
 __all__ = ["ModelSpec", "Hardware", "StepTime", "exchange_time", "best_scan_blocks", "step_time", "plan",
            "format_plan", "ratio", "METHODS", "LABELS", "delta_exchange_time", "best_delta_scan_blocks",
            "delta_flops_per_token", "delta_sp_flops_per_token", "SoftmaxCost",
-           "softmax_exchange_cost"]
+           "softmax_exchange_cost", "fla_cp_bytes", "megatron_a2a_bytes"]

@@ -24,6 +24,7 @@ import concurrent.futures
 import math
 
 import torch
+from torch.utils import _python_dispatch
 
 from . import register_method
 
@@ -201,9 +202,11 @@ _POOL = None
 
 def _walk(sp, fn, overlap: bool):
     # real ranks, overlap (All-Scan): a helper thread, so the walk overlaps the local work; else inline (the ring
-    # is the LASP-1 baseline: blocking, on the compute stream)
+    # is the LASP-1 baseline: blocking, on the compute stream). Torch dispatch modes (FakeTensorMode, the counters
+    # of `lsp plan --measure`) are thread-local and FakeTensorMode is not thread-safe: under one, inline too, so
+    # the walk runs on fake tensors and is counted
     global _POOL
-    if sp.emulated or not overlap:
+    if sp.emulated or not overlap or _python_dispatch._get_current_dispatch_mode() is not None:
         return _Inline(fn)
     if _POOL is None:
         _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lsp-chain")
