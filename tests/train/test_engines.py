@@ -91,7 +91,9 @@ def test_planner_memory_model_comes_from_the_engine_class(monkeypatch, name, zer
     cfg = load_config(ONE_NODE, [f"parallel.engine={name}", f"parallel.zero={zero}"], check_files=False)
     params = model_parameters(hybrid_config(cfg, 257))
     assert engine_spec(name).state_bytes_per_param(zero, 8) == BY_HAND[name, zero]
-    plan = lambda: [c.memory_gb for c in plan_cluster(cfg, Cluster(gpus=8), vocab_size=257, sp_choices=[8])]  # noqa: E731
+    # memory per candidate, keyed by what the candidate is (a memory change can reorder the ranked list)
+    plan = lambda: {(c.method, c.softmax_method, c.micro_batch, c.checkpointing): c.memory_gb  # noqa: E731
+                    for c in plan_cluster(cfg, Cluster(gpus=8), vocab_size=257, sp_choices=[8])}
     states = lambda: modelled(cfg, hybrid_config(cfg, 257), 8).memory["states"]  # noqa: E731
     before, before_states = plan(), states()
     assert before_states == BY_HAND[name, zero] * params
@@ -102,7 +104,7 @@ def test_planner_memory_model_comes_from_the_engine_class(monkeypatch, name, zer
     assert plan() == before and states() == before_states
     # this engine's class is: one more byte per parameter moves every candidate by params bytes
     monkeypatch.setattr(engine_spec(name), "state_bytes_per_param", classmethod(lambda cls, z, n: BY_HAND[name, z] + 1))
-    assert plan() == pytest.approx([m + params / GB for m in before], rel=1e-12)
+    assert plan() == pytest.approx({k: m + params / GB for k, m in before.items()}, rel=1e-12)
     assert states() == before_states + params
 
 
