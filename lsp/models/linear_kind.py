@@ -30,7 +30,7 @@ from lsp.ops.delta import short_conv
 from lsp.parallel import sp_short_conv
 
 from .cache import check_decoding, continue_conv
-from .config import HybridConfig
+from .config import HybridConfig, HybridConfigError
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,13 @@ class LinearKind(nn.Module):
     name: str = ""                 # the `model.linear_attn` value, set by each registered subclass
     state_map: str = ""            # identity | scalar | diagonal | dense: the form of a segment's map A
     recurrence: Recurrence         # the op, in its three forms
+    grouped_value_heads = False    # whether it runs num_v_heads > num_heads value heads (the delta rule does)
 
     def __init__(self, cfg: HybridConfig, layer_idx: int):
         super().__init__()
+        if cfg.num_v_heads != cfg.num_heads and not self.grouped_value_heads:
+            raise HybridConfigError("num_v_heads", f"{cfg.num_v_heads} != {{p}}num_heads={cfg.num_heads}: linear kind "
+                                    f"{self.name!r} has one value head per q/k head")
         self.cfg, self.layer_idx = cfg, layer_idx
 
     # ------------------------------------------------------------------------------------------- the layer

@@ -72,9 +72,9 @@ def heldout_perplexity(model, tokenizer, paths: List[str], seq_len: int) -> Dict
 
 
 # the fields that decide what a HybridLM computes (the rest are training switches: backend, checkpointing, ...)
-MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "layer_types", "linear_attn",
-                "head_dim", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings", "gate_low_rank_dim",
-                "gate_logit_normalizer")
+MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "num_v_heads", "layer_types",
+                "linear_attn", "head_dim", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings",
+                "gate_low_rank_dim", "gate_logit_normalizer")
 
 
 def init_weights_from(model, path: str) -> None:
