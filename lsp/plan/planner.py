@@ -263,10 +263,12 @@ def linear_core_flops(mcfg, chunks: int, segments: int) -> float:
 
 
 def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str) -> float:
-    # linear_flops of a kind whose segment map is dense (the delta rule, chunked torch path: no delta custom ops yet)
+    # linear_flops of a kind whose segment map is dense (the delta rule, chunked torch path: no delta custom ops yet),
+    # per value head (q, k are repeated to the HV = num_v_heads value heads); a per-key gate (KDA) enters the chunk
+    # path elementwise only and adds no counted FLOPs (tests/plan/test_costmodel.py::test_delta_flops_are_...)
     sp = max(1, micro_batch * seq_len // local_tokens)
     _, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
-    return mcfg.num_heads * _delta_counted_per_token(mcfg.head_dim, seg, sp, ac) * local_tokens
+    return mcfg.num_v_heads * _delta_counted_per_token(mcfg.head_dim, seg, sp, ac) * local_tokens
 
 
 def _delta_counted_per_token(Dh: int, seg: int, sp: int, ac: int) -> float:
@@ -312,8 +314,9 @@ def _decayed_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, pay
 
 
 def _affine_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, payload) -> tuple:
-    # dense maps [M | S] (allgather) or states along the chain, nothing overlapped, plus the conv halo
-    H, Dh = mcfg.num_heads, mcfg.head_dim
+    # dense maps [M | S] (allgather) or states along the chain, nothing overlapped, plus the conv halo; one state
+    # per value head
+    H, Dh = mcfg.num_v_heads, mcfg.head_dim
     state = b * H * Dh * Dh * hw.state_bytes
     blocks = scan_blocks or SCAN_BLOCKS
     if not scan_blocks and sp > 1 and sp_method(method).blocks:   # nothing to hide behind: the output needs S
@@ -324,7 +327,7 @@ def _affine_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, payl
 
 def _affine_sp_flops(mcfg, seq_len: int) -> float:
     # forward FLOPs per token and linear layer that the delta rule's SP path adds (the augmented scan)
-    return mcfg.num_heads * delta_sp_flops_per_token(mcfg.head_dim, mcfg.head_dim, min(LINEAR_CHUNK, seq_len))
+    return mcfg.num_v_heads * delta_sp_flops_per_token(mcfg.head_dim, mcfg.head_dim, min(LINEAR_CHUNK, seq_len))
 
 
 def _measured_backend() -> str:
