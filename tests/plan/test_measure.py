@@ -145,9 +145,9 @@ def _agrees(name, gpus, overrides=()):
     assert model.peak == pytest.approx(got.peak, rel=0.15)
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu", "tiny-gdn-cpu"])
+@pytest.mark.parametrize("name", ["tiny-cpu", "tiny-gdn-cpu", "tiny-kda-cpu"])
 def test_model_agrees_with_the_measurement_of_the_tiny_configs(name):
-    """GLA and Gated DeltaNet, segments shorter than a chunk (the padded chunk core dominates): seconds each."""
+    """GLA, Gated DeltaNet and KDA, segments shorter than a chunk (the padded chunk core dominates): seconds each."""
     _agrees(name, 2)
 
 
@@ -156,7 +156,7 @@ def test_model_agrees_with_the_measurement_of_ring_softmax():
     _agrees("tiny-cpu", 2, ["parallel.softmax_method=ring"])
 
 
-SHIPPED = [("hybrid-340m-32k", 8), ("hybrid-1.3b-128k", 8), ("hybrid-gdn-1.3b-128k", 8),
+SHIPPED = [("hybrid-340m-32k", 8), ("hybrid-1.3b-128k", 8), ("hybrid-gdn-1.3b-128k", 8), ("hybrid-kda-1.3b-128k", 8),
            ("hybrid-1.3b-1m-multinode", 32)]
 
 
