@@ -148,3 +148,21 @@ def test_grouped_value_heads_bad_input():
         kda_cfg(num_v_heads=6)
     with pytest.raises(HybridConfigError, match="num_v_heads: 8 != num_heads=4: linear kind 'gla'"):
         HybridLM(kda_cfg(linear_attn="gla", num_v_heads=8))
+
+
+@torch.no_grad()
+def test_kda_export_round_trip_keeps_num_v_heads_and_logits(tmp_path):
+    """`lsp export` then `import_hf` of a KDA hybrid with grouped value heads: the same config (num_v_heads
+    included), every weight bitwise and the same logits (the kind has no derived buffer: `reset_buffers` is the
+    base's no-op). Control: one changed gate parameter changes the logits."""
+    from lsp.export import export_model, import_hf
+    from lsp.train.tokenizer import IdTokenizer
+
+    model = kda_lm(8, pattern="LLS").float()
+    export_model(model, IdTokenizer(model.cfg.vocab_size), tmp_path)
+    back = import_hf(str(tmp_path)).eval()
+    assert back.cfg == model.cfg and back.cfg.num_v_heads == 8
+    ids = torch.randint(0, 40, (2, 70), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(back(ids).logits, model(ids).logits)
+    back.layers[0].attn.A_log[0] += 1e-2
+    assert not torch.equal(back(ids).logits, model(ids).logits)
