@@ -134,8 +134,9 @@ class LinearKind(nn.Module):
     def attention_flops_per_token(cls, cfg: HybridConfig, seq_len: int) -> float:
         """Training FLOPs per token of the recurrence (for MFU). Default, the chunked path with chunk
         C = min(64, T) and K = V = Dh, per head: intra-chunk scores 2CK and their product with V 2CV (the full
-        C x C block is computed, then masked), read-out q S 2KV, state update kᵀ v 2KV; x 3 for the backward."""
-        H, Dh, C = cfg.num_heads, cfg.head_dim, min(CHUNK_SIZE, seq_len)
+        C x C block is computed, then masked), read-out q S 2KV, state update kᵀ v 2KV; x 3 for the backward.
+        Per value head: num_v_heads, which only the delta kinds let differ from num_heads."""
+        H, Dh, C = cfg.num_v_heads, cfg.head_dim, min(CHUNK_SIZE, seq_len)
         return 6 * H * (C * (Dh + Dh) + 2 * Dh * Dh)
 
     @classmethod
