@@ -49,3 +49,18 @@ def test_tiny_kda_config_trains(tmp_path):
     """The same for 100 steps, as the GDN config above: towards the ln(64) ~ 4.16 plateau."""
     first, last = kda_losses(tmp_path, 100)
     assert last < first - 0.1, (first, last)
+
+
+def test_num_v_heads_on_a_decay_kind_is_one_config_line(tmp_path):
+    """Grouped value heads are the delta kinds' (tests/models/test_kda.py): on GLA `lsp train` exits 2 with one line
+    naming model.num_v_heads, before a run dir is made. Control: the same key on the KDA config starts."""
+    res = run_lsp("train", os.path.join(REPO, "configs", "tiny-cpu.yaml"), *SMALL, f"out_dir={tmp_path}",
+                  "model.num_v_heads=4", "parallel.sp=1", "train.steps=1")
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert lines == ["config error: model.num_v_heads: 4 != model.num_heads=2: linear kind 'gla' has one value head "
+                     "per q/k head"], lines
+    assert not os.listdir(tmp_path)
+    ok = run_lsp("train", KDA, *SMALL, f"out_dir={tmp_path}", "model.num_v_heads=4", "parallel.sp=1",
+                 "train.steps=1", "checkpoint.every=0")
+    assert ok.returncode == 0, ok.stderr[-2000:]
