@@ -13,8 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lsp.names import CHUNK_SIZE
-
 from ..linear_kind import accumulation_dtype, register_kind
 from ._delta import DeltaKind
 
@@ -71,9 +69,9 @@ class KimiDeltaAttention(DeltaKind):
         """The delta family's count, plus per token the low-rank gates' activations (f_down, g_down outputs, the
         fp32 gate through softplus and its scale, the sigmoid output gate) 4·Dh + 10·HV·Dh, and per padded token
         what a gate per key channel makes the chunked op keep beyond a gate per head: the decayed keys and queries
-        of the sub-block pair products, (236·K - 16.4·C) bytes per value head, measured with saved_tensors_hooks on
-        `delta_rule` (fp32, C = 64, K = 16, 32, 64: within 4 bytes)."""
+        of the sub-block pair products, 236·K - 1051 bytes per value head at the op's chunk C = 64, measured with
+        saved_tensors_hooks on `delta_rule` (fp32, K = 16, 32, 64: within 4 bytes)."""
         base = super().saved_bytes(cfg, backend)
         HV, Dh = cfg.num_v_heads, cfg.head_dim
         return {**base, "token": base["token"] + 4 * Dh + 10 * HV * Dh,
-                "padded": base["padded"] + HV * (236 * Dh - 16.4 * CHUNK_SIZE)}
+                "padded": base["padded"] + HV * (236 * Dh - 1051)}
