@@ -57,6 +57,7 @@ class HybridConfig:
     num_layers: int
     num_heads: int
     num_kv_heads: int | None = None          # softmax layers only (GQA); None = num_heads
+    num_v_heads: int | None = None           # delta kinds: value heads HV = G·num_heads (grouped); None = num_heads
     layer_pattern: str = "LLLS"
     linear_attn: str = "gla"                 # a registered kind: lsp.models.layer_kinds() (lsp/models/kinds/)
     head_dim: int | None = None              # None = hidden_size // num_heads
@@ -135,6 +136,11 @@ class HybridConfig:
                                     f"{self.num_heads}")
         if self.num_heads % self.ssm_groups:
             raise HybridConfigError("ssm_groups", f"{self.ssm_groups} does not divide {{p}}num_heads={self.num_heads}")
+        if self.num_v_heads is None:
+            self.num_v_heads = self.num_heads
+        if not _is_int(self.num_v_heads) or self.num_v_heads <= 0 or self.num_v_heads % self.num_heads:
+            raise HybridConfigError("num_v_heads", f"must be a positive multiple of {{p}}num_heads={self.num_heads} "
+                                    f"(value head j reads q/k head j // G), got {self.num_v_heads!r}")
         if self.intermediate_size is None:
             self.intermediate_size = default_intermediate_size(self.hidden_size)
         if not _is_int(self.intermediate_size) or self.intermediate_size <= 0:

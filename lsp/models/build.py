@@ -8,14 +8,21 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from lsp.run_config import Config, hybrid_config
+from lsp.hybrid_config import HybridConfigError
+from lsp.run_config import Config, ConfigError, hybrid_config
 
 from .model import HybridLM
 
 
 def build_model(cfg: Config, vocab_size: int) -> HybridLM:
-    """The run's model; vocab_size: the data's, used when model.vocab_size is 0."""
-    return HybridLM(hybrid_config(cfg, vocab_size))
+    """The run's model; vocab_size: the data's, used when model.vocab_size is 0. A combination of valid keys that
+    a layer kind cannot run (e.g. model.num_v_heads on a decay kind: the kinds are torch classes, so the torch-free
+    config check cannot ask them) is a one-line ConfigError naming the key, as the config's own errors."""
+    mcfg = hybrid_config(cfg, vocab_size)
+    try:
+        return HybridLM(mcfg)
+    except HybridConfigError as err:
+        raise ConfigError(f"model.{err.key}", err.detail_for("model.")) from None
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:

@@ -22,7 +22,7 @@ from typing import List, Optional
 
 import torch
 
-from lsp.ops.delta import short_conv
+from lsp.ops.delta import repeat_heads, short_conv
 from lsp.ops.delta.naive import delta_step
 
 
@@ -47,8 +47,9 @@ class KVCache:
 
 @dataclass
 class DeltaState:
-    """Delta-rule layer: the state after the consumed tokens [B, H, K, V] (accumulation dtype) and the last
-    kernel_size - 1 inputs of the short convolution, conv_tail [B, kernel_size - 1, 3 H Dh] (None: nothing yet)."""
+    """Delta-rule layer: the state after the consumed tokens [B, HV, K, V] (accumulation dtype) and the last
+    kernel_size - 1 inputs of the short convolution, conv_tail [B, kernel_size - 1, (2 H + HV) Dh] (None: nothing
+    yet)."""
     state: Optional[torch.Tensor] = None
     conv_tail: Optional[torch.Tensor] = None
 
@@ -88,12 +89,14 @@ def recurrent_step(q, k, v, g, scale, state):
 def delta_recurrent_step(q, k, v, beta, g, scale, state):
     """One token of the (gated) delta rule (`delta_step`, the reference's own step) in decoding shapes.
 
-    q, k: [B, 1, H, K]; v: [B, 1, H, V]; beta: [B, 1, H]; g: None | [B, 1, H]; state: [B, H, K, V] or None (zeros).
-    Returns o [B, 1, H, V] in q's dtype and S' in the accumulation dtype (fp64 for fp64, else fp32).
+    q, k: [B, 1, H, K]; v: [B, 1, HV, V] (HV = G·H, value head j reads q/k head j // G); beta: [B, 1, HV];
+    g: None | [B, 1, HV] | [B, 1, HV, K]; state: [B, HV, K, V] or None (zeros).
+    Returns o [B, 1, HV, V] in q's dtype and S' in the accumulation dtype (fp64 for fp64, else fp32).
     """
-    B, _, H, K = q.shape
+    B, _, HV, V = v.shape
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    S = q.new_zeros(B, H, K, v.shape[-1], dtype=dt) if state is None else state.to(dt)
+    q, k = (repeat_heads(t, HV // q.shape[2]) for t in (q, k))
+    S = q.new_zeros(B, HV, q.shape[-1], V, dtype=dt) if state is None else state.to(dt)
     o, S = delta_step(*(x[:, 0].to(dt) for x in (q, k, v, beta)), None if g is None else g[:, 0], scale, S)
     return o[:, None].to(q.dtype), S
 

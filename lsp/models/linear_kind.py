@@ -30,7 +30,7 @@ from lsp.ops.delta import short_conv
 from lsp.parallel import sp_short_conv
 
 from .cache import check_decoding, continue_conv
-from .config import HybridConfig
+from .config import HybridConfig, HybridConfigError
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,14 @@ class LinearKind(nn.Module):
     name: str = ""                 # the `model.linear_attn` value, set by each registered subclass
     state_map: str = ""            # identity | scalar | diagonal | dense: the form of a segment's map A
     recurrence: Recurrence         # the op, in its three forms
+    grouped_value_heads = False    # whether it runs num_v_heads > num_heads value heads (the delta rule does)
+    has_kernels = True             # whether its op's Triton kernels take its inputs (KDA's gate per key: no, torch)
 
     def __init__(self, cfg: HybridConfig, layer_idx: int):
         super().__init__()
+        if cfg.num_v_heads != cfg.num_heads and not self.grouped_value_heads:
+            raise HybridConfigError("num_v_heads", f"{cfg.num_v_heads} != {{p}}num_heads={cfg.num_heads}: linear kind "
+                                    f"{self.name!r} has one value head per q/k head")
         self.cfg, self.layer_idx = cfg, layer_idx
 
     # ------------------------------------------------------------------------------------------- the layer
@@ -135,8 +140,9 @@ class LinearKind(nn.Module):
     def attention_flops_per_token(cls, cfg: HybridConfig, seq_len: int) -> float:
         """Training FLOPs per token of the recurrence (for MFU). Default, the chunked path with chunk
         C = min(64, T) and K = V = Dh, per head: intra-chunk scores 2CK and their product with V 2CV (the full
-        C x C block is computed, then masked), read-out q S 2KV, state update kᵀ v 2KV; x 3 for the backward."""
-        H, Dh, C = cfg.num_heads, cfg.head_dim, min(CHUNK_SIZE, seq_len)
+        C x C block is computed, then masked), read-out q S 2KV, state update kᵀ v 2KV; x 3 for the backward.
+        Per value head: num_v_heads, which only the delta kinds let differ from num_heads."""
+        H, Dh, C = cfg.num_v_heads, cfg.head_dim, min(CHUNK_SIZE, seq_len)
         return 6 * H * (C * (Dh + Dh) + 2 * Dh * Dh)
 
     @classmethod

@@ -178,7 +178,8 @@ def saved_bytes(mcfg, kind: str, backend: str = "torch") -> dict:
 def linear_backend(mcfg, kind: Optional[str] = None) -> str:
     """The path `lsp plan --measure` runs a linear layer of `kind` (None: linear_attn) on (its recurrence family's
     `backend`)."""
-    return op_family(mcfg, kind).backend()
+    cls = layer_kind(_linear_kind(mcfg, kind) if kind is not None else mcfg.linear_attn)
+    return op_family(mcfg, kind).backend() if cls.has_kernels else "torch"
 
 
 def local_segments(seq_len: int, local_tokens: int, micro_batch: int, layout: str) -> tuple[int, int]:
@@ -300,19 +301,22 @@ def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: in
     # ut + scan + output, backward ut + scan + grads); under SP the chunked torch pieces around the scan op, i.e.
     # the torch count with the augmented scan's backward at the op's 12·K·D per padded token instead of autograd's
     # 8·K·D, which also skips the gradient of the first chunk's entering state [I | S_0] (2·C·K·D per segment);
-    # D = K + V, forward 4·K·D either way
-    H, Dh = mcfg.num_heads, mcfg.head_dim
+    # D = K + V, forward 4·K·D either way. Per value head (q, k are repeated to the HV = num_v_heads value heads);
+    # a per-key gate (KDA) enters the chunk path elementwise only and adds no counted FLOPs
+    # (tests/plan/test_costmodel.py::test_delta_flops_are_what_flopcounter_counts), and runs on the torch path
+    H, Dh = mcfg.num_v_heads, mcfg.head_dim
+    backend = linear_backend(mcfg, kind)
     sp = max(1, micro_batch * seq_len // local_tokens)
     held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
     chunks = -(-seg // LINEAR_CHUNK)
-    if _affine_backend() == "triton" and sp == 1:
+    if backend == "triton" and sp == 1:
         from lsp.ops.delta.custom_ops import delta_chunk_flops
 
         c = delta_chunk_flops(Dh, Dh, LINEAR_CHUNK)
         return H * micro_batch * held * chunks * ((1 + ac) * (c["ut"] + c["scan"] + c["output"]) + c["ut"]
                                                   + c["scan"] + c["grads"])
     per_token = _delta_counted_per_token(Dh, seg, sp, ac)
-    if _affine_backend() == "triton":
+    if backend == "triton":
         from lsp.ops.delta.custom_ops import delta_scan_flops
 
         fwd, bwd = delta_scan_flops(Dh, 2 * Dh, LINEAR_CHUNK)      # per chunk; autograd's: 2·fwd, less fwd / 2
@@ -367,7 +371,7 @@ def _decayed_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, kin
 def _affine_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, kind) -> tuple:
     # dense maps [M | S] (allgather) or states along the chain, nothing overlapped, plus the conv halo
     payload = kind.exchange_payload(mcfg, b, hw.act_bytes)
-    H, Dh = mcfg.num_heads, mcfg.head_dim
+    H, Dh = mcfg.num_v_heads, mcfg.head_dim   # one state per value head
     state = b * H * Dh * Dh * hw.state_bytes
     blocks = scan_blocks or SCAN_BLOCKS
     if not scan_blocks and sp > 1 and sp_method(method).blocks:   # nothing to hide behind: the output needs S
@@ -378,7 +382,7 @@ def _affine_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, kind
 
 def _affine_sp_flops(mcfg, seq_len: int) -> float:
     # forward FLOPs per token and linear layer that the delta rule's SP path adds (the augmented scan)
-    return mcfg.num_heads * delta_sp_flops_per_token(mcfg.head_dim, mcfg.head_dim, min(LINEAR_CHUNK, seq_len))
+    return mcfg.num_v_heads * delta_sp_flops_per_token(mcfg.head_dim, mcfg.head_dim, min(LINEAR_CHUNK, seq_len))
 
 
 def _measured_backend() -> str:

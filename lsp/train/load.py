@@ -73,9 +73,10 @@ def heldout_perplexity(model, tokenizer, paths: List[str], seq_len: int) -> Dict
 
 # the fields that decide what a HybridLM computes (the rest are training switches: backend, checkpointing, ...)
 # (position_kinds: the kind of every layer, so that a mix in layer_pattern is compared position by position)
-MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "position_kinds",
-                "linear_attn", "head_dim", "intermediate_size", "rope_theta", "norm_eps", "tie_embeddings",
-                "gate_low_rank_dim", "gate_logit_normalizer", "delta_conv_size", "ssm_state_size", "ssm_groups")
+MODEL_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "num_v_heads",
+                "position_kinds", "linear_attn", "head_dim", "intermediate_size", "rope_theta", "norm_eps",
+                "tie_embeddings", "gate_low_rank_dim", "gate_logit_normalizer", "delta_conv_size", "ssm_state_size",
+                "ssm_groups")
 
 
 def init_weights_from(model, path: str) -> None:

@@ -151,10 +151,13 @@ def test_plan_knows_delta_payload_and_picks_the_chain_at_sp8():
     assert gdn["allgather"].comm_s > 2 * gla["allgather"].comm_s
 
 
-@pytest.mark.parametrize("K,V,gated", [(16, 16, True), (16, 32, False), (32, 16, True)])
-def test_delta_flops_are_what_flopcounter_counts(K, V, gated):
-    """delta_flops_per_token (forward, backward) equals FlopCounterMode on `delta_rule` exactly; the linear-attention
-    per-token count of lsp.models.flops (C·(K + V) + 2·K·V forward) is the negative control."""
+@pytest.mark.parametrize("K,V,gate", [(16, 16, "head"), (16, 32, None), (32, 16, "head"), (16, 16, "key"),
+                                      (32, 16, "key")])
+def test_delta_flops_are_what_flopcounter_counts(K, V, gate):
+    """delta_flops_per_token (forward, backward) equals FlopCounterMode on `delta_rule` exactly, with no gate, one
+    per head (Gated DeltaNet) or one per key channel (KDA: the gate scales q, k and the states elementwise, so it adds
+    no counted FLOPs); the linear-attention per-token count of lsp.models.flops (C·(K + V) + 2·K·V forward) is the
+    negative control."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -164,8 +167,9 @@ def test_delta_flops_are_what_flopcounter_counts(K, V, gated):
     B, T, H, C = 1, 256, 2, 64
     gen = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, K, generator=gen), torch.randn(B, T, H, V)
-    beta, g = torch.rand(B, T, H, generator=gen), -torch.rand(B, T, H, generator=gen) if gated else None
-    for x in (q, k, v, beta) + ((g,) if gated else ()):
+    beta = torch.rand(B, T, H, generator=gen)
+    g = {None: None, "head": -torch.rand(B, T, H, generator=gen), "key": -torch.rand(B, T, H, K, generator=gen)}[gate]
+    for x in (q, k, v, beta) + ((g,) if gate else ()):
         x.requires_grad_()
     with FlopCounterMode(display=False) as fwd:
         o, _ = delta_rule(q, k, v, beta, g, backend="torch")

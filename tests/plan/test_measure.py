@@ -145,10 +145,10 @@ def _agrees(name, gpus, overrides=()):
     assert model.peak == pytest.approx(got.peak, rel=0.15)
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu", "tiny-gdn-cpu", "tiny-mamba2-cpu", "tiny-hgrn2-cpu"])
+@pytest.mark.parametrize("name", ["tiny-cpu", "tiny-gdn-cpu", "tiny-mamba2-cpu", "tiny-hgrn2-cpu", "tiny-kda-cpu"])
 def test_model_agrees_with_the_measurement_of_the_tiny_configs(name):
-    """GLA, Gated DeltaNet, Mamba-2 (N != head_dim) and HGRN2, segments shorter than a chunk (the padded chunk core
-    dominates): seconds each."""
+    """GLA, Gated DeltaNet, Mamba-2 (N != head_dim), HGRN2 and KDA, segments shorter than a chunk (the padded chunk
+    core dominates): seconds each."""
     _agrees(name, 2)
 
 
@@ -221,7 +221,7 @@ def _cfg_of(name, overrides):
     return cfg, hybrid_config(cfg, 257)
 
 
-SHIPPED = [("hybrid-340m-32k", 8), ("hybrid-1.3b-128k", 8), ("hybrid-gdn-1.3b-128k", 8),
+SHIPPED = [("hybrid-340m-32k", 8), ("hybrid-1.3b-128k", 8), ("hybrid-gdn-1.3b-128k", 8), ("hybrid-kda-1.3b-128k", 8),
            ("hybrid-1.3b-1m-multinode", 32)]
 
 

@@ -42,17 +42,17 @@ class OldModelConfig:   # the hand-written copy this schema replaced (negative c
 def test_model_section_is_hybrid_config():
     assert schema_drift(ModelConfig) == []
     assert set(SET_ELSEWHERE) <= {f.name for f in dataclasses.fields(HybridConfig)}
-    # control: the old copy drifts (an `extra` key, 11 HybridConfig keys missing, the 10 MoE keys and the 2 mamba2
-    # keys ssm_state_size, ssm_groups since)
+    # control: the old copy drifts (an `extra` key, 11 HybridConfig keys missing, the 10 MoE keys, num_v_heads and
+    # the 2 mamba2 keys ssm_state_size, ssm_groups since)
     drift = schema_drift(OldModelConfig)
     assert [d for d in drift if d.startswith("extra: ") and d.endswith(" here, absent in HybridConfig")], drift
-    assert len(drift) == 24
+    assert len(drift) == 25
 
 
 # per key: (a good value that must reach HybridConfig, a bad value that must be rejected naming the key)
 CASES = {
     "vocab_size": (300, -1), "hidden_size": (32, 0), "num_layers": (3, 0), "num_heads": (4, 0),
-    "num_kv_heads": (1, 0), "layer_pattern": ("SL", "LX"), "linear_attn": ("lightning", "mamba"),
+    "num_kv_heads": (1, 0), "num_v_heads": (4, 3), "layer_pattern": ("SL", "LX"), "linear_attn": ("lightning", "mamba"),
     "head_dim": (16, 15), "intermediate_size": (96, 0), "rope_theta": (500000.0, 0.0), "norm_eps": (1e-5, -1.0),
     "tie_embeddings": (True, "maybe"), "gate_low_rank_dim": (8, 0), "gate_logit_normalizer": (8.0, 0.0),
     "delta_conv_size": (3, 0), "linear_backend": ("naive", "cuda"), "ce_chunk_size": (128, 0),
