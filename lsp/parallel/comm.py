@@ -240,6 +240,37 @@ class EmuComm:
         return _Done(), torch.roll(x, 1, dims=0)
 
 
+def make_comm(owner: str, group=None, emulate: int | None = None):
+    """The communicator of a context (`owner` names it in errors): `emulate=W` virtual ranks in one process
+    (EmuComm), else the real ranks of an initialised torch.distributed `group` (DistComm)."""
+    if emulate is not None:
+        if group is not None:
+            raise ValueError(f"{owner}: pass either group (real ranks) or emulate=W (virtual ranks), not both")
+        if not isinstance(emulate, int) or emulate < 1:
+            raise ValueError(f"emulate must be a positive int (number of virtual ranks), got {emulate!r}")
+        return EmuComm(emulate)
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{owner}(group=...) needs torch.distributed initialised; use emulate=W for one process")
+    return DistComm(group)
+
+
+class RankGroup:
+    """What a context built on a communicator (`self.comm`) says of its ranks (SPContext, EPContext)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the group (0 in emulation)."""
+        return self.comm.rank
+
+    @property
+    def emulated(self) -> bool:
+        return self.comm.emulated
+
+
 class _Done:
     def wait(self):
         return None

@@ -14,17 +14,16 @@ unfold [R·B] into [R, B] (R = W emulated, 1 real) and run the same algorithm.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from lsp.names import LAYOUTS, SCAN_BLOCKS, SOFTMAX_SP_METHODS
 from lsp.ops.boundaries import boundaries
 
-from .comm import AllReduceIdentity, DistComm, EmuComm, gather_rows
+from .comm import AllReduceIdentity, RankGroup, gather_rows, make_comm
 from .methods import sp_method
 from .segments import SegmentPlan, plan_segments
 
 
-class SPContext:
+class SPContext(RankGroup):
     """The sequence-parallel context: ranks (real or emulated), layout, and the settings every SP layer shares.
 
     method / scan_blocks: the linear layers' exchange, a registered SP method (lsp.parallel.methods: LASP-2
@@ -42,17 +41,7 @@ class SPContext:
             raise ValueError(f"softmax_method must be one of {SOFTMAX_SP_METHODS}, got {softmax_method!r}")
         if not isinstance(scan_blocks, int) or scan_blocks < 1:
             raise ValueError(f"scan_blocks must be a positive int, got {scan_blocks!r}")
-        if emulate is not None:
-            if group is not None:
-                raise ValueError("SPContext: pass either group (real ranks) or emulate=W (virtual ranks), not both")
-            if not isinstance(emulate, int) or emulate < 1:
-                raise ValueError(f"emulate must be a positive int (number of virtual ranks), got {emulate!r}")
-            self.comm = EmuComm(emulate)
-        else:
-            if not dist.is_available() or not dist.is_initialized():
-                raise ValueError("SPContext(group=...) needs torch.distributed initialised; "
-                                 "use emulate=W for one process")
-            self.comm = DistComm(group)
+        self.comm = make_comm("SPContext", group, emulate)
         self.layout, self.method, self.scan_blocks = layout, method, scan_blocks
         self.softmax_method = softmax_method
         self._plan: SegmentPlan | None = None
@@ -70,20 +59,7 @@ class SPContext:
             p = self._plan = plan_segments(self, T_local, None)
         return p
 
-    # ------------------------------------------------------------------ topology
-    @property
-    def world_size(self) -> int:
-        return self.comm.world_size
-
-    @property
-    def rank(self) -> int:
-        """This process's rank in the group (0 in emulation)."""
-        return self.comm.rank
-
-    @property
-    def emulated(self) -> bool:
-        return self.comm.emulated
-
+    # ------------------------------------------------------------ topology (world_size, rank, emulated: RankGroup)
     @property
     def rows(self) -> int:
         """R: rank rows held by this process (W emulated, 1 real)."""

@@ -24,38 +24,16 @@ import torch.distributed as dist
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .collectives import join_token
-from .comm import DistComm, EmuComm
+from .comm import RankGroup, make_comm
 
 
-class EPContext:
+class EPContext(RankGroup):
     """The expert-parallel group: real ranks over a torch.distributed group, or `emulate=W` virtual ranks."""
 
     def __init__(self, group=None, emulate: int | None = None):
-        if emulate is not None:
-            if group is not None:
-                raise ValueError("EPContext: pass either group (real ranks) or emulate=W (virtual ranks), not both")
-            if not isinstance(emulate, int) or emulate < 1:
-                raise ValueError(f"emulate must be a positive int (number of virtual ranks), got {emulate!r}")
-            self.comm = EmuComm(emulate)
-            self.fake = False
-        else:
-            if not dist.is_available() or not dist.is_initialized():
-                raise ValueError("EPContext(group=...) needs torch.distributed initialised; use emulate=W")
-            self.comm = DistComm(group)
-            # the fake process group of `lsp plan --measure`: collectives return at once, no other rank routes
-            self.fake = dist.get_backend(group) == "fake"
-
-    @property
-    def world_size(self) -> int:
-        return self.comm.world_size
-
-    @property
-    def rank(self) -> int:
-        return self.comm.rank
-
-    @property
-    def emulated(self) -> bool:
-        return self.comm.emulated
+        self.comm = make_comm("EPContext", group, emulate)
+        # the fake process group of `lsp plan --measure`: collectives return at once, no other rank routes
+        self.fake = emulate is None and dist.get_backend(group) == "fake"
 
     @property
     def ranks(self) -> list[int]:
