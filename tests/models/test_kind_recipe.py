@@ -15,6 +15,7 @@ from lsp.models import HybridConfig, HybridLM, register_kind
 from lsp.models.kinds._decay import DecayKind
 from lsp.models.linear_kind import accumulation_dtype, causal_conv
 
+from .kind_checks import check_planner_prices
 from .sp_workers import CFG
 from .test_generate import TOL, decoded_logits
 from .test_model_sp import check_emulated
@@ -132,28 +133,12 @@ def test_toy_kind_decodes_as_the_full_forward(toy):
 
 def test_planner_prices_the_toy_kind(toy):
     """The kind's parameter formula is exact, and the planner's exchange bytes (states, scalar decays and the conv
-    halo) are what one emulated step sends; a plan has fitting candidates."""
-    from lsp.models import num_parameters
-    from lsp.parallel import SPContext, comm_stats, reset_comm_stats
-    from lsp.plan.costmodel import Hardware
-    from lsp.plan.planner import Cluster, linear_exchange, model_parameters, plan_cluster
+    halo) are what one emulated step sends (the check every kind runs: kind_checks.check_planner_prices); a plan
+    has fitting candidates."""
+    from lsp.plan.planner import Cluster, plan_cluster
     from lsp.run_config import load_config
 
     cfg = HybridConfig(**{**CFG, "linear_attn": "toy_gate", "layer_pattern": "L", "num_layers": 2})
-    torch.manual_seed(0)
-    model = HybridLM(cfg)
-    assert model_parameters(cfg) == num_parameters(model)
-    B, T, W = 2, 48, 2
-    for layout in ("zigzag", "contiguous"):
-        sp = SPContext(emulate=W, layout=layout, method="allgather")
-        ids = torch.randint(0, 128, (B, T), generator=torch.Generator().manual_seed(0))
-        reset_comm_stats()
-        model(sp.shard(ids, 1), labels=sp.shard(ids, 1), sp=sp).loss.backward()
-        sent = sum(v["bytes_recv"] for k, v in comm_stats()["by_tag_op"].items()
-                   if not k.startswith("all_reduce_sum")) / W
-        _, per_pass, _ = linear_exchange(cfg, Hardware(act_bytes=4), W, "allgather", B, 0.0, layout)
-        assert sent == pytest.approx(2 * cfg.num_layers * per_pass, rel=1e-12), (layout, sent, per_pass)
-        halo = (W - 1) * (2 if layout == "zigzag" else 1) * B * (CONV - 1) * cfg.num_heads * cfg.head_dim * 4
-        assert sent != pytest.approx(2 * cfg.num_layers * (per_pass - halo), rel=1e-3)   # control: halo counted
+    check_planner_prices(cfg.num_layers * (CONV - 1) * cfg.num_heads * cfg.head_dim * 4, linear_attn="toy_gate")
     run = load_config(None, ["model.linear_attn=toy_gate"], check_files=False)
     assert any(c.fits for c in plan_cluster(run, Cluster(gpus=8), vocab_size=257))
