@@ -60,7 +60,7 @@ from lsp.engines import engine_spec
 from lsp.models import layer_kind
 from lsp.models.flops import expert_parameters, flops_per_token, matmul_parameters
 from lsp.names import CHUNK_SIZE as LINEAR_CHUNK
-from lsp.names import SCAN_BLOCKS
+from lsp.names import DEFAULT_SOFTMAX_METHOD, SCAN_BLOCKS
 from lsp.parallel.methods import sp_method, sp_methods
 from lsp.parallel.softmax import softmax_methods as registered_softmax_methods
 from lsp.run_config import Config, ConfigError, hybrid_config
@@ -113,7 +113,7 @@ class Candidate:
     tokens_per_s_per_gpu: float
     fits: bool
     scan_blocks: int = SCAN_BLOCKS   # pipeline blocks (the model's best, for a method that has them: All-Scan)
-    softmax_method: str = "allgather"  # the softmax layers' SP method (LASP-2H or ring attention)
+    softmax_method: str = DEFAULT_SOFTMAX_METHOD  # the softmax layers' SP method (LASP-2H or ring attention)
 
     def overrides(self) -> str:
         blocks = f" parallel.scan_blocks={self.scan_blocks}" if sp_method(self.method).blocks else ""
@@ -190,7 +190,7 @@ def local_segments(seq_len: int, local_tokens: int, micro_batch: int, layout: st
 
 
 def layer_activation_bytes(mcfg, kind: str, seq_len: int, local_tokens: int, micro_batch: int,
-                           layout: str = "zigzag", softmax_method: str = "allgather") -> float:
+                           layout: str = "zigzag", softmax_method: str = DEFAULT_SOFTMAX_METHOD) -> float:
     """Bytes one layer of `kind` keeps for backward on rank 0: `saved_bytes` at the launch's token counts (the
     gathered K|V only where the softmax method keeps it: costmodel.softmax_exchange_cost), plus a bf16 copy of
     each of its weights (autocast)."""
@@ -206,7 +206,7 @@ def layer_activation_bytes(mcfg, kind: str, seq_len: int, local_tokens: int, mic
 
 
 def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
-                     layout: str = "zigzag", softmax_method: str = "allgather", ep: int = 1) -> float:
+                     layout: str = "zigzag", softmax_method: str = DEFAULT_SOFTMAX_METHOD, ep: int = 1) -> float:
     """Bytes of activations kept for backward on rank 0 (module docstring), plus the K|V working set of one
     softmax layer's SP pass (LASP-2H: the gathered K|V's gradient; ring: two blocks and two dK|dV accumulators).
     An MoE block's feed-forward replaces the dense SwiGLU's terms (lsp.plan.moe: experts split over ep ranks)."""
@@ -431,7 +431,7 @@ def _sp_extra_flops(mcfg, sp: int, seq_len: int) -> float:
 
 
 def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool, layout: str,
-                softmax_method: str = "allgather", ep: int = 1):
+                softmax_method: str = DEFAULT_SOFTMAX_METHOD, ep: int = 1):
     """(compute s, exposed SP + EP communication s, backward s, All-Scan blocks) of one micro-step."""
     from .moe import all_to_all_seconds
 
