@@ -58,7 +58,7 @@ from typing import Callable, List, Optional
 
 from lsp.engines import engine_spec
 from lsp.models import layer_kind
-from lsp.models.flops import expert_parameters, flops_per_token, matmul_parameters
+from lsp.models.flops import expert_parameters, flops_per_token, linear_layer_parameters, matmul_parameters
 from lsp.names import CHUNK_SIZE as LINEAR_CHUNK
 from lsp.names import SCAN_BLOCKS
 from lsp.parallel.methods import sp_method, sp_methods
@@ -128,7 +128,7 @@ def model_parameters(mcfg) -> int:
     the final one) and each linear layer's other parameters (its kind's `other_parameters`: output norm, biases,
     short convolutions, per-head constants)."""
     D, types = mcfg.hidden_size, mcfg.layer_types
-    linear = sum(n * layer_kind(kind).other_parameters(mcfg) for kind, n in mcfg.linear_kind_counts().items())
+    linear = linear_layer_parameters(mcfg)[1]
     small = 2 * D * len(types) + D + linear
     # every MoE expert (active=False): memory holds all of them, a token uses top-k
     return matmul_parameters(mcfg, active=False) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
