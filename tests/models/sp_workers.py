@@ -25,13 +25,14 @@ def loss_and_grads(model, ids, labels, **kw):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def hybrid_lm_grads(rank, world_size):
-    """Loss and this rank's parameter gradients for every linear SP method (zigzag, packed documents)."""
+def hybrid_lm_grads(rank, world_size, overrides=None):
+    """Loss and this rank's parameter gradients for every linear SP method (zigzag, packed documents), of the CFG
+    model with `overrides` (HybridConfig fields)."""
     ids, labels = make_batch(1, 64)
     results = {}
     for method in ("allgather", "allscan", "ring"):
         torch.manual_seed(0)
-        model = HybridLM(HybridConfig(**CFG)).double()
+        model = HybridLM(HybridConfig(**{**CFG, **(overrides or {})})).double()
         sp = SPContext(layout="zigzag", method=method)
         results[method] = loss_and_grads(model, sp.shard(ids, 1), sp.shard(labels, 1), sp=sp, cu_seqlens=GLOO_CU)
     return results
