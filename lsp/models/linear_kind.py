@@ -83,6 +83,8 @@ class LinearKind(nn.Module):
 
     name: str = ""                 # the `model.linear_attn` value, set by each registered subclass
     state_map: str = ""            # identity | scalar | diagonal | dense: the form of a segment's map A
+    op_family: str = ""            # the planner's model of its op (lsp.plan.planner.OP_FAMILIES) when the form of
+    #                                A does not say it ("" = state_map's; RWKV-7: "dplr", dense but not the delta rule)
     recurrence: Recurrence         # the op, in its three forms
     grouped_value_heads = False    # whether it runs num_v_heads > num_heads value heads (the delta rule does)
     has_kernels = True             # whether its op's Triton kernels take its inputs (KDA's gate per key: no, torch)

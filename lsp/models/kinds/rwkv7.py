@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from lsp.names import CHUNK_SIZE
 from lsp.ops import dplr_delta_rule
-from lsp.ops.dplr import DPLR_BACKENDS
+from lsp.ops.dplr import DPLR_BACKENDS, dplr_flops_per_token
 from lsp.parallel import sp_dplr_delta_rule
 
 from ..cache import DeltaState, check_decoding, dplr_recurrent_step
@@ -56,6 +56,7 @@ def lora_ranks(cfg) -> dict:
 class RWKV7(LinearKind):
     name = "rwkv7"
     state_map = "dense"
+    op_family = "dplr"           # the planner's FLOPs of the DPLR chunks (lsp.ops.dplr.dplr_flops_per_token)
     has_kernels = False          # the DPLR op has no Triton kernel yet: the chunked torch path
     shared_values = ("v_first",)
     recurrence = Recurrence(single=dplr_delta_rule, parallel=sp_dplr_delta_rule, step=dplr_recurrent_step)
@@ -187,12 +188,10 @@ class RWKV7(LinearKind):
 
     @classmethod
     def attention_flops_per_token(cls, cfg, seq_len: int) -> float:
-        """The chunked DPLR path per head, chunk C = min(64, T), K = V = Dh: the four pair-score blocks
-        (a·b, a·k, r·b, r·k) 4·2CK, the WY solve's right side and solve (A_ak V and C x C against V + K columns)
-        2CV + C(V + K), the chunk scan [Bd | Kd]ᵀ U and W S 2·2KV + 2KV, the read-out r S and P U 2KV + 2·2CV;
-        x 3 for the backward."""
-        H, Dh, C = cfg.num_heads, cfg.head_dim, min(CHUNK_SIZE, seq_len)
-        return 3 * H * (8 * C * Dh + 2 * C * Dh + 2 * C * Dh + 8 * Dh * Dh + 4 * C * Dh)
+        # the chunked DPLR path's forward + backward as FlopCounterMode counts it, per head (K = V = head_dim),
+        # for one row of seq_len tokens in chunks of C = min(64, T)
+        C = min(CHUNK_SIZE, seq_len)
+        return cfg.num_heads * sum(dplr_flops_per_token(C, cfg.head_dim, cfg.head_dim, -(-seq_len // C)))
 
     @classmethod
     def saved_bytes(cls, cfg, backend: str) -> dict:
@@ -207,5 +206,7 @@ class RWKV7(LinearKind):
 
     @classmethod
     def exchange_payload(cls, cfg, rows: int, act_bytes: float) -> dict:
-        # A travels inside the maps; the token shift's halo: one segment's last input, D activations per row
-        return {"decay_bytes": 0, "halo_bytes": rows * cfg.hidden_size * act_bytes}
+        # A travels inside the maps; the token shift's halo: one segment's last input, D values per row, of the
+        # layer's input, the block's RMSNorm output in the residual stream's dtype (fp32 weights: fp32 under
+        # autocast, not an activation of act_bytes)
+        return {"decay_bytes": 0, "halo_bytes": rows * cfg.hidden_size * 4}
