@@ -169,10 +169,11 @@ def test_autocast_does_not_change_the_result():
     assert torch.equal(cast, plain)
 
 
-@pytest.mark.parametrize("K, V", [(16, 16), (32, 64), (64, 32)])
+@pytest.mark.parametrize("K, V", [(16, 32), (32, 16)])
 def test_flops_formula_is_what_flopcounter_counts(K, V):
     """dplr_flops_per_token (the planner's and the rwkv7 kind's count) equals FlopCounterMode's count of the chunked
-    path, forward and backward, for rows of 1, 2 and 3 chunks; control: the delta rule's formula does not."""
+    path, forward and backward, for rows of 1, 2 and 3 chunks (K != V both ways, so that each term's dims are
+    seen); control: the delta rule's formula does not."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from lsp.ops.dplr import dplr_flops_per_token
