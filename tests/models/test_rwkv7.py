@@ -193,6 +193,9 @@ def test_planner_prices_rwkv7():
     """Parameters exact (the first layer has no value-residual LoRA) and the exchange bytes with the token shift's
     halo: one token of D fp32 activations per row, two rwkv7 layers."""
     check_planner_prices(2 * CFG["hidden_size"] * 4, **RWKV)
+    # a mix: two rwkv7 layers (one first) beside gla (no halo), each layer priced by its own kind (no softmax
+    # layer: the check counts every exchange but the loss's all-reduce)
+    check_planner_prices(2 * CFG["hidden_size"] * 4, layer_pattern="rwkv7,gla,rwkv7", num_layers=3)
 
 
 @torch.no_grad()
