@@ -90,7 +90,7 @@ class LinearKind(nn.Module):
     has_kernels = True             # whether its op's Triton kernels take its inputs (KDA's gate per key: no, torch)
     shared_values: tuple = ()      # names of per-token values it reads from / writes for other layers of one
     #                                forward (RWKV-7's value residual: "v_first"); a kind that names any takes
-    #                                `shared=` (HybridLM's dict of them) in forward
+    #                                `shared=` (HybridLM's `SharedValues` of the forward) in forward
 
     def __init__(self, cfg: HybridConfig, layer_idx: int):
         super().__init__()

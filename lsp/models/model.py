@@ -26,6 +26,25 @@ class LMOutput:
     aux_loss: torch.Tensor | None = None  # [] MoE balancing losses (aux + z), already included in `loss`
 
 
+class SharedValues:
+    """The per-token values layers hand to later layers of one forward, by name (a kind's `shared_values`, e.g.
+    RWKV-7's value residual `v_first`): `shared[name] = t`, `shared[name]`, `name in shared`. An object, not a dict:
+    wrappers that map over a module's tensor inputs rebuild the containers they walk (FSDP2's cast of forward inputs
+    to its param dtype makes a new dict), and a writer must write into the forward's own."""
+
+    def __init__(self):
+        self._values: dict = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._values[name]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self._values[name] = value
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._values
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -137,9 +156,9 @@ class HybridLM(nn.Module):
         else:
             positions = torch.arange(cache.seen, cache.seen + T, device=input_ids.device).expand(B, T)
         x, aux_total = self.embed(input_ids), None
-        # per-token values a layer hands to later layers of this forward, by name (a kind's `shared_values`, e.g.
-        # RWKV-7's value residual): same tokens as x, so they need no exchange under SP and no decoding state
-        shared = {}
+        # per-token values a layer hands to later layers of this forward (`SharedValues`): the same tokens as x, so
+        # they need no exchange under SP and no decoding state
+        shared = SharedValues()
         for i, block in enumerate(self.layers):
             if cache is not None:
                 x, aux = block(x, positions, sp=sp, cu_seqlens=cu_seqlens, cache=cache.layers[i], shared=shared)

@@ -131,6 +131,43 @@ def test_value_residual_crosses_other_kinds_in_a_model():
     torch.testing.assert_close(seen["out"], ref, rtol=1e-10, atol=1e-12)
 
 
+def test_value_residual_survives_a_wrapper_that_rebuilds_block_inputs():
+    """What FSDP2 does to each block's forward inputs (`_apply_to_tensors` over args and kwargs: every dict it walks
+    is rebuilt) leaves the logits unchanged: the first rwkv7 layer writes into the forward's own shared values (with
+    a plain dict it wrote into a copy and the later layer found no v_first). The real FSDP2 run is the slow test
+    below."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    model = rwkv7_model()
+    ids = make_batch(2, 40)[0]
+    with torch.no_grad():
+        plain = model(ids).logits
+        for block in model.layers:
+            block.register_forward_pre_hook(lambda mod, args, kwargs: (_apply_to_tensors(lambda t: t, args),
+                                                                       _apply_to_tensors(lambda t: t, kwargs)),
+                                            with_kwargs=True)
+        torch.testing.assert_close(model(ids).logits, plain, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_value_residual_reaches_later_layers_under_fsdp2_bf16():
+    """FSDP2 (one gloo rank, bf16 param dtype, as lsp's fsdp engine wraps the model; 9 s on this CPU) casts each
+    block's forward inputs and rebuilds the dicts among them: the first rwkv7 layer must still write into the
+    forward's shared values (with a plain dict the later layer found no v_first: KeyError). The loss is the unwrapped
+    model's under bf16 autocast, within bf16's rounding."""
+    from lsp.parallel import spawn
+
+    from . import sp_workers
+
+    loss = spawn(sp_workers.fsdp2_bf16_loss, 1, RWKV, timeout_s=120)[0]
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig(**{**CFG, **RWKV}))
+    ids, labels = make_batch(2, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(ids, labels=labels).loss.item()
+    assert loss == pytest.approx(ref, rel=2e-2)
+
+
 def test_layer_outside_a_model_needs_the_shared_values():
     layer = rwkv7_model().layers[2].attn
     with pytest.raises(ValueError, match="rwkv7 layer 2 shares its value residual .* pass shared="):

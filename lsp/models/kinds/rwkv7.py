@@ -133,7 +133,7 @@ class RWKV7(LinearKind):
         # v, xv: [B, T, H·Dh], [B, T, D] -> v mixed towards the first rwkv7 layer's v (which that layer stores)
         if shared is None:
             raise ValueError(f"rwkv7 layer {self.layer_idx} shares its value residual with the model's other rwkv7 "
-                             f"layers: pass shared= (a dict, as HybridLM does)")
+                             f"layers: pass shared= (a SharedValues or a dict, as HybridLM does)")
         if self.first:
             shared["v_first"] = v
             return v
