@@ -123,7 +123,8 @@ def test_value_residual_crosses_other_kinds_in_a_model():
     assert first.first and not later.first and not hasattr(first, "v0") and hasattr(later, "v0")
     seen = {}
     first.register_forward_hook(lambda mod, args, out: seen.update(x_first=args[0]))
-    later.register_forward_hook(lambda mod, args, kw, out: seen.update(x_later=args[0], out=out, **kw["shared"]),
+    later.register_forward_hook(lambda mod, args, kw, out: seen.update(x_later=args[0], out=out,
+                                                                       v_first=kw["shared"]["v_first"]),
                                 with_kwargs=True)
     model(make_batch(2, 40)[0])
     torch.testing.assert_close(seen["v_first"], reference_rwkv7(first, seen["x_first"])[1], rtol=0, atol=0)
