@@ -13,7 +13,8 @@ from lsp.models import LinearKind, layer_kind, layer_kinds, register_kind
 from lsp.names import SOFTMAX_SP_METHODS, SP_METHODS
 
 LSP_DIR = os.path.dirname(lsp.kinds.__file__)
-BUILTIN = {"linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet", "mamba2", "hgrn2", "kda"}
+BUILTIN = {"linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet", "mamba2", "hgrn2", "kda",
+           "rwkv7"}
 
 
 def test_every_builtin_kind_is_one_registered_class_under_its_file_name():
