@@ -15,7 +15,8 @@ previous complete checkpoint and `latest` intact; an existing complete checkpoin
 damaged later (a truncated or corrupted file) fails its manifest: a resume falls back to the newest intact one
 (lsp/train/runs.py:set_aside_damaged), `lsp eval` / `generate` / `export` name it in one line.
 DCP stores parameters by fully-qualified name with their global shapes, so a checkpoint saved at one dp/sp size (or
-FSDP sharding) loads at another.
+FSDP sharding) loads at another; under expert parallelism each rank writes only its experts' rows (blocks of the
+whole expert tensors), which load at any ep size.
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[str, Any], config_yaml: str,
                     keep: int = 2, deepspeed_engine=None, experts=None) -> Optional[str]:
     """Collective: every rank calls it. Returns the final path (None if that step was already saved).
-    experts: the run's `ExpertParallel` (parallel.ep > 1): whole expert weights are saved, as at ep = 1."""
+    experts: the run's `ExpertParallel` (parallel.ep > 1): each rank writes only its own experts' rows (weights
+    and AdamW moments) as blocks of the whole [E, ...] tensors (lsp/train/expert_parallel.py)."""
     final = step_dir(root, step)
     tmp = final + ".tmp"
     exists = os.path.isdir(final)
@@ -86,7 +88,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         if experts is not None:
-            experts.to_full(model_sd, optim_sd)
+            experts.to_sharded(model_sd, optim_sd)
         with _quiet_single_process():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save(rng_state(), os.path.join(tmp, f"rng_{_rank()}.pt"))
@@ -128,9 +130,8 @@ def model_mismatch(path: str, model, experts=None) -> Optional[str]:
     saved = {k: list(v.size) for k, v in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items()
              if k.startswith("model.") and hasattr(v, "size")}
     here_sd = get_state_dict(model, [])[0]
-    if experts is not None:
-        experts.full_templates(here_sd, {})
-    here = {f"model.{k}": list(v.shape) for k, v in here_sd.items()}
+    here = {f"model.{k}": experts.global_shape(k, v.shape) if experts is not None else list(v.shape)
+            for k, v in here_sd.items()}
     for name in sorted(saved.keys() | here.keys()):
         if saved.get(name) != here.get(name):
             return (f"{name} is {saved.get(name, 'absent')} there, {here.get(name, 'absent')} here").replace("'", "")
@@ -168,7 +169,7 @@ def load_model_state(path: str, model) -> None:
 
 def load_checkpoint(path: str, model, optimizer=None, deepspeed_engine=None, experts=None) -> Dict[str, Any]:
     """Collective: load model (+ optimizer) in place; returns the trainer state saved by rank 0. experts: as in
-    `save_checkpoint` (whole expert weights are read, this rank keeps its rows: any ep size loads)."""
+    `save_checkpoint` (this rank reads its rows of the saved blocks: a checkpoint saved at any ep size loads)."""
     if deepspeed_engine is not None:
         deepspeed_engine.load_checkpoint(path, tag="deepspeed")
     elif optimizer is None:
@@ -176,7 +177,7 @@ def load_checkpoint(path: str, model, optimizer=None, deepspeed_engine=None, exp
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         if experts is not None:
-            experts.full_templates(model_sd, optim_sd)
+            experts.to_sharded(model_sd, optim_sd)
         state = {"model": model_sd, "optim": optim_sd}
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path)
