@@ -83,6 +83,30 @@ def test_hf_export_of_a_kind_mix(tmp_path):
 
 @needs_hf
 @torch.no_grad()
+def test_hf_export_of_an_moe_model(tmp_path):
+    """An MoE hybrid (sigmoid router with a non-zero selection bias, a shared expert, a dense first block, aux and
+    z losses) through transformers: logits, loss (balancing losses included) and greedy decoding equal lsp's; the
+    control perturbs one routed expert's weight."""
+    cfg = HybridConfig(vocab_size=300, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, layer_pattern="LLS",
+                       moe_experts=6, moe_top_k=2, moe_shared_experts=1, moe_intermediate_size=24, moe_first_dense=1,
+                       moe_router="sigmoid", moe_aux_loss_coef=0.01, moe_z_loss_coef=0.001)
+    torch.manual_seed(0)
+    model = HybridLM(cfg).eval()
+    for block in model.layers[1:]:
+        block.mlp.expert_bias.normal_()   # the routing bias must reach the exported model
+    export_model(model, IdTokenizer(300), tmp_path)
+    hf = load_hf(tmp_path)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(hf(ids).logits, model(ids).logits)
+    aligned = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    assert torch.equal(hf(ids, labels=ids).loss, model(ids, labels=aligned).loss)
+    assert torch.equal(hf.generate(ids[:, :7], max_new_tokens=6, do_sample=False), model.generate(ids[:, :7], 6))
+    model.layers[1].mlp.experts.down[0, 0, 0] += 1e-3   # control: the comparison sees one routed expert's weight
+    assert not torch.equal(hf(ids).logits, model(ids).logits)
+
+
+@needs_hf
+@torch.no_grad()
 @pytest.mark.parametrize("kind", ["gla", "gated_deltanet", "mamba2", "hgrn2"])
 def test_hf_generate_equals_lsp_and_decodes_one_token_per_step(tmp_path, kind):
     model = make_model(kind, "LLS")
