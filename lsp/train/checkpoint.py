@@ -56,6 +56,7 @@ def _quiet_single_process():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 
+
 def _item_bytes(item) -> int:
     return item.tensor_storage_size() or 1   # a non-tensor entry: size unknown, as DCP's own dedup counts it
 
