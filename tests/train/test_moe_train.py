@@ -60,6 +60,31 @@ def test_ep2_and_ep1_training_match(ep2_run, tmp_path):
     assert model.generate(torch.tensor([[1, 2, 3]]), 3).shape == (1, 6)
 
 
+@pytest.mark.slow   # reads the 2-rank run of `ep2_run`
+def test_eval_generate_export_of_the_ep2_run(ep2_run, tmp_path, capsys):
+    """`lsp eval`, `lsp generate` and `lsp export` read the ep = 2 run's sharded checkpoint in one process; the
+    exported folder loads through transformers (where installed) with the logits and the greedy continuation of
+    lsp's model."""
+    from lsp.cli import main as lsp_main
+    run_dir, _ = ep2_run
+    assert lsp_main(["eval", run_dir]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert lsp_main(["generate", run_dir, "--prompt", "1 2 3 4", "--max-new-tokens", "4"]) == 0
+    continued = [int(t) for t in capsys.readouterr().out.split()]
+    out_dir = str(tmp_path / "hf")
+    assert lsp_main(["export", run_dir, out_dir]) == 0
+    try:
+        import transformers
+    except ImportError:
+        return
+    model, _ = load_run(run_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, model.eval()(ids).logits)
+        assert hf.generate(ids, max_new_tokens=4, do_sample=False)[0].tolist() == continued
+
+
 @pytest.mark.slow   # a 2-rank run (~40 s on 2 shared cores)
 @pytest.mark.parametrize("zero", [2, 3])
 def test_fsdp_with_ep2_equals_ep1(tmp_path, zero):
