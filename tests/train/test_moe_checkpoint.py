@@ -1,7 +1,9 @@
 """Checkpoints of expert-parallel runs: each rank writes only its own experts (weights and AdamW moments) as row
 blocks of the whole [E, ...] tensors, nothing is gathered, and a checkpoint loads at another ep size: ep = 2 -> 1
 (`lsp eval` / `generate` / `export` and a one-process resume), 1 -> 2 (also the format of checkpoints written before
-experts were sharded: whole expert tensors), 2 -> 2 and 2 -> 4 (slow).
+experts were sharded: whole expert tensors), 2 -> 2 and 2 -> 4. Over gloo ranks these are `slow` (the two ranks
+import DCP: ~25 s); the default suite runs one rank of two on torch's fake process group, planning its save and
+reading a whole-expert checkpoint per rank (DCP's no_dist mode), and the pure `balanced_writes`.
 
 Reference: the same model after one AdamW step on seeded gradients of the whole model, in one process (ep = 1).
 AdamW is elementwise, so a rank's experts after the step are bitwise the rows of the reference's: every comparison
@@ -11,12 +13,15 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from lsp.models import HybridConfig, HybridLM
 from lsp.models.moe import expert_parameter_names
 from lsp.parallel import spawn
-from lsp.train.checkpoint import load_checkpoint, load_model_state, model_mismatch, save_checkpoint
+from lsp.train.checkpoint import BalancedSavePlanner, load_checkpoint, load_model_state, model_mismatch, save_checkpoint
 from lsp.train.dist import Mesh
 
 CFG = dict(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, layer_pattern="LS", moe_experts=8,
@@ -73,6 +78,55 @@ def load_fresh(path: str, rank=0, world=1, ep=1) -> tuple:
     return before, state(model, opt)
 
 
+# ------------------------------------------------------------------------------------------ one rank, fake group
+@pytest.fixture
+def rank1_of_2():
+    """This process as rank 1 of 2 on torch's fake process group (collectives return at once; no rank 0 exists)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    dist.init_process_group("fake", store=FakeStore(), rank=1, world_size=2)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")   # no_dist: intended
+def test_a_rank_writes_its_experts_rows_and_reads_them_from_a_whole_checkpoint(tmp_path, rank1_of_2):
+    """Rank 1 at ep = 2 (experts 4..7 of 8): its save plan holds each expert entry (weights, both moments) as the
+    block of rows [4, 8) of the global [8, ...] tensor, and nothing whole (before: the gathered [8] tensors); a
+    whole-expert checkpoint (ep = 1, the old format) gives it exactly the reference's rows 4..7 (DCP run for this
+    rank alone: no_dist). Control: the model loaded into differed in every expert entry, and the rows of rank 0 are
+    not what rank 1 holds after the load."""
+    ref_model, ref_opt, _ = trained()
+    whole = dict(zip(("model", "optim"), get_state_dict(ref_model, ref_opt)))
+    dcp.save(whole, checkpoint_id=str(tmp_path / "whole"), no_dist=True)
+    model, opt, experts = trained(1, 2, 2)
+    names = set(experts.names)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    experts.to_sharded(model_sd, optim_sd)
+    planner = BalancedSavePlanner()
+    planner.set_up_planner({"model": model_sd, "optim": optim_sd}, is_coordinator=False)
+    blocks = {i.index.fqn: (int(i.tensor_data.chunk.offsets[0]), int(i.tensor_data.chunk.sizes[0]),
+                            int(i.tensor_data.size[0]))
+              for i in planner.create_local_plan().items
+              if ".experts." in i.index.fqn and not i.index.fqn.endswith(".step")}   # AdamW step: a scalar
+    assert len(blocks) == 3 * len(names) and set(blocks.values()) == {(4, 4, 8)}, blocks
+    # the load, into a model of another seed: templates of this rank's rows, read from the one [8, ...] block
+    model, opt, experts = trained(1, 2, 2, seed=7)
+    before = state(model, opt)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    experts.to_sharded(model_sd, optim_sd)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=str(tmp_path / "whole"), no_dist=True)
+    experts.to_local(loaded["model"], loaded["optim"])
+    set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    ref = state(ref_model, ref_opt)
+    assert differences(state(model, opt), ref, 1, 2, names) == []
+    assert {f"{n}/{k}" for n in names for k in MOMENTS} | names <= set(differences(before, ref, 1, 2, names))
+    # control: rank 0's rows (0..3) are not what rank 1 reads
+    assert differences(state(model, opt), ref, 0, 2, names) != []
+
+
 # ------------------------------------------------------------------------------------------ gloo workers
 def save_and_load_at_ep(rank: int, world: int, root: str, ep: int, load_from: list) -> dict:
     """Save this world's checkpoint (ep = world) to root/ep{ep}, then load each of `load_from` into a fresh model;
@@ -118,6 +172,7 @@ def ep2_and_ep1(tmp_path_factory):
     return root, results
 
 
+@pytest.mark.slow   # the `ep2_and_ep1` fixture: 2 gloo ranks (~25 s on 2 shared cores)
 def test_each_ep_rank_writes_only_its_experts(ep2_and_ep1):
     """Every expert entry (weights, both moments) is saved as 2 blocks of E/2 rows, block e in rank e's file: no
     rank wrote (or gathered) the whole tensor. Before this, each entry was one [E, ...] block of a gathered copy."""
@@ -139,6 +194,7 @@ def test_each_ep_rank_writes_only_its_experts(ep2_and_ep1):
     assert payload <= held[0] < whole_bytes and payload <= held[1] < whole_bytes, (held, payload, whole_bytes)
 
 
+@pytest.mark.slow   # the `ep2_and_ep1` fixture: 2 gloo ranks (~25 s on 2 shared cores)
 def test_ep2_ranks_hold_the_reference_rows_and_load_at_ep2_and_from_ep1(ep2_and_ep1):
     """At ep = 2, each rank's experts are bitwise the reference's rows; the ep = 2 checkpoint loads back at ep = 2,
     and the whole-expert checkpoint (ep = 1, the old format) loads at ep = 2, every entry exact."""
@@ -151,6 +207,7 @@ def test_ep2_ranks_hold_the_reference_rows_and_load_at_ep2_and_from_ep1(ep2_and_
             assert not any("experts" in n for n in already_right), already_right   # control: the load moved them
 
 
+@pytest.mark.slow   # the `ep2_and_ep1` fixture: 2 gloo ranks (~25 s on 2 shared cores)
 def test_ep2_checkpoint_loads_at_ep1_resume_and_eval(ep2_and_ep1):
     """The ep = 2 checkpoint in one process: the resume path (model + AdamW) and the `lsp eval` / `generate` /
     `export` path (weights only, no process group) give the reference's whole experts exactly."""
@@ -174,6 +231,7 @@ def test_ep2_checkpoint_loads_at_ep4(ep2_and_ep1):
         assert wrong == [] and not any("experts" in n for n in already_right), (rank, wrong)
 
 
+@pytest.mark.slow   # the `ep2_and_ep1` fixture: 2 gloo ranks (~25 s on 2 shared cores)
 def test_ranks_write_about_equal_bytes(ep2_and_ep1):
     """The replicated (dense) entries are spread so that both ranks write about the same bytes
     (`checkpoint.balanced_writes`): 213 and 236 kB here, the rest is torch.save's framing of the many small entries,
