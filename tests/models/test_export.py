@@ -13,6 +13,7 @@ import torch
 
 from lsp.export import export_model
 from lsp.models import HybridConfig, HybridLM
+from lsp.models.moe import MoE
 from lsp.train.tokenizer import ByteTokenizer, IdTokenizer
 
 try:
@@ -96,6 +97,8 @@ def test_hf_export_of_an_moe_model(tmp_path):
         block.mlp.expert_bias.normal_()   # the routing bias must reach the exported model
     export_model(model, IdTokenizer(300), tmp_path)
     hf = load_hf(tmp_path)
+    # the unsaved load counts start at zero (they came out of the meta-device load as whatever memory held)
+    assert all(not m.load.any() for m in hf.model.modules() if isinstance(m, MoE))
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
     assert torch.equal(hf(ids).logits, model(ids).logits)
     aligned = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
