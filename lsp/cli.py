@@ -122,8 +122,8 @@ def cmd_eval(args) -> int:
     from lsp.train.trainer import Trainer
     if args.files:
         return eval_files(path, args.files)
-    single = ["parallel.dp=0", "parallel.sp=1", "parallel.engine=ddp", "parallel.zero=0", "checkpoint.resume=false",
-              "logging.wandb=false"]
+    single = ["parallel.dp=0", "parallel.sp=1", "parallel.ep=1", "parallel.engine=ddp", "parallel.zero=0",
+              "checkpoint.resume=false", "logging.wandb=false"]
     cfg = load_config(os.path.join(path, "config.yaml"), single + args.overrides)
     cfg.init_from = ""   # the checkpoint's weights are loaded below; the run's starting point may be gone
     trainer = Trainer(cfg)

@@ -31,6 +31,7 @@ class EngineSpec:
     name: str = ""
     zero_stages: Tuple[int, ...] = ()
     package: Optional[str] = None   # the module it imports at run time (an optional extra), if any
+    expert_parallel: bool = False   # runs parallel.ep > 1: MoE experts split over EP ranks, reduced apart
 
     @classmethod
     def zero_problem(cls, zero: int) -> Optional[str]:

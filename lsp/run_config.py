@@ -388,9 +388,9 @@ def _check_ep(cfg: Config) -> None:
     if experts % p.ep:
         raise ConfigError("parallel.ep", f"{p.ep} does not divide model.moe_experts={experts}")
     if not engine_spec(p.engine).expert_parallel:
-        with_ep = ", ".join(n for n in engine_names() if engine_spec(n).expert_parallel)
-        raise ConfigError("parallel.ep", f"{p.ep} needs parallel.engine={with_ep} (expert parallelism with "
-                          f"{p.engine} is not implemented)")
+        with_ep = " or ".join(n for n in engine_names() if engine_spec(n).expert_parallel)
+        raise ConfigError("parallel.ep", f"{p.ep} needs parallel.engine={with_ep} ({p.engine} reduces every "
+                          "gradient over all ranks and checkpoints by itself; it does not know the EP groups)")
 
 
 def lift_model_extra(loaded: DictConfig) -> DictConfig:

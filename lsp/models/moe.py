@@ -58,6 +58,11 @@ class MoE(nn.Module):
         self.ep: EPContext | None = None                               # set by `use_expert_parallel`
         self.stats: dict = {}                                          # of the last forward, for logging
 
+    def reset_buffers(self) -> None:
+        """The unsaved counts since the last bias update back to zero (a model loaded on the meta device)."""
+        self.load.zero_()
+        self.dropped = 0
+
     def forward(self, x: torch.Tensor, sp=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x: [B, T, D] (the local shard under SP) -> y [B, T, D], balancing loss [] (None when both coefs are 0)
         B, T, D = x.shape

@@ -15,11 +15,13 @@ previous complete checkpoint and `latest` intact; an existing complete checkpoin
 damaged later (a truncated or corrupted file) fails its manifest: a resume falls back to the newest intact one
 (lsp/train/runs.py:set_aside_damaged), `lsp eval` / `generate` / `export` name it in one line.
 DCP stores parameters by fully-qualified name with their global shapes, so a checkpoint saved at one dp/sp size (or
-FSDP sharding) loads at another.
+FSDP sharding) loads at another; under expert parallelism each rank writes only its experts' rows (blocks of the
+whole expert tensors), which load at any ep size.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .files import write_text_atomic
@@ -53,6 +56,43 @@ def _quiet_single_process():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 
+
+def _item_bytes(item) -> int:
+    return item.tensor_storage_size() or 1   # a non-tensor entry: size unknown, as DCP's own dedup counts it
+
+
+def balanced_writes(plans: list) -> list:
+    """Each write item once (plans: one SavePlan per rank), so that the ranks write about equal bytes: the items
+    only one rank holds (its experts' rows) count first, then each replicated item, largest first, goes to the
+    least-loaded rank holding it. DCP's own dedup walks the items in rank order and gives each replicated one to
+    the rank least loaded so far, before it has counted the later ranks' own items: under expert parallelism the
+    later ranks wrote the dense tensors (tiny-moe-cpu at ep = 2: rank 1 wrote 2.4 times the bytes of rank 0)."""
+    holders: Dict[Any, list] = {}
+    items = {}
+    for rank, plan in enumerate(plans):
+        for item in plan.items:
+            holders.setdefault(item.index, []).append(rank)
+            items[item.index] = item
+    load = [0] * len(plans)
+    owner = {index: ranks[0] for index, ranks in holders.items() if len(ranks) == 1}
+    for index, rank in owner.items():
+        load[rank] += _item_bytes(items[index])
+    replicated = sorted((index for index, ranks in holders.items() if len(ranks) > 1),
+                        key=lambda index: -_item_bytes(items[index]))
+    for index in replicated:
+        owner[index] = min(holders[index], key=lambda rank: load[rank])
+        load[owner[index]] += _item_bytes(items[index])
+    return [dataclasses.replace(plan, items=[item for item in plan.items if owner[item.index] == rank])
+            for rank, plan in enumerate(plans)]
+
+
+class BalancedSavePlanner(DefaultSavePlanner):
+    """DCP's default planner with `balanced_writes` in place of its dedup step."""
+
+    def _dedup_save_plans(self, all_plans: list) -> list:
+        return balanced_writes(all_plans)
+
+
 def rng_state() -> Dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -71,7 +111,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[str, Any], config_yaml: str,
                     keep: int = 2, deepspeed_engine=None, experts=None) -> Optional[str]:
     """Collective: every rank calls it. Returns the final path (None if that step was already saved).
-    experts: the run's `ExpertParallel` (parallel.ep > 1): whole expert weights are saved, as at ep = 1."""
+    experts: the run's `ExpertParallel` (parallel.ep > 1): each rank writes only its own experts' rows (weights
+    and AdamW moments) as blocks of the whole [E, ...] tensors (lsp/train/expert_parallel.py)."""
     final = step_dir(root, step)
     tmp = final + ".tmp"
     exists = os.path.isdir(final)
@@ -86,9 +127,9 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: Dict[
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         if experts is not None:
-            experts.to_full(model_sd, optim_sd)
+            experts.to_sharded(model_sd, optim_sd)
         with _quiet_single_process():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, planner=BalancedSavePlanner())
     torch.save(rng_state(), os.path.join(tmp, f"rng_{_rank()}.pt"))
     _write_trainer_state(tmp, trainer_state, config_yaml)
     _barrier()
@@ -128,9 +169,8 @@ def model_mismatch(path: str, model, experts=None) -> Optional[str]:
     saved = {k: list(v.size) for k, v in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items()
              if k.startswith("model.") and hasattr(v, "size")}
     here_sd = get_state_dict(model, [])[0]
-    if experts is not None:
-        experts.full_templates(here_sd, {})
-    here = {f"model.{k}": list(v.shape) for k, v in here_sd.items()}
+    here = {f"model.{k}": experts.global_shape(k, v.shape) if experts is not None else list(v.shape)
+            for k, v in here_sd.items()}
     for name in sorted(saved.keys() | here.keys()):
         if saved.get(name) != here.get(name):
             return (f"{name} is {saved.get(name, 'absent')} there, {here.get(name, 'absent')} here").replace("'", "")
@@ -168,7 +208,7 @@ def load_model_state(path: str, model) -> None:
 
 def load_checkpoint(path: str, model, optimizer=None, deepspeed_engine=None, experts=None) -> Dict[str, Any]:
     """Collective: load model (+ optimizer) in place; returns the trainer state saved by rank 0. experts: as in
-    `save_checkpoint` (whole expert weights are read, this rank keeps its rows: any ep size loads)."""
+    `save_checkpoint` (this rank reads its rows of the saved blocks: a checkpoint saved at any ep size loads)."""
     if deepspeed_engine is not None:
         deepspeed_engine.load_checkpoint(path, tag="deepspeed")
     elif optimizer is None:
@@ -176,7 +216,7 @@ def load_checkpoint(path: str, model, optimizer=None, deepspeed_engine=None, exp
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         if experts is not None:
-            experts.full_templates(model_sd, optim_sd)
+            experts.to_sharded(model_sd, optim_sd)
         state = {"model": model_sd, "optim": optim_sd}
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path)

@@ -11,14 +11,20 @@ backward all-to-all brings them), so the sum over its replicas covers every toke
 gives the same Σ_sp / dp scale. Expert parameters are therefore left out of DDP and reduced here, over their
 replicas only.
 
-Checkpoints hold whole expert weights (gathered over the EP group before the save, sliced after the load), exactly
-what an ep = 1 run saves: a checkpoint loads at any ep size, and its optimizer state too.
+Checkpoints: each rank saves only its own experts. Its expert weights and AdamW moments enter DCP as DTensors over the
+(ep_replica, ep) mesh of the world's ranks with placements (Replicate, Shard(0)): the rows [e·E/ep, (e+1)·E/ep) of
+the global [E, ...] tensor. DCP records the global shape and each block's offset, writes every block once (one of
+its replicas) and reads on load whatever blocks overlap the rows a rank holds, so a checkpoint saved at one ep size
+loads at another, and one that holds whole experts (ep = 1, or saved by lsp before experts were sharded) loads too.
+Nothing is gathered: no rank holds more than its own experts during a save or a load.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from .dist import Mesh
 
@@ -42,6 +48,10 @@ class ExpertParallel:
         groups = [dist.new_group(list(range(g * ep, (g + 1) * ep))) for g in range(mesh.world // ep)]
         replicas = [dist.new_group(list(range(e, mesh.world, ep))) for e in range(ep)]   # every rank creates all
         self.group, self.replica_group = groups[mesh.rank // ep], replicas[mesh.rank % ep]
+        # the same groups as a 2-D mesh (row g: EP group g), what DTensor places the checkpointed shards on
+        self.device_mesh = DeviceMesh.from_group([self.replica_group, self.group], mesh.device.type,
+                                                 mesh=torch.arange(mesh.world).view(mesh.world // ep, ep),
+                                                 mesh_dim_names=("ep_replica", "ep"))
         use_expert_parallel(model, EPContext(group=self.group))
         self.names = expert_parameter_names(model)
         self._name_set = set(self.names)
@@ -79,16 +89,6 @@ class ExpertParallel:
         return norm
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _gather(self, t: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(t) for _ in range(self.ep)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
-        return torch.cat(parts)
-
-    def _rows(self, full: torch.Tensor) -> torch.Tensor:
-        n = full.shape[0] // self.ep
-        e = dist.get_rank(self.group)
-        return full[e * n:(e + 1) * n]
-
     def _map(self, model_sd: dict, optim_sd: dict, fn) -> None:
         for name in list(model_sd):
             if self.is_expert(name):
@@ -98,14 +98,19 @@ class ExpertParallel:
             if self.is_expert(name):
                 states[name] = {k: fn(v) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()}
 
-    def to_full(self, model_sd: dict, optim_sd: dict) -> None:
-        """In place: expert entries (weights, Adam moments) gathered to the whole [E, ...] tensors."""
-        self._map(model_sd, optim_sd, self._gather)
+    def _shard(self, local: torch.Tensor) -> DTensor:
+        # local: [E / ep, ...] this rank's rows -> the global [E, ...] tensor it is a block of (no copy)
+        return DTensor.from_local(local, self.device_mesh, [Replicate(), Shard(0)], run_check=False)
 
-    def full_templates(self, model_sd: dict, optim_sd: dict) -> None:
-        """In place: expert entries replaced by empty whole-size tensors for DCP to load into."""
-        self._map(model_sd, optim_sd, lambda t: t.new_empty(t.shape[0] * self.ep, *t.shape[1:]))
+    def to_sharded(self, model_sd: dict, optim_sd: dict) -> None:
+        """In place: expert entries (weights, AdamW moments) become this rank's block of the global [E, ...] tensor,
+        for DCP to save (each block once) or to load into (the rows of whatever blocks were saved)."""
+        self._map(model_sd, optim_sd, self._shard)
 
     def to_local(self, model_sd: dict, optim_sd: dict) -> None:
-        """In place: whole expert entries cut to this rank's rows."""
-        self._map(model_sd, optim_sd, lambda t: self._rows(t).clone())
+        """In place: the inverse of `to_sharded` (this rank's rows, as the model and the optimizer hold them)."""
+        self._map(model_sd, optim_sd, lambda t: t.to_local())
+
+    def global_shape(self, name: str, shape: torch.Size) -> list[int]:
+        """The whole model's shape of the state-dict entry `name` whose shape on this rank is `shape`."""
+        return [shape[0] * self.ep, *shape[1:]] if self.is_expert(name) else list(shape)

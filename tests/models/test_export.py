@@ -13,6 +13,7 @@ import torch
 
 from lsp.export import export_model
 from lsp.models import HybridConfig, HybridLM
+from lsp.models.moe import MoE
 from lsp.train.tokenizer import ByteTokenizer, IdTokenizer
 
 try:
@@ -79,6 +80,32 @@ def test_hf_export_of_a_kind_mix(tmp_path):
     ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
     assert torch.equal(hf(ids).logits, model(ids).logits)
     assert torch.equal(hf.generate(ids[:, :7], max_new_tokens=5, do_sample=False), model.generate(ids[:, :7], 5))
+
+
+@needs_hf
+@torch.no_grad()
+def test_hf_export_of_an_moe_model(tmp_path):
+    """An MoE hybrid (sigmoid router with a non-zero selection bias, a shared expert, a dense first block, aux and
+    z losses) through transformers: logits, loss (balancing losses included) and greedy decoding equal lsp's; the
+    control perturbs one routed expert's weight."""
+    cfg = HybridConfig(vocab_size=300, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, layer_pattern="LLS",
+                       moe_experts=6, moe_top_k=2, moe_shared_experts=1, moe_intermediate_size=24, moe_first_dense=1,
+                       moe_router="sigmoid", moe_aux_loss_coef=0.01, moe_z_loss_coef=0.001)
+    torch.manual_seed(0)
+    model = HybridLM(cfg).eval()
+    for block in model.layers[1:]:
+        block.mlp.expert_bias.normal_()   # the routing bias must reach the exported model
+    export_model(model, IdTokenizer(300), tmp_path)
+    hf = load_hf(tmp_path)
+    # the unsaved load counts start at zero (they came out of the meta-device load as whatever memory held)
+    assert all(not m.load.any() for m in hf.model.modules() if isinstance(m, MoE))
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(hf(ids).logits, model(ids).logits)
+    aligned = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    assert torch.equal(hf(ids, labels=ids).loss, model(ids, labels=aligned).loss)
+    assert torch.equal(hf.generate(ids[:, :7], max_new_tokens=6, do_sample=False), model.generate(ids[:, :7], 6))
+    model.layers[1].mlp.experts.down[0, 0, 0] += 1e-3   # control: the comparison sees one routed expert's weight
+    assert not torch.equal(hf(ids).logits, model(ids).logits)
 
 
 @needs_hf

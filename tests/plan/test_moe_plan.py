@@ -114,6 +114,7 @@ def test_measure_of_the_7b_moe_config_fits_80gb_and_agrees():
     cfg = load_config(BIG, [], check_files=False)
     mcfg = hybrid_config(cfg, 257)
     got, model = measure(cfg, mcfg, 8), modelled(cfg, mcfg, 8)
+    print(f"peak per GPU: measured {got.peak / 1e9:.2f} GB, modelled {model.peak / 1e9:.2f} GB")   # pytest -s
     assert got.peak < 80e9
     assert model.flops == pytest.approx(got.flops, rel=0.05)
     assert model.comm == got.comm

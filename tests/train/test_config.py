@@ -129,6 +129,14 @@ BAD = [
     ("train", ["parallel.sp=1", "model.linear_attn=rwkv7", "model.linear_backend=triton"],
      "model.linear_backend: 'triton': linear kind 'rwkv7' runs on dplr_delta_rule, whose backends are auto, torch, "
      "naive"),
+    # mixture of experts (issue 21); the deepspeed refusal was an AttributeError traceback, exit 1
+    ("train", ["model.moe_experts=4", "parallel.ep=2", "parallel.engine=deepspeed"],
+     "parallel.ep: 2 needs parallel.engine=ddp or fsdp (deepspeed reduces every gradient over all ranks"),
+    ("train", ["model.moe_experts=4", "parallel.ep=3"], "parallel.ep: 3 does not divide model.moe_experts=4"),
+    ("train", ["parallel.ep=2"], "parallel.ep: 2 needs a mixture-of-experts model (model.moe_experts > 0)"),
+    ("train", ["model.moe_experts=4", "model.moe_top_k=5"], "model.moe_top_k: 5 > model.moe_experts=4"),
+    ("train", ["model.moe_experts=4", "model.moe_capacity_factor=0"], "model.moe_capacity_factor: must be > 0"),
+    ("launch2", ["model.moe_experts=4", "parallel.ep=4"], "parallel.ep: 4 does not divide the dp x sp ranks (2)"),
     *([("train", ["parallel.sp=1", "out_dir=/proc/lsp-nowhere"],   # passes the early check as root: the first write
         "out_dir: cannot create /proc/lsp-nowhere/tiny-cpu: No such file or directory")]
       if os.path.isdir("/proc/self") else []),

@@ -1,6 +1,7 @@
 """Training with expert parallelism: `configs/tiny-moe-cpu.yaml` (sp = ep = 2 on 2 gloo ranks) gives the losses and
-gradient norms of the same model without EP (parallel.ep=1, sp=1, one process) step by step; its checkpoint (whole
-expert weights) resumes bitwise at ep = 2 and loads at ep = 1. Bad `parallel.ep` values are one line naming the key."""
+gradient norms of the same model without EP (parallel.ep=1, sp=1, one process) step by step; its checkpoint (each
+rank's experts, tests/train/test_moe_checkpoint.py) resumes bitwise at ep = 2 and loads at ep = 1. Bad `parallel.ep`
+values are one line naming the key."""
 import json
 import os
 import shutil
@@ -53,10 +54,35 @@ def test_ep2_and_ep1_training_match(ep2_run, tmp_path):
     assert {"moe/0/load_max_over_mean", "moe/1/aux_loss", "moe/1/dropped"} <= set(rows[0])
     assert rows[0]["moe/0/load_max_over_mean"] >= 1.0 and rows[0]["moe/0/dropped"] == 0
     assert os.path.isfile(os.path.join(run_dir, "moe_load.png"))
-    # the checkpoint holds whole experts: one process loads it as a plain model (lsp eval / generate / export)
+    # the sharded checkpoint loads in one process as a plain model (lsp eval / generate / export)
     model, _ = load_run(run_dir)
     assert model.layers[0].mlp.experts.gate.shape[0] == 4
     assert model.generate(torch.tensor([[1, 2, 3]]), 3).shape == (1, 6)
+
+
+@pytest.mark.slow   # reads the 2-rank run of `ep2_run`
+def test_eval_generate_export_of_the_ep2_run(ep2_run, tmp_path, capsys):
+    """`lsp eval`, `lsp generate` and `lsp export` read the ep = 2 run's sharded checkpoint in one process; the
+    exported folder loads through transformers (where installed) with the logits and the greedy continuation of
+    lsp's model."""
+    from lsp.cli import main as lsp_main
+    run_dir, _ = ep2_run
+    assert lsp_main(["eval", run_dir]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    assert lsp_main(["generate", run_dir, "--prompt", "1 2 3 4", "--max-new-tokens", "4"]) == 0
+    continued = [int(t) for t in capsys.readouterr().out.split()]
+    out_dir = str(tmp_path / "hf")
+    assert lsp_main(["export", run_dir, out_dir]) == 0
+    try:
+        import transformers
+    except ImportError:
+        return
+    model, _ = load_run(run_dir)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, model.eval()(ids).logits)
+        assert hf.generate(ids, max_new_tokens=4, do_sample=False)[0].tolist() == continued
 
 
 @pytest.mark.slow   # a 2-rank run (~40 s on 2 shared cores)
@@ -65,7 +91,7 @@ def test_fsdp_with_ep2_equals_ep1(tmp_path, zero):
     """FSDP2 (ZeRO-2, 3) with parallel.ep=2 on 2 gloo ranks (sp = ep = 2): the experts stay out of fully_shard and are
     reduced over their replicas; dense parameters are sharded by FSDP. Losses and grad norms equal the one-process
     ep = 1 run step by step (fp32; the gradient norm sums the FSDP shards and the expert shards); the checkpoint
-    written at step 3 holds whole experts and loads as a plain model."""
+    written at step 3 (sharded experts) loads as a plain model."""
     args = [*COMMON, "train.precision=fp32"]
     proc = run_lsp("launch", "--nproc-per-node", "2", MOE, f"out_dir={tmp_path}", *args, "parallel.engine=fsdp",
                    f"parallel.zero={zero}", timeout=300)

@@ -20,6 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from lsp.models import HybridConfig, HybridLM, LinearKind
 from lsp.models.loss import IGNORE_INDEX
+from lsp.models.moe import MoE
 
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -54,10 +55,11 @@ class LspHybridForCausalLM(PreTrainedModel, GenerationMixin):
         return model
 
     def restore_buffers(self) -> None:
-        """Buffers that are derived from the config and not saved (e.g. Lightning's decays) come out of
-        transformers' meta-device loading uninitialised: each linear kind computes its own again."""
+        """Buffers that are derived from the config or counted and not saved (e.g. Lightning's decays, an MoE
+        layer's expert load) come out of transformers' meta-device loading uninitialised: each module sets its own
+        again."""
         for module in self.model.modules():
-            if isinstance(module, LinearKind):
+            if isinstance(module, (LinearKind, MoE)):
                 module.reset_buffers()
 
     @classmethod
