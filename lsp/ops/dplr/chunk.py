@@ -60,26 +60,37 @@ def prepare_dplr_chunks(k, v, a, b, g, cu_seqlens=None, chunk_size: int = CHUNK_
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
     kc, vc, ac, bc, gc = (to_chunks(x.to(dt), layout) for x in (k, v, a, b, g))
     G = gc.cumsum(dim=3)                                                  # [R, H, NC, C, K] inclusive
-    G_ex = G - gc                                                         # before token i's own decay
     A_ab, A_ak = _strict_scores(ac, bc, G), _strict_scores(ac, kc, G)     # strictly lower [.., C, C]
+    return wy_chunks(layout, kc, vc, ac, bc, G, G - gc, A_ab, A_ak, k.dtype)
+
+
+def wy_chunks(layout, kc, vc, ac, bc, G, G_ex, A_ab, A_ak, input_dtype) -> DplrChunks:
+    """The chunks' WY quantities from the strict scores A_ab, A_ak [R, H, NC, C, C] (module docstring); kc, ac, bc,
+    G (inclusive), G_ex (exclusive): [R, H, NC, C, K]; vc: [.., C, V]. Differentiable in every tensor argument (the
+    Triton backward, triton_chunk.py, takes the gradients of the scores from here)."""
     rhs = torch.cat([A_ak @ vc, ac * G_ex.exp()], dim=-1)
     # unitriangular ignores the (zero) diagonal of -A_ab: this solves (I - A_ab) X = rhs
     sol = torch.linalg.solve_triangular(-A_ab, rhs, upper=False, unitriangular=True)
-    U0, W = sol[..., : v.shape[-1]], sol[..., v.shape[-1]:]
+    U0, W = sol[..., : vc.shape[-1]], sol[..., vc.shape[-1]:]
     to_end = (G[..., -1:, :] - G).exp()
     Kd = torch.cat([bc * to_end, kc * to_end], dim=-2)                   # [.., 2C, K]
     Wk = torch.cat([-W, torch.zeros_like(W)], dim=-2)
     U = torch.cat([U0, vc], dim=-2)                                       # [.., 2C, V]
-    return DplrChunks(layout=layout, k=kc, G=G, Kd=Kd, Wk=Wk, U=U, decay=G[..., -1, :].exp(), input_dtype=k.dtype,
-                      b=bc)
+    return DplrChunks(layout=layout, k=kc, G=G, Kd=Kd, Wk=Wk, U=U, decay=G[..., -1, :].exp(),
+                      input_dtype=input_dtype, b=bc)
 
 
 def dplr_chunk_output(q, chunks: DplrChunks, entering: torch.Tensor, scale: float) -> torch.Tensor:
     """o per chunk from the entering states; q: [B, T, H, K], entering: [R, H, NC, K, V] -> o [B, T, H, V]
     (accumulation dtype)."""
     qc = to_chunks(q.to(chunks.k.dtype), chunks.layout)
-    P = torch.cat([intra_scores_key(qc, chunks.b, chunks.G), intra_scores_key(qc, chunks.k, chunks.G)], dim=-1)
-    return chunk_readout(qc * chunks.G.exp(), P, chunks, entering, scale)
+    P_qb, P_qk = intra_scores_key(qc, chunks.b, chunks.G), intra_scores_key(qc, chunks.k, chunks.G)
+    return scored_output(qc, P_qb, P_qk, chunks, entering, scale)
+
+
+def scored_output(qc, P_qb, P_qk, chunks: DplrChunks, entering: torch.Tensor, scale: float) -> torch.Tensor:
+    """o from the inclusive scores P_qb, P_qk [R, H, NC, C, C]; qc: [R, H, NC, C, K] -> o [B, T, H, V]."""
+    return chunk_readout(qc * chunks.G.exp(), torch.cat([P_qb, P_qk], dim=-1), chunks, entering, scale)
 
 
 def chunk_dplr_delta_rule(q, k, v, a, b, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,

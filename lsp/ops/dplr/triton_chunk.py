@@ -1,0 +1,177 @@
+r"""The DPLR delta rule with backend="triton": chunk.py's WY algorithm with its per-chunk work in Triton kernels.
+
+Forward, launches independent of T (kernels in `triton_kernels.py`, and the linear op's per-key scores):
+
+    P_qb, P_qk, S_a⁺b, S_a⁺k   inclusive per-key scores      lsp.ops.linear `_intra_scores_kernel` (4 launches)
+    T = (I − A_ab)^-1                                       `_wy_inverse_kernel`   one program per chunk
+    U' = [U0; V], Wk' = [−W; 0], Kd' = [Bd; Kd]             `_wy_apply_kernel`     one program per chunk
+    S_c (entering states), final states                     chunk scan (2C rows, a decay per key channel)
+    o                                                       `_out_kernel`          one program per (chunk, V block)
+
+The chunk scan is the delta rule's (`lsp.ops.delta.chunk.chunk_scan`) on the chunked torch path: the delta rule's
+Triton scan takes one decay per head.
+
+Backward (only the inputs are kept; `lsp::dplr_delta_rule`, custom_ops.py): the four score matrices are recomputed
+by the same kernels; the gradient of everything downstream of them (the WY solve, the chunk scan, the output) is
+autograd of chunk.py's own torch functions (`wy_chunks`, `chunk_scan`, `scored_output`) with the scores as leaves;
+the scores' gradients then go back to q, k, a, b and G in the linear op's `_intra_dqk_kernel` (4 launches), and
+for each score S(x, y) the decay receives x ⊙ dx − y ⊙ dy (S_ij = Σ_c x_ic y_jc exp(G_ic − G_jc)). So the backward's
+Triton part is the per-key score gradients; the WY, scan and output gradients are batched torch products.
+
+fp64 inputs run chunk.py's torch path whole (the score kernels accumulate in fp32), as the linear op's Triton
+backend does.
+"""
+from __future__ import annotations
+
+import torch
+
+from lsp.names import CHUNK_SIZE
+from lsp.ops.delta.chunk import chunk_scan
+from lsp.ops.linear import triton_intra as lin_intra
+from lsp.ops.linear.layout import chunk_layout
+from lsp.ops.linear.triton_chunk import CHUNK_WARPS, SUB_BLOCK, SUB_BLOCK_K, _block, _intra_scores, _precision
+
+from . import chunk as chunk_mod
+from . import triton_kernels as kern
+
+WARPS = 8           # [64, 64] fp32 tiles (the delta rule's choice for its per-chunk kernels)
+
+
+def _padded_inputs(q, k, v, a, b, g, cu_seqlens):
+    # -> layout; qp, kp, vp, ap, bp [R, Tp, H, *] in q's dtype; a⁺ (a shifted up one token inside each chunk);
+    #    gp, G [R, Tp, H, K] fp32 (g and its within-chunk cumulative sum)
+    B, T, H, K = q.shape
+    layout = chunk_layout(B, T, cu_seqlens, CHUNK_SIZE, q.device)
+    qp, kp, vp, ap, bp = (layout.pad(x.to(q.dtype).contiguous()) for x in (q, k, v, a, b))
+    R, Tp = qp.shape[:2]
+    gp = layout.pad(g.float().contiguous())
+    G = gp.view(R, Tp // CHUNK_SIZE, CHUNK_SIZE, H, K).cumsum(2).view(R, Tp, H, K)
+    a_next = torch.cat([ap[:, 1:], torch.zeros_like(ap[:, :1])], dim=1).view(R, Tp // CHUNK_SIZE, CHUNK_SIZE, H, K)
+    a_next[:, :, -1] = 0                                                  # the last token of a chunk reads none
+    return layout, qp, kp, vp, ap, bp, a_next.view(R, Tp, H, K), gp, G
+
+
+def _scores(qp, kp, bp, a_next, G):
+    # the four inclusive per-key scores [R, Tp, H, C] fp32: P_qb, P_qk, S_a⁺b, S_a⁺k
+    return (_intra_scores(qp, bp, G), _intra_scores(qp, kp, G), _intra_scores(a_next, bp, G),
+            _intra_scores(a_next, kp, G))
+
+
+def _wy(layout, ap, bp, kp, vp, gp, G, S_ab, S_ak):
+    # -> DplrChunks-style Kd', Wk', U' [R, H, NC, 2C, *] fp32 and the decay exp(G_C) [R, H, NC, K]
+    R, Tp, H, K = kp.shape
+    V, NC, C = vp.shape[-1], layout.num_chunks, CHUNK_SIZE
+    Tinv = torch.empty(R, H, NC, C, C, dtype=torch.float32, device=kp.device)
+    kern._wy_inverse_kernel[(NC, R * H)](S_ab, Tinv, Tp, H, C=C, BS=SUB_BLOCK, num_warps=WARPS)
+    U2 = torch.empty(R, H, NC, 2 * C, V, dtype=torch.float32, device=kp.device)
+    Wk2, Kd2 = (torch.empty(R, H, NC, 2 * C, K, dtype=torch.float32, device=kp.device) for _ in range(2))
+    kern._wy_apply_kernel[(NC, R * H)](ap, bp, kp, vp, G, gp, S_ak, Tinv, U2, Wk2, Kd2, Tp, H, K, V, C=C,
+                                       BK=_block(K), BV=_block(V), PREC=_precision(kp.dtype), num_warps=WARPS)
+    decay = G[:, C - 1 :: C].permute(0, 2, 1, 3).exp()                  # [R, H, NC, K]
+    return U2, Wk2, Kd2, decay
+
+
+def _chunks(layout, U2, Wk2, Kd2, decay, input_dtype):
+    # what chunk_scan reads (k, G and b are not read by the scan: placeholders of the right leading shape)
+    return chunk_mod.DplrChunks(layout=layout, k=Kd2[..., :CHUNK_SIZE, :], G=None, Kd=Kd2, Wk=Wk2, U=U2,
+                                decay=decay, input_dtype=input_dtype, b=Kd2[..., :CHUNK_SIZE, :])
+
+
+def triton_forward(q, k, v, a, b, g, scale, initial_state, cu_seqlens):
+    """(o [B, T, H, V] in q's dtype, final [B or N, H, K, V] fp32); arguments as `lsp.ops.dplr_delta_rule`."""
+    layout, qp, kp, vp, ap, bp, a_next, gp, G = _padded_inputs(q, k, v, a, b, g, cu_seqlens)
+    P_qb, P_qk, S_ab, S_ak = _scores(qp, kp, bp, a_next, G)
+    U2, Wk2, Kd2, decay = _wy(layout, ap, bp, kp, vp, gp, G, S_ab, S_ak)
+    init = None if initial_state is None else initial_state.float()
+    entering, final = chunk_scan(_chunks(layout, U2, Wk2, Kd2, decay, q.dtype), U2, init)
+    R, Tp, H, K = qp.shape
+    V, NC = vp.shape[-1], layout.num_chunks
+    o = torch.empty(R, Tp, H, V, dtype=q.dtype, device=q.device)
+    BV = _block(V)
+    kern._out_kernel[(-(-V // BV), NC, R * H)](qp, vp, G, P_qb, P_qk, U2, Wk2, entering.contiguous(), o, scale, Tp,
+                                               H, K, V, NC, C=CHUNK_SIZE, BK=_block(K), BV=BV,
+                                               PREC=_precision(q.dtype), num_warps=WARPS)
+    return layout.unpad(o), final
+
+
+def _to_chunk_layout(x, NC):
+    # [R, Tp, H, D] -> [R, H, NC, C, D] (a view)
+    R, Tp, H, D = x.shape
+    return x.view(R, NC, CHUNK_SIZE, H, D).permute(0, 3, 1, 2, 4)
+
+
+def _to_padded_layout(x):
+    # [R, H, NC, C, D] -> contiguous [R, Tp, H, D]
+    R, H, NC, C, D = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(R, NC * C, H, D).contiguous()
+
+
+def _score_grads(x, y, G, dS, dx):
+    # the gradient of S(x, y) [R, Tp, H, C] given dS: adds to dx (fp32, [R, Tp, H, K]) and returns dy
+    R, Tp, H, K = x.shape
+    dy = torch.empty(R, Tp, H, K, dtype=torch.float32, device=x.device)
+    lin_intra._intra_dqk_kernel[(CHUNK_SIZE // SUB_BLOCK, Tp // CHUNK_SIZE, R * H)](
+        x, y, G, dS, dx, dy, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K, SUB_BLOCK_K),
+        PREC=_precision(x.dtype), num_warps=CHUNK_WARPS)
+    return dy
+
+
+def _downstream_grads(layout, qp, kp, vp, ap, bp, G, gp, scores, initial_state, scale, d_o, d_final):
+    # autograd of chunk.py's torch functions from the scores on -> the gradients (padded layout, fp32) of q, k, v,
+    # a, b, G, G⁻ = G − g and of the four scores, and that of the initial state (or None)
+    NC = layout.num_chunks
+    leaves = [_to_chunk_layout(x.float(), NC) for x in (qp, kp, vp, ap, bp, G, G - gp)]
+    leaves += [_to_chunk_layout(s, NC) for s in scores]
+    has_init = initial_state is not None
+    if has_init:
+        leaves.append(initial_state.float())
+    # A_xy[i] = S_a⁺y[i − 1] inside each chunk (the vjp moves the gradient back up a row)
+    strict = lambda s: torch.cat([torch.zeros_like(s[..., :1, :]), s[..., :-1, :]], dim=-2)  # noqa: E731
+
+    def forward(qc, kc, vc, ac, bc, Gc, G_ex, P_qb, P_qk, S_ab, S_ak, *init):
+        chunks = chunk_mod.wy_chunks(layout, kc, vc, ac, bc, Gc, G_ex, strict(S_ab), strict(S_ak), qp.dtype)
+        entering, final = chunk_scan(chunks, chunks.U, init[0] if init else None)
+        return chunk_mod.scored_output(qc, P_qb, P_qk, chunks, entering, scale), final   # o [B, T, H, V]
+
+    # torch.func, not torch.autograd: a custom op's implementation runs below the autograd dispatch key
+    _, vjp = torch.func.vjp(forward, *leaves)
+    grads = vjp((d_o.float(), d_final.float()))
+    return [_to_padded_layout(d) for d in grads[:11]], (grads[11] if has_init else None)
+
+
+def _within_chunks(x):
+    # [R, Tp, H, K] -> [R, NC, C, H, K] (a view)
+    R, Tp, H, K = x.shape
+    return x.view(R, Tp // CHUNK_SIZE, CHUNK_SIZE, H, K)
+
+
+def triton_backward(q, k, v, a, b, g, initial_state, scale, cu_seqlens, d_o, d_final):
+    """Gradients (dq, dk, dv, da, db, dg [B, T, H, *] in the inputs' dtypes, dinit fp32 or None) from the inputs:
+    the scores recomputed by the kernels, the rest as the module docstring says."""
+    layout, qp, kp, vp, ap, bp, a_next, gp, G = _padded_inputs(q, k, v, a, b, g, cu_seqlens)
+    scores = _scores(qp, kp, bp, a_next, G)
+    grads, dinit = _downstream_grads(layout, qp, kp, vp, ap, bp, G, gp, scores, initial_state, scale, d_o, d_final)
+    dq, dk, dv, da, db, dG, dG_ex, dP_qb, dP_qk, dS_ab, dS_ak = grads
+    dq_s, da_s = torch.zeros_like(dq), torch.zeros_like(dq)              # the scores' parts of dq and da⁺
+    db_s = _score_grads(qp, bp, G, dP_qb, dq_s) + _score_grads(a_next, bp, G, dS_ab, da_s)
+    dk_s = _score_grads(qp, kp, G, dP_qk, dq_s) + _score_grads(a_next, kp, G, dS_ak, da_s)
+    dG = dG + dG_ex + qp * dq_s + a_next * da_s - bp * db_s - kp * dk_s
+    dg = _within_chunks(dG).flip(2).cumsum(2).flip(2).reshape(dG.shape) - dG_ex   # G = cumsum(g), G⁻ = G − g
+    da_w = _within_chunks(da)
+    da_w[:, :, 1:] += _within_chunks(da_s)[:, :, :-1]                     # a⁺[t] = a[t + 1] inside the chunk
+    unpad = lambda x, like: layout.unpad(x).to(like.dtype)  # noqa: E731
+    return (unpad(dq + dq_s, q), unpad(dk + dk_s, k), unpad(dv, v), unpad(da, a), unpad(db + db_s, b),
+            unpad(dg, g), dinit)
+
+
+def triton_dplr_delta_rule(q, k, v, a, b, g, scale, initial_state=None, output_final_state=False,
+                           cu_seqlens=None):
+    """`lsp.ops.dplr_delta_rule` with backend="triton" (arguments already validated): the torch custom op
+    `lsp::dplr_delta_rule` (custom_ops.py), whose autograd keeps only the inputs; fp64 inputs run chunk.py."""
+    if q.dtype == torch.float64:
+        return chunk_mod.chunk_dplr_delta_rule(q, k, v, a, b, g, scale, initial_state, output_final_state,
+                                               cu_seqlens)
+    from .custom_ops import dplr_delta_rule_op
+
+    o, final = dplr_delta_rule_op(q, k, v, a, b, g, initial_state, scale, cu_seqlens)
+    return o, (final if output_final_state else None)
