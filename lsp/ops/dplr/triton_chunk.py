@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from lsp.names import CHUNK_SIZE
-from lsp.ops.delta.chunk import chunk_scan
+from lsp.ops.delta.chunk import chunk_scan, scan_tables
+from lsp.ops.delta.triton_scan import precision, scan_grads
 from lsp.ops.linear import triton_intra as lin_intra
 from lsp.ops.linear.layout import chunk_layout
 from lsp.ops.linear.triton_chunk import CHUNK_WARPS, SUB_BLOCK, SUB_BLOCK_K, _block, _intra_scores, _precision
@@ -74,7 +75,8 @@ def _wy(layout, ap, bp, kp, vp, gp, G, S_ab, S_ak):
 def _chunks(layout, U2, Wk2, Kd2, decay, input_dtype):
     # what chunk_scan reads (k, G and b are not read by the scan: placeholders of the right leading shape)
     return chunk_mod.DplrChunks(layout=layout, k=Kd2[..., :CHUNK_SIZE, :], G=None, Kd=Kd2, Wk=Wk2, U=U2,
-                                decay=decay, input_dtype=input_dtype, b=Kd2[..., :CHUNK_SIZE, :])
+                                decay=decay, scan_backend="triton", input_dtype=input_dtype,
+                                b=Kd2[..., :CHUNK_SIZE, :])
 
 
 def triton_forward(q, k, v, a, b, g, scale, initial_state, cu_seqlens):
@@ -117,26 +119,36 @@ def _score_grads(x, y, G, dS, dx):
 
 
 def _downstream_grads(layout, qp, kp, vp, ap, bp, G, gp, scores, initial_state, scale, d_o, d_final):
-    # autograd of chunk.py's torch functions from the scores on -> the gradients (padded layout, fp32) of q, k, v,
-    # a, b, G, G⁻ = G − g and of the four scores, and that of the initial state (or None)
+    # the gradients (padded layout, fp32) of q, k, v, a, b, G, G⁻ = G − g and of the four scores, and that of the
+    # initial state (or None), through chunk.py's WY solve and output (vjp of its torch functions) and the Triton
+    # chunk scan between them (its reverse chain in one kernel, `triton_scan.scan_grads`)
     NC = layout.num_chunks
-    leaves = [_to_chunk_layout(x.float(), NC) for x in (qp, kp, vp, ap, bp, G, G - gp)]
-    leaves += [_to_chunk_layout(s, NC) for s in scores]
-    has_init = initial_state is not None
-    if has_init:
-        leaves.append(initial_state.float())
+    qc, kc, vc, ac, bc, Gc, G_ex = (_to_chunk_layout(x.float(), NC) for x in (qp, kp, vp, ap, bp, G, G - gp))
+    P_qb, P_qk, S_ab, S_ak = (_to_chunk_layout(s, NC) for s in scores)
     # A_xy[i] = S_a⁺y[i − 1] inside each chunk (the vjp moves the gradient back up a row)
     strict = lambda s: torch.cat([torch.zeros_like(s[..., :1, :]), s[..., :-1, :]], dim=-2)  # noqa: E731
 
-    def forward(qc, kc, vc, ac, bc, Gc, G_ex, P_qb, P_qk, S_ab, S_ak, *init):
-        chunks = chunk_mod.wy_chunks(layout, kc, vc, ac, bc, Gc, G_ex, strict(S_ab), strict(S_ak), qp.dtype)
-        entering, final = chunk_scan(chunks, chunks.U, init[0] if init else None)
-        return chunk_mod.scored_output(qc, P_qb, P_qk, chunks, entering, scale), final   # o [B, T, H, V]
+    def wy(kc, vc, ac, bc, Gc, G_ex, S_ab, S_ak):
+        c = chunk_mod.wy_chunks(layout, kc, vc, ac, bc, Gc, G_ex, strict(S_ab), strict(S_ak), qp.dtype)
+        return c.Kd, c.Wk, c.U, c.decay
+
+    def output(qc, P_qb, P_qk, Gc, Wk, U, entering):
+        c = _chunks(layout, U, Wk, Wk, None, qp.dtype)
+        c.G = Gc
+        return chunk_mod.scored_output(qc, P_qb, P_qk, c, entering, scale)     # o [B, T, H, V]
 
     # torch.func, not torch.autograd: a custom op's implementation runs below the autograd dispatch key
-    _, vjp = torch.func.vjp(forward, *leaves)
-    grads = vjp((d_o.float(), d_final.float()))
-    return [_to_padded_layout(d) for d in grads[:11]], (grads[11] if has_init else None)
+    (Kd, Wk, U, decay), wy_vjp = torch.func.vjp(wy, kc, vc, ac, bc, Gc, G_ex, S_ab, S_ak)
+    init = None if initial_state is None else initial_state.float()
+    entering, _ = chunk_scan(_chunks(layout, U, Wk, Kd, decay, qp.dtype), U, init)
+    _, out_vjp = torch.func.vjp(output, qc, P_qb, P_qk, Gc, Wk, U, entering)
+    dqc, dP_qb, dP_qk, dG_out, dWk_out, dU_out, d_enter = out_vjp(d_o.float())
+    reset, end, _ = scan_tables(layout, U.device)
+    dKd, dWk, dU, ddecay, dinit = scan_grads(Kd, Wk, U, decay, entering, reset, end, d_enter,
+                                             d_final.float().contiguous(), precision(qp.dtype))
+    dkc, dvc, dac, dbc, dG_wy, dG_ex, dS_ab, dS_ak = wy_vjp((dKd, dWk + dWk_out, dU + dU_out, ddecay))
+    grads = (dqc, dkc, dvc, dac, dbc, dG_wy + dG_out, dG_ex, dP_qb, dP_qk, dS_ab, dS_ak)
+    return [_to_padded_layout(d) for d in grads], (None if initial_state is None else dinit)
 
 
 def _within_chunks(x):
