@@ -33,24 +33,27 @@ def check_dplr_inputs(q, k, v, a, b, g, initial_state, cu_seqlens) -> None:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
 
 
-def dplr_backend(backend: str, device: torch.device | None = None, case=None):
-    """The function behind a backend name; raises on an unknown (or unavailable) one. "auto": the Triton kernels
-    on CUDA once they passed the first-use probe for `case` (`probe.kernel_case("dplr_delta_rule", k, v, g)`,
-    lsp/ops/probe.py), under `lsp.ops.estimate.gpu_code_paths()` the custom op (fake tensors), else chunked torch."""
+def check_backend_name(backend: str) -> None:
+    """One line naming the backends when `backend` is not one of them."""
     if backend not in DPLR_BACKENDS:
         raise ValueError(f"backend must be one of {tuple(DPLR_BACKENDS)} for dplr_delta_rule, got {backend!r}")
-    if device is None:
-        return DPLR_BACKENDS[backend]
+
+
+def resolve_dplr_backend(backend: str, device: torch.device, case=None) -> str:
+    """The backend a call runs on; raises on an unknown (or unavailable) name. "auto": the Triton kernels on CUDA
+    once they passed the first-use probe for `case` (`probe.kernel_case("dplr_delta_rule", k, v, g)`,
+    lsp/ops/probe.py), under `lsp.ops.estimate.gpu_code_paths()` the custom op (it runs on fake tensors), else the
+    chunked torch path."""
+    check_backend_name(backend)
     if backend == "triton" and not triton_available(device):
         raise ValueError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 (inputs are on {device})")
-    if backend == "auto":
-        if gpu_code_paths_active():
-            backend = measured_backend("dplr_delta_rule")
-        elif case is not None and probe.kernels_by_default(device):
-            backend = probe.probed_backend(case)
-        else:
-            backend = "torch"
-    return DPLR_BACKENDS[backend]
+    if backend != "auto":
+        return backend
+    if gpu_code_paths_active():
+        return measured_backend("dplr_delta_rule")
+    if case is None or not probe.kernels_by_default(device):
+        return "torch"
+    return probe.probed_backend(case)
 
 
 def dplr_delta_rule(q, k, v, a, b, g, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -78,9 +81,9 @@ def dplr_delta_rule(q, k, v, a, b, g, *, scale=None, initial_state=None, output_
         o: [B, T, H, V] in q's dtype; final_state: [B or N, H, K, V] in the accumulation dtype, or None.
         The state math runs in fp32 (fp64 for fp64 inputs) whatever an enclosing torch.autocast says.
     """
-    dplr_backend(backend)                     # an unknown name raises before the inputs are read
+    check_backend_name(backend)                        # an unknown name raises before the inputs are read
     check_dplr_inputs(q, k, v, a, b, g, initial_state, cu_seqlens)
-    fn = dplr_backend(backend, q.device, probe.kernel_case("dplr_delta_rule", k, v, g))
+    fn = DPLR_BACKENDS[resolve_dplr_backend(backend, q.device, probe.kernel_case("dplr_delta_rule", k, v, g))]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.autocast(device_type=q.device.type, enabled=False):
         return fn(q, k, v, a, b, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -50,8 +50,10 @@ def _strict_scores(x, y, G):
     return torch.cat([torch.zeros_like(scores[..., :1, :]), scores[..., :-1, :]], dim=-2)
 
 
-def prepare_dplr_chunks(k, v, a, b, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE) -> DplrChunks:
-    """Chunk the inputs and solve the WY system; k, a, b, g: [B, T, H, K], v: [B, T, H, V].
+def prepare_dplr_chunks(k, v, a, b, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE,
+                        scan_backend: str = "torch") -> DplrChunks:
+    """Chunk the inputs and solve the WY system; k, a, b, g: [B, T, H, K], v: [B, T, H, V]. scan_backend "triton":
+    `chunk_scan` over these chunks runs the delta rule's Triton scan (a decay per key channel, 2C rows).
 
     Padding (to whole chunks per packed sequence) is exact: k = v = a = b = 0 and g = 0 make a token the identity.
     """
@@ -61,7 +63,9 @@ def prepare_dplr_chunks(k, v, a, b, g, cu_seqlens=None, chunk_size: int = CHUNK_
     kc, vc, ac, bc, gc = (to_chunks(x.to(dt), layout) for x in (k, v, a, b, g))
     G = gc.cumsum(dim=3)                                                  # [R, H, NC, C, K] inclusive
     A_ab, A_ak = _strict_scores(ac, bc, G), _strict_scores(ac, kc, G)     # strictly lower [.., C, C]
-    return wy_chunks(layout, kc, vc, ac, bc, G, G - gc, A_ab, A_ak, k.dtype)
+    chunks = wy_chunks(layout, kc, vc, ac, bc, G, G - gc, A_ab, A_ak, k.dtype)
+    chunks.scan_backend = scan_backend
+    return chunks
 
 
 def wy_chunks(layout, kc, vc, ac, bc, G, G_ex, A_ab, A_ak, input_dtype) -> DplrChunks:
