@@ -1,12 +1,13 @@
-"""dplr_delta_rule on backend="triton" (lsp/ops/dplr/triton_chunk.py) against the naive fp64 recurrence: outputs,
-final states and the gradients of q, k, v, a, b, g and the initial state, with and without packed sequences;
-fla's ported DPLR cases; the custom op on fake tensors; `auto` under the GPU measurement; negative controls.
+"""dplr_delta_rule on backend="triton" (lsp/ops/dplr/triton_chunk.py) against the naive fp64 recurrence: outputs, final
+states and the gradients of q, k, v, a, b, g and the initial state, with and without packed sequences; fla's ported
+DPLR cases; the custom op on fake tensors; `auto` under the GPU measurement; negative controls.
 
 Without CUDA the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set below before the kernels are
 first imported), which is slow here (the per-key score kernels loop over a sub-block's 16 rows: ~20 s for one chunk
-forward and backward on this CPU), so the T = 70-130 sweep is `slow` and the default suite keeps one-chunk forward
-cases. Tolerance: fp32 inputs against the fp64 reference 1e-4 relative to each tensor's largest entry (every kernel
-product is full fp32, input_precision="ieee"; measured 5e-7 to 7e-7 at T = 70, K = V = 32).
+forward and backward on this CPU, shared), so the end-to-end T = 70-130 sweep is `slow` and the default suite runs
+the DPLR's own kernels on one chunk with the scores from torch. Tolerance: fp32 inputs against the fp64 reference
+1e-4 relative to each tensor's largest entry (every kernel product is full fp32, input_precision="ieee"; measured
+5e-7 to 7e-7 at T = 70, K = V = 32).
 """
 from __future__ import annotations
 
@@ -84,16 +85,33 @@ def test_triton_without_initial_state():
     assert_close({"o": o.detach(), "s": s.detach()}, {"o": ref_o, "s": ref_s}, TOL)
 
 
+@pytest.fixture
+def torch_scores(monkeypatch):
+    """The four per-key score matrices from chunk.py's torch `intra_scores_key` instead of the linear op's kernel
+    (tested in tests/ops/test_triton.py; under the interpreter it is most of the run time), so that the default
+    suite runs the DPLR's own kernels (WY inverse, WY apply, output) and the chunk scan on a small case."""
+    from lsp.ops.dplr import triton_chunk
+    from lsp.ops.linear.chunk import intra_scores_key
+
+    def scores(qp, kp, bp, a_next, G):
+        NC = qp.shape[1] // 64
+        chunked = lambda x: triton_chunk._to_chunk_layout(x.float(), NC)  # noqa: E731
+        pair = lambda x, y: triton_chunk._to_padded_layout(intra_scores_key(chunked(x), chunked(y), chunked(G)))  # noqa: E731
+        return pair(qp, bp), pair(qp, kp), pair(a_next, bp), pair(a_next, kp)
+
+    monkeypatch.setattr(triton_chunk, "_scores", scores)
+
+
 @pytest.mark.parametrize("cu", [None, [0, 7, 20]])
-def test_triton_forward_one_chunk(cu):
-    """The default suite's small version: one chunk (two packed sequences in it), forward only."""
+def test_dplr_kernels_forward_one_chunk(torch_scores, cu):
+    """The default suite's small version: one chunk (two packed sequences in it), forward, the DPLR's kernels."""
     x = make_dplr_inputs(B=1, T=20, H=1, K=32, V=32, dtype=torch.float32, n_seq=None if cu is None else len(cu) - 1)
     ref = _forward({n: t.double() for n, t in x.items()}, "naive",
                    **({} if cu is None else {"cu_seqlens": torch.tensor(cu, dtype=torch.int32)}))
     assert_close(_forward(_on_device(x), "triton", **_packed(cu)), ref, TOL, f"one chunk cu={cu}")
 
 
-def test_negative_control_wrong_sign_of_b_fails():
+def test_negative_control_wrong_sign_of_b_fails(torch_scores):
     """The same comparison with b negated on the kernel side (the low-rank term written with the wrong sign)
     fails: the tolerance catches a wrong term."""
     x = make_dplr_inputs(B=1, T=20, H=1, K=32, V=32, dtype=torch.float32)
@@ -146,7 +164,7 @@ def test_custom_op_on_fake_tensors():
         q, k, a, b, g = (torch.randn(B, T, H, K, requires_grad=True) for _ in range(5))
         v = torch.randn(B, T, H, V, requires_grad=True)
         h0 = torch.randn(B, H, K, V, requires_grad=True)
-        assert dplr_api.dplr_backend("auto", q.device) is dplr_api.DPLR_BACKENDS["triton"]
+        assert dplr_api.resolve_dplr_backend("auto", q.device) == "triton"
         o, s = dplr_delta_rule(q, k, v, a, b, g, initial_state=h0, output_final_state=True)
         assert (o.shape, o.dtype, s.shape, s.dtype) == ((B, T, H, V), q.dtype, (B, H, K, V), torch.float32)
         grads = torch.autograd.grad(o.sum() + s.sum(), (q, k, v, a, b, g, h0))
