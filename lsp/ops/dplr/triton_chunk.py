@@ -36,6 +36,7 @@ from . import chunk as chunk_mod
 from . import triton_kernels as kern
 
 WARPS = 8           # [64, 64] fp32 tiles (the delta rule's choice for its per-chunk kernels)
+BWD_BLOCK = 32      # K and V blocks of the output's backward (two [C, C] scores and two [C, C] accumulators live)
 
 
 def _padded_inputs(q, k, v, a, b, g, cu_seqlens):
@@ -118,13 +119,27 @@ def _score_grads(x, y, G, dS, dx):
     return dy
 
 
+def _output_grads(layout, qp, vp, G, P_qb, P_qk, U2, Wk2, entering, dop, scale):
+    # `_bwd_out_kernel` -> dq (the part through q ⊙ exp G), dP_qb, dP_qk [R, Tp, H, *] fp32; dU', dWk' [R, H, NC,
+    # 2C, *]; dE [R, H, NC, K, V] (the entering states' direct gradient)
+    R, Tp, H, K = qp.shape
+    V, NC, C = vp.shape[-1], layout.num_chunks, CHUNK_SIZE
+    f32 = dict(dtype=torch.float32, device=qp.device)
+    dU2, dWk2, dE = torch.empty_like(U2), torch.empty_like(Wk2), torch.empty(R, H, NC, K, V, **f32)
+    dP_qb, dP_qk, dq = torch.empty(R, Tp, H, C, **f32), torch.empty(R, Tp, H, C, **f32), torch.empty(R, Tp, H, K, **f32)
+    kern._bwd_out_kernel[(NC, R * H)](qp, vp, G, P_qb, P_qk, U2.contiguous(), Wk2.contiguous(), entering, dop, dU2,
+                                      dWk2, dE, dP_qb, dP_qk, dq, scale, Tp, H, K, V, NC, C=C, BK=_block(K, BWD_BLOCK),
+                                      BV=_block(V, BWD_BLOCK), PREC=_precision(qp.dtype), num_warps=WARPS)
+    return dq, dP_qb, dP_qk, dU2, dWk2, dE
+
+
 def _downstream_grads(layout, qp, kp, vp, ap, bp, G, gp, scores, initial_state, scale, d_o, d_final):
     # the gradients (padded layout, fp32) of q, k, v, a, b, G, G⁻ = G − g and of the four scores, and that of the
-    # initial state (or None), through chunk.py's WY solve and output (vjp of its torch functions) and the Triton
-    # chunk scan between them (its reverse chain in one kernel, `triton_scan.scan_grads`)
+    # initial state (or None): the output's in `_bwd_out_kernel`, the chunk scan's reverse chain in the Triton scan
+    # (`triton_scan.scan_grads`), the WY solve's by a vjp of chunk.py's `wy_chunks`
     NC = layout.num_chunks
-    qc, kc, vc, ac, bc, Gc, G_ex = (_to_chunk_layout(x.float(), NC) for x in (qp, kp, vp, ap, bp, G, G - gp))
-    P_qb, P_qk, S_ab, S_ak = (_to_chunk_layout(s, NC) for s in scores)
+    kc, vc, ac, bc, Gc, G_ex = (_to_chunk_layout(x.float(), NC) for x in (kp, vp, ap, bp, G, G - gp))
+    S_ab, S_ak = (_to_chunk_layout(s, NC) for s in scores[2:])
     # A_xy[i] = S_a⁺y[i − 1] inside each chunk (the vjp moves the gradient back up a row)
     strict = lambda s: torch.cat([torch.zeros_like(s[..., :1, :]), s[..., :-1, :]], dim=-2)  # noqa: E731
 
@@ -132,23 +147,21 @@ def _downstream_grads(layout, qp, kp, vp, ap, bp, G, gp, scores, initial_state, 
         c = chunk_mod.wy_chunks(layout, kc, vc, ac, bc, Gc, G_ex, strict(S_ab), strict(S_ak), qp.dtype)
         return c.Kd, c.Wk, c.U, c.decay
 
-    def output(qc, P_qb, P_qk, Gc, Wk, U, entering):
-        c = _chunks(layout, U, Wk, Wk, None, qp.dtype)
-        c.G = Gc
-        return chunk_mod.scored_output(qc, P_qb, P_qk, c, entering, scale)     # o [B, T, H, V]
-
     # torch.func, not torch.autograd: a custom op's implementation runs below the autograd dispatch key
     (Kd, Wk, U, decay), wy_vjp = torch.func.vjp(wy, kc, vc, ac, bc, Gc, G_ex, S_ab, S_ak)
     init = None if initial_state is None else initial_state.float()
     entering, _ = chunk_scan(_chunks(layout, U, Wk, Kd, decay, qp.dtype), U, init)
-    _, out_vjp = torch.func.vjp(output, qc, P_qb, P_qk, Gc, Wk, U, entering)
-    dqc, dP_qb, dP_qk, dG_out, dWk_out, dU_out, d_enter = out_vjp(d_o.float())
+    dop = layout.pad(d_o.to(qp.dtype).contiguous())
+    dq, dP_qb, dP_qk, dU_out, dWk_out, d_enter = _output_grads(layout, qp, vp, G, scores[0], scores[1], U, Wk,
+                                                               entering.contiguous(), dop, scale)
     reset, end, _ = scan_tables(layout, U.device)
     dKd, dWk, dU, ddecay, dinit = scan_grads(Kd, Wk, U, decay, entering, reset, end, d_enter,
                                              d_final.float().contiguous(), precision(qp.dtype))
     dkc, dvc, dac, dbc, dG_wy, dG_ex, dS_ab, dS_ak = wy_vjp((dKd, dWk + dWk_out, dU + dU_out, ddecay))
-    grads = (dqc, dkc, dvc, dac, dbc, dG_wy + dG_out, dG_ex, dP_qb, dP_qk, dS_ab, dS_ak)
-    return [_to_padded_layout(d) for d in grads], (None if initial_state is None else dinit)
+    dk, dv, da, db, dG, dG_ex, dS_ab, dS_ak = (_to_padded_layout(d) for d in (dkc, dvc, dac, dbc, dG_wy, dG_ex, dS_ab,
+                                                                              dS_ak))
+    return [dq, dk, dv, da, db, dG + qp * dq, dG_ex, dP_qb, dP_qk, dS_ab, dS_ak], \
+        (None if initial_state is None else dinit)
 
 
 def _within_chunks(x):

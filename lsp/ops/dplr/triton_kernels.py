@@ -11,6 +11,7 @@ x against y (j <= i) and A_xy the strict ones of a (A_xy[i] = S_{a⁺y}[i - 1], 
     U0 = T (A_ak V),  W = T (a ⊙ exp G⁻),  Kd' = [b; k] ⊙ exp(G_C − G),
     U' = [U0; V],  Wk' = [−W; 0]                                              `_wy_apply_kernel`
     o = scale [ (q ⊙ exp G) E + P_qb (U0 + W E) + P_qk V ]                    `_out_kernel`
+    its gradients (of E, U', Wk', the scores, q)                             `_bwd_out_kernel`
 
 The inverse is the delta rule's (lsp/ops/delta/triton_intra.py: 16-row blocks, forward substitution on the diagonal
 blocks, the block recurrence below them, fp32 with input_precision="ieee"), applied to −A_ab. The chunk-level
@@ -118,3 +119,58 @@ def _out_kernel(q, v, G, P_qb, P_qk, U2, Wk2, E, o, scale, Tp, H, K, V, NC, C: t
     acc += tl.dot(_load_tile(P_qk, r, t0, hh, Tp, H, C, C, C).to(DT), _load_raw(v, r, t0, hh, Tp, H, V, C, BV, v0),
                   input_precision=PREC)
     _store_tile(o, scale * acc, r, t0, hh, Tp, H, V, C, BV, v0)
+
+
+@triton.jit
+def _bwd_out_kernel(q, v, G, P_qb, P_qk, U2, Wk2, E, dO, dU2, dWk2, dE, dP_qb, dP_qk, dq, scale, Tp, H, K, V, NC,
+                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # grid (NC, R * H): the gradients of `_out_kernel`'s o for one chunk, with dO' = scale dO and u = U0 − Wk0 E
+    # (Wk0, U0: the first C rows of Wk', U'):
+    #   dU' = [P_qbᵀ dO'; P_qkᵀ dO'],  dWk' = [−P_qbᵀ dO' Eᵀ; 0],  dE = (q ⊙ exp G)ᵀ dO' − Wk0ᵀ P_qbᵀ dO'
+    #   dP_qb = dO' uᵀ,  dP_qk = dO' Vᵀ (the score kernels' backward reads only j <= i),  dq = exp G ⊙ dO' Eᵀ
+    # (the decay's part through q ⊙ exp G is q ⊙ dq, added by the launcher)
+    c, rh = tl.program_id(0), tl.program_id(1)
+    r, hh = rh // H, rh % H
+    chunk = rh * NC + c
+    t0 = c * C
+    DT: tl.constexpr = q.dtype.element_ty
+    p_qb = _load_tile(P_qb, r, t0, hh, Tp, H, C, C, C).to(DT)
+    p_qk = _load_tile(P_qk, r, t0, hh, Tp, H, C, C, C).to(DT)
+    d_pqb = tl.zeros([C, C], dtype=tl.float32)
+    d_pqk = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        do = (scale * _load_tile(dO, r, t0, hh, Tp, H, V, C, BV, v0)).to(DT)
+        v_c = _load_raw(v, r, t0, hh, Tp, H, V, C, BV, v0)
+        du = tl.dot(tl.trans(p_qb), do, input_precision=PREC)
+        _store_rows(dU2, du, chunk, 2 * C, V, 0, C, BV, v0)
+        _store_rows(dU2, tl.dot(tl.trans(p_qk), do, input_precision=PREC), chunk, 2 * C, V, C, C, BV, v0)
+        u = _rows(U2, chunk, 2 * C, V, 0, C, BV, v0).to(tl.float32)
+        for k0 in range(0, K, BK):
+            e_b = _load_state(E, rh, c, NC, K, V, k0, v0, BK, BV).to(DT)
+            wk = _rows(Wk2, chunk, 2 * C, K, 0, C, BK, k0).to(DT)
+            u -= tl.dot(wk, e_b, input_precision=PREC)
+            q_dec = _load_tile(q, r, t0, hh, Tp, H, K, C, BK, k0) * tl.exp(_load_tile(G, r, t0, hh, Tp, H, K, C, BK,
+                                                                                      k0))
+            de = tl.dot(tl.trans(q_dec.to(DT)), do, input_precision=PREC) \
+                - tl.dot(tl.trans(wk), du.to(DT), input_precision=PREC)
+            kk = k0 + tl.arange(0, BK)
+            vv = v0 + tl.arange(0, BV)
+            tl.store(dE + chunk * K * V + kk[:, None] * V + vv[None, :], de,
+                     mask=(kk < K)[:, None] & (vv < V)[None, :])
+        d_pqb += tl.dot(do, tl.trans(u.to(DT)), input_precision=PREC)
+        d_pqk += tl.dot(do, tl.trans(v_c), input_precision=PREC)
+    _store_tile(dP_qb, d_pqb, r, t0, hh, Tp, H, C, C, C)
+    _store_tile(dP_qk, d_pqk, r, t0, hh, Tp, H, C, C, C)
+    for k0 in range(0, K, BK):
+        dqe = tl.zeros([C, BK], dtype=tl.float32)
+        dwk = tl.zeros([C, BK], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            do = (scale * _load_tile(dO, r, t0, hh, Tp, H, V, C, BV, v0)).to(DT)
+            e_t = tl.trans(_load_state(E, rh, c, NC, K, V, k0, v0, BK, BV).to(DT))
+            dqe += tl.dot(do, e_t, input_precision=PREC)
+            du = tl.dot(tl.trans(p_qb), do, input_precision=PREC)           # again: no store-then-load
+            dwk -= tl.dot(du.to(DT), e_t, input_precision=PREC)
+        G_c = _load_tile(G, r, t0, hh, Tp, H, K, C, BK, k0)
+        _store_tile(dq, tl.exp(G_c) * dqe, r, t0, hh, Tp, H, K, C, BK, k0)
+        _store_rows(dWk2, dwk, chunk, 2 * C, K, 0, C, BK, k0)
+        _store_rows(dWk2, tl.zeros([C, BK], dtype=tl.float32), chunk, 2 * C, K, C, C, BK, k0)
