@@ -70,8 +70,9 @@ def prepare_dplr_chunks(k, v, a, b, g, cu_seqlens=None, chunk_size: int = CHUNK_
 
 def wy_chunks(layout, kc, vc, ac, bc, G, G_ex, A_ab, A_ak, input_dtype) -> DplrChunks:
     """The chunks' WY quantities from the strict scores A_ab, A_ak [R, H, NC, C, C] (module docstring); kc, ac, bc,
-    G (inclusive), G_ex (exclusive): [R, H, NC, C, K]; vc: [.., C, V]. Differentiable in every tensor argument (the
-    Triton backward, triton_chunk.py, takes the gradients of the scores from here)."""
+    G (inclusive), G_ex (exclusive): [R, H, NC, C, K]; vc: [.., C, V]. Differentiable (the torch path's autograd);
+    triton_chunk.py computes the same in `_wy_inverse_kernel` / `_wy_apply_kernel` and its gradient in
+    `_bwd_wy_kernel`."""
     rhs = torch.cat([A_ak @ vc, ac * G_ex.exp()], dim=-1)
     # unitriangular ignores the (zero) diagonal of -A_ab: this solves (I - A_ab) X = rhs
     sol = torch.linalg.solve_triangular(-A_ab, rhs, upper=False, unitriangular=True)

@@ -1,22 +1,27 @@
-r"""The DPLR delta rule with backend="triton": chunk.py's WY algorithm with its per-chunk work in Triton kernels.
+r"""The DPLR delta rule with backend="triton": chunk.py's WY algorithm in Triton kernels, forward and backward.
 
-Forward, launches independent of T (kernels in `triton_kernels.py`, and the linear op's per-key scores):
+Forward, launches independent of T (kernels in `triton_kernels.py`, the linear op's per-key scores, the delta rule's
+chunk scan):
 
     P_qb, P_qk, S_a⁺b, S_a⁺k   inclusive per-key scores      lsp.ops.linear `_intra_scores_kernel` (4 launches)
     T = (I − A_ab)^-1                                       `_wy_inverse_kernel`   one program per chunk
     U' = [U0; V], Wk' = [−W; 0], Kd' = [Bd; Kd]             `_wy_apply_kernel`     one program per chunk
-    S_c (entering states), final states                     chunk scan (2C rows, a decay per key channel)
+    S_c (entering states), final states                     lsp.ops.delta `_scan_fwd` (2C rows, a decay per key)
     o                                                       `_out_kernel`          one program per (chunk, V block)
 
-The chunk scan is the delta rule's (`lsp.ops.delta.chunk.chunk_scan`) on the chunked torch path: the delta rule's
-Triton scan takes one decay per head.
+Backward: only the inputs are kept (`lsp::dplr_delta_rule`, custom_ops.py); the scores, T, U', Wk', Kd' and the
+entering states are recomputed by the forward's kernels (the output excepted), then, with dS the gradient of the
+state after every chunk:
 
-Backward (only the inputs are kept; `lsp::dplr_delta_rule`, custom_ops.py): the four score matrices are recomputed
-by the same kernels; the gradient of everything downstream of them (the WY solve, the chunk scan, the output) is
-autograd of chunk.py's own torch functions (`wy_chunks`, `chunk_scan`, `scored_output`) with the scores as leaves;
-the scores' gradients then go back to q, k, a, b and G in the linear op's `_intra_dqk_kernel` (4 launches), and
-for each score S(x, y) the decay receives x ⊙ dx − y ⊙ dy (S_ij = Σ_c x_ic y_jc exp(G_ic − G_jc)). So the backward's
-Triton part is the per-key score gradients; the WY, scan and output gradients are batched torch products.
+    dE (entering states' direct part), dU', dWk', dP_qb, dP_qk, dq   `_bwd_out_kernel`
+    dS, dinit (reverse chain); dKd', dWk', dU', d exp(G_C)            lsp.ops.delta `_scan_bwd`, then four batched
+                                                                     products (`triton_scan.scan_grads`)
+    dv, da, db, dk, dG, dG⁻, dS_a⁺b, dS_a⁺k                           `_bwd_wy_kernel`
+    the scores' gradients to q, k, a⁺, b                              lsp.ops.linear `_intra_dqk_kernel` (4)
+
+and for each score S(x, y) the decay receives x ⊙ dx − y ⊙ dy (S_ij = Σ_c x_ic y_jc exp(G_ic − G_jc)); dg is the
+reverse cumulative sum of dG inside each chunk, minus dG⁻ (G⁻ = G − g). What runs in torch: padding, the cumulative
+sum of g, the shift of a, the scan's four batched products and these elementwise sums.
 
 fp64 inputs run chunk.py's torch path whole (the score kernels accumulate in fp32), as the linear op's Triton
 backend does.
@@ -60,7 +65,7 @@ def _scores(qp, kp, bp, a_next, G):
 
 
 def _wy(layout, ap, bp, kp, vp, gp, G, S_ab, S_ak):
-    # -> DplrChunks-style Kd', Wk', U' [R, H, NC, 2C, *] fp32 and the decay exp(G_C) [R, H, NC, K]
+    # -> T = (I − A_ab)^-1 [R, H, NC, C, C], U', Wk', Kd' [R, H, NC, 2C, *] fp32, the decay exp(G_C) [R, H, NC, K]
     R, Tp, H, K = kp.shape
     V, NC, C = vp.shape[-1], layout.num_chunks, CHUNK_SIZE
     Tinv = torch.empty(R, H, NC, C, C, dtype=torch.float32, device=kp.device)
@@ -69,8 +74,8 @@ def _wy(layout, ap, bp, kp, vp, gp, G, S_ab, S_ak):
     Wk2, Kd2 = (torch.empty(R, H, NC, 2 * C, K, dtype=torch.float32, device=kp.device) for _ in range(2))
     kern._wy_apply_kernel[(NC, R * H)](ap, bp, kp, vp, G, gp, S_ak, Tinv, U2, Wk2, Kd2, Tp, H, K, V, C=C,
                                        BK=_block(K), BV=_block(V), PREC=_precision(kp.dtype), num_warps=WARPS)
-    decay = G[:, C - 1 :: C].permute(0, 2, 1, 3).exp()                  # [R, H, NC, K]
-    return U2, Wk2, Kd2, decay
+    decay = G[:, C - 1 :: C].permute(0, 2, 1, 3).exp().contiguous()     # [R, H, NC, K]
+    return Tinv, U2, Wk2, Kd2, decay
 
 
 def _chunks(layout, U2, Wk2, Kd2, decay, input_dtype):
@@ -84,7 +89,7 @@ def triton_forward(q, k, v, a, b, g, scale, initial_state, cu_seqlens):
     """(o [B, T, H, V] in q's dtype, final [B or N, H, K, V] fp32); arguments as `lsp.ops.dplr_delta_rule`."""
     layout, qp, kp, vp, ap, bp, a_next, gp, G = _padded_inputs(q, k, v, a, b, g, cu_seqlens)
     P_qb, P_qk, S_ab, S_ak = _scores(qp, kp, bp, a_next, G)
-    U2, Wk2, Kd2, decay = _wy(layout, ap, bp, kp, vp, gp, G, S_ab, S_ak)
+    _, U2, Wk2, Kd2, decay = _wy(layout, ap, bp, kp, vp, gp, G, S_ab, S_ak)
     init = None if initial_state is None else initial_state.float()
     entering, final = chunk_scan(_chunks(layout, U2, Wk2, Kd2, decay, q.dtype), U2, init)
     R, Tp, H, K = qp.shape
@@ -133,33 +138,39 @@ def _output_grads(layout, qp, vp, G, P_qb, P_qk, U2, Wk2, entering, dop, scale):
     return dq, dP_qb, dP_qk, dU2, dWk2, dE
 
 
+def _wy_grads(layout, ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd2, dWk2, dU2, ddecay):
+    # `_bwd_wy_kernel` -> da, db, dk, dv, dG, dG⁻ [R, Tp, H, *] fp32 (the WY solve's and Kd's parts) and the
+    # gradients of the strict scores' sources dS_a⁺b, dS_a⁺k [R, Tp, H, C]
+    R, Tp, H, K = kp.shape
+    V, NC, C = vp.shape[-1], layout.num_chunks, CHUNK_SIZE
+    f32 = dict(dtype=torch.float32, device=kp.device)
+    da, db, dk, dG, dG_ex = (torch.empty(R, Tp, H, K, **f32) for _ in range(5))
+    dv = torch.empty(R, Tp, H, V, **f32)
+    dS_ab, dS_ak = torch.zeros(R, Tp, H, C, **f32), torch.zeros(R, Tp, H, C, **f32)   # a chunk's last row stays 0
+    kern._bwd_wy_kernel[(NC, R * H)](ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd2.contiguous(), dWk2.contiguous(),
+                                     dU2.contiguous(), ddecay.contiguous(), da, db, dk, dv, dG, dG_ex, dS_ab, dS_ak,
+                                     Tp, H, K, V, NC, C=C, BK=_block(K, BWD_BLOCK), BV=_block(V, BWD_BLOCK),
+                                     PREC=_precision(kp.dtype), num_warps=WARPS)
+    return da, db, dk, dv, dG, dG_ex, dS_ab, dS_ak
+
+
 def _downstream_grads(layout, qp, kp, vp, ap, bp, G, gp, scores, initial_state, scale, d_o, d_final):
     # the gradients (padded layout, fp32) of q, k, v, a, b, G, G⁻ = G − g and of the four scores, and that of the
-    # initial state (or None): the output's in `_bwd_out_kernel`, the chunk scan's reverse chain in the Triton scan
-    # (`triton_scan.scan_grads`), the WY solve's by a vjp of chunk.py's `wy_chunks`
-    NC = layout.num_chunks
-    kc, vc, ac, bc, Gc, G_ex = (_to_chunk_layout(x.float(), NC) for x in (kp, vp, ap, bp, G, G - gp))
-    S_ab, S_ak = (_to_chunk_layout(s, NC) for s in scores[2:])
-    # A_xy[i] = S_a⁺y[i − 1] inside each chunk (the vjp moves the gradient back up a row)
-    strict = lambda s: torch.cat([torch.zeros_like(s[..., :1, :]), s[..., :-1, :]], dim=-2)  # noqa: E731
-
-    def wy(kc, vc, ac, bc, Gc, G_ex, S_ab, S_ak):
-        c = chunk_mod.wy_chunks(layout, kc, vc, ac, bc, Gc, G_ex, strict(S_ab), strict(S_ak), qp.dtype)
-        return c.Kd, c.Wk, c.U, c.decay
-
-    # torch.func, not torch.autograd: a custom op's implementation runs below the autograd dispatch key
-    (Kd, Wk, U, decay), wy_vjp = torch.func.vjp(wy, kc, vc, ac, bc, Gc, G_ex, S_ab, S_ak)
+    # initial state (or None), with the forward's WY quantities and entering states recomputed by its kernels: the
+    # output's in `_bwd_out_kernel`, the chunk scan's reverse chain in the Triton scan (`triton_scan.scan_grads`,
+    # its products batched), the WY solve's in `_bwd_wy_kernel`
+    P_qb, P_qk, S_ab, S_ak = scores
+    Tinv, U2, Wk2, Kd2, decay = _wy(layout, ap, bp, kp, vp, gp, G, S_ab, S_ak)
     init = None if initial_state is None else initial_state.float()
-    entering, _ = chunk_scan(_chunks(layout, U, Wk, Kd, decay, qp.dtype), U, init)
+    entering, _ = chunk_scan(_chunks(layout, U2, Wk2, Kd2, decay, qp.dtype), U2, init)
     dop = layout.pad(d_o.to(qp.dtype).contiguous())
-    dq, dP_qb, dP_qk, dU_out, dWk_out, d_enter = _output_grads(layout, qp, vp, G, scores[0], scores[1], U, Wk,
+    dq, dP_qb, dP_qk, dU_out, dWk_out, d_enter = _output_grads(layout, qp, vp, G, P_qb, P_qk, U2, Wk2,
                                                                entering.contiguous(), dop, scale)
-    reset, end, _ = scan_tables(layout, U.device)
-    dKd, dWk, dU, ddecay, dinit = scan_grads(Kd, Wk, U, decay, entering, reset, end, d_enter,
+    reset, end, _ = scan_tables(layout, U2.device)
+    dKd, dWk, dU, ddecay, dinit = scan_grads(Kd2, Wk2, U2, decay, entering, reset, end, d_enter,
                                              d_final.float().contiguous(), precision(qp.dtype))
-    dkc, dvc, dac, dbc, dG_wy, dG_ex, dS_ab, dS_ak = wy_vjp((dKd, dWk + dWk_out, dU + dU_out, ddecay))
-    dk, dv, da, db, dG, dG_ex, dS_ab, dS_ak = (_to_padded_layout(d) for d in (dkc, dvc, dac, dbc, dG_wy, dG_ex, dS_ab,
-                                                                              dS_ak))
+    da, db, dk, dv, dG, dG_ex, dS_ab, dS_ak = _wy_grads(layout, ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd,
+                                                        dWk + dWk_out, dU + dU_out, ddecay)
     return [dq, dk, dv, da, db, dG + qp * dq, dG_ex, dP_qb, dP_qk, dS_ab, dS_ak], \
         (None if initial_state is None else dinit)
 

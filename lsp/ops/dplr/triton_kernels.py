@@ -174,3 +174,66 @@ def _bwd_out_kernel(q, v, G, P_qb, P_qk, U2, Wk2, E, dO, dU2, dWk2, dE, dP_qb, d
         _store_tile(dq, tl.exp(G_c) * dqe, r, t0, hh, Tp, H, K, C, BK, k0)
         _store_rows(dWk2, dwk, chunk, 2 * C, K, 0, C, BK, k0)
         _store_rows(dWk2, tl.zeros([C, BK], dtype=tl.float32), chunk, 2 * C, K, C, C, BK, k0)
+
+
+@triton.jit
+def _store_strict_grad(dS, value, r, c, hh, Tp, H, C: tl.constexpr):
+    # the gradient of A [C, C] (A[i] = S[i − 1]) as S's: row i of value to row i − 1 of dS, i >= 1, j < i only
+    # (row C − 1 of dS is zero-filled by the launcher)
+    ii = tl.arange(0, C)
+    src = c * C + tl.where(ii >= 1, ii - 1, 0)
+    ptrs = dS + ((r.to(tl.int64) * Tp + src.to(tl.int64)) * H + hh) * C
+    tl.store(ptrs[:, None] + ii[None, :], value, mask=(ii >= 1)[:, None] & (ii[:, None] > ii[None, :]))
+
+
+@triton.jit
+def _bwd_wy_kernel(a, b, k, v, G, g, S_ak, Tinv, dKd2, dWk2, dU2, ddec, da, db, dk, dv, dG, dG_ex, dS_ab, dS_ak,
+                   Tp, H, K, V, NC, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # grid (NC, R * H): the gradients of `_wy_apply_kernel`'s outputs (and of the decay exp(G_C)) for one chunk, from
+    # dKd' = [dBd; dKd], dWk' = [dWk0; ·], dU' = [dU0; dV1] and ddec, with W = −Wk0 and Ã = a ⊙ exp G⁻:
+    #   dv = dV1 + A_akᵀ Tᵀ dU0,  dA_ak = Tᵀ dU0 Vᵀ,  dT = dU0 (A_ak V)ᵀ − dWk0 Ãᵀ,  dA_ab = Tᵀ dT Tᵀ
+    #   da = exp G⁻ ⊙ (−Tᵀ dWk0) (dG⁻ = Ã ⊙ the same),  db, dk = exp(G_C − G) ⊙ dBd, dKd
+    #   dG_i = −(Bd ⊙ dBd + Kd ⊙ dKd)_i, and row C − 1 adds Σ_i (Bd ⊙ dBd + Kd ⊙ dKd)_i + exp(G_C) ⊙ ddec
+    c, rh = tl.program_id(0), tl.program_id(1)
+    r, hh = rh // H, rh % H
+    chunk = rh * NC + c
+    t0 = c * C
+    DT: tl.constexpr = v.dtype.element_ty
+    cc = tl.arange(0, C)
+    T = _rows(Tinv, chunk, C, C, 0, C, C, 0).to(DT)
+    A_ak = _strict_tile(S_ak, r, c, hh, Tp, H, C, 0, 0, C, C).to(DT)
+    dT = tl.zeros([C, C], dtype=tl.float32)
+    dA_ak = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        v_c = _load_raw(v, r, t0, hh, Tp, H, V, C, BV, v0)
+        du0 = _rows(dU2, chunk, 2 * C, V, 0, C, BV, v0).to(DT)
+        t_du = tl.dot(tl.trans(T), du0, input_precision=PREC)                          # Tᵀ dU0
+        dv_c = _rows(dU2, chunk, 2 * C, V, C, C, BV, v0) + tl.dot(tl.trans(A_ak), t_du.to(DT), input_precision=PREC)
+        _store_tile(dv, dv_c, r, t0, hh, Tp, H, V, C, BV, v0)
+        dA_ak += tl.dot(t_du.to(DT), tl.trans(v_c), input_precision=PREC)
+        av = tl.dot(A_ak, v_c, input_precision=PREC)
+        dT += tl.dot(du0, tl.trans(av.to(DT)), input_precision=PREC)
+    for k0 in range(0, K, BK):
+        G_c = _load_tile(G, r, t0, hh, Tp, H, K, C, BK, k0)
+        G_end = _load_row(G, r, t0 + C - 1, hh, Tp, H, K, BK, k0)
+        e_ex = tl.exp(G_c - _load_tile(g, r, t0, hh, Tp, H, K, C, BK, k0))
+        a_ex = _load_tile(a, r, t0, hh, Tp, H, K, C, BK, k0) * e_ex
+        dwk0 = _rows(dWk2, chunk, 2 * C, K, 0, C, BK, k0).to(DT)
+        dT -= tl.dot(dwk0, tl.trans(a_ex.to(DT)), input_precision=PREC)
+        d_aex = -tl.dot(tl.trans(T), dwk0, input_precision=PREC)
+        _store_tile(da, d_aex * e_ex, r, t0, hh, Tp, H, K, C, BK, k0)
+        _store_tile(dG_ex, d_aex * a_ex, r, t0, hh, Tp, H, K, C, BK, k0)
+        to_end = tl.exp(G_end[None, :] - G_c)
+        d_bd = _rows(dKd2, chunk, 2 * C, K, 0, C, BK, k0)
+        d_kd = _rows(dKd2, chunk, 2 * C, K, C, C, BK, k0)
+        b_c = _load_tile(b, r, t0, hh, Tp, H, K, C, BK, k0)
+        k_c = _load_tile(k, r, t0, hh, Tp, H, K, C, BK, k0)
+        _store_tile(db, d_bd * to_end, r, t0, hh, Tp, H, K, C, BK, k0)
+        _store_tile(dk, d_kd * to_end, r, t0, hh, Tp, H, K, C, BK, k0)
+        through = (b_c * d_bd + k_c * d_kd) * to_end                                   # Bd ⊙ dBd + Kd ⊙ dKd
+        kk = k0 + tl.arange(0, BK)
+        end = tl.sum(through, 0) + tl.exp(G_end) * tl.load(ddec + chunk * K + kk, mask=kk < K, other=0.0)
+        _store_tile(dG, tl.where(cc[:, None] == C - 1, end[None, :], 0.0) - through, r, t0, hh, Tp, H, K, C, BK, k0)
+    dA_ab = tl.dot(tl.trans(T), tl.dot(dT.to(DT), tl.trans(T), input_precision=PREC).to(DT), input_precision=PREC)
+    _store_strict_grad(dS_ab, dA_ab, r, c, hh, Tp, H, C)
+    _store_strict_grad(dS_ak, dA_ak, r, c, hh, Tp, H, C)
