@@ -169,3 +169,22 @@ def test_custom_op_on_fake_tensors():
         assert (o.shape, o.dtype, s.shape, s.dtype) == ((B, T, H, V), q.dtype, (B, H, K, V), torch.float32)
         grads = torch.autograd.grad(o.sum() + s.sum(), (q, k, v, a, b, g, h0))
         assert [gr.shape for gr in grads] == [x.shape for x in (q, k, v, a, b, g, h0)]
+
+
+def test_flop_counter_counts_the_op_with_its_formulas():
+    """FlopCounterMode (what `lsp plan --measure` reads) counts the custom op and its backward by
+    `dplr_chunk_flops` on fake tensors: forward scores + wy + scan + output, backward the same recomputed + grads."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lsp.ops.dplr.custom_ops import dplr_chunk_flops, register_flop_formulas
+
+    register_flop_formulas()
+    B, T, H, K, V = 1, 70, 2, 32, 16
+    c = dplr_chunk_flops(K, V)
+    want = B * H * 2 * (2 * (c["scores"] + c["wy"] + c["scan"]) + c["output"] + c["grads"])   # two chunks a head
+    with FakeTensorMode(), gpu_code_paths(), FlopCounterMode(display=False) as counter:
+        q, k, a, b, g = (torch.randn(B, T, H, K, requires_grad=True) for _ in range(5))
+        v = torch.randn(B, T, H, V, requires_grad=True)
+        o, s = dplr_delta_rule(q, k, v, a, b, g, output_final_state=True)
+        (o.sum() + s.sum()).backward()
+    assert counter.get_total_flops() == want > 0

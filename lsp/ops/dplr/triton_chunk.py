@@ -41,7 +41,9 @@ from . import chunk as chunk_mod
 from . import triton_kernels as kern
 
 WARPS = 8           # [64, 64] fp32 tiles (the delta rule's choice for its per-chunk kernels)
-BWD_BLOCK = 32      # K and V blocks of the output's backward (two [C, C] scores and two [C, C] accumulators live)
+# K and V blocks of every per-chunk kernel: 32 (with 64 the apply and output kernels spill 600 / 216 B per thread on
+# sm_90a, bf16, K = V = 64; the backward kernels hold four [C, C] fp32 tiles: two scores and two accumulators)
+BLOCK = 32
 
 
 def _padded_inputs(q, k, v, a, b, g, cu_seqlens):
@@ -73,7 +75,8 @@ def _wy(layout, ap, bp, kp, vp, gp, G, S_ab, S_ak):
     U2 = torch.empty(R, H, NC, 2 * C, V, dtype=torch.float32, device=kp.device)
     Wk2, Kd2 = (torch.empty(R, H, NC, 2 * C, K, dtype=torch.float32, device=kp.device) for _ in range(2))
     kern._wy_apply_kernel[(NC, R * H)](ap, bp, kp, vp, G, gp, S_ak, Tinv, U2, Wk2, Kd2, Tp, H, K, V, C=C,
-                                       BK=_block(K), BV=_block(V), PREC=_precision(kp.dtype), num_warps=WARPS)
+                                       BK=_block(K, BLOCK), BV=_block(V, BLOCK), PREC=_precision(kp.dtype),
+                                       num_warps=WARPS)
     decay = G[:, C - 1 :: C].permute(0, 2, 1, 3).exp().contiguous()     # [R, H, NC, K]
     return Tinv, U2, Wk2, Kd2, decay
 
@@ -95,9 +98,9 @@ def triton_forward(q, k, v, a, b, g, scale, initial_state, cu_seqlens):
     R, Tp, H, K = qp.shape
     V, NC = vp.shape[-1], layout.num_chunks
     o = torch.empty(R, Tp, H, V, dtype=q.dtype, device=q.device)
-    BV = _block(V)
+    BV = _block(V, BLOCK)
     kern._out_kernel[(-(-V // BV), NC, R * H)](qp, vp, G, P_qb, P_qk, U2, Wk2, entering.contiguous(), o, scale, Tp,
-                                               H, K, V, NC, C=CHUNK_SIZE, BK=_block(K), BV=BV,
+                                               H, K, V, NC, C=CHUNK_SIZE, BK=_block(K, BLOCK), BV=BV,
                                                PREC=_precision(q.dtype), num_warps=WARPS)
     return layout.unpad(o), final
 
@@ -133,8 +136,8 @@ def _output_grads(layout, qp, vp, G, P_qb, P_qk, U2, Wk2, entering, dop, scale):
     dU2, dWk2, dE = torch.empty_like(U2), torch.empty_like(Wk2), torch.empty(R, H, NC, K, V, **f32)
     dP_qb, dP_qk, dq = torch.empty(R, Tp, H, C, **f32), torch.empty(R, Tp, H, C, **f32), torch.empty(R, Tp, H, K, **f32)
     kern._bwd_out_kernel[(NC, R * H)](qp, vp, G, P_qb, P_qk, U2.contiguous(), Wk2.contiguous(), entering, dop, dU2,
-                                      dWk2, dE, dP_qb, dP_qk, dq, scale, Tp, H, K, V, NC, C=C, BK=_block(K, BWD_BLOCK),
-                                      BV=_block(V, BWD_BLOCK), PREC=_precision(qp.dtype), num_warps=WARPS)
+                                      dWk2, dE, dP_qb, dP_qk, dq, scale, Tp, H, K, V, NC, C=C, BK=_block(K, BLOCK),
+                                      BV=_block(V, BLOCK), PREC=_precision(qp.dtype), num_warps=WARPS)
     return dq, dP_qb, dP_qk, dU2, dWk2, dE
 
 
@@ -149,7 +152,7 @@ def _wy_grads(layout, ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd2, dWk2, dU2, ddecay
     dS_ab, dS_ak = torch.zeros(R, Tp, H, C, **f32), torch.zeros(R, Tp, H, C, **f32)   # a chunk's last row stays 0
     kern._bwd_wy_kernel[(NC, R * H)](ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd2.contiguous(), dWk2.contiguous(),
                                      dU2.contiguous(), ddecay.contiguous(), da, db, dk, dv, dG, dG_ex, dS_ab, dS_ak,
-                                     Tp, H, K, V, NC, C=C, BK=_block(K, BWD_BLOCK), BV=_block(V, BWD_BLOCK),
+                                     Tp, H, K, V, NC, C=C, BK=_block(K, BLOCK), BV=_block(V, BLOCK),
                                      PREC=_precision(kp.dtype), num_warps=WARPS)
     return da, db, dk, dv, dG, dG_ex, dS_ab, dS_ak
 
