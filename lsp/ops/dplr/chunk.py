@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lsp.names import CHUNK_SIZE
-from lsp.ops.delta.chunk import DeltaChunks, chunk_readout, chunk_scan, to_chunks
+from lsp.ops.delta.chunk import DeltaChunks, chunk_readout, chunk_scan, scan_tables, to_chunks
 from lsp.ops.linear.checks import acc_dtype
 from lsp.ops.linear.chunk import intra_scores_key
 from lsp.ops.linear.layout import chunk_layout
@@ -40,6 +40,32 @@ class DplrChunks(DeltaChunks):
     docstring), decay is [R, H, NC, K]; b keeps the chunked b for the output's P_qb."""
 
     b: torch.Tensor                # [R, H, NC, C, K]
+
+    def triton_scan(self, U: torch.Tensor, init: torch.Tensor | None):
+        """The Triton chunk scan in half-steps of C rows (`half_steps`): U [R, H, NC, 2C, D] -> entering
+        [R, H, NC, K, D], final [R or N, H, K, D]; differentiable (`lsp::delta_chunk_scan`'s autograd)."""
+        from lsp.ops.delta.custom_ops import delta_chunk_scan
+        from lsp.ops.delta.triton_scan import precision
+
+        Kd, Wk, U2, decay, reset, end, n_seq = half_steps(self, self.Kd, self.Wk, U, self.decay)
+        entering, final = delta_chunk_scan(Kd, Wk, U2, decay, init, reset, end, n_seq, precision(self.input_dtype))
+        return entering[:, :, 0::2], final
+
+
+def half_steps(chunks: DplrChunks, Kd, Wk, U, decay):
+    """A chunk of 2C rows as two consecutive scan steps of C rows each, for the delta rule's Triton scan (its
+    kernel then holds [C, K] tiles, as for the delta rule: with 2C rows it spilled on sm_90a). Exact because
+    Wk' = [−W; 0]: the first step, (Bd, −W, U0, exp G_C), reads the entering state; the second, (Kd, 0, V, 1), reads
+    none. Kd, Wk: [R, H, NC, 2C, K]; U: [.., 2C, D]; decay [R, H, NC, K] -> the same as [R, H, 2·NC, C, *] views,
+    the decays [R, H, 2·NC, K], and the scan tables (`scan_tables`) with sequences starting at even steps and
+    ending after odd ones."""
+    R, H, NC, C2, K = Kd.shape
+    steps = lambda x: x.reshape(R, H, 2 * NC, C2 // 2, x.shape[-1])  # noqa: E731
+    decays = torch.stack([decay, torch.ones_like(decay)], dim=3).reshape(R, H, 2 * NC, K)
+    reset, end, n_seq = scan_tables(chunks.layout, U.device)
+    reset2, end2 = (torch.full((R, 2 * NC), -1, dtype=reset.dtype, device=U.device) for _ in range(2))
+    reset2[:, 0::2], end2[:, 1::2] = reset, end
+    return steps(Kd), steps(Wk), steps(U), decays, reset2, end2, n_seq
 
 
 def _strict_scores(x, y, G):

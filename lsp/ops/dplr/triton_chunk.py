@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from lsp.names import CHUNK_SIZE
-from lsp.ops.delta.chunk import chunk_scan, scan_tables
+from lsp.ops.delta.chunk import chunk_scan
 from lsp.ops.delta.triton_scan import precision, scan_grads
 from lsp.ops.linear import triton_intra as lin_intra
 from lsp.ops.linear.layout import chunk_layout
@@ -127,6 +127,24 @@ def _score_grads(x, y, G, dS, dx):
     return dy
 
 
+def _scan_grads(chunks, entering, d_enter, d_final):
+    # the chunk scan's gradients in the half-steps it ran in (chunk.half_steps): the reverse chain in the Triton
+    # scan, its products batched (`triton_scan.scan_grads`) -> dKd', dWk', dU' [R, H, NC, 2C, *], ddecay, dinit
+    R, H, NC, C2, K = chunks.Kd.shape
+    Kd, Wk, U, decays, reset, end, _ = chunk_mod.half_steps(chunks, chunks.Kd, chunks.Wk, chunks.U, chunks.decay)
+    enter2 = torch.zeros(R, H, NC, 2, K, entering.shape[-1], dtype=entering.dtype, device=entering.device)
+    enter2[:, :, :, 0] = entering
+    enter2[:, :, :, 1] = chunks.decay[..., None] * entering + Kd[:, :, 0::2].transpose(-1, -2) @ (
+        U[:, :, 0::2] - Wk[:, :, 0::2] @ entering)                                     # the state between them
+    d_enter2 = torch.zeros_like(enter2)
+    d_enter2[:, :, :, 0] = d_enter
+    dKd, dWk, dU, ddec, dinit = scan_grads(Kd, Wk, U, decays, enter2.view(R, H, 2 * NC, K, -1), reset, end,
+                                           d_enter2.view(R, H, 2 * NC, K, -1), d_final.float().contiguous(),
+                                           precision(chunks.input_dtype))
+    whole = lambda x: x.reshape(R, H, NC, C2, x.shape[-1])  # noqa: E731
+    return whole(dKd), whole(dWk), whole(dU), ddec[:, :, 0::2], dinit
+
+
 def _output_grads(layout, qp, vp, G, P_qb, P_qk, U2, Wk2, entering, dop, scale):
     # `_bwd_out_kernel` -> dq (the part through q ⊙ exp G), dP_qb, dP_qk [R, Tp, H, *] fp32; dU', dWk' [R, H, NC,
     # 2C, *]; dE [R, H, NC, K, V] (the entering states' direct gradient)
@@ -169,9 +187,8 @@ def _downstream_grads(layout, qp, kp, vp, ap, bp, G, gp, scores, initial_state, 
     dop = layout.pad(d_o.to(qp.dtype).contiguous())
     dq, dP_qb, dP_qk, dU_out, dWk_out, d_enter = _output_grads(layout, qp, vp, G, P_qb, P_qk, U2, Wk2,
                                                                entering.contiguous(), dop, scale)
-    reset, end, _ = scan_tables(layout, U2.device)
-    dKd, dWk, dU, ddecay, dinit = scan_grads(Kd2, Wk2, U2, decay, entering, reset, end, d_enter,
-                                             d_final.float().contiguous(), precision(qp.dtype))
+    dKd, dWk, dU, ddecay, dinit = _scan_grads(_chunks(layout, U2, Wk2, Kd2, decay, qp.dtype), entering, d_enter,
+                                              d_final)
     da, db, dk, dv, dG, dG_ex, dS_ab, dS_ak = _wy_grads(layout, ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd,
                                                         dWk + dWk_out, dU + dU_out, ddecay)
     return [dq, dk, dv, da, db, dG + qp * dq, dG_ex, dP_qb, dP_qk, dS_ab, dS_ak], \
