@@ -13,10 +13,11 @@ Backward: only the inputs are kept (`lsp::dplr_delta_rule`, custom_ops.py); the 
 entering states are recomputed by the forward's kernels (the output excepted), then, with dS the gradient of the
 state after every chunk:
 
-    dE (entering states' direct part), dU', dWk', dP_qb, dP_qk, dq   `_bwd_out_kernel`
+    dE (entering states' direct part), dU', u; dP_qb, dP_qk; dq, dWk'   `_bwd_out_kernel`, `_bwd_scores_kernel`,
+                                                                     `_bwd_q_kernel`
     dS, dinit (reverse chain); dKd', dWk', dU', d exp(G_C)            lsp.ops.delta `_scan_bwd`, then four batched
                                                                      products (`triton_scan.scan_grads`)
-    dv, da, db, dk, dG, dG⁻, dS_a⁺b, dS_a⁺k                           `_bwd_wy_kernel`
+    dS_a⁺b, dS_a⁺k; dv, da, db, dk, dG, dG⁻                          `_bwd_wy_scores_kernel`, `_bwd_wy_kernel`
     the scores' gradients to q, k, a⁺, b                              lsp.ops.linear `_intra_dqk_kernel` (4)
 
 and for each score S(x, y) the decay receives x ⊙ dx − y ⊙ dy (S_ij = Σ_c x_ic y_jc exp(G_ic − G_jc)); dg is the
@@ -29,6 +30,7 @@ backend does.
 from __future__ import annotations
 
 import torch
+import triton
 
 from lsp.names import CHUNK_SIZE
 from lsp.ops.delta.chunk import chunk_scan
@@ -146,32 +148,41 @@ def _scan_grads(chunks, entering, d_enter, d_final):
 
 
 def _output_grads(layout, qp, vp, G, P_qb, P_qk, U2, Wk2, entering, dop, scale):
-    # `_bwd_out_kernel` -> dq (the part through q ⊙ exp G), dP_qb, dP_qk [R, Tp, H, *] fp32; dU', dWk' [R, H, NC,
-    # 2C, *]; dE [R, H, NC, K, V] (the entering states' direct gradient)
+    # `_bwd_out_kernel`, `_bwd_scores_kernel`, `_bwd_q_kernel` -> dq (the part through q ⊙ exp G), dP_qb, dP_qk
+    # [R, Tp, H, *] fp32; dU', dWk' [R, H, NC, 2C, *]; dE [R, H, NC, K, V] (the entering states' direct gradient)
     R, Tp, H, K = qp.shape
     V, NC, C = vp.shape[-1], layout.num_chunks, CHUNK_SIZE
+    BK, BV, prec = _block(K, BLOCK), _block(V, BLOCK), _precision(qp.dtype)
     f32 = dict(dtype=torch.float32, device=qp.device)
     dU2, dWk2, dE = torch.empty_like(U2), torch.empty_like(Wk2), torch.empty(R, H, NC, K, V, **f32)
-    dP_qb, dP_qk, dq = torch.empty(R, Tp, H, C, **f32), torch.empty(R, Tp, H, C, **f32), torch.empty(R, Tp, H, K, **f32)
-    kern._bwd_out_kernel[(NC, R * H)](qp, vp, G, P_qb, P_qk, U2.contiguous(), Wk2.contiguous(), entering, dop, dU2,
-                                      dWk2, dE, dP_qb, dP_qk, dq, scale, Tp, H, K, V, NC, C=C, BK=_block(K, BLOCK),
-                                      BV=_block(V, BLOCK), PREC=_precision(qp.dtype), num_warps=WARPS)
+    u = torch.empty(R, H, NC, C, V, **f32)
+    kern._bwd_out_kernel[(triton.cdiv(V, BV), NC, R * H)](qp, G, P_qb, P_qk, U2, Wk2, entering, dop, dU2, u, dE,
+                                                          scale, Tp, H, K, V, NC, C=C, BK=BK, BV=BV, PREC=prec,
+                                                          num_warps=WARPS)
+    dP_qb, dP_qk = torch.empty(R, Tp, H, C, **f32), torch.empty(R, Tp, H, C, **f32)
+    kern._bwd_scores_kernel[(NC, R * H)](vp, u, dop, dP_qb, dP_qk, scale, Tp, H, V, NC, C=C, BV=BV, PREC=prec,
+                                         num_warps=WARPS)
+    dq = torch.empty(R, Tp, H, K, **f32)
+    kern._bwd_q_kernel[(triton.cdiv(K, BK), NC, R * H)](G, entering, dop, dU2, dq, dWk2, scale, Tp, H, K, V, NC, C=C,
+                                                        BK=BK, BV=BV, PREC=prec, num_warps=WARPS)
     return dq, dP_qb, dP_qk, dU2, dWk2, dE
 
 
 def _wy_grads(layout, ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd2, dWk2, dU2, ddecay):
-    # `_bwd_wy_kernel` -> da, db, dk, dv, dG, dG⁻ [R, Tp, H, *] fp32 (the WY solve's and Kd's parts) and the
-    # gradients of the strict scores' sources dS_a⁺b, dS_a⁺k [R, Tp, H, C]
+    # `_bwd_wy_scores_kernel`, `_bwd_wy_kernel` -> da, db, dk, dv, dG, dG⁻ [R, Tp, H, *] fp32 (the WY solve's and
+    # Kd's parts) and the gradients of the strict scores' sources dS_a⁺b, dS_a⁺k [R, Tp, H, C]
     R, Tp, H, K = kp.shape
     V, NC, C = vp.shape[-1], layout.num_chunks, CHUNK_SIZE
+    BK, BV, prec = _block(K, BLOCK), _block(V, BLOCK), _precision(kp.dtype)
     f32 = dict(dtype=torch.float32, device=kp.device)
+    dKd2, dWk2, dU2, ddecay = (x.contiguous() for x in (dKd2, dWk2, dU2, ddecay))
+    dS_ab, dS_ak = torch.zeros(R, Tp, H, C, **f32), torch.zeros(R, Tp, H, C, **f32)   # a chunk's last row stays 0
+    kern._bwd_wy_scores_kernel[(NC, R * H)](ap, vp, G, gp, S_ak, Tinv, dWk2, dU2, dS_ab, dS_ak, Tp, H, K, V, NC,
+                                            C=C, BK=BK, BV=BV, PREC=prec, num_warps=WARPS)
     da, db, dk, dG, dG_ex = (torch.empty(R, Tp, H, K, **f32) for _ in range(5))
     dv = torch.empty(R, Tp, H, V, **f32)
-    dS_ab, dS_ak = torch.zeros(R, Tp, H, C, **f32), torch.zeros(R, Tp, H, C, **f32)   # a chunk's last row stays 0
-    kern._bwd_wy_kernel[(NC, R * H)](ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd2.contiguous(), dWk2.contiguous(),
-                                     dU2.contiguous(), ddecay.contiguous(), da, db, dk, dv, dG, dG_ex, dS_ab, dS_ak,
-                                     Tp, H, K, V, NC, C=C, BK=_block(K, BLOCK), BV=_block(V, BLOCK),
-                                     PREC=_precision(kp.dtype), num_warps=WARPS)
+    kern._bwd_wy_kernel[(NC, R * H)](ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd2, dWk2, dU2, ddecay, da, db, dk, dv, dG,
+                                     dG_ex, Tp, H, K, V, NC, C=C, BK=BK, BV=BV, PREC=prec, num_warps=WARPS)
     return da, db, dk, dv, dG, dG_ex, dS_ab, dS_ak
 
 

@@ -11,7 +11,9 @@ x against y (j <= i) and A_xy the strict ones of a (A_xy[i] = S_{a⁺y}[i - 1], 
     U0 = T (A_ak V),  W = T (a ⊙ exp G⁻),  Kd' = [b; k] ⊙ exp(G_C − G),
     U' = [U0; V],  Wk' = [−W; 0]                                              `_wy_apply_kernel`
     o = scale [ (q ⊙ exp G) E + P_qb (U0 + W E) + P_qk V ]                    `_out_kernel`
-    its gradients (of E, U', Wk', the scores, q)                             `_bwd_out_kernel`
+    its gradients: dE, dU' and u; dP_qb, dP_qk; dq, dWk'                  `_bwd_out_kernel`, `_bwd_scores_kernel`,
+                                                                             `_bwd_q_kernel`
+    the WY solve's: dS_a⁺b, dS_a⁺k; dv, da, db, dk, dG, dG⁻               `_bwd_wy_scores_kernel`, `_bwd_wy_kernel`
 
 The inverse is the delta rule's (lsp/ops/delta/triton_intra.py: 16-row blocks, forward substitution on the diagonal
 blocks, the block recurrence below them, fp32 with input_precision="ieee"), applied to −A_ab. The chunk-level
@@ -122,58 +124,80 @@ def _out_kernel(q, v, G, P_qb, P_qk, U2, Wk2, E, o, scale, Tp, H, K, V, NC, C: t
 
 
 @triton.jit
-def _bwd_out_kernel(q, v, G, P_qb, P_qk, U2, Wk2, E, dO, dU2, dWk2, dE, dP_qb, dP_qk, dq, scale, Tp, H, K, V, NC,
-                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    # grid (NC, R * H): the gradients of `_out_kernel`'s o for one chunk, with dO' = scale dO and u = U0 − Wk0 E
-    # (Wk0, U0: the first C rows of Wk', U'):
-    #   dU' = [P_qbᵀ dO'; P_qkᵀ dO'],  dWk' = [−P_qbᵀ dO' Eᵀ; 0],  dE = (q ⊙ exp G)ᵀ dO' − Wk0ᵀ P_qbᵀ dO'
-    #   dP_qb = dO' uᵀ,  dP_qk = dO' Vᵀ (the score kernels' backward reads only j <= i),  dq = exp G ⊙ dO' Eᵀ
-    # (the decay's part through q ⊙ exp G is q ⊙ dq, added by the launcher)
+def _e_tile(E, c, rh, NC, K, V, k0, v0, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr):
+    # [BK, BV] block of the entering state of chunk c (fp32 in memory), as a dot operand
+    return _load_state(E, rh, c, NC, K, V, k0, v0, BK, BV).to(DT)
+
+
+@triton.jit
+def _bwd_out_kernel(q, G, P_qb, P_qk, U2, Wk2, E, dO, dU2, u_out, dE, scale, Tp, H, K, V, NC, C: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # grid (cdiv(V, BV), NC, R * H), one chunk and V block of `_out_kernel`'s gradients, with dO' = scale dO:
+    #   dU' = [P_qbᵀ dO'; P_qkᵀ dO'],  dE = (q ⊙ exp G)ᵀ dO' − Wk0ᵀ P_qbᵀ dO',  and u = U0 − Wk0 E stored for
+    #   `_bwd_scores_kernel` (Wk0, U0: the first C rows of Wk', U')
+    vb, c, rh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r, hh = rh // H, rh % H
+    chunk = rh * NC + c
+    t0, v0 = c * C, vb * BV
+    DT: tl.constexpr = q.dtype.element_ty
+    do = (scale * _load_tile(dO, r, t0, hh, Tp, H, V, C, BV, v0)).to(DT)
+    du = tl.dot(tl.trans(_load_tile(P_qb, r, t0, hh, Tp, H, C, C, C).to(DT)), do, input_precision=PREC)
+    _store_rows(dU2, du, chunk, 2 * C, V, 0, C, BV, v0)
+    dvv = tl.dot(tl.trans(_load_tile(P_qk, r, t0, hh, Tp, H, C, C, C).to(DT)), do, input_precision=PREC)
+    _store_rows(dU2, dvv, chunk, 2 * C, V, C, C, BV, v0)
+    u = _rows(U2, chunk, 2 * C, V, 0, C, BV, v0).to(tl.float32)
+    for k0 in range(0, K, BK):
+        e_b = _e_tile(E, c, rh, NC, K, V, k0, v0, BK, BV, DT)
+        wk = _rows(Wk2, chunk, 2 * C, K, 0, C, BK, k0).to(DT)
+        u -= tl.dot(wk, e_b, input_precision=PREC)
+        q_dec = _load_tile(q, r, t0, hh, Tp, H, K, C, BK, k0) * tl.exp(_load_tile(G, r, t0, hh, Tp, H, K, C, BK, k0))
+        de = tl.dot(tl.trans(q_dec.to(DT)), do, input_precision=PREC) \
+            - tl.dot(tl.trans(wk), du.to(DT), input_precision=PREC)
+        kk = k0 + tl.arange(0, BK)
+        vv = v0 + tl.arange(0, BV)
+        tl.store(dE + chunk * K * V + kk[:, None] * V + vv[None, :], de, mask=(kk < K)[:, None] & (vv < V)[None, :])
+    _store_rows(u_out, u, chunk, C, V, 0, C, BV, v0)
+
+
+@triton.jit
+def _bwd_scores_kernel(v, u, dO, dP_qb, dP_qk, scale, Tp, H, V, NC, C: tl.constexpr, BV: tl.constexpr,
+                       PREC: tl.constexpr):
+    # grid (NC, R * H): dP_qb = dO' uᵀ, dP_qk = dO' Vᵀ of one chunk, over V blocks (the scores' backward kernel reads
+    # only j <= i)
     c, rh = tl.program_id(0), tl.program_id(1)
     r, hh = rh // H, rh % H
     chunk = rh * NC + c
     t0 = c * C
-    DT: tl.constexpr = q.dtype.element_ty
-    p_qb = _load_tile(P_qb, r, t0, hh, Tp, H, C, C, C).to(DT)
-    p_qk = _load_tile(P_qk, r, t0, hh, Tp, H, C, C, C).to(DT)
+    DT: tl.constexpr = v.dtype.element_ty
     d_pqb = tl.zeros([C, C], dtype=tl.float32)
     d_pqk = tl.zeros([C, C], dtype=tl.float32)
     for v0 in range(0, V, BV):
         do = (scale * _load_tile(dO, r, t0, hh, Tp, H, V, C, BV, v0)).to(DT)
-        v_c = _load_raw(v, r, t0, hh, Tp, H, V, C, BV, v0)
-        du = tl.dot(tl.trans(p_qb), do, input_precision=PREC)
-        _store_rows(dU2, du, chunk, 2 * C, V, 0, C, BV, v0)
-        _store_rows(dU2, tl.dot(tl.trans(p_qk), do, input_precision=PREC), chunk, 2 * C, V, C, C, BV, v0)
-        u = _rows(U2, chunk, 2 * C, V, 0, C, BV, v0).to(tl.float32)
-        for k0 in range(0, K, BK):
-            e_b = _load_state(E, rh, c, NC, K, V, k0, v0, BK, BV).to(DT)
-            wk = _rows(Wk2, chunk, 2 * C, K, 0, C, BK, k0).to(DT)
-            u -= tl.dot(wk, e_b, input_precision=PREC)
-            q_dec = _load_tile(q, r, t0, hh, Tp, H, K, C, BK, k0) * tl.exp(_load_tile(G, r, t0, hh, Tp, H, K, C, BK,
-                                                                                      k0))
-            de = tl.dot(tl.trans(q_dec.to(DT)), do, input_precision=PREC) \
-                - tl.dot(tl.trans(wk), du.to(DT), input_precision=PREC)
-            kk = k0 + tl.arange(0, BK)
-            vv = v0 + tl.arange(0, BV)
-            tl.store(dE + chunk * K * V + kk[:, None] * V + vv[None, :], de,
-                     mask=(kk < K)[:, None] & (vv < V)[None, :])
-        d_pqb += tl.dot(do, tl.trans(u.to(DT)), input_precision=PREC)
-        d_pqk += tl.dot(do, tl.trans(v_c), input_precision=PREC)
+        d_pqb += tl.dot(do, tl.trans(_rows(u, chunk, C, V, 0, C, BV, v0).to(DT)), input_precision=PREC)
+        d_pqk += tl.dot(do, tl.trans(_load_raw(v, r, t0, hh, Tp, H, V, C, BV, v0)), input_precision=PREC)
     _store_tile(dP_qb, d_pqb, r, t0, hh, Tp, H, C, C, C)
     _store_tile(dP_qk, d_pqk, r, t0, hh, Tp, H, C, C, C)
-    for k0 in range(0, K, BK):
-        dqe = tl.zeros([C, BK], dtype=tl.float32)
-        dwk = tl.zeros([C, BK], dtype=tl.float32)
-        for v0 in range(0, V, BV):
-            do = (scale * _load_tile(dO, r, t0, hh, Tp, H, V, C, BV, v0)).to(DT)
-            e_t = tl.trans(_load_state(E, rh, c, NC, K, V, k0, v0, BK, BV).to(DT))
-            dqe += tl.dot(do, e_t, input_precision=PREC)
-            du = tl.dot(tl.trans(p_qb), do, input_precision=PREC)           # again: no store-then-load
-            dwk -= tl.dot(du.to(DT), e_t, input_precision=PREC)
-        G_c = _load_tile(G, r, t0, hh, Tp, H, K, C, BK, k0)
-        _store_tile(dq, tl.exp(G_c) * dqe, r, t0, hh, Tp, H, K, C, BK, k0)
-        _store_rows(dWk2, dwk, chunk, 2 * C, K, 0, C, BK, k0)
-        _store_rows(dWk2, tl.zeros([C, BK], dtype=tl.float32), chunk, 2 * C, K, C, C, BK, k0)
+
+
+@triton.jit
+def _bwd_q_kernel(G, E, dO, dU2, dq, dWk2, scale, Tp, H, K, V, NC, C: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, PREC: tl.constexpr):
+    # grid (cdiv(K, BK), NC, R * H): dq = exp G ⊙ dO' Eᵀ (the part through q ⊙ exp G; the decay's is q ⊙ dq, added
+    # by the launcher) and dWk' = [−dU0 Eᵀ; 0] for one chunk and K block, over V blocks
+    kb, c, rh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    r, hh = rh // H, rh % H
+    chunk = rh * NC + c
+    t0, k0 = c * C, kb * BK
+    DT: tl.constexpr = dO.dtype.element_ty
+    dqe = tl.zeros([C, BK], dtype=tl.float32)
+    dwk = tl.zeros([C, BK], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        e_t = tl.trans(_e_tile(E, c, rh, NC, K, V, k0, v0, BK, BV, DT))
+        dqe += tl.dot((scale * _load_tile(dO, r, t0, hh, Tp, H, V, C, BV, v0)).to(DT), e_t, input_precision=PREC)
+        dwk -= tl.dot(_rows(dU2, chunk, 2 * C, V, 0, C, BV, v0).to(DT), e_t, input_precision=PREC)
+    _store_tile(dq, tl.exp(_load_tile(G, r, t0, hh, Tp, H, K, C, BK, k0)) * dqe, r, t0, hh, Tp, H, K, C, BK, k0)
+    _store_rows(dWk2, dwk, chunk, 2 * C, K, 0, C, BK, k0)
+    _store_rows(dWk2, tl.zeros([C, BK], dtype=tl.float32), chunk, 2 * C, K, C, C, BK, k0)
 
 
 @triton.jit
@@ -187,12 +211,46 @@ def _store_strict_grad(dS, value, r, c, hh, Tp, H, C: tl.constexpr):
 
 
 @triton.jit
-def _bwd_wy_kernel(a, b, k, v, G, g, S_ak, Tinv, dKd2, dWk2, dU2, ddec, da, db, dk, dv, dG, dG_ex, dS_ab, dS_ak,
-                   Tp, H, K, V, NC, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    # grid (NC, R * H): the gradients of `_wy_apply_kernel`'s outputs (and of the decay exp(G_C)) for one chunk, from
-    # dKd' = [dBd; dKd], dWk' = [dWk0; ·], dU' = [dU0; dV1] and ddec, with W = −Wk0 and Ã = a ⊙ exp G⁻:
-    #   dv = dV1 + A_akᵀ Tᵀ dU0,  dA_ak = Tᵀ dU0 Vᵀ,  dT = dU0 (A_ak V)ᵀ − dWk0 Ãᵀ,  dA_ab = Tᵀ dT Tᵀ
-    #   da = exp G⁻ ⊙ (−Tᵀ dWk0) (dG⁻ = Ã ⊙ the same),  db, dk = exp(G_C − G) ⊙ dBd, dKd
+def _a_exclusive(a, G, g, r, t0, hh, Tp, H, K, k0, C: tl.constexpr, BK: tl.constexpr):
+    # (Ã = a ⊙ exp G⁻, exp G⁻) [C, BK] fp32, G⁻ = G − g
+    e_ex = tl.exp(_load_tile(G, r, t0, hh, Tp, H, K, C, BK, k0) - _load_tile(g, r, t0, hh, Tp, H, K, C, BK, k0))
+    return _load_tile(a, r, t0, hh, Tp, H, K, C, BK, k0) * e_ex, e_ex
+
+
+@triton.jit
+def _bwd_wy_scores_kernel(a, v, G, g, S_ak, Tinv, dWk2, dU2, dS_ab, dS_ak, Tp, H, K, V, NC, C: tl.constexpr,
+                          BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # grid (NC, R * H): the gradients of the strict scores of one chunk, from dU0 (of U0 = T A_ak V) and dWk0 (of
+    # Wk0 = −T Ã), through M = dU0 Vᵀ and N = dWk0 Ãᵀ (sums over V and K blocks):
+    #   dA_ak = Tᵀ M,  dT = M A_akᵀ − N,  dA_ab = Tᵀ dT Tᵀ   (T = (I − A_ab)^-1), stored as the sources' dS_a⁺y
+    c, rh = tl.program_id(0), tl.program_id(1)
+    r, hh = rh // H, rh % H
+    chunk = rh * NC + c
+    t0 = c * C
+    DT: tl.constexpr = v.dtype.element_ty
+    M = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        M += tl.dot(_rows(dU2, chunk, 2 * C, V, 0, C, BV, v0).to(DT),
+                    tl.trans(_load_raw(v, r, t0, hh, Tp, H, V, C, BV, v0)), input_precision=PREC)
+    N = tl.zeros([C, C], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        a_ex, _ = _a_exclusive(a, G, g, r, t0, hh, Tp, H, K, k0, C, BK)
+        N += tl.dot(_rows(dWk2, chunk, 2 * C, K, 0, C, BK, k0).to(DT), tl.trans(a_ex.to(DT)), input_precision=PREC)
+    T = _rows(Tinv, chunk, C, C, 0, C, C, 0).to(DT)
+    Md = M.to(DT)
+    _store_strict_grad(dS_ak, tl.dot(tl.trans(T), Md, input_precision=PREC), r, c, hh, Tp, H, C)
+    A_ak = _strict_tile(S_ak, r, c, hh, Tp, H, C, 0, 0, C, C).to(DT)
+    dT = (tl.dot(Md, tl.trans(A_ak), input_precision=PREC) - N).to(DT)
+    dA_ab = tl.dot(tl.trans(T), tl.dot(dT, tl.trans(T), input_precision=PREC).to(DT), input_precision=PREC)
+    _store_strict_grad(dS_ab, dA_ab, r, c, hh, Tp, H, C)
+
+
+@triton.jit
+def _bwd_wy_kernel(a, b, k, v, G, g, S_ak, Tinv, dKd2, dWk2, dU2, ddec, da, db, dk, dv, dG, dG_ex, Tp, H, K, V, NC,
+                   C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    # grid (NC, R * H): the input gradients of `_wy_apply_kernel`'s outputs (and of the decay exp(G_C)) for one chunk,
+    # from dKd' = [dBd; dKd], dWk' = [dWk0; ·], dU' = [dU0; dV1] and ddec:
+    #   dv = dV1 + A_akᵀ Tᵀ dU0,  da = exp G⁻ ⊙ (−Tᵀ dWk0) (dG⁻ = Ã ⊙ the same),  db, dk = exp(G_C − G) ⊙ dBd, dKd
     #   dG_i = −(Bd ⊙ dBd + Kd ⊙ dKd)_i, and row C − 1 adds Σ_i (Bd ⊙ dBd + Kd ⊙ dKd)_i + exp(G_C) ⊙ ddec
     c, rh = tl.program_id(0), tl.program_id(1)
     r, hh = rh // H, rh % H
@@ -202,38 +260,24 @@ def _bwd_wy_kernel(a, b, k, v, G, g, S_ak, Tinv, dKd2, dWk2, dU2, ddec, da, db, 
     cc = tl.arange(0, C)
     T = _rows(Tinv, chunk, C, C, 0, C, C, 0).to(DT)
     A_ak = _strict_tile(S_ak, r, c, hh, Tp, H, C, 0, 0, C, C).to(DT)
-    dT = tl.zeros([C, C], dtype=tl.float32)
-    dA_ak = tl.zeros([C, C], dtype=tl.float32)
     for v0 in range(0, V, BV):
-        v_c = _load_raw(v, r, t0, hh, Tp, H, V, C, BV, v0)
-        du0 = _rows(dU2, chunk, 2 * C, V, 0, C, BV, v0).to(DT)
-        t_du = tl.dot(tl.trans(T), du0, input_precision=PREC)                          # Tᵀ dU0
+        t_du = tl.dot(tl.trans(T), _rows(dU2, chunk, 2 * C, V, 0, C, BV, v0).to(DT), input_precision=PREC)
         dv_c = _rows(dU2, chunk, 2 * C, V, C, C, BV, v0) + tl.dot(tl.trans(A_ak), t_du.to(DT), input_precision=PREC)
         _store_tile(dv, dv_c, r, t0, hh, Tp, H, V, C, BV, v0)
-        dA_ak += tl.dot(t_du.to(DT), tl.trans(v_c), input_precision=PREC)
-        av = tl.dot(A_ak, v_c, input_precision=PREC)
-        dT += tl.dot(du0, tl.trans(av.to(DT)), input_precision=PREC)
     for k0 in range(0, K, BK):
-        G_c = _load_tile(G, r, t0, hh, Tp, H, K, C, BK, k0)
-        G_end = _load_row(G, r, t0 + C - 1, hh, Tp, H, K, BK, k0)
-        e_ex = tl.exp(G_c - _load_tile(g, r, t0, hh, Tp, H, K, C, BK, k0))
-        a_ex = _load_tile(a, r, t0, hh, Tp, H, K, C, BK, k0) * e_ex
-        dwk0 = _rows(dWk2, chunk, 2 * C, K, 0, C, BK, k0).to(DT)
-        dT -= tl.dot(dwk0, tl.trans(a_ex.to(DT)), input_precision=PREC)
-        d_aex = -tl.dot(tl.trans(T), dwk0, input_precision=PREC)
+        a_ex, e_ex = _a_exclusive(a, G, g, r, t0, hh, Tp, H, K, k0, C, BK)
+        d_aex = -tl.dot(tl.trans(T), _rows(dWk2, chunk, 2 * C, K, 0, C, BK, k0).to(DT), input_precision=PREC)
         _store_tile(da, d_aex * e_ex, r, t0, hh, Tp, H, K, C, BK, k0)
         _store_tile(dG_ex, d_aex * a_ex, r, t0, hh, Tp, H, K, C, BK, k0)
+        G_c = _load_tile(G, r, t0, hh, Tp, H, K, C, BK, k0)
+        G_end = _load_row(G, r, t0 + C - 1, hh, Tp, H, K, BK, k0)
         to_end = tl.exp(G_end[None, :] - G_c)
         d_bd = _rows(dKd2, chunk, 2 * C, K, 0, C, BK, k0)
         d_kd = _rows(dKd2, chunk, 2 * C, K, C, C, BK, k0)
-        b_c = _load_tile(b, r, t0, hh, Tp, H, K, C, BK, k0)
-        k_c = _load_tile(k, r, t0, hh, Tp, H, K, C, BK, k0)
         _store_tile(db, d_bd * to_end, r, t0, hh, Tp, H, K, C, BK, k0)
         _store_tile(dk, d_kd * to_end, r, t0, hh, Tp, H, K, C, BK, k0)
-        through = (b_c * d_bd + k_c * d_kd) * to_end                                   # Bd ⊙ dBd + Kd ⊙ dKd
+        through = (_load_tile(b, r, t0, hh, Tp, H, K, C, BK, k0) * d_bd
+                   + _load_tile(k, r, t0, hh, Tp, H, K, C, BK, k0) * d_kd) * to_end      # Bd ⊙ dBd + Kd ⊙ dKd
         kk = k0 + tl.arange(0, BK)
         end = tl.sum(through, 0) + tl.exp(G_end) * tl.load(ddec + chunk * K + kk, mask=kk < K, other=0.0)
         _store_tile(dG, tl.where(cc[:, None] == C - 1, end[None, :], 0.0) - through, r, t0, hh, Tp, H, K, C, BK, k0)
-    dA_ab = tl.dot(tl.trans(T), tl.dot(dT.to(DT), tl.trans(T), input_precision=PREC).to(DT), input_precision=PREC)
-    _store_strict_grad(dS_ab, dA_ab, r, c, hh, Tp, H, C)
-    _store_strict_grad(dS_ak, dA_ak, r, c, hh, Tp, H, C)
