@@ -82,19 +82,19 @@ def dplr_delta_rule_op(q, k, v, a, b, g, initial_state, scale: float, cu_seqlens
 
 def dplr_chunk_flops(K: int, V: int, C: int = CHUNK_SIZE) -> dict:
     """Matmul FLOPs (the kernels' tl.dot products, 2 per multiply-add) per chunk of C tokens and head, by launch
-    group of `triton_chunk.py`, with s = 16 the inverse's sub-block and nK = ceil(K / 32) the output backward's
-    K blocks (each recomputes P_qbᵀ dO):
+    group of `triton_chunk.py`, with s = 16 the inverse's sub-block:
         scores    four per-key score matrices, C columns per 16-row sub-block: 8·C²·K
         wy        the block inverse's 16 products 32·s³; A_ak V, T (A_ak V), T (a ⊙ e^G⁻): 4·C²·V + 2·C²·K
-        scan      2C rows: U' − Wk' S, Kd'ᵀ (..): 8·C·K·V
+        scan      two half-steps of C rows: U − Wk S, Kdᵀ (..): 8·C·K·V
         output    (q ⊙ e^G) E, Wk0 E, P_qb u, P_qk V: 4·C·K·V + 4·C²·V
-        grads     output backward 10·C·K·V + (8 + 2·nK)·C²·V; the scan's reverse chain and its four batched
-                  products 24·C·K·V; WY backward 10·C²·V + 4·C²·K + 4·C³; the scores' backward 16·C²·K
+        grads     output backward (three kernels) 10·C·K·V + 8·C²·V; the scan's middle states 4·C·K·V, its
+                  reverse chain and four batched products 24·C·K·V; WY backward 6·C²·V + 4·C²·K + 8·C³; the
+                  scores' backward 16·C²·K
     The forward op is scores + wy + scan + output; its backward scores + wy + scan + grads (recomputed forward)."""
-    s, nK = 16, -(-K // 32)
+    s = 16
     return {"scores": 8 * C * C * K, "wy": 32 * s ** 3 + 4 * C * C * V + 2 * C * C * K, "scan": 8 * C * K * V,
             "output": 4 * C * K * V + 4 * C * C * V,
-            "grads": 34 * C * K * V + (18 + 2 * nK) * C * C * V + 20 * C * C * K + 4 * C ** 3}
+            "grads": 38 * C * K * V + 14 * C * C * V + 20 * C * C * K + 8 * C ** 3}
 
 
 _FLOPS_REGISTERED = []
