@@ -188,3 +188,14 @@ def test_flop_counter_counts_the_op_with_its_formulas():
         o, s = dplr_delta_rule(q, k, v, a, b, g, output_final_state=True)
         (o.sum() + s.sum()).backward()
     assert counter.get_total_flops() == want > 0
+
+
+def test_fp64_and_empty_inputs_run_the_torch_path():
+    """fp64 inputs (the score kernels accumulate in fp32) and T == 0 (no kernel grid) run chunk.py: the fp64 result
+    equals the recurrence to 1e-10."""
+    x = make_dplr_inputs(B=1, T=5, H=1, K=8, V=4)
+    assert_close(_forward(x, "triton"), _forward(x, "naive"), 1e-10)
+    empty = {n: t[:, :0] if n != "initial_state" else t for n, t in make_dplr_inputs(B=1, T=3, H=1, K=8, V=4,
+                                                                                      dtype=torch.float32).items()}
+    got = _forward(empty, "triton")
+    assert got["o"].shape == (1, 0, 1, 4) and torch.equal(got["final_state"], empty["initial_state"].double())

@@ -24,8 +24,8 @@ and for each score S(x, y) the decay receives x ⊙ dx − y ⊙ dy (S_ij = Σ_c
 reverse cumulative sum of dG inside each chunk, minus dG⁻ (G⁻ = G − g). What runs in torch: padding, the cumulative
 sum of g, the shift of a, the scan's four batched products and these elementwise sums.
 
-fp64 inputs run chunk.py's torch path whole (the score kernels accumulate in fp32), as the linear op's Triton
-backend does.
+fp64 inputs (and T == 0) run chunk.py's torch path whole (the score kernels accumulate in fp32), as the linear op's
+Triton backend does.
 """
 from __future__ import annotations
 
@@ -234,8 +234,9 @@ def triton_backward(q, k, v, a, b, g, initial_state, scale, cu_seqlens, d_o, d_f
 def triton_dplr_delta_rule(q, k, v, a, b, g, scale, initial_state=None, output_final_state=False,
                            cu_seqlens=None):
     """`lsp.ops.dplr_delta_rule` with backend="triton" (arguments already validated): the torch custom op
-    `lsp::dplr_delta_rule` (custom_ops.py), whose autograd keeps only the inputs; fp64 inputs run chunk.py."""
-    if q.dtype == torch.float64:
+    `lsp::dplr_delta_rule` (custom_ops.py), whose autograd keeps only the inputs; fp64 inputs and T == 0 run
+    chunk.py."""
+    if q.dtype == torch.float64 or q.shape[1] == 0:            # no kernel grid for T == 0
         return chunk_mod.chunk_dplr_delta_rule(q, k, v, a, b, g, scale, initial_state, output_final_state,
                                                cu_seqlens)
     from .custom_ops import dplr_delta_rule_op
