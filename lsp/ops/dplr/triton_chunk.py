@@ -46,6 +46,7 @@ WARPS = 8           # [64, 64] fp32 tiles (the delta rule's choice for its per-c
 # K and V blocks of every per-chunk kernel: 32 (with 64 the apply and output kernels spill 600 / 216 B per thread on
 # sm_90a, bf16, K = V = 64; the backward kernels hold four [C, C] fp32 tiles: two scores and two accumulators)
 BLOCK = 32
+WY_BWD_BLOCK_K = 16  # `_bwd_wy_kernel`'s K loop holds ten [C, BK] fp32 tiles: at 32 it spilled 144 B (sm_90a, bf16)
 
 
 def _padded_inputs(q, k, v, a, b, g, cu_seqlens):
@@ -182,7 +183,8 @@ def _wy_grads(layout, ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd2, dWk2, dU2, ddecay
     da, db, dk, dG, dG_ex = (torch.empty(R, Tp, H, K, **f32) for _ in range(5))
     dv = torch.empty(R, Tp, H, V, **f32)
     kern._bwd_wy_kernel[(NC, R * H)](ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd2, dWk2, dU2, ddecay, da, db, dk, dv, dG,
-                                     dG_ex, Tp, H, K, V, NC, C=C, BK=BK, BV=BV, PREC=prec, num_warps=WARPS)
+                                     dG_ex, Tp, H, K, V, NC, C=C, BK=_block(K, WY_BWD_BLOCK_K), BV=BV, PREC=prec,
+                                     num_warps=WARPS)
     return da, db, dk, dv, dG, dG_ex, dS_ab, dS_ak
 
 
