@@ -119,7 +119,7 @@ def _exercise_dplr(shapes=((64, 64), (128, 128), (64, 16))):
 
 
 DPLR_KERNELS = {"_wy_inverse_kernel", "_wy_apply_kernel", "_out_kernel", "_bwd_out_kernel", "_bwd_scores_kernel",
-                "_bwd_q_kernel", "_bwd_wy_scores_kernel", "_bwd_wy_kernel",
+                "_bwd_q_kernel", "_bwd_wy_scores_kernel", "_bwd_wy_ab_kernel", "_bwd_wy_kernel",
                 "_scan_fwd", "_scan_bwd", "_intra_scores_kernel", "_intra_dqk_kernel"}
 
 

@@ -17,7 +17,8 @@ state after every chunk:
                                                                      `_bwd_q_kernel`
     dS, dinit (reverse chain); dKd', dWk', dU', d exp(G_C)            lsp.ops.delta `_scan_bwd`, then four batched
                                                                      products (`triton_scan.scan_grads`)
-    dS_a⁺b, dS_a⁺k; dv, da, db, dk, dG, dG⁻                          `_bwd_wy_scores_kernel`, `_bwd_wy_kernel`
+    dS_a⁺k, dT; dS_a⁺b; dv, da, db, dk, dG, dG⁻                      `_bwd_wy_scores_kernel`, `_bwd_wy_ab_kernel`,
+                                                                     `_bwd_wy_kernel`
     the scores' gradients to q, k, a⁺, b                              lsp.ops.linear `_intra_dqk_kernel` (4)
 
 and for each score S(x, y) the decay receives x ⊙ dx − y ⊙ dy (S_ij = Σ_c x_ic y_jc exp(G_ic − G_jc)); dg is the
@@ -170,16 +171,18 @@ def _output_grads(layout, qp, vp, G, P_qb, P_qk, U2, Wk2, entering, dop, scale):
 
 
 def _wy_grads(layout, ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd2, dWk2, dU2, ddecay):
-    # `_bwd_wy_scores_kernel`, `_bwd_wy_kernel` -> da, db, dk, dv, dG, dG⁻ [R, Tp, H, *] fp32 (the WY solve's and
-    # Kd's parts) and the gradients of the strict scores' sources dS_a⁺b, dS_a⁺k [R, Tp, H, C]
+    # `_bwd_wy_scores_kernel`, `_bwd_wy_ab_kernel`, `_bwd_wy_kernel` -> da, db, dk, dv, dG, dG⁻ [R, Tp, H, *] fp32
+    # (the WY solve's and Kd's parts) and the gradients of the strict scores' sources dS_a⁺b, dS_a⁺k [R, Tp, H, C]
     R, Tp, H, K = kp.shape
     V, NC, C = vp.shape[-1], layout.num_chunks, CHUNK_SIZE
     BK, BV, prec = _block(K, BLOCK), _block(V, BLOCK), _precision(kp.dtype)
     f32 = dict(dtype=torch.float32, device=kp.device)
     dKd2, dWk2, dU2, ddecay = (x.contiguous() for x in (dKd2, dWk2, dU2, ddecay))
     dS_ab, dS_ak = torch.zeros(R, Tp, H, C, **f32), torch.zeros(R, Tp, H, C, **f32)   # a chunk's last row stays 0
-    kern._bwd_wy_scores_kernel[(NC, R * H)](ap, vp, G, gp, S_ak, Tinv, dWk2, dU2, dS_ab, dS_ak, Tp, H, K, V, NC,
+    dTinv = torch.empty(R, H, NC, C, C, dtype=kp.dtype, device=kp.device)   # dT, rounded as the products take it
+    kern._bwd_wy_scores_kernel[(NC, R * H)](ap, vp, G, gp, S_ak, Tinv, dWk2, dU2, dS_ak, dTinv, Tp, H, K, V, NC,
                                             C=C, BK=BK, BV=BV, PREC=prec, num_warps=WARPS)
+    kern._bwd_wy_ab_kernel[(NC, R * H)](Tinv, dTinv, dS_ab, Tp, H, NC, C=C, PREC=prec, num_warps=WARPS)
     da, db, dk, dG, dG_ex = (torch.empty(R, Tp, H, K, **f32) for _ in range(5))
     dv = torch.empty(R, Tp, H, V, **f32)
     kern._bwd_wy_kernel[(NC, R * H)](ap, bp, kp, vp, G, gp, S_ak, Tinv, dKd2, dWk2, dU2, ddecay, da, db, dk, dv, dG,

@@ -13,7 +13,8 @@ x against y (j <= i) and A_xy the strict ones of a (A_xy[i] = S_{a⁺y}[i - 1], 
     o = scale [ (q ⊙ exp G) E + P_qb (U0 + W E) + P_qk V ]                    `_out_kernel`
     its gradients: dE, dU' and u; dP_qb, dP_qk; dq, dWk'                  `_bwd_out_kernel`, `_bwd_scores_kernel`,
                                                                              `_bwd_q_kernel`
-    the WY solve's: dS_a⁺b, dS_a⁺k; dv, da, db, dk, dG, dG⁻               `_bwd_wy_scores_kernel`, `_bwd_wy_kernel`
+    the WY solve's: dS_a⁺k, dT; dS_a⁺b; dv, da, db, dk, dG, dG⁻          `_bwd_wy_scores_kernel`, `_bwd_wy_ab_kernel`,
+                                                                             `_bwd_wy_kernel`
 
 The inverse is the delta rule's (lsp/ops/delta/triton_intra.py: 16-row blocks, forward substitution on the diagonal
 blocks, the block recurrence below them, fp32 with input_precision="ieee"), applied to −A_ab. The chunk-level
@@ -218,11 +219,11 @@ def _a_exclusive(a, G, g, r, t0, hh, Tp, H, K, k0, C: tl.constexpr, BK: tl.const
 
 
 @triton.jit
-def _bwd_wy_scores_kernel(a, v, G, g, S_ak, Tinv, dWk2, dU2, dS_ab, dS_ak, Tp, H, K, V, NC, C: tl.constexpr,
+def _bwd_wy_scores_kernel(a, v, G, g, S_ak, Tinv, dWk2, dU2, dS_ak, dTinv, Tp, H, K, V, NC, C: tl.constexpr,
                           BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    # grid (NC, R * H): the gradients of the strict scores of one chunk, from dU0 (of U0 = T A_ak V) and dWk0 (of
-    # Wk0 = −T Ã), through M = dU0 Vᵀ and N = dWk0 Ãᵀ (sums over V and K blocks):
-    #   dA_ak = Tᵀ M,  dT = M A_akᵀ − N,  dA_ab = Tᵀ dT Tᵀ   (T = (I − A_ab)^-1), stored as the sources' dS_a⁺y
+    # grid (NC, R * H): from dU0 (of U0 = T A_ak V) and dWk0 (of Wk0 = −T Ã) of one chunk, with M = dU0 Vᵀ (a sum
+    # over V blocks): dA_ak = Tᵀ M, stored as the source's dS_a⁺k, and dT = M A_akᵀ − dWk0 Ãᵀ (a sum over K
+    # blocks) stored for `_bwd_wy_ab_kernel` (in one kernel with it, sm_80 spilled 112 B per thread)
     c, rh = tl.program_id(0), tl.program_id(1)
     r, hh = rh // H, rh % H
     chunk = rh * NC + c
@@ -232,17 +233,25 @@ def _bwd_wy_scores_kernel(a, v, G, g, S_ak, Tinv, dWk2, dU2, dS_ab, dS_ak, Tp, H
     for v0 in range(0, V, BV):
         M += tl.dot(_rows(dU2, chunk, 2 * C, V, 0, C, BV, v0).to(DT),
                     tl.trans(_load_raw(v, r, t0, hh, Tp, H, V, C, BV, v0)), input_precision=PREC)
-    N = tl.zeros([C, C], dtype=tl.float32)
+    T = _rows(Tinv, chunk, C, C, 0, C, C, 0).to(DT)
+    _store_strict_grad(dS_ak, tl.dot(tl.trans(T), M.to(DT), input_precision=PREC), r, c, hh, Tp, H, C)
+    dT = tl.dot(M.to(DT), tl.trans(_strict_tile(S_ak, r, c, hh, Tp, H, C, 0, 0, C, C).to(DT)), input_precision=PREC)
     for k0 in range(0, K, BK):
         a_ex, _ = _a_exclusive(a, G, g, r, t0, hh, Tp, H, K, k0, C, BK)
-        N += tl.dot(_rows(dWk2, chunk, 2 * C, K, 0, C, BK, k0).to(DT), tl.trans(a_ex.to(DT)), input_precision=PREC)
+        dT -= tl.dot(_rows(dWk2, chunk, 2 * C, K, 0, C, BK, k0).to(DT), tl.trans(a_ex.to(DT)), input_precision=PREC)
+    _store_rows(dTinv, dT, chunk, C, C, 0, C, C, 0)
+
+
+@triton.jit
+def _bwd_wy_ab_kernel(Tinv, dTinv, dS_ab, Tp, H, NC, C: tl.constexpr, PREC: tl.constexpr):
+    # grid (NC, R * H): dA_ab = Tᵀ dT Tᵀ of one chunk (T = (I − A_ab)^-1), stored as the source's dS_a⁺b
+    c, rh = tl.program_id(0), tl.program_id(1)
+    chunk = rh * NC + c
+    DT: tl.constexpr = dTinv.dtype.element_ty            # the inputs' dtype: the chunk-level products' operands
     T = _rows(Tinv, chunk, C, C, 0, C, C, 0).to(DT)
-    Md = M.to(DT)
-    _store_strict_grad(dS_ak, tl.dot(tl.trans(T), Md, input_precision=PREC), r, c, hh, Tp, H, C)
-    A_ak = _strict_tile(S_ak, r, c, hh, Tp, H, C, 0, 0, C, C).to(DT)
-    dT = (tl.dot(Md, tl.trans(A_ak), input_precision=PREC) - N).to(DT)
+    dT = _rows(dTinv, chunk, C, C, 0, C, C, 0)
     dA_ab = tl.dot(tl.trans(T), tl.dot(dT, tl.trans(T), input_precision=PREC).to(DT), input_precision=PREC)
-    _store_strict_grad(dS_ab, dA_ab, r, c, hh, Tp, H, C)
+    _store_strict_grad(dS_ab, dA_ab, rh // H, c, rh % H, Tp, H, C)
 
 
 @triton.jit
