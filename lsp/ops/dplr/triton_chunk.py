@@ -103,9 +103,9 @@ def triton_forward(q, k, v, a, b, g, scale, initial_state, cu_seqlens):
     V, NC = vp.shape[-1], layout.num_chunks
     o = torch.empty(R, Tp, H, V, dtype=q.dtype, device=q.device)
     BV = _block(V, BLOCK)
-    kern._out_kernel[(-(-V // BV), NC, R * H)](qp, vp, G, P_qb, P_qk, U2, Wk2, entering.contiguous(), o, scale, Tp,
-                                               H, K, V, NC, C=CHUNK_SIZE, BK=_block(K, BLOCK), BV=BV,
-                                               PREC=_precision(q.dtype), num_warps=WARPS)
+    kern._out_kernel[(triton.cdiv(V, BV), NC, R * H)](qp, vp, G, P_qb, P_qk, U2, Wk2, entering.contiguous(), o,
+                                                      scale, Tp, H, K, V, NC, C=CHUNK_SIZE, BK=_block(K, BLOCK), BV=BV,
+                                                      PREC=_precision(q.dtype), num_warps=WARPS)
     return layout.unpad(o), final
 
 
