@@ -93,7 +93,7 @@ def test_delta_kernel_ignoring_the_decay_falls_back(monkeypatch):
     assert verdict == "torch" and len(warned) == 1 and "delta_rule Triton kernels" in warned[0]
 
 
-@pytest.mark.slow   # the DPLR kernels take ~1 min under the interpreter here
+@pytest.mark.slow   # ~25 s under the interpreter here (the DPLR kernels, forward and backward, twice)
 def test_dplr_kernel_with_a_wrong_sign_falls_back(monkeypatch):
     from lsp.ops.dplr import triton_chunk as dplr_chunk
 
