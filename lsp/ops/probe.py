@@ -30,7 +30,7 @@ PROBE_HEADS = 2
 @dataclass(frozen=True)
 class KernelCase:
     """What a probe verdict holds for: an op's kernels on one device, dtype, head sizes and decay form."""
-    op: str                 # the public op: "linear_attention" | "delta_rule"
+    op: str                 # the public op: "linear_attention" | "delta_rule" | "dplr_delta_rule"
     device: str
     dtype: torch.dtype
     key_dim: int
@@ -112,6 +112,12 @@ def _delta_inputs(rnd, T, H, K, V, form):
     return x if form == "none" else {**x, "g": F.logsigmoid(rnd(1, T, H) + 3.0)}
 
 
+def _dplr_inputs(rnd, T, H, K, V, form):
+    kappa = F.normalize(rnd(1, T, H, K), dim=-1)
+    return {"q": rnd(1, T, H, K), "k": rnd(1, T, H, K), "v": rnd(1, T, H, V), "a": -kappa,
+            "b": kappa * torch.sigmoid(rnd(1, T, H, K)), "g": F.logsigmoid(rnd(1, T, H, K) + 3.0)}
+
+
 def _linear_op():
     from .linear.api import linear_attention
 
@@ -124,8 +130,15 @@ def _delta_op():
     return delta_rule
 
 
+def _dplr_op():
+    from .dplr.api import dplr_delta_rule
+
+    return dplr_delta_rule
+
+
 # op -> (the public op, its positional inputs in order, the probe input builder)
 _INPUTS = {"linear_attention": (_linear_op, ("q", "k", "v", "g"), _linear_inputs),
-           "delta_rule": (_delta_op, ("q", "k", "v", "beta", "g"), _delta_inputs)}
+           "delta_rule": (_delta_op, ("q", "k", "v", "beta", "g"), _delta_inputs),
+           "dplr_delta_rule": (_dplr_op, ("q", "k", "v", "a", "b", "g"), _dplr_inputs)}
 
 __all__ = ["KernelCase", "kernel_case", "kernels_by_default", "probed_backend", "probe_run", "TOLERANCE"]

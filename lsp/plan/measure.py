@@ -95,10 +95,12 @@ def _flop_formulas() -> dict:
     from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
     from lsp.ops.delta.custom_ops import register_flop_formulas as delta_formulas
+    from lsp.ops.dplr.custom_ops import register_flop_formulas as dplr_formulas
     from lsp.ops.linear.custom_ops import register_flop_formulas
 
     register_flop_formulas()     # the Triton custom ops count with their own formulas (registered in torch)
     delta_formulas()
+    dplr_formulas()
 
     def forward(q, k, v, *args, out_shape=None, **kwargs):
         return sdpa_flop_count(q, k, v)

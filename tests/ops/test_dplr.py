@@ -157,8 +157,9 @@ def test_bad_input_names_it(name, bad, match):
 
 def test_unknown_backend_names_the_choices():
     x = {n: t.detach() for n, t in make_dplr_inputs(T=4).items()}
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'torch', 'naive'\) .* got 'triton'"):
-        dplr_delta_rule(*(x[n] for n in NAMES[:-1]), backend="triton")
+    choices = r"\('auto', 'torch', 'triton', 'naive'\)"
+    with pytest.raises(ValueError, match=rf"backend must be one of {choices} .* got 'trton'"):
+        dplr_delta_rule(*(x[n] for n in NAMES[:-1]), backend="trton")
 
 
 def test_autocast_does_not_change_the_result():

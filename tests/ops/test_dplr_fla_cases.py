@@ -36,10 +36,10 @@ def _grads(o, ht, leaves, seed=7):
     return torch.autograd.grad((o.double() * do).sum() + (ht.double() * dht).sum(), leaves)
 
 
-def _compare(leaves, scale, cu=None, with_grads=True, tol_o=0.007, tol=0.008, check_dg=True):
+def _compare(leaves, scale, cu=None, with_grads=True, tol_o=0.007, tol=0.008, check_dg=True, backend="auto"):
     x64 = [t.detach().double().requires_grad_() for t in leaves]
     kw = {"scale": scale, "output_final_state": True, "cu_seqlens": cu}
-    o, ht = dplr_delta_rule(*leaves[:6], initial_state=leaves[6], **kw)
+    o, ht = dplr_delta_rule(*leaves[:6], initial_state=leaves[6], backend=backend, **kw)
     ref_o, ref_ht = dplr_delta_rule(*x64[:6], initial_state=x64[6], backend="naive", **kw)
     fla_assert_close("o", ref_o, o, tol_o)
     fla_assert_close("ht", ref_ht, ht, tol)

@@ -43,7 +43,8 @@ def _probe_warnings(fn):
 # the per-key decay and the ungated delta rule take ~20 s / ~10 s under the interpreter: slow
 @pytest.mark.parametrize("op,form", [pytest.param("linear_attention", "key", marks=pytest.mark.slow),
                                      ("linear_attention", "scalar"), ("delta_rule", "scalar"),
-                                     pytest.param("delta_rule", "none", marks=pytest.mark.slow)])
+                                     pytest.param("delta_rule", "none", marks=pytest.mark.slow),
+                                     pytest.param("dplr_delta_rule", "key", marks=pytest.mark.slow)])
 def test_good_kernels_are_chosen_without_a_warning(op, form):
     verdict, warned = _probe_warnings(lambda: probe.probed_backend(case(op, form)))
     assert verdict == "triton" and warned == []
@@ -90,6 +91,16 @@ def test_delta_kernel_ignoring_the_decay_falls_back(monkeypatch):
                         lambda ch, U, init: scan(dataclasses.replace(ch, decay=None), U, init))
     verdict, warned = _probe_warnings(lambda: probe.probed_backend(case("delta_rule", "scalar")))
     assert verdict == "torch" and len(warned) == 1 and "delta_rule Triton kernels" in warned[0]
+
+
+@pytest.mark.slow   # ~25 s under the interpreter here (the DPLR kernels, forward and backward, twice)
+def test_dplr_kernel_with_a_wrong_sign_falls_back(monkeypatch):
+    from lsp.ops.dplr import triton_chunk as dplr_chunk
+
+    real = dplr_chunk.triton_forward
+    monkeypatch.setattr(dplr_chunk, "triton_forward", lambda q, k, v, a, b, g, *rest: real(q, k, v, a, -b, g, *rest))
+    verdict, warned = _probe_warnings(lambda: probe.probed_backend(case("dplr_delta_rule", "key")))
+    assert verdict == "torch" and len(warned) == 1 and "dplr_delta_rule Triton kernels" in warned[0]
 
 
 def test_compile_failure_falls_back_naming_the_error(monkeypatch):

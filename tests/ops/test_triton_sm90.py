@@ -103,3 +103,47 @@ def test_every_kernel_compiles_without_spills(tmp_path, arch):
     bad = next(it for it in items if it[1] == "_intra_dqk_kernel")
     bad = [bad[0], bad[1], bad[2], {**bad[3], "BK": 64}, 4, bad[5]]
     assert _compile([bad], tmp_path, arch)[0]["spill"] > 0
+
+
+def _exercise_dplr(shapes=((64, 64), (128, 128), (64, 16))):
+    # the DPLR op's launches (lsp/ops/dplr/triton_chunk.py), forward and backward, bf16, with an initial state
+    from lsp.ops import dplr_delta_rule
+
+    for K, V in shapes:
+        q, k, a, b = (torch.randn(1, 64, 1, K, dtype=torch.bfloat16, requires_grad=True) for _ in range(4))
+        v = torch.randn(1, 64, 1, V, dtype=torch.bfloat16, requires_grad=True)
+        g = (-torch.rand(1, 64, 1, K)).requires_grad_()
+        o, s = dplr_delta_rule(q, k, v, a, b, g, initial_state=torch.zeros(1, 1, K, V), output_final_state=True,
+                               backend="triton")
+        (o.float().sum() + s.sum()).backward()
+
+
+DPLR_KERNELS = {"_wy_inverse_kernel", "_wy_apply_kernel", "_out_kernel", "_bwd_out_kernel", "_bwd_scores_kernel",
+                "_bwd_q_kernel", "_bwd_wy_scores_kernel", "_bwd_wy_ab_kernel", "_bwd_wy_kernel",
+                "_scan_fwd", "_scan_bwd", "_intra_scores_kernel", "_intra_dqk_kernel"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [90, 80])
+def test_every_dplr_kernel_compiles_without_spills(tmp_path, arch):
+    """Every kernel the DPLR op launches (its own, the linear op's per-key scores, the delta rule's scan on 2C
+    rows), head dims 64, 128 and a value head of 16 beside a key head of 64: no spills (on sm_80 one known exception,
+    below); wgmma on sm_90a except the 16-row sub-block kernels (the scores, and the WY inverse, whose 16 x 16
+    products have no 64-row tile)."""
+    items = capture_launches(_exercise_dplr)
+    rows = _compile(items, tmp_path, arch)
+    assert len(rows) == len(items) and {r["name"] for r in rows} == DPLR_KERNELS
+    for r in rows:
+        print(f"{r['name']:22s} warps={r['warps']} regs={r['regs']} spill={r['spill']} "
+              f"{'wgmma' if r['wgmma'] else 'mma.sync' if r['mma'] else 'no-dot'} {r['consts']}")
+    spilling = [r for r in rows if r["spill"] != 0]
+    # known, not the DPLR's own: the delta rule's forward scan at K = 128 with a decay per key channel and an initial
+    # state takes column blocks of 32 (lsp/ops/delta/triton_scan.py `_blocks`) and spills 208 B per thread on sm_80
+    # (KDA runs the same config); its fix belongs to that file. Asserted, so the exception goes once it is fixed.
+    known = [r for r in spilling if arch == 80 and r["name"] == "_scan_fwd" and r["consts"]["BK"] == 128]
+    assert [r for r in spilling if r not in known] == []
+    assert arch == 90 or len(known) == 1
+    if arch == 90:
+        no_wgmma = [r for r in rows if r["mma"] and not r["wgmma"]
+                    and r["name"] not in SUB_BLOCK_KERNELS | {"_wy_inverse_kernel"}]
+        assert not no_wgmma, no_wgmma

@@ -37,13 +37,13 @@ def dplr_reference(c):
     return {"o": o.detach(), "final": f.detach(), **{n: t.grad for n, t in x.items()}}
 
 
-def run_sp_dplr(c, sp: SPContext, method: str, scan_blocks: int = 3):
+def run_sp_dplr(c, sp: SPContext, method: str, scan_blocks: int = 3, backend: str = "auto"):
     """The same loss through sp_dplr_delta_rule; each rank's loss is its share, so Σ over ranks = the loss.
     Returns the gathered output, the final state (rank 0's copy) and the full gradients (summed over ranks)."""
     x = _leaves(c)
     loc = [sp.shard(x[n]) for n in NAMES[:-1]]
     o, f = sp_dplr_delta_rule(*loc, sp=sp, method=method, initial_state=x["h0"], output_final_state=True,
-                              cu_seqlens=c["cu"], scan_blocks=scan_blocks)
+                              cu_seqlens=c["cu"], scan_blocks=scan_blocks, backend=backend)
     fr = f.reshape(sp.rows, *c["wf"].shape)
     ((o * sp.shard(c["wo"])).sum() + (fr * c["wf"]).sum() / sp.world_size).backward()
     # a rank holding no sequence start never touches h0: its share of that gradient is zero

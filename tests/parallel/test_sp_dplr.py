@@ -54,8 +54,8 @@ def test_negative_control_transposed_map_fails(method, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs,match", [({"method": "tree"}, "method must be one of"),
-                                          ({"backend": "naive"}, "backend must be 'auto' or 'torch'"),
-                                          ({"backend": "triton"}, r"backend must be one of \('auto', 'torch'")])
+                                          ({"backend": "naive"}, "backend must be 'auto', 'torch' or 'triton'"),
+                                          ({"backend": "trton"}, r"must be one of \('auto', 'torch', 'triton'")])
 def test_bad_arguments_name_the_argument(kwargs, match):
     case = make_dplr_case(2, False)
     sp = SPContext(emulate=2)

@@ -51,6 +51,11 @@ class DeltaChunks:
     scan_backend: str = "torch"    # "triton": the chunk scan runs in one kernel (triton_scan.py)
     input_dtype: torch.dtype = torch.float32  # dtype of k, v (decides the Triton scan's product precision)
 
+    def triton_scan(self, U: torch.Tensor, init: torch.Tensor | None):
+        """`chunk_scan` with scan_backend="triton" (a family whose chunks have a structure the kernel can use
+        overrides it: the DPLR chunks, lsp/ops/dplr/chunk.py)."""
+        return _triton_scan(self, U, init)
+
 
 def to_chunks(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     # [B, T, H, D] -> [R, H, NC, C, D], zero padded
@@ -142,7 +147,7 @@ def chunk_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
     """
     layout = chunks.layout
     if chunks.scan_backend == "triton":
-        return _triton_scan(chunks, U, init)
+        return chunks.triton_scan(U, init)
     R, H, NC, C, D = U.shape
     K = chunks.k.shape[-1]
     packed = layout.dst is not None
@@ -174,8 +179,7 @@ def _as_state_factor(decay: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
-    # the same scan in one Triton kernel (one decay per head: `resolve_delta_backend` sends a gate per key to torch)
-    assert chunks.decay is None or chunks.decay.dim() == 3, "the Triton chunk scan takes one decay per head"
+    # the same scan in one Triton kernel (a decay per head [R, H, NC] or per key channel [R, H, NC, K])
     from .custom_ops import delta_chunk_scan
     from .triton_scan import precision
 

@@ -1,5 +1,6 @@
 """The diagonal-plus-low-rank delta rule (RWKV-7): naive reference, chunked WY torch path, and the pieces sequence
 parallelism reuses."""
+from . import custom_ops  # noqa: F401  (registers the Triton kernels as torch custom ops)
 from .api import DPLR_BACKENDS, check_dplr_inputs, dplr_delta_rule
 from .chunk import dplr_chunk_output, dplr_flops_per_token, prepare_dplr_chunks
 

@@ -1,15 +1,25 @@
-"""`dplr_delta_rule`: one public function in front of the naive and chunked-torch DPLR backends."""
+"""`dplr_delta_rule`: one public function in front of the naive, chunked-torch and Triton DPLR backends."""
 from __future__ import annotations
 
 import torch
 
+from lsp.ops import probe
+from lsp.ops.estimate import gpu_code_paths_active, measured_backend
+from lsp.ops.linear.api import triton_available
 from lsp.ops.linear.checks import check_linear_inputs
 
 from .chunk import chunk_dplr_delta_rule
 from .naive import naive_dplr_delta_rule
 
-# no Triton kernel yet: a name that is not here (e.g. "triton") gets the one-line error naming these
-DPLR_BACKENDS = {"auto": chunk_dplr_delta_rule, "torch": chunk_dplr_delta_rule, "naive": naive_dplr_delta_rule}
+
+def _triton(*args):
+    from .triton_chunk import triton_dplr_delta_rule  # imports triton: only when the backend runs
+
+    return triton_dplr_delta_rule(*args)
+
+
+# "auto" is resolved to one of the others (`resolve_dplr_backend`); an unknown name gets the one-line error
+DPLR_BACKENDS = {"auto": None, "torch": chunk_dplr_delta_rule, "triton": _triton, "naive": naive_dplr_delta_rule}
 
 
 def check_dplr_inputs(q, k, v, a, b, g, initial_state, cu_seqlens) -> None:
@@ -23,11 +33,27 @@ def check_dplr_inputs(q, k, v, a, b, g, initial_state, cu_seqlens) -> None:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
 
 
-def dplr_backend(backend: str):
-    """The function behind a backend name; raises on an unknown (or unavailable) one."""
+def check_backend_name(backend: str) -> None:
+    """One line naming the backends when `backend` is not one of them."""
     if backend not in DPLR_BACKENDS:
         raise ValueError(f"backend must be one of {tuple(DPLR_BACKENDS)} for dplr_delta_rule, got {backend!r}")
-    return DPLR_BACKENDS[backend]
+
+
+def resolve_dplr_backend(backend: str, device: torch.device, case=None) -> str:
+    """The backend a call runs on; raises on an unknown (or unavailable) name. "auto": the Triton kernels on CUDA
+    once they passed the first-use probe for `case` (`probe.kernel_case("dplr_delta_rule", k, v, g)`,
+    lsp/ops/probe.py), under `lsp.ops.estimate.gpu_code_paths()` the custom op (it runs on fake tensors), else the
+    chunked torch path."""
+    check_backend_name(backend)
+    if backend == "triton" and not triton_available(device):
+        raise ValueError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 (inputs are on {device})")
+    if backend != "auto":
+        return backend
+    if gpu_code_paths_active():
+        return measured_backend("dplr_delta_rule")
+    if case is None or not probe.kernels_by_default(device):
+        return "torch"
+    return probe.probed_backend(case)
 
 
 def dplr_delta_rule(q, k, v, a, b, g, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -47,14 +73,17 @@ def dplr_delta_rule(q, k, v, a, b, g, *, scale=None, initial_state=None, output_
         initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens), fp32 (fp64 for fp64 inputs).
         output_final_state: also return the state after the last token (of every packed sequence).
         cu_seqlens: int32 [N + 1] cumulative lengths of packed sequences (B == 1); the state resets at each start.
-        backend: "auto" = "torch" (chunked WY form, any device) or "naive" (the reference). No Triton kernel yet.
+        backend: "auto" (Triton on CUDA once its first-use probe passed, lsp/ops/probe.py; else "torch"), "torch"
+            (chunked WY form, any device), "triton" (its per-chunk work in Triton kernels, triton_chunk.py; CUDA or
+            TRITON_INTERPRET=1; fp64 inputs run "torch") or "naive" (the reference).
 
     Returns:
         o: [B, T, H, V] in q's dtype; final_state: [B or N, H, K, V] in the accumulation dtype, or None.
         The state math runs in fp32 (fp64 for fp64 inputs) whatever an enclosing torch.autocast says.
     """
-    fn = dplr_backend(backend)
+    check_backend_name(backend)                        # an unknown name raises before the inputs are read
     check_dplr_inputs(q, k, v, a, b, g, initial_state, cu_seqlens)
+    fn = DPLR_BACKENDS[resolve_dplr_backend(backend, q.device, probe.kernel_case("dplr_delta_rule", k, v, g))]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with torch.autocast(device_type=q.device.type, enabled=False):
         return fn(q, k, v, a, b, g, scale, initial_state, output_final_state, cu_seqlens)

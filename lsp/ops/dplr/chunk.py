@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from lsp.names import CHUNK_SIZE
-from lsp.ops.delta.chunk import DeltaChunks, chunk_readout, chunk_scan, to_chunks
+from lsp.ops.delta.chunk import DeltaChunks, chunk_readout, chunk_scan, scan_tables, to_chunks
 from lsp.ops.linear.checks import acc_dtype
 from lsp.ops.linear.chunk import intra_scores_key
 from lsp.ops.linear.layout import chunk_layout
@@ -41,6 +41,32 @@ class DplrChunks(DeltaChunks):
 
     b: torch.Tensor                # [R, H, NC, C, K]
 
+    def triton_scan(self, U: torch.Tensor, init: torch.Tensor | None):
+        """The Triton chunk scan in half-steps of C rows (`half_steps`): U [R, H, NC, 2C, D] -> entering
+        [R, H, NC, K, D], final [R or N, H, K, D]; differentiable (`lsp::delta_chunk_scan`'s autograd)."""
+        from lsp.ops.delta.custom_ops import delta_chunk_scan
+        from lsp.ops.delta.triton_scan import precision
+
+        Kd, Wk, U2, decay, reset, end, n_seq = half_steps(self, self.Kd, self.Wk, U, self.decay)
+        entering, final = delta_chunk_scan(Kd, Wk, U2, decay, init, reset, end, n_seq, precision(self.input_dtype))
+        return entering[:, :, 0::2], final
+
+
+def half_steps(chunks: DplrChunks, Kd, Wk, U, decay):
+    """A chunk of 2C rows as two consecutive scan steps of C rows each, for the delta rule's Triton scan (its
+    kernel then holds [C, K] tiles, as for the delta rule: with 2C rows it spilled on sm_90a). Exact because
+    Wk' = [−W; 0]: the first step, (Bd, −W, U0, exp G_C), reads the entering state; the second, (Kd, 0, V, 1), reads
+    none. Kd, Wk: [R, H, NC, 2C, K]; U: [.., 2C, D]; decay [R, H, NC, K] -> the same as [R, H, 2·NC, C, *] views,
+    the decays [R, H, 2·NC, K], and the scan tables (`scan_tables`) with sequences starting at even steps and
+    ending after odd ones."""
+    R, H, NC, C2, K = Kd.shape
+    steps = lambda x: x.reshape(R, H, 2 * NC, C2 // 2, x.shape[-1])  # noqa: E731
+    decays = torch.stack([decay, torch.ones_like(decay)], dim=3).reshape(R, H, 2 * NC, K)
+    reset, end, n_seq = scan_tables(chunks.layout, U.device)
+    reset2, end2 = (torch.full((R, 2 * NC), -1, dtype=reset.dtype, device=U.device) for _ in range(2))
+    reset2[:, 0::2], end2[:, 1::2] = reset, end
+    return steps(Kd), steps(Wk), steps(U), decays, reset2, end2, n_seq
+
 
 def _strict_scores(x, y, G):
     # x, y, G: [.., C, K] -> Σ_c x_i[c] exp(G_{i-1}[c] - G_j[c]) y_j[c] on j < i  [.., C, C]: row i of the
@@ -50,8 +76,10 @@ def _strict_scores(x, y, G):
     return torch.cat([torch.zeros_like(scores[..., :1, :]), scores[..., :-1, :]], dim=-2)
 
 
-def prepare_dplr_chunks(k, v, a, b, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE) -> DplrChunks:
-    """Chunk the inputs and solve the WY system; k, a, b, g: [B, T, H, K], v: [B, T, H, V].
+def prepare_dplr_chunks(k, v, a, b, g, cu_seqlens=None, chunk_size: int = CHUNK_SIZE,
+                        scan_backend: str = "torch") -> DplrChunks:
+    """Chunk the inputs and solve the WY system; k, a, b, g: [B, T, H, K], v: [B, T, H, V]. scan_backend "triton":
+    `chunk_scan` over these chunks runs the delta rule's Triton scan (a decay per key channel, 2C rows).
 
     Padding (to whole chunks per packed sequence) is exact: k = v = a = b = 0 and g = 0 make a token the identity.
     """
@@ -60,26 +88,40 @@ def prepare_dplr_chunks(k, v, a, b, g, cu_seqlens=None, chunk_size: int = CHUNK_
     layout = chunk_layout(B, T, cu_seqlens, chunk_size, k.device)
     kc, vc, ac, bc, gc = (to_chunks(x.to(dt), layout) for x in (k, v, a, b, g))
     G = gc.cumsum(dim=3)                                                  # [R, H, NC, C, K] inclusive
-    G_ex = G - gc                                                         # before token i's own decay
     A_ab, A_ak = _strict_scores(ac, bc, G), _strict_scores(ac, kc, G)     # strictly lower [.., C, C]
+    chunks = wy_chunks(layout, kc, vc, ac, bc, G, G - gc, A_ab, A_ak, k.dtype)
+    chunks.scan_backend = scan_backend
+    return chunks
+
+
+def wy_chunks(layout, kc, vc, ac, bc, G, G_ex, A_ab, A_ak, input_dtype) -> DplrChunks:
+    """The chunks' WY quantities from the strict scores A_ab, A_ak [R, H, NC, C, C] (module docstring); kc, ac, bc,
+    G (inclusive), G_ex (exclusive): [R, H, NC, C, K]; vc: [.., C, V]. Differentiable (the torch path's autograd);
+    triton_chunk.py computes the same in `_wy_inverse_kernel` / `_wy_apply_kernel` and its gradient in
+    `_bwd_wy_kernel`."""
     rhs = torch.cat([A_ak @ vc, ac * G_ex.exp()], dim=-1)
     # unitriangular ignores the (zero) diagonal of -A_ab: this solves (I - A_ab) X = rhs
     sol = torch.linalg.solve_triangular(-A_ab, rhs, upper=False, unitriangular=True)
-    U0, W = sol[..., : v.shape[-1]], sol[..., v.shape[-1]:]
+    U0, W = sol[..., : vc.shape[-1]], sol[..., vc.shape[-1]:]
     to_end = (G[..., -1:, :] - G).exp()
     Kd = torch.cat([bc * to_end, kc * to_end], dim=-2)                   # [.., 2C, K]
     Wk = torch.cat([-W, torch.zeros_like(W)], dim=-2)
     U = torch.cat([U0, vc], dim=-2)                                       # [.., 2C, V]
-    return DplrChunks(layout=layout, k=kc, G=G, Kd=Kd, Wk=Wk, U=U, decay=G[..., -1, :].exp(), input_dtype=k.dtype,
-                      b=bc)
+    return DplrChunks(layout=layout, k=kc, G=G, Kd=Kd, Wk=Wk, U=U, decay=G[..., -1, :].exp(),
+                      input_dtype=input_dtype, b=bc)
 
 
 def dplr_chunk_output(q, chunks: DplrChunks, entering: torch.Tensor, scale: float) -> torch.Tensor:
     """o per chunk from the entering states; q: [B, T, H, K], entering: [R, H, NC, K, V] -> o [B, T, H, V]
     (accumulation dtype)."""
     qc = to_chunks(q.to(chunks.k.dtype), chunks.layout)
-    P = torch.cat([intra_scores_key(qc, chunks.b, chunks.G), intra_scores_key(qc, chunks.k, chunks.G)], dim=-1)
-    return chunk_readout(qc * chunks.G.exp(), P, chunks, entering, scale)
+    P_qb, P_qk = intra_scores_key(qc, chunks.b, chunks.G), intra_scores_key(qc, chunks.k, chunks.G)
+    return scored_output(qc, P_qb, P_qk, chunks, entering, scale)
+
+
+def scored_output(qc, P_qb, P_qk, chunks: DplrChunks, entering: torch.Tensor, scale: float) -> torch.Tensor:
+    """o from the inclusive scores P_qb, P_qk [R, H, NC, C, C]; qc: [R, H, NC, C, K] -> o [B, T, H, V]."""
+    return chunk_readout(qc * chunks.G.exp(), torch.cat([P_qb, P_qk], dim=-1), chunks, entering, scale)
 
 
 def dplr_flops_per_token(chunk_size: int, key_dim: int, value_dim: int, chunks_per_row: int) -> tuple[float, float]:
