@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lsp.hybrid_config import HybridConfigError
 from lsp.models import HybridConfig, HybridLM, layer_kind
 from lsp.parallel import SPContext
 
@@ -251,12 +250,6 @@ def test_export_round_trip_keeps_logits(tmp_path):
     assert torch.equal(back(ids).logits, model(ids).logits)
     back.layers[2].attn.v0[0] += 1e-1
     assert not torch.equal(back(ids).logits, model(ids).logits)
-
-
-def test_a_backend_without_a_dplr_path_is_one_line():
-    with pytest.raises(HybridConfigError, match=r"^linear_backend: 'triton': linear kind 'rwkv7' runs on "
-                                                r"dplr_delta_rule, whose backends are auto, torch, naive$"):
-        HybridLM(HybridConfig(**{**CFG, **RWKV, "linear_backend": "triton"}))
 
 
 def test_bf16_autocast_trains_and_follows_fp32():

@@ -126,9 +126,6 @@ BAD = [
     ("train", ["model.layer_pattern=mamba2,rwkv6,S"],
      "model.layer_pattern: 'rwkv6' (entry 1 of 'mamba2,rwkv6,S') is not one of L, S, softmax, deltanet,"),
     ("train", ["model.ssm_groups=3"], "model.ssm_groups: 3 does not divide model.num_heads=2"),
-    ("train", ["parallel.sp=1", "model.linear_attn=rwkv7", "model.linear_backend=triton"],
-     "model.linear_backend: 'triton': linear kind 'rwkv7' runs on dplr_delta_rule, whose backends are auto, torch, "
-     "naive"),
     # mixture of experts (issue 21); the deepspeed refusal was an AttributeError traceback, exit 1
     ("train", ["model.moe_experts=4", "parallel.ep=2", "parallel.engine=deepspeed"],
      "parallel.ep: 2 needs parallel.engine=ddp or fsdp (deepspeed reduces every gradient over all ranks"),

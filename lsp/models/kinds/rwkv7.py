@@ -30,11 +30,10 @@ import torch.nn.functional as F
 
 from lsp.names import CHUNK_SIZE
 from lsp.ops import dplr_delta_rule
-from lsp.ops.dplr import DPLR_BACKENDS, dplr_flops_per_token
+from lsp.ops.dplr import dplr_flops_per_token
 from lsp.parallel import sp_dplr_delta_rule
 
 from ..cache import DeltaState, check_decoding, dplr_recurrent_step
-from ..config import HybridConfigError
 from ..linear_kind import LinearKind, Recurrence, accumulation_dtype, causal_conv, register_kind
 
 TOKEN_SHIFT = (1.0, -1.0)               # conv weights on (x_{t-1}, x_t): δ_t = x_{t-1} - x_t
@@ -57,16 +56,11 @@ class RWKV7(LinearKind):
     name = "rwkv7"
     state_map = "dense"
     op_family = "dplr"           # the planner's FLOPs of the DPLR chunks (lsp.ops.dplr.dplr_flops_per_token)
-    has_kernels = False          # the DPLR op has no Triton kernel yet: the chunked torch path
     shared_values = ("v_first",)
     recurrence = Recurrence(single=dplr_delta_rule, parallel=sp_dplr_delta_rule, step=dplr_recurrent_step)
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__(cfg, layer_idx)
-        if cfg.linear_backend not in DPLR_BACKENDS:
-            raise HybridConfigError("linear_backend", f"{cfg.linear_backend!r}: linear kind 'rwkv7' runs on "
-                                    f"dplr_delta_rule, whose backends are {', '.join(DPLR_BACKENDS)}",
-                                    tuple(DPLR_BACKENDS))
         D, H, Dh = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         inner, ranks = H * Dh, lora_ranks(cfg)
         # the first rwkv7 layer of the model sets v_first; every later one mixes it into its v
