@@ -174,8 +174,7 @@ def _as_state_factor(decay: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_scan(chunks: DeltaChunks, U: torch.Tensor, init: torch.Tensor | None):
-    # the same scan in one Triton kernel (one decay per head: `resolve_delta_backend` sends a gate per key to torch)
-    assert chunks.decay is None or chunks.decay.dim() == 3, "the Triton chunk scan takes one decay per head"
+    # the same scan in one Triton kernel (a decay per head [R, H, NC] or per key channel [R, H, NC, K])
     from .custom_ops import delta_chunk_scan
     from .triton_scan import precision
 

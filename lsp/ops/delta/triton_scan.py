@@ -6,12 +6,16 @@ transform and outputs are batched torch ops).
 Per (row, head) and chunk c, with S_c the state entering the chunk (columns D split into blocks, which evolve
 independently):
 
-    S_{c+1} = d_c S_c + Kd_cᵀ (U_c − Wk_c S_c)                       forward, d_c = exp(G_C) or 1
+    S_{c+1} = Diag(d_c) S_c + Kd_cᵀ (U_c − Wk_c S_c)                 forward, d_c = exp(G_C) or 1
 
 and, with dS the gradient w.r.t. S_{c+1} (dfinal at a sequence end) and dE_c the direct gradient of S_c:
 
     dU_c  = Kd_c dS,        dKd_c = (U_c − Wk_c S_c) dSᵀ,        dWk_c = −dU_c S_cᵀ,       dd_c = Σ S_c ⊙ dS
-    dS_c  = dE_c + d_c dS − Wk_cᵀ dU_c                               (dinit[n] = dS_c where sequence n starts)
+    dS_c  = dE_c + Diag(d_c) dS − Wk_cᵀ dU_c                         (dinit[n] = dS_c where sequence n starts)
+
+The decay d_c is one number per chunk and head ([R, H, NC]: no gate, a gate per head) or one per key channel
+([R, H, NC, K]: KDA's per-key gate, DPLR's diagonal), scaling the state's rows; its gradient dd_c sums S_c ⊙ dS over
+the columns only (per key) or over the whole state (per head).
 
 dKd, dWk and dd sum over D: each D block writes its partial sums, added up in torch. Products run in full fp32
 (fp64 for fp64 inputs; input_precision=PREC, not tf32): the scan carries the state over the whole sequence.
@@ -42,8 +46,18 @@ def _state_ptrs(X, base, K, D, BK: tl.constexpr, BD: tl.constexpr, d0):
 
 
 @triton.jit
+def _chunk_decay(DEC, chunk, K, BK: tl.constexpr, KEY_DEC: tl.constexpr, ACC: tl.constexpr):
+    # the factor of chunk `chunk`'s decay on a [BK, BD] state: [BK, 1] rows of DEC [.., K] (per key) or a scalar
+    if KEY_DEC:
+        kk = tl.arange(0, BK)
+        return tl.load(DEC + chunk * K + kk, mask=kk < K, other=0.0).to(ACC)[:, None]
+    else:
+        return tl.load(DEC + chunk).to(ACC)
+
+
+@triton.jit
 def _scan_fwd(Kd, Wk, U, DEC, INIT, RESET, END, ENTER, FINAL, NC, H, K, D, C: tl.constexpr, BK: tl.constexpr,
-              BD: tl.constexpr, HAS_DEC: tl.constexpr, HAS_INIT: tl.constexpr,
+              BD: tl.constexpr, HAS_DEC: tl.constexpr, KEY_DEC: tl.constexpr, HAS_INIT: tl.constexpr,
               PREC: tl.constexpr):
     ACC: tl.constexpr = U.dtype.element_ty  # fp32, or fp64 for fp64 inputs
     rh = tl.program_id(0)
@@ -65,7 +79,7 @@ def _scan_fwd(Kd, Wk, U, DEC, INIT, RESET, END, ENTER, FINAL, NC, H, K, D, C: tl
         kd = _chunk_tile(Kd, chunk, C, K, BK, 0, ACC)
         corrected = _chunk_tile(U, chunk, C, D, BD, d0, ACC) - tl.dot(wk, state, input_precision=PREC)        # [C, BD]
         if HAS_DEC:
-            state = state * tl.load(DEC + chunk).to(ACC)
+            state = state * _chunk_decay(DEC, chunk, K, BK, KEY_DEC, ACC)
         state = state + tl.dot(tl.trans(kd), corrected, input_precision=PREC)
         e = tl.load(END + r * NC + c)
         if e >= 0:
@@ -75,7 +89,7 @@ def _scan_fwd(Kd, Wk, U, DEC, INIT, RESET, END, ENTER, FINAL, NC, H, K, D, C: tl
 
 @triton.jit
 def _scan_bwd(Kd, Wk, DEC, RESET, END, DENTER, DFINAL, DNEXT, DINIT, NC, H, K, D, C: tl.constexpr,
-              BK: tl.constexpr, BD: tl.constexpr, HAS_DEC: tl.constexpr, PREC: tl.constexpr):
+              BK: tl.constexpr, BD: tl.constexpr, HAS_DEC: tl.constexpr, KEY_DEC: tl.constexpr, PREC: tl.constexpr):
     # the reverse chain only: stores dS (the gradient w.r.t. the state after every chunk) and dinit; the products
     # that need no chain (dU, dKd, dWk, dd) are batched in torch from dS
     ACC: tl.constexpr = DNEXT.dtype.element_ty
@@ -98,7 +112,7 @@ def _scan_bwd(Kd, Wk, DEC, RESET, END, DENTER, DFINAL, DNEXT, DINIT, NC, H, K, D
         dS_in = tl.load(p, mask=m, other=0.0).to(ACC) - tl.dot(tl.trans(_chunk_tile(Wk, chunk, C, K, BK, 0, ACC)),
                                                                dU, input_precision=PREC)
         if HAS_DEC:
-            dS = dS_in + tl.load(DEC + chunk).to(ACC) * dS
+            dS = dS_in + _chunk_decay(DEC, chunk, K, BK, KEY_DEC, ACC) * dS
         else:
             dS = dS_in + dS
         n = tl.load(RESET + r * NC + c)
@@ -125,8 +139,8 @@ def precision(input_dtype: torch.dtype) -> str:
 def scan_backward(Kd, Wk, dec, reset, end, d_enter, d_final, has_dec: bool, prec: str):
     """The reverse chain: (d_next [R, H, NC, K, D], the gradient of the state after every chunk; dinit [N, H, K, D]).
 
-    Kd, Wk: [R, H, NC, C, K] contiguous; dec: [R, H, NC] (any when not has_dec); d_enter: [R, H, NC, K, D], the
-    direct gradient of every entering state; d_final: [N, H, K, D].
+    Kd, Wk: [R, H, NC, C, K] contiguous; dec: [R, H, NC] or [R, H, NC, K] contiguous (any when not has_dec);
+    d_enter: [R, H, NC, K, D], the direct gradient of every entering state; d_final: [N, H, K, D].
     """
     R, H, NC, C, K = Kd.shape
     D = d_enter.shape[-1]
@@ -137,14 +151,16 @@ def scan_backward(Kd, Wk, dec, reset, end, d_enter, d_final, has_dec: bool, prec
     d_next = torch.empty_like(d_enter)
     dinit = d_final.clone()   # sequences that start nowhere (empty) pass their final-state gradient straight on
     _scan_bwd[(R * H, triton.cdiv(D, BD))](Kd, Wk, dec, reset, end, d_enter, d_final, d_next, dinit, NC, H, K, D,
-                                           C=C, BK=BK, BD=BD, HAS_DEC=has_dec, PREC=prec, num_warps=warps)
+                                           C=C, BK=BK, BD=BD, HAS_DEC=has_dec, KEY_DEC=has_dec and dec.dim() == 4,
+                                           PREC=prec, num_warps=warps)
     return d_next, dinit
 
 
 def scan_forward(Kd, Wk, U, decay, init, reset, end, n_seq: int, prec: str):
     """entering [R, H, NC, K, D], final [N, H, K, D] = the chunk scan of `chunk.chunk_scan`, in one kernel.
 
-    Kd, Wk: [R, H, NC, C, K]; U: [R, H, NC, C, D]; decay: [R, H, NC] or None; init: [N, H, K, D] or None.
+    Kd, Wk: [R, H, NC, C, K]; U: [R, H, NC, C, D]; decay: [R, H, NC] (per head), [R, H, NC, K] (per key channel) or
+    None; init: [N, H, K, D] or None.
     """
     R, H, NC, C, K = Kd.shape
     D = U.shape[-1]
@@ -155,8 +171,8 @@ def scan_forward(Kd, Wk, U, decay, init, reset, end, n_seq: int, prec: str):
     final = init_c.clone() if init is not None else U.new_zeros(n_seq, H, K, D)   # empty sequences keep init
     BK, BD = _blocks(K, D)
     _scan_fwd[(R * H, triton.cdiv(D, BD))](Kd, Wk, U, dec, init_c, reset, end, enter, final, NC, H, K, D, C=C,
-                                           BK=BK, BD=BD, HAS_DEC=decay is not None, HAS_INIT=init is not None,
-                                           PREC=prec, num_warps=_warps(K))
+                                           BK=BK, BD=BD, HAS_DEC=decay is not None, KEY_DEC=dec.dim() == 4,
+                                           HAS_INIT=init is not None, PREC=prec, num_warps=_warps(K))
     return enter, final
 
 
@@ -171,5 +187,5 @@ def scan_grads(Kd, Wk, U, decay, enter, reset, end, d_enter, d_final, prec: str)
     dU = Kd @ d_next                                                     # [R, H, NC, C, D]
     dKd = (U - Wk @ enter) @ d_next.transpose(-1, -2)
     dWk = -dU @ enter.transpose(-1, -2)
-    ddec = (enter * d_next).sum((-1, -2)) if decay is not None else None
+    ddec = None if decay is None else (enter * d_next).sum((-1, -2) if decay.dim() == 3 else -1)
     return dKd, dWk, dU, ddec, dinit
