@@ -85,7 +85,7 @@ class LinearKind(nn.Module):
     state_map: str = ""            # identity | scalar | diagonal | dense: the form of a segment's map A
     recurrence: Recurrence         # the op, in its three forms
     grouped_value_heads = False    # whether it runs num_v_heads > num_heads value heads (the delta rule does)
-    has_kernels = True             # whether its op's Triton kernels take its inputs (KDA's gate per key: no, torch)
+    has_kernels = True             # whether its op's Triton kernels take its inputs (else --measure runs torch)
 
     def __init__(self, cfg: HybridConfig, layer_idx: int):
         super().__init__()

@@ -71,3 +71,16 @@ def test_negative_control_scan_with_the_mean_decay_is_caught(monkeypatch):
     with pytest.raises(AssertionError):
         assert_close(_cpu(run_delta_with_grads(_torch_path_with_triton_scan, _on_device(x))), _ref(x),
                      TOL[torch.float64])
+
+
+@pytest.mark.parametrize("init,varlen", [(True, False), (False, False), (True, True)])
+def test_triton_matches_naive(init, varlen):
+    """The whole op in Triton kernels (UT transform on the decayed key scores, scan, outputs and every backward
+    kernel), fp32 against the fp64 recurrence: outputs, final states and the gradients of q, k, v, beta, g and the
+    initial state."""
+    kw = {"cu_seqlens": CU} if varlen else {}
+    x = make_delta_inputs(True, B=1 if varlen else 2, T=150 if varlen else 130, K=32, V=32, dtype=torch.float32,
+                          init=init, per_key=True, n_seq=5 if varlen else None)
+    res = run_delta_with_grads(delta_rule, _on_device(x), backend="triton",
+                               **({"cu_seqlens": CU.to(DEVICE)} if varlen else {}))
+    assert_close(_cpu(res), _ref(x, **kw), TOL[torch.float32], f"KDA init={init} varlen={varlen}")

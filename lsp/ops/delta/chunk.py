@@ -255,8 +255,11 @@ def enter_sequences(chunks: DeltaChunks, entering_aug, final_aug, extra: torch.T
 def chunk_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
                      chunk_size: int = CHUNK_SIZE, scan_backend: str = "torch"):
     """Arguments as `lsp.ops.delta_rule` (already validated). "torch": `chunk_forward`, autograd backward;
-    "triton": forward and backward in Triton kernels (triton_chunk.py)."""
-    if scan_backend == "triton" and chunk_size == CHUNK_SIZE:
+    "triton": forward and backward in Triton kernels (triton_chunk.py), except for fp64 inputs with a gate per key
+    (the per-key pair products are the linear op's 16-row kernels, fp32 accumulators): `chunk_forward` with the
+    Triton scan, fp64 throughout."""
+    fp64_key = g is not None and g.dim() == 4 and q.dtype == torch.float64
+    if scan_backend == "triton" and chunk_size == CHUNK_SIZE and not fp64_key:
         from .triton_chunk import triton_delta_rule
 
         return triton_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -11,12 +11,12 @@ the two tables for the scan. The math is in `triton_chunk.py` / `triton_scan.py`
 only registers it. Importing it makes `delta_rule`'s `backend="auto"` measure the Triton path under
 `lsp.ops.estimate.gpu_code_paths()` (`register_fake_capable("triton", "delta_rule")`).
 
-Shapes: q, k [B, T, H, K]; v [B, T, H, V] (value heads already repeated); beta [B, T, H]; g None or [B, T, H];
+Shapes: q, k [B, T, H, K]; v [B, T, H, V] (value heads already repeated); beta [B, T, H]; g None, [B, T, H] or
+[B, T, H, K] (a gate per key channel, KDA: its fake and backward shapes are g's, as for a gate per head);
 initial_state [n, H, K, V] (n = B, or N packed sequences); final in the accumulation dtype (fp32, fp64 for fp64).
 Scan: Kd, Wk [R, H, NC, C, K]; U [R, H, NC, C, D]; decay None, [R, H, NC] or [R, H, NC, K] (per key channel);
 init None or [n_seq, H, K, D]; reset, end int32 [R, NC] (`chunk.scan_tables`). A gradient a backward op does not
-produce comes back as an empty tensor and is turned into None here (custom ops return tensors only). A gate per key
-channel (KDA) has no kernels in the whole op: it runs on the chunked torch path (`resolve_delta_backend`).
+produce comes back as an empty tensor and is turned into None here (custom ops return tensors only).
 """
 from __future__ import annotations
 
