@@ -21,6 +21,7 @@ from ._delta import DeltaKind
 class KimiDeltaAttention(DeltaKind):
     name = "kda"
     beta_bias = False
+    gate_per_key = True
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__(cfg, layer_idx)
