@@ -97,7 +97,8 @@ def _check_triton(x, kw, tol, what):
     return res
 
 
-@pytest.mark.parametrize("init,varlen,groups", [(True, False, 1), (False, False, 1), (True, False, 2)])
+@pytest.mark.parametrize("init,varlen,groups", [(True, False, 1), (True, False, 2),
+                                               pytest.param(False, False, 1, marks=pytest.mark.slow)])
 def test_triton_matches_naive(init, varlen, groups):
     """The whole op in Triton kernels (UT transform on the decayed key scores, scan, outputs and every backward
     kernel), fp32 against the fp64 recurrence: outputs, final states and the gradients of q, k, v, beta, g and the
@@ -182,13 +183,29 @@ def test_launches_do_not_grow_with_T(launches):  # noqa: F811 (the imported fixt
     only elementwise work (G's cumsum, exp(G_C), the reverse cumsum of dG and key_intra_grads' sums)."""
     counts = {}
     for T in (64, 192):
-        for backward in (False, True):
-            x, _ = _kda(T=T, K=16, V=16)
-            x = _on_device({n: t.detach() for n, t in x.items()})
-            launches.clear()
-            o, s = delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"],
-                              output_final_state=True, backend="triton")
-            if backward:
-                (o.float().sum() + s.sum()).backward()
-            counts[T, backward] = len(launches)
-    assert counts == {(64, False): 6, (192, False): 6, (64, True): 18, (192, True): 18}, counts
+        x, _ = _kda(T=T, K=16, V=16)
+        x = _on_device({n: t.detach() for n, t in x.items()})
+        launches.clear()
+        o, s = delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"],
+                          output_final_state=True, backend="triton")
+        counts[T, "forward"] = len(launches)
+        (o.float().sum() + s.sum()).backward()
+        counts[T, "backward"] = len(launches) - counts[T, "forward"]
+    assert counts == {(64, "forward"): 6, (192, "forward"): 6, (64, "backward"): 12, (192, "backward"): 12}, counts
+
+
+def test_sp_with_triton_scan(monkeypatch):
+    """sp_delta_rule with a gate per key channel on the Triton scan (the augmented [M | S] scan with a decay per
+    key included), ring method, zigzag layout, packed sequences, HV = 2·H: equals the naive recurrence, gradients
+    included."""
+    from lsp.ops.delta import chunk as chunk_mod
+    from lsp.parallel import SPContext
+    from tests.parallel.cases import max_rel_err as sp_err
+    from tests.parallel.delta_cases import delta_reference, make_delta_case, run_sp_delta
+
+    calls, scan = [], chunk_mod._triton_scan
+    monkeypatch.setattr(chunk_mod, "_triton_scan", lambda ch, *a: calls.append(ch.decay.dim()) or scan(ch, *a))
+    case = make_delta_case(2, True, True, K=16, V=16, per_key=True, groups=2)
+    err = sp_err(run_sp_delta(case, SPContext(emulate=2, layout="zigzag"), "ring", backend="triton"),
+                 delta_reference(case, backend="naive"))
+    assert calls and set(calls) == {4} and max(err.values()) < 1e-10, (calls, err)

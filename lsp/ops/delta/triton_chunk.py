@@ -15,6 +15,11 @@ Backward: only the inputs are saved (q, k, v, beta, g, the initial state); T, U,
     dW = dUo + Kd dS,  dv = beta ⊙ Tᵀ dW,  dbeta (value part)    `_bwd_w_kernel`
     dT = dW (beta V)ᵀ − dW S_cᵀ (beta e^G K)ᵀ,  dA = −Tᵀ dT Tᵀ     `_bwd_dA_kernel`
     dq, dk, dbeta, dG (dg = the reverse cumulative sum of dG)   `_bwd_k_kernel`
+
+A gate per key channel (KDA, triton_key.py) adds the decayed scores Akk (before the inverse) and P (before the
+output kernels), formed by the linear op's 16-row kernel, forward and again in backward; its backward runs
+`_bwd_k_key_kernel` in place of `_bwd_k_kernel` and then the 16-row gradient kernel for P and for Akk: 6 launches
+forward, 12 backward.
 """
 from __future__ import annotations
 

@@ -17,6 +17,10 @@ the states included), accumulating in fp32; fp32 inputs run them in full precisi
 
 Backward (the chain rule through the lines above, every exponent <= 0 as in the forward): T's gradient becomes
 dA = −Tᵀ dT Tᵀ; a product x_i · y_j scaled by exp(G_i − G_j) sends Σ_j (dX ⊙ X)_ij − Σ_j (dX ⊙ X)_ji to dG_i.
+
+A gate per key channel (KEY=True, KDA): g is then the cumulative log-decay G [.., C, K] itself; the exp(G) factors
+are per channel (`_key_decay`), and the pair products A and P, which no longer factor into q kᵀ times one decay
+matrix, are formed beforehand by the linear op's 16-row kernels and read here (triton_key.py).
 """
 from __future__ import annotations
 
