@@ -8,7 +8,7 @@ from lsp.ops.estimate import gpu_code_paths_active, measured_backend
 from lsp.ops.linear.api import triton_available
 from lsp.ops.linear.checks import check_linear_inputs
 
-from .chunk import chunk_delta_rule
+from .chunk import chunk_delta_rule, repeat_heads
 from .naive import naive_delta_rule
 
 DELTA_BACKENDS = ("auto", "torch", "triton", "naive")
@@ -23,11 +23,6 @@ def value_groups(q, v) -> int:
         raise ValueError(f"v's heads HV={HV} must be a multiple G·H of the H={H} heads of q and k (grouped value "
                          f"heads): q {tuple(q.shape)}, v {tuple(v.shape)}")
     return HV // H
-
-
-def repeat_heads(x: torch.Tensor | None, groups: int) -> torch.Tensor | None:
-    """[B, T, H, K] -> [B, T, G·H, K]: value head j reads q/k head j // G (autograd sums the G copies' gradients)."""
-    return x if x is None or groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
 def check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens) -> int:
@@ -99,9 +94,10 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, output_
     groups = check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     name = resolve_delta_backend(backend, q.device, probe.kernel_case("delta_rule", k, v, g))
-    q, k = repeat_heads(q, groups), repeat_heads(k, groups)
     with torch.autocast(device_type=q.device.type, enabled=False):
         if name == "naive":
-            return naive_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+            return naive_delta_rule(repeat_heads(q, groups), repeat_heads(k, groups), v, beta, g, scale,
+                                    initial_state, output_final_state, cu_seqlens)
+        # the chunked paths take q, k at their H heads (the Triton kernels index head j // G; torch repeats them)
         return chunk_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
                                 scan_backend=name)

@@ -11,9 +11,10 @@ the two tables for the scan. The math is in `triton_chunk.py` / `triton_scan.py`
 only registers it. Importing it makes `delta_rule`'s `backend="auto"` measure the Triton path under
 `lsp.ops.estimate.gpu_code_paths()` (`register_fake_capable("triton", "delta_rule")`).
 
-Shapes: q, k [B, T, H, K]; v [B, T, H, V] (value heads already repeated); beta [B, T, H]; g None, [B, T, H] or
-[B, T, H, K] (a gate per key channel, KDA: its fake and backward shapes are g's, as for a gate per head);
-initial_state [n, H, K, V] (n = B, or N packed sequences); final in the accumulation dtype (fp32, fp64 for fp64).
+Shapes: q, k [B, T, H, K]; v [B, T, HV, V] with HV = G·H value heads (the kernels read q/k head j // G for value
+head j, so autograd keeps q and k at H heads); beta [B, T, HV]; g None, [B, T, HV] or [B, T, HV, K] (a gate per key
+channel, KDA: its fake and backward shapes are g's, as for a gate per head); initial_state [n, HV, K, V] (n = B, or
+N packed sequences); final in the accumulation dtype (fp32, fp64 for fp64).
 Scan: Kd, Wk [R, H, NC, C, K]; U [R, H, NC, C, D]; decay None, [R, H, NC] or [R, H, NC, K] (per key channel);
 init None or [n_seq, H, K, D]; reset, end int32 [R, NC] (`chunk.scan_tables`). A gradient a backward op does not
 produce comes back as an empty tensor and is turned into None here (custom ops return tensors only).
@@ -55,7 +56,7 @@ def _op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Optional[Tensor], init
 @_op.register_fake
 def _(q, k, v, beta, g, initial_state, scale, cu_seqlens):
     n = k.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return (q.new_empty(*v.shape), q.new_empty(n, k.shape[2], k.shape[3], v.shape[3], dtype=acc_dtype(q.dtype)))
+    return (q.new_empty(*v.shape), q.new_empty(n, v.shape[2], k.shape[3], v.shape[3], dtype=acc_dtype(q.dtype)))
 
 
 @torch.library.custom_op("lsp::delta_rule_backward", mutates_args=())
@@ -176,9 +177,9 @@ def delta_scan_flops(K: int, D: int, C: int = CHUNK_SIZE) -> tuple[int, int]:
     return 4 * C * K * D, 12 * C * K * D
 
 
-def _chunks(k_shape) -> int:
-    # padded chunks x heads of k [B, T, H, K] (exact without cu_seqlens)
-    B, T, H, _ = k_shape
+def _chunks(v_shape) -> int:
+    # padded chunks x value heads of v [B, T, HV, V] (exact without cu_seqlens)
+    B, T, H, _ = v_shape
     return B * H * -(-T // CHUNK_SIZE)
 
 
@@ -193,7 +194,7 @@ def register_flop_formulas() -> None:
 
     def op(k, v, g, part):
         c = delta_chunk_flops(k[-1], v[-1], key=g is not None and len(g) == 4)
-        return _chunks(k) * (c["ut"] + c["scan"] + c[part])
+        return _chunks(v) * (c["ut"] + c["scan"] + c[part])
 
     def scan(Kd, U, i):
         R, H, NC, C, K = Kd

@@ -73,47 +73,59 @@ def _per_key(gc) -> bool:
     return gc is not None and gc.dim() == 5
 
 
-def ut_transform(kc, vc, bc, gc, Akk=None):
-    """Tinv [R, H, NC, C, C], U [.., C, V], Wk, Kd [.., C, K] (accumulation dtype) from chunked inputs.
+def _groups(qk_chunks: torch.Tensor, per_value_head: torch.Tensor) -> int:
+    # G = HV // H: value heads per q/k head (the kernels read q/k head j // G for value head j)
+    return per_value_head.shape[1] // qk_chunks.shape[1]
 
-    kc: [R, H, NC, C, K]; vc: [R, H, NC, C, V]; bc: [R, H, NC, C]; gc: None, [R, H, NC, C] (a log-decay per head)
-    or [R, H, NC, C, K] (per key channel: the within-chunk cumulative log-decay, with Akk = key_scores(kc, kc, gc)).
+
+def _per_value_head(x: torch.Tensor, groups: int) -> torch.Tensor:
+    # [R, H, NC, C, K] -> [R, G·H, ...], for the linear op's 16-row kernels, which take q, k per value head
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def ut_transform(kc, vc, bc, gc, Akk=None):
+    """Tinv [R, HV, NC, C, C], U [.., C, V], Wk, Kd [.., C, K] (accumulation dtype) from chunked inputs.
+
+    kc: [R, H, NC, C, K] (H = HV / G q/k heads); vc: [R, HV, NC, C, V]; bc: [R, HV, NC, C]; gc: None, [R, HV, NC, C]
+    (a log-decay per head) or [R, HV, NC, C, K] (per key channel: the within-chunk cumulative log-decay, with Akk =
+    key_scores of the keys per value head).
     """
-    R, H, NC, C, K = kc.shape
-    V = vc.shape[-1]
+    R, HV, NC, C = bc.shape
+    K, V = kc.shape[-1], vc.shape[-1]
     dt = acc_dtype(kc.dtype)
     assert C == 4 * SUB_BLOCK, f"the Triton UT transform works on chunks of {4 * SUB_BLOCK} tokens, got {C}"
     key = _per_key(gc)
     assert not key or Akk is not None, "a gate per key needs its key scores Akk (triton_key.key_scores)"
-    g_arg = gc if gc is not None else bc
-    Tinv = kc.new_empty(R, H, NC, C, C, dtype=dt)
-    _ut_inverse_kernel[(NC, R * H)](kc, bc, g_arg, Akk if key else bc, Tinv, K, C=C, BS=SUB_BLOCK, BK=_block(K),
-                                    HAS_G=gc is not None, KEY=key, num_warps=WARPS)
-    U = kc.new_empty(R, H, NC, C, V, dtype=dt)
-    Wk, Kd = (kc.new_empty(R, H, NC, C, K, dtype=dt) for _ in range(2))
-    _ut_apply_kernel[(NC, R * H)](kc, vc, bc, g_arg, Tinv, U, Wk, Kd, K, V, C=C, BD=_block(max(K, V)),
-                                  HAS_G=gc is not None, KEY=key, PREC=_precision(kc.dtype), num_warps=WARPS)
+    g_arg, groups = gc if gc is not None else bc, _groups(kc, bc)
+    Tinv = kc.new_empty(R, HV, NC, C, C, dtype=dt)
+    _ut_inverse_kernel[(NC, R * HV)](kc, bc, g_arg, Akk if key else bc, Tinv, K, C=C, GROUPS=groups, BS=SUB_BLOCK,
+                                     BK=_block(K), HAS_G=gc is not None, KEY=key, num_warps=WARPS)
+    U = kc.new_empty(R, HV, NC, C, V, dtype=dt)
+    Wk, Kd = (kc.new_empty(R, HV, NC, C, K, dtype=dt) for _ in range(2))
+    _ut_apply_kernel[(NC, R * HV)](kc, vc, bc, g_arg, Tinv, U, Wk, Kd, K, V, C=C, GROUPS=groups, BD=_block(max(K, V)),
+                                   HAS_G=gc is not None, KEY=key, PREC=_precision(kc.dtype), num_warps=WARPS)
     return Tinv, U, Wk, Kd
 
 
 def output(qc, kc, gc, U, Wk, entering, scale: float, out_dtype) -> torch.Tensor:
-    """o [R, H, NC, C, V] in out_dtype from chunked q, k, g (as `ut_transform`), the UT quantities and the entering
+    """o [R, HV, NC, C, V] in out_dtype from chunked q, k, g (as `ut_transform`), the UT quantities and the entering
     states."""
-    R, H, NC, C, K = qc.shape
-    V = U.shape[-1]
+    R, HV, NC, C, V = U.shape
+    K, groups = qc.shape[-1], _groups(qc, U)
     key = _per_key(gc)
-    P = key_scores(qc, kc, gc) if key else U
-    o = U.new_empty(R, H, NC, C, V, dtype=out_dtype)
-    tune.launch(_out_kernel, "delta_out_kernel", lambda cfg: (triton.cdiv(V, cfg["BV"]), NC, R * H),
+    P = key_scores(*(_per_value_head(x, groups) for x in (qc, kc)), gc) if key else U
+    o = U.new_empty(R, HV, NC, C, V, dtype=out_dtype)
+    tune.launch(_out_kernel, "delta_out_kernel", lambda cfg: (triton.cdiv(V, cfg["BV"]), NC, R * HV),
                 (qc, kc, gc if gc is not None else U, P, U, Wk, entering, o, scale, K, V),
-                dict(C=C, HAS_G=gc is not None, KEY=key, PREC=_precision(qc.dtype)),
+                dict(C=C, GROUPS=groups, HAS_G=gc is not None, KEY=key, PREC=_precision(qc.dtype)),
                 (K, V, gc is not None, key, qc.dtype, qc.device), dict(BK=_block(K), BV=_block(V)), tuner=OUT_TUNER)
     return o
 
 
 def _prepare(q, k, v, beta, g, cu_seqlens):
-    # -> layout and the chunked inputs: qc, kc, vc [R, H, NC, C, *] (input dtype), bc [R, H, NC, C] and gc (acc
-    #    dtype): None, the log-decay per head [R, H, NC, C], or per key its within-chunk cumsum [R, H, NC, C, K]
+    # -> layout and the chunked inputs: qc, kc [R, H, NC, C, K], vc [R, HV, NC, C, V] (input dtype), bc [R, HV, NC, C]
+    #    and gc (acc dtype): None, the log-decay per head [R, HV, NC, C], or per key its within-chunk cumsum
+    #    [R, HV, NC, C, K]
     B, T, H, K = k.shape
     dt = acc_dtype(k.dtype)
     layout = chunk_layout(B, T, cu_seqlens, CHUNK_SIZE, k.device)
@@ -127,9 +139,10 @@ def _prepare(q, k, v, beta, g, cu_seqlens):
 
 
 def _states(layout, kc, vc, bc, gc, initial_state):
-    # UT transform and the chunk scan: Tinv, U, Wk, Kd, Akk [R, H, NC, C, C] (per key) or None, decay [R, H, NC]
-    # or [R, H, NC, K] or None, entering [R, H, NC, K, V], final
-    Akk = key_scores(kc, kc, gc) if _per_key(gc) else None
+    # UT transform and the chunk scan: Tinv, U, Wk, Kd, Akk [R, HV, NC, C, C] (per key) or None, decay [R, HV, NC]
+    # or [R, HV, NC, K] or None, entering [R, HV, NC, K, V], final
+    per_value_head = _per_value_head(kc, _groups(kc, bc))
+    Akk = key_scores(per_value_head, per_value_head, gc) if _per_key(gc) else None
     Tinv, U, Wk, Kd = ut_transform(kc, vc, bc, gc, Akk)
     if gc is None:
         decay = None
@@ -142,7 +155,8 @@ def _states(layout, kc, vc, bc, gc, initial_state):
 
 
 def triton_forward(q, k, v, beta, g, scale, initial_state, cu_seqlens):
-    """(o [B, T, H, V] in q's dtype, final [B or N, H, K, V]); arguments as `lsp.ops.delta_rule`."""
+    """(o [B, T, HV, V] in q's dtype, final [B or N, HV, K, V]); arguments as `lsp.ops.delta_rule` (q, k at H heads:
+    the kernels read q/k head j // G for value head j)."""
     layout, qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, cu_seqlens)
     _, U, Wk, _, _, _, entering, final = _states(layout, kc, vc, bc, gc, initial_state)
     o = output(qc, kc, gc, U, Wk, entering, scale, q.dtype)
@@ -150,21 +164,23 @@ def triton_forward(q, k, v, beta, g, scale, initial_state, cu_seqlens):
 
 
 def triton_backward(q, k, v, beta, g, initial_state, scale, cu_seqlens, d_o, d_final):
-    """Gradients (dq, dk, dv, dbeta, dg or None, dinit or None) from the inputs (the forward's states recomputed)."""
+    """Gradients (dq, dk, dv, dbeta, dg or None, dinit or None) from the inputs (the forward's states recomputed);
+    the kernels write dq, dk per value head, summed here over each group of G."""
     layout, qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, cu_seqlens)
     Tinv, U, Wk, Kd, Akk, decay, S, _ = _states(layout, kc, vc, bc, gc, initial_state)
-    R, H, NC, C, K = kc.shape
-    V = vc.shape[-1]
+    R, H, NC, C, V = vc.shape                                                 # H: the HV value heads
+    K, groups = kc.shape[-1], _groups(kc, bc)
     BK, BV = _block(K), _block(V)
     dOc = _chunked(d_o.to(q.dtype), layout)
     key = Akk is not None
     g_arg, prec, grid = gc if gc is not None else bc, _precision(qc.dtype), (NC, R * H)
     dUo, W, dW, dv = (U.new_empty(R, H, NC, C, V) for _ in range(4))
     dE = U.new_empty(R, H, NC, K, V)
-    P = key_scores(qc, kc, gc) if key else U
-    _bwd_out_kernel[(triton.cdiv(V, BV), NC, R * H)](qc, kc, g_arg, P, Wk, dOc, dUo, dE, scale, K, V, C=C, BK=BK,
-                                                     BV=BV, HAS_G=gc is not None, KEY=key, PREC=prec,
-                                                     num_warps=WARPS)
+    q_v, k_v = (_per_value_head(x, groups) for x in (qc, kc)) if key else (qc, kc)   # the 16-row kernels' q, k
+    P = key_scores(q_v, k_v, gc) if key else U
+    _bwd_out_kernel[(triton.cdiv(V, BV), NC, R * H)](qc, kc, g_arg, P, Wk, dOc, dUo, dE, scale, K, V, C=C,
+                                                     GROUPS=groups, BK=BK, BV=BV, HAS_G=gc is not None, KEY=key,
+                                                     PREC=prec, num_warps=WARPS)
     del P
     reset, end, _ = chunk_mod.scan_tables(layout, U.device)
     d_next, dinit = scan_backward(Kd, Wk, decay if decay is not None else U, reset, end, dE,
@@ -176,18 +192,19 @@ def triton_backward(q, k, v, beta, g, initial_state, scale, cu_seqlens, d_o, d_f
     narrow = {**small, "BV": _block(V, BWD_V_BLOCK)}
     _bwd_w_kernel[grid](vc, bc, Tinv, U, Wk, Kd, S, dUo, d_next, W, dW, TdW, dv, dbeta, K, V, C=C, PREC=prec, **narrow)
     _bwd_dA_kernel[grid](kc, vc, bc, g_arg, Akk if key else bc, Tinv, S, dW, dkk, dbeta, dG, K, V, C=C,
-                         HAS_G=gc is not None, KEY=key, PREC=prec, **narrow)
+                         GROUPS=groups, HAS_G=gc is not None, KEY=key, PREC=prec, **narrow)
     dq, dk = (U.new_empty(R, H, NC, C, K) for _ in range(2))
     if key:
         ddec = (S * d_next).sum(-1)                                           # [R, H, NC, K]
         dP = U.new_empty(R, H, NC, C, C)
         _bwd_k_key_kernel[grid](qc, kc, bc, gc, S, dOc, W, TdW, d_next, ddec, dq, dk, dG, dP, dbeta, scale, K, V,
-                                C=C, PREC=prec, **small)
-        key_intra_grads(qc, kc, gc, dP, dkk, dq, dk, dG)
+                                C=C, GROUPS=groups, PREC=prec, **small)
+        key_intra_grads(q_v, k_v, gc, dP, dkk, dq, dk, dG)
     else:
         ddec = (S * d_next).sum((-1, -2)) if decay is not None else U.new_zeros(R, H, NC)
         _bwd_k_kernel[grid](qc, kc, bc, g_arg, S, dOc, W, TdW, d_next, dkk, dbeta, ddec.contiguous(), dq, dk, dG,
-                            scale, K, V, C=C, HAS_G=gc is not None, PREC=prec, **small)
+                            scale, K, V, C=C, GROUPS=groups, HAS_G=gc is not None, PREC=prec, **small)
+    dq, dk = (x.view(R, H // groups, groups, NC, C, K).sum(2) for x in (dq, dk))    # Σ over each group
     dg = dG.flip(3).cumsum(3).flip(3)                                         # G = cumsum(g) within the chunk
     unchunk = lambda x, like: chunk_mod.from_chunks(x, layout).to(like.dtype)  # noqa: E731
     per_token = lambda x, like: unchunk(x.unsqueeze(-1), like).squeeze(-1)  # noqa: E731
@@ -197,8 +214,8 @@ def triton_backward(q, k, v, beta, g, initial_state, scale, cu_seqlens, d_o, d_f
 
 
 def triton_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """`lsp.ops.delta_rule` with backend="triton" (arguments already validated): the torch custom op
-    `lsp::delta_rule` (custom_ops.py), whose autograd keeps only the inputs."""
+    """`lsp.ops.delta_rule` with backend="triton" (arguments already validated; q, k at their H heads): the torch
+    custom op `lsp::delta_rule` (custom_ops.py), whose autograd keeps only the inputs."""
     from .custom_ops import delta_rule_op
 
     o, final = delta_rule_op(q, k, v, beta, g, initial_state, scale, cu_seqlens)

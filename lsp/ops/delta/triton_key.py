@@ -29,7 +29,7 @@ import triton.language as tl
 
 from lsp.ops.linear.triton_chunk import _intra_grads, _intra_scores
 
-from .triton_intra import _dot, _key_decay, _rows, _state_product, _store_rows
+from .triton_intra import _dot, _group_chunk, _key_decay, _rows, _state_product, _store_rows
 
 
 def _as_linear_layout(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +65,7 @@ def key_intra_grads(qc, kc, G, dP, dAkk, dq, dk, dG) -> None:
 
 @triton.jit
 def _bwd_k_key_kernel(q, k, beta, G, S, dO, W, TdW, dNext, ddec, dq, dk, dG, dP, dbeta, scale, K, V,
-                      C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+                      C: tl.constexpr, GROUPS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     # grid (NC, R * H): the per-chunk gradients of a gate per key (the key kernel of triton_intra.py without the
     # pair products, which go to dP and the 16-row kernels):
     #   dP = scale · mask(dO Wᵀ) (j <= i);   dq = scale exp(G) ⊙ dO S_cᵀ;   dk = beta exp(G) ⊙ Tᵀ dWk + exp(G_C − G) ⊙
@@ -74,6 +74,7 @@ def _bwd_k_key_kernel(q, k, beta, G, S, dO, W, TdW, dNext, ddec, dq, dk, dG, dP,
     ACC: tl.constexpr = dG.dtype.element_ty
     DT: tl.constexpr = q.dtype.element_ty
     chunk = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    qk = _group_chunk(chunk, tl.num_programs(0), GROUPS)
     cc = tl.arange(0, C)
     last = (cc == C - 1)[:, None]
     b = tl.load(beta + chunk * C + cc).to(ACC)
@@ -84,7 +85,7 @@ def _bwd_k_key_kernel(q, k, beta, G, S, dO, W, TdW, dNext, ddec, dq, dk, dG, dP,
     db = tl.load(dbeta + chunk * C + cc)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
-        k_t = _rows(k, chunk, C, K, 0, C, BK, k0).to(ACC)
+        k_t = _rows(k, qk, C, K, 0, C, BK, k0).to(ACC)
         e_start, e_end = _key_decay(G, G, chunk, C, K, BK, k0, ACC, True)
         dqs = scale * e_start * _state_product(dO, S, chunk, K, V, k0, C, BK, BV, DT, ACC, PREC)
         dkd = e_end * _state_product(W, dNext, chunk, K, V, k0, C, BK, BV, DT, ACC, PREC)
