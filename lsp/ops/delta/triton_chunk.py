@@ -141,8 +141,10 @@ def _prepare(q, k, v, beta, g, cu_seqlens):
 def _states(layout, kc, vc, bc, gc, initial_state):
     # UT transform and the chunk scan: Tinv, U, Wk, Kd, Akk [R, HV, NC, C, C] (per key) or None, decay [R, HV, NC]
     # or [R, HV, NC, K] or None, entering [R, HV, NC, K, V], final
-    per_value_head = _per_value_head(kc, _groups(kc, bc))
-    Akk = key_scores(per_value_head, per_value_head, gc) if _per_key(gc) else None
+    Akk = None
+    if _per_key(gc):
+        keys = _per_value_head(kc, _groups(kc, bc))
+        Akk = key_scores(keys, keys, gc)
     Tinv, U, Wk, Kd = ut_transform(kc, vc, bc, gc, Akk)
     if gc is None:
         decay = None
