@@ -87,7 +87,7 @@ class LinearKind(nn.Module):
     #                                A does not say it ("" = state_map's; RWKV-7: "dplr", dense but not the delta rule)
     recurrence: Recurrence         # the op, in its three forms
     grouped_value_heads = False    # whether it runs num_v_heads > num_heads value heads (the delta rule does)
-    has_kernels = True             # whether its op's Triton kernels take its inputs (KDA's gate per key: no, torch)
+    has_kernels = True             # whether its op's Triton kernels take its inputs (else --measure runs torch)
     shared_values: tuple = ()      # names of per-token values it reads from / writes for other layers of one
     #                                forward (RWKV-7's value residual: "v_first"); a kind that names any takes
     #                                `shared=` (HybridLM's `SharedValues` of the forward) in forward

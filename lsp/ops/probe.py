@@ -107,9 +107,11 @@ def _linear_inputs(rnd, T, H, K, V, form):
 
 
 def _delta_inputs(rnd, T, H, K, V, form):
+    # the gate of the case's form: one per head ("scalar") or one per key channel ("key", KDA)
     x = {"q": rnd(1, T, H, K), "k": F.normalize(rnd(1, T, H, K), dim=-1), "v": rnd(1, T, H, V),
          "beta": torch.sigmoid(rnd(1, T, H))}
-    return x if form == "none" else {**x, "g": F.logsigmoid(rnd(1, T, H) + 3.0)}
+    g_shape = {"none": None, "scalar": (1, T, H), "key": (1, T, H, K)}[form]
+    return x if g_shape is None else {**x, "g": F.logsigmoid(rnd(*g_shape) + 3.0)}
 
 
 def _dplr_inputs(rnd, T, H, K, V, form):

@@ -304,8 +304,9 @@ def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: in
     # the torch count with the augmented scan's backward at the op's 12·K·D per padded token instead of autograd's
     # 8·K·D, which also skips the gradient of the first chunk's entering state [I | S_0] (2·C·K·D per segment);
     # D = K + V, forward 4·K·D either way. Per value head (q, k are repeated to the HV = num_v_heads value heads);
-    # a per-key gate (KDA) enters the chunk path elementwise only and adds no counted FLOPs
-    # (tests/plan/test_costmodel.py::test_delta_flops_are_what_flopcounter_counts), and runs on the torch path
+    # a per-key gate (KDA) enters the torch chunk path elementwise only and adds no counted FLOPs there
+    # (tests/plan/test_costmodel.py::test_delta_flops_are_what_flopcounter_counts); on the whole Triton op its
+    # 16-row score kernels replace some chunk-level products (`delta_chunk_flops(key=True)`)
     H, Dh = mcfg.num_v_heads, mcfg.head_dim
     backend = linear_backend(mcfg, kind)
     sp = max(1, micro_batch * seq_len // local_tokens)
@@ -314,7 +315,8 @@ def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: in
     if backend == "triton" and sp == 1:
         from lsp.ops.delta.custom_ops import delta_chunk_flops
 
-        c = delta_chunk_flops(Dh, Dh, LINEAR_CHUNK)
+        kind_cls = layer_kind(_linear_kind(mcfg, kind) if kind is not None else mcfg.linear_attn)
+        c = delta_chunk_flops(Dh, Dh, LINEAR_CHUNK, key=kind_cls.gate_per_key)
         return H * micro_batch * held * chunks * ((1 + ac) * (c["ut"] + c["scan"] + c["output"]) + c["ut"]
                                                   + c["scan"] + c["grads"])
     per_token = _delta_counted_per_token(Dh, seg, sp, ac)

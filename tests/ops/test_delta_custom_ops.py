@@ -8,7 +8,7 @@ does for the linear op:
   they keep, the same on both; the negative control is the same pieces with the torch scan, which keep more;
 - every output and gradient of the fake / meta op has the real one's shape and dtype;
 - FlopCounterMode counts the ops with their registered formulas, equal on fake and real tensors;
-- `auto` measures the Triton path under `gpu_code_paths()` (a gate per key channel stays on torch);
+- `auto` measures the Triton path under `gpu_code_paths()`, for a gate per head and per key channel (KDA);
 - torch.compile traces the op without a graph break.
 Exactness of the math is tests/ops/test_delta_triton*.py (the kernels and launchers are unchanged).
 """
@@ -41,7 +41,8 @@ SHAPE = dict(B=1, T=70, H=2, K=16, V=8)       # two chunks, the second partial
 
 
 def _inputs(gated=True, fake_mode=None, device=None, **shape):
-    x = make_delta_inputs(gated=gated, dtype=torch.float32, **{**SHAPE, **shape})
+    # gated: False (no gate), True (one per head) or "key" (one per key channel, KDA)
+    x = make_delta_inputs(gated=bool(gated), dtype=torch.float32, per_key=gated == "key", **{**SHAPE, **shape})
     xs = [x[n] for n in NAMES]
     if fake_mode is not None:
         return [None if t is None else fake_mode.from_tensor(t.detach()).requires_grad_(True) for t in xs]
@@ -86,7 +87,7 @@ def _both(fn, gated):
     return real, fake
 
 
-@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("gated", [False, True, "key"])
 def test_fake_op_saves_what_the_triton_op_saves(gated):
     assert measured_backend("delta_rule") == "triton"             # importing lsp.ops registered the ops
     kept = sum(x.numel() * x.element_size() for x in _inputs(gated) if x is not None)   # q, k, v, beta, g, init
@@ -106,14 +107,15 @@ def _shapes(fn, inputs):
     return [(tuple(t.shape), t.dtype) for t in (o, final, *grads)]
 
 
+@pytest.mark.parametrize("gated", [True, "key"])
 @pytest.mark.parametrize("fn", [_op, _pieces("triton")], ids=["op", "scan"])
-def test_fake_and_meta_shapes_match_the_real_op(fn):
-    real = _shapes(fn, _inputs())
+def test_fake_and_meta_shapes_match_the_real_op(fn, gated):
+    real = _shapes(fn, _inputs(gated))
     mode = FakeTensorMode()
-    fake_inputs = _inputs(fake_mode=mode)
+    fake_inputs = _inputs(gated, fake_mode=mode)
     with mode:
         fake = _shapes(fn, fake_inputs)
-    meta = _shapes(fn, _inputs(device="meta"))
+    meta = _shapes(fn, _inputs(gated, device="meta"))
     assert real == fake == meta
     assert real != _shapes(fn, _inputs(gated=False))      # control: the gate's gradient is in the list
 
@@ -144,6 +146,23 @@ def test_flop_counter_counts_the_ops_with_their_formulas():
     assert c["output"] == 2 * 64 * 64 * 16 + 4 * 64 * 16 * 8 + 2 * 64 * 64 * 8      # V = 8: one V block
 
 
+def test_flop_formula_of_a_gate_per_key():
+    """A gate per key channel is counted with its 16-row score kernels (`delta_chunk_flops(key=True)`), on real and
+    fake tensors; control: the per-head count differs (the formula sees g's shape)."""
+    register_flop_formulas()
+    K, V = SHAPE["K"], SHAPE["V"]
+    per_key, per_head = delta_chunk_flops(K, V, key=True), delta_chunk_flops(K, V)
+    total = lambda c: 2 * (c["ut"] + c["scan"]) + c["output"] + c["grads"]  # noqa: E731 (one chunk, one head)
+    counts = []
+    for mode in (None, FakeTensorMode()):
+        xs = _inputs("key", fake_mode=mode, T=20, H=1)
+        with mode or torch.device("cpu"), FlopCounterMode(display=False) as counter:
+            o, final = _op(*xs)
+            (o.sum() + final.sum()).backward()
+        counts.append(counter.get_total_flops())
+    assert counts == [total(per_key)] * 2 and total(per_key) != total(per_head)
+
+
 def _torch_scan_flops(K, V, chunks) -> int:
     # FlopCounterMode's count of the torch scan forward + backward (autograd of its loop) on the same chunks
     xs = make_delta_inputs(gated=True, dtype=torch.float32, **SHAPE)
@@ -157,14 +176,15 @@ def _torch_scan_flops(K, V, chunks) -> int:
     return counter.get_total_flops()
 
 
-def test_auto_measures_the_kernels_and_keeps_kda_on_torch():
+def test_auto_measures_the_kernels_for_every_gate_form():
     q, k, v, beta, g, _ = _inputs()
+    per_key = g[..., None].expand(*g.shape, k.shape[-1])
     with gpu_code_paths():
-        assert resolve_delta_backend("auto", q.device, kernel_case("delta_rule", k, v, g)) == "triton"
-        per_key = g[..., None].expand(*g.shape, k.shape[-1])
-        assert resolve_delta_backend("auto", q.device, kernel_case("delta_rule", k, v, per_key)) == "torch"
+        for gate in (None, g, per_key):
+            assert resolve_delta_backend("auto", q.device, kernel_case("delta_rule", k, v, gate)) == "triton"
     # outside the estimator, on CPU, auto stays on torch (no CUDA)
-    assert resolve_delta_backend("auto", q.device, kernel_case("delta_rule", k, v, g)) == "torch"
+    for gate in (g, per_key):
+        assert resolve_delta_backend("auto", q.device, kernel_case("delta_rule", k, v, gate)) == "torch"
 
 
 def test_compile_sees_no_graph_break():

@@ -104,7 +104,8 @@ def test_negative_control_wrong_intra_kernel_is_caught(monkeypatch, wrong):
         monkeypatch.setattr(triton_chunk, "output", lambda qc, kc, gc, *a: out(qc, kc, None, *a))
     elif wrong.startswith("UT"):
         ut = triton_chunk.ut_transform
-        monkeypatch.setattr(triton_chunk, "ut_transform", lambda kc, vc, bc, gc: ut(kc, vc, torch.ones_like(bc), gc))
+        monkeypatch.setattr(triton_chunk, "ut_transform",
+                            lambda kc, vc, bc, *a: ut(kc, vc, torch.ones_like(bc), *a))
     else:                    # the key kernel's input ddec (argument 11) or dkk (argument 9) zeroed
         index = 11 if "decay" in wrong else 9
         monkeypatch.setattr(triton_chunk, "_bwd_k_kernel", _DropArgument(triton_chunk._bwd_k_kernel, index))

@@ -135,6 +135,20 @@ def test_saved_bytes_are_the_inputs(T):
     assert saved == _input_bytes(x) + x["initial_state"].numel() * 4, (saved, _input_bytes(x))
 
 
+@pytest.mark.parametrize("per_key", [False, True])
+def test_grouped_value_heads_keep_q_and_k_at_their_heads(per_key):
+    """HV = 2·H value heads: the kernels read q/k head j // G, so the op keeps q and k at their H heads (saved = the
+    inputs' bytes), where q, k repeated per value head before the op (as before) kept them at HV heads: the same
+    measurement sees the difference, G − 1 = 1 more copy of q and k."""
+    x = make_delta_inputs(True, B=1, T=64, H=1, K=32, V=32, dtype=torch.bfloat16, groups=2, per_key=per_key)
+    x = {n: t.detach().to(DEVICE).requires_grad_() for n, t in x.items()}
+    qk = sum(x[n].numel() * x[n].element_size() for n in ("q", "k"))
+    saved = saved_bytes(lambda: _forward(x))
+    assert saved == _input_bytes(x) + x["initial_state"].numel() * 4, (saved, _input_bytes(x))
+    repeated = {**x, **{n: x[n].detach().repeat_interleave(2, dim=2).requires_grad_() for n in ("q", "k")}}
+    assert saved_bytes(lambda: _forward(repeated)) == saved + qk
+
+
 def test_saved_bytes_control_torch_path_keeps_more():
     # the measurement sees the chunk tensors of the chunked torch path (its scan in Triton): far above 1.5x
     x = _inputs(130, True, dtype=torch.bfloat16, H=2, K=32)

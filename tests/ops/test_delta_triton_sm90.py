@@ -6,6 +6,11 @@ memory, and on sm_90a every kernel with chunk-level (64-row) dots must use wgmma
 with K and V blocks of 64 (720 B per thread spilled, measured) must be reported as spilling by the same parser. The
 default suite compiles, for sm_80, the three kernels whose configs spilled there (the output kernel 844 B, the W
 and dA kernels 8 / 68 B).
+
+A gate per key channel (KDA, `_exercise_kda`: bf16 at d = 64 and 128, fp16 at 128, with and without initial
+state) launches the same kernels with KEY=True, the linear op's 16-row score kernels (`_intra_scores_kernel`,
+`_intra_dqk_kernel`, which may use mma.sync as in test_triton_sm90.py) and `_bwd_k_key_kernel`: the same
+assertions, slow; the default suite compiles the per-key key kernel and the KEY output kernel for sm_80.
 """
 from __future__ import annotations
 
@@ -39,6 +44,45 @@ def _exercise():
             o, s = delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"],
                               output_final_state=True, backend="triton")
             (o.float().sum() + s.sum()).backward()
+
+
+def _exercise_kda(shapes=((64, torch.bfloat16), (128, torch.bfloat16), (128, torch.float16)), inits=(True, False)):
+    for d, dtype in shapes:
+        for init in inits:
+            x = make_delta_inputs(True, B=1, T=64, H=1, K=d, V=d, dtype=dtype, init=init, per_key=True)
+            o, s = delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], initial_state=x["initial_state"],
+                              output_final_state=True, backend="triton")
+            (o.float().sum() + s.sum()).backward()
+
+
+SUB_BLOCK_KERNELS = {"_ut_inverse_kernel", "_intra_scores_kernel", "_intra_dqk_kernel"}
+
+
+def test_sm80_kda_key_and_output_kernels(tmp_path):
+    wanted = {"_bwd_k_key_kernel", "_out_kernel"}
+    items = [it for it in capture_launches(lambda: _exercise_kda(((64, torch.bfloat16),), (False,)))
+             if it[1] in wanted]
+    rows = _compile(items, tmp_path, arch=80)
+    assert len(rows) == len(items) == 2 and {r["name"] for r in rows} == wanted
+    assert [r for r in rows if r["spill"] != 0] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [90, 80])
+def test_every_kda_kernel_compiles_without_spills(tmp_path, arch):
+    items = capture_launches(_exercise_kda)
+    rows = _compile(items, tmp_path, arch)
+    assert len(rows) == len(items) and {r["name"] for r in rows} >= {
+        "_intra_scores_kernel", "_ut_inverse_kernel", "_ut_apply_kernel", "_scan_fwd", "_out_kernel",
+        "_bwd_out_kernel", "_scan_bwd", "_bwd_w_kernel", "_bwd_dA_kernel", "_bwd_k_key_kernel", "_intra_dqk_kernel"}
+    for r in rows:
+        print(f"{r['name']:20s} warps={r['warps']} regs={r['regs']} spill={r['spill']} "
+              f"{'wgmma' if r['wgmma'] else 'mma.sync' if r['mma'] else 'no-dot'} {r['consts']}")
+    spilling = [r for r in rows if r["spill"] != 0]
+    assert not spilling, spilling
+    if arch == 90:
+        no_wgmma = [r for r in rows if r["mma"] and not r["wgmma"] and r["name"] not in SUB_BLOCK_KERNELS]
+        assert not no_wgmma, no_wgmma
 
 
 def test_sm80_defaults_of_the_delta_kernels_that_spilled_there(tmp_path):

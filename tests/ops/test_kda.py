@@ -147,9 +147,3 @@ def test_negative_control_decay_averaged_over_keys_is_caught(monkeypatch):
     with pytest.raises(AssertionError):
         assert_close(run_delta_with_grads(delta_rule, x, backend="torch"), ref, TOL[torch.float64])
 
-
-def test_triton_backend_names_the_key_gate(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    x = make_delta_inputs(True, per_key=True, requires_grad=False)
-    with pytest.raises(ValueError, match=r"backend='triton' takes g None or \[B, T, HV\] .* runs on backend='torch'"):
-        delta_rule(*(x[n] for n in ARGS), backend="triton")

@@ -103,6 +103,33 @@ def test_dplr_kernel_with_a_wrong_sign_falls_back(monkeypatch):
     assert verdict == "torch" and len(warned) == 1 and "dplr_delta_rule Triton kernels" in warned[0]
 
 
+def test_the_delta_probe_inputs_have_the_gate_form_of_the_case():
+    """Small version of the next test: the delta probe's gate per key channel is [1, T, H, K] (it was a gate per
+    head [1, T, H], so the probe of a KDA call ran the per-head kernels)."""
+    _, _, make = probe._INPUTS["delta_rule"]
+    rnd = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+    shapes = {form: tuple(make(rnd, 80, 2, 16, 8, form)["g"].shape) for form in ("scalar", "key")}
+    assert shapes == {"scalar": (1, 80, 2), "key": (1, 80, 2, 16)} and "g" not in make(rnd, 80, 2, 16, 8, "none")
+
+
+@pytest.mark.slow   # ~25 s of CPU under the interpreter
+def test_the_delta_probe_runs_the_gate_form_of_its_case(monkeypatch):
+    """The probe of a gate per key channel (KDA) runs the kernels on a gate per key (before: a gate per head, so a
+    broken per-key kernel passed): good kernels are chosen; the per-key key kernel without the decay's gradient
+    (argument 9 zeroed) is rejected."""
+    from lsp.ops.delta import triton_chunk as delta_triton
+    from lsp.ops.delta import triton_key
+
+    from .test_delta_triton import _DropArgument
+
+    verdict, warned = _probe_warnings(lambda: probe.probed_backend(case("delta_rule", "key")))
+    assert verdict == "triton" and warned == []
+    monkeypatch.setattr(probe, "_VERDICTS", {})
+    monkeypatch.setattr(delta_triton, "_bwd_k_key_kernel", _DropArgument(triton_key._bwd_k_key_kernel, 9))
+    verdict, warned = _probe_warnings(lambda: probe.probed_backend(case("delta_rule", "key")))
+    assert verdict == "torch" and len(warned) == 1 and "delta_rule Triton kernels" in warned[0]
+
+
 def test_compile_failure_falls_back_naming_the_error(monkeypatch):
     def fails(*args, **kwargs):
         raise RuntimeError("CompilationError: at 12:8: out of resource: shared memory\n  more detail")

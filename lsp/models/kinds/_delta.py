@@ -31,6 +31,7 @@ class DeltaKind(LinearKind):
     state_map = "dense"
     grouped_value_heads = True
     beta_bias = True               # b_proj's bias (fla's KDA has none)
+    gate_per_key = False           # g [B, T, HV, K] (KDA) rather than [B, T, HV]: the kernels' FLOPs differ
     recurrence = Recurrence(single=delta_rule, parallel=sp_delta_rule, step=delta_recurrent_step)
 
     def __init__(self, cfg, layer_idx: int):

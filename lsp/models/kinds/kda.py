@@ -21,7 +21,7 @@ from ._delta import DeltaKind
 class KimiDeltaAttention(DeltaKind):
     name = "kda"
     beta_bias = False
-    has_kernels = False   # the delta Triton kernels take a gate per head: a gate per key runs the chunked torch path
+    gate_per_key = True
 
     def __init__(self, cfg, layer_idx: int):
         super().__init__(cfg, layer_idx)

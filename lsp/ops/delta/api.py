@@ -8,7 +8,7 @@ from lsp.ops.estimate import gpu_code_paths_active, measured_backend
 from lsp.ops.linear.api import triton_available
 from lsp.ops.linear.checks import check_linear_inputs
 
-from .chunk import chunk_delta_rule
+from .chunk import chunk_delta_rule, repeat_heads
 from .naive import naive_delta_rule
 
 DELTA_BACKENDS = ("auto", "torch", "triton", "naive")
@@ -23,11 +23,6 @@ def value_groups(q, v) -> int:
         raise ValueError(f"v's heads HV={HV} must be a multiple G·H of the H={H} heads of q and k (grouped value "
                          f"heads): q {tuple(q.shape)}, v {tuple(v.shape)}")
     return HV // H
-
-
-def repeat_heads(x: torch.Tensor | None, groups: int) -> torch.Tensor | None:
-    """[B, T, H, K] -> [B, T, G·H, K]: value head j reads q/k head j // G (autograd sums the G copies' gradients)."""
-    return x if x is None or groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
 def check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens) -> int:
@@ -55,20 +50,13 @@ def resolve_delta_backend(backend: str, device: torch.device, case=None) -> str:
     """"auto": the Triton kernels on CUDA once they passed the first-use probe for `case`
     (`lsp.ops.probe.kernel_case("delta_rule", k, v, g)`; lsp/ops/probe.py), else the chunked torch path; under
     `lsp.ops.estimate.gpu_code_paths()` the kernels' custom ops (custom_ops.py), which run on fake tensors. The
-    Triton kernels take g None or one gate per head: a gate per key channel (KDA, `case.form == "key"`) runs on
-    the chunked torch path."""
+    kernels take every gate form: none, one per head, one per key channel (KDA, `case.form == "key"`)."""
     if backend not in DELTA_BACKENDS:
         raise ValueError(f"backend must be one of {DELTA_BACKENDS} for delta_rule, got {backend!r}")
     if backend == "triton" and not triton_available(device):
         raise ValueError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 (inputs are on {device})")
-    per_key = case is not None and case.form == "key"
-    if backend == "triton" and per_key:
-        raise ValueError("backend='triton' takes g None or [B, T, HV] (a gate per head); a gate per key channel "
-                         "([B, T, HV, K]) runs on backend='torch'")
     if backend != "auto":
         return backend
-    if per_key:
-        return "torch"
     if gpu_code_paths_active():                 # fake-tensor measurement: the GPU's choice (lsp/ops/estimate.py)
         return measured_backend("delta_rule")
     if case is None or not probe.kernels_by_default(device):
@@ -94,9 +82,10 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, output_
         initial_state: [B, HV, K, V] ([N, HV, K, V] with cu_seqlens), fp32 (fp64 for fp64 inputs).
         output_final_state: also return the state after the last token (of every packed sequence).
         cu_seqlens: int32 [N + 1] cumulative lengths of packed sequences (B == 1); the state resets at each start.
-        backend: "auto" (Triton on CUDA once its first-use probe passed, lsp/ops/probe.py, for g None or per head;
-            else "torch"), "torch" (chunked WY/UT, any device), "triton" (the same algorithm in Triton kernels,
-            forward and backward; CUDA or TRITON_INTERPRET=1; g None or per head) or "naive" (the reference).
+        backend: "auto" (Triton on CUDA once its first-use probe passed, lsp/ops/probe.py; else "torch"), "torch"
+            (chunked WY/UT, any device), "triton" (the same algorithm in Triton kernels, forward and backward; CUDA
+            or TRITON_INTERPRET=1; fp64 inputs with a gate per key run the torch path's chunk math with the Triton
+            scan, as the linear op's per-key kernels accumulate in fp32) or "naive" (the reference).
 
     Returns:
         o: [B, T, HV, V] in q's dtype; final_state: [B or N, HV, K, V] in the accumulation dtype, or None.
@@ -105,9 +94,10 @@ def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, output_
     groups = check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     name = resolve_delta_backend(backend, q.device, probe.kernel_case("delta_rule", k, v, g))
-    q, k = repeat_heads(q, groups), repeat_heads(k, groups)
     with torch.autocast(device_type=q.device.type, enabled=False):
         if name == "naive":
-            return naive_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
+            return naive_delta_rule(repeat_heads(q, groups), repeat_heads(k, groups), v, beta, g, scale,
+                                    initial_state, output_final_state, cu_seqlens)
+        # the chunked paths take q, k at their H heads (the Triton kernels index head j // G; torch repeats them)
         return chunk_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens,
                                 scan_backend=name)

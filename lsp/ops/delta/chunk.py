@@ -257,16 +257,26 @@ def enter_sequences(chunks: DeltaChunks, entering_aug, final_aug, extra: torch.T
     return entering, final_aug[..., K:] + final_aug[..., :K] @ extra
 
 
+def repeat_heads(x: torch.Tensor | None, groups: int) -> torch.Tensor | None:
+    """[B, T, H, K] -> [B, T, G·H, K]: value head j reads q/k head j // G (autograd sums the G copies' gradients)."""
+    return x if x is None or groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
 def chunk_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
                      chunk_size: int = CHUNK_SIZE, scan_backend: str = "torch"):
-    """Arguments as `lsp.ops.delta_rule` (already validated). "torch": `chunk_forward`, autograd backward;
-    "triton": forward and backward in Triton kernels (triton_chunk.py)."""
-    if scan_backend == "triton" and chunk_size == CHUNK_SIZE:
+    """Arguments as `lsp.ops.delta_rule` (already validated; q, k at H heads, v and the rest at HV = G·H). "torch":
+    `chunk_forward` on q, k repeated per value head, autograd backward; "triton": forward and backward in Triton
+    kernels (triton_chunk.py), which read q/k head j // G for value head j, except for fp64 inputs with a gate per
+    key (the per-key pair products are the linear op's 16-row kernels, fp32 accumulators): `chunk_forward` with the
+    Triton scan, fp64 throughout."""
+    fp64_key = g is not None and g.dim() == 4 and q.dtype == torch.float64
+    if scan_backend == "triton" and chunk_size == CHUNK_SIZE and not fp64_key:
         from .triton_chunk import triton_delta_rule
 
         return triton_delta_rule(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens)
-    return chunk_forward(q, k, v, beta, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size,
-                         scan_backend)
+    groups = v.shape[2] // q.shape[2]
+    return chunk_forward(repeat_heads(q, groups), repeat_heads(k, groups), v, beta, g, scale, initial_state,
+                         output_final_state, cu_seqlens, chunk_size, scan_backend)
 
 
 def chunk_forward(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,

@@ -11,12 +11,13 @@ the two tables for the scan. The math is in `triton_chunk.py` / `triton_scan.py`
 only registers it. Importing it makes `delta_rule`'s `backend="auto"` measure the Triton path under
 `lsp.ops.estimate.gpu_code_paths()` (`register_fake_capable("triton", "delta_rule")`).
 
-Shapes: q, k [B, T, H, K]; v [B, T, H, V] (value heads already repeated); beta [B, T, H]; g None or [B, T, H];
-initial_state [n, H, K, V] (n = B, or N packed sequences); final in the accumulation dtype (fp32, fp64 for fp64).
+Shapes: q, k [B, T, H, K]; v [B, T, HV, V] with HV = G·H value heads (the kernels read q/k head j // G for value
+head j, so autograd keeps q and k at H heads); beta [B, T, HV]; g None, [B, T, HV] or [B, T, HV, K] (a gate per key
+channel, KDA: its fake and backward shapes are g's, as for a gate per head); initial_state [n, HV, K, V] (n = B, or
+N packed sequences); final in the accumulation dtype (fp32, fp64 for fp64).
 Scan: Kd, Wk [R, H, NC, C, K]; U [R, H, NC, C, D]; decay None, [R, H, NC] or [R, H, NC, K] (per key channel);
 init None or [n_seq, H, K, D]; reset, end int32 [R, NC] (`chunk.scan_tables`). A gradient a backward op does not
-produce comes back as an empty tensor and is turned into None here (custom ops return tensors only). A gate per key
-channel (KDA) has no kernels in the whole op: it runs on the chunked torch path (`resolve_delta_backend`).
+produce comes back as an empty tensor and is turned into None here (custom ops return tensors only).
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def _op(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, g: Optional[Tensor], init
 @_op.register_fake
 def _(q, k, v, beta, g, initial_state, scale, cu_seqlens):
     n = k.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return (q.new_empty(*v.shape), q.new_empty(n, k.shape[2], k.shape[3], v.shape[3], dtype=acc_dtype(q.dtype)))
+    return (q.new_empty(*v.shape), q.new_empty(n, v.shape[2], k.shape[3], v.shape[3], dtype=acc_dtype(q.dtype)))
 
 
 @torch.library.custom_op("lsp::delta_rule_backward", mutates_args=())
@@ -146,7 +147,7 @@ def delta_chunk_scan(Kd, Wk, U, decay, init, reset, end, n_seq: int, prec: str):
 
 # -- FLOPs: what FlopCounterMode counts for the kernels ---------------------------------------------------------
 
-def delta_chunk_flops(K: int, V: int, C: int = CHUNK_SIZE) -> dict:
+def delta_chunk_flops(K: int, V: int, C: int = CHUNK_SIZE, key: bool = False) -> dict:
     """Matmul FLOPs (the kernels' tl.dot products, 2 per multiply-add) per chunk of C tokens and head, by launch
     group of `triton_chunk.py`, with s = C / 4 the inverse's sub-block and nV = ceil(V / 64) the output kernels' V
     blocks (each recomputes q kᵀ; lsp.ops.linear.triton_chunk.BLOCK):
@@ -156,11 +157,17 @@ def delta_chunk_flops(K: int, V: int, C: int = CHUNK_SIZE) -> dict:
         output  q kᵀ 2·C²·K·nV, q S and Wk S 4·C·K·V, P W 2·C²·V
         grads   the five backward kernels once ut and scan are recomputed: 2·C²·K·nV + 12·C²·K + 8·C²·V
                 + 20·C·K·V + 4·C³
-    The forward op is ut + scan + output; its backward ut + scan + grads."""
+    The forward op is ut + scan + output; its backward ut + scan + grads. A gate per key channel (`key`, triton_key.py)
+    forms the decayed scores Akk and P in the 16-row kernels, 2·C²·K each (a [16, K] x [K, C] dot per sub-block),
+    in place of A's sub-block pairs (ut) and the output kernels' q kᵀ (output, and the output's gradient in grads);
+    its other backward changes cancel: the 16-row gradients of Akk and P (2 x 4·C²·K) replace the dA kernel's k kᵀ
+    and the key kernel's four C²-by-K products (10·C²·K) less P's recomputation (2·C²·K)."""
     s, nV = C // 4, -(-V // 64)
-    return {"ut": 20 * s * s * K + 32 * s ** 3 + 2 * C * C * (K + V), "scan": 4 * C * K * V,
-            "output": 2 * C * C * K * nV + 4 * C * K * V + 2 * C * C * V,
-            "grads": 2 * C * C * K * nV + 12 * C * C * K + 8 * C * C * V + 20 * C * K * V + 4 * C ** 3}
+    qk = 2 * C * C * K * nV                                       # the output kernels' q kᵀ (each V block)
+    pairs = 2 * C * C * K if key else 20 * s * s * K              # Akk (per key) or A's sub-block pairs
+    return {"ut": pairs + 32 * s ** 3 + 2 * C * C * (K + V), "scan": 4 * C * K * V,
+            "output": (2 * C * C * K if key else qk) + 4 * C * K * V + 2 * C * C * V,
+            "grads": (0 if key else qk) + 12 * C * C * K + 8 * C * C * V + 20 * C * K * V + 4 * C ** 3}
 
 
 def delta_scan_flops(K: int, D: int, C: int = CHUNK_SIZE) -> tuple[int, int]:
@@ -170,9 +177,9 @@ def delta_scan_flops(K: int, D: int, C: int = CHUNK_SIZE) -> tuple[int, int]:
     return 4 * C * K * D, 12 * C * K * D
 
 
-def _chunks(k_shape) -> int:
-    # padded chunks x heads of k [B, T, H, K] (exact without cu_seqlens)
-    B, T, H, _ = k_shape
+def _chunks(v_shape) -> int:
+    # padded chunks x value heads of v [B, T, HV, V] (exact without cu_seqlens)
+    B, T, H, _ = v_shape
     return B * H * -(-T // CHUNK_SIZE)
 
 
@@ -185,17 +192,17 @@ def register_flop_formulas() -> None:
         return
     from torch.utils.flop_counter import register_flop_formula
 
-    def op(k, v, part):
-        c = delta_chunk_flops(k[-1], v[-1])
-        return _chunks(k) * (c["ut"] + c["scan"] + c[part])
+    def op(k, v, g, part):
+        c = delta_chunk_flops(k[-1], v[-1], key=g is not None and len(g) == 4)
+        return _chunks(v) * (c["ut"] + c["scan"] + c[part])
 
     def scan(Kd, U, i):
         R, H, NC, C, K = Kd
         return R * H * NC * delta_scan_flops(K, U[-1], C)[i]
 
     formulas = {
-        torch.ops.lsp.delta_rule: lambda q, k, v, *a, **kw: op(k, v, "output"),
-        torch.ops.lsp.delta_rule_backward: lambda q, k, v, *a, **kw: op(k, v, "grads"),
+        torch.ops.lsp.delta_rule: lambda q, k, v, beta, g, *a, **kw: op(k, v, g, "output"),
+        torch.ops.lsp.delta_rule_backward: lambda q, k, v, beta, g, *a, **kw: op(k, v, g, "grads"),
         torch.ops.lsp.delta_chunk_scan: lambda Kd, Wk, U, *a, **kw: scan(Kd, U, 0),
         torch.ops.lsp.delta_chunk_scan_backward: lambda Kd, Wk, U, *a, **kw: scan(Kd, U, 1),
     }

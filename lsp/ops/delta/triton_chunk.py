@@ -15,6 +15,11 @@ Backward: only the inputs are saved (q, k, v, beta, g, the initial state); T, U,
     dW = dUo + Kd dS,  dv = beta ⊙ Tᵀ dW,  dbeta (value part)    `_bwd_w_kernel`
     dT = dW (beta V)ᵀ − dW S_cᵀ (beta e^G K)ᵀ,  dA = −Tᵀ dT Tᵀ     `_bwd_dA_kernel`
     dq, dk, dbeta, dG (dg = the reverse cumulative sum of dG)   `_bwd_k_kernel`
+
+A gate per key channel (KDA, triton_key.py) adds the decayed scores Akk (before the inverse) and P (before the
+output kernels), formed by the linear op's 16-row kernel, forward and again in backward; its backward runs
+`_bwd_k_key_kernel` in place of `_bwd_k_kernel` and then the 16-row gradient kernel for P and for Akk: 6 launches
+forward, 12 backward.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from .triton_intra import (
     _ut_apply_kernel,
     _ut_inverse_kernel,
 )
+from .triton_key import _bwd_k_key_kernel, key_intra_grads, key_scores
 from .triton_scan import precision, scan_backward
 
 WARPS = 8           # [64, 64] fp32 tiles: with 4 warps the apply and output kernels spill (436, 848 B, sm_90a)
@@ -62,104 +68,156 @@ def _chunked(x: torch.Tensor, layout) -> torch.Tensor:
     return chunk_mod.to_chunks(x, layout).contiguous()
 
 
-def ut_transform(kc, vc, bc, gc):
-    """Tinv [R, H, NC, C, C], U [.., C, V], Wk, Kd [.., C, K] (accumulation dtype) from chunked inputs.
+def _per_key(gc) -> bool:
+    # the chunked gate: None, [R, H, NC, C] per head (log-decay per token) or [R, H, NC, C, K] per key (cumulative)
+    return gc is not None and gc.dim() == 5
 
-    kc: [R, H, NC, C, K]; vc: [R, H, NC, C, V]; bc, gc: [R, H, NC, C] (gc None without decay).
+
+def _groups(qk_chunks: torch.Tensor, per_value_head: torch.Tensor) -> int:
+    # G = HV // H: value heads per q/k head (the kernels read q/k head j // G for value head j)
+    return per_value_head.shape[1] // qk_chunks.shape[1]
+
+
+def _per_value_head(x: torch.Tensor, groups: int) -> torch.Tensor:
+    # [R, H, NC, C, K] -> [R, G·H, ...], for the linear op's 16-row kernels, which take q, k per value head
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def ut_transform(kc, vc, bc, gc, Akk=None):
+    """Tinv [R, HV, NC, C, C], U [.., C, V], Wk, Kd [.., C, K] (accumulation dtype) from chunked inputs.
+
+    kc: [R, H, NC, C, K] (H = HV / G q/k heads); vc: [R, HV, NC, C, V]; bc: [R, HV, NC, C]; gc: None, [R, HV, NC, C]
+    (a log-decay per head) or [R, HV, NC, C, K] (per key channel: the within-chunk cumulative log-decay, with Akk =
+    key_scores of the keys per value head).
     """
-    R, H, NC, C, K = kc.shape
-    V = vc.shape[-1]
+    R, HV, NC, C = bc.shape
+    K, V = kc.shape[-1], vc.shape[-1]
     dt = acc_dtype(kc.dtype)
     assert C == 4 * SUB_BLOCK, f"the Triton UT transform works on chunks of {4 * SUB_BLOCK} tokens, got {C}"
-    g_arg = gc if gc is not None else bc
-    Tinv = kc.new_empty(R, H, NC, C, C, dtype=dt)
-    _ut_inverse_kernel[(NC, R * H)](kc, bc, g_arg, Tinv, K, C=C, BS=SUB_BLOCK, BK=_block(K), HAS_G=gc is not None,
-                                    num_warps=WARPS)
-    U = kc.new_empty(R, H, NC, C, V, dtype=dt)
-    Wk, Kd = (kc.new_empty(R, H, NC, C, K, dtype=dt) for _ in range(2))
-    _ut_apply_kernel[(NC, R * H)](kc, vc, bc, g_arg, Tinv, U, Wk, Kd, K, V, C=C, BD=_block(max(K, V)),
-                                  HAS_G=gc is not None, PREC=_precision(kc.dtype), num_warps=WARPS)
+    key = _per_key(gc)
+    assert not key or Akk is not None, "a gate per key needs its key scores Akk (triton_key.key_scores)"
+    g_arg, groups = gc if gc is not None else bc, _groups(kc, bc)
+    Tinv = kc.new_empty(R, HV, NC, C, C, dtype=dt)
+    _ut_inverse_kernel[(NC, R * HV)](kc, bc, g_arg, Akk if key else bc, Tinv, K, C=C, GROUPS=groups, BS=SUB_BLOCK,
+                                     BK=_block(K), HAS_G=gc is not None, KEY=key, num_warps=WARPS)
+    U = kc.new_empty(R, HV, NC, C, V, dtype=dt)
+    Wk, Kd = (kc.new_empty(R, HV, NC, C, K, dtype=dt) for _ in range(2))
+    _ut_apply_kernel[(NC, R * HV)](kc, vc, bc, g_arg, Tinv, U, Wk, Kd, K, V, C=C, GROUPS=groups, BD=_block(max(K, V)),
+                                   HAS_G=gc is not None, KEY=key, PREC=_precision(kc.dtype), num_warps=WARPS)
     return Tinv, U, Wk, Kd
 
 
 def output(qc, kc, gc, U, Wk, entering, scale: float, out_dtype) -> torch.Tensor:
-    """o [R, H, NC, C, V] in out_dtype from chunked q, k, g, the UT quantities and the entering states."""
-    R, H, NC, C, K = qc.shape
-    V = U.shape[-1]
-    o = U.new_empty(R, H, NC, C, V, dtype=out_dtype)
-    tune.launch(_out_kernel, "delta_out_kernel", lambda cfg: (triton.cdiv(V, cfg["BV"]), NC, R * H),
-                (qc, kc, gc if gc is not None else U, U, Wk, entering, o, scale, K, V),
-                dict(C=C, HAS_G=gc is not None, PREC=_precision(qc.dtype)), (K, V, gc is not None, qc.dtype, qc.device),
-                dict(BK=_block(K), BV=_block(V)), tuner=OUT_TUNER)
+    """o [R, HV, NC, C, V] in out_dtype from chunked q, k, g (as `ut_transform`), the UT quantities and the entering
+    states."""
+    R, HV, NC, C, V = U.shape
+    K, groups = qc.shape[-1], _groups(qc, U)
+    key = _per_key(gc)
+    P = key_scores(*(_per_value_head(x, groups) for x in (qc, kc)), gc) if key else U
+    o = U.new_empty(R, HV, NC, C, V, dtype=out_dtype)
+    tune.launch(_out_kernel, "delta_out_kernel", lambda cfg: (triton.cdiv(V, cfg["BV"]), NC, R * HV),
+                (qc, kc, gc if gc is not None else U, P, U, Wk, entering, o, scale, K, V),
+                dict(C=C, GROUPS=groups, HAS_G=gc is not None, KEY=key, PREC=_precision(qc.dtype)),
+                (K, V, gc is not None, key, qc.dtype, qc.device), dict(BK=_block(K), BV=_block(V)), tuner=OUT_TUNER)
     return o
 
 
 def _prepare(q, k, v, beta, g, cu_seqlens):
-    # -> layout and the chunked inputs: qc, kc, vc [R, H, NC, C, *] (input dtype), bc, gc [R, H, NC, C] (acc dtype)
+    # -> layout and the chunked inputs: qc, kc [R, H, NC, C, K], vc [R, HV, NC, C, V] (input dtype), bc [R, HV, NC, C]
+    #    and gc (acc dtype): None, the log-decay per head [R, HV, NC, C], or per key its within-chunk cumsum
+    #    [R, HV, NC, C, K]
     B, T, H, K = k.shape
     dt = acc_dtype(k.dtype)
     layout = chunk_layout(B, T, cu_seqlens, CHUNK_SIZE, k.device)
     qc, kc, vc = (_chunked(x, layout) for x in (q, k.to(q.dtype), v.to(q.dtype)))
     bc = _chunked(beta.to(dt).unsqueeze(-1), layout).squeeze(-1)
-    gc = None if g is None else _chunked(g.to(dt).unsqueeze(-1), layout).squeeze(-1)
+    if g is None or g.dim() == 3:
+        gc = None if g is None else _chunked(g.to(dt).unsqueeze(-1), layout).squeeze(-1)
+    else:   # the 16-row kernels take the cumulative form (lsp/ops/linear/triton_intra.py)
+        gc = _chunked(g.to(dt), layout).cumsum(3)
     return layout, qc, kc, vc, bc, gc
 
 
 def _states(layout, kc, vc, bc, gc, initial_state):
-    # UT transform and the chunk scan: Tinv, U, Wk, Kd, decay [R, H, NC] or None, entering [R, H, NC, K, V], final
-    Tinv, U, Wk, Kd = ut_transform(kc, vc, bc, gc)
-    decay = None if gc is None else gc.sum(-1).exp()                          # exp(G_C)
+    # UT transform and the chunk scan: Tinv, U, Wk, Kd, Akk [R, HV, NC, C, C] (per key) or None, decay [R, HV, NC]
+    # or [R, HV, NC, K] or None, entering [R, HV, NC, K, V], final
+    Akk = None
+    if _per_key(gc):
+        keys = _per_value_head(kc, _groups(kc, bc))
+        Akk = key_scores(keys, keys, gc)
+    Tinv, U, Wk, Kd = ut_transform(kc, vc, bc, gc, Akk)
+    if gc is None:
+        decay = None
+    else:                                                                     # exp(G_C)
+        decay = gc[..., -1, :].exp() if Akk is not None else gc.sum(-1).exp()
     chunks = chunk_mod.DeltaChunks(layout, kc, None, Kd, Wk, U, decay, "triton", kc.dtype)
     init = None if initial_state is None else initial_state.to(U.dtype)
     entering, final = chunk_mod._triton_scan(chunks, U, init)
-    return Tinv, U, Wk, Kd, decay, entering.contiguous(), final
+    return Tinv, U, Wk, Kd, Akk, decay, entering.contiguous(), final
 
 
 def triton_forward(q, k, v, beta, g, scale, initial_state, cu_seqlens):
-    """(o [B, T, H, V] in q's dtype, final [B or N, H, K, V]); arguments as `lsp.ops.delta_rule`."""
+    """(o [B, T, HV, V] in q's dtype, final [B or N, HV, K, V]); arguments as `lsp.ops.delta_rule` (q, k at H heads:
+    the kernels read q/k head j // G for value head j)."""
     layout, qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, cu_seqlens)
-    _, U, Wk, _, _, entering, final = _states(layout, kc, vc, bc, gc, initial_state)
+    _, U, Wk, _, _, _, entering, final = _states(layout, kc, vc, bc, gc, initial_state)
     o = output(qc, kc, gc, U, Wk, entering, scale, q.dtype)
     return chunk_mod.from_chunks(o, layout), final
 
 
 def triton_backward(q, k, v, beta, g, initial_state, scale, cu_seqlens, d_o, d_final):
-    """Gradients (dq, dk, dv, dbeta, dg or None, dinit or None) from the inputs (the forward's states recomputed)."""
+    """Gradients (dq, dk, dv, dbeta, dg or None, dinit or None) from the inputs (the forward's states recomputed);
+    the kernels write dq, dk per value head, summed here over each group of G."""
     layout, qc, kc, vc, bc, gc = _prepare(q, k, v, beta, g, cu_seqlens)
-    Tinv, U, Wk, Kd, decay, S, _ = _states(layout, kc, vc, bc, gc, initial_state)
-    R, H, NC, C, K = kc.shape
-    V = vc.shape[-1]
+    Tinv, U, Wk, Kd, Akk, decay, S, _ = _states(layout, kc, vc, bc, gc, initial_state)
+    R, H, NC, C, V = vc.shape                                                 # H: the HV value heads
+    K, groups = kc.shape[-1], _groups(kc, bc)
     BK, BV = _block(K), _block(V)
     dOc = _chunked(d_o.to(q.dtype), layout)
+    key = Akk is not None
     g_arg, prec, grid = gc if gc is not None else bc, _precision(qc.dtype), (NC, R * H)
     dUo, W, dW, dv = (U.new_empty(R, H, NC, C, V) for _ in range(4))
     dE = U.new_empty(R, H, NC, K, V)
-    _bwd_out_kernel[(triton.cdiv(V, BV), NC, R * H)](qc, kc, g_arg, Wk, dOc, dUo, dE, scale, K, V, C=C, BK=BK, BV=BV,
-                                                     HAS_G=gc is not None, PREC=prec, num_warps=WARPS)
+    q_v, k_v = (_per_value_head(x, groups) for x in (qc, kc)) if key else (qc, kc)   # the 16-row kernels' q, k
+    P = key_scores(q_v, k_v, gc) if key else U
+    _bwd_out_kernel[(triton.cdiv(V, BV), NC, R * H)](qc, kc, g_arg, P, Wk, dOc, dUo, dE, scale, K, V, C=C,
+                                                     GROUPS=groups, BK=BK, BV=BV, HAS_G=gc is not None, KEY=key,
+                                                     PREC=prec, num_warps=WARPS)
+    del P
     reset, end, _ = chunk_mod.scan_tables(layout, U.device)
     d_next, dinit = scan_backward(Kd, Wk, decay if decay is not None else U, reset, end, dE,
                                   d_final.to(U.dtype).contiguous(), decay is not None, precision(k.dtype))
     TdW, dkk = U.new_empty(R, H, NC, C, V), U.new_empty(R, H, NC, C, C)
-    dbeta, dG = (U.new_empty(R, H, NC, C) for _ in range(2))
+    dbeta = U.new_empty(R, H, NC, C)
+    dG = U.new_empty(gc.shape) if key else U.new_empty(R, H, NC, C)
     small = dict(BK=_block(K, BWD_BLOCK), BV=_block(V, BWD_BLOCK), num_warps=WARPS, num_stages=BWD_STAGES)
     narrow = {**small, "BV": _block(V, BWD_V_BLOCK)}
     _bwd_w_kernel[grid](vc, bc, Tinv, U, Wk, Kd, S, dUo, d_next, W, dW, TdW, dv, dbeta, K, V, C=C, PREC=prec, **narrow)
-    _bwd_dA_kernel[grid](kc, vc, bc, g_arg, Tinv, S, dW, dkk, dbeta, dG, K, V, C=C, HAS_G=gc is not None, PREC=prec,
-                         **narrow)
-    ddec = (S * d_next).sum((-1, -2)) if decay is not None else U.new_zeros(R, H, NC)
+    _bwd_dA_kernel[grid](kc, vc, bc, g_arg, Akk if key else bc, Tinv, S, dW, dkk, dbeta, dG, K, V, C=C,
+                         GROUPS=groups, HAS_G=gc is not None, KEY=key, PREC=prec, **narrow)
     dq, dk = (U.new_empty(R, H, NC, C, K) for _ in range(2))
-    _bwd_k_kernel[grid](qc, kc, bc, g_arg, S, dOc, W, TdW, d_next, dkk, dbeta, ddec.contiguous(), dq, dk, dG, scale,
-                        K, V, C=C, HAS_G=gc is not None, PREC=prec, **small)
-    dg = dG.flip(-1).cumsum(-1).flip(-1)                                      # G = cumsum(g) within the chunk
+    if key:
+        ddec = (S * d_next).sum(-1)                                           # [R, H, NC, K]
+        dP = U.new_empty(R, H, NC, C, C)
+        _bwd_k_key_kernel[grid](qc, kc, bc, gc, S, dOc, W, TdW, d_next, ddec, dq, dk, dG, dP, dbeta, scale, K, V,
+                                C=C, GROUPS=groups, PREC=prec, **small)
+        key_intra_grads(q_v, k_v, gc, dP, dkk, dq, dk, dG)
+    else:
+        ddec = (S * d_next).sum((-1, -2)) if decay is not None else U.new_zeros(R, H, NC)
+        _bwd_k_kernel[grid](qc, kc, bc, g_arg, S, dOc, W, TdW, d_next, dkk, dbeta, ddec.contiguous(), dq, dk, dG,
+                            scale, K, V, C=C, GROUPS=groups, HAS_G=gc is not None, PREC=prec, **small)
+    dq, dk = (x.view(R, H // groups, groups, NC, C, K).sum(2) for x in (dq, dk))    # Σ over each group
+    dg = dG.flip(3).cumsum(3).flip(3)                                         # G = cumsum(g) within the chunk
     unchunk = lambda x, like: chunk_mod.from_chunks(x, layout).to(like.dtype)  # noqa: E731
     per_token = lambda x, like: unchunk(x.unsqueeze(-1), like).squeeze(-1)  # noqa: E731
-    return (unchunk(dq, q), unchunk(dk, k), unchunk(dv, v), per_token(dbeta, beta),
-            None if g is None else per_token(dg, g), None if initial_state is None else dinit)
+    dg = None if g is None else (unchunk(dg, g) if key else per_token(dg, g))
+    return (unchunk(dq, q), unchunk(dk, k), unchunk(dv, v), per_token(dbeta, beta), dg,
+            None if initial_state is None else dinit)
 
 
 def triton_delta_rule(q, k, v, beta, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """`lsp.ops.delta_rule` with backend="triton" (arguments already validated): the torch custom op
-    `lsp::delta_rule` (custom_ops.py), whose autograd keeps only the inputs."""
+    """`lsp.ops.delta_rule` with backend="triton" (arguments already validated; q, k at their H heads): the torch
+    custom op `lsp::delta_rule` (custom_ops.py), whose autograd keeps only the inputs."""
     from .custom_ops import delta_rule_op
 
     o, final = delta_rule_op(q, k, v, beta, g, initial_state, scale, cu_seqlens)

@@ -226,10 +226,17 @@ def _output_bwd(qp, kp, vp, G, h, dop, scale):
     tune.launch(intra._dv_kernel, "_dv_kernel", lambda cfg: (triton.cdiv(V, cfg["BV"]), NC, R * H),
                 (qp, kp, G, A, dop, dv, scale, Tp, H, K, V, Kg), fixed, _tune_key(qp, V, Kg), dict(BV=BV))
     if Kg > 1:
-        intra._intra_dqk_kernel[(CHUNK_SIZE // SUB_BLOCK, NC, R * H)](
-            qp, kp, G, dA, dq, dk, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K, SUB_BLOCK_K), PREC=prec,
-            num_warps=CHUNK_WARPS)
+        _intra_grads(qp, kp, G, dA, dq, dk)
     return dq, dk, dv, dh
+
+
+def _intra_grads(qp, kp, G, dA, dq, dk):
+    # per-key decay: the gradients of `_intra_scores`' A from dA [R, Tp, H, C] (triton_intra._intra_dqk_kernel):
+    # dq [R, Tp, H, K] fp32 += Σ_j dA_ij k_j ⊙ exp(G_i - G_j) (it holds the rest of dq), dk = Σ_i dA_ij q_i ⊙ (..)
+    R, Tp, H, K = qp.shape
+    intra._intra_dqk_kernel[(CHUNK_SIZE // SUB_BLOCK, Tp // CHUNK_SIZE, R * H)](
+        qp, kp, G, dA, dq, dk, Tp, H, K, C=CHUNK_SIZE, BT=SUB_BLOCK, BK=_block(K, SUB_BLOCK_K),
+        PREC=_precision(qp.dtype), num_warps=CHUNK_WARPS)
 
 
 # -- forward and backward of the op and its two pieces (torch custom ops with their autograd: custom_ops.py) ----
