@@ -68,14 +68,18 @@ def run(args) -> list[dict]:
     for kind, pattern, seed in planned_runs(args):
         row = cached.get((kind, pattern, seed))
         if row is None:
-            study = argparse.Namespace(**{**vars(args), "linear_attn": args.match_kind if kind == REFERENCE else kind})
-            row = {"linear_attn": kind, **hybrid_ratio.train_one(pattern, study, seed), "setup": setup}
+            row = train(kind, pattern, seed, args)
             if args.cache:
                 with open(args.cache, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(json.dumps({**row, "setup": setup}) + "\n")
             print(row, flush=True)
         rows.append({k: v for k, v in row.items() if k != "setup"})
     return rows
+
+
+def train(kind: str, pattern: str, seed: int, args) -> dict:
+    study = argparse.Namespace(**{**vars(args), "linear_attn": args.match_kind if kind == REFERENCE else kind})
+    return {"linear_attn": kind, **hybrid_ratio.train_one(pattern, study, seed)}
 
 
 def summary(rows: list[dict]) -> list[dict]:
