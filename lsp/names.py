@@ -6,6 +6,8 @@ from __future__ import annotations
 
 SP_METHODS = ("allgather", "allscan", "ring")          # the config's choices: registered in lsp/parallel/methods/
 SOFTMAX_SP_METHODS = ("allgather", "ring")             # softmax layers: LASP-2H (gather K, V), ring attention
+DEFAULT_SP_METHOD = SP_METHODS[0]                      # LASP-2: one collective per layer, the planner's usual pick
+DEFAULT_SOFTMAX_METHOD = SOFTMAX_SP_METHODS[0]         # LASP-2H
 LAYOUTS = ("zigzag", "contiguous")                     # how a sequence is cut over the SP ranks (default first)
 KERNEL_BACKENDS = ("auto", "torch", "triton", "naive")  # linear-attention op backends
 CHUNK_SIZE = 64                                        # tokens per chunk of the chunked linear-attention paths
@@ -15,5 +17,6 @@ MOE_ROUTERS = ("softmax", "sigmoid")                   # MoE gate: softmax (Mixt
 # checkpoint.save_on_signals choices: the signals a scheduler or an operator sends (lsp/train/signals.py)
 SAVE_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP")
 
-__all__ = ["SP_METHODS", "SOFTMAX_SP_METHODS", "LAYOUTS", "KERNEL_BACKENDS", "CHUNK_SIZE", "SCAN_BLOCKS",
+__all__ = ["SP_METHODS", "SOFTMAX_SP_METHODS", "DEFAULT_SP_METHOD", "DEFAULT_SOFTMAX_METHOD", "LAYOUTS",
+           "KERNEL_BACKENDS", "CHUNK_SIZE", "SCAN_BLOCKS",
            "IGNORE_INDEX", "SAVE_SIGNALS", "MOE_ROUTERS"]

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lsp.engines import engine_names, engine_spec
 from lsp.hybrid_config import HybridConfig, HybridConfigError
-from lsp.names import LAYOUTS, SAVE_SIGNALS, SOFTMAX_SP_METHODS, SP_METHODS
+from lsp.names import DEFAULT_SOFTMAX_METHOD, DEFAULT_SP_METHOD, LAYOUTS, SAVE_SIGNALS, SOFTMAX_SP_METHODS, SP_METHODS
 
 
 class ConfigError(ValueError):
@@ -112,9 +112,9 @@ class TrainConfig:
 class ParallelConfig:
     dp: int = 0  # 0 = world_size // sp
     sp: int = 1
-    sp_method: str = "allgather"
+    sp_method: str = DEFAULT_SP_METHOD
     scan_blocks: int = 4  # All-Scan pipeline blocks along V (sp_method=allscan)
-    softmax_method: str = "allgather"  # softmax layers: allgather (LASP-2H) | ring (ring attention)
+    softmax_method: str = DEFAULT_SOFTMAX_METHOD  # softmax layers: allgather (LASP-2H) | ring (ring attention)
     layout: str = "zigzag"
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
     engine: str = "ddp"  # a name of lsp.engines.engine_names(): ddp | fsdp | deepspeed

@@ -12,8 +12,9 @@ Three kinds here: `RecurrentState` for linear attention (the d_k x d_v state per
 for softmax attention and `DeltaState` for a delta-rule layer (its d_k x d_v state per head plus the last
 `kernel_size - 1` inputs of its short convolution on q, k, v, also O(1) per token). Every layer calls
 `check_decoding(sp, cu_seqlens)` first. Below them, `recurrent_step`: one token of the linear recurrence, what a
-RecurrentState advances by; a DeltaState advances by `lsp.ops.delta.naive.delta_step` (`delta_recurrent_step`) and
-its convolution by `continue_conv`.
+RecurrentState advances by; a DeltaState advances by `lsp.ops.delta.naive.delta_step` (`delta_recurrent_step`) or,
+for the DPLR rule (RWKV-7), `lsp.ops.dplr.naive.dplr_step` (`dplr_recurrent_step`), and its convolution (RWKV-7's
+token shift is one: kernel 2) by `continue_conv`.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 
 from lsp.ops.delta import repeat_heads, short_conv
 from lsp.ops.delta.naive import delta_step
+from lsp.ops.dplr.naive import dplr_step
 
 
 @dataclass
@@ -98,6 +100,19 @@ def delta_recurrent_step(q, k, v, beta, g, scale, state):
     q, k = (repeat_heads(t, HV // q.shape[2]) for t in (q, k))
     S = q.new_zeros(B, HV, q.shape[-1], V, dtype=dt) if state is None else state.to(dt)
     o, S = delta_step(*(x[:, 0].to(dt) for x in (q, k, v, beta)), None if g is None else g[:, 0], scale, S)
+    return o[:, None].to(q.dtype), S
+
+
+def dplr_recurrent_step(q, k, v, a, b, g, scale, state):
+    """One token of the DPLR delta rule (`dplr_step`, the reference's own step) in decoding shapes.
+
+    q, k, a, b, g: [B, 1, H, K]; v: [B, 1, H, V]; state: [B, H, K, V] or None (zeros).
+    Returns o [B, 1, H, V] in q's dtype and S' in the accumulation dtype (fp64 for fp64, else fp32).
+    """
+    B, _, H, K = q.shape
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=dt) if state is None else state.to(dt)
+    o, S = dplr_step(*(x[:, 0].to(dt) for x in (q, k, v, a, b, g)), scale, S)
     return o[:, None].to(q.dtype), S
 
 

@@ -38,9 +38,21 @@ def matmul_parameters(cfg: HybridConfig, active: bool = True) -> int:
     active=False every MoE expert is counted, not only the top-k a token uses (the model's total)."""
     D, H, Hkv, Dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     softmax = 2 * D * H * Dh + 2 * D * Hkv * Dh
-    linear = sum(n * layer_kind(kind).matmul_weights(cfg) for kind, n in cfg.linear_kind_counts().items())
+    linear = linear_layer_parameters(cfg)[0]
     mlps = sum(mlp_parameters(cfg, i, active) for i in range(cfg.num_layers))
     return cfg.layer_types.count("S") * softmax + linear + mlps + cfg.vocab_size * D
+
+
+def linear_layer_parameters(cfg: HybridConfig) -> tuple[int, int]:
+    """(matmul weights, other parameters) of every linear layer of the model: per kind, its count times its
+    formulas plus what its first layer has beyond the others (`LinearKind.first_layer_difference`)."""
+    matmul = other = 0
+    for kind, n in cfg.linear_kind_counts().items():
+        cls = layer_kind(kind)
+        first_matmul, first_other = cls.first_layer_difference(cfg)
+        matmul += n * cls.matmul_weights(cfg) + first_matmul
+        other += n * cls.other_parameters(cfg) + first_other
+    return matmul, other
 
 
 def mlp_parameters(cfg: HybridConfig, layer_idx: int, active: bool = True) -> int:

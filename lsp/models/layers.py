@@ -69,6 +69,8 @@ class SwiGLU(nn.Module):
 class SoftmaxAttention(nn.Module):
     """Causal multi-head softmax attention with GQA and RoPE at global positions."""
 
+    shared_values = ()   # reads or writes no cross-layer value (`LinearKind.shared_values`)
+
     def __init__(self, cfg: HybridConfig):
         super().__init__()
         self.cfg = cfg

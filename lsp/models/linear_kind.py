@@ -83,9 +83,14 @@ class LinearKind(nn.Module):
 
     name: str = ""                 # the `model.linear_attn` value, set by each registered subclass
     state_map: str = ""            # identity | scalar | diagonal | dense: the form of a segment's map A
+    op_family: str = ""            # the planner's model of its op (lsp.plan.planner.OP_FAMILIES) when the form of
+    #                                A does not say it ("" = state_map's; RWKV-7: "dplr", dense but not the delta rule)
     recurrence: Recurrence         # the op, in its three forms
     grouped_value_heads = False    # whether it runs num_v_heads > num_heads value heads (the delta rule does)
     has_kernels = True             # whether its op's Triton kernels take its inputs (KDA's gate per key: no, torch)
+    shared_values: tuple = ()      # names of per-token values it reads from / writes for other layers of one
+    #                                forward (RWKV-7's value residual: "v_first"); a kind that names any takes
+    #                                `shared=` (HybridLM's `SharedValues` of the forward) in forward
 
     def __init__(self, cfg: HybridConfig, layer_idx: int):
         super().__init__()
@@ -130,6 +135,12 @@ class LinearKind(nn.Module):
     def other_parameters(cls, cfg: HybridConfig) -> int:
         """Parameters outside those matmuls: norm weights, biases, convolutions, per-head constants."""
         raise NotImplementedError(f"{cls.__name__} must define other_parameters")
+
+    @classmethod
+    def first_layer_difference(cls, cfg: HybridConfig) -> tuple[int, int]:
+        """(matmul weights, other parameters) the first layer of this kind in a model has beyond every later one:
+        not 0 for a kind whose first layer writes a shared value that the later ones mix in (RWKV-7)."""
+        return 0, 0
 
     @classmethod
     def state_dims(cls, cfg: HybridConfig) -> tuple[int, int]:

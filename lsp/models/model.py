@@ -26,6 +26,25 @@ class LMOutput:
     aux_loss: torch.Tensor | None = None  # [] MoE balancing losses (aux + z), already included in `loss`
 
 
+class SharedValues:
+    """The per-token values layers hand to later layers of one forward, by name (a kind's `shared_values`, e.g.
+    RWKV-7's value residual `v_first`): `shared[name] = t`, `shared[name]`, `name in shared`. An object, not a dict:
+    wrappers that map over a module's tensor inputs rebuild the containers they walk (FSDP2's cast of forward inputs
+    to its param dtype makes a new dict), and a writer must write into the forward's own."""
+
+    def __init__(self):
+        self._values: dict = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._values[name]
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self._values[name] = value
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._values
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -37,10 +56,12 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, positions, sp=None, cu_seqlens=None, cache=None):
+    def forward(self, x, positions, sp=None, cu_seqlens=None, cache=None, shared=None):
         # x: [B, T, D]; positions: [B, T] long -> ([B, T, D], MoE balancing loss [] or None);
-        # cache: this layer's decoding state (see cache.py)
+        # cache: this layer's decoding state (see cache.py); shared: the forward's cross-layer values (HybridLM)
         attn_kw = {} if cache is None else {"cache": cache}   # layers without a decode path keep their signature
+        if self.attn.shared_values:                          # only a layer that declares them takes them
+            attn_kw["shared"] = shared
         x = x + self.attn(self.attn_norm(x), positions, sp=sp, cu_seqlens=cu_seqlens, **attn_kw)
         if isinstance(self.mlp, MoE):
             y, aux = self.mlp(self.mlp_norm(x), sp=sp)
@@ -135,15 +156,20 @@ class HybridLM(nn.Module):
         else:
             positions = torch.arange(cache.seen, cache.seen + T, device=input_ids.device).expand(B, T)
         x, aux_total = self.embed(input_ids), None
+        # per-token values a layer hands to later layers of this forward (`SharedValues`): the same tokens as x, so
+        # they need no exchange under SP and no decoding state
+        shared = SharedValues()
         for i, block in enumerate(self.layers):
             if cache is not None:
-                x, aux = block(x, positions, sp=sp, cu_seqlens=cu_seqlens, cache=cache.layers[i])
+                x, aux = block(x, positions, sp=sp, cu_seqlens=cu_seqlens, cache=cache.layers[i], shared=shared)
             elif self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                # the recompute replays the SP exchanges of the forward instead of communicating again
-                x, aux = checkpoint(block, x, positions, sp, cu_seqlens, use_reentrant=False,
+                # the recompute replays the SP exchanges of the forward instead of communicating again; a shared
+                # value read inside a checkpointed block is the forward's (the recompute of a writer only rebinds
+                # its name after every reader has run)
+                x, aux = checkpoint(block, x, positions, sp, cu_seqlens, None, shared, use_reentrant=False,
                                     context_fn=checkpoint_contexts)
             else:
-                x, aux = block(x, positions, sp=sp, cu_seqlens=cu_seqlens)
+                x, aux = block(x, positions, sp=sp, cu_seqlens=cu_seqlens, shared=shared)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         if cache is not None:

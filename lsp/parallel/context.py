@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lsp.names import LAYOUTS, SCAN_BLOCKS, SOFTMAX_SP_METHODS
+from lsp.names import DEFAULT_SOFTMAX_METHOD, DEFAULT_SP_METHOD, LAYOUTS, SCAN_BLOCKS, SOFTMAX_SP_METHODS
 from lsp.ops.boundaries import boundaries
 
 from .comm import AllReduceIdentity, RankGroup, gather_rows, make_comm
@@ -33,7 +33,8 @@ class SPContext(RankGroup):
     """
 
     def __init__(self, group=None, layout: str = "zigzag", emulate: int | None = None, *,
-                 method: str = "allgather", scan_blocks: int = SCAN_BLOCKS, softmax_method: str = "allgather"):
+                 method: str = DEFAULT_SP_METHOD, scan_blocks: int = SCAN_BLOCKS,
+                 softmax_method: str = DEFAULT_SOFTMAX_METHOD):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         sp_method(method)   # a registry lookup: an unknown name raises

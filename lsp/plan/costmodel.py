@@ -260,6 +260,17 @@ def delta_sp_flops_per_token(key_dim: int, value_dim: int, chunk_size: int) -> f
     return 4 * key_dim * key_dim + 2 * key_dim * key_dim * value_dim / chunk_size
 
 
+# The DPLR rule (RWKV-7) in the delta rule's chunk form with 2C rows: its op's FLOPs are
+# `lsp.ops.dplr.chunk.dplr_flops_per_token` (beside the code it counts, which the layer's MFU count reads too). The
+# SP path's augmented scan runs on the 2C rows: 8·K·K forward per token instead of the delta rule's 4·K·K, with the
+# same entering term (2·K·K·V / C), backward twice that plus the first chunk's 20KV/NC, as the delta rule's model.
+
+
+def dplr_sp_flops_per_token(key_dim: int, value_dim: int, chunk_size: int) -> float:
+    """Forward FLOPs per token and head that a DPLR layer's SP path adds to the op's (formulas above)."""
+    return 8 * key_dim * key_dim + 2 * key_dim * key_dim * value_dim / chunk_size
+
+
 # ------------------------------------------------------------------------------ baselines outside lsp (bytes only)
 #
 # Bytes received per rank for one linear layer and one training step (forward + backward), by the accounting of

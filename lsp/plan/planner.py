@@ -58,9 +58,10 @@ from typing import Callable, List, Optional
 
 from lsp.engines import engine_spec
 from lsp.models import layer_kind
-from lsp.models.flops import expert_parameters, flops_per_token, matmul_parameters
+from lsp.models.flops import expert_parameters, flops_per_token, linear_layer_parameters, matmul_parameters
 from lsp.names import CHUNK_SIZE as LINEAR_CHUNK
-from lsp.names import SCAN_BLOCKS
+from lsp.names import DEFAULT_SOFTMAX_METHOD, SCAN_BLOCKS
+from lsp.ops.dplr import dplr_flops_per_token
 from lsp.parallel.methods import sp_method, sp_methods
 from lsp.parallel.softmax import softmax_methods as registered_softmax_methods
 from lsp.run_config import Config, ConfigError, hybrid_config
@@ -71,6 +72,7 @@ from .costmodel import (
     delta_exchange_time,
     delta_flops_per_token,
     delta_sp_flops_per_token,
+    dplr_sp_flops_per_token,
     exchange_time,
     softmax_exchange_cost,
 )
@@ -113,7 +115,7 @@ class Candidate:
     tokens_per_s_per_gpu: float
     fits: bool
     scan_blocks: int = SCAN_BLOCKS   # pipeline blocks (the model's best, for a method that has them: All-Scan)
-    softmax_method: str = "allgather"  # the softmax layers' SP method (LASP-2H or ring attention)
+    softmax_method: str = DEFAULT_SOFTMAX_METHOD  # the softmax layers' SP method (LASP-2H or ring attention)
 
     def overrides(self) -> str:
         blocks = f" parallel.scan_blocks={self.scan_blocks}" if sp_method(self.method).blocks else ""
@@ -128,7 +130,7 @@ def model_parameters(mcfg) -> int:
     the final one) and each linear layer's other parameters (its kind's `other_parameters`: output norm, biases,
     short convolutions, per-head constants)."""
     D, types = mcfg.hidden_size, mcfg.layer_types
-    linear = sum(n * layer_kind(kind).other_parameters(mcfg) for kind, n in mcfg.linear_kind_counts().items())
+    linear = linear_layer_parameters(mcfg)[1]
     small = 2 * D * len(types) + D + linear
     # every MoE expert (active=False): memory holds all of them, a token uses top-k
     return matmul_parameters(mcfg, active=False) + (0 if mcfg.tie_embeddings else mcfg.vocab_size * D) + small
@@ -190,7 +192,7 @@ def local_segments(seq_len: int, local_tokens: int, micro_batch: int, layout: st
 
 
 def layer_activation_bytes(mcfg, kind: str, seq_len: int, local_tokens: int, micro_batch: int,
-                           layout: str = "zigzag", softmax_method: str = "allgather") -> float:
+                           layout: str = "zigzag", softmax_method: str = DEFAULT_SOFTMAX_METHOD) -> float:
     """Bytes one layer of `kind` keeps for backward on rank 0: `saved_bytes` at the launch's token counts (the
     gathered K|V only where the softmax method keeps it: costmodel.softmax_exchange_cost), plus a bf16 copy of
     each of its weights (autocast)."""
@@ -206,7 +208,7 @@ def layer_activation_bytes(mcfg, kind: str, seq_len: int, local_tokens: int, mic
 
 
 def activation_bytes(mcfg, seq_len: int, local_tokens: int, micro_batch: int, checkpointing: bool,
-                     layout: str = "zigzag", softmax_method: str = "allgather", ep: int = 1) -> float:
+                     layout: str = "zigzag", softmax_method: str = DEFAULT_SOFTMAX_METHOD, ep: int = 1) -> float:
     """Bytes of activations kept for backward on rank 0 (module docstring), plus the K|V working set of one
     softmax layer's SP pass (LASP-2H: the gathered K|V's gradient; ring: two blocks and two dK|dV accumulators).
     An MoE block's feed-forward replaces the dense SwiGLU's terms (lsp.plan.moe: experts split over ep ranks)."""
@@ -324,16 +326,29 @@ def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: in
     return H * per_token * local_tokens
 
 
-def _delta_counted_per_token(Dh: int, seg: int, sp: int, ac: int) -> float:
+def _delta_counted_per_token(Dh: int, seg: int, sp: int, ac: int, op_flops=delta_flops_per_token,
+                             sp_flops=delta_sp_flops_per_token, edge: int = 10) -> float:
     # counted FLOPs per token and head of a delta layer (costmodel.delta_flops_per_token, exact on the op;
-    # checkpointing re-runs the forward; SP adds the augmented scan), for segments of seg tokens in whole chunks
+    # checkpointing re-runs the forward; SP adds the augmented scan and the first chunk's edge·K·V / NC), for
+    # segments of seg tokens in whole chunks; the DPLR rule passes its own formulas (`_dplr_counted_flops`)
     C = LINEAR_CHUNK
     chunks = -(-seg // C)
-    fwd, bwd = delta_flops_per_token(C, Dh, Dh, chunks)
+    fwd, bwd = op_flops(C, Dh, Dh, chunks)
     if sp > 1:
-        extra = delta_sp_flops_per_token(Dh, Dh, C)
-        fwd, bwd = fwd + extra, bwd + 10 * Dh * Dh / chunks + 2 * extra
+        extra = sp_flops(Dh, Dh, C)
+        fwd, bwd = fwd + extra, bwd + edge * Dh * Dh / chunks + 2 * extra
     return (fwd * (1 + ac) + bwd) * chunks * C / seg
+
+
+def _dplr_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str,
+                        kind: Optional[str] = None) -> float:
+    # linear_flops of a kind on the DPLR rule (RWKV-7): the delta rule's accounting with the DPLR's formulas
+    # (lsp.ops.dplr.dplr_flops_per_token); torch path only (no Triton kernel)
+    held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
+    sp = max(1, micro_batch * seq_len // local_tokens)
+    per_token = _delta_counted_per_token(mcfg.head_dim, seg, sp, ac, dplr_flops_per_token, dplr_sp_flops_per_token,
+                                         edge=20)
+    return mcfg.num_heads * per_token * local_tokens
 
 
 def linear_exchange(mcfg, hw: Hardware, sp: int, method: str, b: int, t_intra: float, layout: str,
@@ -410,17 +425,23 @@ def _affine_backend() -> str:
 
 
 _AFFINE = OpFamily(_affine_backend, _affine_counted_flops, _affine_sp_flops, _affine_exchange)
-OP_FAMILIES = {"identity": _DECAYED, "scalar": _DECAYED, "diagonal": _DECAYED, "dense": _AFFINE}
+# the DPLR rule: a dense map like the delta rule's (same exchange), its own chunk FLOPs, the torch path
+_DPLR = OpFamily(lambda: "torch", _dplr_counted_flops,
+                 lambda mcfg, seq_len: mcfg.num_heads * dplr_sp_flops_per_token(mcfg.head_dim, mcfg.head_dim,
+                                                                                 min(LINEAR_CHUNK, seq_len)),
+                 _affine_exchange)
+OP_FAMILIES = {"identity": _DECAYED, "scalar": _DECAYED, "diagonal": _DECAYED, "dense": _AFFINE, "dplr": _DPLR}
 
 
 def op_family(mcfg, kind: Optional[str] = None) -> OpFamily:
     """The planner's model of a linear kind's recurrence (None: linear_attn); a form of A it does not model
     raises."""
     kind = layer_kind(kind or mcfg.linear_attn)
-    if kind.state_map not in OP_FAMILIES:
-        raise ValueError(f"linear kind {kind.name!r}: the planner models no segment map of form {kind.state_map!r} "
+    key = kind.op_family or kind.state_map
+    if key not in OP_FAMILIES:
+        raise ValueError(f"linear kind {kind.name!r}: the planner models no segment map of form {key!r} "
                          f"(known: {', '.join(OP_FAMILIES)})")
-    return OP_FAMILIES[kind.state_map]
+    return OP_FAMILIES[key]
 
 
 def _sp_extra_flops(mcfg, sp: int, seq_len: int) -> float:
@@ -431,7 +452,7 @@ def _sp_extra_flops(mcfg, sp: int, seq_len: int) -> float:
 
 
 def _micro_step(mcfg, cluster: Cluster, sp: int, method: str, b: int, seq_len: int, ac: bool, layout: str,
-                softmax_method: str = "allgather", ep: int = 1):
+                softmax_method: str = DEFAULT_SOFTMAX_METHOD, ep: int = 1):
     """(compute s, exposed SP + EP communication s, backward s, All-Scan blocks) of one micro-step."""
     from .moe import all_to_all_seconds
 

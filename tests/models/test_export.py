@@ -52,7 +52,7 @@ def logged_by_transformers(fn):
 @pytest.mark.parametrize("kind, pattern, tie", [("gla", "LS", False), ("lightning", "LLS", True),
                                                 ("linear", "L", False), ("simple_gla", "SL", False),
                                                 ("gated_deltanet", "LLS", False), ("mamba2", "LLS", False),
-                                                ("hgrn2", "LLS", False)])
+                                                ("hgrn2", "LLS", False), ("rwkv7", "LSL", False)])
 @needs_hf
 def test_hf_logits_equal_lsp(tmp_path, kind, pattern, tie):
     model = make_model(kind, pattern, tie)
@@ -83,7 +83,7 @@ def test_hf_export_of_a_kind_mix(tmp_path):
 
 @needs_hf
 @torch.no_grad()
-@pytest.mark.parametrize("kind", ["gla", "gated_deltanet", "mamba2", "hgrn2"])
+@pytest.mark.parametrize("kind", ["gla", "gated_deltanet", "mamba2", "hgrn2", "rwkv7"])
 def test_hf_generate_equals_lsp_and_decodes_one_token_per_step(tmp_path, kind):
     model = make_model(kind, "LLS")
     export_model(model, IdTokenizer(model.cfg.vocab_size), tmp_path)

@@ -36,8 +36,8 @@ def test_model_builds_each_positions_kind():
 
 
 @pytest.mark.parametrize("pattern, message", [
-    ("mamba2,rwkv7,S",
-     r"^layer_pattern: 'rwkv7' \(entry 1 of 'mamba2,rwkv7,S'\) is not one of L, S, softmax, deltanet, "),
+    ("mamba2,rwkv6,S",
+     r"^layer_pattern: 'rwkv6' \(entry 1 of 'mamba2,rwkv6,S'\) is not one of L, S, softmax, deltanet, "),
     ("LXS", r"^layer_pattern: 'X' \(entry 1 of 'LXS'\) is not one of L, S, softmax, "),
     ("mamba2,,S", r"^layer_pattern: '' \(entry 1 of 'mamba2,,S'\) is not one of "),
     (",", r"^layer_pattern: ',' must be a non-empty string"),

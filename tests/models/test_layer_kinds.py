@@ -13,7 +13,8 @@ from lsp.models import LinearKind, layer_kind, layer_kinds, register_kind
 from lsp.names import SOFTMAX_SP_METHODS, SP_METHODS
 
 LSP_DIR = os.path.dirname(lsp.kinds.__file__)
-BUILTIN = {"linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet", "mamba2", "hgrn2", "kda"}
+BUILTIN = {"linear", "lightning", "simple_gla", "gla", "deltanet", "gated_deltanet", "mamba2", "hgrn2", "kda",
+           "rwkv7"}
 
 
 def test_every_builtin_kind_is_one_registered_class_under_its_file_name():
@@ -105,6 +106,35 @@ def test_nothing_in_lsp_branches_on_an_sp_method_name():
     planner.py 1), none now; the issue allowed 2."""
     found = comparisons_in_lsp(set(SP_METHODS) | set(SOFTMAX_SP_METHODS) | {"ringkv"})
     assert sum(len(h) for h in found.values()) == 0, found
+
+
+def spelled_defaults(source: str, names: set) -> list:
+    """Lines where a name of `names` is written as a default: a parameter default or a field's value."""
+    hits = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.arguments):
+            values = [*node.defaults, *(d for d in node.kw_defaults if d is not None)]
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            values = [node.value]
+        else:
+            continue
+        hits += [v.lineno for v in values if isinstance(v, ast.Constant) and v.value in names]
+    return hits
+
+
+def test_the_default_sp_methods_are_spelled_once():
+    """The default SP methods are `lsp.names.DEFAULT_SP_METHOD` / `DEFAULT_SOFTMAX_METHOD`: "allgather" was
+    written as a default in 6 places (run_config, planner, SPContext) before."""
+    found = {}
+    for root, _, files in os.walk(LSP_DIR):
+        for f in files:
+            if f.endswith(".py"):
+                with open(os.path.join(root, f)) as fh:
+                    if hits := spelled_defaults(fh.read(), set(SP_METHODS) | set(SOFTMAX_SP_METHODS)):
+                        found[f] = hits
+    assert found == {}, found
+    control = 'def f(method: str = "allgather", *, m="ring"): pass\nclass C:\n    x: str = "allscan"\n'
+    assert spelled_defaults(control, set(SP_METHODS)) == [1, 1, 3]
 
 
 def test_negative_control_the_counter_sees_each_form():

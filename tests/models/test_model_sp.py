@@ -70,11 +70,17 @@ def test_negative_control_local_positions_break_equivalence(monkeypatch):
 # ---------------------------------------------------------------- real processes (gloo)
 
 def test_gloo_two_ranks_sum_of_grads_equals_single_device():
+    check_gloo()
+
+
+def check_gloo(**overrides):
+    """2 gloo ranks, every linear SP method, zigzag, packed documents: each rank's loss is the sp=None loss and the
+    sum of the ranks' parameter gradients is its gradients (CFG with `overrides`)."""
     world = 2
-    ranks = spawn(sp_workers.hybrid_lm_grads, world, timeout_s=240)
+    ranks = spawn(sp_workers.hybrid_lm_grads, world, overrides, timeout_s=240)
     ids, labels = make_batch(1, 64)
     torch.manual_seed(0)
-    model = HybridLM(HybridConfig(**CFG)).double()
+    model = HybridLM(HybridConfig(**{**CFG, **overrides})).double()
     ref_loss, ref_grads = loss_and_grads(model, ids, labels, cu_seqlens=sp_workers.GLOO_CU)
     for method in ("allgather", "allscan", "ring"):
         per_rank = [r[method] for r in ranks]

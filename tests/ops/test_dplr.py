@@ -167,3 +167,24 @@ def test_autocast_does_not_change_the_result():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast, _ = dplr_delta_rule(*(x[n] for n in NAMES[:-1]))
     assert torch.equal(cast, plain)
+
+
+@pytest.mark.parametrize("K, V", [(16, 32), (32, 16)])
+def test_flops_formula_is_what_flopcounter_counts(K, V):
+    """dplr_flops_per_token (the planner's and the rwkv7 kind's count) equals FlopCounterMode's count of the chunked
+    path, forward and backward, for rows of 1, 2 and 3 chunks (K != V both ways, so that each term's dims are
+    seen); control: the delta rule's formula does not."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lsp.ops.dplr import dplr_flops_per_token
+    from lsp.plan.costmodel import delta_flops_per_token
+
+    for chunks in (1, 2, 3):
+        x = make_dplr_inputs(B=1, T=64 * chunks, H=1, K=K, V=V, dtype=torch.float32)
+        with FlopCounterMode(display=False) as fwd:
+            o, _ = dplr_delta_rule(*(x[n] for n in NAMES[:-1]), backend="torch")
+        with FlopCounterMode(display=False) as bwd:
+            o.sum().backward()
+        counted = (fwd.get_total_flops() / (64 * chunks), bwd.get_total_flops() / (64 * chunks))
+        assert counted == dplr_flops_per_token(64, K, V, chunks), (chunks, counted)
+        assert counted != delta_flops_per_token(64, K, V, chunks)

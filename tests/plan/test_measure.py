@@ -145,10 +145,11 @@ def _agrees(name, gpus, overrides=()):
     assert model.peak == pytest.approx(got.peak, rel=0.15)
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu", "tiny-gdn-cpu", "tiny-mamba2-cpu", "tiny-hgrn2-cpu", "tiny-kda-cpu"])
+@pytest.mark.parametrize("name", ["tiny-cpu", "tiny-gdn-cpu", "tiny-mamba2-cpu", "tiny-hgrn2-cpu", "tiny-kda-cpu",
+                                  pytest.param("tiny-rwkv7-cpu", marks=pytest.mark.slow)])   # 27 s on this CPU
 def test_model_agrees_with_the_measurement_of_the_tiny_configs(name):
-    """GLA, Gated DeltaNet, Mamba-2 (N != head_dim), HGRN2 and KDA, segments shorter than a chunk (the padded chunk
-    core dominates): seconds each."""
+    """GLA, Gated DeltaNet, Mamba-2 (N != head_dim), HGRN2, KDA and RWKV-7, segments shorter than a chunk (the padded
+    chunk core dominates): seconds each."""
     _agrees(name, 2)
 
 

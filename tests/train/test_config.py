@@ -123,9 +123,12 @@ BAD = [
     ("raw", ["train", "{tmp}"], "config error: config: {tmp} is a folder, not a file"),
     ("train", ["data.kind=files", "data.files=[{tmp}/doc.txt]", "train.micro_batch=1", "data.tokenizer={tmp}"],
      "data.tokenizer: 'byte' or a tokenizers JSON file; {tmp} is a folder, not a file"),
-    ("train", ["model.layer_pattern=mamba2,rwkv7,S"],
-     "model.layer_pattern: 'rwkv7' (entry 1 of 'mamba2,rwkv7,S') is not one of L, S, softmax, deltanet,"),
+    ("train", ["model.layer_pattern=mamba2,rwkv6,S"],
+     "model.layer_pattern: 'rwkv6' (entry 1 of 'mamba2,rwkv6,S') is not one of L, S, softmax, deltanet,"),
     ("train", ["model.ssm_groups=3"], "model.ssm_groups: 3 does not divide model.num_heads=2"),
+    ("train", ["parallel.sp=1", "model.linear_attn=rwkv7", "model.linear_backend=triton"],
+     "model.linear_backend: 'triton': linear kind 'rwkv7' runs on dplr_delta_rule, whose backends are auto, torch, "
+     "naive"),
     *([("train", ["parallel.sp=1", "out_dir=/proc/lsp-nowhere"],   # passes the early check as root: the first write
         "out_dir: cannot create /proc/lsp-nowhere/tiny-cpu: No such file or directory")]
       if os.path.isdir("/proc/self") else []),

@@ -82,6 +82,17 @@ def dplr_chunk_output(q, chunks: DplrChunks, entering: torch.Tensor, scale: floa
     return chunk_readout(qc * chunks.G.exp(), P, chunks, entering, scale)
 
 
+def dplr_flops_per_token(chunk_size: int, key_dim: int, value_dim: int, chunks_per_row: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs per token and head of the chunked path above as FlopCounterMode counts them, for
+    rows of chunks_per_row whole chunks: forward 7CK + 6CV + 10KV (the four pair-score blocks, A_ak V, the scan on
+    2C rows, the read-out), backward 16CK + 14CV + 20KV less 20KV/NC at the row's edges (no gradient into the zero
+    first state), plus 2KV when a row is one chunk. Fitted on K, V in {16, 32, 64} with unequal pairs and 1 to 8
+    chunks per row, exact on each (tests/ops/test_dplr.py::test_flops_formula_is_what_flopcounter_counts)."""
+    C, K, V, n = chunk_size, key_dim, value_dim, chunks_per_row
+    return (7 * C * K + 6 * C * V + 10 * K * V,
+            16 * C * K + 14 * C * V + 20 * K * V - 20 * K * V / n + (2 * K * V if n == 1 else 0))
+
+
 def chunk_dplr_delta_rule(q, k, v, a, b, g, scale, initial_state=None, output_final_state=False, cu_seqlens=None,
                           chunk_size: int = CHUNK_SIZE):
     """Arguments as `lsp.ops.dplr_delta_rule` (already validated); chunked forward, autograd backward."""
