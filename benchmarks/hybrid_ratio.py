@@ -117,7 +117,8 @@ def plot(rows: list[dict], path: str, title: str, chance: float) -> None:
 
 
 def finish_plot(fig, ax, path: str, title: str, chance: float, ticks, labels, legend_size: int = 8,
-                xlabel: str = "layer pattern (linear:softmax) and number of softmax layers") -> None:
+                xlabel: str = "layer pattern (linear:softmax) and number of softmax layers", legend_loc: str = "best"
+                ) -> None:
     """Chance line, x ticks, labels, legend; save the PNG (shared by the MQAR studies)."""
     import matplotlib.pyplot as plt
 
@@ -128,7 +129,7 @@ def finish_plot(fig, ax, path: str, title: str, chance: float, ticks, labels, le
     ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
+    ax.legend(fontsize=legend_size, loc=legend_loc)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -116,7 +116,7 @@ def plot(rows: list[dict], path: str, title: str, chance: float) -> None:
             ax.plot([x - 0.09, x + 0.09], [s["recall_mean"]] * 2, color="black", lw=1)
     labels = ["softmax" if k == REFERENCE else k for k in kinds]
     hybrid_ratio.finish_plot(fig, ax, path, title, chance, list(range(len(kinds))), labels, legend_size=7,
-                             xlabel="linear layer kind (dots: seeds; bar: mean)")
+                             xlabel="linear layer kind (dots: seeds; bar: mean)", legend_loc="center left")
 
 
 def main(argv=None) -> list[dict]:
