@@ -1,6 +1,6 @@
 """MQAR recall over every registered linear layer kind, at one parameter count, over several seeds.
 
-    nice -n 10 python benchmarks/mqar_kinds.py --seeds 0,1 --cache benchmarks/results/mqar_kinds.jsonl  # docs, 6
+    nice -n 10 python benchmarks/mqar_kinds.py --seeds 0,1,2 --cache benchmarks/results/mqar_kinds.jsonl  # docs 6
     python benchmarks/mqar_kinds.py --quick                # CI smoke (seconds): every kind, a few steps
     # docs section 5's study (GLA vs Gated DeltaNet, 8 layers, 400 steps):
     python benchmarks/mqar_kinds.py --kinds gla,gated_deltanet --patterns L,LLLS,LS --layers 8 --kv-pairs 8 \
