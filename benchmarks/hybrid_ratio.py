@@ -55,7 +55,8 @@ def recall_accuracy(model: HybridLM, task: MQAR, n: int, bs: int) -> float:
 def matched_config(pattern: str, vocab_size: int, args) -> HybridConfig:
     """The pattern's config with the MLP width (multiple of 8) that brings its parameter count closest to the
     all-linear model's (a GLA layer has D² + low-rank-decay weights more than a softmax layer). args.match_kind
-    (optional): the linear kind of that all-linear model, when it is not args.linear_attn."""
+    (optional): the linear kind of that all-linear model, when it is not args.linear_attn; a kind with more mixer
+    weights than that target gets a narrower MLP, one with fewer a wider one."""
     def cfg_for(p, inter=None, kind=args.linear_attn):
         return HybridConfig(vocab_size=vocab_size, hidden_size=args.hidden, num_layers=args.layers,
                             num_heads=args.heads, layer_pattern=p, linear_attn=kind,
@@ -66,9 +67,11 @@ def matched_config(pattern: str, vocab_size: int, args) -> HybridConfig:
         return base
     count = lambda c: num_parameters(HybridLM(c))  # noqa: E731
     target = count(cfg_for("L", kind=getattr(args, "match_kind", None) or args.linear_attn))
+    step = 8 if count(base) < target else -8
     best = prev = base
-    while count(best) < target:  # parameters grow with the MLP width: stop at the first width past the target
-        prev, best = best, cfg_for(pattern, best.intermediate_size + 8)
+    # parameters grow with the MLP width: walk towards the target, stop at the first width past it
+    while (count(best) - target) * step < 0 and best.intermediate_size + step > 0:
+        prev, best = best, cfg_for(pattern, best.intermediate_size + step)
     return min((prev, best), key=lambda c: abs(count(c) - target))
 
 
@@ -113,18 +116,20 @@ def plot(rows: list[dict], path: str, title: str, chance: float) -> None:
     finish_plot(fig, ax, path, title, chance, x, [f"{PATTERNS.get(p, p)}\n({n} S)" for p, n in zip(order, x)])
 
 
-def finish_plot(fig, ax, path: str, title: str, chance: float, ticks, labels, legend_size: int = 8) -> None:
-    """Chance line, pattern ticks, labels, legend; save the PNG (shared by the MQAR studies)."""
+def finish_plot(fig, ax, path: str, title: str, chance: float, ticks, labels, legend_size: int = 8,
+                xlabel: str = "layer pattern (linear:softmax) and number of softmax layers", legend_loc: str = "best"
+                ) -> None:
+    """Chance line, x ticks, labels, legend; save the PNG (shared by the MQAR studies)."""
     import matplotlib.pyplot as plt
 
     ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance (1/{round(1 / chance)})")
     ax.set_xticks(ticks, labels, fontsize=8)
-    ax.set_xlabel("layer pattern (linear:softmax) and number of softmax layers")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("MQAR recall accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
+    ax.legend(fontsize=legend_size, loc=legend_loc)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
