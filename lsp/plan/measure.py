@@ -269,8 +269,8 @@ def measure(cfg, mcfg, gpus: int) -> Measurement:
             train_step(cfg, model, optimizer, sp, ids, labels, bf16)
     measured = _sharded(engine, measured, p.zero, gpus, expert_bytes)
     notes = [(f"GLA-family linear attention measured on the {measured_linear_backend()} path, delta-rule layers on "
-              f"the {measured_backend('delta_rule')} path (the Triton kernels as torch custom ops, "
-              "lsp/ops/linear/custom_ops.py, lsp/ops/delta/custom_ops.py)"),
+              f"the {measured_backend('delta_rule')} path, DPLR layers on the {measured_backend('dplr_delta_rule')} "
+              "path (the Triton kernels as torch custom ops, lsp/ops/{linear,delta,dplr}/custom_ops.py)"),
              f"engine {p.engine} (zero={p.zero}) sharding applied to the tracked parameter list over {gpus} ranks"]
     if cfg.data.kind != "mqar":
         notes.append("measured without document boundaries (cu_seqlens): a window inside one document")

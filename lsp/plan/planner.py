@@ -344,13 +344,28 @@ def _delta_counted_per_token(Dh: int, seg: int, sp: int, ac: int, op_flops=delta
 
 def _dplr_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str,
                         kind: Optional[str] = None) -> float:
-    # linear_flops of a kind on the DPLR rule (RWKV-7): the delta rule's accounting with the DPLR's formulas
-    # (lsp.ops.dplr.dplr_flops_per_token); torch path only (no Triton kernel)
+    # linear_flops of a kind on the DPLR rule (RWKV-7), as `_affine_counted_flops` counts the delta rule's. Torch
+    # path: the delta accounting with the DPLR's formulas (lsp.ops.dplr.dplr_flops_per_token). Triton path
+    # (lsp.ops.dplr.custom_ops): without SP the whole op by its formulas per padded chunk; under SP the chunked torch
+    # pieces around the delta rule's scan op, which walks each chunk's 2C rows (its scan term at 2C)
+    H, Dh = mcfg.num_heads, mcfg.head_dim
     held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
     sp = max(1, micro_batch * seq_len // local_tokens)
-    per_token = _delta_counted_per_token(mcfg.head_dim, seg, sp, ac, dplr_flops_per_token, dplr_sp_flops_per_token,
-                                         edge=20)
-    return mcfg.num_heads * per_token * local_tokens
+    chunks = -(-seg // LINEAR_CHUNK)
+    backend = linear_backend(mcfg, kind)
+    if backend == "triton" and sp == 1:
+        from lsp.ops.dplr.custom_ops import dplr_chunk_flops
+
+        c = dplr_chunk_flops(Dh, Dh, LINEAR_CHUNK)
+        common = c["scores"] + c["wy"] + c["scan"]
+        return H * micro_batch * held * chunks * ((1 + ac) * (common + c["output"]) + common + c["grads"])
+    per_token = _delta_counted_per_token(Dh, seg, sp, ac, dplr_flops_per_token, dplr_sp_flops_per_token, edge=20)
+    if backend == "triton":
+        from lsp.ops.delta.custom_ops import delta_scan_flops
+
+        fwd, bwd = delta_scan_flops(Dh, 2 * Dh, 2 * LINEAR_CHUNK)   # per chunk; autograd's: 2·fwd, less fwd / 2
+        per_token += (chunks * (bwd - 2 * fwd) + fwd / 2) / seg
+    return H * per_token * local_tokens
 
 
 def linear_exchange(mcfg, hw: Hardware, sp: int, method: str, b: int, t_intra: float, layout: str,
@@ -427,8 +442,14 @@ def _affine_backend() -> str:
 
 
 _AFFINE = OpFamily(_affine_backend, _affine_counted_flops, _affine_sp_flops, _affine_exchange)
-# the DPLR rule: a dense map like the delta rule's (same exchange), its own chunk FLOPs, the torch path
-_DPLR = OpFamily(lambda: "torch", _dplr_counted_flops,
+def _dplr_backend() -> str:
+    from lsp.ops.estimate import measured_backend
+
+    return measured_backend("dplr_delta_rule")
+
+
+# the DPLR rule: a dense map like the delta rule's (same exchange), its own chunk FLOPs
+_DPLR = OpFamily(_dplr_backend, _dplr_counted_flops,
                  lambda mcfg, seq_len: mcfg.num_heads * dplr_sp_flops_per_token(mcfg.head_dim, mcfg.head_dim,
                                                                                  min(LINEAR_CHUNK, seq_len)),
                  _affine_exchange)

@@ -31,6 +31,7 @@ from lsp.ops.linear.local import local_output, local_states  # noqa: E402
 from lsp.ops.linear.triton_chunk import kern, triton_chunk_output, triton_chunk_states  # noqa: E402
 
 from .linear_cases import make_inputs  # noqa: E402
+from .saved import as_fake, saved_bytes  # noqa: E402
 from .triton_interp import interpreter_bf16_dot  # noqa: E402,F401
 
 pytestmark = pytest.mark.skipif(type(kern._fwd_state_kernel).__name__ != "InterpretedFunction"
@@ -43,21 +44,7 @@ def _inputs(form, fake_mode=None):
     xs = make_inputs(form, **SHAPE, dtype=torch.float32, init=True)
     if fake_mode is None:
         return xs
-    return [None if x is None else fake_mode.from_tensor(x.detach()).requires_grad_(True) for x in xs]
-
-
-def _saved_bytes(fn) -> int:
-    # bytes of the distinct storages autograd keeps while fn() runs (storages stay alive: the graph holds them)
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        seen[s._cdata] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+    return as_fake(xs, fake_mode)
 
 
 def _op(q, k, v, g, s0):
@@ -77,11 +64,11 @@ def _pieces(recompute):
 
 def _both(fn, form):
     """(real, fake) saved bytes of fn (fake inputs made from real ones, outside the mode)."""
-    real = _saved_bytes(lambda: fn(*_inputs(form)))
+    real = saved_bytes(lambda: fn(*_inputs(form)))
     mode = FakeTensorMode()
     fake_inputs = _inputs(form, mode)
     with mode, gpu_code_paths():
-        fake = _saved_bytes(lambda: fn(*fake_inputs))
+        fake = saved_bytes(lambda: fn(*fake_inputs))
     return real, fake
 
 

@@ -34,6 +34,7 @@ from lsp.ops.estimate import gpu_code_paths, measured_backend  # noqa: E402
 from lsp.ops.probe import kernel_case  # noqa: E402
 
 from .delta_cases import NAMES, make_delta_inputs  # noqa: E402
+from .saved import as_fake, saved_bytes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
@@ -45,24 +46,10 @@ def _inputs(gated=True, fake_mode=None, device=None, **shape):
     x = make_delta_inputs(gated=bool(gated), dtype=torch.float32, per_key=gated == "key", **{**SHAPE, **shape})
     xs = [x[n] for n in NAMES]
     if fake_mode is not None:
-        return [None if t is None else fake_mode.from_tensor(t.detach()).requires_grad_(True) for t in xs]
+        return as_fake(xs, fake_mode)
     if device is not None:
         return [None if t is None else t.detach().to(device).requires_grad_(True) for t in xs]
     return xs
-
-
-def _saved_bytes(fn) -> int:
-    # bytes of the distinct storages autograd keeps while fn() runs (storages stay alive: the graph holds them)
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        seen[s._cdata] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def _op(q, k, v, beta, g, s0):
@@ -79,11 +66,11 @@ def _pieces(scan_backend):
 
 def _both(fn, gated):
     """(real, fake) saved bytes of fn (fake inputs made from real ones, outside the mode)."""
-    real = _saved_bytes(lambda: fn(*_inputs(gated)))
+    real = saved_bytes(lambda: fn(*_inputs(gated)))
     mode = FakeTensorMode()
     fake_inputs = _inputs(gated, mode)
     with mode, gpu_code_paths():
-        fake = _saved_bytes(lambda: fn(*fake_inputs))
+        fake = saved_bytes(lambda: fn(*fake_inputs))
     return real, fake
 
 
