@@ -28,7 +28,7 @@ from lsp.ops.delta import triton_intra  # noqa: E402
 
 from .delta_cases import make_delta_inputs  # noqa: E402
 from .sm90_compile import capture_launches, ptxas_path  # noqa: E402
-from .test_triton_sm90 import _compile  # noqa: E402
+from .test_triton_sm90 import _assert_clean, _compile  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(type(triton_intra._out_kernel).__name__ != "InterpretedFunction",
@@ -72,17 +72,10 @@ def test_sm80_kda_key_and_output_kernels(tmp_path):
 def test_every_kda_kernel_compiles_without_spills(tmp_path, arch):
     items = capture_launches(_exercise_kda)
     rows = _compile(items, tmp_path, arch)
-    assert len(rows) == len(items) and {r["name"] for r in rows} >= {
+    _assert_clean(items, rows, arch, {
         "_intra_scores_kernel", "_ut_inverse_kernel", "_ut_apply_kernel", "_scan_fwd", "_out_kernel",
-        "_bwd_out_kernel", "_scan_bwd", "_bwd_w_kernel", "_bwd_dA_kernel", "_bwd_k_key_kernel", "_intra_dqk_kernel"}
-    for r in rows:
-        print(f"{r['name']:20s} warps={r['warps']} regs={r['regs']} spill={r['spill']} "
-              f"{'wgmma' if r['wgmma'] else 'mma.sync' if r['mma'] else 'no-dot'} {r['consts']}")
-    spilling = [r for r in rows if r["spill"] != 0]
-    assert not spilling, spilling
-    if arch == 90:
-        no_wgmma = [r for r in rows if r["mma"] and not r["wgmma"] and r["name"] not in SUB_BLOCK_KERNELS]
-        assert not no_wgmma, no_wgmma
+        "_bwd_out_kernel", "_scan_bwd", "_bwd_w_kernel", "_bwd_dA_kernel", "_bwd_k_key_kernel", "_intra_dqk_kernel"},
+        SUB_BLOCK_KERNELS)
 
 
 def test_sm80_defaults_of_the_delta_kernels_that_spilled_there(tmp_path):
@@ -102,17 +95,9 @@ def test_sm80_defaults_of_the_delta_kernels_that_spilled_there(tmp_path):
 def test_every_delta_kernel_compiles_without_spills(tmp_path, arch):
     items = capture_launches(_exercise)
     rows = _compile(items, tmp_path, arch)
-    assert len(rows) == len(items) and {r["name"] for r in rows} >= {
+    _assert_clean(items, rows, arch, {
         "_ut_inverse_kernel", "_ut_apply_kernel", "_scan_fwd", "_out_kernel", "_bwd_out_kernel", "_scan_bwd",
-        "_bwd_w_kernel", "_bwd_dA_kernel", "_bwd_k_kernel"}
-    for r in rows:
-        print(f"{r['name']:20s} warps={r['warps']} regs={r['regs']} spill={r['spill']} "
-              f"{'wgmma' if r['wgmma'] else 'mma.sync' if r['mma'] else 'no-dot'} {r['consts']}")
-    spilling = [r for r in rows if r["spill"] != 0]
-    assert not spilling, spilling
-    if arch == 90:
-        no_wgmma = [r for r in rows if r["mma"] and not r["wgmma"] and r["name"] != "_ut_inverse_kernel"]
-        assert not no_wgmma, no_wgmma
+        "_bwd_w_kernel", "_bwd_dA_kernel", "_bwd_k_kernel"}, {"_ut_inverse_kernel"})
     bad = next(it for it in items if it[1] == "_bwd_k_kernel")
     bad = [bad[0], bad[1], bad[2], {**bad[3], "BK": 64, "BV": 64}, bad[4], bad[5]]
     assert _compile([bad], tmp_path, arch)[0]["spill"] > 0

@@ -25,23 +25,11 @@ from lsp.ops.delta import triton_chunk, triton_key, triton_scan  # noqa: E402
 from lsp.ops.delta.chunk import chunk_forward  # noqa: E402
 
 from . import test_fla_cases as fla  # noqa: E402
-from .delta_cases import detached64, make_delta_inputs, max_rel_err, run_delta_with_grads  # noqa: E402
+from .delta_cases import make_delta_inputs, max_rel_err, run_delta_with_grads  # noqa: E402
 from .linear_cases import assert_close  # noqa: E402
-from .test_delta_triton import _DropArgument  # noqa: E402
+from .test_delta_triton import CU, DEVICE, TOL, _DropArgument, _on_device, _ref  # noqa: E402
 from .test_delta_triton_kernels import launches  # noqa: E402,F401 (the launch-counting fixture)
 from .triton_interp import interpreter_bf16_dot  # noqa: E402,F401 (bf16 dots computed as a GPU does)
-
-TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CU = torch.tensor([0, 10, 10, 64, 65, 150], dtype=torch.int32)   # inside a chunk, a chunk edge, empty, length 1
-
-
-def _ref(x, **kw):
-    return run_delta_with_grads(delta_rule, detached64(x), backend="naive", **kw)
-
-
-def _on_device(x):
-    return {n: None if t is None else t.detach().to(DEVICE).requires_grad_() for n, t in x.items()}
 
 
 def _cpu(res):

@@ -69,6 +69,20 @@ def _compile(items, tmp_path, arch=90):
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
+def _assert_clean(items, rows, arch, names, may_use_mma_sync):
+    """Every captured launch compiled, their kernels include `names`, none spills, and on sm_90a every dot kernel
+    uses wgmma but those in may_use_mma_sync (16-row sub-block kernels: their products have no 64-row tile)."""
+    assert len(rows) == len(items) and {r["name"] for r in rows} >= names
+    for r in rows:
+        print(f"{r['name']:22s} warps={r['warps']} regs={r['regs']} spill={r['spill']} "
+              f"{'wgmma' if r['wgmma'] else 'mma.sync' if r['mma'] else 'no-dot'} {r['consts']}")
+    spilling = [r for r in rows if r["spill"] != 0]
+    assert not spilling, spilling
+    if arch == 90:
+        no_wgmma = [r for r in rows if r["mma"] and not r["wgmma"] and r["name"] not in may_use_mma_sync]
+        assert not no_wgmma, no_wgmma
+
+
 def test_sm80_defaults_of_the_kernels_that_spilled_there(tmp_path):
     """Small version for the default suite: the default configs of _out_kernel (scalar decay) and
     _state_dkdv_kernel (per-key decay, and a value head of 16 beside a key head of 64: blocks of different sizes)
@@ -89,16 +103,8 @@ def test_sm80_defaults_of_the_kernels_that_spilled_there(tmp_path):
 def test_every_kernel_compiles_without_spills(tmp_path, arch):
     items = capture_launches(_exercise)
     rows = _compile(items, tmp_path, arch)
-    assert len(rows) == len(items) and {r["name"] for r in rows} >= {"_fwd_state_kernel", "_out_kernel",
-                                                                     "_intra_dqk_kernel", "_state_dkdv_kernel"}
-    for r in rows:
-        print(f"{r['name']:22s} warps={r['warps']} regs={r['regs']} spill={r['spill']} "
-              f"{'wgmma' if r['wgmma'] else 'mma.sync' if r['mma'] else 'no-dot'} {r['consts']}")
-    spilling = [r for r in rows if r["spill"] != 0]
-    assert not spilling, spilling
-    if arch == 90:
-        no_wgmma = [r for r in rows if r["mma"] and not r["wgmma"] and r["name"] not in SUB_BLOCK_KERNELS]
-        assert not no_wgmma, no_wgmma
+    _assert_clean(items, rows, arch, {"_fwd_state_kernel", "_out_kernel", "_intra_dqk_kernel", "_state_dkdv_kernel"},
+                  SUB_BLOCK_KERNELS)
     # negative control: the parser sees spills when there are some
     bad = next(it for it in items if it[1] == "_intra_dqk_kernel")
     bad = [bad[0], bad[1], bad[2], {**bad[3], "BK": 64}, 4, bad[5]]
@@ -127,20 +133,11 @@ DPLR_KERNELS = {"_wy_inverse_kernel", "_wy_apply_kernel", "_out_kernel", "_bwd_o
 @pytest.mark.parametrize("arch", [90, 80])
 def test_every_dplr_kernel_compiles_without_spills(tmp_path, arch):
     """Every kernel the DPLR op launches (its own, the linear op's per-key scores, the delta rule's scan on 2C
-    rows), head dims 64, 128 and a value head of 16 beside a key head of 64: no spills (on sm_80 one known exception,
-    below); wgmma on sm_90a except the 16-row sub-block kernels (the scores, and the WY inverse, whose 16 x 16
-    products have no 64-row tile)."""
+    rows), head dims 64, 128 and a value head of 16 beside a key head of 64: no spills; wgmma on sm_90a except the
+    16-row sub-block kernels (the scores, and the WY inverse, whose 16 x 16 products have no 64-row tile)."""
     items = capture_launches(_exercise_dplr)
     rows = _compile(items, tmp_path, arch)
-    assert len(rows) == len(items) and {r["name"] for r in rows} == DPLR_KERNELS
-    for r in rows:
-        print(f"{r['name']:22s} warps={r['warps']} regs={r['regs']} spill={r['spill']} "
-              f"{'wgmma' if r['wgmma'] else 'mma.sync' if r['mma'] else 'no-dot'} {r['consts']}")
-    spilling = [r for r in rows if r["spill"] != 0]
+    assert {r["name"] for r in rows} == DPLR_KERNELS
     # the delta rule's forward scan at K = 128 with a decay per key channel and an initial state spilled 208 B per
     # thread on sm_80 with column blocks of 32; they are 16 at K = 128 now (lsp/ops/delta/triton_scan.py `_blocks`)
-    assert spilling == []
-    if arch == 90:
-        no_wgmma = [r for r in rows if r["mma"] and not r["wgmma"]
-                    and r["name"] not in SUB_BLOCK_KERNELS | {"_wy_inverse_kernel"}]
-        assert not no_wgmma, no_wgmma
+    _assert_clean(items, rows, arch, DPLR_KERNELS, SUB_BLOCK_KERNELS | {"_wy_inverse_kernel"})
