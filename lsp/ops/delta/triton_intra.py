@@ -127,6 +127,24 @@ def _store_block_row(Tinv, chunk, C: tl.constexpr, BS: tl.constexpr, a, x0, x1, 
 
 
 @triton.jit
+def _store_block_inverse(Tinv, chunk, C: tl.constexpr, BS: tl.constexpr, ACC: tl.constexpr, t00, t11, t22, t33,
+                         a10, a20, a21, a30, a31, a32):
+    # (I + A)^-1 of a unit lower block-triangular [C, C] = 4 x 4 blocks of [BS, BS], from the inverses tii of its
+    # diagonal blocks and its blocks aij below them, by forward substitution; stored as chunk `chunk` of Tinv
+    t10 = -_mm(t11, _mm(a10, t00))
+    t21 = -_mm(t22, _mm(a21, t11))
+    t20 = -_mm(t22, _mm(a20, t00) + _mm(a21, t10))
+    t32 = -_mm(t33, _mm(a32, t22))
+    t31 = -_mm(t33, _mm(a31, t11) + _mm(a32, t21))
+    t30 = -_mm(t33, _mm(a30, t00) + _mm(a31, t10) + _mm(a32, t20))
+    zero = tl.zeros([BS, BS], dtype=ACC)
+    _store_block_row(Tinv, chunk, C, BS, 0, t00, zero, zero, zero)
+    _store_block_row(Tinv, chunk, C, BS, 1, t10, t11, zero, zero)
+    _store_block_row(Tinv, chunk, C, BS, 2, t20, t21, t22, zero)
+    _store_block_row(Tinv, chunk, C, BS, 3, t30, t31, t32, t33)
+
+
+@triton.jit
 def _ut_inverse_kernel(k, beta, g, Akk, Tinv, K, C: tl.constexpr, GROUPS: tl.constexpr, BS: tl.constexpr,
                        BK: tl.constexpr, HAS_G: tl.constexpr, KEY: tl.constexpr):
     # grid (NC, R * H): Tinv[chunk] = (I + A)^-1 [C, C] for C = 4 BS (block rows 0..3); Akk read with KEY only
@@ -140,20 +158,10 @@ def _ut_inverse_kernel(k, beta, g, Akk, Tinv, K, C: tl.constexpr, GROUPS: tl.con
     a10 = _scores(k, beta, g, Akk, chunk, qk, K, C, 1, 0, BS, BK, ACC, HAS_G, KEY)
     a21 = _scores(k, beta, g, Akk, chunk, qk, K, C, 2, 1, BS, BK, ACC, HAS_G, KEY)
     a32 = _scores(k, beta, g, Akk, chunk, qk, K, C, 3, 2, BS, BK, ACC, HAS_G, KEY)
-    t10 = -_mm(t11, _mm(a10, t00))
-    t21 = -_mm(t22, _mm(a21, t11))
     a20 = _scores(k, beta, g, Akk, chunk, qk, K, C, 2, 0, BS, BK, ACC, HAS_G, KEY)
-    t20 = -_mm(t22, _mm(a20, t00) + _mm(a21, t10))
-    t32 = -_mm(t33, _mm(a32, t22))
     a31 = _scores(k, beta, g, Akk, chunk, qk, K, C, 3, 1, BS, BK, ACC, HAS_G, KEY)
-    t31 = -_mm(t33, _mm(a31, t11) + _mm(a32, t21))
     a30 = _scores(k, beta, g, Akk, chunk, qk, K, C, 3, 0, BS, BK, ACC, HAS_G, KEY)
-    t30 = -_mm(t33, _mm(a30, t00) + _mm(a31, t10) + _mm(a32, t20))
-    zero = tl.zeros([BS, BS], dtype=ACC)
-    _store_block_row(Tinv, chunk, C, BS, 0, t00, zero, zero, zero)
-    _store_block_row(Tinv, chunk, C, BS, 1, t10, t11, zero, zero)
-    _store_block_row(Tinv, chunk, C, BS, 2, t20, t21, t22, zero)
-    _store_block_row(Tinv, chunk, C, BS, 3, t30, t31, t32, t33)
+    _store_block_inverse(Tinv, chunk, C, BS, ACC, t00, t11, t22, t33, a10, a20, a21, a30, a31, a32)
 
 
 @triton.jit

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from lsp.ops.delta.triton_intra import _inverse_diag, _mm, _rows, _store_block_row, _store_rows
+from lsp.ops.delta.triton_intra import _inverse_diag, _rows, _store_block_inverse, _store_rows
 from lsp.ops.linear.triton_kernels import _load_raw, _load_row, _load_state, _load_tile, _store_tile
 
 
@@ -56,20 +56,10 @@ def _wy_inverse_kernel(S_ab, Tinv, Tp, H, C: tl.constexpr, BS: tl.constexpr):
     a10 = -_strict_tile(S_ab, r, c, hh, Tp, H, C, BS, 0, BS, BS)
     a21 = -_strict_tile(S_ab, r, c, hh, Tp, H, C, 2 * BS, BS, BS, BS)
     a32 = -_strict_tile(S_ab, r, c, hh, Tp, H, C, 3 * BS, 2 * BS, BS, BS)
-    t10 = -_mm(t11, _mm(a10, t00))
-    t21 = -_mm(t22, _mm(a21, t11))
     a20 = -_strict_tile(S_ab, r, c, hh, Tp, H, C, 2 * BS, 0, BS, BS)
-    t20 = -_mm(t22, _mm(a20, t00) + _mm(a21, t10))
-    t32 = -_mm(t33, _mm(a32, t22))
     a31 = -_strict_tile(S_ab, r, c, hh, Tp, H, C, 3 * BS, BS, BS, BS)
-    t31 = -_mm(t33, _mm(a31, t11) + _mm(a32, t21))
     a30 = -_strict_tile(S_ab, r, c, hh, Tp, H, C, 3 * BS, 0, BS, BS)
-    t30 = -_mm(t33, _mm(a30, t00) + _mm(a31, t10) + _mm(a32, t20))
-    zero = tl.zeros([BS, BS], dtype=ACC)
-    _store_block_row(Tinv, chunk, C, BS, 0, t00, zero, zero, zero)
-    _store_block_row(Tinv, chunk, C, BS, 1, t10, t11, zero, zero)
-    _store_block_row(Tinv, chunk, C, BS, 2, t20, t21, t22, zero)
-    _store_block_row(Tinv, chunk, C, BS, 3, t30, t31, t32, t33)
+    _store_block_inverse(Tinv, chunk, C, BS, ACC, t00, t11, t22, t33, a10, a20, a21, a30, a31, a32)
 
 
 @triton.jit
