@@ -14,6 +14,7 @@ The verdict is kept for the process. Forcing a path skips the probe: `backend="t
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from lsp.names import CHUNK_SIZE
+
+from .estimate import gpu_code_paths_active, measured_backend
 
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-2, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 PROBE_TOKENS = CHUNK_SIZE + 16
@@ -44,11 +47,41 @@ def kernel_case(op: str, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | Non
     return KernelCase(op, str(k.device), k.dtype, k.shape[-1], v.shape[-1], form)
 
 
+def triton_available(device: torch.device) -> bool:
+    """Triton runs on CUDA, or anywhere under the interpreter (TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def kernels_by_default(device: torch.device) -> bool:
     """Whether `auto` may run Triton kernels on `device` (subject to the probe): CUDA with triton installed."""
-    from .linear.api import triton_available
-
     return device.type == "cuda" and triton_available(device)
+
+
+def check_backend_name(op: str, backend: str, choices) -> None:
+    """One line naming `op`'s backends when `backend` is not one of them."""
+    if backend not in choices:
+        raise ValueError(f"backend must be one of {tuple(choices)} for {op}, got {backend!r}")
+
+
+def resolve_kernel_backend(op: str, backend: str, device: torch.device, case: KernelCase | None, choices) -> str:
+    """The backend a call of `op` runs on, one of `choices`; raises on an unknown or unavailable name. "auto": under
+    `lsp.ops.estimate.gpu_code_paths()` the path a GPU would take (the kernels' custom ops run on fake tensors),
+    else the Triton kernels on CUDA once they passed the first-use probe for `case` (`kernel_case` of the call),
+    else the chunked torch path."""
+    check_backend_name(op, backend, choices)
+    if backend == "triton" and not triton_available(device):
+        raise ValueError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 (inputs are on {device})")
+    if backend != "auto":
+        return backend
+    if gpu_code_paths_active():
+        return measured_backend(op)
+    if case is None or not kernels_by_default(device):
+        return "torch"
+    return probed_backend(case)
 
 
 _VERDICTS: dict[KernelCase, str] = {}

@@ -32,8 +32,8 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from lsp.ops import linear_attention  # noqa: E402
-from lsp.ops.linear.api import triton_available  # noqa: E402
 from lsp.ops.linear.triton_chunk import kern  # noqa: E402
+from lsp.ops.probe import triton_available  # noqa: E402
 
 from .linear_cases import DECAY_FORMS, assert_close, make_inputs, max_rel_err, run_with_grads  # noqa: E402
 from .triton_interp import interpreter_bf16_dot  # noqa: E402,F401

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from lsp.ops.linear.api import triton_available  # noqa: E402
+from lsp.ops.probe import triton_available  # noqa: E402
 from lsp.parallel import SPContext  # noqa: E402
 from lsp.parallel import affine as affine_mod  # noqa: E402
 from tests.ops.test_triton_budget import launches  # noqa: E402,F401

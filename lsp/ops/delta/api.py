@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 
 from lsp.ops import probe
-from lsp.ops.estimate import gpu_code_paths_active, measured_backend
-from lsp.ops.linear.api import triton_available
 from lsp.ops.linear.checks import check_linear_inputs
 
 from .chunk import chunk_delta_rule, repeat_heads
@@ -47,21 +45,11 @@ def check_delta_inputs(q, k, v, beta, g, initial_state, cu_seqlens) -> int:
 
 
 def resolve_delta_backend(backend: str, device: torch.device, case=None) -> str:
-    """"auto": the Triton kernels on CUDA once they passed the first-use probe for `case`
-    (`lsp.ops.probe.kernel_case("delta_rule", k, v, g)`; lsp/ops/probe.py), else the chunked torch path; under
-    `lsp.ops.estimate.gpu_code_paths()` the kernels' custom ops (custom_ops.py), which run on fake tensors. The
-    kernels take every gate form: none, one per head, one per key channel (KDA, `case.form == "key"`)."""
-    if backend not in DELTA_BACKENDS:
-        raise ValueError(f"backend must be one of {DELTA_BACKENDS} for delta_rule, got {backend!r}")
-    if backend == "triton" and not triton_available(device):
-        raise ValueError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 (inputs are on {device})")
-    if backend != "auto":
-        return backend
-    if gpu_code_paths_active():                 # fake-tensor measurement: the GPU's choice (lsp/ops/estimate.py)
-        return measured_backend("delta_rule")
-    if case is None or not probe.kernels_by_default(device):
-        return "torch"
-    return probe.probed_backend(case)
+    """`lsp.ops.probe.resolve_kernel_backend` for the delta rule: "auto" is the Triton kernels on CUDA once they
+    passed the first-use probe for `case` (`lsp.ops.probe.kernel_case("delta_rule", k, v, g)`), else the chunked
+    torch path; under `lsp.ops.estimate.gpu_code_paths()` the kernels' custom ops (custom_ops.py). The kernels take
+    every gate form: none, one per head, one per key channel (KDA, `case.form == "key"`)."""
+    return probe.resolve_kernel_backend("delta_rule", backend, device, case, DELTA_BACKENDS)
 
 
 def delta_rule(q, k, v, beta, g=None, *, scale=None, initial_state=None, output_final_state=False,

@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 
 from lsp.ops import probe
-from lsp.ops.estimate import gpu_code_paths_active, measured_backend
-from lsp.ops.linear.api import triton_available
 from lsp.ops.linear.checks import check_linear_inputs
 
 from .chunk import chunk_dplr_delta_rule
@@ -33,27 +31,11 @@ def check_dplr_inputs(q, k, v, a, b, g, initial_state, cu_seqlens) -> None:
             raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
 
 
-def check_backend_name(backend: str) -> None:
-    """One line naming the backends when `backend` is not one of them."""
-    if backend not in DPLR_BACKENDS:
-        raise ValueError(f"backend must be one of {tuple(DPLR_BACKENDS)} for dplr_delta_rule, got {backend!r}")
-
-
 def resolve_dplr_backend(backend: str, device: torch.device, case=None) -> str:
-    """The backend a call runs on; raises on an unknown (or unavailable) name. "auto": the Triton kernels on CUDA
-    once they passed the first-use probe for `case` (`probe.kernel_case("dplr_delta_rule", k, v, g)`,
-    lsp/ops/probe.py), under `lsp.ops.estimate.gpu_code_paths()` the custom op (it runs on fake tensors), else the
-    chunked torch path."""
-    check_backend_name(backend)
-    if backend == "triton" and not triton_available(device):
-        raise ValueError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 (inputs are on {device})")
-    if backend != "auto":
-        return backend
-    if gpu_code_paths_active():
-        return measured_backend("dplr_delta_rule")
-    if case is None or not probe.kernels_by_default(device):
-        return "torch"
-    return probe.probed_backend(case)
+    """`lsp.ops.probe.resolve_kernel_backend` for the DPLR rule: "auto" is the Triton kernels on CUDA once they
+    passed the first-use probe for `case` (`probe.kernel_case("dplr_delta_rule", k, v, g)`), under
+    `lsp.ops.estimate.gpu_code_paths()` the custom op (it runs on fake tensors), else the chunked torch path."""
+    return probe.resolve_kernel_backend("dplr_delta_rule", backend, device, case, DPLR_BACKENDS)
 
 
 def dplr_delta_rule(q, k, v, a, b, g, *, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
@@ -81,7 +63,7 @@ def dplr_delta_rule(q, k, v, a, b, g, *, scale=None, initial_state=None, output_
         o: [B, T, H, V] in q's dtype; final_state: [B or N, H, K, V] in the accumulation dtype, or None.
         The state math runs in fp32 (fp64 for fp64 inputs) whatever an enclosing torch.autocast says.
     """
-    check_backend_name(backend)                        # an unknown name raises before the inputs are read
+    probe.check_backend_name("dplr_delta_rule", backend, DPLR_BACKENDS)   # before the inputs are read
     check_dplr_inputs(q, k, v, a, b, g, initial_state, cu_seqlens)
     fn = DPLR_BACKENDS[resolve_dplr_backend(backend, q.device, probe.kernel_case("dplr_delta_rule", k, v, g))]
     scale = q.shape[-1] ** -0.5 if scale is None else scale

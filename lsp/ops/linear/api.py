@@ -1,14 +1,11 @@
 """`linear_attention`: one public function in front of the naive, chunked-torch and Triton backends."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from lsp.names import KERNEL_BACKENDS
 
 from .. import probe
-from ..estimate import gpu_code_paths_active, measured_linear_backend
 from .checks import broadcast_decay, check_linear_inputs, exact_numerics
 from .chunk import chunk_linear_attention
 from .naive import naive_linear_attention
@@ -16,29 +13,11 @@ from .naive import naive_linear_attention
 BACKENDS = KERNEL_BACKENDS
 
 
-def triton_available(device: torch.device) -> bool:
-    """Triton runs on CUDA, or anywhere under the interpreter (TRITON_INTERPRET=1)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def resolve_backend(backend: str, device: torch.device, case=None) -> str:
-    """The backend a call runs on. "auto": the Triton kernels on CUDA once they passed the first-use probe for
-    `case` (`lsp.ops.probe.kernel_case` of the call; lsp/ops/probe.py), else the chunked torch path."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto" and gpu_code_paths_active():   # fake-tensor measurement: the GPU's choice
-        return measured_linear_backend()
-    if backend == "auto":
-        if case is None or not probe.kernels_by_default(device):
-            return "torch"
-        return probe.probed_backend(case)
-    if backend == "triton" and not triton_available(device):
-        raise ValueError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 (inputs are on {device})")
-    return backend
+    """The backend a call runs on (`lsp.ops.probe.resolve_kernel_backend`): "auto" is the Triton kernels on CUDA once
+    they passed the first-use probe for `case` (`lsp.ops.probe.kernel_case` of the call), else the chunked torch
+    path."""
+    return probe.resolve_kernel_backend("linear_attention", backend, device, case, BACKENDS)
 
 
 def linear_attention(q, k, v, g=None, *, scale=None, initial_state=None, output_final_state=False,
