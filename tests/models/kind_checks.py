@@ -1,6 +1,6 @@
 """Checks every built-in layer kind's test runs on its HybridLM (the recipe's steps, docs/architecture.md): decoding
-token by token equals the full forward, and the planner prices the kind (parameters exact, SP exchange bytes equal
-what an emulated step sends)."""
+token by token equals the full forward, the planner prices the kind (parameters exact, SP exchange bytes equal
+what an emulated step sends), and a kind with a short convolution needs its SP halo."""
 import pytest
 import torch
 
@@ -11,6 +11,7 @@ from lsp.plan.planner import linear_exchange, model_parameters
 
 from .sp_workers import CFG
 from .test_generate import TOL, decoded_logits
+from .test_model_sp import check_emulated
 
 
 @torch.no_grad()
@@ -49,3 +50,14 @@ def check_planner_prices(halo_per_row_token: float, **overrides):
         if halo_per_row_token:                                          # control: the halo is counted
             halo = (W - 1) * (2 if layout == "zigzag" else 1) * B * halo_per_row_token
             assert sent != pytest.approx(2 * (per_pass - halo), rel=1e-3)
+
+
+def check_sp_needs_the_conv_halo(monkeypatch, **overrides):
+    """Negative control of a kind's SP test: each rank convolving (or token-shifting) its own segment alone, zeros
+    before it instead of the previous segment's last inputs, must fail the emulated SP comparison."""
+    import lsp.models.linear_kind as linear_kind
+    from lsp.ops.delta import short_conv
+
+    monkeypatch.setattr(linear_kind, "sp_short_conv", lambda x, weight, sp, cu_seqlens: short_conv(x, weight))
+    with pytest.raises(AssertionError):
+        check_emulated(2, "contiguous", **overrides)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from lsp.hybrid_config import HybridConfig, HybridConfigError
 from lsp.models import HybridLM
 
-from .kind_checks import check_decodes_as_full_forward, check_planner_prices
+from .kind_checks import check_decodes_as_full_forward, check_planner_prices, check_sp_needs_the_conv_halo
 from .sp_workers import CFG
 from .test_model_sp import check_emulated
 
@@ -79,12 +79,7 @@ def test_sp_equals_single_device(W, layout, method):
 def test_negative_control_sp_without_the_conv_halo_is_caught(monkeypatch):
     """Each rank convolving its own segment alone (zeros before it instead of the previous segment's inputs)
     must fail the SP comparison above."""
-    import lsp.models.linear_kind as linear_kind
-    from lsp.ops.delta import short_conv
-
-    monkeypatch.setattr(linear_kind, "sp_short_conv", lambda x, weight, sp, cu_seqlens: short_conv(x, weight))
-    with pytest.raises(AssertionError):
-        check_emulated(2, "contiguous", **SSM)
+    check_sp_needs_the_conv_halo(monkeypatch, **SSM)
 
 
 def test_sp_packed_documents():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lsp.models import HybridConfig, HybridLM, layer_kind
 from lsp.parallel import SPContext
 
-from .kind_checks import check_decodes_as_full_forward, check_planner_prices
+from .kind_checks import check_decodes_as_full_forward, check_planner_prices, check_sp_needs_the_conv_halo
 from .sp_workers import CFG, loss_and_grads, make_batch
 from .test_model_sp import assert_same, check_emulated, check_gloo
 
@@ -209,12 +209,7 @@ def test_gloo_two_ranks_equal_single_device():
 def test_negative_control_sp_without_the_token_shift_halo_is_caught(monkeypatch):
     """Each rank shifting its own segment alone (zero before it instead of the previous segment's last token)
     must fail the SP comparison above."""
-    import lsp.models.linear_kind as linear_kind
-    from lsp.ops.delta import short_conv
-
-    monkeypatch.setattr(linear_kind, "sp_short_conv", lambda x, weight, sp, cu_seqlens: short_conv(x, weight))
-    with pytest.raises(AssertionError):
-        check_emulated(2, "contiguous", **RWKV)
+    check_sp_needs_the_conv_halo(monkeypatch, **RWKV)
 
 
 def test_decodes_as_the_full_forward():

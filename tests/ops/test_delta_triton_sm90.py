@@ -28,7 +28,7 @@ from lsp.ops.delta import triton_intra  # noqa: E402
 
 from .delta_cases import make_delta_inputs  # noqa: E402
 from .sm90_compile import capture_launches, ptxas_path  # noqa: E402
-from .test_triton_sm90 import _assert_clean, _compile  # noqa: E402
+from .test_triton_sm90 import _assert_clean, _assert_sm80_clean, _compile  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(type(triton_intra._out_kernel).__name__ != "InterpretedFunction",
@@ -59,12 +59,8 @@ SUB_BLOCK_KERNELS = {"_ut_inverse_kernel", "_intra_scores_kernel", "_intra_dqk_k
 
 
 def test_sm80_kda_key_and_output_kernels(tmp_path):
-    wanted = {"_bwd_k_key_kernel", "_out_kernel"}
-    items = [it for it in capture_launches(lambda: _exercise_kda(((64, torch.bfloat16),), (False,)))
-             if it[1] in wanted]
-    rows = _compile(items, tmp_path, arch=80)
-    assert len(rows) == len(items) == 2 and {r["name"] for r in rows} == wanted
-    assert [r for r in rows if r["spill"] != 0] == []
+    exercise = lambda: _exercise_kda(((64, torch.bfloat16),), (False,))  # noqa: E731
+    assert _assert_sm80_clean(exercise, {"_bwd_k_key_kernel", "_out_kernel"}, tmp_path) == 2
 
 
 @pytest.mark.slow
@@ -83,11 +79,7 @@ def test_sm80_defaults_of_the_delta_kernels_that_spilled_there(tmp_path):
         x = make_delta_inputs(True, B=1, T=64, H=1, K=64, V=64, dtype=torch.bfloat16, init=False)
         o, s = delta_rule(x["q"], x["k"], x["v"], x["beta"], x["g"], output_final_state=True, backend="triton")
         (o.float().sum() + s.sum()).backward()
-    wanted = {"_out_kernel", "_bwd_w_kernel", "_bwd_dA_kernel"}
-    items = [it for it in capture_launches(exercise) if it[1] in wanted]
-    rows = _compile(items, tmp_path, arch=80)
-    assert len(rows) == len(items) == 3 and {r["name"] for r in rows} == wanted
-    assert [r for r in rows if r["spill"] != 0] == []
+    assert _assert_sm80_clean(exercise, {"_out_kernel", "_bwd_w_kernel", "_bwd_dA_kernel"}, tmp_path) == 3
 
 
 @pytest.mark.slow

@@ -69,6 +69,16 @@ def _compile(items, tmp_path, arch=90):
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
+def _assert_sm80_clean(exercise, wanted, tmp_path) -> int:
+    """The launches of `wanted` kernels that `exercise` makes compile for sm_80 without spills (the default-suite
+    check of kernels whose defaults once spilled there); -> how many distinct configs they were."""
+    items = [it for it in capture_launches(exercise) if it[1] in wanted]
+    rows = _compile(items, tmp_path, arch=80)
+    assert len(rows) == len(items) and {r["name"] for r in rows} == wanted
+    assert [r for r in rows if r["spill"] != 0] == []
+    return len(rows)
+
+
 def _assert_clean(items, rows, arch, names, may_use_mma_sync):
     """Every captured launch compiled, their kernels include `names`, none spills, and on sm_90a every dot kernel
     uses wgmma but those in may_use_mma_sync (16-row sub-block kernels: their products have no 64-row tile)."""
@@ -91,11 +101,7 @@ def test_sm80_defaults_of_the_kernels_that_spilled_there(tmp_path):
         _run("scalar", 64, 64, inits=(False,))
         _run("key", 64, 64, inits=(False,))
         _run("key", 64, 16, inits=(False,))
-    wanted = {"_out_kernel", "_state_dkdv_kernel"}
-    items = [it for it in capture_launches(exercise) if it[1] in wanted]
-    rows = _compile(items, tmp_path, arch=80)
-    assert len(rows) == len(items) >= 4 and {r["name"] for r in rows} == wanted
-    assert [r for r in rows if r["spill"] != 0] == []
+    assert _assert_sm80_clean(exercise, {"_out_kernel", "_state_dkdv_kernel"}, tmp_path) >= 4
 
 
 @pytest.mark.slow
