@@ -92,6 +92,18 @@ def _wy_apply_kernel(a, b, k, v, G, g, S_ak, Tinv, U2, Wk2, Kd2, Tp, H, K, V, C:
 
 
 @triton.jit
+def _e_tile(E, c, rh, NC, K, V, k0, v0, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr):
+    # [BK, BV] block of the entering state of chunk c (fp32 in memory), as a dot operand
+    return _load_state(E, rh, c, NC, K, V, k0, v0, BK, BV).to(DT)
+
+
+@triton.jit
+def _q_decayed(q, G, r, t0, hh, Tp, H, K, C: tl.constexpr, BK: tl.constexpr, k0):
+    # [C, BK] q ⊙ exp(G) of one chunk and K block (fp32): the read of the entering state
+    return _load_tile(q, r, t0, hh, Tp, H, K, C, BK, k0) * tl.exp(_load_tile(G, r, t0, hh, Tp, H, K, C, BK, k0))
+
+
+@triton.jit
 def _out_kernel(q, v, G, P_qb, P_qk, U2, Wk2, E, o, scale, Tp, H, K, V, NC, C: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, PREC: tl.constexpr):
     # grid (cdiv(V, BV), NC, R * H): o = scale [ (q ⊙ exp G) E + P_qb (U0 + W E) + P_qk V ] for one chunk and V
@@ -104,20 +116,14 @@ def _out_kernel(q, v, G, P_qb, P_qk, U2, Wk2, E, o, scale, Tp, H, K, V, NC, C: t
     acc = tl.zeros([C, BV], dtype=tl.float32)
     u = _rows(U2, chunk, 2 * C, V, 0, C, BV, v0).to(tl.float32)             # the low-rank reads: U0 + W E
     for k0 in range(0, K, BK):
-        e_b = _load_state(E, rh, c, NC, K, V, k0, v0, BK, BV).to(DT)
-        q_dec = _load_tile(q, r, t0, hh, Tp, H, K, C, BK, k0) * tl.exp(_load_tile(G, r, t0, hh, Tp, H, K, C, BK, k0))
+        e_b = _e_tile(E, c, rh, NC, K, V, k0, v0, BK, BV, DT)
+        q_dec = _q_decayed(q, G, r, t0, hh, Tp, H, K, C, BK, k0)
         acc += tl.dot(q_dec.to(DT), e_b, input_precision=PREC)
         u -= tl.dot(_rows(Wk2, chunk, 2 * C, K, 0, C, BK, k0).to(DT), e_b, input_precision=PREC)
     acc += tl.dot(_load_tile(P_qb, r, t0, hh, Tp, H, C, C, C).to(DT), u.to(DT), input_precision=PREC)
     acc += tl.dot(_load_tile(P_qk, r, t0, hh, Tp, H, C, C, C).to(DT), _load_raw(v, r, t0, hh, Tp, H, V, C, BV, v0),
                   input_precision=PREC)
     _store_tile(o, scale * acc, r, t0, hh, Tp, H, V, C, BV, v0)
-
-
-@triton.jit
-def _e_tile(E, c, rh, NC, K, V, k0, v0, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr):
-    # [BK, BV] block of the entering state of chunk c (fp32 in memory), as a dot operand
-    return _load_state(E, rh, c, NC, K, V, k0, v0, BK, BV).to(DT)
 
 
 @triton.jit
@@ -141,7 +147,7 @@ def _bwd_out_kernel(q, G, P_qb, P_qk, U2, Wk2, E, dO, dU2, u_out, dE, scale, Tp,
         e_b = _e_tile(E, c, rh, NC, K, V, k0, v0, BK, BV, DT)
         wk = _rows(Wk2, chunk, 2 * C, K, 0, C, BK, k0).to(DT)
         u -= tl.dot(wk, e_b, input_precision=PREC)
-        q_dec = _load_tile(q, r, t0, hh, Tp, H, K, C, BK, k0) * tl.exp(_load_tile(G, r, t0, hh, Tp, H, K, C, BK, k0))
+        q_dec = _q_decayed(q, G, r, t0, hh, Tp, H, K, C, BK, k0)
         de = tl.dot(tl.trans(q_dec.to(DT)), do, input_precision=PREC) \
             - tl.dot(tl.trans(wk), du.to(DT), input_precision=PREC)
         kk = k0 + tl.arange(0, BK)
