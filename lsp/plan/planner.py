@@ -53,6 +53,7 @@ and the network across nodes. Memory per GPU:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from itertools import product
 from typing import Callable, List, Optional
 
@@ -273,7 +274,7 @@ def _decayed_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: i
     H, (K, V) = mcfg.num_heads, layer_kind(kind or mcfg.linear_attn).state_dims(mcfg)
     sp = max(1, micro_batch * seq_len // local_tokens)
     held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
-    if _measured_backend() == "torch":
+    if _measured_backend("linear_attention") == "torch":
         chunks = micro_batch * held * -(-seg // LINEAR_CHUNK)
         return H * linear_core_flops(mcfg, chunks, micro_batch * held, kind) * (1 + ac / 3)
     from lsp.ops.linear.custom_ops import chunk_flops
@@ -296,35 +297,46 @@ def linear_core_flops(mcfg, chunks: int, segments: int, kind: Optional[str] = No
     return chunks * C * (264 * (K + V) + 19.25 * K * V) - segments * 8.5 * C * K * V
 
 
-def _affine_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str,
-                          kind: Optional[str] = None) -> float:
-    # linear_flops of a kind whose segment map is dense (the delta rule). Torch path: `_delta_counted_per_token`.
-    # Triton path (`lsp.ops.delta.custom_ops`): without SP the whole op, its formulas per padded chunk (forward
-    # ut + scan + output, backward ut + scan + grads); under SP the chunked torch pieces around the scan op, i.e.
-    # the torch count with the augmented scan's backward at the op's 12·K·D per padded token instead of autograd's
+@dataclass(frozen=True)
+class ChunkRuleFlops:
+    """The counted-FLOP formulas of a rule on the delta rule's chunk form (a dense segment map): what
+    `_chunk_rule_counted_flops` needs to count it on either path."""
+    heads: Callable[..., int]            # mcfg -> the heads that carry a state (the delta rule: its value heads)
+    whole_op: Callable[..., dict]        # (mcfg, kind class) -> the Triton op's formulas per chunk and head: its
+    #                                      forward is every part but "grads", its backward every part but "output"
+    op_flops: Callable[..., tuple]       # torch path: (forward, backward) per token and head (costmodel / op formula)
+    sp_flops: Callable[..., float]       # forward FLOPs per token and head the SP path adds
+    edge: int                            # the SP first chunk's edge·K·V / NC in backward
+    scan_rows: int                       # rows per chunk of the scan op under SP, in chunks (DPLR: 2C rows)
+
+
+def _chunk_rule_counted_flops(rule: ChunkRuleFlops, mcfg, seq_len: int, local_tokens: int, micro_batch: int,
+                              ac: int, layout: str, kind: Optional[str] = None) -> float:
+    # linear_flops of a kind whose segment map is dense (the delta rule, the DPLR rule). Torch path:
+    # `_delta_counted_per_token` with the rule's formulas. Triton path (lsp.ops.delta.custom_ops,
+    # lsp.ops.dplr.custom_ops): without SP the whole op, its formulas per padded chunk (forward: every part but
+    # "grads", backward: every part but "output"); under SP the chunked torch pieces around the scan op, i.e. the
+    # torch count with the augmented scan's backward at the op's 12·K·D per padded scan row instead of autograd's
     # 8·K·D, which also skips the gradient of the first chunk's entering state [I | S_0] (2·C·K·D per segment);
-    # D = K + V, forward 4·K·D either way. Per value head (q, k are repeated to the HV = num_v_heads value heads);
-    # a per-key gate (KDA) enters the torch chunk path elementwise only and adds no counted FLOPs there
+    # D = K + V, forward 4·K·D either way. The delta rule counts per value head (q, k are read per value head); a
+    # per-key gate (KDA) enters the torch chunk path elementwise only and adds no counted FLOPs there
     # (tests/plan/test_costmodel.py::test_delta_flops_are_what_flopcounter_counts); on the whole Triton op its
     # 16-row score kernels replace some chunk-level products (`delta_chunk_flops(key=True)`)
-    H, Dh = mcfg.num_v_heads, mcfg.head_dim
+    H, Dh = rule.heads(mcfg), mcfg.head_dim
     backend = linear_backend(mcfg, kind)
     sp = max(1, micro_batch * seq_len // local_tokens)
     held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
     chunks = -(-seg // LINEAR_CHUNK)
     if backend == "triton" and sp == 1:
-        from lsp.ops.delta.custom_ops import delta_chunk_flops
-
-        kind_cls = layer_kind(_linear_kind(mcfg, kind) if kind is not None else mcfg.linear_attn)
-        c = delta_chunk_flops(Dh, Dh, LINEAR_CHUNK, key=kind_cls.gate_per_key)
-        return H * micro_batch * held * chunks * ((1 + ac) * (c["ut"] + c["scan"] + c["output"]) + c["ut"]
-                                                  + c["scan"] + c["grads"])
-    per_token = _delta_counted_per_token(Dh, seg, sp, ac)
+        c = rule.whole_op(mcfg, layer_kind(_linear_kind(mcfg, kind) if kind is not None else mcfg.linear_attn))
+        common = sum(v for part, v in c.items() if part not in ("output", "grads"))
+        return H * micro_batch * held * chunks * ((1 + ac) * (common + c["output"]) + common + c["grads"])
+    per_token = _delta_counted_per_token(Dh, seg, sp, ac, rule.op_flops, rule.sp_flops, rule.edge)
     if backend == "triton":
         from lsp.ops.delta.custom_ops import delta_scan_flops
 
-        fwd, bwd = delta_scan_flops(Dh, 2 * Dh, LINEAR_CHUNK)      # per chunk; autograd's: 2·fwd, less fwd / 2
-        per_token += (chunks * (bwd - 2 * fwd) + fwd / 2) / seg
+        fwd, bwd = delta_scan_flops(Dh, 2 * Dh, rule.scan_rows * LINEAR_CHUNK)   # per chunk; autograd's: 2·fwd, less
+        per_token += (chunks * (bwd - 2 * fwd) + fwd / 2) / seg                   # fwd / 2
     return H * per_token * local_tokens
 
 
@@ -332,7 +344,7 @@ def _delta_counted_per_token(Dh: int, seg: int, sp: int, ac: int, op_flops=delta
                              sp_flops=delta_sp_flops_per_token, edge: int = 10) -> float:
     # counted FLOPs per token and head of a delta layer (costmodel.delta_flops_per_token, exact on the op;
     # checkpointing re-runs the forward; SP adds the augmented scan and the first chunk's edge·K·V / NC), for
-    # segments of seg tokens in whole chunks; the DPLR rule passes its own formulas (`_dplr_counted_flops`)
+    # segments of seg tokens in whole chunks, with a rule's formulas (`ChunkRuleFlops`)
     C = LINEAR_CHUNK
     chunks = -(-seg // C)
     fwd, bwd = op_flops(C, Dh, Dh, chunks)
@@ -340,32 +352,6 @@ def _delta_counted_per_token(Dh: int, seg: int, sp: int, ac: int, op_flops=delta
         extra = sp_flops(Dh, Dh, C)
         fwd, bwd = fwd + extra, bwd + edge * Dh * Dh / chunks + 2 * extra
     return (fwd * (1 + ac) + bwd) * chunks * C / seg
-
-
-def _dplr_counted_flops(mcfg, seq_len: int, local_tokens: int, micro_batch: int, ac: int, layout: str,
-                        kind: Optional[str] = None) -> float:
-    # linear_flops of a kind on the DPLR rule (RWKV-7), as `_affine_counted_flops` counts the delta rule's. Torch
-    # path: the delta accounting with the DPLR's formulas (lsp.ops.dplr.dplr_flops_per_token). Triton path
-    # (lsp.ops.dplr.custom_ops): without SP the whole op by its formulas per padded chunk; under SP the chunked torch
-    # pieces around the delta rule's scan op, which walks each chunk's 2C rows (its scan term at 2C)
-    H, Dh = mcfg.num_heads, mcfg.head_dim
-    held, seg = local_segments(seq_len, local_tokens, micro_batch, layout)
-    sp = max(1, micro_batch * seq_len // local_tokens)
-    chunks = -(-seg // LINEAR_CHUNK)
-    backend = linear_backend(mcfg, kind)
-    if backend == "triton" and sp == 1:
-        from lsp.ops.dplr.custom_ops import dplr_chunk_flops
-
-        c = dplr_chunk_flops(Dh, Dh, LINEAR_CHUNK)
-        common = c["scores"] + c["wy"] + c["scan"]
-        return H * micro_batch * held * chunks * ((1 + ac) * (common + c["output"]) + common + c["grads"])
-    per_token = _delta_counted_per_token(Dh, seg, sp, ac, dplr_flops_per_token, dplr_sp_flops_per_token, edge=20)
-    if backend == "triton":
-        from lsp.ops.delta.custom_ops import delta_scan_flops
-
-        fwd, bwd = delta_scan_flops(Dh, 2 * Dh, 2 * LINEAR_CHUNK)   # per chunk; autograd's: 2·fwd, less fwd / 2
-        per_token += (chunks * (bwd - 2 * fwd) + fwd / 2) / seg
-    return H * per_token * local_tokens
 
 
 def linear_exchange(mcfg, hw: Hardware, sp: int, method: str, b: int, t_intra: float, layout: str,
@@ -412,15 +398,11 @@ def _affine_exchange(mcfg, hw, sp, method, b, t_intra, layout, scan_blocks, kind
                                  scan_blocks=blocks), blocks)
 
 
-def _affine_sp_flops(mcfg, seq_len: int) -> float:
-    # forward FLOPs per token and linear layer that the delta rule's SP path adds (the augmented scan)
-    return mcfg.num_v_heads * delta_sp_flops_per_token(mcfg.head_dim, mcfg.head_dim, min(LINEAR_CHUNK, seq_len))
+def _measured_backend(op: str) -> str:
+    # the backend `auto` resolves to for `op` inside `lsp.ops.estimate.gpu_code_paths()`
+    from lsp.ops.estimate import measured_backend
 
-
-def _measured_backend() -> str:
-    from lsp.ops.estimate import measured_linear_backend
-
-    return measured_linear_backend()
+    return measured_backend(op)
 
 
 @dataclass(frozen=True)
@@ -434,26 +416,36 @@ class OpFamily:
     exchange: Callable[..., tuple]
 
 
-_DECAYED = OpFamily(_measured_backend, _decayed_counted_flops, lambda mcfg, seq_len: 0.0, _decayed_exchange)
-def _affine_backend() -> str:
-    from lsp.ops.estimate import measured_backend
-
-    return measured_backend("delta_rule")
-
-
-_AFFINE = OpFamily(_affine_backend, _affine_counted_flops, _affine_sp_flops, _affine_exchange)
-def _dplr_backend() -> str:
-    from lsp.ops.estimate import measured_backend
-
-    return measured_backend("dplr_delta_rule")
+def _chunk_rule_family(op: str, rule: ChunkRuleFlops) -> OpFamily:
+    # a rule on the delta rule's chunk form: a dense map (the delta rule's exchange), the rule's own FLOPs
+    return OpFamily(partial(_measured_backend, op), partial(_chunk_rule_counted_flops, rule),
+                    lambda mcfg, seq_len: rule.heads(mcfg) * rule.sp_flops(mcfg.head_dim, mcfg.head_dim,
+                                                                           min(LINEAR_CHUNK, seq_len)),
+                    _affine_exchange)
 
 
-# the DPLR rule: a dense map like the delta rule's (same exchange), its own chunk FLOPs
-_DPLR = OpFamily(_dplr_backend, _dplr_counted_flops,
-                 lambda mcfg, seq_len: mcfg.num_heads * dplr_sp_flops_per_token(mcfg.head_dim, mcfg.head_dim,
-                                                                                 min(LINEAR_CHUNK, seq_len)),
-                 _affine_exchange)
-OP_FAMILIES = {"identity": _DECAYED, "scalar": _DECAYED, "diagonal": _DECAYED, "dense": _AFFINE, "dplr": _DPLR}
+def _delta_whole_op(mcfg, cls) -> dict:
+    from lsp.ops.delta.custom_ops import delta_chunk_flops
+
+    return delta_chunk_flops(mcfg.head_dim, mcfg.head_dim, LINEAR_CHUNK, key=cls.gate_per_key)
+
+
+def _dplr_whole_op(mcfg, cls) -> dict:
+    from lsp.ops.dplr.custom_ops import dplr_chunk_flops
+
+    return dplr_chunk_flops(mcfg.head_dim, mcfg.head_dim, LINEAR_CHUNK)
+
+
+DELTA_FLOPS = ChunkRuleFlops(heads=lambda mcfg: mcfg.num_v_heads, whole_op=_delta_whole_op,
+                             op_flops=delta_flops_per_token, sp_flops=delta_sp_flops_per_token, edge=10, scan_rows=1)
+# the DPLR rule (RWKV-7): its chunk form has 2C rows, so the scan op walks two C-row steps per chunk
+DPLR_FLOPS = ChunkRuleFlops(heads=lambda mcfg: mcfg.num_heads, whole_op=_dplr_whole_op,
+                            op_flops=dplr_flops_per_token, sp_flops=dplr_sp_flops_per_token, edge=20, scan_rows=2)
+_DECAYED = OpFamily(partial(_measured_backend, "linear_attention"), _decayed_counted_flops,
+                    lambda mcfg, seq_len: 0.0, _decayed_exchange)
+OP_FAMILIES = {"identity": _DECAYED, "scalar": _DECAYED, "diagonal": _DECAYED,
+               "dense": _chunk_rule_family("delta_rule", DELTA_FLOPS),
+               "dplr": _chunk_rule_family("dplr_delta_rule", DPLR_FLOPS)}
 
 
 def op_family(mcfg, kind: Optional[str] = None) -> OpFamily:
