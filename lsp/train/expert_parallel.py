@@ -79,13 +79,15 @@ class ExpertParallel:
         expert_sq = _sum_sq(p.grad for p in self.params)
         dist.all_reduce(expert_sq, group=self.group)
         # FSDP2's dense gradients are shards (DTensors) over the whole world: their squares sum over it
-        sharded_sq = _sum_sq(g.to_local() for g in dense if hasattr(g, "to_local"))
-        if any(hasattr(g, "to_local") for g in dense):
+        sharded = [g for g in dense if hasattr(g, "to_local")]
+        sharded_sq = _sum_sq(g.to_local() for g in sharded)
+        if sharded:
             dist.all_reduce(sharded_sq)
         norm = (_sum_sq(g for g in dense if not hasattr(g, "to_local")) + sharded_sq + expert_sq).sqrt()
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        coef_value = coef.item() if sharded else None   # a DTensor scales by a number: one host read per step
         for g in grads:
-            g.mul_(coef.item() if hasattr(g, "to_local") else coef.to(g.dtype))
+            g.mul_(coef_value if hasattr(g, "to_local") else coef.to(g.dtype))
         return norm
 
     # ------------------------------------------------------------------------------------------ checkpoints
